@@ -1,0 +1,700 @@
+"""
+FLUX.1 written from scratch in plain PyTorch, with UNO-style reference images and an attention probe.
+
+Everything a sampler or a trainer needs to turn (noise, prompt, reference images) into an image:
+  - FluxConfig + presets ("flux-dev", "flux-schnell", "toy")
+  - the DiT (Flux): RoPE over 3 axes, QK-RMSNorm, adaLN modulation, double/single stream blocks
+  - the FLUX AutoEncoder (and the parameter-free pixel-unshuffle stand-in used by the toy preset)
+  - text conditioning: T5-XXL + CLIP-L through transformers, or a tiny byte-level encoder for the toy
+  - latent packing (2x2 patches) and position ids, with UNO's diagonal offsets for references
+  - loaders that read the official safetensors (local file or Hugging Face repo id) strictly
+
+State-dict keys and shapes equal the official flux1-dev/flux1-schnell/ae safetensors files, so the
+checkpoints load unchanged. The model knows nothing about losses: the attention probe is a callback
+that double blocks hand their post-norm, post-RoPE q/k (losses.py decides what to do with them).
+"""
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class AutoEncoderConfig:
+    # official AutoEncoderParams (black-forest-labs/flux src/flux/util.py); ch_mult=() selects the
+    # parameter-free pixel-unshuffle stand-in of the toy preset (downsampling by `factor`)
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    factor: int = 8              # pixels per latent cell along each side
+
+@dataclass
+class FluxConfig:
+    # the DiT, with the official FluxParams names
+    in_channels: int = 64        # 2x2 packed latent channels = 4 * z_channels
+    out_channels: int = 64
+    vec_in_dim: int = 768        # CLIP-L pooled output
+    context_in_dim: int = 4096   # T5-XXL hidden size
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19              # double stream blocks
+    depth_single_blocks: int = 38
+    axes_dim: tuple = (16, 56, 56)  # RoPE dims per position axis (index, row, col); sums to head_dim
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True  # dev is guidance-distilled; schnell is not
+    # what surrounds the DiT
+    text_encoder: str = "t5+clip"   # or "bytes" (tiny tokenizer-free encoder, toy preset)
+    max_txt_len: int = 512          # T5 tokens: 512 for dev, 256 for schnell
+    shift_schedule: bool = True     # resolution-dependent timestep shift (off for schnell)
+    ae: AutoEncoderConfig = field(default_factory=AutoEncoderConfig)
+    repo_id: str = ""               # Hugging Face repo holding flow_file and ae_file
+    flow_file: str = ""
+    ae_file: str = "ae.safetensors"
+
+CONFIGS = {
+    "flux-dev": FluxConfig(repo_id="black-forest-labs/FLUX.1-dev", flow_file="flux1-dev.safetensors"),
+    "flux-schnell": FluxConfig(guidance_embed=False, max_txt_len=256, shift_schedule=False,
+                               repo_id="black-forest-labs/FLUX.1-schnell", flow_file="flux1-schnell.safetensors"),
+    # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens
+    "toy": FluxConfig(in_channels=48, out_channels=48, vec_in_dim=64, context_in_dim=64, hidden_size=128,
+                      num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), text_encoder="bytes",
+                      max_txt_len=64, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
+                                                           scale_factor=1.0, shift_factor=0.0)),
+}
+
+def get_config(name, **overrides):
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)
+
+# -----------------------------------------------------------------------------
+# device and dtype: the one place that decides
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def autocast(device):
+    """bf16 autocast on GPU; plain fp32 on CPU (bf16 matmul on CPU is ~100x slower)."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+# -----------------------------------------------------------------------------
+# small pieces
+
+def timestep_embedding(t, dim, max_period=10_000, time_factor=1000.0):
+    # sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]); cos half first, as in FLUX
+    t = time_factor * t
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]                             # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if torch.is_floating_point(t) else emb
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))   # "scale", not "weight": official key name
+
+    def forward(self, x):
+        # computed in fp32 whatever the input dtype
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+class Modulation(nn.Module):
+    """adaLN: vec -> (shift, scale, gate) per sub-layer; two triples in double blocks (attention, MLP)."""
+    def __init__(self, dim, double):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)   # each (B, 1, D)
+
+def modulate(x, shift, scale):
+    # (1 + scale) * LayerNorm(x) + shift, LayerNorm without affine parameters
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale)
+
+# -----------------------------------------------------------------------------
+# rotary position embedding over 3 axes (index, row, col)
+
+def rope(ids, axes_dim, theta):
+    """ids (B, L, 3) -> cos, sin each (B, 1, L, head_dim/2), in fp32.
+    Pair p of head dims (2p, 2p+1) rotates by ids[axis] * theta^(-2i/axis_dim) (i = p within its axis)."""
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)  # (d/2,)
+        angles.append(ids[..., i].double()[..., None] * omega)                                     # (B, L, d/2)
+    angles = torch.cat(angles, dim=-1)[:, None]                                                     # (B, 1, L, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+def apply_rope(x, cos, sin):
+    # x (B, H, L, D) with interleaved pairs: out[2p] = cos x[2p] - sin x[2p+1], out[2p+1] = sin x[2p] + cos x[2p+1]
+    xf = x.float().unflatten(-1, (-1, 2))                               # (B, H, L, D/2, 2)
+    x0, x1 = xf.unbind(-1)
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+# -----------------------------------------------------------------------------
+# the attention probe interface (what double blocks hand a probe)
+
+@dataclass
+class Spans:
+    """Where each stream sits in the joint sequence [txt | img | ref_1 ... ref_N] of a forward pass."""
+    txt: int                 # text tokens occupy [0, txt)
+    img: tuple               # (start, end) of the generated image's tokens
+    refs: list               # [(start, end)] per reference image
+
+def attention(q, k, v):
+    # q, k, v (B, H, L, D) -> (B, L, H*D); flash / memory-efficient kernels where available
+    x = F.scaled_dot_product_attention(q, k, v)
+    return x.transpose(1, 2).flatten(2)
+
+def split_heads(qkv, num_heads):
+    # (B, L, 3*H*D) -> three (B, H, L, D); the official layout is [q heads | k heads | v heads]
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+def fp32(x):
+    # at least fp32 (keeps fp64 in tests): softmaxes, norms and log-probs never run in bf16
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+class AttentionProbe:
+    """Per reference, where its tokens look in the generated image (MultiCrafter Eq. 4, MOSAIC's A_ref->tgt).
+
+    In each selected double block, for reference i with queries q_i (N_i tokens) and the target image's
+    keys k_img (M tokens):   m_i = mean over heads and over the N_i queries of softmax(q_i k_img^T / sqrt(d))
+    a distribution over the M target tokens (the softmax runs over target keys only, not the whole
+    sequence). The (B, heads, N_i, M) scores exist one head chunk at a time and are recomputed in backward
+    (activation checkpointing), so the probe stores only its (B, M) outputs; the real attention output is
+    computed by SDPA as if no probe were attached.
+    rows: optional, per reference a LongTensor (P_i, 2) of (batch index, reference token) pairs whose
+    head-averaged log-probabilities over the target tokens are kept too (for per-point losses like SCAL).
+    """
+    def __init__(self, blocks=None, rows=None, head_chunk=8):
+        self.blocks = None if blocks is None else set(blocks)
+        self.rows, self.head_chunk = rows, head_chunk
+        self.maps = []      # per probed block: (B, N_refs, M)
+        self.logps = []     # per probed block: [ (P_i, M) per reference ]
+
+    def at(self, block_index):
+        return self if self.blocks is None or block_index in self.blocks else None
+
+    def __call__(self, q, k, spans):
+        # q, k: (B, H, L, Dh) post-QK-norm, post-RoPE, the joint sequence [txt | img | refs]
+        k_img = k[:, :, spans.img[0]:spans.img[1]]                                  # (B, H, M, Dh)
+        run = (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)) \
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) else (lambda f, *a: f(*a))
+        self.maps.append(torch.stack([run(self._ref_map, q[:, :, s:e], k_img) for s, e in spans.refs], dim=1))
+        if self.rows is not None:
+            self.logps.append([run(self._row_logp, q[:, :, s:e], k_img, r.to(q.device))
+                               for (s, e), r in zip(spans.refs, self.rows)])
+
+    def _ref_map(self, q_ref, k_img):
+        B, H, N, _ = q_ref.shape
+        total = 0
+        for h in range(0, H, self.head_chunk):      # (B, h, N, M) at a time, summed over heads and queries
+            s = q_ref[:, h:h + self.head_chunk] @ k_img[:, h:h + self.head_chunk].transpose(-1, -2)
+            total = total + (fp32(s) * q_ref.shape[-1] ** -0.5).softmax(-1).sum(dim=(1, 2))
+        return total / (H * N)                                                       # (B, M)
+
+    @staticmethod
+    def _row_logp(q_ref, k_img, rows):
+        # log of the head-averaged softmax, in log space: logsumexp_h log_softmax_h - log H  -> (P, M)
+        H, out = q_ref.shape[1], []
+        for b in range(q_ref.shape[0]):
+            sel = rows[rows[:, 0] == b, 1]                                           # reference tokens of sample b
+            s = q_ref[b][:, sel] @ k_img[b].transpose(-1, -2) * q_ref.shape[-1] ** -0.5   # (H, P_b, M)
+            out.append(torch.logsumexp(fp32(s).log_softmax(-1), dim=0) - math.log(H))
+        order = torch.argsort(torch.cat([torch.nonzero(rows[:, 0] == b)[:, 0] for b in range(q_ref.shape[0])]))
+        return torch.cat(out)[order]              # back in the order the rows were given
+
+    def mean_map(self):
+        """(B, N_refs, M): the maps averaged over the probed blocks; each row sums to 1."""
+        return torch.stack(self.maps).mean(0)
+
+    def mean_logp(self):
+        """Per reference (P_i, M): log of the block-averaged probabilities of the selected rows."""
+        n = len(self.logps)
+        return [torch.logsumexp(torch.stack(per_block), 0) - math.log(n) for per_block in zip(*self.logps)]
+
+# -----------------------------------------------------------------------------
+# transformer blocks
+
+class SelfAttention(nn.Module):
+    # a container for the official key names; the blocks use its parts directly
+    def __init__(self, dim, num_heads, qkv_bias):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        return self.norm.query_norm(q).to(v.dtype), self.norm.key_norm(k).to(v.dtype), v
+
+def mlp(dim, hidden):
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with their own weights, mixed by one joint attention."""
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.img_mod, self.txt_mod = Modulation(dim, double=True), Modulation(dim, double=True)
+        self.img_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
+
+    def forward(self, img, txt, vec, pe, probe=None, spans=None):
+        # img (B, L_img + L_refs, D): target tokens then reference tokens; txt (B, L_txt, D)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, i_shift1, i_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, t_shift1, t_scale1))
+        cos, sin = pe
+        q = apply_rope(torch.cat([txt_q, img_q], dim=2), cos, sin)     # (B, H, L, Dh), text first
+        k = apply_rope(torch.cat([txt_k, img_k], dim=2), cos, sin)
+        v = torch.cat([txt_v, img_v], dim=2)
+        if probe is not None:
+            probe(q, k, spans)                      # a side computation; the attention below is unchanged
+        attn = attention(q, k, v)                   # (B, L, D)
+        L_txt = txt.shape[1]
+        img = img + i_gate1 * self.img_attn.proj(attn[:, L_txt:])
+        img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
+        txt = txt + t_gate1 * self.txt_attn.proj(attn[:, :L_txt])
+        txt = txt + t_gate2 * self.txt_mlp(modulate(txt, t_shift2, t_scale2))
+        return img, txt
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [txt | img | refs]: attention and MLP in parallel, from one fused input projection."""
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.num_heads, self.mlp_hidden = num_heads, int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)      # q | k | v | mlp_in
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)          # attn_out | gelu(mlp_in) -> out
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, double=False)
+
+    def forward(self, x, vec, pe):
+        shift, scale, gate = self.modulation(vec)
+        qkv, h = self.linear1(modulate(x, shift, scale)).split([3 * x.shape[-1], self.mlp_hidden], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        cos, sin = pe
+        q = apply_rope(self.norm.query_norm(q).to(v.dtype), cos, sin)
+        k = apply_rope(self.norm.key_norm(k).to(v.dtype), cos, sin)
+        out = self.linear2(torch.cat([attention(q, k, v), F.gelu(h, approximate="tanh")], dim=-1))
+        return x + gate * out
+
+class LastLayer(nn.Module):
+    def __init__(self, dim, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)   # shift first
+        return self.linear(modulate(x, shift, scale))
+
+# -----------------------------------------------------------------------------
+# the DiT
+
+class Flux(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        D, H = cfg.hidden_size, cfg.num_heads
+        if D % H or sum(cfg.axes_dim) != D // H or any(d % 2 for d in cfg.axes_dim):
+            raise ValueError(f"hidden_size {D} / num_heads {H} must equal sum(axes_dim) {cfg.axes_dim} (each even)")
+        self.cfg = cfg
+        self.img_in = nn.Linear(cfg.in_channels, D)
+        self.time_in = MLPEmbedder(256, D)
+        self.vector_in = MLPEmbedder(cfg.vec_in_dim, D)
+        self.guidance_in = MLPEmbedder(256, D) if cfg.guidance_embed else None
+        self.txt_in = nn.Linear(cfg.context_in_dim, D)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(D, H, cfg.mlp_ratio, cfg.qkv_bias) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(D, H, cfg.mlp_ratio) for _ in range(cfg.depth_single_blocks))
+        self.final_layer = LastLayer(D, cfg.out_channels)
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
+                ref_img=None, ref_img_ids=None, probe=None):
+        """
+        img (B, L_img, C) packed noisy latent, img_ids (B, L_img, 3); txt (B, L_txt, C_txt), txt_ids (B, L_txt, 3);
+        timesteps (B,) in [0, 1]; y (B, vec_in_dim) pooled text; guidance (B,) for guidance-distilled models;
+        ref_img: list of packed reference latents (B, L_ref_i, C) with ref_img_ids [(B, L_ref_i, 3)] (UNO);
+        probe: an AttentionProbe; the double blocks it selects hand it their q, k. Returns (B, L_img, out_channels).
+        """
+        if (ref_img is None) != (ref_img_ids is None):
+            raise ValueError("ref_img and ref_img_ids go together")
+        if torch.is_tensor(ref_img):
+            ref_img, ref_img_ids = [ref_img], [ref_img_ids]
+        ref_img, ref_img_ids = list(ref_img or []), list(ref_img_ids or [])
+        L_txt, L_img = txt.shape[1], img.shape[1]
+
+        vec = self.time_in(timestep_embedding(timesteps, 256))                 # (B, D)
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this model is guidance-distilled (flux-dev): pass guidance, e.g. 3.5")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+        vec = vec + self.vector_in(y)
+        # references share img_in and the image stream's weights; they follow the target tokens
+        img = self.img_in(torch.cat([img] + ref_img, dim=1))                     # (B, L_img + L_refs, D)
+        txt = self.txt_in(txt)                                                   # (B, L_txt, D)
+        pe = rope(torch.cat([txt_ids, img_ids] + ref_img_ids, dim=1), self.cfg.axes_dim, self.cfg.theta)
+
+        spans = None
+        if probe is not None:
+            start, refs = L_txt + L_img, []
+            for r in ref_img:
+                refs.append((start, start + r.shape[1]))
+                start += r.shape[1]
+            spans = Spans(txt=L_txt, img=(L_txt, L_txt + L_img), refs=refs)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, vec, pe, probe and probe.at(i), spans)
+        x = torch.cat([txt, img], dim=1)                                         # (B, L, D)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, L_txt:L_txt + L_img], vec)                  # target tokens only
+
+# -----------------------------------------------------------------------------
+# latent packing and position ids
+
+def pack(z):
+    # (B, C, h, w) latent -> (B, h/2 * w/2, C*4) tokens of 2x2 patches; feature index c*4 + ph*2 + pw
+    B, C, h, w = z.shape
+    return z.reshape(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+def unpack(x, h, w):
+    # inverse of pack for a latent of h x w cells
+    B, _, C4 = x.shape
+    return x.reshape(B, h // 2, w // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, h, w)
+
+def grid_ids(h, w, row_offset=0, col_offset=0, batch=1, device=None):
+    # position ids (batch, h*w, 3) of an h x w token grid: (0, row, col)
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None] + row_offset
+    ids[..., 2] = torch.arange(w, device=device)[None, :] + col_offset
+    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
+
+def ref_ids(target_hw, ref_hws, pe="d", batch=1, device=None):
+    """UNO's position ids for references (token grids). pe='d': each reference sits diagonally below-right
+    of the target and of the previous reference; 'h': shifted along rows only; 'w': along columns only;
+    'o': no shift (references overlap the target's positions)."""
+    if pe not in ("d", "h", "w", "o"):
+        raise ValueError(f"pe must be one of d/h/w/o, got {pe!r}")
+    row, col = target_hw
+    out = []
+    for h, w in ref_hws:
+        out.append(grid_ids(h, w, row if pe in "dh" else 0, col if pe in "dw" else 0, batch, device))
+        row, col = row + h, col + w
+    return out
+
+# -----------------------------------------------------------------------------
+# the FLUX autoencoder (official AutoEncoder, deterministic encode = latent mean)
+
+def norm32(c):
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = norm32(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm32(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+class AttnBlock(nn.Module):
+    # single-head self-attention over the h*w positions, 1x1 convolutions as projections
+    def __init__(self, c):
+        super().__init__()
+        self.norm = norm32(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, hw, C)
+        a = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, h, w)
+        return x + self.proj_out(a)
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))          # asymmetric pad: right and bottom
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+class MidBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+class Encoder(nn.Module):
+    def __init__(self, p: AutoEncoderConfig):
+        super().__init__()
+        chans = [p.ch * m for m in (1,) + tuple(p.ch_mult)]
+        self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        for i in range(len(p.ch_mult)):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1])
+                                        for j in range(p.num_res_blocks))
+            if i != len(p.ch_mult) - 1:
+                level.downsample = Downsample(chans[i + 1])
+            self.down.append(level)
+        self.mid = MidBlock(chans[-1])
+        self.norm_out = norm32(chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], 2 * p.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+class Decoder(nn.Module):
+    def __init__(self, p: AutoEncoderConfig):
+        super().__init__()
+        chans = [p.ch * m for m in p.ch_mult]
+        self.conv_in = nn.Conv2d(p.z_channels, chans[-1], 3, padding=1)
+        self.mid = MidBlock(chans[-1])
+        # up[i] works at the resolution of encoder level i: up[-1] runs first (official key layout)
+        self.up = nn.ModuleList()
+        cin = chans[-1]
+        levels = []
+        for i in reversed(range(len(p.ch_mult))):
+            level = nn.Module()
+            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else chans[i], chans[i])
+                                        for j in range(p.num_res_blocks + 1))
+            cin = chans[i]
+            if i != 0:
+                level.upsample = Upsample(cin)
+            levels.insert(0, level)
+        self.up.extend(levels)
+        self.norm_out = norm32(chans[0])
+        self.conv_out = nn.Conv2d(chans[0], p.out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+class AutoEncoder(nn.Module):
+    """Images in [-1, 1] (B, 3, H, W) <-> latents (B, z_channels, H/factor, W/factor).
+    ch_mult=() is the toy stand-in: pixel-unshuffle, no parameters, exact inverse."""
+    def __init__(self, p: AutoEncoderConfig):
+        super().__init__()
+        self.p = p
+        if p.ch_mult:
+            self.encoder, self.decoder = Encoder(p), Decoder(p)
+            if p.factor != 2 ** (len(p.ch_mult) - 1):
+                raise ValueError(f"AE factor {p.factor} does not match ch_mult {p.ch_mult}")
+        elif p.z_channels != p.in_channels * p.factor ** 2:
+            raise ValueError("pixel-unshuffle AE needs z_channels = in_channels * factor**2")
+
+    def encode(self, x):
+        if not self.p.ch_mult:
+            return F.pixel_unshuffle(x, self.p.factor)
+        mean = self.encoder(x).chunk(2, dim=1)[0]          # the posterior's mean; its log-variance is unused
+        return self.p.scale_factor * (mean - self.p.shift_factor)
+
+    def decode(self, z):
+        if not self.p.ch_mult:
+            return F.pixel_shuffle(z, self.p.factor)
+        return self.decoder(z / self.p.scale_factor + self.p.shift_factor)
+
+# -----------------------------------------------------------------------------
+# text conditioning
+
+class ByteTextEncoder(nn.Module):
+    """Tokenizer-free text encoder for the toy preset: UTF-8 bytes -> a small transformer.
+    Returns the sequence (B, max_len, context_in_dim) and a pooled vector (B, vec_in_dim), like T5 + CLIP."""
+    def __init__(self, cfg: FluxConfig, dim=64, layers=2, heads=4):
+        super().__init__()
+        self.max_len = cfg.max_txt_len
+        self.embed = nn.Embedding(257, dim)                   # 256 byte values + padding (256)
+        self.pos = nn.Parameter(torch.randn(cfg.max_txt_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.to_txt = nn.Linear(dim, cfg.context_in_dim)
+        self.to_vec = nn.Linear(dim, cfg.vec_in_dim)
+
+    def tokenize(self, prompts):
+        ids = torch.full((len(prompts), self.max_len), 256, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            b = list(p.encode("utf-8")[: self.max_len])
+            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        return ids
+
+    def forward(self, prompts):
+        ids = self.tokenize(prompts).to(self.pos.device)                  # (B, L)
+        pad = ids == 256
+        h = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)   # (B, L, dim)
+        keep = (~pad).float()[..., None]
+        pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)             # mean over real bytes
+        return self.to_txt(h), self.to_vec(pooled)
+
+class T5CLIPEncoder(nn.Module):
+    """The official conditioning: T5-XXL last hidden state (padded to max_len) and CLIP-L pooled output."""
+    def __init__(self, max_len, t5="google/t5-v1_1-xxl", clip="openai/clip-vit-large-patch14",
+                 dtype=torch.bfloat16):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        self.max_len = max_len
+        try:
+            self.t5_tok = AutoTokenizer.from_pretrained(t5)
+            self.t5 = T5EncoderModel.from_pretrained(t5, dtype=dtype).eval().requires_grad_(False)
+            self.clip_tok = AutoTokenizer.from_pretrained(clip)
+            self.clip = CLIPTextModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False)
+        except OSError as e:
+            raise RuntimeError(f"could not load the text encoders ({t5}, {clip}): {str(e).splitlines()[0]} "
+                               f"Download them once with `hf download {t5}` and `hf download {clip}` "
+                               f"(or pass local folders); HF_HUB_OFFLINE=1 uses only the local cache.") from None
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        dev = self.t5.device
+        t = self.t5_tok(prompts, max_length=self.max_len, padding="max_length", truncation=True,
+                        return_tensors="pt")
+        c = self.clip_tok(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+        txt = self.t5(input_ids=t.input_ids.to(dev)).last_hidden_state          # (B, max_len, 4096)
+        y = self.clip(input_ids=c.input_ids.to(dev)).pooler_output              # (B, 768)
+        return txt, y
+
+# -----------------------------------------------------------------------------
+# loading official (or project) safetensors files
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
+
+def resolve_file(path_or_repo, filename):
+    """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id (cache only
+    when HF_HUB_OFFLINE=1). Returns a local path."""
+    if os.path.isfile(path_or_repo):
+        return path_or_repo
+    if os.path.isdir(path_or_repo):
+        p = os.path.join(path_or_repo, filename)
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{path_or_repo}: folder has no {filename}")
+        return p
+    if path_or_repo.count("/") != 1 or path_or_repo.endswith(".safetensors"):
+        raise CheckpointError(f"{path_or_repo}: no such file, and not a Hugging Face repo id")
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(path_or_repo, filename)
+    except Exception as e:   # offline, gated, missing: all end the same way for the user
+        raise CheckpointError(
+            f"could not get {filename} from {path_or_repo} ({type(e).__name__}). FLUX weights are gated: accept the "
+            f"licence on huggingface.co/{path_or_repo}, run `hf auth login`, then `hf download {path_or_repo} "
+            f"{filename}`; or pass the local file path") from None
+
+def read_header(path):
+    """{key: (shape, dtype)} from a safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                out[k] = (tuple(s.get_shape()), s.get_dtype())
+            return out
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",)):
+    """Check `path`'s keys and shapes against `model` (which may live on the meta device), then load it
+    with assign=True: tensors go straight from the file to `device`, never a second copy of the model."""
+    from safetensors.torch import load_file
+    header = read_header(path)
+    strip = lambda k: next((k[len(p):] for p in prefix_strip if k.startswith(p)), k)
+    have = {strip(k): v[0] for k, v in header.items()}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(f"{k} {have[k]} != expected {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
+    problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + \
+               ([f"wrong shapes: {'; '.join(shapes)}"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"{path}: does not match the model ({' | '.join(problems)})")
+    try:
+        sd = load_file(path, device=str(device))
+    except Exception as e:
+        raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
+    sd = {strip(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
+    """The DiT from `path` (file, folder or repo id; default: the preset's official repo)."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    path = resolve_file(path or cfg.repo_id, cfg.flow_file)
+    with torch.device("meta"):
+        model = Flux(cfg)
+    return load_state_dict_strict(model, path, device, dtype).eval()
+
+def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
+    """The AutoEncoder (the toy's pixel-unshuffle AE has no weights and needs no file)."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    if not cfg.ae.ch_mult:
+        return AutoEncoder(cfg.ae).to(device)
+    path = resolve_file(path or cfg.repo_id, cfg.ae_file)
+    with torch.device("meta"):
+        ae = AutoEncoder(cfg.ae)
+    return load_state_dict_strict(ae, path, device, dtype).eval()

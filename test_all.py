@@ -1,0 +1,447 @@
+"""
+The test suite: `python -m pytest -q test_all.py` (CPU, fp32, no downloads; about a minute or two).
+
+Tests are behavioural and compare against independent references: diffusers' FluxTransformer2DModel and
+AutoencoderKL loaded through diffusers' own BFL->diffusers converters, torch.distributions, hand-computed
+values. No test needs real weights: tiny random configs and synthetic checkpoints with the official names.
+"""
+import inspect
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model as M
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def tiny_cfg(**kw):
+    base = dict(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=4,
+                depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6), guidance_embed=True)
+    base.update(kw)
+    return M.FluxConfig(**base)
+
+def randomize(module, seed=0):
+    # every parameter away from its init (RMSNorm scales near 1, biases non-zero): a swapped or unused
+    # tensor cannot hide behind a default value
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * (0.02 if p.ndim > 1 else 0.1) + (1.0 if n.endswith((".scale", "norm.weight")) or
+                                                              (".norm" in n and n.endswith(".weight")) else 0.0))
+    return module
+
+@pytest.fixture(scope="session")
+def diffusers_oracle():
+    """diffusers' FluxTransformer2DModel plus its own BFL->diffusers converter, generalized to any width
+    (diffusers 0.42 hard-codes inner_dim = 3072 in it)."""
+    pytest.importorskip("diffusers")
+    import diffusers.loaders.single_file_utils as sfu
+    from diffusers import FluxTransformer2DModel
+    src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in src, "diffusers changed its converter; update this patch"
+    src = src.replace("inner_dim = 3072", 'inner_dim = checkpoint["img_in.weight"].shape[0]')
+    ns = dict(vars(sfu))
+    exec(src, ns)
+    return FluxTransformer2DModel, ns["convert_flux_transformer_checkpoint_to_diffusers"]
+
+def to_diffusers(cfg, ours, oracle):
+    FluxTransformer2DModel, convert = oracle
+    ref = FluxTransformer2DModel(patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth,
+                                 num_single_layers=cfg.depth_single_blocks,
+                                 attention_head_dim=cfg.hidden_size // cfg.num_heads,
+                                 num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+                                 pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed,
+                                 axes_dims_rope=tuple(cfg.axes_dim)).eval()
+    sd = dict(ours.state_dict())
+    ref.load_state_dict(convert(sd), strict=True)
+    assert not sd, f"our model has keys diffusers' converter does not know: {sorted(sd)}"
+    return ref
+
+# -----------------------------------------------------------------------------
+# the DiT against diffusers
+
+ORACLE_CASES = [
+    # (config overrides, batch, latent h, latent w, reference latent sizes)
+    (dict(), 2, 8, 6, []),                                                               # dev-like
+    (dict(hidden_size=96, num_heads=2, axes_dim=(8, 20, 20), depth=1, depth_single_blocks=3,
+          guidance_embed=False), 3, 6, 10, [(4, 4)]),                                    # schnell-like
+    (dict(hidden_size=128, num_heads=8, axes_dim=(4, 6, 6), depth=3, depth_single_blocks=1,
+          in_channels=48, out_channels=48, vec_in_dim=16, context_in_dim=24), 2, 10, 4,
+     [(4, 6), (2, 2), (6, 4)]),                                                          # toy-like, 3 refs
+]
+
+@pytest.mark.parametrize("over,B,h,w,refs", ORACLE_CASES)
+def test_flux_matches_diffusers(diffusers_oracle, over, B, h, w, refs):
+    cfg = tiny_cfg(**over)
+    torch.manual_seed(0)
+    ours = randomize(M.Flux(cfg).eval())
+    ref = to_diffusers(cfg, ours, diffusers_oracle)
+    C = cfg.in_channels // 4
+    img = M.pack(torch.randn(B, C, h, w))
+    img_ids = M.grid_ids(h // 2, w // 2, batch=B)
+    ref_img = [M.pack(torch.randn(B, C, rh, rw)) for rh, rw in refs]
+    ref_img_ids = M.ref_ids((h // 2, w // 2), [(rh // 2, rw // 2) for rh, rw in refs], batch=B)
+    L = 7
+    txt, txt_ids, y = torch.randn(B, L, cfg.context_in_dim), torch.zeros(B, L, 3), torch.randn(B, cfg.vec_in_dim)
+    t = torch.rand(B)
+    g = torch.full((B,), 3.5) if cfg.guidance_embed else None
+    with torch.no_grad():
+        ours_out = ours(img, img_ids, txt, txt_ids, t, y, g,
+                        ref_img=ref_img or None, ref_img_ids=ref_img_ids or None)
+        # diffusers knows no references: UNO's forward is plain FLUX on [img | refs], sliced to img
+        theirs = ref(hidden_states=torch.cat([img] + ref_img, 1), encoder_hidden_states=txt, pooled_projections=y,
+                     timestep=t, img_ids=torch.cat([img_ids] + ref_img_ids, 1)[0], txt_ids=txt_ids[0],
+                     guidance=g, return_dict=False)[0][:, : img.shape[1]]
+    assert ours_out.shape == (B, img.shape[1], cfg.out_channels)
+    assert (ours_out - theirs).abs().max().item() < 1e-4
+
+def test_references_equal_plain_flux_on_concatenated_sequence():
+    # UNO: references appended after the target tokens == plain FLUX on the concatenation, sliced
+    cfg = tiny_cfg(guidance_embed=False)
+    torch.manual_seed(1)
+    f = randomize(M.Flux(cfg).eval(), seed=1)
+    B, img = 2, M.pack(torch.randn(2, 16, 6, 8))
+    ids = M.grid_ids(3, 4, batch=B)
+    refs = [M.pack(torch.randn(B, 16, 4, 4)), M.pack(torch.randn(B, 16, 2, 6))]
+    rids = M.ref_ids((3, 4), [(2, 2), (1, 3)], batch=B)
+    txt, txt_ids, y, t = torch.randn(B, 5, 48), torch.zeros(B, 5, 3), torch.randn(B, 32), torch.rand(B)
+    with torch.no_grad():
+        a = f(img, ids, txt, txt_ids, t, y, ref_img=refs, ref_img_ids=rids)
+        b = f(torch.cat([img] + refs, 1), torch.cat([ids] + rids, 1), txt, txt_ids, t, y)[:, : img.shape[1]]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+def test_guidance_required_for_guidance_distilled_model():
+    f = M.Flux(tiny_cfg())
+    with pytest.raises(ValueError, match="guidance"):
+        f(torch.randn(1, 4, 64), M.grid_ids(2, 2), torch.randn(1, 3, 48), torch.zeros(1, 3, 3),
+          torch.rand(1), torch.randn(1, 32))
+
+# -----------------------------------------------------------------------------
+# packing and position ids against diffusers' pipeline helpers and UNO's layout
+
+def test_pack_and_ids_match_diffusers_pipeline():
+    pytest.importorskip("diffusers")
+    from diffusers import FluxPipeline
+    z = torch.randn(2, 16, 6, 10)
+    torch.testing.assert_close(M.pack(z), FluxPipeline._pack_latents(z, 2, 16, 6, 10), atol=0, rtol=0)
+    torch.testing.assert_close(M.unpack(M.pack(z), 6, 10), z, atol=0, rtol=0)
+    theirs = FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
+    torch.testing.assert_close(M.grid_ids(3, 5)[0], theirs, atol=0, rtol=0)
+
+def test_reference_ids_follow_uno_offsets():
+    # target 4x3 tokens, refs 2x2 then 1x3: 'd' puts ref 1 at rows 4.., cols 3..; ref 2 at rows 6.., cols 5..
+    d = M.ref_ids((4, 3), [(2, 2), (1, 3)], pe="d")
+    assert d[0][0, :, 1].tolist() == [4, 4, 5, 5] and d[0][0, :, 2].tolist() == [3, 4, 3, 4]
+    assert d[1][0, :, 1].tolist() == [6, 6, 6] and d[1][0, :, 2].tolist() == [5, 6, 7]
+    h = M.ref_ids((4, 3), [(2, 2), (1, 3)], pe="h")
+    assert h[1][0, :, 1].tolist() == [6, 6, 6] and h[1][0, :, 2].tolist() == [0, 1, 2]
+    w = M.ref_ids((4, 3), [(2, 2), (1, 3)], pe="w")
+    assert w[1][0, :, 1].tolist() == [0, 0, 0] and w[1][0, :, 2].tolist() == [5, 6, 7]
+    o = M.ref_ids((4, 3), [(2, 2)], pe="o")
+    assert o[0][0, :, 1:].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert all((x[..., 0] == 0).all() for x in d)      # axis 0 stays 0, as in UNO
+    with pytest.raises(ValueError):
+        M.ref_ids((4, 3), [(2, 2)], pe="x")
+
+# -----------------------------------------------------------------------------
+# official compatibility: key sets and shapes at full size, on the meta device
+
+def test_full_size_models_have_the_official_keys(diffusers_oracle):
+    with torch.device("meta"):
+        dev, schnell = M.Flux(M.get_config("flux-dev")), M.Flux(M.get_config("flux-schnell"))
+    sd_dev, sd_schnell = dev.state_dict(), schnell.state_dict()
+    assert len(sd_dev) == 780 and len(sd_schnell) == 776
+    assert sum(p.numel() for p in dev.parameters()) == 11_901_408_320
+    assert sum(p.numel() for p in schnell.parameters()) == 11_891_178_560
+    assert set(sd_dev) - set(sd_schnell) == {f"guidance_in.{a}.{b}" for a in ("in_layer", "out_layer")
+                                             for b in ("weight", "bias")}
+    # hand-written from the official file's layout (flux_reference.md 1.2-1.4)
+    expect = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
+              "double_blocks.18.img_attn.qkv.weight": (9216, 3072),
+              "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
+              "double_blocks.0.img_mlp.2.weight": (3072, 12288), "double_blocks.3.txt_mod.lin.weight": (18432, 3072),
+              "single_blocks.37.linear1.weight": (21504, 3072), "single_blocks.0.linear2.weight": (3072, 15360),
+              "single_blocks.5.modulation.lin.bias": (9216,), "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+              "final_layer.linear.weight": (64, 3072)}
+    for k, shape in expect.items():
+        assert tuple(sd_dev[k].shape) == shape, k
+    # and diffusers' own converter maps every key onto diffusers' flux-dev model, shapes included
+    FluxTransformer2DModel, convert = diffusers_oracle
+    with torch.device("meta"):
+        theirs = FluxTransformer2DModel(guidance_embeds=True).state_dict()
+    sd = dict(sd_dev)
+    converted = convert(sd)
+    assert not sd
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+def test_full_size_autoencoder_has_the_official_keys():
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    with torch.device("meta"):
+        ae = M.AutoEncoder(M.AutoEncoderConfig())
+    sd = ae.state_dict()
+    assert len(sd) == 244 and sum(p.numel() for p in ae.parameters()) == 83_819_683
+    for k, shape in {"encoder.conv_in.weight": (128, 3, 3, 3), "encoder.down.1.block.0.nin_shortcut.weight":
+                     (256, 128, 1, 1), "encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                     "encoder.conv_out.weight": (32, 512, 3, 3), "decoder.conv_in.weight": (512, 16, 3, 3),
+                     "decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+                     "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)
+                     }.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any(k.startswith("decoder.up.0.upsample") or k.startswith("encoder.down.3.downsample") for k in sd)
+    cfg = vae_config([128, 256, 512, 512], 2, 16)
+    with torch.device("meta"):
+        theirs = AutoencoderKL(**cfg).state_dict()
+    converted = convert_ldm_vae_checkpoint(dict(sd), cfg)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+# -----------------------------------------------------------------------------
+# the autoencoder against diffusers' AutoencoderKL
+
+def vae_config(block_out, layers, z):
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(block_out),
+                up_block_types=["UpDecoderBlock2D"] * len(block_out), block_out_channels=block_out,
+                layers_per_block=layers, act_fn="silu", latent_channels=z, norm_num_groups=32, sample_size=32,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+                mid_block_add_attention=True, force_upcast=True)
+
+@pytest.mark.parametrize("ch,mult,nrb,z,hw", [(32, (1, 2), 1, 4, (32, 48)), (32, (1, 1, 2), 2, 8, (40, 24))])
+def test_autoencoder_matches_diffusers(ch, mult, nrb, z, hw):
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    p = M.AutoEncoderConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z, factor=2 ** (len(mult) - 1))
+    ours = randomize(M.AutoEncoder(p).eval(), seed=3)
+    cfg = vae_config([ch * m for m in mult], nrb, z)
+    vae = AutoencoderKL(**cfg).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ours.state_dict()), cfg), strict=True)
+    x = torch.rand(2, 3, *hw) * 2 - 1
+    with torch.no_grad():
+        z_ours = ours.encode(x)
+        z_ref = (vae.encode(x).latent_dist.mode() - 0.1159) * 0.3611
+        assert z_ours.shape == (2, z, hw[0] // p.factor, hw[1] // p.factor)
+        assert (z_ours - z_ref).abs().max().item() < 1e-4
+        assert (ours.decode(z_ref) - vae.decode(z_ref / 0.3611 + 0.1159).sample).abs().max().item() < 1e-4
+
+def test_toy_autoencoder_is_an_exact_inverse():
+    ae = M.AutoEncoder(M.get_config("toy").ae)
+    x = torch.rand(2, 3, 32, 24) * 2 - 1
+    z = ae.encode(x)
+    assert z.shape == (2, 12, 16, 12) and list(ae.parameters()) == []
+    torch.testing.assert_close(ae.decode(z), x, atol=0, rtol=0)
+
+# -----------------------------------------------------------------------------
+# loading: synthetic checkpoints with the official names through the real loader
+
+def write_tiny_checkpoint(tmp_path, cfg, name="flow.safetensors", edit=None):
+    sd = {k: v.contiguous() for k, v in randomize(M.Flux(cfg), seed=5).state_dict().items()}
+    if edit:
+        edit(sd)
+    path = tmp_path / name
+    save_file(sd, str(path))
+    return path, sd
+
+def test_load_flux_from_synthetic_checkpoint(tmp_path):
+    cfg = tiny_cfg()
+    path, sd = write_tiny_checkpoint(tmp_path, cfg)
+    f = M.load_flux(cfg, str(path), dtype=torch.float32)
+    assert all(torch.equal(f.state_dict()[k], v) for k, v in sd.items())
+    assert not any(p.is_meta for p in f.parameters())
+    fb = M.load_flux(cfg, str(path))
+    assert all(p.dtype == torch.bfloat16 for p in fb.parameters())      # bf16 is the default
+    assert all(torch.equal(fb.state_dict()[k], v.bfloat16()) for k, v in sd.items())
+    # ComfyUI-style copies prefix every key; the loader strips it
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
+    M.load_flux(cfg, str(tmp_path / "prefixed.safetensors"), dtype=torch.float32)
+
+def test_load_from_folder_and_offline_hub_cache(tmp_path, monkeypatch):
+    cfg = tiny_cfg(flow_file="flux1-tiny.safetensors")
+    write_tiny_checkpoint(tmp_path, cfg, name="flux1-tiny.safetensors")
+    M.load_flux(cfg, str(tmp_path), dtype=torch.float32)                 # a folder holding flow_file
+    # a Hugging Face repo id resolved from the local cache with HF_HUB_OFFLINE=1 (cache layout by hand)
+    snap = tmp_path / "hub" / "models--acme--tiny-flux" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--acme--tiny-flux" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-flux" / "refs" / "main").write_text("a" * 40)
+    os.replace(tmp_path / "flux1-tiny.safetensors", snap / "flux1-tiny.safetensors")
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    M.load_flux(cfg, "acme/tiny-flux", dtype=torch.float32)
+    with pytest.raises(M.CheckpointError, match="hf download acme/other"):
+        M.load_flux(cfg, "acme/other", dtype=torch.float32)
+
+def _drop(k):
+    return lambda sd: sd.pop(k)
+
+CORRUPTIONS = [
+    ("missing key", _drop("double_blocks.1.img_attn.norm.key_norm.scale"),
+     "missing keys: double_blocks.1.img_attn.norm.key_norm.scale"),
+    ("extra key", lambda sd: sd.__setitem__("double_blocks.2.img_mod.lin.weight", torch.zeros(3)),
+     "unexpected keys: double_blocks.2.img_mod.lin.weight"),
+    ("wrong shape", lambda sd: sd.__setitem__("txt_in.weight", torch.zeros(64, 47)),
+     r"txt_in.weight \(64, 47\) != expected \(64, 48\)"),
+]
+
+@pytest.mark.parametrize("what,edit,message", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_corrupted_checkpoints_give_one_line_errors(tmp_path, what, edit, message):
+    cfg = tiny_cfg()
+    path, _ = write_tiny_checkpoint(tmp_path, cfg, edit=edit)
+    with pytest.raises(M.CheckpointError, match=message) as e:
+        M.load_flux(cfg, str(path))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+def test_unreadable_files_give_one_line_errors(tmp_path):
+    cfg = tiny_cfg()
+    path, _ = write_tiny_checkpoint(tmp_path, cfg)
+    data = path.read_bytes()
+    cases = {"text.safetensors": b"this is not a checkpoint\n",
+             "truncated.safetensors": data[: len(data) // 2],
+             "header.safetensors": (200).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [1]' + b" " * 200,
+             "empty.safetensors": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(M.CheckpointError) as e:
+            M.load_flux(cfg, str(tmp_path / name))
+        assert name in str(e.value) and "\n" not in str(e.value), name
+    with pytest.raises(M.CheckpointError, match="no such file"):
+        M.load_flux(cfg, str(tmp_path / "absent.safetensors"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(M.CheckpointError, match="folder has no flux1-dev.safetensors"):
+        M.load_flux("flux-dev", str(tmp_path / "empty_dir"))
+
+def test_load_ae_from_synthetic_checkpoint(tmp_path):
+    p = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
+    cfg = M.FluxConfig(ae=p)
+    sd = {k: v.contiguous() for k, v in randomize(M.AutoEncoder(p), seed=2).state_dict().items()}
+    save_file(sd, str(tmp_path / "ae.safetensors"))
+    ae = M.load_ae(cfg, str(tmp_path))
+    assert all(torch.equal(ae.state_dict()[k], v) for k, v in sd.items())
+    del sd["decoder.conv_out.bias"]
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(M.CheckpointError, match="missing keys: decoder.conv_out.bias"):
+        M.load_ae(cfg, str(tmp_path / "bad.safetensors"))
+
+# -----------------------------------------------------------------------------
+# the attention probe
+
+def naive_ref_maps(q, k, spans):
+    # the full L x L attention logits, then a softmax restricted to the target image's keys
+    S = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    a, b = spans.img
+    return torch.stack([S[:, :, s:e, a:b].softmax(-1).mean((1, 2)) for s, e in spans.refs], 1)
+
+def test_probe_matches_naive_attention_values_and_gradients():
+    torch.manual_seed(0)
+    B, H, D, Lt, Mi, N1, N2 = 2, 5, 8, 3, 7, 4, 6
+    L = Lt + Mi + N1 + N2
+    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    spans = M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1), (Lt + Mi + N1, L)])
+    rows = [torch.tensor([[0, 1], [1, 3], [0, 0]]), torch.tensor([[1, 5], [0, 2]])]
+    probe = M.AttentionProbe(rows=rows, head_chunk=2)      # head chunks that do not divide H
+    probe(q, k, spans)
+    ours_map, ours_logp = probe.mean_map(), probe.mean_logp()
+    naive = naive_ref_maps(q, k, spans)
+    torch.testing.assert_close(ours_map, naive, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours_map.sum(-1), torch.ones(B, 2, dtype=torch.float64))
+    S = q @ k.transpose(-1, -2) / D ** 0.5
+    naive_logp = [torch.stack([S[b, :, s + r, Lt:Lt + Mi].softmax(-1).mean(0).log() for b, r in rw.tolist()])
+                  for (s, _), rw in zip(spans.refs, rows)]
+    for a, b in zip(ours_logp, naive_logp):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    w = torch.randn_like(naive)
+    loss = lambda m, lp: (m * w).sum() + sum((x * torch.linspace(-1, 1, x.numel(), dtype=x.dtype)
+                                              .reshape(x.shape)).sum() for x in lp)
+    g_ours = torch.autograd.grad(loss(ours_map, ours_logp), (q, k))
+    g_naive = torch.autograd.grad(loss(naive, naive_logp), (q, k))
+    for a, b in zip(g_ours, g_naive):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+def test_probe_leaves_the_model_output_unchanged_and_passes_gradients():
+    cfg = tiny_cfg(depth=3)
+    torch.manual_seed(2)
+    f = randomize(M.Flux(cfg), seed=2)
+    B, img, ids = 2, M.pack(torch.randn(2, 16, 6, 6)), M.grid_ids(3, 3, batch=2)
+    refs = [M.pack(torch.randn(B, 16, 4, 4)), M.pack(torch.randn(B, 16, 2, 4))]
+    rids = M.ref_ids((3, 3), [(2, 2), (1, 2)], batch=B)
+    args = (img, ids, torch.randn(B, 5, 48), torch.zeros(B, 5, 3), torch.rand(B), torch.randn(B, 32),
+            torch.full((B,), 3.5))
+    plain = f(*args, ref_img=refs, ref_img_ids=rids)
+    probe = M.AttentionProbe(blocks=[0, 2])
+    probed = f(*args, ref_img=refs, ref_img_ids=rids, probe=probe)
+    assert torch.equal(plain, probed)                      # bit for bit
+    assert len(probe.maps) == 2 and probe.mean_map().shape == (B, 2, 9)
+    probe.mean_map()[:, 0, :4].sum().backward()
+    assert f.double_blocks[0].img_attn.qkv.weight.grad.abs().sum() > 0
+    assert f.double_blocks[1].img_attn.qkv.weight.grad is None or \
+        f.double_blocks[2].img_attn.qkv.weight.grad.abs().sum() > 0
+    assert f.final_layer.linear.weight.grad is None          # the probe's gradient stops at block 2
+
+# -----------------------------------------------------------------------------
+# text conditioning
+
+def test_byte_text_encoder():
+    cfg = M.get_config("toy")
+    torch.manual_seed(0)
+    enc = M.ByteTextEncoder(cfg).eval()
+    txt, y = enc(["a red square", "ü" * 200])
+    assert txt.shape == (2, cfg.max_txt_len, cfg.context_in_dim) and y.shape == (2, cfg.vec_in_dim)
+    ids = enc.tokenize(["ab", "ü"])
+    assert ids[0, :3].tolist() == [97, 98, 256] and ids[1, :3].tolist() == [0xC3, 0xBC, 256]
+    txt2, y2 = enc(["a red square"])
+    torch.testing.assert_close(txt2[0], txt[0], atol=1e-5, rtol=0)      # no dependence on the batch
+    assert not torch.allclose(enc(["a blue square"])[1], y2)
+
+def make_tiny_text_models(root):
+    # a word-level tokenizer plus random tiny T5 and CLIP text models, saved like Hugging Face repos
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config,
+                              T5EncoderModel)
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", "a", "red", "cat", "dog", "on", "grass"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   bos_token="<s>")
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=10, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+                   ).save_pretrained(root / "t5")
+    CLIPTextModel(CLIPTextConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=77, eos_token_id=1,
+                                 pad_token_id=0, bos_token_id=3)).save_pretrained(root / "clip")
+    fast.save_pretrained(root / "t5")
+    fast.save_pretrained(root / "clip")
+
+def test_t5_clip_encoder_on_tiny_local_models(tmp_path):
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    make_tiny_text_models(tmp_path)
+    enc = M.T5CLIPEncoder(12, t5=str(tmp_path / "t5"), clip=str(tmp_path / "clip"), dtype=torch.float32)
+    txt, y = enc(["a red cat", "a dog on grass"])
+    assert txt.shape == (2, 12, 16) and y.shape == (2, 16)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "t5"))
+    ids = tok(["a dog on grass"], max_length=12, padding="max_length", truncation=True, return_tensors="pt")
+    expect = T5EncoderModel.from_pretrained(str(tmp_path / "t5")).eval()(input_ids=ids.input_ids)
+    torch.testing.assert_close(txt[1:], expect.last_hidden_state, atol=1e-6, rtol=0)
+    ids = tok(["a red cat"], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    pooled = CLIPTextModel.from_pretrained(str(tmp_path / "clip")).eval()(input_ids=ids.input_ids).pooler_output
+    torch.testing.assert_close(y[:1], pooled, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="could not load the text encoders"):
+        M.T5CLIPEncoder(12, t5=str(tmp_path / "nope"), clip=str(tmp_path / "clip"))
+
+def test_presets():
+    assert M.get_config("flux-schnell").max_txt_len == 256 and M.get_config("flux-dev").max_txt_len == 512
+    assert not M.get_config("flux-schnell").shift_schedule and not M.get_config("flux-schnell").guidance_embed
+    toy = M.get_config("toy")
+    assert toy.in_channels == 4 * toy.ae.z_channels
+    assert 1e6 < sum(p.numel() for p in M.Flux(toy).parameters()) < 5e6
+    with pytest.raises(ValueError, match="unknown model preset"):
+        M.get_config("flux-pro")
