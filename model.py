@@ -82,6 +82,10 @@ def get_config(name, **overrides):
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(CONFIGS)}")
     return replace(CONFIGS[name], **overrides)
 
+class CheckpointError(ValueError):
+    """Weights that cannot be loaded (absent, corrupt, another architecture): the message names the file
+    and what is wrong, and says how to get the right one."""
+
 # -----------------------------------------------------------------------------
 # device and dtype: the one place that decides
 
@@ -207,6 +211,9 @@ class AttentionProbe:
         self.rows, self.head_chunk = rows, head_chunk
         self.maps = []      # per probed block: (B, N_refs, M)
         self.logps = []     # per probed block: [ (P_i, M) per reference ]
+
+    def clear(self):
+        self.maps, self.logps = [], []
 
     def at(self, block_index):
         return self if self.blocks is None or block_index in self.blocks else None
@@ -407,7 +414,7 @@ def grid_ids(h, w, row_offset=0, col_offset=0, batch=1, device=None):
     ids = torch.zeros(h, w, 3, device=device)
     ids[..., 1] = torch.arange(h, device=device)[:, None] + row_offset
     ids[..., 2] = torch.arange(w, device=device)[None, :] + col_offset
-    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
+    return ids.reshape(1, h * w, 3).repeat(batch, 1, 1)
 
 def ref_ids(target_hw, ref_hws, pe="d", batch=1, device=None):
     """UNO's position ids for references (token grids). pe='d': each reference sits diagonally below-right
@@ -603,7 +610,7 @@ class T5CLIPEncoder(nn.Module):
             self.clip_tok = AutoTokenizer.from_pretrained(clip)
             self.clip = CLIPTextModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False)
         except OSError as e:
-            raise RuntimeError(f"could not load the text encoders ({t5}, {clip}): {str(e).splitlines()[0]} "
+            raise CheckpointError(f"could not load the text encoders ({t5}, {clip}): {str(e).splitlines()[0]} "
                                f"Download them once with `hf download {t5}` and `hf download {clip}` "
                                f"(or pass local folders); HF_HUB_OFFLINE=1 uses only the local cache.") from None
 
@@ -620,9 +627,6 @@ class T5CLIPEncoder(nn.Module):
 # -----------------------------------------------------------------------------
 # loading official (or project) safetensors files
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file and what is wrong."""
-
 def resolve_file(path_or_repo, filename):
     """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id (cache only
     when HF_HUB_OFFLINE=1). Returns a local path."""
@@ -633,8 +637,10 @@ def resolve_file(path_or_repo, filename):
         if not os.path.isfile(p):
             raise CheckpointError(f"{path_or_repo}: folder has no {filename}")
         return p
-    if path_or_repo.count("/") != 1 or path_or_repo.endswith(".safetensors"):
-        raise CheckpointError(f"{path_or_repo}: no such file, and not a Hugging Face repo id")
+    looks_local = path_or_repo.startswith((".", "/", "~")) or path_or_repo.endswith(".safetensors") or \
+        os.path.isdir(path_or_repo.split("/")[0]) or path_or_repo.count("/") != 1
+    if looks_local:
+        raise CheckpointError(f"{path_or_repo}: no such file or folder")
     from huggingface_hub import hf_hub_download
     try:
         return hf_hub_download(path_or_repo, filename)

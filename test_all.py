@@ -10,11 +10,15 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import model as M
+from sample import (InputError, denoise, euler_step, get_schedule, load_image, main, prepare, preprocess_ref,
+                    sde_step)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -313,8 +317,9 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
         with pytest.raises(M.CheckpointError) as e:
             M.load_flux(cfg, str(tmp_path / name))
         assert name in str(e.value) and "\n" not in str(e.value), name
-    with pytest.raises(M.CheckpointError, match="no such file"):
-        M.load_flux(cfg, str(tmp_path / "absent.safetensors"))
+    for missing in (str(tmp_path / "absent.safetensors"), "./ckpt/dit", str(tmp_path / "dir/dit")):
+        with pytest.raises(M.CheckpointError, match="no such file or folder"):
+            M.load_flux(cfg, missing)
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(M.CheckpointError, match="folder has no flux1-dev.safetensors"):
         M.load_flux("flux-dev", str(tmp_path / "empty_dir"))
@@ -434,7 +439,7 @@ def test_t5_clip_encoder_on_tiny_local_models(tmp_path):
     ids = tok(["a red cat"], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
     pooled = CLIPTextModel.from_pretrained(str(tmp_path / "clip")).eval()(input_ids=ids.input_ids).pooler_output
     torch.testing.assert_close(y[:1], pooled, atol=1e-6, rtol=0)
-    with pytest.raises(RuntimeError, match="could not load the text encoders"):
+    with pytest.raises(M.CheckpointError, match="could not load the text encoders"):
         M.T5CLIPEncoder(12, t5=str(tmp_path / "nope"), clip=str(tmp_path / "clip"))
 
 def test_presets():
@@ -445,3 +450,210 @@ def test_presets():
     assert 1e6 < sum(p.numel() for p in M.Flux(toy).parameters()) < 5e6
     with pytest.raises(ValueError, match="unknown model preset"):
         M.get_config("flux-pro")
+
+# -----------------------------------------------------------------------------
+# sampler: schedule (sample.py)
+
+@pytest.mark.parametrize("n", [1, 4, 28, 50])
+def test_schedule_matches_diffusers(n):
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    for seq in (16, 64, 256, 1024, 4096, 8192):
+        s = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096,
+                                            time_shift_type="exponential")
+        s.set_timesteps(sigmas=np.linspace(1, 1 / n, n), mu=calculate_shift(seq))
+        ours = get_schedule(n, seq)
+        assert len(ours) == n + 1 and ours[0] == 1.0 and ours[-1] == 0.0
+        np.testing.assert_allclose(ours, s.sigmas.double().numpy(), atol=1e-6, rtol=0)
+
+def test_schedule_hand_values():
+    # flux_reference.md 1.8: schnell is unshifted; dev at 4096 tokens (1024x1024)
+    np.testing.assert_allclose(get_schedule(4, 4096, shift=False), [1, .75, .5, .25, 0], atol=1e-7)
+    np.testing.assert_allclose(get_schedule(4, 4096), [1, .9045, .7595, .5128, 0], atol=1e-4)
+    assert get_schedule(4, 4096, shift=M.get_config("flux-schnell").shift_schedule) == get_schedule(4, 1, shift=False)
+
+# -----------------------------------------------------------------------------
+# SDE step (Flow-GRPO)
+
+def flow_grpo_reference(x, v, sigmas, i, eta):
+    # Flow-GRPO's algebra, written independently of sample.py (rl_rewards.md 1.2)
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    dt = sigma_next - sigma
+    std_dev_t = math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma))) * eta
+    mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_dev_t * math.sqrt(-dt)
+
+@pytest.mark.parametrize("i", [0, 1, 3])       # i = 0 is t = 1, where the std borrows sigmas[1]
+def test_sde_logprob_matches_normal(i):
+    g = torch.Generator().manual_seed(i)
+    sigmas = get_schedule(4, 256)
+    x, v = torch.randn(3, 16, 12, generator=g, dtype=torch.float64), torch.randn(3, 16, 12, generator=g, dtype=torch.float64)
+    x_next, logp, mean, std = sde_step(x, v, sigmas[i], sigmas[i + 1], eta=0.7, generator=g)
+    ref_mean, ref_std = flow_grpo_reference(x, v, sigmas, i, 0.7)
+    torch.testing.assert_close(mean, ref_mean)
+    assert abs(std.item() - ref_std) < 1e-12 and logp.shape == (3,)
+    normal = torch.distributions.Normal(ref_mean, ref_std)
+    torch.testing.assert_close(logp, normal.log_prob(x_next).mean(dim=(1, 2)))
+    # scoring a given sample (the trainer's replay), in fp32 from bf16 inputs, with (B,) times
+    prev = torch.randn(3, 16, 12, generator=g, dtype=torch.float64)
+    t, tn = torch.full((3,), sigmas[i]), torch.full((3,), sigmas[i + 1])
+    out, logp2, mean2, _ = sde_step(x.bfloat16(), v.bfloat16(), t, tn, eta=0.7, prev=prev)
+    assert out.dtype == logp2.dtype == torch.float32 and torch.equal(out, prev.float())
+    want = torch.distributions.Normal(mean2.double(), ref_std).log_prob(prev).mean(dim=(1, 2))
+    torch.testing.assert_close(logp2.double(), want, rtol=1e-5, atol=1e-5)
+
+def test_sde_sample_statistics():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(1, 64).expand(8192, 64), torch.randn(1, 64).expand(8192, 64)
+    x_next, _, mean, std = sde_step(x, v, 0.8, 0.6, eta=0.9, generator=g)
+    n_std = std.item() / math.sqrt(8192)
+    assert (x_next.mean(0) - mean[0]).abs().max() < 5 * n_std          # unbiased around the mean
+    assert abs(x_next.std(0).mean().item() / std.item() - 1) < 0.02     # with the stated spread
+
+def test_sde_eta0_is_euler():
+    x, v = torch.randn(2, 10, 8), torch.randn(2, 10, 8)
+    for t, tn in [(1.0, 0.9), (0.5, 0.3), (torch.tensor([1.0, 0.7]), torch.tensor([0.8, 0.2]))]:
+        x_next, logp, mean, std = sde_step(x, v, t, tn, eta=0.0, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(x_next, euler_step(x, v, t, tn)) and torch.equal(mean, x_next)
+        assert (std == 0).all() and torch.isnan(logp).all()            # a deterministic step has no density
+
+def test_denoise_is_euler_over_the_schedule():
+    calls = []
+    v = torch.randn(1, 4, 48)
+    def fake_model(img, img_ids, txt, txt_ids, t, y, guidance, ref_img, ref_img_ids, probe=None):
+        calls.append((t.item(), guidance.item()))
+        return v
+    img = torch.randn(1, 4, 48)
+    ts = get_schedule(5, 4)
+    out = denoise(fake_model, img, None, None, None, None, ts, 2.5, progress=False)
+    torch.testing.assert_close(out, img - v)                          # the dt's sum to -1
+    assert calls == [(pytest.approx(t), 2.5) for t in ts[:-1]]
+
+# -----------------------------------------------------------------------------
+# reference images
+
+def test_load_image_modes(tmp_path):
+    Image.new("RGBA", (3, 2), (255, 0, 0, 0)).save(tmp_path / "clear.png")           # fully transparent -> white
+    assert load_image(str(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)
+    Image.new("LA", (3, 2), (0, 128)).save(tmp_path / "la.png")                       # half-transparent black
+    assert load_image(str(tmp_path / "la.png")).getpixel((0, 0)) == (127, 127, 127)
+    a16 = np.array([[0, 200 * 257, 65535]], dtype=np.uint16)          # 16-bit white is 65535, not 65280
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    assert [load_image(str(tmp_path / "g16.png")).getpixel((i, 0))[0] for i in range(3)] == [0, 200, 255]
+    p = Image.new("P", (2, 2), 1)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    p.save(tmp_path / "p.png", transparency=0)
+    assert load_image(str(tmp_path / "p.png")).getpixel((0, 0)) == (0, 255, 0)
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    r, g, b = load_image(str(tmp_path / "cmyk.jpg")).getpixel((0, 0))
+    assert r > 200 and g < 50 and b < 50
+    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert load_image(str(tmp_path / "anim.gif")).getpixel((0, 0)) == (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                                   # "rotate 90 CW to view"
+    Image.new("RGB", (40, 20)).save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(str(tmp_path / "rot.jpg")).size == (20, 40)
+
+def test_load_image_errors(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    for name in ("missing.png", "empty.png", "text.png", "cut.png"):
+        with pytest.raises(InputError, match=name):
+            load_image(str(tmp_path / name))
+
+def test_preprocess_ref():
+    for size in ((300, 200), (1, 1), (500, 3), (17, 90)):
+        r = preprocess_ref(Image.new("RGB", size), 320, 16)
+        assert r.width % 16 == 0 and r.height % 16 == 0 and max(r.size) <= 320 and min(r.size) >= 16
+    assert preprocess_ref(Image.new("RGB", (300, 200)), 320, 16).size == (320, 208)
+
+def test_prepare_shapes_and_ids():
+    cfg = M.get_config("toy")
+    refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
+    inp = prepare(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
+    assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 64, 64) and inp["y"].shape == (1, 64)
+    assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
+    ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
+    assert ids[0][0, 0].tolist() == [0, 8, 8] and ids[1][0, 0].tolist() == [0, 10, 12]
+    noise = torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0))  # BFL get_noise, unpacked
+    assert torch.equal(M.unpack(inp["img"], 16, 16), noise)
+
+# -----------------------------------------------------------------------------
+# the command line, on the toy preset (random weights until assets/toy exists)
+
+@pytest.fixture
+def refs(tmp_path):
+    d = tmp_path / "refs"
+    d.mkdir()
+    Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(d / "rgba.png")
+    Image.fromarray((np.arange(60000).reshape(200, 300) % 65536).astype(np.uint16)).save(d / "big16.png")
+    Image.new("L", (1, 2), 7).save(d / "tiny.png")
+    p = Image.new("P", (20, 50), 3)
+    p.putpalette(list(range(256)) * 3)
+    p.save(d / "pal.png", transparency=0)
+    return [str(d / n) for n in ("rgba.png", "big16.png", "tiny.png", "pal.png")]
+
+def run_toy(out, refs, *extra):
+    main(["--model", "toy", "--refs", *refs, "--prompt", "a red ball", "--steps", "3", "--seed", "7",
+          "--out", str(out), *extra])
+
+def test_cli_end_to_end(tmp_path, refs):
+    out = tmp_path / "o" / "img.png"
+    run_toy(out, refs, "--save-attn")
+    assert Image.open(out).size == (32, 32)
+    meta = json.loads((tmp_path / "o" / "img.json").read_text())
+    assert meta["prompt"] == "a red ball" and meta["refs"] == refs and meta["seed"] == 7 and meta["steps"] == 3
+    assert (meta["width"], meta["height"], meta["model"], meta["pe"]) == (32, 32, "toy", "d")
+    attn = sorted(f for f in os.listdir(tmp_path / "o") if "_attn" in f)
+    assert attn == [f"img_attn{i}.png" for i in range(4)]
+    assert all(Image.open(tmp_path / "o" / f).size == (32, 32) for f in attn)
+    assert not [f for f in os.listdir(tmp_path / "o") if f.startswith(".tmp")]
+
+def test_cli_deterministic(tmp_path, refs):
+    run_toy(tmp_path / "a.png", refs)
+    run_toy(tmp_path / "b.png", refs)
+    run_toy(tmp_path / "c.png", refs, "--seed", "8")
+    a, b, c = ((tmp_path / f).read_bytes() for f in ("a.png", "b.png", "c.png"))
+    assert a == b and a != c
+
+@pytest.mark.parametrize("bad", ["missing.png", "empty.png", "text.png"])
+def test_cli_bad_reference_writes_nothing(tmp_path, refs, capsys, bad):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_toy(out / "x.png", [refs[0], str(tmp_path / bad)], "--save-attn")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and bad in err and "error:" in err and "Traceback" not in err
+    assert os.listdir(out) == []
+
+def test_cli_bad_model_and_sizes(tmp_path, refs, capsys):
+    for extra in (["--model", str(tmp_path / "nope.safetensors")], ["--width", "2"], ["--steps", "0"],
+                  ["--out", str(tmp_path / "x.jpg")], ["--device", "nonsense"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--refs", refs[0], "--prompt", "x", "--model", "toy", "--out", str(tmp_path / "x.png"), *extra])
+        assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
+    assert sorted(os.listdir(tmp_path)) == ["refs"]
+
+def test_cli_toy_checkpoint_folder(tmp_path, refs, capsys):
+    from safetensors.torch import save_file
+    cfg, ckpt = M.get_config("toy"), tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.manual_seed(1)                                       # weights unlike the seed-0 random fallback
+    save_file(M.Flux(cfg).state_dict(), ckpt / "flux.safetensors")
+    save_file(M.ByteTextEncoder(cfg).state_dict(), ckpt / "text_encoder.safetensors")
+    run_toy(tmp_path / "ck.png", refs, "--model", str(ckpt), "--arch", "toy")
+    run_toy(tmp_path / "rnd.png", refs)
+    assert json.loads((tmp_path / "ck.json").read_text())["weights"] == str(ckpt)
+    assert (tmp_path / "ck.png").read_bytes() != (tmp_path / "rnd.png").read_bytes()
+    save_file({"img_in.weight": torch.zeros(3, 3)}, ckpt / "flux.safetensors")   # a wrong checkpoint
+    with pytest.raises(SystemExit) as e:
+        run_toy(tmp_path / "bad.png", refs, "--model", str(ckpt), "--arch", "toy")
+    assert e.value.code == 2 and "does not match" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.json").exists()
