@@ -657,3 +657,244 @@ def test_cli_toy_checkpoint_folder(tmp_path, refs, capsys):
         run_toy(tmp_path / "bad.png", refs, "--model", str(ckpt), "--arch", "toy")
     assert e.value.code == 2 and "does not match" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.json").exists()
+
+# -----------------------------------------------------------------------------
+# losses (losses.py) against hand-computed values, torch.distributions and finite differences
+
+import losses as LS
+
+def test_dice_loss_values_bounds_and_gradient():
+    maps = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]]], dtype=torch.float64)
+    masks = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]], dtype=torch.float64)
+    # subject 0: a map uniform on its mask scores 0; subject 1 by hand: m/max = [.25 .5 .75 1],
+    # 1 - (2 * 1.75 + 1) / (2.5 + 2 + 1) = 1/5.5
+    torch.testing.assert_close(LS.dice_loss(maps, masks, eps=1.0), torch.tensor(1 / 5.5, dtype=torch.float64))
+    assert LS.dice_loss(maps, masks, valid=torch.tensor([[1.0, 0.0]], dtype=torch.float64)).item() == 0.0
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.rand(4, 3, 16, generator=g, dtype=torch.float64).softmax(-1)
+    m = (torch.rand(4, 3, 16, generator=g, dtype=torch.float64) > 0.7).double()
+    assert 0 <= LS.dice_loss(rnd, m).item() <= 3                         # bounded by N
+    assert LS.dice_loss(m / m.sum(-1, keepdim=True).clamp_min(1), m, eps=1e-6).item() < 1e-5   # perfect maps
+    rnd.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: LS.dice_loss(x, m), (rnd,))
+
+def test_scal_loss_vectorized_and_finite_under_underflow():
+    lp = [torch.log_softmax(torch.randn(3, 5, dtype=torch.float64), -1), torch.log_softmax(torch.randn(2, 5,
+          dtype=torch.float64), -1)]
+    tg = [torch.tensor([0, 4, 2]), torch.tensor([1, 1])]
+    want = -(lp[0][0, 0] + lp[0][1, 4] + lp[0][2, 2] + lp[1][0, 1] + lp[1][1, 1]) / 5
+    torch.testing.assert_close(LS.scal_loss(lp, tg), want)
+    # through the probe: the target token's probability underflows in fp32 (scores 200 apart)
+    B, H, D = 1, 2, 4
+    q = torch.zeros(B, H, 3, D)
+    k = torch.zeros(B, H, 3, D)
+    q[..., 2, 0] = 20.0                                   # reference token (position 2)
+    k[..., 0, 0], k[..., 1, 0] = 20.0, -20.0              # image tokens 0, 1: scores +200 / -200 (x 1/sqrt(4))
+    probe = M.AttentionProbe(rows=[torch.tensor([[0, 0]])])
+    probe(q, k, M.Spans(txt=0, img=(0, 2), refs=[(2, 3)]))
+    loss = LS.scal_loss(probe.mean_logp(), [torch.tensor([1])])
+    # scores q.k/sqrt(d) = +200 and -200: -log p(token 1) = 200 - (-200) = 400 (p = e^-400 underflows fp32)
+    assert torch.isfinite(loss) and abs(loss.item() - 400) < 1e-3
+    assert LS.scal_loss([torch.zeros(0, 5)], [torch.zeros(0, dtype=torch.long)]).item() == 0
+
+def test_mdl_loss_against_torch_distributions():
+    from torch.distributions import Categorical, kl_divergence
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.1, 0.1, 0.8]], dtype=torch.float64)
+    maps = p[None]
+    C = [Categorical(probs=x) for x in p]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    sym = [kl_divergence(C[i], C[j]) + kl_divergence(C[j], C[i]) for i, j in pairs]
+    torch.testing.assert_close(LS.mdl_loss(maps, eps=1e-30), -sum(sym) / 3)
+    js = [0.5 * (kl_divergence(C[i], Categorical(probs=(p[i] + p[j]) / 2)) +
+                 kl_divergence(C[j], Categorical(probs=(p[i] + p[j]) / 2))) for i, j in pairs]
+    torch.testing.assert_close(LS.mdl_loss(maps, kind="js", eps=1e-30), -sum(js) / 3)
+    assert LS.mdl_loss(p[:1].expand(2, 3)[None]).item() == 0            # identical distributions
+    assert LS.mdl_loss(p[None, :1]).item() == 0                          # a single reference
+    # padded references do not count
+    torch.testing.assert_close(LS.mdl_loss(maps, valid=torch.tensor([[1.0, 1.0, 0.0]]), eps=1e-30).double(),
+                               -sym[0].double())
+    x = p[None].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: LS.mdl_loss(m, eps=1e-30), (x,))
+
+def test_balance_loss_uniform_and_skewed():
+    E = 4
+    uniform_p = torch.full((2, 8, E), 1 / E)
+    idx = torch.arange(16).reshape(2, 8, 1) % E                          # each expert gets a quarter
+    assert abs(LS.balance_loss(uniform_p, idx, E).item() - 1) < 1e-6
+    skew_p = torch.tensor([0.97, 0.01, 0.01, 0.01]).expand(2, 8, E)
+    assert abs(LS.balance_loss(skew_p, torch.zeros(2, 8, 1, dtype=torch.long), E).item() - E * 0.97) < 1e-5
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, :4] = True                                                    # only these tokens count
+    idx2 = idx.clone()
+    idx2[:, 4:] = 0
+    assert abs(LS.balance_loss(uniform_p, idx2, E, mask).item() - 1) < 1e-6
+
+def test_timestep_sampling_follows_the_schedule_shift():
+    g = torch.Generator().manual_seed(0)
+    t = LS.sample_timesteps(20000, 4096, generator=g)
+    u = torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    mu = 1.15                                                             # at 4096 tokens (dev at 1024 px)
+    torch.testing.assert_close(t, math.exp(mu) / (math.exp(mu) + (1 / u - 1)))
+    assert 0 < t.min() and t.max() < 1 and abs(LS.sample_timesteps(20000, 64, shift=False,
+                                                                   generator=g).median().item() - 0.5) < 0.02
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity():
+    x0, noise, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.rand(2)
+    seen = {}
+    def oracle(x_t, tt):
+        seen["x_t"] = x_t
+        return noise - x0
+    assert LS.flow_matching_loss(oracle, x0, t, noise).item() == 0
+    torch.testing.assert_close(seen["x_t"], (1 - t[:, None, None]) * x0 + t[:, None, None] * noise)
+    assert abs(LS.flow_matching_loss(lambda x, tt: torch.zeros_like(x), x0, t, noise).item()
+               - (noise - x0).pow(2).mean().item()) < 1e-6
+    assert LS.mosaic_warmup(9_999) == 0 and LS.mosaic_warmup(10_500) == 0.5 and LS.mosaic_warmup(20_000) == 1
+
+# -----------------------------------------------------------------------------
+# adapters (moe_lora.py)
+
+import moe_lora as ML
+
+def tiny_inputs(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img, ids = M.pack(torch.randn(B, cfg.in_channels // 4, 6, 4, generator=g)), M.grid_ids(3, 2, batch=B)
+    refs = [M.pack(torch.randn(B, cfg.in_channels // 4, 4, 4, generator=g))]
+    rids = M.ref_ids((3, 2), [(2, 2)], batch=B)
+    return (img, ids, torch.randn(B, 5, cfg.context_in_dim, generator=g), torch.zeros(B, 5, 3),
+            torch.rand(B, generator=g), torch.randn(B, cfg.vec_in_dim, generator=g), torch.full((B,), 3.5)), \
+        dict(ref_img=refs, ref_img_ids=rids)
+
+def test_fresh_adapters_change_nothing_and_train_only_adapters():
+    cfg = tiny_cfg()
+    f = randomize(M.Flux(cfg), seed=4).requires_grad_(False)   # frozen first: autograd flags alone can
+    args, kw = tiny_inputs(cfg)                                  # change kernels at the 1e-8 level
+    with torch.no_grad():
+        before = f(*args, **kw)
+    ML.inject(f, rank=4, n_experts=3)
+    with torch.no_grad():
+        assert torch.equal(f(*args, **kw), before)                       # bit for bit
+    trainable = {n for n, p in f.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 2)[-2] in ("down", "up", "router") for n in trainable)
+    kinds = {n: type(m).__name__ for n, m in ML.adapters(f)}
+    assert kinds["double_blocks.0.img_mlp.2"] == "MoELoRALinear" and kinds["single_blocks.1.linear2"] == "MoELoRALinear"
+    assert kinds["double_blocks.1.txt_attn.qkv"] == "LoRALinear" and "double_blocks.0.txt_mlp.2" not in kinds
+    assert f.single_blocks[0].linear1.up.weight.shape == (3 * 64, 4)     # q|k|v rows only
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        ML.inject(M.Flux(cfg), lora_targets=["double_blocks.*.nonexistent"], moe_targets=[])
+
+@pytest.mark.parametrize("k,gate", [(1, "st"), (2, "st"), (1, "switch"), (2, "paper")])
+def test_sparse_moe_dispatch_equals_dense_reference(k, gate):
+    torch.manual_seed(0)
+    m = ML.MoELoRALinear(torch.nn.Linear(24, 40), n_experts=5, rank=6, alpha=3.0, top_k=k, gate=gate)
+    torch.nn.init.normal_(m.up.weight)
+    x = torch.randn(3, 7, 24)
+    # dense reference written out per token: base + scale * sum over chosen experts of w_e B_e A_e x
+    probs = torch.softmax(x @ m.router.weight.T, -1)
+    top_p, idx = probs.topk(k, -1)
+    w = top_p if gate == "switch" else top_p / top_p.sum(-1, keepdim=True)
+    A, Bm = m.down.weight.view(5, 6, 24), m.up.weight.view(40, 5, 6)
+    ref = m.base(x).clone()
+    for b in range(3):
+        for l in range(7):
+            for s in range(k):
+                e = idx[b, l, s]
+                ref[b, l] += m.scale * w[b, l, s] * (Bm[:, e] @ (A[e] @ x[b, l]))
+    for dispatch in ("sparse", "dense"):
+        m.dispatch = dispatch
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    assert m.load.sum().item() == 2 * 3 * 7 * k                          # every routed slot counted
+
+def test_router_gradient_default_gate_and_the_papers_zero_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 16)
+    grads = {}
+    for gate in ("st", "switch", "paper"):
+        torch.manual_seed(1)
+        m = ML.MoELoRALinear(torch.nn.Linear(16, 12), n_experts=4, rank=4, top_k=1, gate=gate)
+        torch.nn.init.normal_(m.up.weight)
+        m(x).pow(2).mean().backward()
+        grads[gate] = m.router.weight.grad.abs().max().item()
+    assert grads["st"] > 1e-3 and grads["switch"] > 1e-3
+    # Softmax(TopK(logits, 1)) == 1 for any logits: no task gradient reaches the router (rounding only)
+    assert grads["paper"] < 1e-5 * grads["st"]
+
+def test_lora_merge_unmerge_and_save_load(tmp_path):
+    cfg = tiny_cfg()
+    f = randomize(M.Flux(cfg), seed=6)
+    base_w = f.single_blocks[0].linear1.weight.clone()
+    acfg = ML.inject(f, moe_targets=[], rank=3, alpha=6.0)
+    torch.manual_seed(3)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight, std=0.05)
+    args, kw = tiny_inputs(cfg)
+    with torch.no_grad():
+        unmerged = f(*args, **kw)
+        ML.merge(f)
+        torch.testing.assert_close(f(*args, **kw), unmerged, atol=1e-5, rtol=1e-5)
+        ML.unmerge(f)
+        torch.testing.assert_close(f.single_blocks[0].linear1.base.weight, base_w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(f(*args, **kw), unmerged, atol=1e-6, rtol=0)
+    ML.save_adapter(f, str(tmp_path / "a.safetensors"), acfg)
+    g = randomize(M.Flux(cfg), seed=6)
+    assert ML.load_adapter(g, str(tmp_path / "a.safetensors"))["rank"] == 3
+    with torch.no_grad():
+        assert torch.equal(g(*args, **kw), unmerged)
+
+def test_moe_adapter_save_load(tmp_path):
+    cfg = tiny_cfg()
+    f = randomize(M.Flux(cfg), seed=7)
+    acfg = ML.inject(f, rank=2, n_experts=3, top_k=2)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight, std=0.05)
+    args, kw = tiny_inputs(cfg)
+    with torch.no_grad():
+        want = f(*args, **kw)
+    ML.save_adapter(f, str(tmp_path / "moe.safetensors"), acfg)
+    g = randomize(M.Flux(cfg), seed=7)
+    ML.load_adapter(g, str(tmp_path / "moe.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(g(*args, **kw), want)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        ML.merge(g)
+
+def test_uno_lora_layout_loads_into_the_right_rows(tmp_path):
+    cfg = tiny_cfg()
+    D, r = cfg.hidden_size, 4
+    f = randomize(M.Flux(cfg), seed=8)
+    g = torch.Generator().manual_seed(0)
+    uno = {}
+    shapes = {"qkv_lora1": (D, 3 * D), "proj_lora1": (D, D), "qkv_lora2": (D, 3 * D), "proj_lora2": (D, D)}
+    for i in range(cfg.depth):
+        for n, (din, dout) in shapes.items():
+            uno[f"double_blocks.{i}.processor.{n}.down.weight"] = torch.randn(r, din, generator=g) * 0.1
+            uno[f"double_blocks.{i}.processor.{n}.up.weight"] = torch.randn(dout, r, generator=g) * 0.1
+    for i in range(cfg.depth_single_blocks):
+        uno[f"single_blocks.{i}.processor.qkv_lora.down.weight"] = torch.randn(r, D, generator=g) * 0.1
+        uno[f"single_blocks.{i}.processor.qkv_lora.up.weight"] = torch.randn(3 * D, r, generator=g) * 0.1
+        uno[f"single_blocks.{i}.processor.proj_lora.down.weight"] = torch.randn(r, 5 * D, generator=g) * 0.1
+        uno[f"single_blocks.{i}.processor.proj_lora.up.weight"] = torch.randn(D, r, generator=g) * 0.1
+    save_file(uno, str(tmp_path / "dit_lora.safetensors"))
+    # expected merged weights, by hand: W += up @ down (UNO's scale is 1); linear1 only in its first 3D rows
+    expect = {k: v.clone() for k, v in f.state_dict().items()}
+    for i in range(cfg.depth):
+        for n, target in (("qkv_lora1", "img_attn.qkv"), ("proj_lora1", "img_attn.proj"),
+                          ("qkv_lora2", "txt_attn.qkv"), ("proj_lora2", "txt_attn.proj")):
+            p = f"double_blocks.{i}.processor.{n}"
+            expect[f"double_blocks.{i}.{target}.weight"] += uno[p + ".up.weight"] @ uno[p + ".down.weight"]
+    for i in range(cfg.depth_single_blocks):
+        p = f"single_blocks.{i}.processor"
+        expect[f"single_blocks.{i}.linear1.weight"][: 3 * D] += uno[p + ".qkv_lora.up.weight"] @ uno[p + ".qkv_lora.down.weight"]
+        expect[f"single_blocks.{i}.linear2.weight"] += uno[p + ".proj_lora.up.weight"] @ uno[p + ".proj_lora.down.weight"]
+    args, kw = tiny_inputs(cfg)
+    plain = randomize(M.Flux(cfg), seed=8)
+    plain.load_state_dict(expect)
+    with torch.no_grad():
+        want = plain(*args, **kw)
+        ML.load_adapter(f, str(tmp_path / "dit_lora.safetensors"))       # detects the UNO layout
+        torch.testing.assert_close(f(*args, **kw), want, atol=1e-5, rtol=1e-5)
+        ML.merge(f)
+    sd = {k.replace(".base.", "."): v for k, v in f.state_dict().items() if ".down." not in k and ".up." not in k}
+    for k in expect:
+        torch.testing.assert_close(sd[k], expect[k], atol=1e-6, rtol=0)
+    lin1 = f"single_blocks.0.linear1.weight"
+    assert torch.equal(sd[lin1][3 * D:], randomize(M.Flux(cfg), seed=8).state_dict()[lin1][3 * D:])
