@@ -355,6 +355,12 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(D, H, cfg.mlp_ratio) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(D, cfg.out_channels)
+        self.grad_checkpoint = False   # recompute each block in backward: activation memory ~ one block
+
+    def _run(self, block, *args):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
                 ref_img=None, ref_img_ids=None, probe=None):
@@ -390,10 +396,10 @@ class Flux(nn.Module):
                 start += r.shape[1]
             spans = Spans(txt=L_txt, img=(L_txt, L_txt + L_img), refs=refs)
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, pe, probe and probe.at(i), spans)
+            img, txt = self._run(block, img, txt, vec, pe, probe and probe.at(i), spans)
         x = torch.cat([txt, img], dim=1)                                         # (B, L, D)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = self._run(block, x, vec, pe)
         return self.final_layer(x[:, L_txt:L_txt + L_img], vec)                  # target tokens only
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import data as D
 import model as M
 from sample import (InputError, denoise, euler_step, get_schedule, load_image, main, prepare, preprocess_ref,
                     sde_step)
@@ -898,3 +899,391 @@ def test_uno_lora_layout_loads_into_the_right_rows(tmp_path):
         torch.testing.assert_close(sd[k], expect[k], atol=1e-6, rtol=0)
     lin1 = f"single_blocks.0.linear1.weight"
     assert torch.equal(sd[lin1][3 * D:], randomize(M.Flux(cfg), seed=8).state_dict()[lin1][3 * D:])
+
+# -----------------------------------------------------------------------------
+# data (data.py)
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+@pytest.fixture(scope="module")
+def toy_manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    return D.write_toy(str(out), 12, seed=0, subjects=(2, 3))
+
+# -----------------------------------------------------------------------------
+# the toy world
+
+def all_files(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+def test_toy_is_deterministic(tmp_path):
+    a, b, c, short = (D.write_toy(str(tmp_path / k), n, seed=s) for k, n, s in
+                      (("a", 6, 3), ("b", 6, 3), ("c", 6, 4), ("short", 3, 3)))
+    assert all_files(tmp_path / "a") == all_files(tmp_path / "b")                  # same seed: same bytes
+    assert open(a, "rb").read() != open(c, "rb").read()                            # another seed: another world
+    assert read_jsonl(short) == read_jsonl(a)[:3]                                  # records do not depend on n
+
+def test_toy_world_has_enough_similar_attributes():
+    assert len(D.SHAPES) >= 6 and len(D.COLOURS) >= 8 and len(D.PATTERNS) >= 4
+    renders = {D.render_reference(s).tobytes() for s in D.SPRITES}
+    assert len(renders) == len(D.SPRITES) == len(D.SHAPES) * len(D.COLOURS) * len(D.PATTERNS)   # all distinct
+
+def test_toy_masks_are_exact(toy_manifest):
+    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
+    root = os.path.dirname(toy_manifest)
+    for i, rec in enumerate(read_jsonl(toy_manifest)):
+        target = np.asarray(Image.open(os.path.join(root, rec["target"])))
+        masks = [np.asarray(Image.open(os.path.join(root, m))) / 255 for m in rec["masks"]]
+        for m, attrs in zip(masks, rec["attrs"]):
+            assert set(np.unique(m)) <= {0.0, 1.0}
+            assert m.sum() == D.render_sprite(D.Sprite(**attrs), D.sprite_px(16))[1].sum()   # the sprite's pixels
+        union = np.sum(masks, 0)
+        assert union.max() == 1                                                      # disjoint
+        assert (target[union == 0] == 255).all() and (target[union == 1] != 255).any(-1).all()
+        item = ds[i]
+        assert item["mask_valid"].all()
+        # token shares: each token holds 4 x 4 pixels, so the shares sum to area / 16
+        assert torch.allclose(item["masks"].sum(1) * 16, torch.tensor([m.sum() for m in masks], dtype=torch.float32))
+        assert item["masks"].min() >= 0 and item["masks"].max() <= 1
+
+def test_toy_correspondences_land_on_their_subject(toy_manifest):
+    root = os.path.dirname(toy_manifest)
+    for rec in read_jsonl(toy_manifest):
+        target = np.asarray(Image.open(os.path.join(root, rec["target"])))
+        for k, pts in enumerate(rec["points"]):
+            ref = np.asarray(Image.open(os.path.join(root, rec["refs"][k])))
+            mask = np.asarray(Image.open(os.path.join(root, rec["masks"][k])))
+            assert len(pts) > 10
+            for ry, rx, ty, tx in pts:
+                t, r = (int(ty * 32), int(tx * 32)), (int(ry * 16), int(rx * 16))
+                assert mask[t] == 255 and (target[t] == ref[r]).all()
+
+def test_toy_prompt_names_each_subject(toy_manifest):
+    for rec in read_jsonl(toy_manifest):
+        assert len(rec["attrs"]) == len(rec["refs"]) in (2, 3)
+        for a in rec["attrs"]:
+            assert f"{a['colour']} {a['pattern']} {a['shape']}" in rec["prompt"]
+    assert D.describe(["red striped circle", "orange dotted square"]) == \
+        "a red striped circle and an orange dotted square"
+
+def test_toy_cli_subject_counts(tmp_path, capsys):
+    for k in (1, 4):
+        assert D.main(["toy", "--out", str(tmp_path / str(k)), "--n", "5", "--subjects", str(k), "--seed", "1"]) == 0
+        recs = read_jsonl(tmp_path / str(k) / "manifest.jsonl")
+        assert all(len(r["refs"]) == len(r["masks"]) == k for r in recs)
+        assert D.check(str(tmp_path / str(k) / "manifest.jsonl")) == 0
+    assert D.main(["toy", "--out", str(tmp_path / "x"), "--n", "2", "--subjects", "5"]) == 2
+    assert D.main(["toy", "--out", str(tmp_path / "y"), "--n", "2", "--size", "20"]) == 2   # 2 sprites cannot fit
+    assert capsys.readouterr().err.count("error:") == 2
+
+# -----------------------------------------------------------------------------
+# the dataset: items, geometry, points, collate, batches
+
+def test_dataset_items(toy_manifest):
+    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
+    recs = read_jsonl(toy_manifest)
+    assert len(ds) == len(recs) and ds.skipped == [] and ds.n_skipped == 0
+    for i in range(len(ds)):
+        it, N = ds[i], len(recs[i]["refs"])
+        assert ds.bucket_of(i) == ((32, 32), N) and it["bucket"] == (32, 32) and it["index"] == i
+        assert it["target"].shape == (3, 32, 32) and it["refs"].shape == (N, 3, 16, 16)
+        assert it["target"].min() >= -1 and it["target"].max() <= 1 and it["prompt"] == recs[i]["prompt"]
+        assert it["masks"].shape == (N, 64) and len(it["points"]) == N
+        ref0 = torch.from_numpy(np.array(D.render_reference(D.Sprite(**recs[i]["attrs"][0])))).permute(2, 0, 1)
+        assert torch.allclose(it["refs"][0], ref0 / 127.5 - 1)
+        for k, p in enumerate(it["points"]):
+            assert p.dtype == torch.long and p.shape[1] == 2 and len(p) > 0
+            assert p[:, 0].max() < 16 and p[:, 1].max() < 64
+            assert (it["masks"][k][p[:, 1]] > 0).all()                # every target token is on the subject
+            # no target token is shared between references
+            others = torch.cat([q[:, 1] for j, q in enumerate(it["points"]) if j != k])
+            assert not torch.isin(p[:, 1], others).any()
+
+def test_points_to_tokens_by_hand():
+    # 4x4 reference tokens, 8x8 target tokens
+    ref0 = torch.tensor([[0.1, 0.6, 0.3, 0.9],      # ref (0, 2) -> 2;  target (2, 7) -> 23
+                         [0.12, 0.62, 0.31, 0.91],  # the same tokens again: kept once
+                         [1.0, 1.0, 1.0, 1.0],      # the far corner: ref 15, target 63
+                         [0.99, 0.0, 0.5, 0.5]],    # ref (3, 0) -> 12; target (4, 4) -> 36, also claimed by ref1
+                        dtype=torch.float64)
+    ref1 = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)   # 10 -> 36, 0 -> 0
+    out = D.points_to_tokens([ref0, ref1, torch.zeros(0, 4, dtype=torch.float64)], (4, 4), (8, 8))
+    assert out[0].tolist() == [[2, 23], [15, 63]]            # 36 is dropped from both references
+    assert out[1].tolist() == [[0, 0]]
+    assert out[2].shape == (0, 2) and out[2].dtype == torch.long
+
+def solid_png(path, size, colour=(200, 30, 30), mode="RGB"):
+    Image.new(mode, size, colour).save(path)
+    return os.path.basename(path)
+
+def test_buckets_resize_crop_and_points(tmp_path):
+    solid_png(tmp_path / "wide.png", (80, 40))                    # W x H
+    solid_png(tmp_path / "tall.png", (30, 60))
+    solid_png(tmp_path / "square.png", (50, 50))
+    solid_png(tmp_path / "crop.png", (40, 30))
+    solid_png(tmp_path / "ref.png", (40, 20))                      # wide reference: padded on white above and below
+    m = np.zeros((40, 80), np.uint8)
+    m[5:25, 10:50] = 255                                      # 800 px
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    recs = [dict(target="wide.png", prompt="w", refs=["ref.png"], masks=["mask.png"],
+                 points=[[[0.5, 0.5, 15 / 40, 30 / 80], [0.0, 0.0, 15 / 40, 30 / 80]]]),
+            dict(target="tall.png", prompt="t", refs=["ref.png", "ref.png"]),
+            dict(target="square.png", prompt="s", refs=["ref.png"]),
+            dict(target="crop.png", prompt="c", refs=["ref.png"],
+                 points=[[[0.5, 0.5, 0.5, 0.05], [0.5, 0.5, 0.5, 0.5]]])]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = D.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (32, 64), (64, 32)])
+    assert [ds.bucket_of(i) for i in range(4)] == [((32, 64), 1), ((64, 32), 2), ((32, 32), 1), ((32, 32), 1)]
+    wide = ds[0]
+    assert wide["target"].shape == (3, 32, 64) and wide["masks"].shape == (1, 8 * 16)
+    # 80x40 -> 64x32 (x 0.8): the mask's area scales by 0.64 (BOX keeps area shares exact)
+    assert wide["masks"].sum() * 16 == pytest.approx(800 * 0.64, rel=1e-4)
+    assert wide["mask_valid"].tolist() == [True]
+    # target pixel (15, 30) -> (12, 24) -> token (3, 6) = 54 of 16 per row; ref (0.5, 0.5) -> token (2, 2) = 10,
+    # ref (0, 0) lies under the padding: (0 * 20 + 10) / 40 = 0.25 -> token (1, 0) = 4
+    assert wide["points"][0].tolist() == [[4, 54], [10, 54]]
+    assert torch.allclose(wide["refs"][0, :, 0], torch.ones(3, 16))                       # white padding row
+    assert ds[1]["target"].shape == (3, 64, 32) and ds[1]["mask_valid"].tolist() == [False, False]
+    assert ds[1]["masks"].abs().sum() == 0
+    # 40x30 covers 32x32 as 43x32 with 5 px cut on the left: tx = 0.05 falls off; 0.5 -> x = (21.5 - 5) / 32
+    assert ds[3]["points"][0].tolist() == [[10, 4 * 8 + 4]]
+
+def test_collate(toy_manifest):
+    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
+    by_key = {}
+    for i in range(len(ds)):
+        by_key.setdefault(ds.bucket_of(i), []).append(i)
+    (_, N), idx = max(by_key.items(), key=lambda kv: len(kv[1]))
+    items = [ds[i] for i in idx[:3]]
+    b = D.collate(items)
+    assert b["target"].shape == (3, 3, 32, 32) and b["refs"].shape == (3, N, 3, 16, 16)
+    assert b["masks"].shape == (3, N, 64) and b["mask_valid"].shape == (3, N)
+    assert b["prompts"] == [it["prompt"] for it in items] and b["index"].tolist() == idx[:3]
+    assert len(b["points"]) == N
+    for k, p in enumerate(b["points"]):
+        assert p.shape[1] == 3
+        for bi, it in enumerate(items):                        # (batch index, ref token, target token)
+            assert torch.equal(p[p[:, 0] == bi, 1:], it["points"][k])
+    if len(by_key) > 1:
+        other = next(v[0] for k, v in by_key.items() if k[1] != N)
+        with pytest.raises(ValueError, match="one bucket key"):
+            D.collate([items[0], ds[other]])
+
+def test_toy_batch_drives_the_probe_and_losses(toy_manifest):
+    # the layouts data.py hands out are the ones model.AttentionProbe and losses.py take
+    from losses import dice_loss, scal_loss
+    cfg = M.get_config("toy")
+    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=2 * cfg.ae.factor)
+    b = D.collate([ds[i] for i in D.batches(ds, 2, seed=0, epoch=0)[0]])
+    B, N = b["masks"].shape[:2]
+    torch.manual_seed(0)
+    flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
+    z = ae.encode(b["target"])                                                       # (B, 12, 16, 16)
+    refs = [M.pack(ae.encode(b["refs"][:, k])) for k in range(N)]                    # [(B, 16, 48)]
+    txt, y = text(b["prompts"])
+    img = M.pack(z)
+    assert img.shape[1] == b["masks"].shape[2] == 64
+    probe = M.AttentionProbe(rows=[p[:, :2] for p in b["points"]])
+    flux(img, M.grid_ids(8, 8, batch=B), txt, torch.zeros(B, txt.shape[1], 3), torch.full((B,), 0.5), y,
+         torch.full((B,), 3.5), refs, M.ref_ids((8, 8), [(4, 4)] * N, batch=B), probe=probe)
+    assert torch.isfinite(dice_loss(probe.mean_map(), b["masks"], b["mask_valid"]))
+    assert torch.isfinite(scal_loss(probe.mean_logp(), [p[:, 2] for p in b["points"]]))
+
+class FakeDataset:
+    def __init__(self, n, keys=3):
+        self.n, self.keys = n, keys
+
+    def __len__(self):
+        return self.n
+
+    def bucket_of(self, i):
+        return ((32, 32), i % self.keys + 1)
+
+def test_batches_are_deterministic_and_split_across_ranks():
+    ds = FakeDataset(103)
+    one = D.batches(ds, 4, seed=0, epoch=0)
+    assert one == D.batches(ds, 4, seed=0, epoch=0) and one != D.batches(ds, 4, seed=0, epoch=1)
+    assert one != D.batches(ds, 4, seed=1, epoch=0)
+    assert all(len(b) == 4 and len({ds.bucket_of(i) for i in b}) == 1 for b in one)
+    assert len({i for b in one for i in b}) == sum(len(b) for b in one)                   # no repeats
+    for world in (2, 3, 5):
+        ranks = [D.batches(ds, 4, 0, 0, rank=r, world_size=world) for r in range(world)]
+        assert len({len(r) for r in ranks}) == 1                                           # lock-step
+        dealt = [ranks[b % world][b // world] for b in range(world * len(ranks[0]))]       # batch b on rank b % world
+        assert dealt == one[:len(dealt)] and len(one) - len(dealt) < world
+    # keeping partial batches: every index appears, ranks padded by repeating the first batches
+    full = D.batches(ds, 4, 0, 0, drop_last=False)
+    assert sorted(i for b in full for i in b) == list(range(103))
+    ranks = [D.batches(ds, 4, 0, 0, r, 4, drop_last=False) for r in range(4)]
+    assert len({len(r) for r in ranks}) == 1 and {i for r in ranks for b in r for i in b} == set(range(103))
+    with pytest.raises(ValueError):
+        D.batches(ds, 4, 0, 0, rank=2, world_size=2)
+
+# -----------------------------------------------------------------------------
+# bad input: check and the dataset
+
+@pytest.fixture
+def bad_manifest(tmp_path):
+    """A manifest with one of each bad case; -> (path, {line: field}) of the expected problems."""
+    root = tmp_path / "data"
+    root.mkdir()
+    solid_png(root / "t.png", (32, 32))
+    solid_png(root / "r.png", (16, 16))
+    solid_png(root / "m.png", (32, 32), 255, "L")
+    solid_png(root / "small.png", (16, 16), 255, "L")
+    solid_png(root / "empty.png", (32, 32), 0, "L")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "big.png")
+    blob = (root / "big.png").read_bytes()
+    (root / "trunc.png").write_bytes(blob[: len(blob) // 2])
+    (root / "zero.png").write_bytes(b"")
+    solid_png(tmp_path / "outside.png", (16, 16))
+    os.symlink(tmp_path / "outside.png", root / "link.png")
+    good = dict(target="t.png", prompt="a thing", refs=["r.png"], masks=["m.png"])
+    lines = [
+        (json.dumps(good), None),
+        (json.dumps(dict(good, refs=["nope.png"])), "refs[0]"),                      # missing file
+        (json.dumps(dict(good, target="trunc.png", masks=None)), "target"),           # truncated image
+        (json.dumps(dict(good, refs=["zero.png"])), "refs[0]"),                       # zero-byte file
+        (json.dumps(dict(good, masks=["small.png"])), "masks[0]"),                    # mask of the wrong size
+        (json.dumps(dict(good, masks=["empty.png"])), "masks[0]"),                    # empty mask
+        (json.dumps(dict(good, refs=["r.png", "r.png"])), "masks"),                   # 2 refs, 1 mask
+        (json.dumps(dict(good, refs=["../outside.png"])), "refs[0]"),                 # escapes the root
+        (json.dumps(dict(good, target=str(root / "t.png"))), "target"),               # absolute path
+        ('{"target": "t.png", "prompt": "caf\xe9", "refs": ["r.png"]}', "record"),    # not UTF-8 (latin-1 byte)
+        ('{"target": "t.png", "prompt": "a thing", "refs": ["r.png"]', "record"),     # invalid JSON
+        (json.dumps(dict(good, refs=["link.png"])), "refs[0]"),                       # symlink out of the root
+        (json.dumps(dict(good, points=[[[0.1, 0.2, 1.5, 0.1]]])), "points[0][0]"),    # a point outside [0, 1]
+        ("", None),                                                                   # blank lines are fine
+        (json.dumps(dict(good, refs=[], masks=[])), "refs"),
+        (json.dumps(good), None),
+    ]
+    data = b"".join(text.encode("latin-1" if "\xe9" in text else "utf-8") + b"\n" for text, _ in lines)
+    (root / "m.jsonl").write_bytes(data)
+    return str(root / "m.jsonl"), {n: f for n, (_, f) in enumerate(lines, 1) if f}
+
+def test_check_reports_every_bad_record(bad_manifest, capsys):
+    path, expected = bad_manifest
+    assert D.main(["check", path]) == 1
+    out = capsys.readouterr().out
+    for line, field in expected.items():
+        assert f"{path}:{line}: {field}: " in out, (line, field)
+    assert f"{path}: 15 records, {len(expected)} bad" in out                 # the blank line is no record
+    # quick mode reads headers only: the truncated image and the empty mask pass
+    assert D.main(["check", "--quick", path]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:3:" not in out and f"{path}:6:" not in out and f"{path}:2: refs[0]" in out
+
+def test_check_good_manifest(toy_manifest, capsys):
+    assert D.main(["check", toy_manifest]) == 0
+    assert "12 records, 0 bad, all good" in capsys.readouterr().out
+    assert D.main(["check", toy_manifest + ".missing"]) == 2                       # no manifest at all: one-line error
+
+def test_dataset_skips_bad_records_with_a_warning(bad_manifest, capsys):
+    path, expected = bad_manifest
+    ds = D.ManifestDataset(path, size=32, ref_size=16, token_px=4)
+    err = capsys.readouterr().err
+    # headers only at construction: the truncated target (line 3) and the empty mask (line 6) get through
+    assert len(ds) == 4 and ds.n_skipped == len(expected) - 2 and "skipped 11 of 15 records" in err
+    assert {line for line, _, _ in ds.skipped} == set(expected) - {3, 6}
+    items = [ds[i] for i in range(len(ds))]                                  # an epoch does not crash ...
+    assert ds.n_failed == 2 and "warning" in capsys.readouterr().err         # ... and does not hide failures
+    assert all(it["target"].shape == (3, 32, 32) for it in items)
+    strict = D.ManifestDataset(path, size=32, ref_size=16, token_px=4, verify=True)
+    assert len(strict) == 2 and strict.n_skipped == len(expected)
+    only_bad = os.path.join(os.path.dirname(path), "only_bad.jsonl")
+    open(only_bad, "w").write('{"prompt": "x"}\n')
+    with pytest.raises(D.DataError, match="no usable records"):
+        D.ManifestDataset(only_bad)
+    with pytest.raises(D.DataError, match="cannot read the manifest"):
+        D.ManifestDataset(path + ".missing")
+
+def test_paths_cannot_escape_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    solid_png(root / "sub" / "in.png", (4, 4))
+    solid_png(tmp_path / "out.png", (4, 4))
+    os.symlink(tmp_path / "out.png", root / "out_link.png")
+    os.symlink(root / "sub" / "in.png", root / "in_link.png")
+    os.symlink(tmp_path, root / "up")
+    for bad in ("../out.png", "sub/../../out.png", "sub\\..\\..\\out.png", str(tmp_path / "out.png"),
+                "out_link.png", "up/out.png", "", None, 3, "a\0b"):
+        with pytest.raises(D.DataError):
+            D.resolve(str(root), bad)
+    assert D.resolve(str(root), "sub/in.png") == str(root / "sub" / "in.png")
+    assert D.resolve(str(root), "in_link.png")                              # a link that stays inside is fine
+
+def test_uno_json_list(tmp_path, capsys):
+    solid_png(tmp_path / "t.png", (40, 32))
+    solid_png(tmp_path / "a.png", (16, 16))
+    items = [dict(prompt="a and a", image_paths=["a.png", "a.png"], image_tgt_path="t.png"),
+             dict(prompt="one", image_path="a.png", image_tgt_path="t.png"),
+             dict(prompt="missing", image_paths=["b.png"], image_tgt_path="t.png")]
+    (tmp_path / "uno.json").write_text(json.dumps(items, indent=2))
+    assert D.main(["check", str(tmp_path / "uno.json")]) == 1
+    out = capsys.readouterr().out
+    line = json.dumps(items, indent=2).splitlines().index("  {", 10) + 1    # where the third item starts
+    assert f"uno.json:{line}: refs[0]: " in out and "3 records, 1 bad" in out
+    ds = D.ManifestDataset(str(tmp_path / "uno.json"), size=32, ref_size=16, token_px=4)
+    assert len(ds) == 2 and ds[0]["refs"].shape == (2, 3, 16, 16) and ds[1]["prompt"] == "one"
+    (tmp_path / "broken.json").write_text('[\n {"prompt": "x"},\n {"prompt": }\n]')
+    assert D.main(["check", str(tmp_path / "broken.json")]) == 1
+    assert "broken.json:3: record: invalid JSON" in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# the cache
+
+def test_cache_round_trip(toy_manifest, tmp_path, capsys):
+    cfg = M.get_config("toy")
+    torch.manual_seed(0)
+    text = M.ByteTextEncoder(cfg).eval()
+    (tmp_path / "ckpt").mkdir()
+    save_file(text.state_dict(), str(tmp_path / "ckpt" / "text_encoder.safetensors"))
+    out = tmp_path / "cache"
+    assert D.main(["cache", "--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
+                   str(tmp_path / "ckpt"), "--shard-size", "5", "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == ["index.json"] + [f"shard_{k:05d}.safetensors" for k in range(3)]
+    ds, cached = D.ManifestDataset(toy_manifest, 32, 16, 4), D.CachedDataset(str(out))
+    ae = M.AutoEncoder(cfg.ae)
+    assert len(cached) == len(ds)
+    with torch.no_grad():
+        for i in range(len(ds)):
+            a, b = ds[i], cached[i]
+            txt, y = text([a["prompt"]])
+            assert cached.bucket_of(i) == ds.bucket_of(i) and b["prompt"] == a["prompt"] and b["index"] == i
+            assert torch.allclose(b["txt"], txt[0], atol=1e-5) and torch.allclose(b["y"], y[0], atol=1e-5)
+            assert torch.equal(b["latent"], ae.encode(a["target"][None])[0])
+            assert torch.equal(b["ref_latents"], ae.encode(a["refs"]))
+            assert torch.equal(b["masks"], a["masks"]) and torch.equal(b["mask_valid"], a["mask_valid"])
+            assert all(torch.equal(p, q) for p, q in zip(b["points"], a["points"]))
+    batch = D.collate([cached[i] for i in D.batches(cached, 2, 0, 0)[0]])
+    assert batch["latent"].shape == (2, 12, 16, 16) and batch["txt"].shape == (2, 64, 64)
+    with_pixels = D.CachedDataset(str(out), pixels=True)[3]
+    assert torch.equal(with_pixels["target"], ds[3]["target"]) and torch.equal(with_pixels["refs"], ds[3]["refs"])
+
+def test_cache_without_weights_is_a_one_line_error(toy_manifest, tmp_path, capsys):
+    code = D.main(["cache", "--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", "toy",
+                   "--checkpoint", str(tmp_path / "nothing"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nothing" in err
+    assert not (tmp_path / "c").exists()
+
+def test_rl_records_and_exif_orientation(tmp_path, capsys):
+    # a camera JPEG stored 40x20 with "rotate 90" in EXIF is 20x40 upright: its masks are 20x40 too
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "cam.jpg", exif=exif.tobytes())
+    solid_png(tmp_path / "m.png", (20, 40), 255, "L")
+    solid_png(tmp_path / "a.png", (16, 16))
+    recs = [dict(target="cam.jpg", prompt="p", refs=["a.png"], masks=["m.png"]),
+            dict(prompt="two things", refs=["a.png", "a.png"], kinds=["face", "object"], captions=["a", "b"]),
+            dict(prompt="bad kinds", refs=["a.png"], kinds=["animal"]),
+            dict(prompt="masks without a target", refs=["a.png"], masks=["m.png"])]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert D.main(["check", str(tmp_path / "m.jsonl")]) == 1
+    out = capsys.readouterr().out
+    assert ":3: kinds: " in out and ":4: masks: masks need a target" in out and "4 records, 2 bad" in out
+    ds = D.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (64, 32)])
+    assert len(ds) == 1 and ds.bucket_of(0) == ((64, 32), 1)                 # RL records have no target to train on
+    assert ds[0]["masks"].sum() * 16 == pytest.approx(64 * 32)              # the upright mask covers everything

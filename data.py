@@ -1,0 +1,694 @@
+"""
+Data: manifests of (target, prompt, references, masks, correspondences), their checker and cache, and the
+procedural toy world.
+
+    python data.py check data/manifest.jsonl        # every bad record as file:line: field: why; exit 1 if any
+    python data.py toy --out data/toy --n 10000 --seed 0 --subjects 2 3
+    python data.py cache --manifest data/toy/manifest.jsonl --out data/toy_cache --model toy --checkpoint assets/toy
+
+A manifest is JSONL, one record a line, paths relative to the manifest's folder (and confined to it):
+  {"target": "t.jpg", "prompt": "a cat and a dog", "refs": ["cat.png", "dog.png"], "masks": ["m0.png", "m1.png"],
+   "points": [[[ry, rx, ty, tx], ...], ...]}
+masks[i] is subject i's region in the target (grayscale, the target's size; pixel / 255 is the share inside).
+points[i] are optional correspondences in [0, 1] coordinates (ry, rx in reference i; ty, tx in the target) for
+MOSAIC's SCAL. RL records have no target and may give "kinds" ("face"/"object") and "captions"; the toy
+world adds "attrs" (each subject's shape/colour/pattern) and "boxes". Optional "id". UNO's JSON list of
+{"prompt", "image_paths", "image_tgt_path"} is read too.
+
+What training gets (ManifestDataset -> batches -> collate): the target resized to cover its aspect bucket and
+center-cropped, references padded square on white and resized to ref_size, each mask as the share of every
+packed token inside the subject (token order of model.pack), correspondences as (reference token, target
+token) pairs. One packed token is token_px = 2 * ae.factor pixels on a side: 16 for FLUX, 4 for the toy.
+"""
+import argparse, json, math, os, re, sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+import model as M
+from sample import DEFAULTS, TOY_DIR, InputError, load_image, param_dtype, write_atomic
+
+class DataError(ValueError):
+    """A bad manifest or record: the message says which and why."""
+
+# -----------------------------------------------------------------------------
+# reading manifests and validating records
+
+def resolve(root, rel):
+    """A manifest path -> a path inside root. Absolute paths, '..' and symlinks that lead out of the root are
+    refused: a manifest from elsewhere must not make us read (or cache, or train on) files outside its folder."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise DataError(f"not a path: {rel!r}")
+    if os.path.isabs(rel):
+        raise DataError(f"{rel}: absolute paths are not allowed (paths are relative to the manifest)")
+    if ".." in re.split(r"[/\\]", rel):
+        raise DataError(f"{rel}: '..' is not allowed (paths must stay inside the manifest's folder)")
+    path = os.path.join(root, rel)
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise DataError(f"{rel}: resolves outside the manifest's folder (a link to {real})")
+    return path
+
+def _json_list(text):
+    # (line, item) for each item of a JSON list; json.loads would lose where each item starts
+    dec, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos = ws.match(text, text.index("[") + 1).end()
+    line, seen = 1, 0                                         # newlines counted up to `seen` so far
+    while text[pos:pos + 1] != "]":
+        item, end = dec.raw_decode(text, pos)
+        line, seen = line + text.count("\n", seen, pos), pos
+        yield line, item
+        pos = ws.match(text, end).end()
+        if text[pos:pos + 1] == ",":
+            pos = ws.match(text, pos + 1).end()
+        elif text[pos:pos + 1] != "]":
+            raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+
+def read_manifest(path):
+    """-> records [(line, parsed JSON)], problems [(line, "record", why)] for lines that do not parse.
+    JSONL; a file that starts with '[' (and is not .jsonl) is UNO's JSON list, each item at the line it starts."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the manifest ({e.strerror})") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")                                    # a UTF-8 byte-order mark
+    records, problems = [], []
+    if data.lstrip()[:1] == b"[" and not path.endswith(".jsonl"):
+        try:
+            records.extend(_json_list(data.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            problems.append((data.count(b"\n", 0, e.start) + 1, "record", f"not UTF-8 (byte 0x{data[e.start]:02x})"))
+        except json.JSONDecodeError as e:
+            problems.append((e.lineno, "record", f"invalid JSON ({e.msg} at column {e.colno})"))
+        return records, problems
+    for line, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            records.append((line, json.loads(raw.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            problems.append((line, "record", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+        except json.JSONDecodeError as e:
+            problems.append((line, "record", f"invalid JSON ({e.msg} at column {e.colno})"))
+    return records, problems
+
+def image_size(path):
+    """Upright (W, H) from the header alone: EXIF orientations 5-8 swap the sides, as load_image's transpose does
+    (read from what Image.open parsed; im.getexif() would decode a whole PNG)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file")
+    try:
+        with Image.open(path) as im:
+            exif = Image.Exif()
+            if "exif" in im.info:
+                exif.load(im.info["exif"])
+            (w, h), turned = im.size, exif.get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception as e:   # Pillow raises many types for a bad header
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
+    return (h, w) if turned else (w, h)
+
+def load_mask(path):
+    # -> float32 (H, W) in [0, 1]; binary masks give exact areas, soft (fractional) masks are kept as shares.
+    # load_image reads 16-bit, palette and EXIF-rotated files exactly as it reads the target they belong to
+    m = np.asarray(load_image(path).convert("L"), dtype=np.float32) / 255
+    if m.max() < 0.5:
+        raise DataError(f"{path}: empty mask (no pixel above 127)")
+    return m
+
+def _file(root, rel, field, deep, bad, mask=False):
+    # one image of a record -> (path, (W, H)); a problem goes to `bad` and gives (None, None)
+    try:
+        path = resolve(root, rel)
+        if not deep:
+            return path, image_size(path)
+        if mask:
+            return path, load_mask(path).shape[::-1]
+        return path, load_image(path).size
+    except DataError as e:
+        bad.append((field, str(e)))
+    except InputError as e:                                     # names the joined path: show the manifest's
+        bad.append((field, str(e).replace(os.path.join(root, ""), "", 1)))
+    return None, None
+
+UNO_KEYS = ("image_paths", "image_path", "image_tgt_path")
+PER_REF = {"kinds": ('one of "face"/"object"', lambda v: v in ("face", "object")),
+           "captions": ("a string", lambda v: isinstance(v, str)),
+           "attrs": ("an object", lambda v: isinstance(v, dict))}
+
+def _bad_point(p):
+    return not (isinstance(p, list) and len(p) == 4 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in p))
+
+def validate(rec, root, deep=True):
+    """One parsed record -> (normalized dict, or None if bad; [(field, why)] listing every problem).
+    deep=True decodes every image (finds truncated files and empty masks); deep=False reads only headers, cheap
+    enough to run over a million-record manifest when a trainer starts."""
+    if not isinstance(rec, dict):
+        return None, [("record", f"not a JSON object (a {type(rec).__name__})")]
+    if "refs" not in rec and any(k in rec for k in UNO_KEYS):          # UNO's names for the same fields
+        refs = rec.get("image_paths", [rec["image_path"]] if "image_path" in rec else None)
+        rec = dict(rec, refs=refs, target=rec.get("image_tgt_path"))
+    bad = []
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        bad.append(("prompt", "missing or empty (need a string)"))
+    refs = rec.get("refs")
+    if not isinstance(refs, list) or not refs:
+        bad.append(("refs", "missing or not a non-empty list of paths"))
+        refs = []
+    n = len(refs)
+    ref_paths = [_file(root, p, f"refs[{i}]", deep, bad)[0] for i, p in enumerate(refs)]
+    target, size = (None, None) if rec.get("target") is None else _file(root, rec["target"], "target", deep, bad)
+
+    masks = rec.get("masks")
+    if masks is not None:
+        if not isinstance(masks, list):
+            bad.append(("masks", "not a list of paths"))
+        elif len(masks) != n:
+            bad.append(("masks", f"{len(masks)} masks for {n} references"))
+        elif rec.get("target") is None:
+            bad.append(("masks", "masks need a target image"))
+        else:
+            mask_paths = []
+            for i, p in enumerate(masks):
+                path, msize = _file(root, p, f"masks[{i}]", deep, bad, mask=True)
+                mask_paths.append(path)
+                if msize and size and tuple(msize) != tuple(size):
+                    bad.append((f"masks[{i}]", f"{msize[0]}x{msize[1]} mask for a {size[0]}x{size[1]} target"))
+            masks = mask_paths
+
+    points = rec.get("points")
+    if points is not None:
+        if not isinstance(points, list) or len(points) != n:
+            bad.append(("points", f"need one list (or null) per reference ({n})"))
+        elif rec.get("target") is None:
+            bad.append(("points", "correspondences need a target image"))
+        else:
+            for i, pts in enumerate(points):
+                if pts is not None and not isinstance(pts, list):
+                    bad.append((f"points[{i}]", "not a list of [ry, rx, ty, tx]"))
+                elif pts:
+                    j = next((j for j, p in enumerate(pts) if _bad_point(p)), None)
+                    if j is not None:
+                        bad.append((f"points[{i}][{j}]", f"{str(pts[j])[:60]} is not [ry, rx, ty, tx] in [0, 1]"))
+
+    for key, (what, ok) in PER_REF.items():
+        v = rec.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == n and all(map(ok, v))):
+            bad.append((key, f"need {what} per reference ({n})"))
+    if bad:
+        return None, bad
+    return dict(prompt=prompt, target=target, size=size, refs=ref_paths, masks=masks, points=points,
+                id=rec.get("id"), **{k: rec[k] for k in ("kinds", "captions", "attrs", "boxes") if k in rec}), []
+
+def check(manifest, deep=True):
+    """`python data.py check`: print every problem as manifest:line: field: why, then a summary.
+    -> exit status: 0 all good, 1 any problem."""
+    records, problems = read_manifest(manifest)
+    total = len(records) + len(problems)                                       # parsed or not
+    root = os.path.dirname(os.path.abspath(manifest))
+    for line, rec in records:
+        problems += [(line, field, why) for field, why in validate(rec, root, deep)[1]]
+    problems.sort(key=lambda p: p[0])                                          # stable: fields stay in order
+    for line, field, why in problems:
+        print(f"{manifest}:{line}: {field}: {why}")
+    n_bad = len({line for line, _, _ in problems})
+    if total == 0:
+        print(f"{manifest}: no records")
+        return 1
+    print(f"{manifest}: {total} records, {n_bad} bad" + (f" ({len(problems)} problems)" if problems else ", all good"))
+    return 1 if problems else 0
+
+# -----------------------------------------------------------------------------
+# geometry: buckets, resizing, masks and points on the token grid
+
+def uno_buckets(resolution=512, multiple=16):
+    """UNO's 11 (H, W) aspect buckets (defined at 512 px), rescaled to `resolution` and floored to `multiple`."""
+    base = [(256, 768), (320, 768), (320, 704), (384, 640), (448, 576), (512, 512)]
+    return [(h * resolution // 512 // multiple * multiple, w * resolution // 512 // multiple * multiple)
+            for h, w in base + [(w, h) for h, w in base[:-1]]]
+
+def nearest_bucket(w, h, buckets):
+    # the (H, W) bucket closest in log aspect ratio, so 2:1 and 1:2 are equally far from 1:1; ties: the first
+    return min(buckets, key=lambda b: abs(math.log(w / h) - math.log(b[1] / b[0])))
+
+def cover_box(w, h, W, H):
+    """Resize (w, h), keeping its aspect, to cover (W, H); -> resized (rw, rh) and the center crop's (left, top)."""
+    s = max(W / w, H / h)
+    rw, rh = max(W, round(w * s)), max(H, round(h * s))
+    return rw, rh, (rw - W) // 2, (rh - H) // 2
+
+def cover(img, W, H, resample):
+    rw, rh, left, top = cover_box(*img.size, W, H)
+    if (rw, rh) != img.size:
+        img = img.resize((rw, rh), resample)
+    return img.crop((left, top, left + W, top + H))
+
+def pad_square(img):
+    # on white, centered: a reference keeps its aspect and every reference batches at ref_size x ref_size
+    w, h = img.size
+    s = max(w, h)
+    out = Image.new("RGB", (s, s), (255, 255, 255))
+    out.paste(img, ((s - w) // 2, (s - h) // 2))
+    return out
+
+def to_tensor(img):
+    # PIL RGB (W, H) -> (3, H, W) float in [-1, 1]
+    return torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+def points_to_tokens(points, ref_grid, target_grid):
+    """Correspondences -> token pairs for SCAL.
+    points: per reference a (P_i, 4) tensor of (ry, rx, ty, tx) in [0, 1] coordinates of the *processed*
+    reference and target; ref_grid, target_grid: (rows, cols) in tokens. Returns per reference a LongTensor
+    (P_i', 2) of (reference token, target token), row-major like model.pack, each pair once (sorted).
+    A target token claimed by two references is dropped from both: MOSAIC keeps the references'
+    correspondences disjoint, and a token that is partly one subject and partly another is a clean target for
+    neither. One reference token may keep several target tokens (SCAL then averages over them)."""
+    def token(y, x, grid):
+        h, w = grid
+        return (y * h).floor().long().clamp(0, h - 1) * w + (x * w).floor().long().clamp(0, w - 1)
+    pairs = [torch.unique(torch.stack([token(p[:, 0], p[:, 1], ref_grid), token(p[:, 2], p[:, 3], target_grid)], 1),
+                          dim=0) for p in points]                                       # [(P_i, 2)]
+    claims = torch.zeros(target_grid[0] * target_grid[1], dtype=torch.long)
+    for p in pairs:
+        claims[p[:, 1].unique()] += 1                                                   # references per target token
+    return [p[claims[p[:, 1]] == 1] for p in pairs]
+
+# -----------------------------------------------------------------------------
+# the training dataset
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Training records of a manifest (or UNO JSON list), validated when constructed.
+
+    size: the target side (square); or buckets [(H, W), ...] (multiples of token_px): each record goes to the
+    bucket closest to its aspect, resized to cover it and center-cropped. ref_size: references are padded square
+    on white and resized to ref_size x ref_size (the paper: 320; toy: 16). token_px: pixels per packed token.
+    max_refs: records with more references are skipped. verify=True decodes every image now (as `check` does);
+    by default only headers are read, and an image that then fails to decode in __getitem__ (truncated, or an
+    empty mask) is replaced by the next good record of the same bucket key, with a warning, counted in
+    n_failed: an epoch never stops half-way, and nothing is dropped silently (DataLoader workers each count
+    and warn for themselves).
+    self.skipped: [(line, field, why)] for records dropped here (n_skipped of them)."""
+    def __init__(self, manifest, size=32, ref_size=16, token_px=4, buckets=None, max_refs=None, verify=False):
+        self.manifest, self.ref_size, self.token_px = manifest, ref_size, token_px
+        self.buckets = [tuple(b) for b in buckets] if buckets else [(size, size)]
+        if any(d % token_px for b in self.buckets for d in b) or ref_size % token_px:
+            raise InputError(f"sizes {self.buckets} and ref_size {ref_size} must be multiples of token_px {token_px}")
+        parsed, self.skipped = read_manifest(manifest)
+        root = os.path.dirname(os.path.abspath(manifest))
+        self.records, self.keys = [], []
+        for line, rec in parsed:
+            r, bad = validate(rec, root, deep=verify)
+            if r is not None and r["target"] is None:
+                bad = [("target", "missing: training needs a target (RL records have none)")]
+            elif r is not None and max_refs and len(r["refs"]) > max_refs:
+                bad = [("refs", f"{len(r['refs'])} references, more than max_refs = {max_refs}")]
+            if bad:
+                self.skipped += [(line, field, why) for field, why in bad]
+                continue
+            self.records.append(dict(r, line=line))
+            self.keys.append((nearest_bucket(*r["size"], self.buckets), len(r["refs"])))
+        self.n_skipped = len({line for line, _, _ in self.skipped})
+        self.n_failed, self.failed = 0, set()
+        if self.skipped:
+            line, field, why = self.skipped[0]
+            print(f"warning: {manifest}: skipped {self.n_skipped} of {self.n_skipped + len(self.records)} records "
+                  f"(first: line {line}: {field}: {why}); `python data.py check {manifest}` lists all",
+                  file=sys.stderr)
+        if not self.records:
+            raise DataError(f"{manifest}: no usable records")
+
+    def __len__(self):
+        return len(self.records)
+
+    def bucket_of(self, i):
+        """((H, W), number of references): records with equal keys stack into one batch."""
+        return self.keys[i]
+
+    def __getitem__(self, i):
+        # a record that fails to load is replaced by the next good one of its bucket key (see the class docstring)
+        for j in ((i + d) % len(self) for d in range(len(self))):
+            if self.keys[j] != self.keys[i] or j in self.failed:
+                continue
+            try:
+                return self.load(j)
+            except (InputError, DataError) as e:
+                self.failed.add(j)
+                self.n_failed += 1
+                print(f"warning: {self.manifest}:{self.records[j]['line']}: {e}; using another record "
+                      f"({self.n_failed} failed so far)", file=sys.stderr)
+        raise DataError(f"{self.manifest}: no record of bucket {self.keys[i]} loads")
+
+    def load(self, i):
+        r, tp, R = self.records[i], self.token_px, self.ref_size
+        (H, W), N = self.keys[i]
+        img = load_image(r["target"])
+        rw, rh, left, top = cover_box(*img.size, W, H)
+        target = to_tensor(cover(img, W, H, Image.LANCZOS))                              # (3, H, W)
+
+        # masks: the same resize and crop (BOX filter = exact area shares), then the share of each token
+        masks, valid = torch.zeros(N, (H // tp) * (W // tp)), torch.zeros(N, dtype=torch.bool)
+        for k, path in enumerate(r["masks"] or []):
+            m = load_mask(path)
+            if m.shape[::-1] != img.size:
+                raise DataError(f"{path}: mask size {m.shape[1]}x{m.shape[0]} differs from the target's")
+            m = np.asarray(cover(Image.fromarray(m, "F"), W, H, Image.BOX))                  # (H, W)
+            # mean over each tp x tp block (numpy: a tiny torch op in a loader costs a thread-pool wake-up)
+            masks[k], valid[k] = torch.from_numpy(m.reshape(H // tp, tp, W // tp, tp).mean((1, 3)).ravel()), True
+
+        # references, and each correspondence moved along with the pixels it names: in the padded square
+        # y' = (y * h + pad_top) / s, in the cropped target y' = (y * rh - top) / H (same for x)
+        refs, pts = [], []
+        given = r["points"] or [None] * N                     # no points, or null for a reference: none
+        for k, path in enumerate(r["refs"]):
+            ref = load_image(path)
+            (w, h), s = ref.size, max(ref.size)
+            sq = pad_square(ref)
+            refs.append(to_tensor(sq if s == R else sq.resize((R, R), Image.LANCZOS)))   # (3, R, R)
+            p = torch.tensor(given[k] or [], dtype=torch.float64).reshape(-1, 4)          # (P, 4): ry rx ty tx
+            scale = torch.tensor([h / s, w / s, rh / H, rw / W], dtype=torch.float64)
+            shift = torch.tensor([(s - h) // 2 / s, (s - w) // 2 / s, -top / H, -left / W], dtype=torch.float64)
+            p = p * scale + shift
+            pts.append(p[((p[:, 2:] >= 0) & (p[:, 2:] <= 1)).all(1)])                    # cropped away: dropped
+        points = points_to_tokens(pts, (R // tp, R // tp), (H // tp, W // tp))           # [(P_k, 2)]
+        return dict(target=target, refs=torch.stack(refs), masks=masks, mask_valid=valid, points=points,
+                    prompt=r["prompt"], index=i, bucket=(H, W))
+
+def collate(items):
+    """Items of one bucket key -> a batch: tensors stacked (target (B, 3, H, W), refs (B, N, 3, R, R), masks
+    (B, N, T), mask_valid (B, N), and txt/y/latent/ref_latents from a CachedDataset), prompts [str], index (B,),
+    points per reference a LongTensor (P, 3) of (batch index, reference token, target token): [:, :2] are
+    AttentionProbe's rows, [:, 2] scal_loss's targets."""
+    keys = {(tuple(it["bucket"]), it["masks"].shape[0]) for it in items}
+    if len(keys) != 1:
+        raise ValueError(f"collate needs items of one bucket key, got {sorted(keys)} (batches() groups them)")
+    out = {}
+    for k, v in items[0].items():
+        if k == "points":
+            out[k] = [torch.cat([torch.cat([torch.full((len(p), 1), b), p], 1) for b, p in enumerate(per_ref)])
+                      for per_ref in zip(*(it["points"] for it in items))]
+        elif k == "prompt":
+            out["prompts"] = [it[k] for it in items]
+        elif k == "index":
+            out[k] = torch.tensor([it[k] for it in items])
+        elif k == "bucket":
+            out[k] = tuple(v)
+        else:
+            out[k] = torch.stack([it[k] for it in items])
+    return out
+
+def batches(dataset, batch_size, seed, epoch, rank=0, world_size=1, drop_last=True):
+    """This rank's batches (lists of dataset indices) for one epoch.
+    Deterministic in (seed, epoch): each bucket key's indices are shuffled and cut into batches (a batch never
+    mixes keys, so its items stack), then all batches are shuffled together. That one global list is dealt
+    round-robin, batch b to rank b % world_size, so a run sees the same batches in the same order on 1 or 8
+    ranks (step s of an 8-rank run holds global batches 8s .. 8s+7). Every rank gets the same number of batches,
+    as DDP steps in lock-step: drop_last=True drops partial batches and the last (< world_size) batches;
+    drop_last=False keeps partial batches and repeats the first ones to fill the last round."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    rng = np.random.default_rng([seed, epoch])
+    groups = {}
+    for i in range(len(dataset)):
+        groups.setdefault(dataset.bucket_of(i), []).append(i)
+    out = []
+    for key in sorted(groups):
+        idx = rng.permutation(groups[key]).tolist()
+        out += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)
+                if not drop_last or s + batch_size <= len(idx)]
+    out = [out[j] for j in rng.permutation(len(out))]
+    if drop_last:
+        out = out[:len(out) - len(out) % world_size]
+    elif out:
+        out += [out[j % len(out)] for j in range(-len(out) % world_size)]
+    return out[rank::world_size]
+
+# -----------------------------------------------------------------------------
+# the toy world: sprite identities (shape x colour x pattern) composed into multi-subject targets
+
+# similar pairs on purpose (circle/hexagon, square/diamond; red/orange/pink, green/teal, blue/purple), so
+# attribute leakage between subjects is measurable and not only gross
+SHAPES = ("circle", "hexagon", "square", "diamond", "triangle", "cross")
+COLOURS = {"red": (220, 40, 40), "orange": (240, 130, 30), "pink": (240, 110, 180), "yellow": (230, 210, 40),
+           "green": (40, 170, 60), "teal": (30, 160, 160), "blue": (40, 80, 220), "purple": (140, 60, 200)}
+PATTERNS = ("solid", "striped", "dotted", "checked")
+BACKGROUND = (255, 255, 255)
+
+# u (right) and v (down) are pixel centres in [-1, 1] across the sprite's box
+SHAPE_TESTS = {
+    "circle": lambda u, v: u * u + v * v <= 1,
+    "hexagon": lambda u, v: (abs(v) <= 0.87) & (0.87 * abs(u) + 0.5 * abs(v) <= 0.87),
+    "square": lambda u, v: (abs(u) <= 0.8) & (abs(v) <= 0.8),
+    "diamond": lambda u, v: abs(u) + abs(v) <= 1,
+    "triangle": lambda u, v: (v <= 0.85) & (abs(u) <= (v + 1) / 1.85),
+    "cross": lambda u, v: (abs(u) <= 0.34) | (abs(v) <= 0.34),
+}
+# i (row) and j (column) are integer pixels of the sprite's own grid; True = the darker shade
+PATTERN_TESTS = {
+    "solid": lambda i, j: np.zeros(i.shape, bool),
+    "striped": lambda i, j: (i // 2) % 2 == 1,
+    "dotted": lambda i, j: (i % 3 == 1) & (j % 3 == 1),
+    "checked": lambda i, j: (i // 3 + j // 3) % 2 == 1,
+}
+
+@dataclass(frozen=True)
+class Sprite:
+    """One toy identity: the 'subject' a reference shows and a target must reproduce."""
+    shape: str
+    colour: str
+    pattern: str
+
+    @property
+    def caption(self):
+        return f"{self.colour} {self.pattern} {self.shape}"
+
+SPRITES = [Sprite(s, c, p) for s in SHAPES for c in COLOURS for p in PATTERNS]        # 192 identities
+
+def sprite_px(ref_size):
+    # a sprite's side in pixels, in references and targets alike: 12 for the toy's 16 px references
+    return max(4, ref_size * 3 // 4)
+
+def render_sprite(sprite, px):
+    """A sprite at px x px -> (rgb uint8 (px, px, 3) on the white background, mask bool (px, px)). Shape and
+    pattern are per pixel of the sprite's own grid, so every rendering at one px gives the same pixels wherever
+    it is placed: a target's sprite and its reference correspond pixel for pixel."""
+    i, j = np.mgrid[0:px, 0:px]
+    mask = SHAPE_TESTS[sprite.shape]((j + 0.5) / px * 2 - 1, (i + 0.5) / px * 2 - 1)
+    colour = np.array(COLOURS[sprite.colour])
+    rgb = np.where(PATTERN_TESTS[sprite.pattern](i, j)[..., None], colour // 2, colour)
+    return np.where(mask[..., None], rgb, BACKGROUND).astype(np.uint8), mask
+
+def render_reference(sprite, ref_size=16):
+    """The reference image of an identity: the sprite centered on white, ref_size x ref_size (PIL RGB)."""
+    px = sprite_px(ref_size)
+    out = np.full((ref_size, ref_size, 3), BACKGROUND, np.uint8)
+    o = (ref_size - px) // 2
+    out[o:o + px, o:o + px] = render_sprite(sprite, px)[0]
+    return Image.fromarray(out)
+
+def describe(captions):
+    # ["red striped circle", "blue dotted square"] -> "a red striped circle and a blue dotted square"
+    words = [("an " if c[0] in "aeiou" else "a ") + c for c in captions]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+def _layout(rng, n, px, size, tries=100):
+    """Top-left corners (n, 2) of n px-sized boxes at least 1 px apart (a leakage metric must not merge
+    neighbours): each box uniform among the places still free; restart on a dead end; the four corners last."""
+    grid = np.stack(np.mgrid[0:size - px + 1, 0:size - px + 1], -1).reshape(-1, 2)    # every top-left corner
+    for _ in range(tries):
+        free, boxes = grid, []
+        for _ in range(n):
+            if len(free) == 0:
+                break
+            boxes.append(free[rng.integers(len(free))])
+            free = free[np.abs(free - boxes[-1]).max(1) > px]
+        if len(boxes) == n:
+            return np.stack(boxes)
+    return np.array([(0, 0), (0, size - px), (size - px, 0), (size - px, size - px)])[rng.permutation(4)[:n]]
+
+def toy_example(seed, index, size=32, ref_size=16, subjects=(2, 3)):
+    """Record `index` of the toy world of `seed` (its own generator, so the first n records do not depend on n).
+    -> (target uint8 (size, size, 3), masks [bool (size, size)], sprites, record without file paths)."""
+    rng = np.random.default_rng([seed, index])
+    n, px = int(rng.choice(subjects)), sprite_px(ref_size)
+    if px > size or (n > 1 and 2 * px + 1 > size):             # the corner fallback of _layout must fit
+        raise InputError(f"--size {size} cannot hold {n} sprites of {px} px (--ref-size {ref_size})")
+    sprites = [SPRITES[k] for k in rng.choice(len(SPRITES), n, replace=False)]
+    target, masks, points, boxes = np.full((size, size, 3), BACKGROUND, np.uint8), [], [], []
+    o = (ref_size - px) // 2                                   # the sprite's offset inside its reference
+    for s, (y, x) in zip(sprites, _layout(rng, n, px, size)):
+        rgb, m = render_sprite(s, px)
+        target[y:y + px, x:x + px][m] = rgb[m]
+        masks.append(np.zeros((size, size), bool))
+        masks[-1][y:y + px, x:x + px] = m
+        # correspondences: every other pixel of the sprite (centres), reference -> target, in [0, 1]
+        a, b = (2 * np.stack(np.nonzero(m[::2, ::2]))).tolist()
+        points.append([[round((o + i + .5) / ref_size, 6), round((o + j + .5) / ref_size, 6),
+                        round((y + i + .5) / size, 6), round((x + j + .5) / size, 6)] for i, j in zip(a, b)])
+        boxes.append([round(v / size, 6) for v in (y, x, y + px, x + px)])
+    record = dict(prompt=describe([s.caption for s in sprites]), points=points, attrs=[asdict(s) for s in sprites],
+                  captions=[s.caption for s in sprites], kinds=["object"] * n, boxes=boxes)
+    return target, masks, sprites, record
+
+def write_toy(out, n, seed=0, subjects=(2, 3), size=32, ref_size=16):
+    """`python data.py toy`: n records as PNGs under out/ (images/, masks/, refs/: one reference per identity)
+    and out/manifest.jsonl in the manifest format, so every tool runs on it unchanged. Same seed, same bytes."""
+    if not subjects or not all(1 <= k <= 4 for k in subjects) or n < 1:
+        raise InputError("need --n >= 1 and --subjects between 1 and 4")
+    for d in ("images", "masks", "refs"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    lines, written = [], set()
+    for i in range(n):
+        target, masks, sprites, rec = toy_example(seed, i, size, ref_size, subjects)
+        rec = dict(id=f"toy{i:06d}", target=f"images/{i:06d}.png", refs=[], masks=[], **rec)
+        Image.fromarray(target).save(os.path.join(out, rec["target"]))
+        for k, (s, m) in enumerate(zip(sprites, masks)):
+            rec["refs"].append(f"refs/{s.colour}_{s.pattern}_{s.shape}.png")
+            rec["masks"].append(f"masks/{i:06d}_{k}.png")
+            Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(out, rec["masks"][-1]))
+            if s not in written:
+                render_reference(s, ref_size).save(os.path.join(out, rec["refs"][-1]))
+                written.add(s)
+        lines.append(json.dumps(rec) + "\n")
+    path = os.path.join(out, "manifest.jsonl")
+    write_atomic(path, lambda f: f.write("".join(lines).encode()))
+    print(f"wrote {n} records, {len(written)} references: {path}", file=sys.stderr)
+    return path
+
+# -----------------------------------------------------------------------------
+# caches: text embeddings and VAE latents, so T5-XXL need not sit in GPU memory while training
+
+def load_encoders(model, checkpoint=None, device="cpu"):
+    """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a checkpoint folder
+    (default assets/toy) holding text_encoder.safetensors; --checkpoint for FLUX is the AE file/folder/repo."""
+    cfg, device = M.get_config(model), torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if model == "toy":
+        text = M.ByteTextEncoder(cfg)
+        M.load_state_dict_strict(text, M.resolve_file(checkpoint or TOY_DIR, "text_encoder.safetensors"))
+        return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
+    ae = M.load_ae(cfg, checkpoint, device, dtype)
+    return M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device), ae, cfg
+
+@torch.no_grad()
+def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
+                shard_size=256, device=None):
+    """`python data.py cache`: per record txt (L, C), y (C_vec,), latent (z, h, w), ref_latents (N, z, r, r),
+    masks, mask_valid and points, in safetensors shards of shard_size records, then index.json (settings, and
+    per record its shard, prompt, bucket). Every file is written to a temporary name and renamed."""
+    device = torch.device(device) if device else M.default_device()
+    text, ae, cfg = load_encoders(model, checkpoint, device)          # bad weights fail before any work
+    size, ref_size = size or DEFAULTS[model]["size"], ref_size or DEFAULTS[model]["ref_size"]
+    ds = ManifestDataset(manifest, size, ref_size, 2 * cfg.ae.factor, buckets)
+    os.makedirs(out, exist_ok=True)
+    from safetensors.torch import save
+    records, tensors = [], {}
+    for i in range(len(ds)):
+        item, key = ds[i], str(i % shard_size)
+        with M.autocast(device):
+            txt, y = text([item["prompt"]])                                                # (1, L, C), (1, C_vec)
+            latent = ae.encode(item["target"][None].to(device, param_dtype(ae)))[0]       # (z, h, w)
+            ref_latents = ae.encode(item["refs"].to(device, param_dtype(ae)))             # (N, z, r, r)
+        tensors.update({f"{key}/txt": txt[0], f"{key}/y": y[0], f"{key}/latent": latent.float(),
+                        f"{key}/ref_latents": ref_latents.float(), f"{key}/masks": item["masks"],
+                        f"{key}/mask_valid": item["mask_valid"]})
+        tensors.update({f"{key}/points{j}": p for j, p in enumerate(item["points"])})
+        shard = f"shard_{i // shard_size:05d}.safetensors"
+        records.append(dict(shard=shard, key=key, source=item["index"], prompt=item["prompt"],
+                            bucket=list(item["bucket"]), n_refs=len(item["refs"])))
+        if (i + 1) % shard_size == 0 or i + 1 == len(ds):
+            blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+            write_atomic(os.path.join(out, shard), lambda f: f.write(blob))
+            tensors = {}
+    index = dict(manifest=os.path.abspath(manifest), model=model, size=size, ref_size=ref_size,
+                 token_px=ds.token_px, buckets=ds.buckets, skipped=ds.skipped, records=records)
+    write_atomic(os.path.join(out, "index.json"), lambda f: f.write(json.dumps(index).encode()))
+    print(f"cached {len(records)} records in {-(-len(records) // shard_size)} shards: {out}", file=sys.stderr)
+    return out
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A cache folder as a dataset: the keys of ManifestDataset's items (but the pixels) plus txt (L, C),
+    y (C_vec,), latent (z, h, w) and ref_latents (N, z, r, r). pixels=True also reads target and refs from the
+    original manifest (for rewards or pictures; the latents replace them for training)."""
+    def __init__(self, folder, pixels=False):
+        self.folder = folder
+        try:
+            with open(os.path.join(folder, "index.json")) as f:
+                self.index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{folder}: not a cache folder ({e})") from None
+        self.records = self.index["records"]
+        self.source = None if not pixels else ManifestDataset(
+            self.index["manifest"], self.index["size"], self.index["ref_size"], self.index["token_px"],
+            self.index["buckets"])
+
+    def __len__(self):
+        return len(self.records)
+
+    def bucket_of(self, i):
+        return tuple(self.records[i]["bucket"]), self.records[i]["n_refs"]
+
+    def __getitem__(self, i):
+        from safetensors import safe_open
+        r = self.records[i]
+        with safe_open(os.path.join(self.folder, r["shard"]), framework="pt") as f:
+            get = lambda name: f.get_tensor(f"{r['key']}/{name}")
+            item = {k: get(k) for k in ("txt", "y", "latent", "ref_latents", "masks", "mask_valid")}
+            item["points"] = [get(f"points{j}") for j in range(r["n_refs"])]
+        item.update(prompt=r["prompt"], index=i, bucket=tuple(r["bucket"]))
+        if self.source is not None:
+            src = self.source[r["source"]]
+            item.update(target=src["target"], refs=src["refs"])
+        return item
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="report every bad record; exit 1 if any")
+    c.add_argument("manifest")
+    c.add_argument("--quick", action="store_true", help="read image headers only (no truncation/empty-mask check)")
+    t = sub.add_parser("toy", help="write the procedural toy world")
+    t.add_argument("--out", required=True)
+    t.add_argument("--n", type=int, required=True, help="number of records")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--subjects", type=int, nargs="+", default=[2, 3], help="subjects per target (1-4), uniform")
+    t.add_argument("--size", type=int, default=32, help="target side (px)")
+    t.add_argument("--ref-size", type=int, default=16, help="reference side (px)")
+    k = sub.add_parser("cache", help="precompute text embeddings and latents")
+    k.add_argument("--manifest", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--model", default="toy", choices=sorted(M.CONFIGS))
+    k.add_argument("--checkpoint", default=None, help="toy: folder with text_encoder.safetensors; flux: the AE")
+    k.add_argument("--size", type=int, default=None, help="square target side (default: 32 toy, 512 flux)")
+    k.add_argument("--buckets", nargs="+", default=None, help="aspect buckets HxW instead of --size, e.g. 512x512")
+    k.add_argument("--ref-size", type=int, default=None, help="default: 16 toy, 320 flux")
+    k.add_argument("--shard-size", type=int, default=256)
+    k.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            return check(args.manifest, deep=not args.quick)
+        if args.cmd == "toy":
+            write_toy(args.out, args.n, args.seed, args.subjects, args.size, args.ref_size)
+        else:
+            buckets = None
+            if args.buckets:
+                if not all(re.fullmatch(r"\d+x\d+", b) for b in args.buckets):
+                    raise InputError(f"--buckets {' '.join(args.buckets)}: write each as HxW, e.g. 384x640")
+                buckets = [tuple(map(int, b.split("x"))) for b in args.buckets]
+            write_cache(args.manifest, args.out, args.model, args.checkpoint, args.size, args.ref_size, buckets,
+                        max(1, args.shard_size), args.device)
+    except (DataError, InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
