@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import model as M
-from sample import DEFAULTS, TOY_DIR, InputError, load_image, param_dtype, write_atomic
+from sample import DEFAULTS, TOY_DIR, InputError, check_file, load_image, param_dtype, write_atomic
 
 class DataError(ValueError):
     """A bad manifest or record: the message says which and why."""
@@ -98,10 +98,7 @@ def read_manifest(path):
 def image_size(path):
     """Upright (W, H) from the header alone: EXIF orientations 5-8 swap the sides, as load_image's transpose does
     (read from what Image.open parsed; im.getexif() would decode a whole PNG)."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"{path}: empty file")
+    check_file(path)
     try:
         with Image.open(path) as im:
             exif = Image.Exif()

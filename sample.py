@@ -108,12 +108,15 @@ def sde_step(x, v, t, t_next, eta, noise=None, prev=None, generator=None):
 class InputError(ValueError):
     """A bad user input (a reference image, a size, a device): the message says which and why."""
 
-def load_image(path):
-    """Any image file -> RGB PIL image, upright (EXIF), first frame, transparency composited on white."""
+def check_file(path):
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
+
+def load_image(path):
+    """Any image file -> RGB PIL image, upright (EXIF), first frame, transparency composited on white."""
+    check_file(path)
     try:
         with Image.open(path) as im:
             im.seek(0)                                       # first frame of an animated GIF/WebP/APNG
