@@ -1287,3 +1287,87 @@ def test_rl_records_and_exif_orientation(tmp_path, capsys):
     ds = D.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (64, 32)])
     assert len(ds) == 1 and ds.bucket_of(0) == ((64, 32), 1)                 # RL records have no target to train on
     assert ds[0]["masks"].sum() * 16 == pytest.approx(64 * 32)              # the upright mask covers everything
+
+# -----------------------------------------------------------------------------
+# training (train_sft.py): stages, exact resume, DDP == one process
+
+import subprocess
+import sys
+
+import train_sft as TS
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A toy data set and a random toy base in the folder format stage base writes (and sample.py reads)."""
+    root = tmp_path_factory.mktemp("toyrun")
+    manifest = D.write_toy(str(root / "data"), 16, seed=0, subjects=(2, 3))
+    cfg = M.get_config("toy")
+    torch.manual_seed(0)
+    (root / "base").mkdir()
+    save_file(M.Flux(cfg).state_dict(), str(root / "base" / "flux.safetensors"))
+    save_file(M.ByteTextEncoder(cfg).state_dict(), str(root / "base" / "text_encoder.safetensors"))
+    return root, manifest
+
+def sft(out, manifest, *extra):
+    TS.main(["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
+             "--rank", "4", *extra])
+
+def read_log(out):
+    return [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+
+def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
+    root, manifest = toy_run
+    sft(tmp_path / "base", manifest, "--stage", "base", "--steps", "2", "--ckpt-every", "1")
+    log = read_log(tmp_path / "base")
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["diff"]) for r in log)
+    assert sorted(os.listdir(tmp_path / "base")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
+    main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs", "assets/ref_red_disc.png",
+          "--prompt", "a red disc", "--steps", "2", "--seed", "0", "--out", str(tmp_path / "s.png")])
+    assert json.loads((tmp_path / "s.json").read_text())["weights"] == str(tmp_path / "base" / "latest")
+
+def test_multi_stage_logs_every_loss_term_and_saves_an_adapter(toy_run, tmp_path):
+    root, manifest = toy_run
+    sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2",
+        "--scal", "0.1", "--mdl", "1", "--balance", "1e-3", "--val-data", manifest, "--eval-every", "2")
+    log = read_log(tmp_path / "m")
+    train = [r for r in log if "diff" in r]
+    assert all(math.isfinite(r[k]) for r in train for k in ("diff", "dice", "scal", "mdl", "balance"))
+    assert abs(sum(train[-1]["expert_load"]) - 1) < 1e-6 and len(train[-1]["expert_load"]) == 4
+    val = [r for r in log if "val_dice" in r][0]
+    assert 0 <= val["val_share_own"] <= 1 and 0 <= val["val_dice"] <= 3
+    f = M.Flux(M.get_config("toy"))
+    acfg = ML.load_adapter(f, str(tmp_path / "m" / "latest" / "adapter.safetensors"))
+    assert acfg["rank"] == 4 and acfg["n_experts"] == 4
+
+def test_resume_is_exact(toy_run, tmp_path):
+    root, manifest = toy_run
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "4", "--scal", "0.1", "--ckpt-every", "2"]
+    sft(tmp_path / "full", manifest, *common)
+    sft(tmp_path / "cut", manifest, *common[:-4], "--steps", "2", "--scal", "0.1", "--ckpt-every", "2")
+    sft(tmp_path / "cut", manifest, *common, "--resume")
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "full" / "latest" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "latest" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)          # bitwise on CPU
+    assert [r["diff"] for r in read_log(tmp_path / "full")] == [r["diff"] for r in read_log(tmp_path / "cut")]
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_torchrun_two_ranks_equals_one_process(toy_run, tmp_path, zero):
+    root, manifest = toy_run
+    common = ["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "3", "--rank", "4",
+              "--batch-size", "2", "--log-every", "1", "--warmup", "1", "--lambda-attn", "0.3", "--lr", "1e-2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True, text=True, timeout=300)
+    one = run("train_sft.py", *common, "--grad-accum", "2", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py", *common,
+              "--out", str(tmp_path / "two"), *(["--zero"] if zero else []))
+    assert two.returncode == 0, two.stderr[-2000:]
+    l1, l2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    for r1, r2 in zip(l1, l2):
+        assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "two" / "latest" / "adapter.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
