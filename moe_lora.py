@@ -29,6 +29,10 @@ DEFAULT_LORA = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
 DEFAULT_MOE = ("double_blocks.*.img_mlp.2", "single_blocks.*.linear2")
 UNO_LORA = DEFAULT_LORA + ("single_blocks.*.linear2",)
 
+def as_input(x, weight):
+    # under autocast the matmul casts for itself; otherwise bring x to the adapter's (fp32) dtype
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a low-rank update of its output rows [rows[0], rows[1]) (all rows by default)."""
     def __init__(self, base: nn.Linear, rank, alpha=None, rows=None):
@@ -44,7 +48,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def delta(self, x):
-        return self.scale * self.up(self.down(x.to(self.down.weight.dtype)))
+        return self.scale * self.up(self.down(as_input(x, self.down.weight)))
 
     def forward(self, x):
         y = self.base(x)
@@ -93,7 +97,8 @@ class MoELoRALinear(nn.Module):
 
     def route(self, x):
         """probs (..., E) softmax over all experts; weights and expert indices (..., k) of the chosen ones."""
-        probs = self.router(x.to(self.router.weight.dtype)).float().softmax(-1)
+        with torch.autocast(x.device.type, enabled=False):       # router logits and softmax in fp32 always:
+            probs = self.router(x.to(self.router.weight.dtype)).softmax(-1)   # bf16 rounding flips top-1 choices
         top_p, idx = probs.topk(self.top_k, dim=-1)
         renorm = top_p / top_p.sum(-1, keepdim=True)     # = Softmax(TopK(logits)): identically 1 when k = 1
         if self.gate == "paper":
@@ -109,22 +114,24 @@ class MoELoRALinear(nn.Module):
         probs, w, idx = self.route(x)
         self.last_probs, self.last_idx = probs, idx
         with torch.no_grad():
-            self.load += torch.bincount(idx.flatten(), minlength=self.E).to(self.load)
-        sparse = self.dispatch == "sparse" or (self.dispatch == "auto" and self.E > self.top_k and self.rank >= 64)
+            self.load.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=idx.device, dtype=self.load.dtype))
+        # meta tensors (memory budgets) have no values to route by: they take the dense path
+        sparse = not x.is_meta and (self.dispatch == "sparse" or (self.dispatch == "auto" and self.E > self.top_k
+                                                                   and self.rank >= 64))
         d = self._sparse(x, w, idx) if sparse else self._dense(x, w, idx)
         return y + (self.scale * d).to(y.dtype)
 
     def _dense(self, x, w, idx):
         # every expert on every token, masked by the gates: 2 GEMMs, cost grows with E (fine for small E*r)
         gates = torch.zeros(*idx.shape[:-1], self.E, device=x.device, dtype=w.dtype).scatter(-1, idx, w)
-        h = self.down(x.to(self.down.weight.dtype)).unflatten(-1, (self.E, self.rank))    # (..., E, r)
+        h = self.down(as_input(x, self.down.weight)).unflatten(-1, (self.E, self.rank))    # (..., E, r)
         return self.up((h * gates[..., None].to(h.dtype)).flatten(-2))
 
     def _sparse(self, x, w, idx):
         # tokens sorted by expert, one (n_e, D_in) x (D_in, r) and (n_e, r) x (r, D_out) GEMM per expert:
         # cost grows with top_k * r, not with E * r. One host sync (the per-expert counts).
         D_in = x.shape[-1]
-        xf = x.reshape(-1, D_in).to(self.down.weight.dtype)                   # (N, D_in)
+        xf = as_input(x.reshape(-1, D_in), self.down.weight)                  # (N, D_in)
         e_flat, w_flat = idx.reshape(-1), w.reshape(-1)                        # (N*k,)
         order = torch.argsort(e_flat, stable=True)
         tok = order // self.top_k                                              # source token of each slot
