@@ -17,6 +17,7 @@ gate="switch" scales each expert by its softmax probability (Switch Transformer)
 import fnmatch
 import json
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -29,9 +30,12 @@ DEFAULT_LORA = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
 DEFAULT_MOE = ("double_blocks.*.img_mlp.2", "single_blocks.*.linear2")
 UNO_LORA = DEFAULT_LORA + ("single_blocks.*.linear2",)
 
+def autocasting(x):
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
 def as_input(x, weight):
     # under autocast the matmul casts for itself; otherwise bring x to the adapter's (fp32) dtype
-    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
+    return x if autocasting(x) else x.to(weight.dtype)
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a low-rank update of its output rows [rows[0], rows[1]) (all rows by default)."""
@@ -97,8 +101,9 @@ class MoELoRALinear(nn.Module):
 
     def route(self, x):
         """probs (..., E) softmax over all experts; weights and expert indices (..., k) of the chosen ones."""
-        with torch.autocast(x.device.type, enabled=False):       # router logits and softmax in fp32 always:
-            probs = self.router(x.to(self.router.weight.dtype)).softmax(-1)   # bf16 rounding flips top-1 choices
+        # router logits and softmax in fp32 always: bf16 rounding would flip top-1 choices
+        with torch.autocast(x.device.type, enabled=False) if autocasting(x) else nullcontext():
+            probs = self.router(x.to(self.router.weight.dtype)).softmax(-1)
         top_p, idx = probs.topk(self.top_k, dim=-1)
         renorm = top_p / top_p.sum(-1, keepdim=True)     # = Softmax(TopK(logits)): identically 1 when k = 1
         if self.gate == "paper":
