@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 import model as M
-from sample import DEFAULTS, TOY_DIR, InputError, check_file, load_image, param_dtype, write_atomic
+from sample import (DEFAULTS, TOY_DIR, InputError, check_file, load_image, param_dtype, preprocess_ref,
+                    write_atomic)
 
 class DataError(ValueError):
     """A bad manifest or record: the message says which and why."""
@@ -246,14 +247,6 @@ def cover(img, W, H, resample):
         img = img.resize((rw, rh), resample)
     return img.crop((left, top, left + W, top + H))
 
-def pad_square(img):
-    # on white, centered: a reference keeps its aspect and every reference batches at ref_size x ref_size
-    w, h = img.size
-    s = max(w, h)
-    out = Image.new("RGB", (s, s), (255, 255, 255))
-    out.paste(img, ((s - w) // 2, (s - h) // 2))
-    return out
-
 def to_tensor(img):
     # PIL RGB (W, H) -> (3, H, W) float in [-1, 1]
     return torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
@@ -365,8 +358,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         for k, path in enumerate(r["refs"]):
             ref = load_image(path)
             (w, h), s = ref.size, max(ref.size)
-            sq = pad_square(ref)
-            refs.append(to_tensor(sq if s == R else sq.resize((R, R), Image.LANCZOS)))   # (3, R, R)
+            refs.append(to_tensor(preprocess_ref(ref, R)))                                # (3, R, R)
             p = torch.tensor(given[k] or [], dtype=torch.float64).reshape(-1, 4)          # (P, 4): ry rx ty tx
             scale = torch.tensor([h / s, w / s, rh / H, rw / W], dtype=torch.float64)
             shift = torch.tensor([(s - h) // 2 / s, (s - w) // 2 / s, -top / H, -left / W], dtype=torch.float64)

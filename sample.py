@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import model as M
+import moe_lora as ML
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +33,7 @@ def build_parser():
     g.add_argument("--model", default="toy", help="toy | flux-dev | flux-schnell | PATH (a DiT .safetensors; "
                    "a folder for --arch toy)")
     g.add_argument("--arch", default="flux-dev", choices=sorted(M.CONFIGS), help="architecture of a --model PATH")
+    g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="default: 50 dev, 4 schnell, 20 toy")
@@ -136,15 +138,18 @@ def load_image(path):
     except ValueError as e:
         raise InputError(f"{path}: unsupported image mode {img.mode} ({e})") from None
 
-def preprocess_ref(img, long_side, multiple):
-    """Resize so the long side is long_side, then center-crop each side to a multiple of `multiple`
-    (= 2 * ae.factor pixels: one packed token). Very thin images keep at least one token per side."""
-    s = long_side / max(img.size)
-    w, h = (max(multiple, round(d * s)) for d in img.size)
-    img = img.resize((w, h), Image.LANCZOS)
-    W, H = w - w % multiple, h - h % multiple
-    left, top = (w - W) // 2, (h - H) // 2
-    return img.crop((left, top, left + W, top + H))
+def pad_square(img):
+    # on white, centered: a reference keeps its aspect and every reference is the same square
+    w, h = img.size
+    side = max(w, h)
+    out = Image.new("RGB", (side, side), (255, 255, 255))
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+def preprocess_ref(img, ref_size):
+    """A reference as training sees it (data.py): padded square on white, resized to ref_size x ref_size."""
+    sq = pad_square(img)
+    return sq if sq.size == (ref_size, ref_size) else sq.resize((ref_size, ref_size), Image.LANCZOS)
 
 def get_noise(num_samples, height, width, z_channels, factor, seed):
     # BFL get_noise: a seeded CPU generator, so one seed gives one image on every device (fp32 here, not bf16)
@@ -263,10 +268,16 @@ def generate(args):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise InputError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
-    refs = [preprocess_ref(load_image(p), ref_size, mult) for p in args.refs]
+    ref_size = ref_size // mult * mult                                     # whole tokens
+    refs = [preprocess_ref(load_image(p), ref_size) for p in args.refs]
+    if args.lora:
+        check_file(args.lora)
 
     # 2. models, inputs, sampling
     flux, ae, text, weights = load_models(args.model, args.arch, device)
+    if args.lora:
+        ML.load_adapter(flux, args.lora)
+        flux.to(device)                                      # the adapter tensors (fp32; autocast on GPU)
     cfg = flux.cfg
     inp = prepare(cfg, ae, text, args.prompt, refs, W, H, seed, args.pe, device)
     timesteps = get_schedule(steps, inp["img"].shape[1], shift=cfg.shift_schedule)

@@ -569,9 +569,10 @@ def test_load_image_errors(tmp_path):
 
 def test_preprocess_ref():
     for size in ((300, 200), (1, 1), (500, 3), (17, 90)):
-        r = preprocess_ref(Image.new("RGB", size), 320, 16)
-        assert r.width % 16 == 0 and r.height % 16 == 0 and max(r.size) <= 320 and min(r.size) >= 16
-    assert preprocess_ref(Image.new("RGB", (300, 200)), 320, 16).size == (320, 208)
+        assert preprocess_ref(Image.new("RGB", size), 320).size == (320, 320)
+    r = preprocess_ref(Image.new("RGB", (300, 100), (0, 0, 0)), 30)       # padded on white, aspect kept
+    assert r.getpixel((15, 2)) == (255, 255, 255) and r.getpixel((15, 15)) == (0, 0, 0)
+    assert r.getpixel((15, 27)) == (255, 255, 255)
 
 def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
@@ -1314,6 +1315,23 @@ def sft(out, manifest, *extra):
 
 def read_log(out):
     return [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+
+def test_sample_with_adapters(toy_run, tmp_path):
+    root, manifest = toy_run
+    f = M.Flux(M.get_config("toy"))
+    acfg = ML.inject(f, rank=4)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight, std=0.5)
+    ML.save_adapter(f, str(tmp_path / "a.safetensors"), acfg)
+    args = ["--model", str(root / "base"), "--arch", "toy", "--refs", "assets/ref_red_disc.png", "--prompt", "x",
+            "--steps", "2", "--seed", "0"]
+    main(args + ["--out", str(tmp_path / "plain.png")])
+    main(args + ["--out", str(tmp_path / "lora.png"), "--lora", str(tmp_path / "a.safetensors")])
+    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "lora.png").read_bytes()
+    (tmp_path / "bad.safetensors").write_text("nope")
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(tmp_path / "bad.png"), "--lora", str(tmp_path / "bad.safetensors")])
+    assert not (tmp_path / "bad.png").exists()
 
 def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
     root, manifest = toy_run
