@@ -73,7 +73,7 @@ CONFIGS = {
     # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens
     "toy": FluxConfig(in_channels=48, out_channels=48, vec_in_dim=64, context_in_dim=64, hidden_size=128,
                       num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), text_encoder="bytes",
-                      max_txt_len=64, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
+                      max_txt_len=128, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
                                                            scale_factor=1.0, shift_factor=0.0)),
 }
 

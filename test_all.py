@@ -578,7 +578,7 @@ def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
     refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
     inp = prepare(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
-    assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 64, 64) and inp["y"].shape == (1, 64)
+    assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64) and inp["y"].shape == (1, 64)
     assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
     ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
     assert ids[0][0, 0].tolist() == [0, 8, 8] and ids[1][0, 0].tolist() == [0, 10, 12]
@@ -1259,7 +1259,7 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
             assert torch.equal(b["masks"], a["masks"]) and torch.equal(b["mask_valid"], a["mask_valid"])
             assert all(torch.equal(p, q) for p, q in zip(b["points"], a["points"]))
     batch = D.collate([cached[i] for i in D.batches(cached, 2, 0, 0)[0]])
-    assert batch["latent"].shape == (2, 12, 16, 16) and batch["txt"].shape == (2, 64, 64)
+    assert batch["latent"].shape == (2, 12, 16, 16) and batch["txt"].shape == (2, 128, 64)
     with_pixels = D.CachedDataset(str(out), pixels=True)[3]
     assert torch.equal(with_pixels["target"], ds[3]["target"]) and torch.equal(with_pixels["refs"], ds[3]["refs"])
 
