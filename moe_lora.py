@@ -137,15 +137,17 @@ class MoELoRALinear(nn.Module):
         # cost grows with top_k * r, not with E * r. One host sync (the per-expert counts).
         D_in = x.shape[-1]
         xf = as_input(x.reshape(-1, D_in), self.down.weight)                  # (N, D_in)
-        e_flat, w_flat = idx.reshape(-1), w.reshape(-1)                        # (N*k,)
+        e_flat = idx.reshape(-1)                                               # (N*k,) expert of each slot
         order = torch.argsort(e_flat, stable=True)
-        tok = order // self.top_k                                              # source token of each slot
+        tok, w_sorted = order // self.top_k, w.reshape(-1)[order]              # source token, gate of each slot
         counts = torch.bincount(e_flat, minlength=self.E).tolist()
         A = self.down.weight.view(self.E, self.rank, D_in)                     # (E, r, D_in)
         B = self.up.weight.view(-1, self.E, self.rank)                         # (D_out, E, r)
-        outs = [F.linear(F.linear(xe, A[e]), B[:, e]) for e, xe in enumerate(xf[tok].split(counts)) if counts[e]]
-        ys = torch.cat(outs) * w_flat[order, None].to(xf.dtype)                # (N*k, D_out)
-        out = torch.zeros(xf.shape[0], B.shape[0], dtype=ys.dtype, device=x.device).index_add(0, tok, ys)
+        out = xf.new_zeros(xf.shape[0], B.shape[0])                            # (N, D_out)
+        for e, (te, we) in enumerate(zip(tok.split(counts), w_sorted.split(counts))):
+            if counts[e]:   # the gate scales the rank-r hidden (cheaper than the D_out-wide output)
+                h = F.linear(xf[te], A[e]) * we[:, None].to(xf.dtype)          # (n_e, r)
+                out.index_add_(0, te, F.linear(h, B[:, e]).to(out.dtype))
         return out.view(*x.shape[:-1], -1)
 
 # -----------------------------------------------------------------------------
