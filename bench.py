@@ -1,0 +1,519 @@
+"""
+Performance measurements, each printed as a side-by-side ratio measured in one run.
+
+    python bench.py dit                          # our DiT vs diffusers' FluxTransformer2DModel (~2 min, 2 cores)
+    python bench.py dit --json dit.json          # ... and write the numbers as JSON
+    python bench.py dit --reps 3 --train-reps 2  # fewer repetitions (noisier, faster)
+    python bench.py dit --ours /tmp/x/model.py   # benchmark another copy of model.py against diffusers
+    python bench.py sft                          # SFT step with probe + Dice on vs off; our probe vs MOSAIC's
+    python bench.py moe                          # MoE-LoRA top-1 of 4 vs one LoRA of the same rank
+    python bench.py memory                       # per-GPU memory budget for flux-dev at the paper's settings
+
+`dit`: a mid-sized FLUX (hidden 512, 8 heads of 64, 4 double + 8 single blocks) on 1024 image tokens (32x32),
+two 16x16 references with UNO ids and 128 text tokens, batch 1, fp32, guidance-embedded. diffusers' model gets
+the same weights through diffusers' own BFL->diffusers converter (patched for hidden sizes other than 3072)
+and sees the references as part of one image sequence with concatenated ids, its output sliced to the target
+tokens: exactly what our model computes. Measured for each: forward (no_grad) and forward+backward time
+(backward w.r.t. all parameters of loss = mean(out^2)), model FLOPs (torch's FlopCounterMode), model FLOP
+utilization against this machine's fp32 matmul speed measured in the same run, and peak memory.
+"""
+import argparse
+import ctypes
+import gc
+import importlib.util
+import inspect
+import json
+import os
+import statistics
+import time
+
+import torch
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+sub = parser.add_subparsers(dest="cmd", required=True)
+p = sub.add_parser("dit", help="our Flux DiT vs diffusers' FluxTransformer2DModel (time, FLOP utilization, memory)")
+p.add_argument("--hidden", type=int, default=512)
+p.add_argument("--heads", type=int, default=8)
+p.add_argument("--axes", type=str, default="16,24,24", help="RoPE axes_dim, sums to hidden/heads")
+p.add_argument("--depth", type=int, default=4, help="double stream blocks")
+p.add_argument("--depth-single", type=int, default=8, help="single stream blocks")
+p.add_argument("--grid", type=int, default=32, help="target image token grid side (tokens = grid^2)")
+p.add_argument("--ref-grid", type=int, default=16, help="reference token grid side")
+p.add_argument("--refs", type=int, default=2, help="number of reference images")
+p.add_argument("--txt", type=int, default=128, help="text tokens")
+p.add_argument("--batch", type=int, default=1)
+p.add_argument("--reps", type=int, default=6, help="timed forward repetitions per model (interleaved)")
+p.add_argument("--train-reps", type=int, default=4, help="timed forward+backward repetitions per model")
+p.add_argument("--ours", type=str, default=None, help="path of the model.py to benchmark (default: ./model.py)")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+p = sub.add_parser("sft", help="adapter training step with the attention probe + Dice on vs off; vs a MOSAIC-style probe")
+p.add_argument("--rank", type=int, default=16)
+p.add_argument("--reps", type=int, default=6)
+p.add_argument("--seed", type=int, default=0)
+p = sub.add_parser("moe", help="MoE-LoRA top-1 of 4 vs one LoRA of the same rank (forward+backward time)")
+p.add_argument("--scale", type=int, default=8, help="divide the paper's rank 512 on 3072 -> 12288 by this")
+p.add_argument("--tokens", type=int, default=4096)
+p.add_argument("--reps", type=int, default=10)
+p.add_argument("--seed", type=int, default=0)
+p = sub.add_parser("memory", help="per-GPU memory budget at paper scale, from module shapes on the meta device")
+p.add_argument("--preset", default="flux-dev")
+p.add_argument("--rank", type=int, default=512)
+p.add_argument("--experts", type=int, default=4)
+p.add_argument("--size", type=int, default=512)
+p.add_argument("--ref-size", type=int, default=320)
+p.add_argument("--refs", type=int, default=2)
+p.add_argument("--batch", type=int, default=1)
+
+# -----------------------------------------------------------------------------
+# measuring tools shared by the subcommands
+
+def median(xs):
+    return statistics.median(xs)
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+def cpu_stall_s():
+    """Seconds (since boot) during which some runnable task waited for a CPU (Linux PSI); None if unavailable.
+    Our own threads do not exceed the cores, so a rise while timing means other load took our CPUs."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return None
+
+def interleaved_times(fns, reps):
+    """Time each of `fns` `reps` times, interleaved A B, B A, A B, ... so that slow drifts of the machine
+    (thermal, other load) hit all of them alike and the order within a pair does not favour one.
+    Returns the times and, per measurement, the fraction of it other load kept a runnable task off a CPU."""
+    times, stalls = [[] for _ in fns], [[] for _ in fns]
+    for r in range(reps):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            s0 = cpu_stall_s()
+            dt = timed(fns[i])
+            times[i].append(dt)
+            stalls[i].append(None if s0 is None else (cpu_stall_s() - s0) / dt)
+    return times, stalls
+
+def matmul_flops_per_s(n=2048, reps=8):
+    """This machine's fp32 matmul speed: median over `reps` square n x n matmuls (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    return 2 * n ** 3 / median([timed(lambda: a @ b) for _ in range(reps)])
+
+def count_flops(fn):
+    """FLOPs of one call of fn, by torch's FlopCounterMode (matmuls and attention). Its registry lacks the CPU
+    flash-attention ops SDPA dispatches to on CPU, so they get torch's own SDPA formulas here."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad_out, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        fn()
+    return counter.get_total_flops()
+
+try:
+    _libc = ctypes.CDLL("libc.so.6") if os.path.exists("/proc/self/clear_refs") else None
+except OSError:       # not glibc
+    _libc = None
+
+def _proc_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+def peak_memory(fn):
+    """Peak memory of one call of fn above what was alive before it, measured two ways, in bytes.
+
+    tensors: the peak of live torch tensor bytes. torch's CPU allocator reports every allocation and free to
+      the profiler when profile_memory=True; summing those events in time order gives the exact high-water mark
+      of activations, autograd-saved tensors, temporaries and gradients created by fn (parameters and inputs
+      allocated before are the baseline, not counted). tracemalloc would see none of this, and RSS mixes in
+      malloc's caching; this is the number to compare. It misses buffers oneDNN/MKL allocate themselves.
+    rss: the growth of the process's peak resident set (Linux VmHWM) over its resident size just before fn,
+      after giving malloc's free memory back to the OS (malloc_trim) and resetting VmHWM (clear_refs 5). It adds
+      library scratch buffers and whatever freed memory glibc keeps mapped during fn (its mmap threshold rises
+      to the largest block freed so far, so one model's allocation sizes can make it retain tens of MiB more
+      than another's): the process-level view, but allocator-dependent (None without /proc/self/clear_refs).
+    The tensor peak reads torch's private profiler event tree (torch._C._profiler), as torch's own memory
+    profiler does.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    gc.collect()
+    rss0 = None
+    if _libc is not None:
+        _libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        rss0 = _proc_kib("VmRSS")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    rss = None if rss0 is None else (_proc_kib("VmHWM") - rss0) * 1024
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):     # frees of blocks allocated before the window report nothing useful
+        live += size
+        peak = max(peak, live)
+    return {"tensors": peak, "rss": rss}
+
+# -----------------------------------------------------------------------------
+# dit: our Flux vs diffusers' FluxTransformer2DModel
+
+def import_path(path, name="bench_model"):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+def bfl_to_diffusers_converter():
+    """diffusers' own BFL->diffusers state-dict converter, with its hard-coded hidden size (3072) replaced by the
+    one read from the checkpoint (reference/flux_reference.md 2.3). It pops what it converts from its input."""
+    import diffusers.loaders.single_file_utils as sfu
+    src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    if "inner_dim = 3072" not in src:
+        raise RuntimeError("diffusers' Flux converter changed; bench.py's patch needs updating")
+    src = src.replace("inner_dim = 3072", 'inner_dim = checkpoint["img_in.weight"].shape[0]')
+    namespace = dict(vars(sfu))
+    exec(src, namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+def dit(args):
+    M = import_path(args.ours or os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"))
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(args.seed)
+    axes = tuple(int(a) for a in args.axes.split(","))
+    cfg = M.FluxConfig(hidden_size=args.hidden, num_heads=args.heads, depth=args.depth,
+                       depth_single_blocks=args.depth_single, axes_dim=axes, guidance_embed=True)
+    ours = M.Flux(cfg)
+    with torch.no_grad():   # random weights, RMSNorm scales and biases away from their init values too
+        for n, w in ours.named_parameters():
+            w.copy_(torch.randn_like(w) * (0.02 if w.ndim > 1 else 0.1) + (1.0 if n.endswith(".scale") else 0.0))
+    theirs = FluxTransformer2DModel(
+        patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=True, axes_dims_rope=axes)
+    convert = bfl_to_diffusers_converter()
+    left = dict(ours.state_dict())
+    theirs.load_state_dict(convert(left), strict=True)
+    assert not left, f"keys diffusers did not consume: {list(left)}"
+    ours.train(), theirs.train()      # no dropout in either; train() only to be explicit
+
+    # inputs: target latent 2G x 2G -> G x G tokens; references 2R x 2R -> R x R tokens with UNO ids
+    B, G, R, n_refs, L_txt = args.batch, args.grid, args.ref_grid, args.refs, args.txt
+    img = M.pack(torch.randn(B, cfg.in_channels // 4, 2 * G, 2 * G))
+    img_ids = M.grid_ids(G, G, batch=B)
+    refs = [M.pack(torch.randn(B, cfg.in_channels // 4, 2 * R, 2 * R)) for _ in range(n_refs)]
+    refs_ids = M.ref_ids((G, G), [(R, R)] * n_refs, batch=B)
+    txt, txt_ids = torch.randn(B, L_txt, cfg.context_in_dim), torch.zeros(B, L_txt, 3)
+    y, t, g = torch.randn(B, cfg.vec_in_dim), torch.rand(B), torch.full((B,), 3.5)
+    L_img = img.shape[1]
+    all_img, all_ids = torch.cat([img] + refs, dim=1), torch.cat([img_ids] + refs_ids, dim=1)[0]
+
+    def run_ours():
+        return ours(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g,
+                    ref_img=refs, ref_img_ids=refs_ids)
+
+    def run_theirs():    # references in the image sequence, output sliced to the target: what UNO computes
+        return theirs(hidden_states=all_img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                      img_ids=all_ids, txt_ids=txt_ids[0], guidance=g, return_dict=False)[0][:, :L_img]
+
+    def forward(run):
+        def step():
+            with torch.no_grad():
+                run()
+        return step
+
+    def train(run, model):
+        def step():
+            model.zero_grad(set_to_none=True)   # each step builds fresh gradients, like an optimizer step would
+            run().square().mean().backward()
+        return step
+
+    names = ("ours", "diffusers")
+    models = (ours, theirs)
+    fwd = [forward(run_ours), forward(run_theirs)]
+    trn = [train(run_ours, ours), train(run_theirs, theirs)]
+    res = {"config": {**{k: v for k, v in vars(args).items() if k not in ("cmd", "json")}, "axes": axes,
+                      "tokens": {"img": L_img, "refs": n_refs * R * R, "txt": L_txt}},
+           "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; hidden {args.hidden}, "
+          f"{args.heads} heads, {args.depth}+{args.depth_single} blocks, tokens txt {L_txt} + img {L_img} + "
+          f"refs {n_refs}x{R * R}, batch {B}", flush=True)
+
+    # agreement: forward outputs, then every parameter gradient (ours mapped by the same converter)
+    with torch.no_grad():
+        a, b = run_ours(), run_theirs()
+    res["max_abs_diff_out"] = (a - b).abs().max().item()
+    res["max_abs_out"] = b.abs().max().item()
+    for step in trn:
+        step()
+    grads = convert({n: w.grad for n, w in ours.named_parameters()})
+    theirs_grads = dict(theirs.named_parameters())
+    res["max_abs_diff_grad"] = max((grads[n] - w.grad).abs().max().item() for n, w in theirs_grads.items())
+    res["max_abs_grad"] = max(w.grad.abs().max().item() for w in theirs_grads.values())
+    print(f"agreement: output max|diff| {res['max_abs_diff_out']:.2e} (max|out| {res['max_abs_out']:.2f}), "
+          f"gradients max|diff| {res['max_abs_diff_grad']:.2e} (max|grad| {res['max_abs_grad']:.2e})", flush=True)
+
+    # FLOPs (these passes double as warm-up)
+    flops = {n: {"fwd": count_flops(f), "train": count_flops(s)} for n, f, s in zip(names, fwd, trn)}
+    mm0 = matmul_flops_per_s()
+    for step in fwd + trn:                     # one more plain warm-up each
+        step()
+    print("timing ...", flush=True)
+    t_fwd, s_fwd = interleaved_times(fwd, args.reps)
+    t_trn, s_trn = interleaved_times(trn, args.train_reps)
+    mm = (mm0 + matmul_flops_per_s()) / 2      # measured before and after the model timings
+    print("memory ...", flush=True)
+    mem = {}
+    for n, model, f, s in zip(names, models, fwd, trn):
+        model.zero_grad(set_to_none=True)     # no gradients alive before: they count in the step's peak
+        mem[n] = {"fwd": peak_memory(f), "train": peak_memory(s)}
+        model.zero_grad(set_to_none=True)
+
+    res["matmul_flops_per_s"] = mm
+    for i, n in enumerate(names):
+        r = res[n] = {}
+        for mode, ts, ss in (("fwd", t_fwd[i], s_fwd[i]), ("train", t_trn[i], s_trn[i])):
+            m = median(ts)
+            r[mode] = {"median_s": m, "times_s": ts, "spread": (max(ts) - min(ts)) / m, "flops": flops[n][mode],
+                       "min_s": min(ts), "cpu_stall": None if None in ss else statistics.mean(ss),
+                       "mfu": flops[n][mode] / m / mm, "peak_tensor_bytes": mem[n][mode]["tensors"],
+                       "peak_rss_bytes": mem[n][mode]["rss"]}
+    res["ratio"] = {mode: {"time": res["ours"][mode]["median_s"] / res["diffusers"][mode]["median_s"],
+                           "time_pairwise": median([x / y for x, y in zip(*(t_fwd if mode == "fwd" else t_trn))]),
+                           "peak_tensor_bytes": res["ours"][mode]["peak_tensor_bytes"]
+                                                / res["diffusers"][mode]["peak_tensor_bytes"]}
+                    for mode in ("fwd", "train")}
+
+    # the table
+    MiB = 2 ** 20
+    rows = [  # label, value, format, print the ours/diffusers ratio
+        ("time, median (s)", lambda r: r["median_s"], "{:.3f}", True),
+        ("time, min (s)", lambda r: r["min_s"], "{:.3f}", True),
+        ("  spread (max-min)/median", lambda r: r["spread"], "{:.1%}", False),
+        ("  CPU taken by other load", lambda r: r["cpu_stall"] or 0.0, "{:.1%}", False),
+        ("GFLOP executed", lambda r: r["flops"] / 1e9, "{:.1f}", True),
+        ("GFLOP/s", lambda r: r["flops"] / r["median_s"] / 1e9, "{:.1f}", True),
+        ("MFU (GFLOP/s / matmul's)", lambda r: r["mfu"], "{:.1%}", True),
+        ("peak tensors (MiB)", lambda r: r["peak_tensor_bytes"] / MiB, "{:.0f}", True),
+        ("peak RSS growth (MiB)", lambda r: (r["peak_rss_bytes"] or 0) / MiB, "{:.0f}", True)]
+    print(f"\nfp32 matmul {2048}^2: {mm / 1e9:.1f} GFLOP/s; timings: {args.reps} forward, {args.train_reps} "
+          f"forward+backward repetitions per model, interleaved")
+    print(f"{'':34s}{'ours':>10s}{'diffusers':>11s}{'ours/diff':>11s}")
+    for mode, title in (("fwd", "forward"), ("train", "forward+backward")):
+        print(title)
+        for label, get, fmt, show_ratio in rows:
+            x, y = get(res["ours"][mode]), get(res["diffusers"][mode])
+            ratio = f"{x / y:11.3f}" if show_ratio and y else ""
+            print(f"  {label:32s}{fmt.format(x):>10s}{fmt.format(y):>11s}{ratio}")
+        print(f"  {'time ratio, median of pairs':32s}{'':21s}{res['ratio'][mode]['time_pairwise']:11.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.json}")
+    return res
+
+# -----------------------------------------------------------------------------
+# sft: one adapter training step with the attention probe + Dice on vs off; our probe vs a MOSAIC-style one
+
+class MosaicProbe:
+    """MOSAIC's way (bytedance-fanqie-ai/MOSAIC src/flux_omini_mosaic.py): materialize each reference's
+    [B, heads, N_ref, N_img] softmax in every double block and keep it for backward."""
+    def __init__(self):
+        self.maps = []
+
+    def at(self, i):
+        return self
+
+    def __call__(self, q, k, spans):
+        k_img = k[:, :, spans.img[0]:spans.img[1]]
+        self.maps.append(torch.stack([
+            torch.einsum("bhnd,bhmd->bhnm", q[:, :, s:e], k_img).mul(q.shape[-1] ** -0.5).softmax(-1).mean((1, 2))
+            for s, e in spans.refs], dim=1))
+
+    def mean_map(self):
+        return torch.stack(self.maps).mean(0)
+
+def sft(args):
+    import losses as LS
+    import model as M
+    import moe_lora as ML
+    torch.manual_seed(args.seed)
+    cfg = M.FluxConfig(hidden_size=512, num_heads=8, depth=4, depth_single_blocks=8, axes_dim=(16, 24, 24))
+    flux = M.Flux(cfg)
+    ML.inject(flux, rank=args.rank, n_experts=4)
+    for _, m in ML.adapters(flux):
+        torch.nn.init.normal_(m.up.weight, std=0.01)
+    B, G, R = 1, 32, 16
+    img, img_ids = M.pack(torch.randn(B, 16, 2 * G, 2 * G)), M.grid_ids(G, G, batch=B)
+    refs = [M.pack(torch.randn(B, 16, 2 * R, 2 * R)) for _ in range(2)]
+    rids = M.ref_ids((G, G), [(R, R)] * 2, batch=B)
+    txt, txt_ids, y = torch.randn(B, 128, cfg.context_in_dim), torch.zeros(B, 128, 3), torch.randn(B, cfg.vec_in_dim)
+    t, g, target = torch.rand(B), torch.full((B,), 1.0), torch.randn_like(img)
+    masks = (torch.rand(B, 2, G * G) > 0.7).float()
+
+    def step(probe_cls):
+        def run():
+            flux.zero_grad(set_to_none=True)
+            probe = probe_cls() if probe_cls else None
+            out = flux(img, img_ids, txt, txt_ids, t, y, g, refs, rids, probe=probe)
+            loss = (out - target).square().mean()
+            if probe is not None:
+                loss = loss + 0.3 * LS.dice_loss(probe.mean_map(), masks)
+            loss.backward()
+        return run
+
+    variants = {"off": step(None), "ours": step(M.AttentionProbe), "mosaic": step(MosaicProbe)}
+    for f in variants.values():
+        f()
+    print(f"SFT step: hidden 512, 4+8 blocks, 1024 image + 2x256 reference + 128 text tokens, LoRA/MoE-LoRA rank "
+          f"{args.rank}, fp32, {torch.get_num_threads()} threads", flush=True)
+    times, _ = interleaved_times([variants["off"], variants["ours"]], args.reps)
+    mem = {k: peak_memory(f)["tensors"] for k, f in variants.items()}
+    MiB = 2 ** 20
+    res = {"time_off_s": median(times[0]), "time_probe_s": median(times[1]),
+           "time_ratio": median(times[1]) / median(times[0]),
+           "peak_off_MiB": mem["off"] / MiB, "peak_probe_MiB": mem["ours"] / MiB, "peak_mosaic_MiB": mem["mosaic"] / MiB,
+           "peak_ratio": mem["ours"] / mem["off"],
+           "extra_ours_over_mosaic": (mem["ours"] - mem["off"]) / (mem["mosaic"] - mem["off"])}
+    print(f"  time     probe+Dice off {res['time_off_s']:.3f} s, on {res['time_probe_s']:.3f} s: ratio "
+          f"{res['time_ratio']:.3f} (target <= 1.15)")
+    print(f"  peak     off {res['peak_off_MiB']:.0f} MiB, our probe {res['peak_probe_MiB']:.0f} MiB: ratio "
+          f"{res['peak_ratio']:.3f} (target <= 1.15)")
+    print(f"  extra    ours {res['peak_probe_MiB'] - res['peak_off_MiB']:.1f} MiB vs MOSAIC-style "
+          f"{res['peak_mosaic_MiB'] - res['peak_off_MiB']:.1f} MiB: ratio {res['extra_ours_over_mosaic']:.3f} "
+          f"(target <= 0.25)")
+    return res
+
+# -----------------------------------------------------------------------------
+# moe: MoE-LoRA top-1 of 4 vs one LoRA of the same rank, at the paper's shape ratio scaled down
+
+def moe(args):
+    import moe_lora as ML
+    torch.manual_seed(args.seed)
+    s = args.scale          # the paper: rank 512 on 3072 -> 12288 (FLUX's FFN); divided by `scale` together
+    D, H, r = 3072 // s, 12288 // s, 512 // s
+    base = torch.nn.Linear(D, H).requires_grad_(False)
+    lora, moe_ = ML.LoRALinear(base, r), ML.MoELoRALinear(base, 4, r, top_k=1)
+    for m in (lora, moe_):
+        torch.nn.init.normal_(m.up.weight, std=0.01)
+    x = torch.randn(1, args.tokens, D, requires_grad=True)
+    def step(m):
+        def run():
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            m(x).square().mean().backward()
+        return run
+    fns = [step(lora), step(moe_)]
+    for f in fns:
+        f()
+    times, _ = interleaved_times(fns, args.reps)
+    ratio = median(times[1]) / median(times[0])
+    print(f"MoE-LoRA top-1 of 4 vs LoRA, rank {r} on {D} -> {H}, {args.tokens} tokens, forward+backward: "
+          f"{median(times[1]) * 1e3:.1f} ms vs {median(times[0]) * 1e3:.1f} ms, ratio {ratio:.3f} (target <= 1.3)")
+    return {"lora_s": median(times[0]), "moe_s": median(times[1]), "ratio": ratio}
+
+# -----------------------------------------------------------------------------
+# memory: a per-GPU budget for paper-scale training, from the real module shapes on the meta device
+
+class FlashLike(torch.autograd.Function):
+    """Stands in for SDPA on the meta device with what flash attention keeps for backward: q, k, v, the output
+    and an fp32 log-sum-exp per query (B, H, L). (Meta SDPA would take the math path and keep L x L scores.)"""
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+def saved_bytes(model, fn):
+    """Bytes autograd keeps for backward while fn runs (parameters excluded, each storage counted once)."""
+    params = {id(p) for p in model.parameters()}
+    seen, total = set(), [0]
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in seen and id(base) not in params:
+            seen.add(id(base))
+            total[0] += base.numel() * base.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+def memory(args):
+    import model as M
+    import moe_lora as ML
+    cfg = M.get_config(args.preset)
+    with torch.device("meta"):
+        flux = M.Flux(cfg)
+        ML.inject(flux, rank=args.rank, n_experts=args.experts)
+    frozen = sum(p.numel() for p in flux.parameters() if not p.requires_grad)
+    adapter = sum(p.numel() for p in flux.parameters() if p.requires_grad)
+    # activations: under bf16 autocast every matmul output is bf16, so run the meta model in bf16
+    flux.to(torch.bfloat16)
+    G, R, Lt, B = args.size // 16, args.ref_size // 16, cfg.max_txt_len, args.batch
+    bf = dict(device="meta", dtype=torch.bfloat16)
+    def forward():
+        flux(torch.randn(B, G * G, cfg.in_channels, **bf), M.grid_ids(G, G, batch=B, device="meta"),
+             torch.randn(B, Lt, cfg.context_in_dim, **bf), torch.zeros(B, Lt, 3, device="meta"), torch.rand(B, **bf),
+             torch.randn(B, cfg.vec_in_dim, **bf), torch.ones(B, **bf),
+             [torch.randn(B, R * R, cfg.in_channels, **bf) for _ in range(args.refs)],
+             M.ref_ids((G, G), [(R, R)] * args.refs, batch=B, device="meta"), probe=M.AttentionProbe())
+    sdpa = M.F.scaled_dot_product_attention
+    M.F.scaled_dot_product_attention = lambda q, k, v: FlashLike.apply(q, k, v)
+    try:
+        act = saved_bytes(flux, forward)
+        flux.grad_checkpoint = True
+        act_ckpt = saved_bytes(flux, forward)
+        # backward then recomputes one block at a time: add the largest block's own activations
+        L = G * G + args.refs * R * R + Lt
+        x = torch.randn(B, L, cfg.hidden_size, **bf, requires_grad=True)
+        pe = M.rope(torch.zeros(B, L, 3, device="meta"), cfg.axes_dim, cfg.theta)
+        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, torch.randn(B, cfg.hidden_size, **bf), pe))
+    finally:
+        M.F.scaled_dot_product_attention = sdpa
+    GiB = 2 ** 30
+    fixed = {"frozen DiT (bf16)": frozen * 2, "adapters (fp32)": adapter * 4, "adapter gradients (fp32)": adapter * 4}
+    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
+          f"MoE-LoRA {args.experts} experts); batch {B} per GPU: {args.size}px target ({G * G} tokens), {args.refs} "
+          f"refs of {args.ref_size}px ({R * R} tokens each), {Lt} text tokens; activations as bf16 autocast with "
+          f"flash attention keeps them; T5/CLIP/VAE not resident (python data.py cache)")
+    print(f"{'GiB per GPU':42s}{'1 GPU':>9s}{'8 GPUs':>9s}{'8 + ZeRO':>10s}")
+    for k, v in fixed.items():
+        print(f"  {k:40s}{v / GiB:9.1f}{v / GiB:9.1f}{v / GiB:10.1f}")
+    adam = adapter * 8                                          # AdamW: two fp32 moments per parameter
+    print(f"  {'AdamW states (fp32 x 2)':40s}{adam / GiB:9.1f}{adam / GiB:9.1f}{adam / 8 / GiB:10.1f}")
+    for label, a in (("activations", act), ("activations, --grad-checkpoint", act_ckpt)):
+        print(f"  {label:40s}{a / GiB:9.1f}{a / GiB:9.1f}{a / GiB:10.1f}")
+    base = sum(fixed.values())
+    for label, a in (("total", act), ("total, --grad-checkpoint", act_ckpt)):
+        print(f"  {label:40s}{(base + adam + a) / GiB:9.1f}{(base + adam + a) / GiB:9.1f}"
+              f"{(base + adam / 8 + a) / GiB:10.1f}")
+    return {"frozen_params": frozen, "adapter_params": adapter, "activation_bytes": act, "activation_bytes_ckpt": act_ckpt}
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    {"dit": dit, "sft": sft, "moe": moe, "memory": memory}[args.cmd](args)
