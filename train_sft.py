@@ -318,19 +318,19 @@ def main(argv=None):
         return args.lr + (args.lr_end - args.lr) * min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
 
     micro_per_step = args.grad_accum * world                    # global micro-batches per optimizer step
-    epoch_batches, epoch_cache = None, {}
+    epochs = {}                                                  # epoch -> its batches (the current one only)
+    per_epoch = len(D.batches(dataset, args.batch_size, args.seed, 0))
+    if per_epoch == 0:
+        raise D.DataError(f"{args.data}: fewer usable records than one batch of {args.batch_size}")
     def global_batch(b):
-        # the b-th micro-batch of the run in the global order (epochs reshuffled by seed)
-        per_epoch = len(D.batches(dataset, args.batch_size, args.seed, 0))
-        if per_epoch == 0:
-            raise ValueError(f"{args.data}: fewer records than one batch of {args.batch_size}")
+        # the b-th micro-batch of the run in the global order (each epoch reshuffled by seed)
         e, i = divmod(b, per_epoch)
-        if e not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[e] = D.batches(dataset, args.batch_size, args.seed, e)
-        return epoch_cache[e][i]
+        if e not in epochs:
+            epochs.clear()
+            epochs[e] = D.batches(dataset, args.batch_size, args.seed, e)
+        return epochs[e][i]
 
-    t0, bad_steps = time.time(), 0
+    t0, t0_step, bad_steps = time.time(), step, 0
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.stage)
     while step < args.steps:
         # ---- forward / backward over grad_accum micro-batches (DDP syncs on the last) ----
@@ -364,9 +364,9 @@ def main(argv=None):
                 dist.all_reduce(vals)
                 vals /= world
             rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad_steps,
-                   "samples_per_s": step and args.batch_size * micro_per_step * args.log_every / (time.time() - t0),
+                   "samples_per_s": args.batch_size * micro_per_step * (step - t0_step) / (time.time() - t0),
                    **dict(zip(sorted(sums), vals.tolist()))}
-            t0 = time.time()
+            t0, t0_step = time.time(), step
             loads = [m.load for _, m in ML.adapters(flux) if isinstance(m, ML.MoELoRALinear)]
             if loads:
                 total = torch.stack(loads).sum(0)
