@@ -10,7 +10,6 @@ Training objectives.
 The attention inputs come from model.AttentionProbe: `maps` (B, N, M) are distributions over the M target
 tokens (rows sum to 1), `logps` per reference (P_i, M) log-probabilities of selected reference rows.
 """
-import math
 
 import torch
 

@@ -898,7 +898,7 @@ def test_uno_lora_layout_loads_into_the_right_rows(tmp_path):
     sd = {k.replace(".base.", "."): v for k, v in f.state_dict().items() if ".down." not in k and ".up." not in k}
     for k in expect:
         torch.testing.assert_close(sd[k], expect[k], atol=1e-6, rtol=0)
-    lin1 = f"single_blocks.0.linear1.weight"
+    lin1 = "single_blocks.0.linear1.weight"
     assert torch.equal(sd[lin1][3 * D:], randomize(M.Flux(cfg), seed=8).state_dict()[lin1][3 * D:])
 
 # -----------------------------------------------------------------------------

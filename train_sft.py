@@ -16,7 +16,6 @@ Supervised training, MultiCrafter stages 1-2 (and the toy world's stage 0).
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
