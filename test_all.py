@@ -1389,3 +1389,16 @@ def test_torchrun_two_ranks_equals_one_process(toy_run, tmp_path, zero):
     b = load_file(str(tmp_path / "two" / "latest" / "adapter.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_path):
+    # data.py cache precomputes text embeddings and latents; training on them must see the same numbers
+    root, manifest = toy_run
+    D.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(root / "base"), device="cpu")
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1", "--lr", "1e-2"]
+    sft(tmp_path / "pix", manifest, *common)
+    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size", "2",
+             "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
+    for a, b in zip(read_log(tmp_path / "pix"), read_log(tmp_path / "lat")):
+        assert abs(a["diff"] - b["diff"]) < 1e-5 and abs(a["dice"] - b["dice"]) < 1e-5
+    with pytest.raises(ValueError, match="cannot read precomputed"):
+        TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "x"), "--stage", "base"])

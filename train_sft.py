@@ -34,8 +34,11 @@ import moe_lora as ML
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="manifest.jsonl (or UNO JSON list)")
-    g.add_argument("--val-data", default=None, help="held-out manifest: Dice and attention share at eval steps")
+    g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
+    g.add_argument("--cache", default=None, help="instead of --data: a `data.py cache` folder (text embeddings and "
+                   "latents precomputed: no text encoder or VAE in memory)")
+    g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
+                   "attention share at eval steps")
     g.add_argument("--size", type=int, default=None, help="target side in px (default: 32 toy, 512 flux)")
     g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
     g = p.add_argument_group("model")
@@ -108,8 +111,10 @@ def print0(*a):
 # models
 
 def build_models(args, device):
-    """(flux, ae, text encoder, trainable params, adapter config or None)."""
+    """(flux, ae, text encoder, trainable params, adapter config or None); with --cache no ae or text encoder."""
     cfg = M.get_config(args.preset)
+    if args.cache and args.stage == "base":
+        raise ValueError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
     wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # frozen weights
     if args.preset == "toy":
         torch.manual_seed(args.seed)                         # the base stage's random init, same on every rank
@@ -124,13 +129,18 @@ def build_models(args, device):
         if args.stage == "base":
             raise ValueError("--stage base trains the toy preset only (FLUX is the base at full scale)")
         flux = M.load_flux(cfg, args.init, device, wdtype)
-        ae = M.load_ae(cfg, device=device, dtype=wdtype)
-        text = M.T5CLIPEncoder(cfg.max_txt_len, dtype=wdtype)
-    flux, text, ae = flux.to(device), text.to(device), ae.to(device).requires_grad_(False)
+        ae = None if args.cache else M.load_ae(cfg, device=device, dtype=wdtype)
+        text = None if args.cache else M.T5CLIPEncoder(cfg.max_txt_len, dtype=wdtype)
+    if args.cache:
+        ae = text = None
+    flux = flux.to(device)
+    text = text and text.to(device)
+    ae = ae and ae.to(device).requires_grad_(False)
     flux.grad_checkpoint = args.grad_checkpoint
     if args.stage == "base":
         return flux, ae, text, list(flux.parameters()) + list(text.parameters()), None
-    text.requires_grad_(False)
+    if text is not None:
+        text.requires_grad_(False)
     if args.adapter:
         acfg = ML.load_adapter(flux, args.adapter)
     else:
@@ -147,18 +157,29 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.flux, self.text = flux, text
 
-    def forward(self, prompts, img, img_ids, t, guidance, ref_img, ref_img_ids, probe=None):
-        txt, y = self.text(prompts)                                                # (B, L_txt, C), (B, C_vec)
+    def forward(self, cond, img, img_ids, t, guidance, ref_img, ref_img_ids, probe=None):
+        # cond: the prompts, or (txt, y) precomputed by `data.py cache` (then there is no text encoder)
+        txt, y = self.text(cond) if self.text is not None else cond               # (B, L_txt, C), (B, C_vec)
         txt_ids = torch.zeros(txt.shape[0], txt.shape[1], 3, device=img.device)
         return self.flux(img, img_ids, txt, txt_ids, t, y, guidance, ref_img, ref_img_ids, probe=probe)
 
+def conditioning(batch, denoiser, device):
+    # what Denoiser.forward takes as cond: prompts, or a cache's text embeddings
+    if denoiser.text is not None:
+        return batch["prompts"]
+    return batch["txt"].to(device).float(), batch["y"].to(device).float()
+
 @torch.no_grad()
 def encode_images(batch, ae, device):
-    """Target and references -> packed latents (B, L, C), position ids and UNO reference ids."""
-    with M.autocast(device):
-        x0 = ae.encode(batch["target"].to(device)).float()                        # (B, z, h, w)
-        B, N = batch["refs"].shape[:2]
-        refs = ae.encode(batch["refs"].to(device).flatten(0, 1)).float()          # (B*N, z, r, r)
+    """Target and references (or a cache's latents) -> packed latents (B, L, C), position ids, UNO ref ids."""
+    if ae is None:
+        x0, B, N = batch["latent"].to(device).float(), *batch["ref_latents"].shape[:2]
+        refs = batch["ref_latents"].to(device).flatten(0, 1).float()
+    else:
+        with M.autocast(device):
+            x0 = ae.encode(batch["target"].to(device)).float()                    # (B, z, h, w)
+            B, N = batch["refs"].shape[:2]
+            refs = ae.encode(batch["refs"].to(device).flatten(0, 1)).float()      # (B*N, z, r, r)
     h, w, r = x0.shape[2] // 2, x0.shape[3] // 2, refs.shape[2] // 2               # token grids
     refs = refs.unflatten(0, (B, N))
     return M.pack(x0), dict(img_ids=M.grid_ids(h, w, batch=B, device=device),
@@ -168,7 +189,8 @@ def encode_images(batch, ae, device):
 # -----------------------------------------------------------------------------
 # one micro-step: every loss term
 
-def step_losses(args, model, flux, ae, batch, step, gen, device, stage):
+def step_losses(args, model, denoiser, ae, batch, step, gen, device, stage):
+    flux = denoiser.flux
     x0, enc = encode_images(batch, ae, device)
     B, L = x0.shape[:2]
     t = LS.sample_timesteps(B, L, flux.cfg.shift_schedule, generator=gen).to(device)
@@ -181,8 +203,8 @@ def step_losses(args, model, flux, ae, batch, step, gen, device, stage):
     g = torch.full((B,), 1.0, device=device) if flux.cfg.guidance_embed else None   # UNO trains with guidance 1
     with M.autocast(device):
         terms = {"diff": LS.flow_matching_loss(
-            lambda x_t, tt: model(batch["prompts"], x_t, enc["img_ids"], tt, g, enc["ref_img"], enc["ref_img_ids"],
-                                  probe=probe), x0, t, noise)}
+            lambda x_t, tt: model(conditioning(batch, denoiser, device), x_t, enc["img_ids"], tt, g, enc["ref_img"],
+                                  enc["ref_img_ids"], probe=probe), x0, t, noise)}
     loss = terms["diff"]
     if probe is not None:
         maps, masks = probe.mean_map(), batch["masks"].to(device)                  # (B, N, L_img) each
@@ -210,14 +232,14 @@ def evaluate(args, denoiser, ae, dataset, device, t_eval=0.5, max_batches=8):
     for idx in D.batches(dataset, args.batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
         batch = D.collate([dataset[i] for i in idx])
         x0, enc = encode_images(batch, ae, device)
-        B, N = batch["refs"].shape[:2]
+        B, N = batch["masks"].shape[:2]
         t = torch.full((B,), t_eval, device=device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         probe = M.AttentionProbe(args.attn_blocks)
         g = torch.full((B,), 1.0, device=device) if denoiser.flux.cfg.guidance_embed else None
         with M.autocast(device):
-            pred = denoiser(batch["prompts"], (1 - t_eval) * x0 + t_eval * noise, enc["img_ids"], t, g,
-                            enc["ref_img"], enc["ref_img_ids"], probe=probe)
+            pred = denoiser(conditioning(batch, denoiser, device), (1 - t_eval) * x0 + t_eval * noise, enc["img_ids"],
+                            t, g, enc["ref_img"], enc["ref_img_ids"], probe=probe)
         maps, masks = probe.mean_map().float(), batch["masks"].to(device)
         own = (maps * masks).sum(-1)                                                    # (B, N)
         other = (maps * (masks.sum(1, keepdim=True) - masks).clamp(0, 1)).sum(-1)
@@ -281,12 +303,15 @@ def main(argv=None):
     args.lr_end = args.lr / 3 if args.lr_end is None else args.lr_end
 
     # data: every rank sees the same global order of batches; batch b goes to rank b % world
+    if (args.data is None) == (args.cache is None):
+        raise D.DataError("give one of --data (a manifest) or --cache (a `data.py cache` folder)")
     token_px = 2 * M.get_config(args.preset).ae.factor
-    dataset = D.ManifestDataset(args.data, size=args.size, ref_size=args.ref_size, token_px=token_px)
-    if dataset.skipped:
+    load = (lambda p: D.CachedDataset(p)) if args.cache else \
+        (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=token_px))
+    dataset = load(args.cache or args.data)
+    if getattr(dataset, "skipped", None):
         print0(f"warning: {len(dataset.skipped)} bad records skipped in {args.data} (first: {dataset.skipped[0]})")
-    val = D.ManifestDataset(args.val_data, size=args.size, ref_size=args.ref_size, token_px=token_px) \
-        if args.val_data else None
+    val = load(args.val_data) if args.val_data else None
 
     flux, ae, text, params, acfg = build_models(args, device)
     denoiser = Denoiser(flux, text).train()
@@ -320,7 +345,7 @@ def main(argv=None):
     epochs = {}                                                  # epoch -> its batches (the current one only)
     per_epoch = len(D.batches(dataset, args.batch_size, args.seed, 0))
     if per_epoch == 0:
-        raise D.DataError(f"{args.data}: fewer usable records than one batch of {args.batch_size}")
+        raise D.DataError(f"{args.data or args.cache}: fewer usable records than one batch of {args.batch_size}")
     def global_batch(b):
         # the b-th micro-batch of the run in the global order (each epoch reshuffled by seed)
         e, i = divmod(b, per_epoch)
@@ -342,7 +367,7 @@ def main(argv=None):
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)   # noise and t: a function of b only
             sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
             with sync:
-                loss, terms = step_losses(args, model, flux, ae, batch, step, gen, device, args.stage)
+                loss, terms = step_losses(args, model, denoiser, ae, batch, step, gen, device, args.stage)
                 (loss / args.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
