@@ -698,6 +698,8 @@ def test_scal_loss_vectorized_and_finite_under_underflow():
     # scores q.k/sqrt(d) = +200 and -200: -log p(token 1) = 200 - (-200) = 400 (p = e^-400 underflows fp32)
     assert torch.isfinite(loss) and abs(loss.item() - 400) < 1e-3
     assert LS.scal_loss([torch.zeros(0, 5)], [torch.zeros(0, dtype=torch.long)]).item() == 0
+    x = [l.clone().requires_grad_(True) for l in lp]
+    assert torch.autograd.gradcheck(lambda a, b: LS.scal_loss([a, b], tg), tuple(x))
 
 def test_mdl_loss_against_torch_distributions():
     from torch.distributions import Categorical, kl_divergence
@@ -730,6 +732,12 @@ def test_balance_loss_uniform_and_skewed():
     idx2 = idx.clone()
     idx2[:, 4:] = 0
     assert abs(LS.balance_loss(uniform_p, idx2, E, mask).item() - 1) < 1e-6
+    # gradient: only through P_e (f_e is a count); by hand d/dP_e of E * sum f_e P_e, P_e = mean over tokens
+    p = torch.rand(2, 8, E, dtype=torch.float64).softmax(-1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda q: LS.balance_loss(q, idx2, E), (p,))
+    f = torch.bincount(idx2.flatten(), minlength=E).double() / idx2.numel()
+    LS.balance_loss(p, idx2, E).backward()
+    torch.testing.assert_close(p.grad, (E * f / 16).expand(2, 8, E))
 
 def test_timestep_sampling_follows_the_schedule_shift():
     g = torch.Generator().manual_seed(0)
