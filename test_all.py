@@ -1426,3 +1426,19 @@ def test_torchrun_zero_resume_is_exact(toy_run, tmp_path):
     a = load_file(str(tmp_path / "full" / "latest" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cut" / "latest" / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+def test_gradient_checkpointing_changes_nothing_but_memory():
+    cfg = tiny_cfg()
+    f = randomize(M.Flux(cfg), seed=9)
+    args, kw = tiny_inputs(cfg)
+    masks, runs = torch.rand(2, 1, 6), []
+    for ckpt in (False, True):
+        f.zero_grad()
+        f.grad_checkpoint = ckpt
+        probe = M.AttentionProbe()
+        out = f(*args, **kw, probe=probe)
+        (out.square().mean() + LS.dice_loss(probe.mean_map(), masks)).backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in f.named_parameters()}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for n, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], g, atol=1e-7, rtol=1e-6)
