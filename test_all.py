@@ -107,6 +107,22 @@ def test_flux_matches_diffusers(diffusers_oracle, over, B, h, w, refs):
                      guidance=g, return_dict=False)[0][:, : img.shape[1]]
     assert ours_out.shape == (B, img.shape[1], cfg.out_channels)
     assert (ours_out - theirs).abs().max().item() < 1e-4
+    # backward too (our RMSNorm's hand-written backward, complex RoPE, the last block's target-only rows):
+    # every parameter gradient, mapped to diffusers' names by diffusers' own converter
+    w = torch.randn(ours_out.shape)
+    (ours(img, img_ids, txt, txt_ids, t, y, g, ref_img=ref_img or None, ref_img_ids=ref_img_ids or None) * w).sum() \
+        .backward()
+    (ref(hidden_states=torch.cat([img] + ref_img, 1), encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+         img_ids=torch.cat([img_ids] + ref_img_ids, 1)[0], txt_ids=txt_ids[0], guidance=g,
+         return_dict=False)[0][:, : img.shape[1]] * w).sum().backward()
+    ours_grads = diffusers_oracle[1]({n: p.grad for n, p in ours.named_parameters()})
+    for n, p in ref.named_parameters():
+        assert (ours_grads[n] - p.grad).abs().max().item() < 1e-4 * max(1.0, p.grad.abs().max().item()), n
+
+def test_rmsnorm_backward_against_finite_differences():
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    scale = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(M.RMSNormFn.apply, (x, scale))
 
 def test_references_equal_plain_flux_on_concatenated_sequence():
     # UNO: references appended after the target tokens == plain FLUX on the concatenation, sliced
