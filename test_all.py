@@ -1458,3 +1458,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
     assert torch.equal(runs[0][0], runs[1][0])
     for n, g in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][n], g, atol=1e-7, rtol=1e-6)
+
+def test_aspect_buckets(toy_run, tmp_path):
+    # UNO's buckets at 512 px (bytedance/UNO uno/dataset/uno.py), written out by hand
+    assert sorted(D.uno_buckets(512)) == sorted([(256, 768), (320, 768), (320, 704), (384, 640), (448, 576),
+                                                 (512, 512), (768, 256), (768, 320), (704, 320), (640, 384),
+                                                 (576, 448)])
+    assert all(h % 4 == 0 and w % 4 == 0 for h, w in D.uno_buckets(32, 4))
+    root, manifest = toy_run
+    sft(tmp_path / "b", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "1",
+        "--aspect-buckets")
+    assert math.isfinite(read_log(tmp_path / "b")[0]["diff"])

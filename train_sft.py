@@ -41,6 +41,8 @@ def build_parser():
                    "attention share at eval steps")
     g.add_argument("--size", type=int, default=None, help="target side in px (default: 32 toy, 512 flux)")
     g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
+    g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
+                   "square targets (each batch from one bucket)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="toy", choices=sorted(M.CONFIGS))
     g.add_argument("--init", default=None, help="toy: a checkpoint folder (flux/text_encoder.safetensors); "
@@ -308,7 +310,8 @@ def main(argv=None):
         raise D.DataError("give one of --data (a manifest) or --cache (a `data.py cache` folder)")
     token_px = 2 * M.get_config(args.preset).ae.factor
     load = (lambda p: D.CachedDataset(p)) if args.cache else \
-        (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=token_px))
+        (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=token_px,
+                                     buckets=D.uno_buckets(args.size, token_px) if args.aspect_buckets else None))
     dataset = load(args.cache or args.data)
     if getattr(dataset, "skipped", None):
         print0(f"warning: {len(dataset.skipped)} bad records skipped in {args.data} (first: {dataset.skipped[0]})")
