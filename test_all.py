@@ -1469,3 +1469,416 @@ def test_aspect_buckets(toy_run, tmp_path):
     sft(tmp_path / "b", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "1",
         "--aspect-buckets")
     assert math.isfinite(read_log(tmp_path / "b")[0]["diff"])
+
+# -----------------------------------------------------------------------------
+# rewards (rewards.py): the Multi-ID reward, the toy world's scorers, tiny random transformers models saved with
+# their processors and loaded back, fakes for insightface
+
+import argparse
+import itertools
+import shutil
+import socket
+
+import torch.nn.functional as F
+
+import rewards as R
+
+
+def brute_force(sim):
+    # every partial assignment: reference i -> subject p[i] or nothing, subjects used at most once
+    n, m = sim.shape
+    best = 0.0
+    for p in itertools.product([None] + list(range(m)), repeat=n):
+        used = [j for j in p if j is not None]
+        if len(used) == len(set(used)):
+            best = max(best, sum(sim[i, j] for i, j in enumerate(p) if j is not None))
+    return best / n
+
+def test_hungarian_equals_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n, m = rng.integers(1, 6), rng.integers(1, 6)
+        sim = rng.uniform(-1, 1, (n, m))
+        score, pairs = R.hungarian(sim)
+        assert score == pytest.approx(brute_force(sim), abs=1e-12)
+        assert len({i for i, _ in pairs}) == len(pairs) == len({j for _, j in pairs})   # one-to-one
+        assert all(sim[i, j] > 0 for i, j in pairs)
+
+class FakeEmbedder:
+    # references and subjects given directly as vectors (images are ignored)
+    def __init__(self, refs, subjects):
+        self.refs, self.subj = np.asarray(refs, float), np.asarray(subjects, float).reshape(-1, len(refs[0]))
+
+    def references(self, images, captions=None):
+        return self.refs
+
+    def subjects(self, image, captions=None):
+        return self.subj
+
+def unit(*v):
+    v = np.asarray(v, float)
+    return v / np.linalg.norm(v)
+
+def test_at_most_once_against_per_reference_max():
+    r1, r2 = unit(1, 0, 0, 0), unit(0, 1, 0, 0)
+    blend = unit(1, 1, 0, 0)                              # cos 0.707 with both references
+    good = [unit(0.7, 0, np.sqrt(1 - 0.49), 0), unit(0, 0.7, 0, np.sqrt(1 - 0.49))]   # cos 0.7 each, own reference
+    per_ref_max = lambda subj: np.mean((np.stack([r1, r2]) @ np.stack(subj).T).max(1))
+    score = lambda subj: R.MultiIDReward(FakeEmbedder([r1, r2], subj))([None], [None, None])["score"][0]
+    # one blended subject standing in for both: a per-reference max prefers it to the right image, Eq. 10 does not
+    assert per_ref_max([blend]) == pytest.approx(0.7071, abs=1e-4) and per_ref_max(good) == pytest.approx(0.7)
+    assert score([blend]) == pytest.approx(0.7071 / 2, abs=1e-4) and score(good) == pytest.approx(0.7)
+    # two copies of the blend are two subjects: each reference gets one, so Eq. 10 scores them as the max does
+    assert score([blend, blend]) == pytest.approx(per_ref_max([blend, blend]))
+
+def test_zero_detections_score_zero():
+    out = R.MultiIDReward(FakeEmbedder([unit(1, 0), unit(0, 1)], np.zeros((0, 2))))([None, None], [None, None])
+    assert out["score"].tolist() == [0.0, 0.0] and out["matches"] == [[], []]
+
+def test_toy_scorers_hand_values():
+    subjects, text, aes = R.ToySubjects(16), R.ToyTextScore(R.ToySubjects(16)), R.ToyAesthetic()
+    for i in range(30):                              # clean targets: every subject found and named right
+        target, _, sprites, rec = D.toy_example(0, i)
+        assert sorted(map(str, subjects.classify(subjects.subjects(target)))) == sorted(map(str, sprites))
+        assert text([target], [rec["prompt"]])[0] == 1.0 and aes([target])[0] == 1.0
+    assert R.parse_toy_prompt("a red striped circle and an orange dotted square") == \
+        [("red", "striped", "circle"), ("orange", "dotted", "square")]
+    # draw a red striped circle and a blue solid square; the prompt names a red striped circle and a green
+    # solid square (1 attribute of 3 wrong): (1 + 2/3) / 2. A third, unnamed subject divides by 3 instead.
+    img = np.full((32, 32, 3), 255, np.uint8)
+    for (y, x), s in (((2, 2), D.Sprite("circle", "red", "striped")), ((18, 18), D.Sprite("square", "blue", "solid")),
+                      ((2, 18), D.Sprite("cross", "pink", "dotted"))):
+        rgb, m = D.render_sprite(s, 12)
+        img[y:y + 12, x:x + 12][m] = rgb[m]
+    prompt = "a red striped circle and a green solid square"
+    two = img.copy()
+    two[2:14, 18:30] = 255
+    assert text([two], [prompt])[0] == pytest.approx((1 + 2 / 3) / 2)
+    assert text([img], [prompt])[0] == pytest.approx((1 + 2 / 3) / 3)
+    # aesthetic: the share of pixels within 32 of a palette colour; 100 mud-grey pixels of 1024 lose 100/1024
+    mud = two.copy()
+    mud.reshape(-1, 3)[:100] = (128, 128, 128)
+    assert aes([two])[0] == 1.0 and aes([mud])[0] == pytest.approx(1 - 100 / 1024)
+    # identity: the right sprites score 1; the same shapes in other colours score less
+    refs = [D.render_reference(D.Sprite("circle", "red", "striped")), D.render_reference(D.Sprite("square", "blue", "solid"))]
+    mid = R.MultiIDReward(subjects)
+    recolour = two.copy()
+    recolour[(two == (220, 40, 40)).all(-1)] = (40, 170, 60)            # the red circle turned green
+    s = mid([two, recolour, np.full((32, 32, 3), 255, np.uint8)], refs)["score"]
+    assert s[0] == pytest.approx(1.0) and 0.5 < s[1] < 0.99 and s[2] == 0.0
+
+# -----------------------------------------------------------------------------
+# tiny random transformers models, saved with their processors and loaded back through rewards.py
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+def clip_tokenizer(d, max_len=None):
+    # a character-level CLIP BPE: every letter, alone or word-final (</w>), no merges
+    from transformers import CLIPTokenizer
+    vocab = {c: i for i, c in enumerate(LETTERS)} | {c + "</w>": 26 + i for i, c in enumerate(LETTERS)}
+    vocab |= {"<|startoftext|>": 52, "<|endoftext|>": 53}
+    os.makedirs(d, exist_ok=True)
+    with open(f"{d}/vocab.json", "w") as f:
+        json.dump(vocab, f)
+    with open(f"{d}/merges.txt", "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", **({"model_max_length": max_len} if max_len else {}))
+
+TEXT = dict(vocab_size=54, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            bos_token_id=52, eos_token_id=53, pad_token_id=53)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+              patch_size=8)
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    d = str(tmp_path_factory.mktemp("clip"))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16))
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(30.0))        # not 1/0.07: a wrong scale factor would show
+    model.save_pretrained(d)
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=ip, tokenizer=clip_tokenizer(d)).save_pretrained(d)
+    return d
+
+def images(n, seed=0, size=(40, 30)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+def test_clip_and_preference_scores(clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+    model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    ims, prompts = images(3), ["a red cat", "two dogs", "a blue hat on a chair"]
+    inp = proc(text=prompts, images=ims, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        img = F.normalize(model.get_image_features(pixel_values=inp["pixel_values"]).pooler_output, dim=-1)
+        txt = F.normalize(model.get_text_features(input_ids=inp["input_ids"],
+                                                  attention_mask=inp["attention_mask"]).pooler_output, dim=-1)
+    cos = (img * txt).sum(-1).numpy()                                                  # (3,) image i vs prompt i
+    np.testing.assert_allclose(R.CLIPScore(clip_dir)(ims, prompts), cos, atol=1e-5)
+    np.testing.assert_allclose(R.PreferenceScore(clip_dir, "hps")(ims, prompts), cos, atol=1e-5)
+    np.testing.assert_allclose(R.PreferenceScore(clip_dir, "pickscore")(ims, prompts), 30.0 * cos / 26, atol=1e-5)
+    # CLIP-I embeddings: the forward's own normalized image_embeds
+    with torch.no_grad():
+        ref = model(**inp).image_embeds.numpy()
+    emb = R.CLIPScore(clip_dir).embed_images(ims)
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-6)
+
+def test_missing_weights_one_line_error(tmp_path):
+    for path in (str(tmp_path / "nowhere"), str(tmp_path)):         # no folder; a folder without weights
+        with pytest.raises(R.RewardModelError) as e:
+            R.CLIPScore(path)
+        msg = str(e.value)
+        assert "\n" not in msg and "CLIP" in msg and path in msg and "hf download openai/clip-vit-large-patch14" in msg
+
+@pytest.fixture(scope="module")
+def dino_dir(tmp_path_factory):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    d = str(tmp_path_factory.mktemp("dino"))
+    torch.manual_seed(1)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(d)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    return d
+
+def test_dino_embedder(dino_dir):
+    from transformers import AutoImageProcessor, Dinov2Model
+    model, proc = Dinov2Model.from_pretrained(dino_dir).eval(), AutoImageProcessor.from_pretrained(dino_dir)
+    ims = images(3, seed=1)
+    with torch.no_grad():
+        ref = F.normalize(model(**proc(images=ims, return_tensors="pt")).pooler_output, dim=-1).numpy()
+    emb = R.DinoEmbedder(dino_dir)(ims)
+    assert emb.shape == (3, 32)
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    assert R.DinoEmbedder(dino_dir)([]).shape == (0, 32)
+
+# -----------------------------------------------------------------------------
+# detectors end to end
+
+def florence_dir(d, answer):
+    # a tiny random Florence-2 whose saved generation config forces `answer` (bigram sequence biases), so the
+    # real generate -> batch_decode -> post_process_generation path yields known boxes
+    from transformers import BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, \
+        Florence2Processor
+    os.makedirs(d, exist_ok=True)
+    words = ["Locate", "the", "phrases", "in", "caption:", "a", "red", "circle", "blue", "square"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for w in words + list(LETTERS + ":"):
+        vocab.setdefault(w, len(vocab))
+        vocab.setdefault("\u0120" + w, len(vocab))
+    with open(f"{d}/vocab.json", "w") as f:
+        json.dump(vocab, f)
+    with open(f"{d}/merges.txt", "w") as f:
+        f.write("#version: 0.2\n")
+    tok = BartTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", extra_special_tokens={"image_token": "<image>"})
+    tok.add_tokens([f"<loc_{i}>" for i in range(1000)])
+    # a 16 px image: one 4x4 stage of patches + 1 pooled token = 17 image tokens
+    ip = CLIPImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16},
+                            do_center_crop=False, image_seq_length=17)
+    Florence2Processor(ip, tok, post_processor_config={"phrase_grounding": {"banned_grounding_tokens": []}}
+                       ).save_pretrained(d)
+    torch.manual_seed(2)
+    model = Florence2ForConditionalGeneration(Florence2Config(
+        text_config=dict(model_type="bart", vocab_size=len(tok), max_position_embeddings=320, encoder_layers=1,
+                         decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16, encoder_attention_heads=1,
+                         decoder_attention_heads=1, d_model=16, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                         decoder_start_token_id=2),
+        vision_config=dict(depths=[1], patch_size=[7], patch_stride=[4], patch_padding=[3], patch_prenorm=[False],
+                           embed_dim=[16], num_heads=[1], num_groups=[1], window_size=4, projection_dim=16),
+        image_token_id=tok.image_token_id))
+    seq = [2, 0] + tok.convert_tokens_to_ids(answer) + [2]
+    assert len(set(seq[1:-1])) == len(seq) - 2 and tok.unk_token_id not in seq
+    model.generation_config.sequence_bias = [[[a, b], 100.0] for a, b in zip(seq, seq[1:])]
+    model.save_pretrained(d)
+    return d
+
+@pytest.fixture(scope="module")
+def flo_dir(tmp_path_factory):
+    return florence_dir(str(tmp_path_factory.mktemp("florence")), ["a", "\u0120red", "\u0120circle", "<loc_100>",
+                                                                  "<loc_200>", "<loc_500>", "<loc_600>"])
+
+def test_florence2_detector_and_object_embedder(flo_dir, dino_dir):
+    det = R.Florence2Detector(flo_dir, max_new_tokens=12)
+    im = images(1, seed=3, size=(40, 30))[0]
+    found = det.detect(im, ["a red circle", "a blue square"])
+    # Florence-2's bins: 1000 per side, a box at each bin's centre, truncated to int pixels
+    W, H = im.size
+    expect = (int(100.5 * W / 1000), int(200.5 * H / 1000), int(500.5 * W / 1000), int(600.5 * H / 1000))
+    assert expect == (4, 6, 20, 18)
+    assert found == [[(expect, 1.0)], [(expect, 1.0)]]                       # the forced answer for both prompts
+    # both captions grounded on one box: one subject after the IoU dedup, a unit DINOv2 row
+    emb = R.ObjectEmbedder(det, R.DinoEmbedder(dino_dir)).subjects(im, ["a red circle", "a blue square"])
+    assert emb.shape == (1, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-6)
+    with pytest.raises(ValueError, match="captions"):
+        det.detect(im, None)
+
+@pytest.fixture(scope="module")
+def owl_dir(tmp_path_factory):
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+    d = str(tmp_path_factory.mktemp("owl"))
+    torch.manual_seed(3)
+    model = Owlv2ForObjectDetection(Owlv2Config(text_config=TEXT | dict(max_position_embeddings=16),
+                                                vision_config=VISION, projection_dim=32))
+    with torch.no_grad():   # the random heads saturate (sigmoid 1, zero-width boxes): shrink them towards the priors
+        for p in [*model.box_head.parameters(), *model.class_head.parameters()]:
+            p.mul_(0.01)
+    model.save_pretrained(d)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}),
+                   tokenizer=clip_tokenizer(d, max_len=16)).save_pretrained(d)
+    return d
+
+def test_owlv2_detector(owl_dir, dino_dir):
+    im = images(1, seed=4, size=(40, 30))[0]
+    phrases = ["a red cat", "a dog with a very long caption that owl must truncate"]
+    found = R.Owlv2Detector(owl_dir, threshold=0.0).detect(im, phrases)
+    assert len(found) == 2 and any(found)
+    for per_phrase in found:
+        assert len(per_phrase) <= 1
+        for (x0, y0, x1, y1), s in per_phrase:
+            assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 30 and x1 - x0 >= 1 and y1 - y0 >= 1 and 0 < s < 1
+    # each phrase's box, by hand: its highest-logit box, (cx, cy, w, h) of the padded 40 x 40 square, clipped
+    from transformers import Owlv2ForObjectDetection, Owlv2Processor
+    model, proc = Owlv2ForObjectDetection.from_pretrained(owl_dir).eval(), Owlv2Processor.from_pretrained(owl_dir)
+    with torch.no_grad():
+        out = model(**proc(text=[phrases], images=im, return_tensors="pt", truncation=True))
+    for q, per_phrase in enumerate(found):
+        k = out.logits[0, :, q].argmax()
+        cx, cy, w, h = (out.pred_boxes[0, k] * 40).tolist()
+        x0, y0, x1, y1 = max(cx - w / 2, 0), max(cy - h / 2, 0), min(cx + w / 2, 40), min(cy + h / 2, 30)
+        if per_phrase:
+            assert per_phrase[0][0] == pytest.approx((x0, y0, x1, y1), abs=1e-4)
+            assert per_phrase[0][1] == pytest.approx(out.logits[0, k, q].sigmoid().item(), abs=1e-6)
+        else:
+            assert x1 - x0 < 1 or y1 - y0 < 1
+    # a threshold no sigmoid passes: zero detections -> (0, D) subjects -> score 0, no error
+    obj = R.ObjectEmbedder(R.Owlv2Detector(owl_dir, threshold=1.0), R.DinoEmbedder(dino_dir))
+    assert obj.subjects(im, phrases).shape == (0, 32)
+    assert R.MultiIDReward(obj)([im], images(2, seed=5), phrases)["score"].tolist() == [0.0]
+
+def test_object_embedder_dedup_and_mask():
+    # two captions, three boxes: (0..10) twice-ish (IoU 0.81, the higher score stays) and a distinct one
+    class Det:
+        def detect(self, image, phrases):
+            return [[((0, 0, 10, 10), 0.5)], [((0, 0, 10, 9), 0.9), ((20, 5, 30, 15), 0.3)]]
+
+    class Sam:   # a mask: the left half of every box
+        def masks(self, image, boxes):
+            m = np.zeros((len(boxes), image.height, image.width), bool)
+            for k, (x0, y0, x1, y1) in enumerate(boxes):
+                m[k, int(y0):int(y1), int(x0):int((x0 + x1) / 2)] = True
+            return m
+
+    crops = []
+    embed = lambda ims: crops.extend(np.asarray(im) for im in ims) or np.eye(4)[:len(ims)]
+    im = Image.new("RGB", (40, 20), (10, 20, 30))
+    out = R.ObjectEmbedder(Det(), embed, Sam()).subjects(im, ["x", "y"])
+    assert out.shape == (2, 4) and [c.shape for c in crops] == [(9, 10, 3), (10, 10, 3)]
+    for c in crops:
+        assert (c[:, :5] == (10, 20, 30)).all() and (c[:, 5:] == 255).all()   # outside the mask: white
+
+# -----------------------------------------------------------------------------
+# faces
+
+def test_face_pack_missing_empty_or_corrupt(tmp_path, monkeypatch):
+    import insightface.app
+    real = insightface.app.FaceAnalysis
+    def no(*a, **k):
+        raise RuntimeError("insightface (or the network) must not be reached")
+    monkeypatch.setattr(insightface.app, "FaceAnalysis", no)
+    monkeypatch.setattr(socket.socket, "connect", no)
+    folder = tmp_path / "models" / "antelopev2"
+    for make in (False, True):                                          # no folder; a folder without .onnx
+        if make:
+            os.makedirs(folder)
+        with pytest.raises(R.RewardModelError) as e:
+            R.FaceEmbedder("antelopev2", str(tmp_path))
+        msg = str(e.value)
+        assert "antelopev2" in msg and str(folder) in msg and "model zoo" in msg and "\n" not in msg
+    # a corrupt .onnx: insightface itself fails, re-raised as one line
+    (folder / "det_10g.onnx").write_bytes(b"partial download")
+    monkeypatch.setattr(insightface.app, "FaceAnalysis", real)
+    with pytest.raises(R.RewardModelError, match="det_10g.onnx|antelopev2"):
+        R.FaceEmbedder("antelopev2", str(tmp_path))
+
+class Face:
+    def __init__(self, bbox, emb):
+        self.bbox, self.normed_embedding, self.det_score = np.asarray(bbox, np.float32), unit(*emb), 0.9
+
+class FakeApp:
+    # faces by image width: 20 px wide -> two faces (small, large), 30 -> none, 40 -> three
+    def __init__(self):
+        self.seen = []
+
+    def get(self, bgr):
+        self.seen.append(bgr)
+        return {20: [Face((0, 0, 4, 4), (1, 0, 0)), Face((2, 2, 12, 14), (0, 1, 0))], 30: [],
+                40: [Face((0, 0, 5, 5), (1, 0, 0)), Face((5, 5, 9, 9), (0, 0, 1)), Face((9, 0, 19, 9), (0, 1, 0))]
+                }[bgr.shape[1]]
+
+def test_face_embedder_with_fake_app():
+    app = FakeApp()
+    faces = R.FaceEmbedder(app=app)
+    refs = faces.references([Image.new("RGB", (20, 16), (200, 10, 0)), Image.new("RGB", (30, 16))])
+    np.testing.assert_array_equal(refs[0], [0, 1, 0])                  # the larger face (10x12), not the first
+    assert refs.shape == (2, 3) and not refs[1].any()                  # no face: a zero row
+    assert (app.seen[0][0, 0] == (0, 10, 200)).all()                   # insightface gets BGR
+    subj = faces.subjects(Image.new("RGB", (40, 16)))
+    np.testing.assert_array_equal(subj, [[1, 0, 0], [0, 0, 1], [0, 1, 0]])
+    assert faces.subjects(Image.new("RGB", (30, 16))).shape == (0, 512)
+    assert len(faces.detect(Image.new("RGB", (40, 16)))[0]) == 3
+
+# -----------------------------------------------------------------------------
+# flags, build_reward, the eval CLI on the toy world
+
+def test_reward_args_and_toy_reward():
+    p = argparse.ArgumentParser()
+    R.add_reward_args(p)
+    args = p.parse_args([])
+    assert args.reward == "toy" and R.reward_weights(args) == R.WEIGHTS["object"]
+    assert R.reward_weights(p.parse_args(["--reward", "human", "--w-id", "2"])) == dict(text=1.4, aes=0.7, id=2.0)
+    reward = R.build_reward(p.parse_args(["--w-aes", "0"]))
+    target, _, sprites, rec = D.toy_example(0, 0)
+    refs = [D.render_reference(s) for s in sprites]
+    out = reward([Image.fromarray(target)], rec["prompt"], refs, rec["captions"])
+    assert out["id"][0] == pytest.approx(1.0) and out["text"][0] == pytest.approx(1.0)
+    assert out["total"][0] == pytest.approx(1.4 * 1.0 + 1.0 * 1.0)
+
+def test_eval_cli_toy(tmp_path, capsys):
+    manifest = D.write_toy(str(tmp_path / "toy"), 4, seed=0)
+    recs = [json.loads(line) for line in open(manifest)]
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for r in recs[:2]:                                                 # the true targets as "generations"
+        shutil.copy(tmp_path / "toy" / r["target"], gen / f"{r['id']}.png")
+    Image.new("RGB", (32, 32), "white").save(gen / f"{recs[2]['id']}.png")   # a blank one; recs[3]: missing
+    out = tmp_path / "m.json"
+    assert R.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert [r["toy-ID"] for r in m["records"]] == pytest.approx([1.0, 1.0, 0.0])
+    assert m["n"] == 3 and len(m["missing"]) == 1 and m["missing"][0]["image"].endswith(f"{recs[3]['id']}.png")
+    assert m["mean"]["toy-ID"] == pytest.approx(2 / 3)
+    assert "| toy-ID |" in capsys.readouterr().out
+    # a missing manifest: exit 2, one line
+    assert R.main(["eval", "--manifest", str(tmp_path / "none.jsonl"), "--images", str(gen)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "none.jsonl" in err and "\n" not in err
+
+def test_object_reward_and_eval_wiring(tmp_path, flo_dir, dino_dir, clip_dir):
+    # --reward object through the flags, on tiny models: every metric present and in range
+    flags = ["--reward", "object", "--detector", flo_dir, "--dinov2", dino_dir, "--clip", clip_dir,
+             "--preference", clip_dir]
+    p = argparse.ArgumentParser()
+    R.add_reward_args(p)
+    reward = R.build_reward(p.parse_args(flags))
+    target, _, sprites, rec = D.toy_example(0, 1)
+    out = reward([Image.fromarray(target)], rec["prompt"], [D.render_reference(s) for s in sprites], rec["captions"])
+    assert out["total"][0] == pytest.approx(1.4 * out["text"][0] + 0.7 * out["aes"][0] + 1.0 * out["id"][0])
+    manifest = D.write_toy(str(tmp_path / "toy"), 1, seed=0)
+    shutil.copy(tmp_path / "toy" / "images" / "000000.png", tmp_path / "toy000000.png")
+    assert R.main(["eval", "--manifest", manifest, "--images", str(tmp_path)] + flags) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(m["mean"]) == {"CLIP-T", "HPS", "CLIP-I", "DINO-I"} and m["n"] == 1
+    assert all(-1 <= v <= 1 for v in m["mean"].values()) and 0 <= m["mean"]["DINO-I"] <= 1
