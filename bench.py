@@ -8,6 +8,7 @@ Performance measurements, each printed as a side-by-side ratio measured in one r
     python bench.py sft                          # SFT step with probe + Dice on vs off; our probe vs MOSAIC's
     python bench.py moe                          # MoE-LoRA top-1 of 4 vs one LoRA of the same rank
     python bench.py memory                       # per-GPU memory budget for flux-dev at the paper's settings
+    python bench.py rl                           # one IPPO iteration: DiT evaluations, peak memory T = 8 vs 16
 
 `dit`: a mid-sized FLUX (hidden 512, 8 heads of 64, 4 double + 8 single blocks) on 1024 image tokens (32x32),
 two 16x16 references with UNO ids and 128 text tokens, batch 1, fp32, guidance-embedded. diffusers' model gets
@@ -65,6 +66,12 @@ p.add_argument("--size", type=int, default=512)
 p.add_argument("--ref-size", type=int, default=320)
 p.add_argument("--refs", type=int, default=2)
 p.add_argument("--batch", type=int, default=1)
+p = sub.add_parser("rl", help="one IPPO iteration: DiT evaluations and peak memory at T = 8 vs T = 16")
+p.add_argument("--group", type=int, default=4, help="samples per prompt G")
+p.add_argument("--window", type=int, default=2, help="SDE window w")
+p.add_argument("--hidden", type=int, default=256, help="DiT width (heads of 64)")
+p.add_argument("--grid", type=int, default=16, help="target token grid side")
+p.add_argument("--seed", type=int, default=0)
 
 # -----------------------------------------------------------------------------
 # measuring tools shared by the subcommands
@@ -514,6 +521,56 @@ def memory(args):
               f"{(base + adam / 8 + a) / GiB:10.1f}")
     return {"frozen_params": frozen, "adapter_params": adapter, "activation_bytes": act, "activation_bytes_ckpt": act_ckpt}
 
+# -----------------------------------------------------------------------------
+# rl: one IPPO iteration (train_rl.py's rollout and GSPO update) at two trajectory lengths
+
+def rl(args):
+    """DiT rows (samples through the DiT) counted by a forward hook, split into rollout and update, and the peak
+    tensor memory of a whole iteration (rollout + reward-free GSPO update + backward) at T = 8 and T = 16. The
+    update holds the graphs of the w window steps only, so the peak should not grow with T."""
+    import data as D
+    import losses as LS
+    import model as M
+    import moe_lora as ML
+    import sample as S
+    import train_rl as TR
+    torch.manual_seed(args.seed)
+    cfg = M.get_config("toy", hidden_size=args.hidden, num_heads=args.hidden // 64, axes_dim=(16, 24, 24))
+    flux = M.Flux(cfg)
+    ML.inject(flux, rank=16)
+    for _, m in ML.adapters(flux):
+        torch.nn.init.normal_(m.up.weight, std=0.01)
+    ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), 2 * cfg.ae.factor
+    refs = [D.render_reference(D.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
+    c = S.prepare(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
+    G, w, rows = args.group, args.window, []
+    flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    adv = torch.linspace(-1, 1, G)
+
+    def iteration(T, l):
+        ts, window = S.get_schedule(T, args.grid ** 2), range(l, l + w)
+        _, tr, _ = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(0))
+        n_rollout = len(rows)
+        logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], [(ts[i], ts[i + 1]) for i in window], 0.7, 3.5)
+        LS.gspo_loss(logp, tr["old_logp"], adv)[0].backward()
+        flux.zero_grad(set_to_none=True)
+        return sum(rows[:n_rollout]), sum(rows[n_rollout:])
+
+    res = {}
+    print(f"one IPPO iteration, hidden {args.hidden}, {args.grid ** 2} image tokens + 2 refs, G {G}, w {w}, fp32 CPU")
+    for T in (8, 16):
+        for l in (0, T // 2):
+            rows.clear()
+            out = {}
+            mem = peak_memory(lambda: out.update(zip(("rollout", "update"), iteration(T, l))))
+            res[f"T{T}_l{l}"] = dict(out, peak_MiB=mem["tensors"] / 2 ** 20)
+            print(f"  T {T:2d}, window at {l:2d}: rollout {out['rollout']:3d} DiT rows (G T = {G * T}; the group shares "
+                  f"the {l} steps before the window: l + G (T - l) = {l + G * (T - l)}), update {out['update']} "
+                  f"(G w = {G * w}), peak {mem['tensors'] / 2 ** 20:.1f} MiB")
+    res["peak_ratio_T16_over_T8"] = res["T16_l0"]["peak_MiB"] / res["T8_l0"]["peak_MiB"]
+    print(f"  peak memory T = 16 / T = 8 (window at 0): {res['peak_ratio_T16_over_T8']:.3f} (target <= 1.1)")
+    return res
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    {"dit": dit, "sft": sft, "moe": moe, "memory": memory}[args.cmd](args)
+    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl}[args.cmd](args)

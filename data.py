@@ -284,6 +284,7 @@ class ManifestDataset(torch.utils.data.Dataset):
     n_failed: an epoch never stops half-way, and nothing is dropped silently (DataLoader workers each count
     and warn for themselves).
     self.skipped: [(line, field, why)] for records dropped here (n_skipped of them)."""
+    needs_target = True
     def __init__(self, manifest, size=32, ref_size=16, token_px=4, buckets=None, max_refs=None, verify=False):
         self.manifest, self.ref_size, self.token_px = manifest, ref_size, token_px
         self.buckets = [tuple(b) for b in buckets] if buckets else [(size, size)]
@@ -294,7 +295,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.records, self.keys = [], []
         for line, rec in parsed:
             r, bad = validate(rec, root, deep=verify)
-            if r is not None and r["target"] is None:
+            if r is not None and r["target"] is None and self.needs_target:
                 bad = [("target", "missing: training needs a target (RL records have none)")]
             elif r is not None and max_refs and len(r["refs"]) > max_refs:
                 bad = [("refs", f"{len(r['refs'])} references, more than max_refs = {max_refs}")]
@@ -302,7 +303,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 self.skipped += [(line, field, why) for field, why in bad]
                 continue
             self.records.append(dict(r, line=line))
-            self.keys.append((nearest_bucket(*r["size"], self.buckets), len(r["refs"])))
+            self.keys.append((nearest_bucket(*r["size"], self.buckets) if r["size"] else self.buckets[0], len(r["refs"])))
         self.n_skipped = len({line for line, _, _ in self.skipped})
         self.n_failed, self.failed = 0, set()
         if self.skipped:
@@ -367,6 +368,20 @@ class ManifestDataset(torch.utils.data.Dataset):
         points = points_to_tokens(pts, (R // tp, R // tp), (H // tp, W // tp))           # [(P_k, 2)]
         return dict(target=target, refs=torch.stack(refs), masks=masks, mask_valid=valid, points=points,
                     prompt=r["prompt"], index=i, bucket=(H, W))
+
+class PromptDataset(ManifestDataset):
+    """RL records (stage 3): a prompt and references (+ optional captions and kinds); a target is not needed
+    (ignored if there). Validation, skipping and replacing as ManifestDataset. Item: dict(prompt, refs [PIL,
+    padded square on white and resized to ref_size, as training and sampling see them], captions, kinds, index)."""
+    needs_target = False
+
+    def __init__(self, manifest, ref_size=16):
+        super().__init__(manifest, size=ref_size, ref_size=ref_size, token_px=1)
+
+    def load(self, i):
+        r = self.records[i]
+        return dict(prompt=r["prompt"], refs=[preprocess_ref(load_image(p), self.ref_size) for p in r["refs"]],
+                    captions=r.get("captions"), kinds=r.get("kinds"), index=i)
 
 def collate(items):
     """Items of one bucket key -> a batch: tensors stacked (target (B, 3, H, W), refs (B, N, 3, R, R), masks

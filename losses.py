@@ -6,6 +6,8 @@ Training objectives.
   SCAL     MOSAIC: each correspondence's target token should be where its reference token attends
   MDL      MOSAIC: the references' attention distributions should differ (negative symmetric KL or JS)
   balance  Switch Transformer load balance for MoE routers: E * sum_e f_e P_e (1 at uniform routing)
+  GSPO     MultiCrafter Eq. 7-8 (IPPO): a clipped sequence-level ratio over the window's denoising steps, with
+           group-normalized advantages (Eq. 3)
 
 The attention inputs come from model.AttentionProbe: `maps` (B, N, M) are distributions over the M target
 tokens (rows sum to 1), `logps` per reference (P_i, M) log-probabilities of selected reference rows.
@@ -89,3 +91,22 @@ def balance_loss(probs, idx, n_experts, mask=None):
 def mosaic_warmup(step, start=10_000, ramp=1_000):
     # MOSAIC's MDL weight: 0 until `start`, then linear to 1 over `ramp` steps
     return min(max((step - start) / ramp, 0.0), 1.0) if ramp > 0 else float(step >= start)
+
+def group_advantages(rewards, eps=1e-4, clip=5.0):
+    """Eq. 3 per group: rewards (P, G) for P prompts x G samples -> (R - mean) / (std + eps), clamped to
+    +-clip (MixGRPO: 5). A group whose samples all score alike gets zero advantages, not a division by 0."""
+    r = fp32(rewards)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)).clamp(-clip, clip)
+
+def gspo_loss(logp, old_logp, adv, eps_low=3e-4, eps_high=4e-4):
+    """MultiCrafter Eq. 7-8. logp, old_logp (B, w): per trajectory the log-probabilities of its w window steps
+    under pi_theta (with grad) and under pi_old (recorded in the rollout); adv (B,).
+      s_i = exp(mean_t [log pi_theta - log pi_old])                        (Eq. 7, the geometric-mean ratio)
+      L   = -mean_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)  (Eq. 8, maximized as -L)
+    Where min() takes the clipped branch the gradient is zero: for A > 0 once s > 1 + eps_high, for A < 0 once
+    s < 1 - eps_low. Returns (loss, s (B,) detached, clipped (B,) bool: trajectories whose gradient was cut)."""
+    s = torch.exp((fp32(logp) - fp32(old_logp)).mean(1))                             # (B,)
+    adv = fp32(adv)
+    surrogate = torch.minimum(s * adv, s.clamp(1 - eps_low, 1 + eps_high) * adv)
+    clipped = ((adv > 0) & (s > 1 + eps_high)) | ((adv < 0) & (s < 1 - eps_low))
+    return -surrogate.mean(), s.detach(), clipped

@@ -17,7 +17,7 @@ gate="switch" scales each expert by its softmax probability (Switch Transformer)
 import fnmatch
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -49,14 +49,14 @@ class LoRALinear(nn.Module):
         self.down = nn.Linear(base.in_features, rank, bias=False, device=dev)           # A (r, D_in)
         self.up = nn.Linear(rank, self.rows[1] - self.rows[0], bias=False, device=dev)  # B (D_out, r)
         nn.init.zeros_(self.up.weight)
-        self.merged = False
+        self.merged, self.enabled = False, True
 
     def delta(self, x):
         return self.scale * self.up(self.down(as_input(x, self.down.weight)))
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         a, b = self.rows
         d = self.delta(x).to(y.dtype)
@@ -97,6 +97,7 @@ class MoELoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.down.weight[e * rank:(e + 1) * rank], a=5 ** 0.5)
         nn.init.zeros_(self.up.weight)
         self.last_probs = self.last_idx = None           # for the balance loss (losses.py)
+        self.enabled = True
         self.register_buffer("load", torch.zeros(n_experts), persistent=False)   # routed tokens per expert
 
     def route(self, x):
@@ -116,6 +117,8 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        if not self.enabled:
+            return y
         probs, w, idx = self.route(x)
         self.last_probs, self.last_idx = probs, idx
         with torch.no_grad():
@@ -200,6 +203,20 @@ def merge(model):
 def unmerge(model):
     for _, m in adapters(model):
         m.unmerge()
+
+@contextmanager
+def disabled(model):
+    """Run `model` as its frozen base (every adapter a no-op): the reference policy of the RL KL term."""
+    mods = [m for _, m in adapters(model)]
+    if any(getattr(m, "merged", False) for m in mods):
+        raise ValueError("unmerge the LoRA before disabling it: a merged LoRA is inside the base weights")
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
 
 def save_adapter(model, path, cfg, extra_meta=None):
     """Adapter tensors + config (in the safetensors header) written atomically: tmp file, then rename."""

@@ -167,6 +167,15 @@ def encode_image(ae, img, device):
         return ae.encode(x.to(device, param_dtype(ae))).float()
 
 @torch.no_grad()
+def decode_images(ae, x, height, width):
+    # packed latents (B, L, C) -> B PIL images (W, H)
+    f = ae.p.factor
+    with M.autocast(x.device):
+        x = ae.decode(M.unpack(x, height // f, width // f).to(param_dtype(ae))).float().clamp(-1, 1)  # (B, 3, H, W)
+    x = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+@torch.no_grad()
 def prepare(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu"):
     """Everything Flux.forward needs for one sample. refs: preprocessed PIL images."""
     noise = get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, seed)           # (1, z, h, w)
@@ -283,17 +292,15 @@ def generate(args):
     timesteps = get_schedule(steps, inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if args.save_attn else None
     x = denoise(flux, **inp, timesteps=timesteps, guidance=args.guidance, probe=probe)
-    f = cfg.ae.factor
-    with torch.no_grad(), M.autocast(device):
-        x = ae.decode(M.unpack(x, H // f, W // f).to(param_dtype(ae))).float().clamp(-1, 1)   # (1, 3, H, W)
-    image = Image.fromarray(((x[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy())
+    image = decode_images(ae, x, H, W)[0]
 
     # 3. outputs: the image, its settings, the attention overlays
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     stem, files = os.path.splitext(args.out)[0], [args.out]
     if probe is not None:
         maps = probe.mean_map()[0].cpu()                                                   # (N_refs, H/2f * W/2f)
-        for i, over in enumerate(attention_overlays(image, maps, H // (2 * f), W // (2 * f))):
+        tok = 2 * cfg.ae.factor                                                            # px per token
+        for i, over in enumerate(attention_overlays(image, maps, H // tok, W // tok)):
             files.append(f"{stem}_attn{i}.png")
             write_atomic(files[-1], lambda fh, im=over: im.save(fh, format="PNG"))
     meta = dict(vars(args), seed=seed, steps=steps, width=W, height=H, ref_size=ref_size, arch=preset,

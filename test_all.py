@@ -1882,3 +1882,195 @@ def test_object_reward_and_eval_wiring(tmp_path, flo_dir, dino_dir, clip_dir):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m["mean"]) == {"CLIP-T", "HPS", "CLIP-I", "DINO-I"} and m["n"] == 1
     assert all(-1 <= v <= 1 for v in m["mean"].values()) and 0 <= m["mean"]["DINO-I"] <= 1
+
+# -----------------------------------------------------------------------------
+# IPPO (losses.py GSPO and advantages, train_rl.py)
+
+import losses as LS
+import sample as S
+import train_rl as TR
+
+@pytest.mark.parametrize("T,w,tau,s", [(16, 2, 50, 1), (8, 3, 2, 2), (5, 5, 1, 1), (10, 1, 3, 0), (6, 2, 1, 4)])
+def test_window_schedule_matches_algorithm_1(T, w, tau, s):
+    l, seen = 0, []                                       # Algorithm 1, lines 1-2 and 21-23, literally
+    for m in range(1, 40):
+        seen.append(l)
+        if m % tau == 0:
+            l = min(l + s, T - w)
+    assert [TR.window_start(m, T, w, tau, s) for m in range(1, 40)] == seen
+    assert all(0 <= l and l + w <= T for l in seen)       # the window never runs past the last step
+    with pytest.raises(ValueError):
+        TR.window_start(1, T, T + 1, tau, s)
+
+def test_group_advantages_hand_values():
+    r = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 100.0]])
+    a = LS.group_advantages(r, eps=0.0 + 1e-12, clip=1.5)
+    sd = math.sqrt(1.25)                                  # population std of 1, 2, 3, 4
+    assert torch.allclose(a[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / sd)
+    assert torch.equal(a[1], torch.zeros(4))              # a group that scores alike learns nothing
+    assert a[2].max() == 1.5 and torch.allclose(a[2, :3], torch.full((3,), -1 / math.sqrt(3)))   # clamped at 1.5
+
+def test_gspo_ratio_is_one_on_policy_and_the_gradient_is_the_policy_gradient():
+    torch.manual_seed(0)
+    old = torch.randn(5, 3, dtype=torch.float64)
+    logp = old.clone().requires_grad_(True)
+    adv = torch.randn(5, dtype=torch.float64)
+    loss, s, cut = LS.gspo_loss(logp, old, adv)
+    assert torch.equal(s, torch.ones(5, dtype=torch.float64)) and not cut.any()
+    loss.backward()
+    # -(1/B) sum_i A_i * (1/w) sum_t grad log pi: the REINFORCE form
+    assert torch.allclose(logp.grad, (-adv / (5 * 3))[:, None].expand(5, 3))
+    # off policy: the ratio is the geometric mean of the per-step ratios (Eq. 7)
+    shifted = old + torch.tensor([[1e-4, 2e-4, 3e-4]], dtype=torch.float64)
+    _, s, _ = LS.gspo_loss(shifted, old, adv, 1.0, 1.0)
+    assert torch.allclose(s, torch.full((5,), math.exp(2e-4), dtype=torch.float64))
+
+@pytest.mark.parametrize("adv,delta,cut", [(1.0, 1e-3, True), (1.0, -1e-3, False), (-1.0, -1e-3, True),
+                                           (-1.0, 1e-3, False), (1.0, 1e-4, False), (-1.0, -1e-4, False)])
+def test_gspo_clipping_stops_the_gradient_in_the_direction_of_the_advantage(adv, delta, cut):
+    # s = exp(delta); eps 3e-4 / 4e-4: A > 0 is cut once s > 1 + 4e-4, A < 0 once s < 1 - 3e-4
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    logp = torch.full((1, 2), delta, dtype=torch.float64, requires_grad=True)
+    loss, s, clipped = LS.gspo_loss(logp, old, torch.tensor([adv], dtype=torch.float64), 3e-4, 4e-4)
+    loss.backward()
+    assert bool(clipped[0]) == cut
+    if cut:
+        assert torch.equal(logp.grad, torch.zeros(1, 2, dtype=torch.float64))
+        assert loss.item() == pytest.approx(-adv * (1 + (4e-4 if adv > 0 else -3e-4)))
+    else:       # the unclipped branch: d(-s A)/d logp_t = -A s / w
+        assert torch.allclose(logp.grad, torch.full((1, 2), -adv * math.exp(delta) / 2, dtype=torch.float64))
+
+@pytest.fixture(scope="module")
+def rl_setup():
+    """A toy Flux with random adapters (not a no-op), its encoders and one group's conditioning."""
+    torch.manual_seed(0)
+    cfg = M.get_config("toy")
+    flux = M.Flux(cfg)
+    ML.inject(flux, rank=4)
+    for _, m in ML.adapters(flux):
+        torch.nn.init.normal_(m.up.weight, std=0.1)
+    ae, text = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg)
+    refs = [D.render_reference(D.SPRITES[3]), D.render_reference(D.SPRITES[77])]
+    c = prepare(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
+    return flux, c, get_schedule(6, 64)
+
+@pytest.mark.parametrize("l", [0, 2, 4])
+def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_setup, l):
+    flux, c, ts = rl_setup
+    G, window, rows = 4, range(l, l + 2), []
+    hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    x0, tr, n = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(1))
+    hook.remove()
+    # one DiT call per step; batch 1 before the window (the group's shared prefix), G from its start
+    assert rows == [1] * l + [G] * (6 - l) and n == sum(rows) <= G * 6
+    assert tr["x"].shape == tr["x_next"].shape == (G, 2, *c["img"].shape[1:]) and tr["old_logp"].shape == (G, 2)
+    assert (tr["x"][:, 0] == tr["x"][0, 0]).all()                # identical until the window's first SDE step
+    assert not torch.equal(x0[0], x0[1])                          # diverged after it
+    # the recorded log-probs are Gaussian log-densities of the recorded samples (torch.distributions)
+    steps = [(ts[i], ts[i + 1]) for i in window]
+    for j, (t, t_next) in enumerate(steps):
+        v = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
+        _, _, mean, std = sde_step(tr["x"][:, j], v, t, t_next, 0.7, prev=tr["x_next"][:, j])
+        ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(tr["x_next"][:, j].double())
+        torch.testing.assert_close(tr["old_logp"][:, j].double(), ref.flatten(1).mean(1), atol=1e-4, rtol=1e-5)
+    # replaying the window with the same weights gives pi_old's log-probs bit for bit: the ratio is exactly 1
+    rows.clear()
+    hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    hook.remove()
+    assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
+
+def test_policy_gradient_through_the_model_equals_the_reinforce_form(rl_setup):
+    # with theta = theta_old, grad GSPO = -(1/G) sum_i A_i (1/w) sum_t grad log N(x_t+1; mu_theta(x_t), std^2),
+    # the log-density written independently with torch.distributions
+    flux, c, ts = rl_setup
+    G, window = 4, range(2, 4)
+    steps = [(ts[i], ts[i + 1]) for i in window]
+    _, tr, _ = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(2))
+    adv = torch.tensor([1.0, -0.5, 2.0, -2.5])
+    params = [p for p in flux.parameters() if p.requires_grad]
+    logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    ours = torch.autograd.grad(LS.gspo_loss(logp, tr["old_logp"], adv)[0], params)
+    lp = []
+    for j, (t, t_next) in enumerate(steps):
+        v = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
+        _, _, mean, std = sde_step(tr["x"][:, j], v, t, t_next, 0.7, prev=tr["x_next"][:, j])
+        lp.append(torch.distributions.Normal(mean, std).log_prob(tr["x_next"][:, j]).flatten(1).mean(1))
+    ref = torch.autograd.grad(-(adv * torch.stack(lp, 1).mean(1)).mean(), params)
+    assert sum(g.abs().sum() for g in ref) > 0
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-4)
+
+def test_kl_to_the_base_model_matches_torch_distributions(rl_setup):
+    flux, c, ts = rl_setup
+    window = range(1, 3)
+    steps = [(ts[i], ts[i + 1]) for i in window]
+    _, tr, _ = TR.rollout(flux, c, 3, ts, window, 0.7, 3.5, torch.Generator().manual_seed(4))
+    _, mean, std = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    kl = TR.kl_to_base(flux, c, tr["x"], tr["x_next"], mean, std, steps, 0.7, 3.5)
+    ref = []
+    for j, (t, t_next) in enumerate(steps):
+        with ML.disabled(flux):
+            v0 = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
+        base = sde_step(tr["x"][:, j], v0, t, t_next, 0.7, prev=tr["x_next"][:, j])[2]
+        d = torch.distributions.kl_divergence(torch.distributions.Normal(mean[:, j], std[j]),
+                                              torch.distributions.Normal(base, std[j]))
+        ref.append(d.flatten(1).mean(1))
+    torch.testing.assert_close(kl, torch.stack(ref, 1).mean(1))
+    assert (kl > 0).all()
+    f = M.Flux(M.get_config("toy"))
+    ML.inject(f, rank=4)                                        # fresh adapters are the base: KL 0
+    _, mean0, std0 = TR.WindowPolicy(f)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    assert torch.equal(TR.kl_to_base(f, c, tr["x"], tr["x_next"], mean0, std0, steps, 0.7, 3.5), torch.zeros(3))
+
+def rl(out, manifest, base, *extra):
+    TR.main(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps", "4",
+             "--window", "2", "--tau", "1", "--stride", "1", "--group", "4", "--lr", "1e-2", *extra])
+
+def test_train_rl_end_to_end_logs_moves_the_window_and_resumes_exactly(toy_run, tmp_path):
+    root, manifest = toy_run
+    f = M.Flux(M.get_config("toy"))                               # a stage-2 adapter to start from
+    acfg = ML.inject(f, rank=4)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight, std=0.05)
+    ML.save_adapter(f, str(tmp_path / "stage2.safetensors"), acfg)
+    common = ["--adapter", str(tmp_path / "stage2.safetensors"), "--kl", "0.01", "--ckpt-every", "2"]
+    rl(tmp_path / "full", manifest, root / "base", *common, "--iters", "4", "--val-data", manifest, "--val-n", "2",
+       "--val-seeds", "1", "--eval-every", "2")
+    rl(tmp_path / "cut", manifest, root / "base", *common, "--iters", "2")
+    rl(tmp_path / "cut", manifest, root / "base", *common, "--iters", "4", "--resume")
+    log = read_log(tmp_path / "full")
+    train = [r for r in log if "r_total" in r]
+    assert [r["window"] for r in train] == [0, 1, 2, 2]           # tau 1, stride 1, stops at T - w = 2
+    for r in train:
+        assert all(math.isfinite(r[k]) for k in ("r_text", "r_aes", "r_id", "r_total", "ratio_mean", "clip_frac",
+                                                 "loss", "kl", "grad_norm"))
+        assert r["dit_rollout"] == r["window"] + 4 * (4 - r["window"]) and r["dit_update"] == 4 * 2
+        assert r["ratio_min"] <= 1 <= r["ratio_max"] or r["ratio_min"] == r["ratio_max"] == 1
+    assert [r["iter"] for r in log if "val_total" in r] == [0, 2, 4]
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "full" / "latest" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "latest" / "adapter.safetensors"))
+    start = load_file(str(tmp_path / "stage2.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)                # resume: bitwise on CPU
+    assert any(not torch.equal(a[k], start[k]) for k in a)        # and the adapter did learn
+    assert [r["r_total"] for r in read_log(tmp_path / "full") if "r_total" in r] == \
+           [r["r_total"] for r in read_log(tmp_path / "cut") if "r_total" in r]
+
+def test_train_rl_torchrun_two_ranks_equals_one_process(toy_run, tmp_path):
+    root, manifest = toy_run
+    common = ["train_rl.py", "--data", manifest, "--init", str(root / "base"), "--rank", "4", "--steps", "4",
+              "--group", "4", "--iters", "2", "--lr", "1e-2", "--minibatches", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True, text=True, timeout=300)
+    one = run(*common, "--prompts", "2", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    for r1, r2 in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
+        assert r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6) and r1["dit_rollout"] == r2["dit_rollout"]
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "two" / "latest" / "adapter.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

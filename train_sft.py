@@ -31,18 +31,8 @@ import losses as LS
 import model as M
 import moe_lora as ML
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
-    g.add_argument("--cache", default=None, help="instead of --data: a `data.py cache` folder (text embeddings and "
-                   "latents precomputed: no text encoder or VAE in memory)")
-    g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
-                   "attention share at eval steps")
-    g.add_argument("--size", type=int, default=None, help="target side in px (default: 32 toy, 512 flux)")
-    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
-    g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
-                   "square targets (each batch from one bucket)")
+def add_model_args(p):
+    # the base model and its adapters: shared with train_rl.py
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="toy", choices=sorted(M.CONFIGS))
     g.add_argument("--init", default=None, help="toy: a checkpoint folder (flux/text_encoder.safetensors); "
@@ -57,6 +47,20 @@ def build_parser():
     g.add_argument("--gate", default="st", choices=["st", "switch", "paper"])
     g.add_argument("--lora-targets", nargs="*", default=list(ML.DEFAULT_LORA))
     g.add_argument("--moe-targets", nargs="*", default=list(ML.DEFAULT_MOE))
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
+    g.add_argument("--cache", default=None, help="instead of --data: a `data.py cache` folder (text embeddings and "
+                   "latents precomputed: no text encoder or VAE in memory)")
+    g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
+                   "attention share at eval steps")
+    g.add_argument("--size", type=int, default=None, help="target side in px (default: 32 toy, 512 flux)")
+    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
+    g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
+                   "square targets (each batch from one bucket)")
+    add_model_args(p)
     g = p.add_argument_group("losses")
     g.add_argument("--stage", default="multi", choices=["base", "single", "multi"])
     g.add_argument("--lambda-attn", type=float, default=0.3, help="Dice attention loss weight (paper 0.3)")
@@ -152,6 +156,16 @@ def build_models(args, device):
         acfg = ML.inject(flux, lora, moe, args.rank, args.alpha, max(args.experts, 1), args.top_k, args.gate)
     flux.to(device)                                           # new adapter tensors onto the device, fp32
     return flux, ae, text, [p for p in flux.parameters() if p.requires_grad], acfg
+
+def build_optimizer(params, lr, weight_decay, zero=False):
+    # AdamW, no decay on biases and norms; zero: ZeRO-1, optimizer states sharded across ranks
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 class Denoiser(torch.nn.Module):
     """What one training forward runs, and what DDP wraps: prompts through the text encoder (trained in the
@@ -320,15 +334,7 @@ def main(argv=None):
     flux, ae, text, params, acfg = build_models(args, device)
     denoiser = Denoiser(flux, text).train()
     model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
-    decay = [p for p in params if p.ndim >= 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay},          # no decay on biases, norms
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if args.zero and ddp:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        opt = ZeroRedundancyOptimizer(groups, torch.optim.AdamW, lr=args.lr)
-    else:
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    opt = build_optimizer(params, args.lr, args.weight_decay, args.zero and ddp)
     step = 0
     if args.resume and os.path.exists(os.path.join(args.out, "latest")):
         step = load_checkpoint(args.out, flux, text, acfg, opt)

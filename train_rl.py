@@ -1,0 +1,316 @@
+"""
+Stage 3 of MultiCrafter: Identity-Preserving Preference Optimization (IPPO; section 4.4, Algorithm 1).
+GSPO over a MixGRPO sliding window of SDE steps inside an ODE trajectory, rewarded by Eq. 9.
+
+One iteration m:
+  1. rollout with the current weights (pi_old), no grad. For each prompt + references, G samples from ONE
+     initial noise: Euler ODE steps outside the window W(l) = [l, l + w), Flow-GRPO SDE steps inside (fp32).
+     The group is identical until the window (same noise, deterministic steps), so that prefix runs once at
+     batch 1 and the group splits where the noise enters: l + G (T - l) DiT evaluations, at most G T.
+     Each window step keeps (x_t, x_t+1, log pi_old(x_t+1 | x_t)): old log-probs are recorded, never recomputed.
+  2. reward (Eq. 9) of each decoded image; advantages normalized within the group (Eq. 3), clamped.
+  3. update: each group's G trajectories are split into --minibatches, one optimizer step each; the window
+     steps are scored under pi_theta (G w DiT evaluations with grad over the iteration: memory grows with w, not
+     T), s_i = exp(mean_t log pi_theta - log pi_old) (Eq. 7) and GSPO's clipped loss (Eq. 8), + beta KL to the
+     base model (adapters off). The first minibatch has s = 1; later ones are off-policy and the clip acts.
+  4. every tau iterations the window moves s steps on, never past the last step: l = min(l + s, T - w).
+
+    python train_rl.py --init runs/base/latest --adapter runs/multi/latest/adapter.safetensors \\
+        --data data/toy/manifest.jsonl --val-data data/toy_val/manifest.jsonl --out runs/rl --iters 200
+    torchrun --nproc_per_node=2 train_rl.py ...                       # DDP: each rank rolls out its own prompts
+    torchrun --nproc_per_node=16 train_rl.py --preset flux-dev --adapter multi/adapter.safetensors \\
+        --data rl.jsonl --reward human --steps 16 --window 2 --tau 50 --stride 1 --group 12 --grad-checkpoint
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+import losses as LS
+import model as M
+import moe_lora as ML
+import rewards as R
+import sample as S
+import train_sft as T
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
+    g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps")
+    g.add_argument("--val-n", type=int, default=32, help="held-out records evaluated")
+    g.add_argument("--val-seeds", type=int, default=2, help="samples per held-out record")
+    g.add_argument("--size", type=int, default=None, help="image side in px (default: 32 toy, 512 flux)")
+    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
+    T.add_model_args(p)
+    g = p.add_argument_group("IPPO (paper: T 16, w 2, tau 50, s 1)")
+    g.add_argument("--steps", type=int, default=16, help="sampling steps T")
+    g.add_argument("--window", type=int, default=2, help="SDE window size w")
+    g.add_argument("--tau", type=int, default=50, help="iterations between window moves")
+    g.add_argument("--stride", type=int, default=1, help="steps the window moves each time (0: frozen)")
+    g.add_argument("--group", type=int, default=12, help="samples per prompt G (one initial noise)")
+    g.add_argument("--eta", type=float, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
+    g.add_argument("--guidance", type=float, default=3.5, help="distilled guidance, as sample.py")
+    g.add_argument("--clip-low", type=float, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
+    g.add_argument("--clip-high", type=float, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
+    g.add_argument("--adv-clip", type=float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
+    g.add_argument("--kl", type=float, default=0.0, help="beta: KL to the base model with adapters off")
+    R.add_reward_args(p)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--iters", type=int, default=300, help="training iterations M (paper 300)")
+    g.add_argument("--prompts", type=int, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
+    g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout (split of each group)")
+    g.add_argument("--micro-batch", type=int, default=None, help="trajectories per forward (default: a whole "
+                   "minibatch share of a group); fewer saves memory")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True)
+    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ckpt-every", type=int, default=50)
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--device", default=None)
+    p.set_defaults(stage="rl", cache=None)          # what train_sft.build_models reads
+    return p
+
+# -----------------------------------------------------------------------------
+# the window schedule (Algorithm 1, lines 1 and 21-22) and the data order: pure functions of the iteration,
+# so a resumed run needs no state beyond the step count
+
+def window_start(m, T, w, tau, s):
+    """Left edge l of W(l) at iteration m = 1, 2, ...: it starts at 0 and after every tau-th iteration moves
+    to min(l + s, T - w), so the window [l, l + w) never runs past the last step T - 1."""
+    if not 1 <= w <= T:
+        raise ValueError(f"--window {w} must be between 1 and --steps {T}")
+    return min(s * ((m - 1) // tau), T - w)
+
+def record_of(n, seed, k):
+    # the k-th prompt of the run: epochs of n records, each reshuffled by (seed, epoch)
+    epoch, i = divmod(k, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[i])
+
+# -----------------------------------------------------------------------------
+# rollout and the policy's log-probabilities
+
+def expand(z, B):
+    return z.expand(B, *z.shape[1:])
+
+def velocity(flux, x, c, t, guidance):
+    """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded)."""
+    B, dev = x.shape[0], x.device
+    with M.autocast(dev):
+        v = flux(x, expand(c["img_ids"], B), expand(c["txt"], B), expand(c["txt_ids"], B),
+                 torch.full((B,), t, device=dev), expand(c["y"], B), torch.full((B,), guidance, device=dev),
+                 [expand(r, B) for r in c["ref_img"]], [expand(r, B) for r in c["ref_img_ids"]])
+    return v.float()
+
+@torch.no_grad()
+def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
+    """One group (Algorithm 1, lines 6-15). c: sample.prepare's output (its img is the group's one noise).
+    -> final latents (G, L, C), window record dict(x, x_next (G, w, L, C), old_logp (G, w)), DiT rows used."""
+    x, rows, xs, nxt, lps = c["img"].float(), 0, [], [], []
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        if i == window.start:
+            x = x.repeat(G, 1, 1)                                     # the group splits where the noise enters
+        v = velocity(flux, x, c, t, guidance)
+        rows += x.shape[0]
+        if i in window:                                               # SDE step: pi_old's sample and log-prob
+            x_next, lp, _, _ = S.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
+            xs.append(x)
+            nxt.append(x_next)
+            lps.append(lp)
+        else:                                                         # ODE step (Euler), deterministic
+            x_next = S.euler_step(x, v, t, t_next)
+        x = x_next
+    return x, dict(x=torch.stack(xs, 1), x_next=torch.stack(nxt, 1), old_logp=torch.stack(lps, 1)), rows
+
+class WindowPolicy(torch.nn.Module):
+    """log pi_theta(x_t+1 | x_t) of recorded window steps: what DDP wraps. All w steps run inside one forward,
+    so DDP sees one forward per backward; the w graphs are what the update holds in memory (not T)."""
+    def __init__(self, flux):
+        super().__init__()
+        self.flux = flux
+
+    def forward(self, c, x, x_next, steps, eta, guidance):
+        # x, x_next (B, w, L, C); steps: the window's [(t, t_next)] -> logp (B, w), mean (B, w, L, C), std [w]
+        out = [S.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
+               for j, (t, t_next) in enumerate(steps)]
+        return torch.stack([o[1] for o in out], 1), torch.stack([o[2] for o in out], 1), [o[3] for o in out]
+
+def kl_to_base(flux, c, x, x_next, mean, std, steps, eta, guidance):
+    """KL(pi_theta || pi_base) per trajectory (B,), mean over window steps and elements. Both policies are
+    Gaussians with the step's std, so per element KL = (mu_theta - mu_base)^2 / (2 std^2) exactly (Flow-GRPO
+    uses the same form without the step's dt in std). pi_base: the same model with its adapters off."""
+    with torch.no_grad(), ML.disabled(flux):
+        base = torch.stack([S.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
+                                       prev=x_next[:, j])[2] for j, (t, t_next) in enumerate(steps)], 1)
+    kl = [((mean[:, j] - base[:, j]) ** 2 / (2 * std[j] ** 2)).flatten(1).mean(1) for j in range(len(steps))]
+    return torch.stack(kl, 1).mean(1)
+
+# -----------------------------------------------------------------------------
+# held-out evaluation: deterministic ODE samples, the same reward
+
+@torch.no_grad()
+def evaluate(flux, ae, text, dataset, reward, args, device):
+    """Mean of every reward term over the first val_n records x val_seeds fixed seeds (Euler, no SDE)."""
+    flux.eval()
+    sums, n = {}, 0
+    for i in range(min(args.val_n, len(dataset))):
+        rec, images = dataset[i], []
+        for k in range(args.val_seeds):
+            c = S.prepare(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size, 10_000 * k + i,
+                          device=device)
+            x = S.denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False)
+            images += S.decode_images(ae, x, args.size, args.size)
+        terms = reward(images, rec["prompt"], rec["refs"], rec["captions"])
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+        n += len(images)
+    flux.train()
+    return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+
+# -----------------------------------------------------------------------------
+
+def gather(values, ddp):
+    # every rank's list of numbers -> one list (the logs cover all ranks' groups)
+    if not ddp:
+        return list(values)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(values))
+    return [v for part in out for v in part]
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    ddp, rank, world, device = T.setup_dist(args.device)
+    master = rank == 0
+    cfg = M.get_config(args.preset)
+    d, mult = S.DEFAULTS[args.preset], 2 * cfg.ae.factor
+    args.size, args.ref_size = args.size or d["size"], args.ref_size or d["ref_size"]
+    G, P, n_mini = args.group, args.prompts, args.minibatches
+    args.micro_batch = args.micro_batch or G // max(n_mini, 1)
+    if args.size % mult or args.ref_size % mult:
+        raise S.InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
+    if G < 2 or n_mini < 1 or G % n_mini or (G // n_mini) % args.micro_batch:
+        raise S.InputError(f"need --group >= 2 divisible by --minibatches {n_mini}, and the minibatch share of a "
+                           f"group ({G // max(n_mini, 1)}) divisible by --micro-batch {args.micro_batch}")
+    window_start(1, args.steps, args.window, args.tau, args.stride)          # validates w and T now
+    args.timesteps = S.get_schedule(args.steps, (args.size // mult) ** 2, shift=cfg.shift_schedule)
+
+    dataset = D.PromptDataset(args.data, args.ref_size)
+    val = D.PromptDataset(args.val_data, args.ref_size) if args.val_data and master else None
+    reward = R.build_reward(args, device)
+    flux, ae, text, params, acfg = T.build_models(args, device)
+    policy = WindowPolicy(flux).train()
+    model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy
+    opt = T.build_optimizer(params, args.lr, args.weight_decay)
+    step = 0
+    if args.resume and os.path.exists(os.path.join(args.out, "latest")):
+        step = T.load_checkpoint(args.out, flux, text, acfg, opt)
+        T.print0(f"resumed from iteration {step}")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        T.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
+                 f"prompts, {world} rank(s) x {P} prompt(s) x group {G}, T {args.steps}, window {args.window}")
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    def write(rec):
+        if "val_total" in rec:
+            T.print0(json.dumps(rec))
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+    if val is not None and step == 0:
+        write({"iter": 0, **evaluate(flux, ae, text, val, reward, args, device)})
+
+    bad_steps, bar = 0, tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
+    for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
+        t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
+        window = range(l, l + args.window)
+        steps = [(args.timesteps[i], args.timesteps[i + 1]) for i in window]
+        # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
+        groups, terms, rows_rollout = [], [], 0
+        for j in range(P):
+            k = ((m - 1) * world + rank) * P + j                 # the run's k-th prompt: same on 1 or N ranks
+            rec = dataset[record_of(len(dataset), args.seed, k)]
+            seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
+            c = S.prepare(cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size, seed, device=device)
+            x0, traj, rows = rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
+                                     torch.Generator().manual_seed(seed + 1))
+            rows_rollout += rows
+            images = S.decode_images(ae, x0, args.size, args.size)
+            terms.append(reward(images, rec["prompt"], rec["refs"], rec["captions"]))
+            groups.append(dict(c=c, **traj))
+        total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
+        adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # Eq. 3
+
+        # ---- 3. GSPO updates: minibatch q takes the q-th share of every group ----
+        share, b = G // n_mini, args.micro_batch
+        ratios, clipped, losses, kls, gnorms = [], [], [], [], []
+        for q in range(n_mini):
+            chunks = [(p, slice(a, a + b)) for p in range(P) for a in range(q * share, (q + 1) * share, b)]
+            for i, (p, sl) in enumerate(chunks):
+                gr = groups[p]
+                sync = nullcontext() if not ddp or i == len(chunks) - 1 else model.no_sync()
+                with sync:
+                    logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
+                    loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
+                    if args.kl > 0:
+                        kl = kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
+                                        args.guidance).mean()
+                        loss = loss + args.kl * kl
+                        kls.append(kl.item())
+                    (loss * b / (P * share)).backward()          # the minibatch's mean over its trajectories
+                ratios += s.tolist()
+                clipped += cut.tolist()
+                losses.append(loss.item())
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if torch.isfinite(gnorm):
+                opt.step()
+            else:
+                bad_steps += 1
+                T.print0(f"iteration {m}: non-finite gradient, update skipped ({bad_steps} so far)")
+            opt.zero_grad(set_to_none=True)
+            gnorms.append(gnorm.item())
+        bar.update(1)
+
+        # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations ----
+        per_term = {k: gather(np.concatenate([t[k] for t in terms]).tolist(), ddp) for k in terms[0]}
+        ratios, clipped = gather(ratios, ddp), gather(clipped, ddp)
+        rec = {"iter": m, "window": l, **{f"r_{k}": float(np.mean(v)) for k, v in per_term.items()},
+               "r_group_std": float(np.mean(gather(total.std(1, unbiased=False).tolist(), ddp))),
+               "adv_abs": float(np.mean(gather(adv.abs().flatten().tolist(), ddp))),
+               "ratio_mean": float(np.mean(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
+               "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
+               **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
+               "grad_norm": float(np.mean(gnorms)), "skipped": bad_steps,
+               "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
+               "sec": time.time() - t0}
+        if master:
+            bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
+            write(rec)
+        if val is not None and (m % args.eval_every == 0 or m == args.iters):
+            write({"iter": m, **evaluate(flux, ae, text, val, reward, args, device)})
+        if m % args.ckpt_every == 0 or m == args.iters:
+            if master:
+                T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep)
+            if ddp:
+                dist.barrier()
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (M.CheckpointError, D.DataError, S.InputError, R.RewardModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
