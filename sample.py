@@ -37,7 +37,8 @@ def build_parser():
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="default: 50 dev, 4 schnell, 20 toy")
-    g.add_argument("--guidance", type=float, default=3.5, help="distilled guidance (ignored by schnell)")
+    g.add_argument("--guidance", type=float, default=None, help="distilled guidance (default: 3.5 flux, 1 toy, "
+                   "which trains with 1 as UNO does; ignored by schnell)")
     g.add_argument("--seed", type=int, default=None, help="default: a random seed (saved in the JSON)")
     g.add_argument("--width", type=int, default=None, help="default: 512 flux, 32 toy")
     g.add_argument("--height", type=int, default=None)
@@ -46,8 +47,9 @@ def build_parser():
     g.add_argument("--save-attn", action="store_true", help="also write one attention overlay per reference")
     return p
 
-DEFAULTS = {"flux-dev": dict(steps=50, size=512, ref_size=320), "flux-schnell": dict(steps=4, size=512, ref_size=320),
-            "toy": dict(steps=20, size=32, ref_size=16)}
+DEFAULTS = {"flux-dev": dict(steps=50, size=512, ref_size=320, guidance=3.5),
+            "flux-schnell": dict(steps=4, size=512, ref_size=320, guidance=3.5),
+            "toy": dict(steps=20, size=32, ref_size=16, guidance=1.0)}
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
 
 # -----------------------------------------------------------------------------
@@ -266,6 +268,7 @@ def generate(args):
     d, mult = DEFAULTS[preset], 2 * M.get_config(preset).ae.factor
     pick = lambda value, default: default if value is None else value      # 0 is a value, not "unset"
     steps, ref_size, seed = pick(args.steps, d["steps"]), pick(args.ref_size, d["ref_size"]), pick(args.seed, None)
+    guidance = pick(args.guidance, d["guidance"])
     seed = secrets.randbelow(2 ** 31) if seed is None else seed
     W, H = (pick(args.width, d["size"]) // mult * mult, pick(args.height, d["size"]) // mult * mult)  # BFL rounds down
     if steps < 1 or W < mult or H < mult or ref_size < mult:
@@ -291,7 +294,7 @@ def generate(args):
     inp = prepare(cfg, ae, text, args.prompt, refs, W, H, seed, args.pe, device)
     timesteps = get_schedule(steps, inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if args.save_attn else None
-    x = denoise(flux, **inp, timesteps=timesteps, guidance=args.guidance, probe=probe)
+    x = denoise(flux, **inp, timesteps=timesteps, guidance=guidance, probe=probe)
     image = decode_images(ae, x, H, W)[0]
 
     # 3. outputs: the image, its settings, the attention overlays
@@ -303,8 +306,8 @@ def generate(args):
         for i, over in enumerate(attention_overlays(image, maps, H // tok, W // tok)):
             files.append(f"{stem}_attn{i}.png")
             write_atomic(files[-1], lambda fh, im=over: im.save(fh, format="PNG"))
-    meta = dict(vars(args), seed=seed, steps=steps, width=W, height=H, ref_size=ref_size, arch=preset,
-                weights=weights, device=str(device), ref_sizes=[r.size for r in refs], files=files)
+    meta = dict(vars(args), seed=seed, steps=steps, guidance=guidance, width=W, height=H, ref_size=ref_size,
+                arch=preset, weights=weights, device=str(device), ref_sizes=[r.size for r in refs], files=files)
     write_atomic(stem + ".json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     write_atomic(args.out, lambda fh: image.save(fh, format="PNG"))
     print(f"wrote {', '.join(files)} and {stem}.json (seed {seed})", file=sys.stderr)

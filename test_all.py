@@ -627,6 +627,7 @@ def test_cli_end_to_end(tmp_path, refs):
     meta = json.loads((tmp_path / "o" / "img.json").read_text())
     assert meta["prompt"] == "a red ball" and meta["refs"] == refs and meta["seed"] == 7 and meta["steps"] == 3
     assert (meta["width"], meta["height"], meta["model"], meta["pe"]) == (32, 32, "toy", "d")
+    assert meta["guidance"] == 1.0                     # the toy trains with guidance 1 (as UNO): it samples with 1
     attn = sorted(f for f in os.listdir(tmp_path / "o") if "_attn" in f)
     assert attn == [f"img_attn{i}.png" for i in range(4)]
     assert all(Image.open(tmp_path / "o" / f).size == (32, 32) for f in attn)

@@ -58,7 +58,8 @@ def build_parser():
     g.add_argument("--stride", type=int, default=1, help="steps the window moves each time (0: frozen)")
     g.add_argument("--group", type=int, default=12, help="samples per prompt G (one initial noise)")
     g.add_argument("--eta", type=float, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
-    g.add_argument("--guidance", type=float, default=3.5, help="distilled guidance, as sample.py")
+    g.add_argument("--guidance", type=float, default=None, help="distilled guidance (default: sample.py's, 3.5 "
+                   "flux, 1 toy)")
     g.add_argument("--clip-low", type=float, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
     g.add_argument("--clip-high", type=float, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
     g.add_argument("--adv-clip", type=float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
@@ -197,6 +198,7 @@ def main(argv=None):
     cfg = M.get_config(args.preset)
     d, mult = S.DEFAULTS[args.preset], 2 * cfg.ae.factor
     args.size, args.ref_size = args.size or d["size"], args.ref_size or d["ref_size"]
+    args.guidance = d["guidance"] if args.guidance is None else args.guidance
     G, P, n_mini = args.group, args.prompts, args.minibatches
     args.micro_batch = args.micro_batch or G // max(n_mini, 1)
     if args.size % mult or args.ref_size % mult:
