@@ -2024,6 +2024,20 @@ def test_kl_to_the_base_model_matches_torch_distributions(rl_setup):
     _, mean0, std0 = TR.WindowPolicy(f)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
     assert torch.equal(TR.kl_to_base(f, c, tr["x"], tr["x_next"], mean0, std0, steps, 0.7, 3.5), torch.zeros(3))
 
+def test_prompt_dataset_reads_rl_records(tmp_path):
+    # RL records need no target; a bad one is skipped with the others kept; references come preprocessed
+    D.render_reference(D.SPRITES[0], 20).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 10), "red").save(tmp_path / "b.png")
+    lines = [{"prompt": "a thing", "refs": ["a.png", "b.png"], "captions": ["x", "y"]},
+             {"prompt": "gone", "refs": ["missing.png"]}, {"prompt": "", "refs": ["a.png"]}]
+    (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    ds = D.PromptDataset(str(tmp_path / "rl.jsonl"), ref_size=16)
+    assert len(ds) == 1 and ds.n_skipped == 2
+    item = ds[0]
+    assert item["prompt"] == "a thing" and item["captions"] == ["x", "y"] and item["kinds"] is None
+    assert [r.size for r in item["refs"]] == [(16, 16), (16, 16)]
+    assert item["refs"][1].getpixel((8, 0)) == (255, 255, 255) and item["refs"][1].getpixel((8, 8))[0] > 200
+
 def rl(out, manifest, base, *extra):
     TR.main(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps", "4",
              "--window", "2", "--tau", "1", "--stride", "1", "--group", "4", "--lr", "1e-2", *extra])

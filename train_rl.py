@@ -203,9 +203,10 @@ def main(argv=None):
     args.micro_batch = args.micro_batch or G // max(n_mini, 1)
     if args.size % mult or args.ref_size % mult:
         raise S.InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
-    if G < 2 or n_mini < 1 or G % n_mini or (G // n_mini) % args.micro_batch:
-        raise S.InputError(f"need --group >= 2 divisible by --minibatches {n_mini}, and the minibatch share of a "
-                           f"group ({G // max(n_mini, 1)}) divisible by --micro-batch {args.micro_batch}")
+    if G < 2 or n_mini < 1 or G % n_mini:
+        raise S.InputError(f"--group {G} must be >= 2 and divisible by --minibatches {n_mini}")
+    if (G // n_mini) % args.micro_batch:
+        raise S.InputError(f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
     window_start(1, args.steps, args.window, args.tau, args.stride)          # validates w and T now
     args.timesteps = S.get_schedule(args.steps, (args.size // mult) ** 2, shift=cfg.shift_schedule)
 
