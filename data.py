@@ -303,7 +303,8 @@ class ManifestDataset(torch.utils.data.Dataset):
                 self.skipped += [(line, field, why) for field, why in bad]
                 continue
             self.records.append(dict(r, line=line))
-            self.keys.append((nearest_bucket(*r["size"], self.buckets) if r["size"] else self.buckets[0], len(r["refs"])))
+            bucket = nearest_bucket(*r["size"], self.buckets) if r["size"] else self.buckets[0]   # RL: no target
+            self.keys.append((bucket, len(r["refs"])))
         self.n_skipped = len({line for line, _, _ in self.skipped})
         self.n_failed, self.failed = 0, set()
         if self.skipped:

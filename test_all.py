@@ -2089,3 +2089,32 @@ def test_train_rl_torchrun_two_ranks_equals_one_process(toy_run, tmp_path):
     b = load_file(str(tmp_path / "two" / "latest" / "adapter.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, tmp_path, monkeypatch):
+    root, manifest = toy_run
+    common = ["--stage", "multi", "--init", str(root / "base"), "--lambda-attn", "0", "--ckpt-every", "1"]
+    real_fm, real_gspo, n = LS.flow_matching_loss, LS.gspo_loss, [0]
+    def fm_nan_on_call_2(*a, **k):
+        n[0] += 1
+        return real_fm(*a, **k) * (float("nan") if n[0] == 2 else 1.0)
+    monkeypatch.setattr(LS, "flow_matching_loss", fm_nan_on_call_2)
+    sft(tmp_path / "sft", manifest, *common, "--steps", "3")
+    assert [r["skipped"] for r in read_log(tmp_path / "sft")] == [0, 1, 1]
+    # every step non-finite from here: the run stops after --max-bad-steps in a row; the checkpoint is intact
+    from safetensors.torch import load_file
+    before = load_file(str(tmp_path / "sft" / "latest" / "adapter.safetensors"))
+    monkeypatch.setattr(LS, "flow_matching_loss", lambda *a, **k: real_fm(*a, **k) * float("inf"))
+    with pytest.raises(TS.TrainingError, match="3 non-finite gradients in a row"):
+        sft(tmp_path / "sft", manifest, *common, "--steps", "20", "--max-bad-steps", "3", "--resume")
+    after = load_file(str(tmp_path / "sft" / "latest" / "adapter.safetensors"))
+    assert all(torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all() for k in before)
+    # the RL trainer: one poisoned minibatch is skipped and counted
+    monkeypatch.setattr(LS, "flow_matching_loss", real_fm)
+    calls = [0]
+    def gspo_nan_on_call_3(*a, **k):
+        calls[0] += 1
+        loss, s, cut = real_gspo(*a, **k)
+        return loss * (float("nan") if calls[0] == 3 else 1.0), s, cut
+    monkeypatch.setattr(LS, "gspo_loss", gspo_nan_on_call_3)
+    rl(tmp_path / "rl", manifest, root / "base", "--iters", "2", "--minibatches", "2", "--micro-batch", "2")
+    assert [r["skipped"] for r in read_log(tmp_path / "rl")] == [0, 1]

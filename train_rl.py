@@ -74,6 +74,7 @@ def build_parser():
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite updates in a row")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True)
     g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
@@ -234,7 +235,7 @@ def main(argv=None):
     if val is not None and step == 0:
         write({"iter": 0, **evaluate(flux, ae, text, val, reward, args, device)})
 
-    bad_steps, bar = 0, tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
+    bad, bar = T.BadSteps(args.max_bad_steps), tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
     for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
         t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
         window = range(l, l + args.window)
@@ -276,11 +277,8 @@ def main(argv=None):
                 clipped += cut.tolist()
                 losses.append(loss.item())
             gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if torch.isfinite(gnorm):
+            if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
                 opt.step()
-            else:
-                bad_steps += 1
-                T.print0(f"iteration {m}: non-finite gradient, update skipped ({bad_steps} so far)")
             opt.zero_grad(set_to_none=True)
             gnorms.append(gnorm.item())
         bar.update(1)
@@ -294,7 +292,7 @@ def main(argv=None):
                "ratio_mean": float(np.mean(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
                "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
                **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
-               "grad_norm": float(np.mean(gnorms)), "skipped": bad_steps,
+               "grad_norm": float(np.mean(gnorms)), "skipped": bad.total,
                "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
                "sec": time.time() - t0}
         if master:
@@ -314,6 +312,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (M.CheckpointError, D.DataError, S.InputError, R.RewardModelError) as e:
+    except (M.CheckpointError, D.DataError, S.InputError, R.RewardModelError, T.TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

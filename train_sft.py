@@ -81,6 +81,7 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--clip", type=float, default=1.0)
     g.add_argument("--zero", action="store_true", help="shard optimizer states across ranks (ZeRO-1)")
+    g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True)
     g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
@@ -112,6 +113,26 @@ def setup_dist(device_arg):
 def print0(*a):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*a, file=sys.stderr)
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (it diverged): the message says why; the last checkpoint is intact."""
+
+class BadSteps:
+    """Skips an update whose gradient norm is NaN or inf (every rank sees the same, all-reduced norm) and counts
+    it; `limit` of them in a row stop the run with a TrainingError, its last checkpoint untouched."""
+    def __init__(self, limit):
+        self.limit, self.total, self.in_row = limit, 0, 0
+
+    def ok(self, grad_norm, where):
+        if torch.isfinite(grad_norm):
+            self.in_row = 0
+            return True
+        self.total, self.in_row = self.total + 1, self.in_row + 1
+        print0(f"{where}: non-finite gradient, update skipped ({self.total} so far, {self.in_row} in a row)")
+        if self.in_row >= self.limit:
+            raise TrainingError(f"{where}: {self.in_row} non-finite gradients in a row (--max-bad-steps): stopped; "
+                                f"the last checkpoint is intact (try a lower --lr, or check the data, then --resume)")
+        return False
 
 # -----------------------------------------------------------------------------
 # models
@@ -364,7 +385,7 @@ def main(argv=None):
             epochs[e] = D.batches(dataset, args.batch_size, args.seed, e)
         return epochs[e][i]
 
-    t0, t0_step, bad_steps = time.time(), step, 0
+    t0, t0_step, bad = time.time(), step, BadSteps(args.max_bad_steps)
     bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.stage)
     while step < args.steps:
         # ---- forward / backward over grad_accum micro-batches (DDP syncs on the last) ----
@@ -383,11 +404,8 @@ def main(argv=None):
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
         # ---- clip, skip non-finite steps, update ----
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        if torch.isfinite(gnorm):
+        if bad.ok(gnorm, f"step {step + 1}"):
             opt.step()
-        else:
-            bad_steps += 1
-            print0(f"step {step}: non-finite gradient, update skipped ({bad_steps} so far)")
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
@@ -397,7 +415,7 @@ def main(argv=None):
             if ddp:
                 dist.all_reduce(vals)
                 vals /= world
-            rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad_steps,
+            rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad.total,
                    "samples_per_s": args.batch_size * micro_per_step * (step - t0_step) / (time.time() - t0),
                    **dict(zip(sorted(sums), vals.tolist()))}
             t0, t0_step = time.time(), step
@@ -430,6 +448,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (M.CheckpointError, D.DataError) as e:
+    except (M.CheckpointError, D.DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
