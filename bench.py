@@ -9,6 +9,7 @@ Performance measurements, each printed as a side-by-side ratio measured in one r
     python bench.py moe                          # MoE-LoRA top-1 of 4 vs one LoRA of the same rank
     python bench.py memory                       # per-GPU memory budget for flux-dev at the paper's settings
     python bench.py rl                           # one IPPO iteration: DiT evaluations, peak memory T = 8 vs 16
+    python bench.py faults                       # kill -9 toy training runs at random points, resume, compare
 
 `dit`: a mid-sized FLUX (hidden 512, 8 heads of 64, 4 double + 8 single blocks) on 1024 image tokens (32x32),
 two 16x16 references with UNO ids and 128 text tokens, batch 1, fp32, guidance-embedded. diffusers' model gets
@@ -72,6 +73,11 @@ p.add_argument("--window", type=int, default=2, help="SDE window w")
 p.add_argument("--hidden", type=int, default=256, help="DiT width (heads of 64)")
 p.add_argument("--grid", type=int, default=16, help="target token grid side")
 p.add_argument("--seed", type=int, default=0)
+p = sub.add_parser("faults", help="kill -9 toy train_sft / train_rl runs (also mid-checkpoint), resume, compare")
+p.add_argument("--kills", type=int, default=6, help="kill points per trainer (every other one during a checkpoint write)")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+p.add_argument("--table", default=None, help="also write the markdown table to this file")
 
 # -----------------------------------------------------------------------------
 # measuring tools shared by the subcommands
@@ -571,6 +577,84 @@ def rl(args):
     print(f"  peak memory T = 16 / T = 8 (window at 0): {res['peak_ratio_T16_over_T8']:.3f} (target <= 1.1)")
     return res
 
+# -----------------------------------------------------------------------------
+# faults: SIGKILL a toy training run at random points and while it writes a checkpoint, then resume
+
+def checkpoints_intact(out):
+    """Every ckpt-* folder loads whole (adapter, optimizer state with weights_only, args) and OUT/latest names
+    one. -> (ok, steps of the checkpoints, step of latest or 0)."""
+    from safetensors.torch import load_file
+    steps = []
+    for d in sorted(x for x in os.listdir(out) if x.startswith("ckpt-")):
+        load_file(os.path.join(out, d, "adapter.safetensors"))
+        state = torch.load(os.path.join(out, d, "train_state.pt"), map_location="cpu", weights_only=True)
+        json.load(open(os.path.join(out, d, "args.json")))
+        steps.append(state["step"])
+    latest = os.path.join(out, "latest")
+    if not os.path.lexists(latest):
+        return not steps, steps, 0
+    return os.path.isdir(latest), steps, int(os.path.basename(os.path.realpath(latest))[5:])
+
+def faults(args):
+    """For train_sft.py (stage multi) and train_rl.py on a random toy base: one uninterrupted run, then
+    `--kills` runs killed with SIGKILL (a random moment after a random checkpoint, or while one is being
+    written: the moment its temporary folder appears), each checked for intact checkpoints and resumed with
+    --resume to the end. The final adapter must equal the uninterrupted run's bit for bit (CPU)."""
+    import random, subprocess, sys, tempfile
+    import data as D
+    import model as M
+    from safetensors.torch import load_file, save_file
+    work, rng = args.work or tempfile.mkdtemp(prefix="faults-"), random.Random(args.seed)
+    manifest = D.write_toy(os.path.join(work, "data"), 16, seed=0)
+    base = os.path.join(work, "base")
+    os.makedirs(base, exist_ok=True)
+    torch.manual_seed(0)
+    save_file(M.Flux(M.get_config("toy")).state_dict(), os.path.join(base, "flux.safetensors"))
+    save_file(M.ByteTextEncoder(M.get_config("toy")).state_dict(), os.path.join(base, "text_encoder.safetensors"))
+    here, env = os.path.dirname(os.path.abspath(__file__)), dict(os.environ, OMP_NUM_THREADS="1")
+    # (script, checkpoints it writes: one per step, arguments)
+    runs = [("train_sft.py", 8, ["--stage", "multi", "--steps", "8", "--batch-size", "2", "--lambda-attn", "0.3"]),
+            ("train_rl.py", 6, ["--iters", "6", "--steps", "4", "--group", "4"])]
+    rows = []
+    for script, n, extra in runs:
+        cmd = lambda out, *more: [sys.executable, os.path.join(here, script), "--data", manifest, "--init", base,
+                                  "--rank", "4", "--lr", "1e-2", "--ckpt-every", "1", "--out", out, *extra, *more]
+        ref = os.path.join(work, script[:-3], "uninterrupted")
+        subprocess.run(cmd(ref), env=env, check=True, capture_output=True)
+        want = load_file(os.path.join(ref, "latest", "adapter.safetensors"))
+        for k in range(args.kills):
+            out = os.path.join(work, script[:-3], f"kill{k}")
+            proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            j, point = rng.randint(1, n - 1), None                 # a checkpoint of the run, not the last
+            while proc.poll() is None and point is None:
+                if k % 2 and os.path.isdir(f"{out}/.tmp-ckpt-{j:07d}"):   # while checkpoint j is being written
+                    point = f"writing checkpoint {j}"
+                elif not k % 2 and os.path.isdir(f"{out}/ckpt-{j:07d}"):  # a random moment after checkpoint j
+                    wait = rng.uniform(0.0, 0.5)
+                    time.sleep(wait)
+                    point = f"{wait:.2f} s after checkpoint {j}"
+            if proc.poll() is not None:
+                rows.append((script, "(finished before the kill)", "-", "-", "-"))
+                continue
+            proc.kill()
+            proc.wait()
+            try:
+                ok, steps, latest = checkpoints_intact(out)
+                state = f"{'intact' if ok else 'BROKEN'}: {steps}"
+            except Exception as e:                     # a checkpoint that does not load: the failure to report
+                latest, state = 0, f"BROKEN ({type(e).__name__}: {str(e)[:60]})"
+            r = subprocess.run(cmd(out, "--resume"), env=env, capture_output=True, text=True)
+            got = load_file(os.path.join(out, "latest", "adapter.safetensors")) if r.returncode == 0 else {}
+            same = got.keys() == want.keys() and all(torch.equal(want[n], got[n]) for n in want)
+            rows.append((script, point, state, str(latest), "yes" if same else f"NO (exit {r.returncode})"))
+    lines = ["| trainer | killed (SIGKILL) | checkpoints after the kill | resumed from | final adapter = uninterrupted |",
+             "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    print("\n".join(lines))
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return rows
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl}[args.cmd](args)
+    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl, "faults": faults}[args.cmd](args)
