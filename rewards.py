@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
 import data as D
 from sample import InputError, load_image, write_atomic
@@ -578,7 +579,7 @@ def evaluate(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = build_metrics(args, device)
     rows, missing, bad = [], [], [dict(line=line, why=why) for line, _, why in problems]
-    for i, (line, raw) in enumerate(records):
+    for i, (line, raw) in enumerate(tqdm(records, desc="eval", disable=len(records) < 2)):
         rec, why = D.validate(raw, root, deep=False)
         if rec is None:
             bad.append(dict(line=line, why="; ".join(f"{f}: {w}" for f, w in why)))
