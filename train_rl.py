@@ -12,7 +12,7 @@ One iteration m:
   3. update: each group's G trajectories are split into --minibatches, one optimizer step each; the window
      steps are scored under pi_theta (G w DiT evaluations with grad over the iteration: memory grows with w, not
      T), s_i = exp(mean_t log pi_theta - log pi_old) (Eq. 7) and GSPO's clipped loss (Eq. 8), + beta KL to the
-     base model (adapters off). The first minibatch has s = 1; later ones are off-policy and the clip acts.
+     base model (adapters off). The first minibatch has s = 1; later ones are off-policy and the clip can act.
   4. every tau iterations the window moves s steps on, never past the last step: l = min(l + s, T - w).
 
     python train_rl.py --init runs/base/latest --adapter runs/multi/latest/adapter.safetensors \\
@@ -46,7 +46,8 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
     g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps")
-    g.add_argument("--val-n", type=int, default=32, help="held-out records evaluated")
+    g.add_argument("--val-n", type=int, default=32, help="held-out records evaluated (by rank 0, while the other "
+                   "ranks wait at their next collective: keep it small under torchrun)")
     g.add_argument("--val-seeds", type=int, default=2, help="samples per held-out record")
     g.add_argument("--size", type=int, default=None, help="image side in px (default: 32 toy, 512 flux)")
     g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
