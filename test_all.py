@@ -2062,7 +2062,12 @@ def test_train_rl_end_to_end_logs_moves_the_window_and_resumes_exactly(toy_run, 
                                                  "loss", "kl", "grad_norm"))
         assert r["dit_rollout"] == r["window"] + 4 * (4 - r["window"]) and r["dit_update"] == 4 * 2
         assert r["ratio_min"] <= 1 <= r["ratio_max"] or r["ratio_min"] == r["ratio_max"] == 1
-    assert [r["iter"] for r in log if "val_total" in r] == [0, 2, 4]
+    val = [r for r in log if "val_total" in r]
+    assert [r["iter"] for r in val] == [0, 2, 4]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "full" / "best.safetensors"), framework="pt") as f:    # the best held-out adapter
+        best = max(val, key=lambda r: r["val_total"])
+        assert int(f.metadata()["iter"]) == best["iter"] and float(f.metadata()["val_total"]) == best["val_total"]
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "full" / "latest" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cut" / "latest" / "adapter.safetensors"))

@@ -45,7 +45,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
-    g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps")
+    g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps; "
+                   "the best adapter is kept as OUT/best.safetensors")
     g.add_argument("--val-n", type=int, default=32, help="held-out records evaluated (by rank 0, while the other "
                    "ranks wait at their next collective: keep it small under torchrun)")
     g.add_argument("--val-seeds", type=int, default=2, help="samples per held-out record")
@@ -233,8 +234,20 @@ def main(argv=None):
             T.print0(json.dumps(rec))
         log.write(json.dumps(rec) + "\n")
         log.flush()
+    def validate(m):
+        # the held-out reward; the adapter with the best so far is also kept as OUT/best.safetensors (its header
+        # holds the iteration and the reward, so a resumed run compares against it)
+        rec = {"iter": m, **evaluate(flux, ae, text, val, reward, args, device)}
+        write(rec)
+        best = os.path.join(args.out, "best.safetensors")
+        if os.path.exists(best):
+            from safetensors import safe_open
+            with safe_open(best, framework="pt") as f:
+                if float(f.metadata()["val_total"]) >= rec["val_total"]:
+                    return
+        ML.save_adapter(flux, best, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
     if val is not None and step == 0:
-        write({"iter": 0, **evaluate(flux, ae, text, val, reward, args, device)})
+        validate(0)
 
     bad, bar = T.BadSteps(args.max_bad_steps), tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
     for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
@@ -300,7 +313,7 @@ def main(argv=None):
             bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
             write(rec)
         if val is not None and (m % args.eval_every == 0 or m == args.iters):
-            write({"iter": m, **evaluate(flux, ae, text, val, reward, args, device)})
+            validate(m)
         if m % args.ckpt_every == 0 or m == args.iters:
             if master:
                 T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep)
