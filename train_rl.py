@@ -258,14 +258,14 @@ def main(argv=None):
         groups, terms, rows_rollout = [], [], 0
         for j in range(P):
             k = ((m - 1) * world + rank) * P + j                 # the run's k-th prompt: same on 1 or N ranks
-            rec = dataset[record_of(len(dataset), args.seed, k)]
+            item = dataset[record_of(len(dataset), args.seed, k)]
             seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
-            c = S.prepare(cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size, seed, device=device)
+            c = S.prepare(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, device=device)
             x0, traj, rows = rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
                                      torch.Generator().manual_seed(seed + 1))
             rows_rollout += rows
             images = S.decode_images(ae, x0, args.size, args.size)
-            terms.append(reward(images, rec["prompt"], rec["refs"], rec["captions"]))
+            terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
             groups.append(dict(c=c, **traj))
         total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
         adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # Eq. 3
