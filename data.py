@@ -1,10 +1,13 @@
 """
-Data: manifests of (target, prompt, references, masks, correspondences), their checker and cache, and the
-procedural toy world.
+Data: manifests of (target, prompt, references, masks, correspondences), their checker and cache, the
+procedural toy world, and curation of your own videos and photos into manifests.
 
     python data.py check data/manifest.jsonl        # every bad record as file:line: field: why; exit 1 if any
     python data.py toy --out data/toy --n 10000 --seed 0 --subjects 2 3
     python data.py cache --manifest data/toy/manifest.jsonl --out data/toy_cache --model toy --checkpoint assets/toy
+    python data.py curate --videos my/clips --out data/mine       # or --pairs my/pairs; faces need insightface
+    python data.py curate-objects --manifest musar/manifest.jsonl --out data/musar   # masks from captions
+    python data.py correspond --manifest data/mine/manifest.jsonl --out data/mine_pts   # SCAL points (DINOv2)
 
 A manifest is JSONL, one record a line, paths relative to the manifest's folder (and confined to it):
   {"target": "t.jpg", "prompt": "a cat and a dog", "refs": ["cat.png", "dog.png"], "masks": ["m0.png", "m1.png"],
@@ -856,8 +859,9 @@ def region_masks(image, boxes, masker=None):
     return out
 
 def curate_pair(ref_frame, tgt_frame, faces, threshold=0.5, min_size=256, min_subjects=2, margin=0.4, masker=None):
-    """One reference frame and one target frame -> (reference crops [PIL], square target PIL, masks [uint8], cosines),
-    subjects left to right in the target; or Drop with the reason."""
+    """One reference frame and one target frame -> (reference crops [PIL], square target PIL, masks [uint8], info:
+    the verified pairs' cosines and how many reference-frame faces found no partner), subjects left to right in the
+    target; or Drop with the reason."""
     for name, im in (("reference", ref_frame), ("target", tgt_frame)):
         if min(im.size) < min_size:
             raise Drop("too_small", f"the {name} frame is {im.size[0]}x{im.size[1]}, under --min-size {min_size}")
@@ -873,7 +877,7 @@ def curate_pair(ref_frame, tgt_frame, faces, threshold=0.5, min_size=256, min_su
     boxes = [(x0 - left, y0 - top, x1 - left, y1 - top) for x0, y0, x1, y1 in (tgt_faces[j][0] for _, j, _ in pairs)]
     masks = region_masks(target, [person_box(b, s, s) for b in boxes] if masker else boxes, masker)
     refs = [face_crop(ref_frame, ref_faces[i][0], margin) for i, _, _ in pairs]
-    return refs, target, masks, [c for _, _, c in pairs]
+    return refs, target, masks, dict(cosines=[round(c, 4) for _, _, c in pairs], unverified=len(ref_faces) - len(pairs))
 
 def curate(items, out, faces, prompt=DEFAULT_PROMPT, caption=None, **opts):
     """`python data.py curate`: items (video_items / pair_items) -> out/manifest.jsonl, out/images/<id>.jpg (the
@@ -884,7 +888,7 @@ def curate(items, out, faces, prompt=DEFAULT_PROMPT, caption=None, **opts):
     tally, records, generic, used = Tally("inputs"), [], 0, set()
     for name, source, read, text in tqdm(items, desc="curate", disable=len(items) < 2):
         try:
-            refs, target, masks, cosines = curate_pair(*read(), faces, **opts)
+            refs, target, masks, info = curate_pair(*read(), faces, **opts)
         except Drop as d:
             tally.drop(source, d)
             continue
@@ -903,13 +907,14 @@ def curate(items, out, faces, prompt=DEFAULT_PROMPT, caption=None, **opts):
             save_image(ref, os.path.join(out, r))
             save_image(Image.fromarray(m), os.path.join(out, mp))
         records.append(rec)
-        tally.keep(source, id=key, subjects=len(refs), cosines=[round(c, 4) for c in cosines])
+        tally.keep(source, id=key, subjects=len(refs), **info)
     os.makedirs(out, exist_ok=True)
     path = write_manifest(out, records)
     if generic:
         print(f"warning: {generic} of {len(records)} records have the generic prompt {prompt!r}: give each clip a "
               f"caption (<clip>.txt beside a video, <pair>/prompt.txt)", file=sys.stderr)
-    return tally.write(out, manifest=path, generic_prompts=generic)
+    return tally.write(out, manifest=path, generic_prompts=generic,
+                       unverified_faces=sum(i.get("unverified", 0) for i in tally.items))
 
 # --- existing manifests: object masks, correspondences
 
@@ -928,11 +933,14 @@ def place(path, root, out):
         os.replace(tmp, dst)
     return rel
 
-def manifest_records(manifest, tally):
+def manifest_records(manifest, out, tally):
     """-> (root, [(source "manifest:line", validated record)]); records that do not parse or validate go to the
-    tally as bad_record."""
+    tally as bad_record. The input manifest is never the output."""
+    if os.path.realpath(os.path.join(out, "manifest.jsonl")) == os.path.realpath(manifest):
+        raise InputError(f"{manifest}: --out {out} would overwrite it; choose another folder")
     records, problems = read_manifest(manifest)
     root = os.path.dirname(os.path.abspath(manifest))
+    os.makedirs(out, exist_ok=True)
     for line, _, why in problems:
         tally.drop(f"{manifest}:{line}", Drop("bad_record", why))
     out = []
@@ -974,7 +982,7 @@ def curate_objects(manifest, out, detect, masker=None, iou_max=0.7):
     per subject (its caption's box, or SAM2's mask in it) in out/object_masks/; records with masks pass unchanged.
     -> the summary (out/manifest.jsonl, out/summary.json)."""
     tally = Tally("records")
-    root, todo = manifest_records(manifest, tally)
+    root, todo = manifest_records(manifest, out, tally)
     records, given = [], 0
     for n, (source, r) in enumerate(tqdm(todo, desc="curate-objects", disable=len(todo) < 2)):
         try:
@@ -1045,7 +1053,7 @@ def correspond(manifest, out, features):
     """`python data.py correspond`: points for every record with masks (replacing any it had), written with the
     record to out/manifest.jsonl; records without masks pass unchanged (counted). -> the summary."""
     tally = Tally("records")
-    root, todo = manifest_records(manifest, tally)
+    root, todo = manifest_records(manifest, out, tally)
     records, no_masks, counts = [], 0, []
     for source, r in tqdm(todo, desc="correspond", disable=len(todo) < 2):
         if r["masks"] is None:
@@ -1072,6 +1080,8 @@ def run_curation(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.cmd != "curate":
         check_file(args.manifest)                            # before any model loads
+    elif not (0 <= args.ref_at <= 1 and 0 <= args.target_at <= 1 and args.min_subjects >= 1):
+        raise InputError("--ref-at and --target-at are shares of a clip, in [0, 1]; --min-subjects is at least 1")
     masker = R.Sam2Masker(args.sam2, device).masks if getattr(args, "sam2", None) else None
     if args.cmd == "curate":
         folder = args.videos or args.pairs

@@ -2227,7 +2227,10 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
     d = tmp_path / "pairs"
     for name, ref, tgt in (("p0", [("A", 4, 20), ("B", 60, 20)], [("B", 50, 4), ("A", 70, 36)]),   # swapped sides
                            ("p1", [("A", 4, 20), ("B", 60, 20)], [("A", 30, 20)]),                  # one face
-                           ("p2", [("F", 4, 20), ("C", 60, 20)], [("C", 4, 4), ("F", 30, 36)])):
+                           ("p2", [("F", 4, 20), ("C", 60, 20), ("A", 32, 36)],             # A: not in the
+                            [("C", 4, 4), ("F", 30, 36)]),                                     # target
+                           ("p4", [("A", 4, 20), ("B", 60, 20)], [("A", 0, 4), ("B", 72, 36)])):    # 96 px apart
+
         (d / name).mkdir(parents=True)
         Image.fromarray(scene(ref)[0]).save(d / name / "ref.png")
         Image.fromarray(scene(tgt)[0]).save(d / name / "target.png")
@@ -2237,7 +2240,9 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
     out = tmp_path / "out"
     s = D.curate(D.pair_items(str(d)), str(out), toy_faces(), min_size=32,
                  caption=lambda target, refs: f"{len(refs)} sprites, {target.size[0]} px")
-    assert s["kept"] == 2 and s["dropped"] == {"too_few_faces": 1, "unreadable": 1}
+    assert s["kept"] == 2 and s["unverified_faces"] == 1
+    assert s["dropped"] == {"no_square_fit": 1, "too_few_faces": 1, "unreadable": 1}
+    assert [i["unverified"] for i in s["items"] if i["kept"]] == [0, 1]
     recs = {r["id"]: r for r in read_jsonl(out / "manifest.jsonl")}
     assert recs["p0"]["prompt"] == "swapped" and recs["p2"]["prompt"] == "2 sprites, 64 px"
     # p0: the subjects sit right of centre, so the 64 px square is pushed against the right edge: x from 32
@@ -2248,7 +2253,7 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / recs["p0"]["masks"][k])), expect)
         assert identity(Image.open(out / recs["p0"]["refs"][k])) == SPR["BA"[k]]
     # p2: each reference is its face box grown by 0.4 x the longer side each way, clipped to the frame (F's, left)
-    ref_img, ref_boxes = scene([("F", 4, 20), ("C", 60, 20)])
+    ref_img, ref_boxes = scene([("F", 4, 20), ("C", 60, 20), ("A", 32, 36)])
     for k, (x0, y0, x1, y1) in zip((1, 0), ref_boxes):       # in the target C is left of F: F is subject 1
         half, cx, cy = 0.9 * max(x1 - x0, y1 - y0), (x0 + x1) / 2, (y0 + y1) / 2
         l, t = max(0, round(cx - half)), max(0, round(cy - half))
@@ -2271,6 +2276,8 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
     w, h = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
     assert seen[0][0] == (max(0, x0 - w), max(0, y0 - h / 2), x0 + 2 * w, 64.0)
     assert m.sum() == 3 * (64 - int(max(0, y0 - h / 2))) and not m[0, 63]
+    with pytest.raises(D.Drop, match="empty"):
+        D.region_masks(Image.new("RGB", (8, 8)), [(0, 0, 4, 4)], lambda image, boxes: np.zeros((1, 8, 8), bool))
 
 def test_curate_real_models_without_weights_are_one_line_errors(tmp_path, capsys, toy_manifest):
     (tmp_path / "clips").mkdir()
@@ -2324,6 +2331,8 @@ def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo
                 box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
                 np.testing.assert_array_equal(m, exact if masker else box)
         assert got[recs[6]["id"]]["masks"] == recs[6]["masks"]                       # given masks pass unchanged
+    with pytest.raises(InputError, match="overwrite"):
+        D.curate_objects(toy_manifest, root, toy_detector)
     # the real Florence-2 path (the tiny model answers one box for every phrase): a box mask, or one object twice
     (tmp_path / "flo").mkdir()
     images(1, seed=3, size=(40, 30))[0].save(tmp_path / "flo" / "t.png")
