@@ -943,14 +943,14 @@ def manifest_records(manifest, out, tally):
     os.makedirs(out, exist_ok=True)
     for line, _, why in problems:
         tally.drop(f"{manifest}:{line}", Drop("bad_record", why))
-    out = []
+    good = []
     for line, raw in records:
         r, bad = validate(raw, root, deep=False)
         if r is None:
             tally.drop(f"{manifest}:{line}", Drop("bad_record", "; ".join(f"{f}: {w}" for f, w in bad)))
         else:
-            out.append((f"{manifest}:{line}", r))
-    return root, out
+            good.append((f"{manifest}:{line}", r))
+    return root, good
 
 def record_out(r, root, out, **new):
     """A validated record -> its JSON for a manifest in out (files placed there), with the fields in new replaced."""
@@ -1144,12 +1144,12 @@ def main(argv=None):
     o.add_argument("--out", required=True)
     o.add_argument("--detector", default=None, help="detector folder or repo id (default: the kind's repo)")
     o.add_argument("--detector-kind", default="florence2", choices=["florence2", "owlv2"])
-    c = sub.add_parser("correspond", help="SCAL points: mutual nearest DINOv2 patches, reference <-> its mask")
-    c.add_argument("--manifest", required=True)
-    c.add_argument("--out", required=True)
-    c.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 folder or repo id")
-    c.add_argument("--patch-side", type=int, default=224, help="images go to DINOv2 at this side (14 px patches)")
-    for q in (v, o, c):
+    cr = sub.add_parser("correspond", help="SCAL points: mutual nearest DINOv2 patches, reference <-> its mask")
+    cr.add_argument("--manifest", required=True)
+    cr.add_argument("--out", required=True)
+    cr.add_argument("--dinov2", default="facebook/dinov2-base", help="DINOv2 folder or repo id")
+    cr.add_argument("--patch-side", type=int, default=224, help="images go to DINOv2 at this side (14 px patches)")
+    for q in (v, o, cr):
         q.add_argument("--device", default=None, help="default: cuda if available")
     for q in (v, o):
         q.add_argument("--sam2", default=None, help="SAM2 folder or repo id: masks from it (default: boxes)")
