@@ -320,6 +320,22 @@ class DinoEmbedder:
         cls = self.model(pixel_values=px).last_hidden_state[:, 0]                       # (N, D)
         return F.normalize(cls.float(), dim=-1).cpu().numpy()
 
+    @torch.no_grad()
+    def patches(self, images, side=224):
+        """images -> (N, g, g, D) unit patch tokens, g = side // patch size: each whole image squeezed to side x side
+        (no center crop, unlike __call__), so patch (i, j) covers rows i/g..(i+1)/g and columns j/g..(j+1)/g of
+        it. DINOv2's dense features, for correspondences (data.py correspond); the model interpolates its position
+        embeddings to any side."""
+        p = self.model.config.patch_size
+        if side % p:
+            raise InputError(f"--patch-side {side}: must be a multiple of DINOv2's patch size {p}")
+        g = side // p
+        px = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((side, side), Image.BICUBIC),
+                                                      np.float32)) for im in images]).permute(0, 3, 1, 2) / 255
+        mean, std = (torch.tensor(getattr(self.processor, k)).view(1, 3, 1, 1) for k in ("image_mean", "image_std"))
+        tokens = self.model(pixel_values=((px - mean) / std).to(self.device, DTYPE)).last_hidden_state  # (N, 1+g*g, D)
+        return F.normalize(tokens[:, 1:].float(), dim=-1).reshape(len(images), g, g, -1).cpu().numpy()
+
 def clip_box(box, size):
     """(x0, y0, x1, y1) pixels -> clipped to the (W, H) image, or None when under a pixel wide or high
     (detectors emit such: OWLv2 boxes reach into its padding, a confused Florence-2 repeats one <loc_>)."""

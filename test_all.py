@@ -2137,3 +2137,297 @@ def test_ippo_learns_an_easy_reward(toy_run, tmp_path, monkeypatch):
        "--minibatches", "1", "--lr", "3e-2")
     r = [x["r_total"] for x in read_log(tmp_path / "rl")]
     assert np.mean(r[-3:]) > np.mean(r[:3]) + 0.08, r            # measured: 0.50 -> 0.64
+
+# -----------------------------------------------------------------------------
+# curation (data.py curate / curate-objects / correspond): clips and photo pairs of toy sprites made here, the toy
+# world's detector + embedder standing in for insightface, injected detectors and feature extractors, and the
+# tiny random transformers models above for the real code paths
+
+SPR = {k: D.Sprite(*v) for k, v in dict(A=("circle", "red", "solid"), B=("square", "blue", "striped"),
+                                         C=("triangle", "green", "checked"), F=("hexagon", "purple", "solid")).items()}
+PX = D.sprite_px(32)                                          # 24 px sprites: ToySubjects(32) sees them as they are
+
+class ToyFaceApp:
+    """insightface's app interface over the toy world's detector: every sprite is a face, its ink the embedding."""
+    def __init__(self):
+        self.toy = R.ToySubjects(32)
+
+    def get(self, bgr):
+        rgb = np.ascontiguousarray(bgr[..., ::-1])
+        boxes = [(x0, y0, x1, y1) for (y0, x0, y1, x1), _ in self.toy.detect(rgb)]
+        return [Face(b, e) for b, e in zip(boxes, self.toy.subjects(rgb))]
+
+def toy_faces():
+    return D.face_detector(R.FaceEmbedder(app=ToyFaceApp()))        # the path insightface's faces take
+
+def scene(placed, W=96, H=64):
+    """[(sprite key, x, y)] -> (H, W, 3) uint8 on white, and each sprite's exact box (x0, y0, x1, y1)."""
+    a, boxes = np.full((H, W, 3), 255, np.uint8), []
+    for k, x, y in placed:
+        rgb, m = D.render_sprite(SPR[k], PX)
+        a[y:y + PX, x:x + PX][m] = rgb[m]
+        ys, xs = np.nonzero(m)
+        boxes.append((x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1))
+    return a, boxes
+
+def write_clip(path, frames):
+    import cv2
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, frames[0].shape[1::-1])
+    for f in frames:
+        w.write(np.ascontiguousarray(f[..., ::-1]))
+    w.release()
+
+def identity(img):
+    # the toy classifier's verdict on the largest sprite of an image: the independent check of who is where
+    toy = R.ToySubjects(32)
+    return toy.classify(toy.subjects(np.asarray(img))[:1])[0]
+
+def masked(target, mask):
+    return np.where(np.asarray(mask)[..., None] > 127, np.asarray(target), 255).astype(np.uint8)
+
+def test_curate_videos_verifies_identities_and_counts_every_drop(tmp_path, capsys):
+    d = tmp_path / "clips"
+    d.mkdir()
+    moving = lambda a, b, n=11: [scene([(a, 4 + 6 * t, 4), (b, 70 - 6 * t, 36)])[0] for t in range(n)]
+    write_clip(d / "good.avi", moving("A", "B"))
+    (d / "good.txt").write_text("a red circle meets\n a blue square")
+    write_clip(d / "nocap.avi", moving("F", "C"))
+    write_clip(d / "swapped.avi", moving("A", "B")[:5] + moving("A", "C")[5:])   # B's place taken by C mid-clip
+    write_clip(d / "twins.avi", moving("A", "A"))
+    write_clip(d / "one.avi", [scene([("A", 4 + 6 * t, 4)])[0] for t in range(11)])
+    write_clip(d / "empty.avi", [np.full((64, 96, 3), 255, np.uint8)] * 11)
+    write_clip(d / "tiny.avi", [np.full((24, 24, 3), 255, np.uint8)] * 11)
+    write_clip(d / "still.avi", moving("A", "B", 1))
+    (d / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "out"
+    s = D.curate(D.video_items(str(d)), str(out), toy_faces(), min_size=32)
+    assert s["kept"] == 2 and s["dropped"] == {"duplicate_identity": 1, "too_few_faces": 2, "too_short": 1,
+                                               "too_small": 1, "unreadable": 1, "unverified": 1}
+    why = {os.path.basename(i["source"]): i.get("reason") for i in s["items"]}
+    assert why == {"broken.mp4": "unreadable", "empty.avi": "too_few_faces", "good.avi": None, "nocap.avi": None,
+                   "one.avi": "too_few_faces", "still.avi": "too_short", "swapped.avi": "unverified",
+                   "tiny.avi": "too_small", "twins.avi": "duplicate_identity"}
+    assert json.loads((out / "summary.json").read_text())["dropped"] == s["dropped"]
+    assert "generic prompt" in capsys.readouterr().err
+    assert D.check(str(out / "manifest.jsonl")) == 0
+    recs = {r["id"]: r for r in read_jsonl(out / "manifest.jsonl")}
+    assert recs["good"]["prompt"] == "a red circle meets a blue square"
+    assert recs["nocap"]["prompt"] == "a photo of 2 people"
+    # frame 1 gives the references, frame 5 the target; at frame 5 the first sprite is the left one
+    for key, order in (("good", "AB"), ("nocap", "FC")):
+        r = recs[key]
+        target = Image.open(out / r["target"])
+        assert target.size == (64, 64)                        # the largest square of a 96 x 64 frame
+        for k, who in enumerate(order):
+            assert identity(Image.open(out / r["refs"][k])) == SPR[who]
+            assert identity(masked(target, Image.open(out / r["masks"][k]))) == SPR[who]
+    assert all(c > 0.9 for i in s["items"] if i["kept"] for c in i["cosines"])
+
+def test_curate_pairs_crop_masks_and_hooks(tmp_path):
+    d = tmp_path / "pairs"
+    for name, ref, tgt in (("p0", [("A", 4, 20), ("B", 60, 20)], [("B", 50, 4), ("A", 70, 36)]),   # swapped sides
+                           ("p1", [("A", 4, 20), ("B", 60, 20)], [("A", 30, 20)]),                  # one face
+                           ("p2", [("F", 4, 20), ("C", 60, 20), ("A", 32, 36)],             # A: not in the
+                            [("C", 4, 4), ("F", 30, 36)]),                                     # target
+                           ("p4", [("A", 4, 20), ("B", 60, 20)], [("A", 0, 4), ("B", 72, 36)])):    # 96 px apart
+
+        (d / name).mkdir(parents=True)
+        Image.fromarray(scene(ref)[0]).save(d / name / "ref.png")
+        Image.fromarray(scene(tgt)[0]).save(d / name / "target.png")
+    (d / "p0" / "prompt.txt").write_text("swapped")
+    (d / "p3").mkdir()                                        # no images at all
+    Image.fromarray(scene([])[0]).save(d / "p3" / "ref.png")
+    out = tmp_path / "out"
+    s = D.curate(D.pair_items(str(d)), str(out), toy_faces(), min_size=32,
+                 caption=lambda target, refs: f"{len(refs)} sprites, {target.size[0]} px")
+    assert s["kept"] == 2 and s["unverified_faces"] == 1
+    assert s["dropped"] == {"no_square_fit": 1, "too_few_faces": 1, "unreadable": 1}
+    assert [i["unverified"] for i in s["items"] if i["kept"]] == [0, 1]
+    recs = {r["id"]: r for r in read_jsonl(out / "manifest.jsonl")}
+    assert recs["p0"]["prompt"] == "swapped" and recs["p2"]["prompt"] == "2 sprites, 64 px"
+    # p0: the subjects sit right of centre, so the 64 px square is pushed against the right edge: x from 32
+    _, boxes = scene([("B", 50, 4), ("A", 70, 36)])
+    for k, (x0, y0, x1, y1) in enumerate(boxes):              # B is left of A in the target: subject 0 is B
+        expect = np.zeros((64, 64), np.uint8)
+        expect[y0:y1, x0 - 32:x1 - 32] = 255
+        np.testing.assert_array_equal(np.asarray(Image.open(out / recs["p0"]["masks"][k])), expect)
+        assert identity(Image.open(out / recs["p0"]["refs"][k])) == SPR["BA"[k]]
+    # p2: each reference is its face box grown by 0.4 x the longer side each way, clipped to the frame (F's, left)
+    ref_img, ref_boxes = scene([("F", 4, 20), ("C", 60, 20), ("A", 32, 36)])
+    for k, (x0, y0, x1, y1) in zip((1, 0), ref_boxes):       # in the target C is left of F: F is subject 1
+        half, cx, cy = 0.9 * max(x1 - x0, y1 - y0), (x0 + x1) / 2, (y0 + y1) / 2
+        l, t = max(0, round(cx - half)), max(0, round(cy - half))
+        r, b = min(96, round(cx + half)), min(64, round(cy + half))
+        got = np.asarray(Image.open(out / recs["p2"]["refs"][k]), np.float64)
+        assert got.shape[:2] == (b - t, r - l) and np.abs(got - ref_img[t:b, l:r]).mean() < 4   # JPEG
+        assert (l == 0) == (k == 1)                           # F's crop meets the frame's left edge
+    # a person masker (SAM2's interface): its largest connected component is kept, stray blobs go
+    seen = []
+    def masker(image, boxes):
+        seen.append(boxes)
+        m = np.zeros((len(boxes), image.height, image.width), bool)
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            m[k, int(y0):int(y1), int(x0):int(x0) + 3] = True                # the person: a strip down the box
+            m[k, 0, 63] = True                                               # a stray pixel
+        return m
+    s = D.curate(D.pair_items(str(d)), str(tmp_path / "sam"), toy_faces(), min_size=32, masker=masker)
+    m = np.asarray(Image.open(tmp_path / "sam" / "masks" / "p0_0.png")) > 0
+    x0, y0 = boxes[0][0] - 32, boxes[0][1]                    # B's face; its person box starts a face width left
+    w, h = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
+    assert seen[0][0] == (max(0, x0 - w), max(0, y0 - h / 2), x0 + 2 * w, 64.0)
+    assert m.sum() == 3 * (64 - int(max(0, y0 - h / 2))) and not m[0, 63]
+    with pytest.raises(D.Drop, match="empty"):
+        D.region_masks(Image.new("RGB", (8, 8)), [(0, 0, 4, 4)], lambda image, boxes: np.zeros((1, 8, 8), bool))
+
+def test_curate_real_models_without_weights_are_one_line_errors(tmp_path, capsys, toy_manifest):
+    (tmp_path / "clips").mkdir()
+    no = str(tmp_path / "no")
+    for argv, what in ((["curate", "--videos", str(tmp_path / "clips"), "--face-root", str(tmp_path)], "model zoo"),
+                       (["curate-objects", "--manifest", toy_manifest, "--detector", no], "Florence-2"),
+                       (["correspond", "--manifest", toy_manifest, "--dinov2", no], "DINOv2")):
+        assert D.main(argv + ["--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and what in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()                   # nothing written before the models load
+
+def toy_detector(image, phrases):
+    # phrase grounding for the toy world: each phrase's boxes are the sprites the toy classifier names so
+    toy = R.ToySubjects(16)
+    a = np.asarray(image)
+    found = [((x0, y0, x1, y1), toy.classify(toy.subjects(c)[:1])[0].caption) for (y0, x0, y1, x1), c in toy.detect(a)]
+    return [[(b, 1.0) for b, cap in found if cap == p] for p in phrases]
+
+def toy_masker(image, boxes):
+    # SAM2's stand-in: the non-white pixels in each box
+    a = (np.asarray(image) < 200).any(-1)
+    m = np.zeros((len(boxes), *a.shape), bool)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        m[k, int(y0):math.ceil(y1), int(x0):math.ceil(x1)] = a[int(y0):math.ceil(y1), int(x0):math.ceil(x1)]
+    return m
+
+def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo_dir):
+    root = os.path.dirname(toy_manifest)
+    recs = read_jsonl(toy_manifest)
+    plain = [{k: v for k, v in r.items() if k not in ("masks", "points")} for r in recs]     # MUSAR-Gen-like
+    plain[1]["captions"] = [plain[1]["captions"][0]] * len(plain[1]["captions"])         # two captions, one object
+    plain[2]["captions"] = ["white plain star"] + plain[2]["captions"][1:]              # not in the image
+    del plain[3]["captions"]
+    lines = [json.dumps(r) for r in plain[:6]] + [json.dumps(recs[6]), "{oops"]
+    root_m = os.path.join(root, "musar.jsonl")
+    with open(root_m, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    for masker, out in ((None, tmp_path / "box"), (toy_masker, tmp_path / "sam")):
+        s = D.curate_objects(root_m, str(out), toy_detector, masker)
+        assert s["kept"] == 4 and s["masks_given"] == 1
+        assert s["dropped"] == {"bad_record": 1, "no_captions": 1, "not_found": 1, "same_object": 1}
+        assert D.check(str(out / "manifest.jsonl")) == 0
+        got = {r["id"]: r for r in read_jsonl(out / "manifest.jsonl")}
+        for i in (0, 4, 5):
+            for k, path in enumerate(got[recs[i]["id"]]["masks"]):
+                exact = np.asarray(Image.open(os.path.join(root, recs[i]["masks"][k]))) > 0
+                m = np.asarray(Image.open(out / path)) > 0
+                ys, xs = np.nonzero(exact)
+                box = np.zeros_like(exact)
+                box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
+                np.testing.assert_array_equal(m, exact if masker else box)
+        assert got[recs[6]["id"]]["masks"] == recs[6]["masks"]                       # given masks pass unchanged
+    with pytest.raises(InputError, match="overwrite"):
+        D.curate_objects(toy_manifest, root, toy_detector)
+    # the real Florence-2 path (the tiny model answers one box for every phrase): a box mask, or one object twice
+    (tmp_path / "flo").mkdir()
+    images(1, seed=3, size=(40, 30))[0].save(tmp_path / "flo" / "t.png")
+    with open(tmp_path / "flo" / "m.jsonl", "w") as f:
+        for caps in (["a red circle"], ["a red circle", "a blue square"]):
+            f.write(json.dumps(dict(target="t.png", refs=["t.png"] * len(caps), captions=caps, prompt="x")) + "\n")
+    det = R.Florence2Detector(flo_dir, max_new_tokens=12).detect
+    s = D.curate_objects(str(tmp_path / "flo" / "m.jsonl"), str(tmp_path / "flo_out"), det)
+    assert s["kept"] == 1 and s["dropped"] == {"same_object": 1}
+    m = np.asarray(Image.open(tmp_path / "flo_out" / "object_masks" / "000000_0.png")) > 0
+    assert m.sum() == (20 - 4) * (18 - 6) and m[6:18, 4:20].all()              # the box (4, 6, 20, 18)
+
+def pixel_patches(images, p=8):
+    # a feature extractor that is exactly translation-equivariant: each p x p patch's pixels, zero-mean
+    out = []
+    for im in images:
+        a = np.asarray(im, np.float64)
+        h, w = a.shape[0] // p, a.shape[1] // p
+        f = a[:h * p, :w * p].reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h, w, -1)
+        out.append(f - f.mean(-1, keepdims=True))
+    return out
+
+def translated(shift=(8, 16), seed=0):
+    """A noise texture; the reference shows its window at (0, 0), the target (96 x 96, white) the window at shift,
+    placed at (16, 24): ref pixel (y, x) is target pixel (y - shift_y + 16, x - shift_x + 24)."""
+    tex = np.random.default_rng(seed).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    ref, tgt = tex[:64, :64], np.full((96, 96, 3), 255, np.uint8)
+    tgt[16:80, 24:88] = tex[shift[0]:shift[0] + 64, shift[1]:shift[1] + 64]
+    mask = np.zeros((96, 96), np.float32)
+    mask[16:80, 24:88] = 1
+    return Image.fromarray(ref), Image.fromarray(tgt), mask
+
+def offsets(points, ref_side=64, tgt_side=96):
+    # points -> (P, 2) pixel offsets target - reference
+    p = np.asarray(points)
+    return np.round(p[:, 2:] * tgt_side - p[:, :2] * ref_side).astype(int)
+
+def test_correspond_recovers_a_translation():
+    ref, tgt, mask = translated((8, 16))
+    pts = D.record_correspondences(tgt, [ref], [mask], pixel_patches)[0]
+    expect = (16 - 8, 24 - 16)
+    off = offsets(pts)
+    # the 7 x 6 patches both images show all match, each at the true shift; the rest is noise against noise
+    corner = lambda p: tuple(np.round(np.asarray(p[:2]) * 64 - 4).astype(int))         # the patch's top-left
+    hits = {corner(p) for p, o in zip(pts, off) if tuple(o) == expect}
+    assert hits == {(y, x) for y in range(8, 64, 8) for x in range(16, 64, 8)}
+    assert (off == expect).all(1).sum() >= 0.75 * len(pts)
+    p = np.asarray(pts)
+    assert ((p >= 0) & (p <= 1)).all() and all(mask[int(ty * 96), int(tx * 96)] for _, _, ty, tx in pts)
+
+def test_correspond_with_a_tiny_dinov2(dino_dir):
+    ref, tgt, mask = translated((8, 16), seed=1)
+    dino = R.DinoEmbedder(dino_dir)
+    f = dino.patches([ref, tgt], side=64)
+    assert f.shape == (2, 8, 8, 32) and np.allclose(np.linalg.norm(f, axis=-1), 1, atol=1e-5)
+    pts = D.record_correspondences(tgt, [ref], [mask], lambda ims: dino.patches(ims, side=64))[0]
+    off = offsets(pts)
+    # random weights, yet every one of the 7 x 6 patches both show is found at the true shift (measured: 42 of 46)
+    assert (off == (8, 8)).all(1).sum() == 42 and (off == (8, 8)).all(1).mean() > 0.75, off
+    with pytest.raises(InputError, match="multiple of"):
+        dino.patches([ref], side=60)
+
+def test_correspond_keeps_references_disjoint():
+    ref, tgt, mask = translated((8, 16))
+    other = np.zeros_like(mask)
+    for lo, claimed in ((80, False), (56, True)):             # a second subject next to, then over, the first
+        other[:] = 0
+        other[16:80, lo:96] = 1
+        pts = D.record_correspondences(tgt, [ref, ref], [mask, other], pixel_patches)
+        first, second = (np.asarray(p).reshape(-1, 4) for p in pts)
+        in_band = lambda p: ((p[:, 3] * 96 >= 56) & (p[:, 3] * 96 < 88)).sum()
+        assert (in_band(first) == 0) == claimed               # the overlap is nobody's
+        for mine, theirs in ((first, other), (second, mask)):
+            assert not any(theirs[int(ty * 96), int(tx * 96)] for _, _, ty, tx in mine)
+        tokens = D.points_to_tokens([torch.tensor(first), torch.tensor(second)], (8, 8), (24, 24))
+        assert [len(t) for t in tokens] == [len(first), len(second)]   # no target token lost to a shared claim
+
+def test_curated_pairs_get_points_check_and_train(toy_run, dino_dir, tmp_path, monkeypatch):
+    # the CLI end to end: curate (the toy's faces in place of insightface) -> correspond (a tiny DINOv2) -> check
+    # -> train_sft with L_attn and SCAL on the toy preset
+    root, _ = toy_run
+    d = tmp_path / "pairs"
+    for i in range(4):
+        (d / f"p{i}").mkdir(parents=True)
+        Image.fromarray(scene([("A", 4 + i, 20), ("B", 60, 20 - i)])[0]).save(d / f"p{i}" / "ref.png")
+        Image.fromarray(scene([("B", 8, 4 + i), ("A", 40 - i, 36)])[0]).save(d / f"p{i}" / "target.png")
+    real = R.FaceEmbedder
+    monkeypatch.setattr(R, "FaceEmbedder", lambda pack, root, device: real(app=ToyFaceApp()))
+    assert D.main(["curate", "--pairs", str(d), "--out", str(tmp_path / "cur"), "--min-size", "32"]) == 0
+    assert D.main(["correspond", "--manifest", str(tmp_path / "cur" / "manifest.jsonl"), "--out",
+                   str(tmp_path / "pts"), "--dinov2", dino_dir, "--patch-side", "32"]) == 0
+    s = json.loads((tmp_path / "pts" / "summary.json").read_text())
+    assert s["kept"] == 4 and s["points_per_reference"] >= 1
+    manifest = str(tmp_path / "pts" / "manifest.jsonl")
+    assert D.main(["check", manifest]) == 0 and all(all(p) for r in read_jsonl(manifest) for p in r["points"])
+    sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1")
+    log = [r for r in read_log(tmp_path / "m") if "diff" in r]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["scal"]) and r["dice"] > 0 for r in log)
