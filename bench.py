@@ -10,6 +10,7 @@ Performance measurements, each printed as a side-by-side ratio measured in one r
     python bench.py memory                       # per-GPU memory budget for flux-dev at the paper's settings
     python bench.py rl                           # one IPPO iteration: DiT evaluations, peak memory T = 8 vs 16
     python bench.py faults                       # kill -9 toy training runs at random points, resume, compare
+    python bench.py ablation --base runs/base/latest   # MultiCrafter's Table 2 in miniature, + 2-4 subjects
 
 `dit`: a mid-sized FLUX (hidden 512, 8 heads of 64, 4 double + 8 single blocks) on 1024 image tokens (32x32),
 two 16x16 references with UNO ids and 128 text tokens, batch 1, fp32, guidance-embedded. diffusers' model gets
@@ -78,6 +79,17 @@ p.add_argument("--kills", type=int, default=6, help="kill points per trainer (ev
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
 p.add_argument("--table", default=None, help="also write the markdown table to this file")
+p = sub.add_parser("ablation", help="the paper's Table 2 in miniature on the toy world, and 2/3/4 subjects")
+p.add_argument("--base", required=True, help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
+p.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
+p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+p.add_argument("--n", type=int, default=2000, help="training records, 2 to 4 subjects each")
+p.add_argument("--steps", type=int, default=300, help="stage-multi steps of every row")
+p.add_argument("--batch-size", type=int, default=16)
+p.add_argument("--ippo-iters", type=int, default=40, help="IPPO iterations of the last row")
+p.add_argument("--test-n", type=int, default=64, help="test records per number of subjects (2, 3, 4)")
+p.add_argument("--eval-steps", type=int, default=8, help="sampling steps of the test generations")
+p.add_argument("--table", default=None, help="also write the markdown tables to this file")
 
 # -----------------------------------------------------------------------------
 # measuring tools shared by the subcommands
@@ -655,6 +667,172 @@ def faults(args):
             f.write("\n".join(lines) + "\n")
     return rows
 
+# -----------------------------------------------------------------------------
+# the ablation: every row trained by the project's own scripts on the same data, steps and seeds
+
+ROWS = [  # (row, how it is trained): stage multi from the base, then IPPO from the third row's adapter
+    ("L_diff (LoRA)", ["--experts", "0", "--lambda-attn", "0"]),
+    ("+ L_attn", ["--experts", "0", "--lambda-attn", "0.3"]),
+    ("+ MoE-LoRA", ["--experts", "4", "--lambda-attn", "0.3"]),
+    ("+ IPPO", None),
+]
+ATTRS = ("shape", "colour", "pattern")
+
+def leaked(want, got, pairs):
+    """want: the references' sprites, got: the generated subjects' (toy classifier), pairs: Hungarian matches
+    (ref i, subject j). A matched subject leaks if one of its attributes is not its own reference's but another
+    reference's (a red disc drawn blue when the other reference is blue). -> number of leaking subjects."""
+    other = lambda i, a: {getattr(w, a) for k, w in enumerate(want) if k != i}
+    return sum(any(getattr(got[j], a) != getattr(want[i], a) and getattr(got[j], a) in other(i, a) for a in ATTRS)
+               for i, j in pairs)
+
+def reward_and_leakage(reward, images, prompts):
+    """images[i] drawn for record i of a PromptDataset -> the mean of every reward term, and the leakage rate
+    (leaking subjects / subjects matched to a reference)."""
+    toy, sums, leaks, matched = reward.multi_id.embedder, {}, 0, 0
+    for i, image in enumerate(images):
+        rec = prompts[i]
+        for name, v in reward([image], rec["prompt"], rec["refs"]).items():
+            sums[name] = sums.get(name, 0.0) + float(v[0])
+        pairs = reward.multi_id([image], rec["refs"])["matches"][0]
+        leaks += leaked(toy.classify(toy.references(rec["refs"])), toy.classify(toy.subjects(image)), pairs)
+        matched += len(pairs)
+    return dict(leak=leaks / max(matched, 1), **{n: v / len(images) for n, v in sums.items()})
+
+def score_targets(tests):
+    """The same metrics on the test targets themselves: what a perfect generator would score."""
+    import data as D
+    import rewards as R
+    from sample import load_image
+    out = {}
+    for k, manifest in tests.items():
+        prompts = D.PromptDataset(manifest)
+        targets = [load_image(os.path.join(os.path.dirname(manifest), r["target"])) for r in prompts.records]
+        out[k] = reward_and_leakage(R.toy_reward(), targets, prompts)
+    return out
+
+@torch.no_grad()
+def score_adapter(base, adapter, tests, eval_steps, batch_size):
+    """-> {k: metrics} per number of subjects k: attention share inside the own mask (teacher-forced on the test
+    targets at t = 0.5, train_sft's held-out eval), and over one deterministic sample per test prompt: the toy
+    Multi-ID (rewards.py's Hungarian path), the composite reward (Eq. 9) and attribute leakage."""
+    from argparse import Namespace
+    import data as D
+    import model as M
+    import moe_lora as ML
+    import rewards as R
+    import sample as S
+    import train_sft as T
+    cfg = M.get_config("toy")
+    flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
+    M.load_state_dict_strict(flux, os.path.join(base, "flux.safetensors"), dtype=torch.float32)
+    M.load_state_dict_strict(text, os.path.join(base, "text_encoder.safetensors"), dtype=torch.float32)
+    ML.load_adapter(flux, adapter)
+    reward, size = R.toy_reward(), S.DEFAULTS["toy"]["size"]
+    toy = reward.multi_id.embedder
+    timesteps = S.get_schedule(eval_steps, (size // (2 * cfg.ae.factor)) ** 2, shift=cfg.shift_schedule)
+    out = {}
+    for k, manifest in tests.items():
+        ds = D.ManifestDataset(manifest)
+        share = T.evaluate(Namespace(batch_size=batch_size, attn_blocks=None), T.Denoiser(flux.eval(), text), ae,
+                           ds, "cpu", max_batches=len(ds))["val_share_own"]
+        prompts, images = D.PromptDataset(manifest), []
+        for i in range(len(prompts)):
+            rec = prompts[i]
+            c = S.prepare(cfg, ae, text, rec["prompt"], rec["refs"], size, size, seed=i)
+            images += S.decode_images(ae, S.denoise(flux.eval(), **c, timesteps=timesteps, guidance=1.0,
+                                                    progress=False), size, size)
+        out[k] = dict(share=share, **reward_and_leakage(reward, images, prompts))
+    return out
+
+def ablation(args):
+    import statistics as st, subprocess, sys
+    import data as D
+    here, t_start = os.path.dirname(os.path.abspath(__file__)), time.time()
+    work = os.path.abspath(args.work)
+    path = lambda *a: os.path.join(work, *a)
+    train = path("data", "train", "manifest.jsonl")
+    if not os.path.exists(train):
+        D.write_toy(path("data", "train"), args.n, seed=0, subjects=(2, 3, 4))
+    tests = {}
+    for k in (2, 3, 4):
+        tests[k] = path("data", f"test{k}", "manifest.jsonl")
+        if not os.path.exists(tests[k]):
+            D.write_toy(path("data", f"test{k}"), args.test_n, seed=100 + k, subjects=(k,))
+
+    spent = json.load(open(path("seconds.json"))) if os.path.exists(path("seconds.json")) else {}
+
+    def timed_once(key, fn):
+        # fn() once per key, its wall time kept in seconds.json: a rerun reuses the result and the time
+        t0 = time.time()
+        fn()
+        spent[key] = time.time() - t0
+        with open(path("seconds.json.tmp"), "w") as f:
+            json.dump(spent, f)
+        os.replace(path("seconds.json.tmp"), path("seconds.json"))
+
+    def run(script, out, final, extra):
+        # one training run of the project's own scripts, skipped when its final checkpoint exists
+        if not os.path.isdir(os.path.join(out, f"ckpt-{final:07d}")):
+            cmd = [sys.executable, os.path.join(here, script), "--init", args.base, "--data", train, "--out", out,
+                   "--seed", str(seed), *extra, *(["--resume"] if os.path.isdir(os.path.join(out, "latest")) else [])]
+            print("  " + " ".join(cmd[1:]), flush=True)
+            timed_once(out, lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
+        return os.path.join(out, f"ckpt-{final:07d}", "adapter.safetensors")
+
+    scores = {}                                           # (row, seed) -> {k: metrics}
+    for seed in args.seeds:
+        for r, (row, how) in enumerate(ROWS):
+            out = path("runs", f"seed{seed}", f"row{r}")
+            if how is not None:
+                adapter = run("train_sft.py", out, args.steps, ["--stage", "multi", *how, "--steps", str(args.steps),
+                              "--batch-size", str(args.batch_size), "--ckpt-every", str(args.steps)])
+            else:
+                adapter = run("train_rl.py", out, args.ippo_iters, [
+                    "--adapter", path("runs", f"seed{seed}", "row2", f"ckpt-{args.steps:07d}", "adapter.safetensors"),
+                    "--iters", str(args.ippo_iters), "--group", "16", "--prompts", "4", "--steps", "8",
+                    "--tau", "1000", "--lr", "3e-4", "--ckpt-every", str(args.ippo_iters)])
+            result = path("scores", f"seed{seed}_row{r}.json")
+            if not os.path.exists(result):
+                def score():
+                    got = score_adapter(args.base, adapter, tests, args.eval_steps, args.batch_size)
+                    os.makedirs(path("scores"), exist_ok=True)
+                    with open(result + ".tmp", "w") as f:
+                        json.dump({str(k): v for k, v in got.items()}, f)
+                    os.replace(result + ".tmp", result)
+                timed_once(result, score)
+                print(f"  seed {seed} {row}: trained and scored", flush=True)
+            scores[row, seed] = {int(k): v for k, v in json.load(open(result)).items()}
+
+    cell = lambda xs: f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    pooled = lambda row, m: [st.mean(scores[row, s][k][m] for k in tests) for s in args.seeds]
+    lines = [f"Toy world, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± std over seeds; "
+             f"{args.n} training records (2-4 subjects), {args.steps} stage-multi steps at batch {args.batch_size}, "
+             f"IPPO {args.ippo_iters} iterations; test: {args.test_n} records each of 2, 3 and 4 subjects (pooled), "
+             f"one {args.eval_steps}-step sample per record.", "",
+             "| row | attention share in own mask ↑ | Multi-ID (Hungarian) ↑ | attribute leakage ↓ | composite reward ↑ |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {row} | " + " | ".join(cell(pooled(row, m)) for m in ("share", "id", "leak", "total")) + " |"
+              for row, _ in ROWS]
+    truth = score_targets(tests)
+    mean_k = lambda m: st.mean(truth[k][m] for k in tests)
+    lines += [f"| *test targets (ground truth)* | - | {mean_k('id'):.3f} | {mean_k('leak'):.3f} | {mean_k('total'):.3f} |"]
+    lines += ["", "Per number of subjects (Multi-ID ↑ / leakage ↓, mean over seeds):", "",
+              "| row | 2 subjects | 3 subjects | 4 subjects |", "|---|---|---|---|"]
+    lines += [f"| {row} | " + " | ".join(f"{st.mean(scores[row, s][k]['id'] for s in args.seeds):.3f} / "
+                                         f"{st.mean(scores[row, s][k]['leak'] for s in args.seeds):.3f}" for k in tests)
+              + " |" for row, _ in ROWS]
+    lines += ["| *test targets (ground truth)* | " + " | ".join(f"{truth[k]['id']:.3f} / {truth[k]['leak']:.3f}"
+                                                           for k in tests) + " |"]
+    lines += ["", f"CPU wall time of the runs and scores above: {sum(spent.values()) / 60:.0f} min, as measured when "
+              f"each ran (`seconds.json` in {work}); this invocation: {(time.time() - t_start) / 60:.1f} min."]
+    print("\n".join(lines))
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return scores
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl, "faults": faults}[args.cmd](args)
+    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl, "faults": faults,
+     "ablation": ablation}[args.cmd](args)
