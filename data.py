@@ -579,7 +579,8 @@ def load_encoders(model, checkpoint=None, device="cpu"):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if model == "toy":
         text = M.ByteTextEncoder(cfg)
-        M.load_state_dict_strict(text, M.resolve_file(checkpoint or TOY_DIR, "text_encoder.safetensors"))
+        M.load_state_dict_strict(text, M.resolve_file(checkpoint or TOY_DIR, "text_encoder.safetensors"),
+                                 dtype=torch.float32)
         return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
     ae = M.load_ae(cfg, checkpoint, device, dtype)
     return M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device), ae, cfg

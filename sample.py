@@ -26,14 +26,16 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs")
     g.add_argument("--refs", nargs="+", required=True, help="reference images, one per subject")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references when omitted "
+                   "('a red solid circle and a blue striped square')")
     g.add_argument("--ref-size", type=int, default=None, help="long side of each reference (px); 320 flux, 16 toy")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="toy", help="toy | flux-dev | flux-schnell | PATH (a DiT .safetensors; "
                    "a folder for --arch toy)")
     g.add_argument("--arch", default="flux-dev", choices=sorted(M.CONFIGS), help="architecture of a --model PATH")
-    g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors")
+    g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors "
+                   "(replaces a toy folder's own adapter.safetensors)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=None, help="default: 50 dev, 4 schnell, 20 toy")
@@ -212,9 +214,10 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
 # -----------------------------------------------------------------------------
 # models and outputs
 
-def load_models(name, arch, device):
-    """--model, --arch -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy checkpoint
-    is a folder (assets/toy for --model toy) holding flux.safetensors and text_encoder.safetensors."""
+def load_models(name, arch, device, lora=None):
+    """--model, --arch, --lora -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy
+    checkpoint is a folder (assets/toy for --model toy) holding flux.safetensors and text_encoder.safetensors,
+    and the adapter it samples with, adapter.safetensors, if it has one (`lora` replaces it)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # fp32 on CPU: bf16 matmuls crawl there
     preset = name if name in M.CONFIGS else arch
     cfg = M.get_config(preset)
@@ -222,19 +225,34 @@ def load_models(name, arch, device):
         flux = M.load_flux(cfg, None if name in M.CONFIGS else name, device, dtype)
         ae = M.load_ae(cfg, device=device, dtype=dtype)
         text = M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device)
-        return flux, ae, text, name
-    torch.manual_seed(0)                                     # the random-weight fallback is reproducible
-    flux, text, weights = M.Flux(cfg), M.ByteTextEncoder(cfg), "random"
-    folder = TOY_DIR if name == "toy" else name
-    if not os.path.isdir(folder) and name != "toy":
-        raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
-    for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
-        if os.path.isfile(os.path.join(folder, f)):
-            M.load_state_dict_strict(m, os.path.join(folder, f))
-            weights = folder
-        else:
-            print(f"warning: no {f} in {folder}: random weights for it (expect noise)", file=sys.stderr)
-    return flux.to(device, dtype).eval(), M.AutoEncoder(cfg.ae).to(device), text.to(device).eval(), weights
+        weights = name
+    else:
+        torch.manual_seed(0)                                 # the random-weight fallback is reproducible
+        flux, text, weights = M.Flux(cfg), M.ByteTextEncoder(cfg), "random"
+        folder = TOY_DIR if name == "toy" else name
+        if not os.path.isdir(folder) and name != "toy":
+            raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
+        for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
+            if os.path.isfile(os.path.join(folder, f)):
+                M.load_state_dict_strict(m, os.path.join(folder, f), dtype=torch.float32)   # assets/toy: fp16
+                weights = folder
+            else:
+                print(f"warning: no {f} in {folder}: random weights for it (expect noise)", file=sys.stderr)
+        own = os.path.join(folder, "adapter.safetensors")
+        lora = lora or (own if weights != "random" and os.path.isfile(own) else None)
+        flux, ae, text = flux.to(device, dtype), M.AutoEncoder(cfg.ae).to(device), text.to(device).eval()
+    if lora:
+        ML.load_adapter(flux, lora)
+        flux.to(device)                                      # the adapter tensors (fp32; autocast on GPU)
+        weights += f" + {lora}"
+    return flux.eval(), ae, text, weights
+
+def toy_prompt(refs):
+    """The toy's default prompt: its references named by the toy world's classifier."""
+    import data as D
+    import rewards as R
+    toy = R.ToySubjects(refs[0].width)
+    return D.describe([s.caption for s in toy.classify(toy.references(refs))])
 
 JET = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]]) * 255
 
@@ -273,6 +291,8 @@ def generate(args):
     W, H = (pick(args.width, d["size"]) // mult * mult, pick(args.height, d["size"]) // mult * mult)  # BFL rounds down
     if steps < 1 or W < mult or H < mult or ref_size < mult:
         raise InputError(f"need --steps >= 1 and --width, --height, --ref-size >= {mult} px for {preset}")
+    if args.prompt is None and preset != "toy":
+        raise InputError(f"--prompt is required for {preset}")
     if not args.out.lower().endswith(".png"):
         raise InputError(f"{args.out}: the output must be a .png file")
     try:
@@ -286,12 +306,10 @@ def generate(args):
         check_file(args.lora)
 
     # 2. models, inputs, sampling
-    flux, ae, text, weights = load_models(args.model, args.arch, device)
-    if args.lora:
-        ML.load_adapter(flux, args.lora)
-        flux.to(device)                                      # the adapter tensors (fp32; autocast on GPU)
+    flux, ae, text, weights = load_models(args.model, args.arch, device, args.lora)
     cfg = flux.cfg
-    inp = prepare(cfg, ae, text, args.prompt, refs, W, H, seed, args.pe, device)
+    prompt = args.prompt if args.prompt is not None else toy_prompt(refs)
+    inp = prepare(cfg, ae, text, prompt, refs, W, H, seed, args.pe, device)
     timesteps = get_schedule(steps, inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if args.save_attn else None
     x = denoise(flux, **inp, timesteps=timesteps, guidance=guidance, probe=probe)
@@ -306,8 +324,9 @@ def generate(args):
         for i, over in enumerate(attention_overlays(image, maps, H // tok, W // tok)):
             files.append(f"{stem}_attn{i}.png")
             write_atomic(files[-1], lambda fh, im=over: im.save(fh, format="PNG"))
-    meta = dict(vars(args), seed=seed, steps=steps, guidance=guidance, width=W, height=H, ref_size=ref_size,
-                arch=preset, weights=weights, device=str(device), ref_sizes=[r.size for r in refs], files=files)
+    meta = dict(vars(args), prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=W, height=H,
+                ref_size=ref_size, arch=preset, weights=weights, device=str(device), ref_sizes=[r.size for r in refs],
+                files=files)
     write_atomic(stem + ".json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
     write_atomic(args.out, lambda fh: image.save(fh, format="PNG"))
     print(f"wrote {', '.join(files)} and {stem}.json (seed {seed})", file=sys.stderr)

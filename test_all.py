@@ -602,7 +602,7 @@ def test_prepare_shapes_and_ids():
     assert torch.equal(M.unpack(inp["img"], 16, 16), noise)
 
 # -----------------------------------------------------------------------------
-# the command line, on the toy preset (random weights until assets/toy exists)
+# the command line, on the toy preset (assets/toy: the shipped toy checkpoint)
 
 @pytest.fixture
 def refs(tmp_path):
@@ -676,6 +676,30 @@ def test_cli_toy_checkpoint_folder(tmp_path, refs, capsys):
         run_toy(tmp_path / "bad.png", refs, "--model", str(ckpt), "--arch", "toy")
     assert e.value.code == 2 and "does not match" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.json").exists()
+
+DEMO = ["assets/red_solid_circle.png", "assets/blue_striped_square.png"]
+
+def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
+    """The README's main job: assets/toy through the real loader, the prompt named from the references; the
+    same seed gives the same bytes, and the toy Multi-ID (rewards.py's Hungarian path) of its samples is far
+    above that of the same architecture with random weights."""
+    flux, _, _, weights = S.load_models("toy", "toy", torch.device("cpu"))
+    assert weights == f"{S.TOY_DIR} + {os.path.join(S.TOY_DIR, 'adapter.safetensors')}"
+    assert any(isinstance(m, ML.MoELoRALinear) for m in flux.modules())           # stage 2-3's adapter is on
+    assert all(p.dtype == torch.float32 for p in flux.parameters())                 # stored fp16, runs fp32 on CPU
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refs, multi_id, scores = [S.preprocess_ref(S.load_image(p), 16) for p in DEMO], R.MultiIDReward(R.ToySubjects(16)), {}
+    for name, model in (("shipped", []), ("random", ["--model", str(empty), "--arch", "toy"])):
+        for seed in range(6):
+            main(["--refs", *DEMO, "--seed", str(seed), "--out", str(tmp_path / f"{name}{seed}.png"), *model])
+        scores[name] = multi_id([Image.open(tmp_path / f"{name}{k}.png") for k in range(6)], refs)["score"]
+    assert json.loads((tmp_path / "shipped0.json").read_text())["prompt"] == \
+        "a red solid circle and a blue striped square"
+    main(["--refs", *DEMO, "--seed", "0", "--out", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "shipped0.png").read_bytes()
+    print(scores)
+    assert scores["shipped"].mean() > scores["random"].mean() + 0.3
 
 # -----------------------------------------------------------------------------
 # losses (losses.py) against hand-computed values, torch.distributions and finite differences
@@ -1348,7 +1372,7 @@ def test_sample_with_adapters(toy_run, tmp_path):
     for _, m in ML.adapters(f):
         torch.nn.init.normal_(m.up.weight, std=0.5)
     ML.save_adapter(f, str(tmp_path / "a.safetensors"), acfg)
-    args = ["--model", str(root / "base"), "--arch", "toy", "--refs", "assets/ref_red_disc.png", "--prompt", "x",
+    args = ["--model", str(root / "base"), "--arch", "toy", "--refs", "assets/red_solid_circle.png", "--prompt", "x",
             "--steps", "2", "--seed", "0"]
     main(args + ["--out", str(tmp_path / "plain.png")])
     main(args + ["--out", str(tmp_path / "lora.png"), "--lora", str(tmp_path / "a.safetensors")])
@@ -1364,7 +1388,7 @@ def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
     log = read_log(tmp_path / "base")
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["diff"]) for r in log)
     assert sorted(os.listdir(tmp_path / "base")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
-    main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs", "assets/ref_red_disc.png",
+    main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs", "assets/red_solid_circle.png",
           "--prompt", "a red disc", "--steps", "2", "--seed", "0", "--out", str(tmp_path / "s.png")])
     assert json.loads((tmp_path / "s.json").read_text())["weights"] == str(tmp_path / "base" / "latest")
 
@@ -1535,6 +1559,19 @@ def test_at_most_once_against_per_reference_max():
 def test_zero_detections_score_zero():
     out = R.MultiIDReward(FakeEmbedder([unit(1, 0), unit(0, 1)], np.zeros((0, 2))))([None, None], [None, None])
     assert out["score"].tolist() == [0.0, 0.0] and out["matches"] == [[], []]
+
+def test_ablation_leakage_hand_values():
+    import bench
+    Sp = D.Sprite
+    red, blue = Sp("circle", "red", "solid"), Sp("square", "blue", "striped")
+    both = [(0, 0), (1, 1)]
+    assert bench.leaked([red, blue], [red, blue], both) == 0
+    assert bench.leaked([red, blue], [Sp("circle", "blue", "solid"), blue], both) == 1     # the other one's colour
+    assert bench.leaked([red, blue], [Sp("circle", "green", "solid"), blue], both) == 0    # wrong, nobody's colour
+    assert bench.leaked([red, blue], [Sp("circle", "red", "striped"), Sp("square", "blue", "solid"),
+                                      Sp("square", "blue", "striped")], both) == 2         # swapped patterns
+    assert bench.leaked([red, blue], [blue, red], [(0, 1)]) == 0                           # a faithful match only
+    assert bench.leaked([red, Sp("circle", "blue", "solid")], [red], [(0, 0)]) == 0        # shared shape: no leak
 
 def test_toy_scorers_hand_values():
     subjects, text, aes = R.ToySubjects(16), R.ToyTextScore(R.ToySubjects(16)), R.ToyAesthetic()

@@ -147,8 +147,9 @@ def build_models(args, device):
         torch.manual_seed(args.seed)                         # the base stage's random init, same on every rank
         flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
         if args.init:
-            M.load_state_dict_strict(flux, os.path.join(args.init, "flux.safetensors"))
-            M.load_state_dict_strict(text, os.path.join(args.init, "text_encoder.safetensors"))
+            # fp32 whatever the file holds (assets/toy is stored in fp16 to keep the repository small)
+            M.load_state_dict_strict(flux, os.path.join(args.init, "flux.safetensors"), dtype=torch.float32)
+            M.load_state_dict_strict(text, os.path.join(args.init, "text_encoder.safetensors"), dtype=torch.float32)
         elif args.stage != "base":
             raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
         ae = M.AutoEncoder(cfg.ae)
