@@ -220,10 +220,10 @@ def main(argv=None):
     policy = WindowPolicy(flux).train()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy
     opt = T.build_optimizer(params, args.lr, args.weight_decay)
-    step = 0
-    if args.resume and os.path.exists(os.path.join(args.out, "latest")):
-        step = T.load_checkpoint(args.out, flux, text, acfg, opt)
-        T.print0(f"resumed from iteration {step}")
+    step, consumed = 0, 0                 # iterations; prompts used (the position in the data)
+    if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
+        step, consumed, saved_world = T.load_checkpoint(args.out, flux, text, acfg, opt)
+        T.print0(f"resumed from iteration {step} at prompt {consumed} (saved by {saved_world} rank(s), now {world})")
     if master:
         os.makedirs(args.out, exist_ok=True)
         T.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
@@ -257,7 +257,7 @@ def main(argv=None):
         # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
         groups, terms, rows_rollout = [], [], 0
         for j in range(P):
-            k = ((m - 1) * world + rank) * P + j                 # the run's k-th prompt: same on 1 or N ranks
+            k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
             item = dataset[record_of(len(dataset), args.seed, k)]
             seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
             c = S.prepare(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, device=device)
@@ -267,6 +267,7 @@ def main(argv=None):
             images = S.decode_images(ae, x0, args.size, args.size)
             terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
             groups.append(dict(c=c, **traj))
+        consumed += world * P
         total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
         adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # Eq. 3
 
@@ -316,7 +317,7 @@ def main(argv=None):
             validate(m)
         if m % args.ckpt_every == 0 or m == args.iters:
             if master:
-                T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep)
+                T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep, consumed)
             if ddp:
                 dist.barrier()
     bar.close()

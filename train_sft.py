@@ -141,7 +141,7 @@ def build_models(args, device):
     """(flux, ae, text encoder, trainable params, adapter config or None); with --cache no ae or text encoder."""
     cfg = M.get_config(args.preset)
     if args.cache and args.stage == "base":
-        raise ValueError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
+        raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
     wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # frozen weights
     if args.preset == "toy":
         torch.manual_seed(args.seed)                         # the base stage's random init, same on every rank
@@ -154,7 +154,7 @@ def build_models(args, device):
         ae = M.AutoEncoder(cfg.ae)
     else:
         if args.stage == "base":
-            raise ValueError("--stage base trains the toy preset only (FLUX is the base at full scale)")
+            raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
         flux = M.load_flux(cfg, args.init, device, wdtype)
         # with a cache the 9 GB T5 and the VAE are never loaded
         ae = None if args.cache else M.load_ae(cfg, device=device, dtype=wdtype)
@@ -292,7 +292,9 @@ def evaluate(args, denoiser, ae, dataset, device, t_eval=0.5, max_batches=8):
 # -----------------------------------------------------------------------------
 # checkpoints: a folder per checkpoint, written under a temporary name and renamed into place
 
-def save_checkpoint(out, step, flux, text, acfg, opt, args, keep):
+def save_checkpoint(out, step, flux, text, acfg, opt, args, keep, consumed):
+    """OUT/ckpt-STEP: the weights (whole toy model in the base stage, else the adapter), the optimizer state, the data
+    position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the number of ranks."""
     name, tmp = f"ckpt-{step:07d}", os.path.join(out, f".tmp-ckpt-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -303,7 +305,9 @@ def save_checkpoint(out, step, flux, text, acfg, opt, args, keep):
                   os.path.join(tmp, "text_encoder.safetensors"))
     else:
         ML.save_adapter(flux, os.path.join(tmp, "adapter.safetensors"), acfg, {"step": str(step)})
-    torch.save({"step": step, "optimizer": opt.state_dict()}, os.path.join(tmp, "train_state.pt"))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.save({"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()},
+               os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
     os.replace(tmp, os.path.join(out, name))                 # the folder appears whole or not at all
@@ -317,16 +321,25 @@ def save_checkpoint(out, step, flux, text, acfg, opt, args, keep):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 def load_checkpoint(out, flux, text, acfg, opt):
+    """OUT/latest into the models and the optimizer -> (step, consumed, ranks that saved it). A checkpoint that is
+    unreadable or belongs to another run (other adapters, another optimizer) is one CheckpointError naming the file."""
     path = os.path.realpath(os.path.join(out, "latest"))
+    if not os.path.isdir(path):
+        raise M.CheckpointError(f"{os.path.join(out, 'latest')}: leads to {path}, which is not a checkpoint folder")
     if acfg is None:
         M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"))
         M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"))
     else:
-        from safetensors.torch import load_file
-        ML._load_strict(flux, load_file(os.path.join(path, "adapter.safetensors")), path)
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    return state["step"]
+        file = os.path.join(path, "adapter.safetensors")
+        ML.load_strict(flux, ML.read_adapter(file)[1], file)
+    file = os.path.join(path, "train_state.pt")
+    try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        return state["step"], state["consumed"], state["world"]
+    except Exception as e:   # missing, torn, a foreign pickle, another run's optimizer: all the file's fault
+        raise M.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 # -----------------------------------------------------------------------------
 
@@ -356,10 +369,11 @@ def main(argv=None):
     denoiser = Denoiser(flux, text).train()
     model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
     opt = build_optimizer(params, args.lr, args.weight_decay, args.zero and ddp)
-    step = 0
-    if args.resume and os.path.exists(os.path.join(args.out, "latest")):
-        step = load_checkpoint(args.out, flux, text, acfg, opt)
-        print0(f"resumed from step {step}")
+    step, consumed = 0, 0                 # optimizer steps; global micro-batches used (the position in the data)
+    if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
+        step, consumed, saved_world = load_checkpoint(args.out, flux, text, acfg, opt)
+        print0(f"resumed from step {step} at global micro-batch {consumed} (saved by {saved_world} rank(s), "
+               f"now {world})")
     if master:
         os.makedirs(args.out, exist_ok=True)
         n_train = sum(p.numel() for p in params)
@@ -393,7 +407,7 @@ def main(argv=None):
             g["lr"] = lr_at(step)
         sums = {}
         for a in range(args.grad_accum):
-            b = step * micro_per_step + a * world + rank
+            b = consumed + a * world + rank
             batch = D.collate([dataset[i] for i in global_batch(b)])
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)   # noise and t: a function of b only
             sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
@@ -402,6 +416,7 @@ def main(argv=None):
                 (loss / args.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
+        consumed += micro_per_step
         # ---- clip, skip non-finite steps, update ----
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         if bad.ok(gnorm, f"step {step + 1}"):
@@ -438,7 +453,7 @@ def main(argv=None):
             if args.zero and ddp:
                 opt.consolidate_state_dict(to=0)
             if master:
-                save_checkpoint(args.out, step, flux, text, acfg, opt, args, args.keep)
+                save_checkpoint(args.out, step, flux, text, acfg, opt, args, args.keep, consumed)
             if ddp:
                 dist.barrier()
     bar.close()
@@ -448,6 +463,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (M.CheckpointError, D.DataError, TrainingError) as e:
+    except (M.CheckpointError, D.DataError, D.InputError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
