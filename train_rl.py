@@ -85,6 +85,8 @@ def build_parser():
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--device", default=None)
+    g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
+                   "collective before the job stops (a dead or hung rank; rank 0 also evaluates meanwhile)")
     p.set_defaults(stage="rl", cache=None)          # what train_sft.build_models reads
     return p
 
@@ -96,7 +98,7 @@ def window_start(m, T, w, tau, s):
     """Left edge l of W(l) at iteration m = 1, 2, ...: it starts at 0 and after every tau-th iteration moves
     to min(l + s, T - w), so the window [l, l + w) never runs past the last step T - 1."""
     if not 1 <= w <= T:
-        raise ValueError(f"--window {w} must be between 1 and --steps {T}")
+        raise S.InputError(f"--window {w} must be between 1 and --steps {T}")
     return min(s * ((m - 1) // tau), T - w)
 
 def record_of(n, seed, k):
@@ -196,7 +198,7 @@ def gather(values, ddp):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    ddp, rank, world, device = T.setup_dist(args.device)
+    ddp, rank, world, device = T.setup_dist(args.device, args.dist_timeout)
     master = rank == 0
     cfg = M.get_config(args.preset)
     d, mult = S.DEFAULTS[args.preset], 2 * cfg.ae.factor

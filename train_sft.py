@@ -15,6 +15,7 @@ Supervised training, MultiCrafter stages 1-2 (and the toy world's stage 0).
         --size 512 --ref-size 320 --rank 512 --lr 3e-5 --lr-end 1e-5 --grad-checkpoint --zero
 """
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -91,19 +92,23 @@ def build_parser():
     g.add_argument("--eval-every", type=int, default=250)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--device", default=None)
+    g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
+                   "collective before the job stops (a dead or hung rank; rank 0 also writes checkpoints meanwhile)")
     return p
 
 # -----------------------------------------------------------------------------
 # distributed setup: one code path for `python` and `torchrun`
 
-def setup_dist(device_arg):
+def setup_dist(device_arg, timeout_s):
+    """-> (ddp, rank, world size, device). A collective that waits longer than timeout_s (a rank died or hangs)
+    raises on the ranks still waiting, so torchrun ends the job instead of it hanging forever."""
     ddp = "RANK" in os.environ
     if ddp:
         rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         cuda = torch.cuda.is_available() and device_arg != "cpu"
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
     else:
         rank, world = 0, 1
@@ -345,7 +350,7 @@ def load_checkpoint(out, flux, text, acfg, opt):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    ddp, rank, world, device = setup_dist(args.device)
+    ddp, rank, world, device = setup_dist(args.device, args.dist_timeout)
     master = rank == 0
     toy = args.preset == "toy"
     args.size = args.size or (32 if toy else 512)
