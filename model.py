@@ -709,6 +709,17 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
+def unreadable(path, e):
+    """The CheckpointError for a file safetensors cannot read: what it is instead, when that is plain."""
+    if not os.path.isfile(path):
+        return CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":     # a zip (torch.save) or a raw pickle
+        return CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors: refused unread, as pickles can "
+                               f"run code (convert it once with safetensors.torch.save_file where you trust it)")
+    return CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
+
 def read_header(path):
     """{key: (shape, dtype)} from a safetensors header, without reading the tensors. Only safetensors: a pickle
     (.pt/.bin/.ckpt) given instead is refused here, never unpickled."""
@@ -721,7 +732,7 @@ def read_header(path):
                 out[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype()))
             return out
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise unreadable(path, e) from None
 
 def _some(items, n=4, sep=", "):
     # a few of many names, so a file of another architecture still gives one readable line
@@ -739,7 +750,8 @@ def match_state(path, have, want, what="the model"):
     missing, unexpected = set(want) - set(have), set(have) - set(want)
     shapes = [f"{k} {have[k][0]} != expected {tuple(want[k].shape)}" for k in common
               if tuple(have[k][0]) != tuple(want[k].shape)]
-    kinds = [f"{k} {have[k][1]} != expected {want[k].dtype}" for k in common
+    name = lambda dtype: str(dtype).removeprefix("torch.")
+    kinds = [f"{k} {name(have[k][1])} != expected {name(want[k].dtype)}" for k in common
              if _is_float(have[k][1]) != want[k].dtype.is_floating_point]
     problems = ([f"missing keys: {_some(missing)}"] if missing else []) + \
                ([f"unexpected keys: {_some(unexpected)}"] if unexpected else []) + \
@@ -747,8 +759,7 @@ def match_state(path, have, want, what="the model"):
                ([f"wrong dtypes: {_some(kinds, 2, '; ')}"] if kinds else [])
     if problems:
         raise CheckpointError(f"{path}: does not match {what} ({' | '.join(problems)})")
-    return sorted({str(have[k][1]).removeprefix("torch.") for k in common
-                   if _is_float(have[k][1]) and have[k][1] != want[k].dtype})
+    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1]) and have[k][1] != want[k].dtype})
 
 def note_cast(path, stored, dtype):
     if stored:

@@ -231,12 +231,12 @@ def read_adapter(path):
     """(header metadata, tensors) of a safetensors file; anything else (a pickle, a torn or truncated file) is one
     CheckpointError, and nothing is ever unpickled."""
     from safetensors import safe_open
-    from model import CheckpointError
+    from model import unreadable
     try:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise unreadable(path, e) from None
 
 def configure(model, path, **cfg):
     # inject() for a file's adapter config; a config another model or version wrote is the file's fault

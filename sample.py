@@ -117,7 +117,7 @@ MAX_PIXELS = 8192 * 8192   # larger images are refused: a tiny file can declare 
 
 def check_file(path):
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
 
@@ -247,7 +247,7 @@ def load_models(name, arch, device):
     if not os.path.isdir(folder) and name != "toy":
         raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
     for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
-        if os.path.isfile(os.path.join(folder, f)):
+        if os.path.isfile(os.path.join(folder, f)) or name != "toy":     # a folder given by the user must be whole
             M.load_state_dict_strict(m, os.path.join(folder, f))
             weights = folder
         else:

@@ -326,9 +326,8 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
 
+def cli(argv=None):
+    return T.cli(argv, main, T.USER_ERRORS + (R.RewardModelError,))
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (M.CheckpointError, D.DataError, S.InputError, R.RewardModelError, T.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

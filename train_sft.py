@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -338,11 +339,16 @@ def load_checkpoint(out, flux, text, acfg, opt):
         file = os.path.join(path, "adapter.safetensors")
         ML.load_strict(flux, ML.read_adapter(file)[1], file)
     file = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(file):
+        raise M.CheckpointError(f"{file}: no such file")
     try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
         state = torch.load(file, map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         return state["step"], state["consumed"], state["world"]
-    except Exception as e:   # missing, torn, a foreign pickle, another run's optimizer: all the file's fault
+    except pickle.UnpicklingError:
+        raise M.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
+                                f"runs none of a pickle's code)") from None
+    except Exception as e:   # missing, torn, another run's optimizer: all the file's fault
         raise M.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
@@ -465,9 +471,17 @@ def main(argv=None):
     if ddp:
         dist.destroy_process_group()
 
-if __name__ == "__main__":
+USER_ERRORS = (M.CheckpointError, D.DataError, D.InputError, TrainingError)
+
+def cli(argv=None, main=main, errors=USER_ERRORS):
+    """main() as the command line runs it: a user's mistake (bad data, bad weights, a diverged run) is one line on
+    stderr and exit status 2, never a traceback. -> exit status. train_rl.py runs its main through it too."""
     try:
-        main()
-    except (M.CheckpointError, D.DataError, D.InputError, TrainingError) as e:
+        main(argv)
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(cli())
