@@ -29,7 +29,7 @@ from PIL import Image
 
 import model as M
 from sample import (DEFAULTS, MAX_REFS, TOY_DIR, InputError, fit_box, load_image, param_dtype, preprocess_ref,
-                    read_image, write_atomic)
+                    read_image, utf8, write_atomic)
 
 class DataError(ValueError):
     """A bad manifest or record: the message says which and why."""
@@ -131,14 +131,6 @@ def _file(root, rel, field, deep, bad, mask=False):
 
 UNO_KEYS = ("image_paths", "image_path", "image_tgt_path")
 ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")     # a record id names files (rewards.py eval): no paths
-
-def utf8(text):
-    # JSON can carry lone surrogates ("\ud800") that no encoder can turn into bytes
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 PER_REF = {"kinds": ('one of "face"/"object"', lambda v: v in ("face", "object")),
            "captions": ("a string", lambda v: isinstance(v, str)),

@@ -115,6 +115,14 @@ class InputError(ValueError):
 MAX_REFS = 8     # references per sample (MultiCrafter and UNO show up to 4); each adds (ref_size / 16)^2 tokens
 MAX_PIXELS = 8192 * 8192   # larger images are refused: a tiny file can declare gigapixels (a decompression bomb)
 
+def utf8(text):
+    # a str that has no UTF-8 bytes: lone surrogates, from a JSON "\ud800" or from argv bytes that are not UTF-8
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
 def check_file(path):
     if not os.path.isfile(path):
         raise InputError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
@@ -291,6 +299,8 @@ def generate(args):
     W, H = (pick(args.width, d["size"]) // mult * mult, pick(args.height, d["size"]) // mult * mult)  # BFL rounds down
     if steps < 1 or W < mult or H < mult or ref_size < mult:
         raise InputError(f"need --steps >= 1 and --width, --height, --ref-size >= {mult} px for {preset}")
+    if not utf8(args.prompt):
+        raise InputError("--prompt: not valid UTF-8 text (the shell passed bytes in another encoding)")
     if not args.out.lower().endswith(".png"):
         raise InputError(f"{args.out}: the output must be a .png file")
     try:

@@ -2224,11 +2224,14 @@ def test_bad_manifest_records_in_check_and_training(tmp_path, capsys, fault):
     assert status == 1 and len(line) == 1 and want in line[0], out
     assert len(ds) == 1 and ds.skipped[0][0] == 2 and want in ds.skipped[0][2] and ds[0]["prompt"] == "a thing"
 
-def test_sample_refuses_too_many_references(tmp_path, capsys):
+def test_sample_refuses_too_many_references_and_a_prompt_that_is_not_text(tmp_path, capsys):
     Image.new("RGB", (16, 16), RED).save(tmp_path / "r.png")
-    with pytest.raises(SystemExit) as e:
-        main(["--refs", *[str(tmp_path / "r.png")] * 9, "--prompt", "x", "--out", str(tmp_path / "o.png")])
-    assert e.value.code == 2 and "9 references, more than 8" in capsys.readouterr().err
+    for refs, prompt, why in (([str(tmp_path / "r.png")] * 9, "x", "9 references, more than 8"),
+                              ([str(tmp_path / "r.png")], b"a \xff b".decode("utf-8", "surrogateescape"),
+                               "--prompt: not valid UTF-8")):   # what Python makes of argv bytes that are not UTF-8
+        with pytest.raises(SystemExit) as e:
+            main(["--refs", *refs, "--prompt", prompt, "--out", str(tmp_path / "o.png")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["r.png"]
 
 # fault -> the reason in the one-line CheckpointError, or None: it loads (floats cast, with a note)

@@ -242,11 +242,8 @@ def main(argv=None):
         rec = {"iter": m, **evaluate(flux, ae, text, val, reward, args, device)}
         write(rec)
         best = os.path.join(args.out, "best.safetensors")
-        if os.path.exists(best):
-            from safetensors import safe_open
-            with safe_open(best, framework="pt") as f:
-                if float(f.metadata()["val_total"]) >= rec["val_total"]:
-                    return
+        if os.path.exists(best) and float(ML.read_adapter(best)[0].get("val_total", "-inf")) >= rec["val_total"]:
+            return
         ML.save_adapter(flux, best, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
     if val is not None and step == 0:
         validate(0)
