@@ -2342,7 +2342,7 @@ def test_torchrun_dead_rank_ends_the_job_and_resume_may_change_the_rank_count(to
     (grown / "latest").unlink()
     (grown / "latest").symlink_to("ckpt-0000002")
     p = torchrun(grown, *common, "--resume")
-    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-6000:]
     assert "resumed from step 2 at global micro-batch 4 (saved by 1 rank(s), now 2)" in p.stderr.read()
     from safetensors.torch import load_file
     want = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
