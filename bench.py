@@ -978,7 +978,7 @@ def write_bad_manifests(work):
 
 def manifest_rows(work):
     """One row per manifest fault: data.py check and training, on [a good record, the bad one]."""
-    return [[cell(c, os.path.join(work, "manifests", "")) for c in (fault, check_cell(m, 2), dataset_cell(m, 2))]
+    return [[cell(c, work + os.sep) for c in (fault, check_cell(m, 2), dataset_cell(m, 2))]
             for fault, m in write_bad_manifests(work).items()]
 
 def worker_pids(proc):
