@@ -19,9 +19,9 @@ world adds "attrs" (each subject's shape/colour/pattern) and "boxes". Optional "
 {"prompt", "image_paths", "image_tgt_path"} is read too.
 
 What training gets (ManifestDataset -> batches -> collate): the target resized to cover its aspect bucket and
-center-cropped, references padded square on white and resized to ref_size, each mask as the share of every
-packed token inside the subject (token order of model.pack), correspondences as (reference token, target
-token) pairs. One packed token is token_px = 2 * ae.factor pixels on a side: 16 for FLUX, 4 for the toy.
+center-cropped, references resized to ref_size on their longer side and centered on white, each mask as the
+share of every packed token inside the subject (token order of model.pack), correspondences as (reference
+token, target token) pairs. One packed token is token_px = 2 * ae.factor pixels on a side: 16 for FLUX, 4 for the toy.
 """
 import argparse, json, math, os, re, shutil, sys
 from dataclasses import asdict, dataclass
@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import model as M
-from sample import (DEFAULTS, TOY_DIR, InputError, check_file, load_image, param_dtype, preprocess_ref,
-                    write_atomic)
+from sample import (DEFAULTS, MAX_REFS, TOY_DIR, InputError, check_file, fit_box, load_image, param_dtype,
+                    preprocess_ref, read_image, utf8, write_atomic)
 
 class DataError(ValueError):
     """A bad manifest or record: the message says which and why."""
@@ -103,16 +103,12 @@ def read_manifest(path):
 def image_size(path):
     """Upright (W, H) from the header alone: EXIF orientations 5-8 swap the sides, as load_image's transpose does
     (read from what Image.open parsed; im.getexif() would decode a whole PNG)."""
-    check_file(path)
-    try:
-        with Image.open(path) as im:
-            exif = Image.Exif()
-            if "exif" in im.info:
-                exif.load(im.info["exif"])
-            (w, h), turned = im.size, exif.get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception as e:   # Pillow raises many types for a bad header
-        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
-    return (h, w) if turned else (w, h)
+    def upright(im):
+        exif = Image.Exif()
+        if "exif" in im.info:
+            exif.load(im.info["exif"])
+        return im.size[::-1] if exif.get(0x0112, 1) in (5, 6, 7, 8) else im.size
+    return read_image(path, upright)
 
 def load_mask(path):
     # -> float32 (H, W) in [0, 1]; binary masks give exact areas, soft (fractional) masks are kept as shares.
@@ -138,6 +134,8 @@ def _file(root, rel, field, deep, bad, mask=False):
     return None, None
 
 UNO_KEYS = ("image_paths", "image_path", "image_tgt_path")
+ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")     # a record id names files (rewards.py eval): no paths
+
 PER_REF = {"kinds": ('one of "face"/"object"', lambda v: v in ("face", "object")),
            "captions": ("a string", lambda v: isinstance(v, str)),
            "attrs": ("an object", lambda v: isinstance(v, dict))}
@@ -159,9 +157,18 @@ def validate(rec, root, deep=True):
     prompt = rec.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         bad.append(("prompt", "missing or empty (need a string)"))
+    elif not utf8(prompt):
+        bad.append(("prompt", "not valid Unicode (a lone surrogate escape such as \\ud800)"))
+    key = rec.get("id")
+    if key is not None and not (isinstance(key, int) and not isinstance(key, bool) or
+                                isinstance(key, str) and ID.fullmatch(key)):
+        bad.append(("id", f"{str(key)[:60]!r} is not an integer or a name of letters, digits, '.', '_', '-'"))
     refs = rec.get("refs")
     if not isinstance(refs, list) or not refs:
         bad.append(("refs", "missing or not a non-empty list of paths"))
+        refs = []
+    elif len(refs) > MAX_REFS:
+        bad.append(("refs", f"{len(refs)} references, more than {MAX_REFS}"))
         refs = []
     n = len(refs)
     ref_paths = [_file(root, p, f"refs[{i}]", deep, bad)[0] for i, p in enumerate(refs)]
@@ -208,14 +215,28 @@ def validate(rec, root, deep=True):
     return dict(prompt=prompt, target=target, size=size, refs=ref_paths, masks=masks, points=points,
                 id=rec.get("id"), **{k: rec[k] for k in ("kinds", "captions", "attrs", "boxes") if k in rec}), []
 
+def validate_all(records, root, deep=True):
+    """validate() over read_manifest's records, plus what no single record shows: an "id" given twice (the first
+    record keeps it). -> [(line, normalized dict or None, [(field, why)])]"""
+    out, seen = [], {}
+    for line, rec in records:
+        r, bad = validate(rec, root, deep)
+        key = json.dumps(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else None
+        if key in seen:
+            r, bad = None, bad + [("id", f"{rec['id']!r} is already the id of line {seen[key]}")]
+        elif key is not None:
+            seen[key] = line
+        out.append((line, r, bad))
+    return out
+
 def check(manifest, deep=True):
     """`python data.py check`: print every problem as manifest:line: field: why, then a summary.
     -> exit status: 0 all good, 1 any problem."""
     records, problems = read_manifest(manifest)
     total = len(records) + len(problems)                                       # parsed or not
     root = os.path.dirname(os.path.abspath(manifest))
-    for line, rec in records:
-        problems += [(line, field, why) for field, why in validate(rec, root, deep)[1]]
+    for line, _, bad in validate_all(records, root, deep):
+        problems += [(line, field, why) for field, why in bad]
     problems.sort(key=lambda p: p[0])                                          # stable: fields stay in order
     for line, field, why in problems:
         print(f"{manifest}:{line}: {field}: {why}")
@@ -280,16 +301,17 @@ class ManifestDataset(torch.utils.data.Dataset):
     """Training records of a manifest (or UNO JSON list), validated when constructed.
 
     size: the target side (square); or buckets [(H, W), ...] (multiples of token_px): each record goes to the
-    bucket closest to its aspect, resized to cover it and center-cropped. ref_size: references are padded square
-    on white and resized to ref_size x ref_size (the paper: 320; toy: 16). token_px: pixels per packed token.
-    max_refs: records with more references are skipped. verify=True decodes every image now (as `check` does);
+    bucket closest to its aspect, resized to cover it and center-cropped. ref_size: references are resized to
+    ref_size on their longer side and centered on a white ref_size x ref_size square (the paper: 320; toy: 16).
+    token_px: pixels per packed token.
+    Records with more than MAX_REFS references, and later records repeating an "id", are skipped. verify=True decodes every image now (as `check` does);
     by default only headers are read, and an image that then fails to decode in __getitem__ (truncated, or an
     empty mask) is replaced by the next good record of the same bucket key, with a warning, counted in
     n_failed: an epoch never stops half-way, and nothing is dropped silently (DataLoader workers each count
     and warn for themselves).
     self.skipped: [(line, field, why)] for records dropped here (n_skipped of them)."""
     needs_target = True
-    def __init__(self, manifest, size=32, ref_size=16, token_px=4, buckets=None, max_refs=None, verify=False):
+    def __init__(self, manifest, size=32, ref_size=16, token_px=4, buckets=None, verify=False):
         self.manifest, self.ref_size, self.token_px = manifest, ref_size, token_px
         self.buckets = [tuple(b) for b in buckets] if buckets else [(size, size)]
         if any(d % token_px for b in self.buckets for d in b) or ref_size % token_px:
@@ -297,12 +319,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         parsed, self.skipped = read_manifest(manifest)
         root = os.path.dirname(os.path.abspath(manifest))
         self.records, self.keys = [], []
-        for line, rec in parsed:
-            r, bad = validate(rec, root, deep=verify)
+        for line, r, bad in validate_all(parsed, root, deep=verify):
             if r is not None and r["target"] is None and self.needs_target:
                 bad = [("target", "missing: training needs a target (RL records have none)")]
-            elif r is not None and max_refs and len(r["refs"]) > max_refs:
-                bad = [("refs", f"{len(r['refs'])} references, more than max_refs = {max_refs}")]
             if bad:
                 self.skipped += [(line, field, why) for field, why in bad]
                 continue
@@ -357,17 +376,17 @@ class ManifestDataset(torch.utils.data.Dataset):
             # mean over each tp x tp block (numpy: a tiny torch op in a loader costs a thread-pool wake-up)
             masks[k], valid[k] = torch.from_numpy(m.reshape(H // tp, tp, W // tp, tp).mean((1, 3)).ravel()), True
 
-        # references, and each correspondence moved along with the pixels it names: in the padded square
-        # y' = (y * h + pad_top) / s, in the cropped target y' = (y * rh - top) / H (same for x)
+        # references, and each correspondence moved along with the pixels it names: in the reference square
+        # y' = (y * fh + ftop) / R, in the cropped target y' = (y * rh - top) / H (same for x)
         refs, pts = [], []
         given = r["points"] or [None] * N                     # no points, or null for a reference: none
         for k, path in enumerate(r["refs"]):
             ref = load_image(path)
-            (w, h), s = ref.size, max(ref.size)
+            fw, fh, fleft, ftop = fit_box(*ref.size, R)                                    # where preprocess_ref puts it
             refs.append(to_tensor(preprocess_ref(ref, R)))                                # (3, R, R)
             p = torch.tensor(given[k] or [], dtype=torch.float64).reshape(-1, 4)          # (P, 4): ry rx ty tx
-            scale = torch.tensor([h / s, w / s, rh / H, rw / W], dtype=torch.float64)
-            shift = torch.tensor([(s - h) // 2 / s, (s - w) // 2 / s, -top / H, -left / W], dtype=torch.float64)
+            scale = torch.tensor([fh / R, fw / R, rh / H, rw / W], dtype=torch.float64)
+            shift = torch.tensor([ftop / R, fleft / R, -top / H, -left / W], dtype=torch.float64)
             p = p * scale + shift
             pts.append(p[((p[:, 2:] >= 0) & (p[:, 2:] <= 1)).all(1)])                    # cropped away: dropped
         points = points_to_tokens(pts, (R // tp, R // tp), (H // tp, W // tp))           # [(P_k, 2)]
@@ -377,7 +396,7 @@ class ManifestDataset(torch.utils.data.Dataset):
 class PromptDataset(ManifestDataset):
     """RL records (stage 3): a prompt and references (+ optional captions and kinds); a target is not needed
     (ignored if there). Validation, skipping and replacing as ManifestDataset. Item: dict(prompt, refs [PIL,
-    padded square on white and resized to ref_size, as training and sampling see them], captions, kinds, index)."""
+    ref_size x ref_size on white, as training and sampling see them], captions, kinds, index)."""
     needs_target = False
 
     def __init__(self, manifest, ref_size=16):
@@ -579,8 +598,7 @@ def load_encoders(model, checkpoint=None, device="cpu"):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if model == "toy":
         text = M.ByteTextEncoder(cfg)
-        M.load_state_dict_strict(text, M.resolve_file(checkpoint or TOY_DIR, "text_encoder.safetensors"),
-                                 dtype=torch.float32)
+        M.load_state_dict_strict(text, M.resolve_file(checkpoint or TOY_DIR, "text_encoder.safetensors"))
         return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
     ae = M.load_ae(cfg, checkpoint, device, dtype)
     return M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device), ae, cfg

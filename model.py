@@ -15,6 +15,7 @@ that double blocks hand their post-norm, post-RoPE q/k (losses.py decides what t
 """
 import math
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -611,12 +612,21 @@ class AutoEncoder(nn.Module):
 # -----------------------------------------------------------------------------
 # text conditioning
 
+def note_truncation(encoder, lengths, prompts):
+    """Prompts longer than the encoder's max_len are cut there: warn the first time, count every one (truncated)."""
+    long = [(n, p) for n, p in zip(lengths, prompts) if n > encoder.max_len]
+    if long and not encoder.truncated:
+        n, p = long[0]
+        print(f"warning: a prompt of {n} tokens is cut to the text encoder's {encoder.max_len} ({p[:40]!r}...); "
+              f"later ones are only counted", file=sys.stderr)
+    encoder.truncated += len(long)
+
 class ByteTextEncoder(nn.Module):
     """Tokenizer-free text encoder for the toy preset: UTF-8 bytes -> a small transformer.
     Returns the sequence (B, max_len, context_in_dim) and a pooled vector (B, vec_in_dim), like T5 + CLIP."""
     def __init__(self, cfg: FluxConfig, dim=64, layers=2, heads=4):
         super().__init__()
-        self.max_len = cfg.max_txt_len
+        self.max_len, self.truncated = cfg.max_txt_len, 0
         self.embed = nn.Embedding(257, dim)                   # 256 byte values + padding (256)
         self.pos = nn.Parameter(torch.randn(cfg.max_txt_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
@@ -625,9 +635,11 @@ class ByteTextEncoder(nn.Module):
         self.to_vec = nn.Linear(dim, cfg.vec_in_dim)
 
     def tokenize(self, prompts):
+        data = [p.encode("utf-8") for p in prompts]
+        note_truncation(self, [len(b) for b in data], prompts)
         ids = torch.full((len(prompts), self.max_len), 256, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            b = list(p.encode("utf-8")[: self.max_len])
+        for i, b in enumerate(data):
+            b = list(b[: self.max_len])
             ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
         return ids
 
@@ -645,7 +657,7 @@ class T5CLIPEncoder(nn.Module):
                  dtype=torch.bfloat16):
         super().__init__()
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-        self.max_len = max_len
+        self.max_len, self.truncated = max_len, 0
         try:
             self.t5_tok = AutoTokenizer.from_pretrained(t5)
             self.t5 = T5EncoderModel.from_pretrained(t5, dtype=dtype).eval().requires_grad_(False)
@@ -659,6 +671,7 @@ class T5CLIPEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts):
         dev = self.t5.device
+        note_truncation(self, [len(ids) for ids in self.t5_tok(prompts).input_ids], prompts)   # CLIP: 77, as BFL
         t = self.t5_tok(prompts, max_length=self.max_len, padding="max_length", truncation=True,
                         return_tensors="pt")
         c = self.clip_tok(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
@@ -692,40 +705,83 @@ def resolve_file(path_or_repo, filename):
             f"licence on huggingface.co/{path_or_repo}, run `hf auth login`, then `hf download {path_or_repo} "
             f"{filename}`; or pass the local file path") from None
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+def unreadable(path, e):
+    """The CheckpointError for a file safetensors cannot read: what it is instead, when that is plain."""
+    if not os.path.isfile(path):
+        return CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":     # a zip (torch.save) or a raw pickle
+        return CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors: refused unread, as pickles can "
+                               f"run code (convert it once with safetensors.torch.save_file where you trust it)")
+    return CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
+
 def read_header(path):
-    """{key: (shape, dtype)} from a safetensors header, without reading the tensors."""
+    """{key: (shape, dtype)} from a safetensors header, without reading the tensors. Only safetensors: a pickle
+    (.pt/.bin/.ckpt) given instead is refused here, never unpickled."""
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
             out = {}
             for k in f.keys():
                 s = f.get_slice(k)
-                out[k] = (tuple(s.get_shape()), s.get_dtype())
+                out[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype()))
             return out
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise unreadable(path, e) from None
+
+def _some(items, n=4, sep=", "):
+    # a few of many names, so a file of another architecture still gives one readable line
+    items = sorted(items)
+    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+def _is_float(dtype):
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+def match_state(path, have, want, what="the model"):
+    """A file's tensors have {key: (shape, dtype)} against a module's want {key: tensor} (meta is fine): every key,
+    shape and kind (floating or not) must match, or one CheckpointError lists what differs. A floating dtype that
+    differs is not an error (the loader casts it): -> the stored dtypes that will be cast, for a note."""
+    common = set(want) & set(have)
+    missing, unexpected = set(want) - set(have), set(have) - set(want)
+    shapes = [f"{k} {have[k][0]} != expected {tuple(want[k].shape)}" for k in common
+              if tuple(have[k][0]) != tuple(want[k].shape)]
+    name = lambda dtype: str(dtype).removeprefix("torch.")
+    kinds = [f"{k} {name(have[k][1])} != expected {name(want[k].dtype)}" for k in common
+             if _is_float(have[k][1]) != want[k].dtype.is_floating_point]
+    problems = ([f"missing keys: {_some(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {_some(unexpected)}"] if unexpected else []) + \
+               ([f"wrong shapes: {_some(shapes, 2, '; ')}"] if shapes else []) + \
+               ([f"wrong dtypes: {_some(kinds, 2, '; ')}"] if kinds else [])
+    if problems:
+        raise CheckpointError(f"{path}: does not match {what} ({' | '.join(problems)})")
+    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1]) and have[k][1] != want[k].dtype})
+
+def note_cast(path, stored, dtype):
+    if stored:
+        print(f"note: {path} stores {', '.join(stored)} tensors: cast to {str(dtype).removeprefix('torch.')}",
+              file=sys.stderr)
 
 def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",)):
-    """Check `path`'s keys and shapes against `model` (which may live on the meta device), then load it
-    with assign=True: tensors go straight from the file to `device`, never a second copy of the model."""
+    """Check `path`'s keys, shapes and dtypes against `model` (which may live on the meta device), then load it
+    with assign=True: tensors go straight from the file to `device`, never a second copy of the model. Floating
+    tensors become `dtype` (default: the model's own), with a note when the file stores another."""
     from safetensors.torch import load_file
-    header = read_header(path)
     strip = lambda k: next((k[len(p):] for p in prefix_strip if k.startswith(p)), k)
-    have = {strip(k): v[0] for k, v in header.items()}
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    shapes = sorted(f"{k} {have[k]} != expected {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
-    problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + \
-               ([f"unexpected keys: {', '.join(unexpected)}"] if unexpected else []) + \
-               ([f"wrong shapes: {'; '.join(shapes)}"] if shapes else [])
-    if problems:
-        raise CheckpointError(f"{path}: does not match the model ({' | '.join(problems)})")
+    have = {strip(k): v for k, v in read_header(path).items()}
+    want = model.state_dict()
+    if dtype is not None:
+        want = {k: v.to("meta", dtype) if v.is_floating_point() else v for k, v in want.items()}
+    note_cast(path, match_state(path, have, want), dtype or next(iter(want.values())).dtype)
     try:
         sd = load_file(path, device=str(device))
     except Exception as e:
         raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
-    sd = {strip(k): (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in sd.items()}
+    sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 

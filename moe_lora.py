@@ -227,37 +227,49 @@ def save_adapter(model, path, cfg, extra_meta=None):
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)
 
-def load_adapter(model, path):
-    """Inject the adapters described in `path`'s header into `model`, then load their tensors strictly."""
+def read_adapter(path):
+    """(header metadata, tensors) of a safetensors file; anything else (a pickle, a torn or truncated file) is one
+    CheckpointError, and nothing is ever unpickled."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
-    from model import CheckpointError
+    from model import unreadable
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    if "multicrafter_adapter" in meta:
-        cfg = json.loads(meta["multicrafter_adapter"])
-        inject(model, **cfg)
-        sd = load_file(path)
-    else:
-        sd = load_file(path)
+        raise unreadable(path, e) from None
+
+def configure(model, path, **cfg):
+    # inject() for a file's adapter config; a config another model or version wrote is the file's fault
+    from model import CheckpointError
+    try:
+        return inject(model, **cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its adapter config does not fit this model ({e})") from None
+
+def load_adapter(model, path):
+    """Inject the adapters described in `path`'s header into `model`, then load their tensors strictly."""
+    from model import CheckpointError
+    meta, sd = read_adapter(path)
+    if "multicrafter_adapter" not in meta:
         if not any(".processor." in k for k in sd):
             raise CheckpointError(f"{path}: neither a multicrafter adapter nor a UNO dit_lora file")
-        return load_uno_lora(model, path)
-    _load_strict(model, sd, path)
+        return load_uno_lora(model, path, sd)
+    try:
+        cfg = json.loads(meta["multicrafter_adapter"])
+    except ValueError:
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
+    configure(model, path, **cfg)
+    load_strict(model, sd, path)
     return cfg
 
-def _load_strict(model, sd, path):
-    from model import CheckpointError
+def load_strict(model, sd, path):
+    """Copy sd into the model's adapters: every key and shape must match (model.match_state); floats are cast."""
+    from model import match_state, note_cast
     want = adapter_state_dict(model)
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(want[k].shape)}" for k in set(want) & set(sd)
-           if sd[k].shape != want[k].shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path}: adapter does not match the model (missing: {missing}; unexpected: "
-                              f"{unexpected}; wrong shapes: {bad})")
+    stored = match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, want, "the model's adapters")
+    note_cast(path, stored, next(iter(want.values())).dtype)
     with torch.no_grad():
         for k, v in sd.items():
             want[k].copy_(v)
@@ -266,12 +278,11 @@ def _load_strict(model, sd, path):
 UNO_NAMES = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
              "proj_lora2": "txt_attn.proj", "qkv_lora": "linear1", "proj_lora": "linear2"}
 
-def load_uno_lora(model, path):
+def load_uno_lora(model, path, sd=None):
     """UNO's released dit_lora.safetensors (keys `double_blocks.{i}.processor.qkv_lora1.down.weight`, ...,
-    rank 512, scale 1): plain LoRAs on the blocks it names, loaded strictly."""
-    from safetensors.torch import load_file
+    rank 512, scale 1): plain LoRAs on the blocks it names, loaded strictly. sd: its tensors, if already read."""
     from model import CheckpointError
-    sd = load_file(path)
+    sd = read_adapter(path)[1] if sd is None else sd
     ours = {}
     for k, v in sd.items():
         parts = k.split(".")        # double_blocks, i, processor, qkv_lora1, down|up, weight
@@ -279,7 +290,9 @@ def load_uno_lora(model, path):
             raise CheckpointError(f"{path}: unexpected key {k} for a UNO LoRA")
         ours[f"{parts[0]}.{parts[1]}.{UNO_NAMES[parts[3]]}.{parts[4]}.{parts[5]}"] = v
     targets = sorted({k.rsplit(".", 2)[0] for k in ours})
-    rank = next(v.shape[0] for k, v in ours.items() if k.endswith("down.weight"))
-    cfg = inject(model, lora_targets=targets, moe_targets=[], rank=rank, alpha=rank)
-    _load_strict(model, ours, path)
+    ranks = [v.shape[0] for k, v in ours.items() if k.endswith("down.weight")]
+    if not ranks:
+        raise CheckpointError(f"{path}: a UNO LoRA without any down.weight")
+    cfg = configure(model, path, lora_targets=targets, moe_targets=[], rank=ranks[0], alpha=ranks[0])
+    load_strict(model, ours, path)
     return cfg

@@ -11,7 +11,7 @@ out_attn{i}.png: where reference i's tokens look in the generated image (MultiCr
 The schedule, noise and Euler loop follow black-forest-labs/flux src/flux/sampling.py; sde_step is
 Flow-GRPO's stochastic step with its log-probability, for the RL trainer.
 """
-import argparse, json, math, os, secrets, sys, tempfile
+import argparse, json, math, os, secrets, sys, tempfile, warnings
 
 import numpy as np
 import torch
@@ -114,22 +114,46 @@ def sde_step(x, v, t, t_next, eta, noise=None, prev=None, generator=None):
 class InputError(ValueError):
     """A bad user input (a reference image, a size, a device): the message says which and why."""
 
+MAX_REFS = 8     # references per sample (MultiCrafter and UNO show up to 4); each adds (ref_size / 16)^2 tokens
+MAX_PIXELS = 8192 * 8192   # larger images are refused: a tiny file can declare gigapixels (a decompression bomb)
+
+def utf8(text):
+    # a str that has no UTF-8 bytes: lone surrogates, from a JSON "\ud800" or from argv bytes that are not UTF-8
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
 def check_file(path):
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
 
-def load_image(path):
-    """Any image file -> RGB PIL image, upright (EXIF), first frame, transparency composited on white."""
+def read_image(path, decode):
+    """The one way a user's image file is opened (sample.py --refs, data.py check, training): decode(im) -> result.
+    Every failure is one InputError naming the file; the format comes from the bytes, never the extension."""
     check_file(path)
     try:
-        with Image.open(path) as im:
-            im.seek(0)                                       # first frame of an animated GIF/WebP/APNG
-            im.load()
-            img = ImageOps.exif_transpose(im)                # a copy, rotated as the camera meant it
-    except Exception as e:   # not an image, truncated, corrupt, a decompression bomb: Pillow raises many types
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # Pillow's notes on odd files; its bomb warning is checked below
+            with Image.open(path) as im:                     # reads the header only
+                if im.width * im.height > MAX_PIXELS:
+                    raise InputError(f"{path}: {im.width}x{im.height} is more than {MAX_PIXELS} pixels "
+                                     f"(a decompression bomb?)")
+                return decode(im)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:                     # so many pixels that Pillow refuses to open it
+        raise InputError(f"{path}: more than {MAX_PIXELS} pixels (a decompression bomb?)") from None
+    except Exception as e:   # not an image, truncated, corrupt, a gigapixel bomb: Pillow raises many types
         raise InputError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
+
+def _upright_rgb(im):
+    im.seek(0)                                               # first frame of an animated GIF/WebP/APNG
+    im.load()
+    img = ImageOps.exif_transpose(im)                        # a copy, rotated as the camera meant it
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit grayscale (Pillow gives 'I;16' or 32-bit 'I' holding 0..65535): scale, don't clip
         a = np.asarray(img).astype(np.float64) / 257.0
@@ -137,23 +161,25 @@ def load_image(path):
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
-    try:
-        return img.convert("RGB")                            # also L, 1, P, CMYK, YCbCr, F
-    except ValueError as e:
-        raise InputError(f"{path}: unsupported image mode {img.mode} ({e})") from None
+    return img.convert("RGB")                                # also L, 1, P, CMYK, YCbCr, F
 
-def pad_square(img):
-    # on white, centered: a reference keeps its aspect and every reference is the same square
-    w, h = img.size
-    side = max(w, h)
-    out = Image.new("RGB", (side, side), (255, 255, 255))
-    out.paste(img, ((side - w) // 2, (side - h) // 2))
-    return out
+def load_image(path):
+    """Any image file -> RGB PIL image, upright (EXIF), first frame, transparency composited on white."""
+    return read_image(path, _upright_rgb)
+
+def fit_box(w, h, side):
+    # (w, h) scaled so its longer side is `side` -> (rw, rh) and its (left, top) centered in a side x side square
+    s = max(w, h)
+    rw, rh = max(1, round(w * side / s)), max(1, round(h * side / s))
+    return rw, rh, (side - rw) // 2, (side - rh) // 2
 
 def preprocess_ref(img, ref_size):
-    """A reference as training sees it (data.py): padded square on white, resized to ref_size x ref_size."""
-    sq = pad_square(img)
-    return sq if sq.size == (ref_size, ref_size) else sq.resize((ref_size, ref_size), Image.LANCZOS)
+    """A reference as training sees it (data.py): resized to ref_size on its longer side (aspect kept) and centered
+    on a white ref_size x ref_size square. Resized before padding: a 1 x 60000 strip padded first is 3.6 gigapixels."""
+    rw, rh, left, top = fit_box(*img.size, ref_size)
+    out = Image.new("RGB", (ref_size, ref_size), (255, 255, 255))
+    out.paste(img if img.size == (rw, rh) else img.resize((rw, rh), Image.LANCZOS), (left, top))
+    return out
 
 def get_noise(num_samples, height, width, z_channels, factor, seed):
     # BFL get_noise: a seeded CPU generator, so one seed gives one image on every device (fp32 here, not bf16)
@@ -233,8 +259,8 @@ def load_models(name, arch, device, lora=None):
         if not os.path.isdir(folder) and name != "toy":
             raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
         for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
-            if os.path.isfile(os.path.join(folder, f)):
-                M.load_state_dict_strict(m, os.path.join(folder, f), dtype=torch.float32)   # assets/toy: fp16
+            if os.path.isfile(os.path.join(folder, f)) or name != "toy":     # a folder given by the user must be whole
+                M.load_state_dict_strict(m, os.path.join(folder, f))      # fp32 (assets/toy stores fp16)
                 weights = folder
             else:
                 print(f"warning: no {f} in {folder}: random weights for it (expect noise)", file=sys.stderr)
@@ -293,6 +319,8 @@ def generate(args):
         raise InputError(f"need --steps >= 1 and --width, --height, --ref-size >= {mult} px for {preset}")
     if args.prompt is None and preset != "toy":
         raise InputError(f"--prompt is required for {preset}")
+    if args.prompt is not None and not utf8(args.prompt):
+        raise InputError("--prompt: not valid UTF-8 text (the shell passed bytes in another encoding)")
     if not args.out.lower().endswith(".png"):
         raise InputError(f"{args.out}: the output must be a .png file")
     try:
@@ -300,6 +328,8 @@ def generate(args):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise InputError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
+    if len(args.refs) > MAX_REFS:
+        raise InputError(f"--refs: {len(args.refs)} references, more than {MAX_REFS}")
     ref_size = ref_size // mult * mult                                     # whole tokens
     refs = [preprocess_ref(load_image(p), ref_size) for p in args.refs]
     if args.lora:

@@ -443,7 +443,7 @@ def make_tiny_text_models(root):
     fast.save_pretrained(root / "t5")
     fast.save_pretrained(root / "clip")
 
-def test_t5_clip_encoder_on_tiny_local_models(tmp_path):
+def test_t5_clip_encoder_on_tiny_local_models(tmp_path, capsys):
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
     make_tiny_text_models(tmp_path)
     enc = M.T5CLIPEncoder(12, t5=str(tmp_path / "t5"), clip=str(tmp_path / "clip"), dtype=torch.float32)
@@ -456,6 +456,9 @@ def test_t5_clip_encoder_on_tiny_local_models(tmp_path):
     ids = tok(["a red cat"], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
     pooled = CLIPTextModel.from_pretrained(str(tmp_path / "clip")).eval()(input_ids=ids.input_ids).pooler_output
     torch.testing.assert_close(y[:1], pooled, atol=1e-6, rtol=0)
+    assert enc.truncated == 0
+    enc(["a red cat " * 20, "a dog"])                           # 60 words: cut to 12 tokens, with one warning
+    assert enc.truncated == 1 and "cut to the text encoder's 12" in capsys.readouterr().err
     with pytest.raises(M.CheckpointError, match="could not load the text encoders"):
         M.T5CLIPEncoder(12, t5=str(tmp_path / "nope"), clip=str(tmp_path / "clip"))
 
@@ -687,10 +690,13 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     assert weights == f"{S.TOY_DIR} + {os.path.join(S.TOY_DIR, 'adapter.safetensors')}"
     assert any(isinstance(m, ML.MoELoRALinear) for m in flux.modules())           # stage 2-3's adapter is on
     assert all(p.dtype == torch.float32 for p in flux.parameters())                 # stored fp16, runs fp32 on CPU
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    rnd, cfg = tmp_path / "random", M.get_config("toy")
+    rnd.mkdir()
+    torch.manual_seed(0)
+    save_file(M.Flux(cfg).state_dict(), rnd / "flux.safetensors")
+    save_file(M.ByteTextEncoder(cfg).state_dict(), rnd / "text_encoder.safetensors")
     refs, multi_id, scores = [S.preprocess_ref(S.load_image(p), 16) for p in DEMO], R.MultiIDReward(R.ToySubjects(16)), {}
-    for name, model in (("shipped", []), ("random", ["--model", str(empty), "--arch", "toy"])):
+    for name, model in (("shipped", []), ("random", ["--model", str(rnd), "--arch", "toy"])):
         for seed in range(6):
             main(["--refs", *DEMO, "--seed", str(seed), "--out", str(tmp_path / f"{name}{seed}.png"), *model])
         scores[name] = multi_id([Image.open(tmp_path / f"{name}{k}.png") for k in range(6)], refs)["score"]
@@ -1924,7 +1930,6 @@ def test_object_reward_and_eval_wiring(tmp_path, flo_dir, dino_dir, clip_dir):
 # -----------------------------------------------------------------------------
 # IPPO (losses.py GSPO and advantages, train_rl.py)
 
-import losses as LS
 import sample as S
 import train_rl as TR
 
@@ -2468,3 +2473,226 @@ def test_curated_pairs_get_points_check_and_train(toy_run, dino_dir, tmp_path, m
     sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1")
     log = [r for r in read_log(tmp_path / "m") if "diff" in r]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["scal"]) and r["dice"] > 0 for r in log)
+
+# -----------------------------------------------------------------------------
+# bad input everywhere: the faults of `bench.py badinput`, each checked for its defined behaviour
+
+import re
+import signal
+
+import bench as B
+
+WHITE, RED = (255, 255, 255), (255, 0, 0)
+# fault -> the reason in its one-line error, or what the loaded image must be
+IMAGE_FAULTS = {
+    "missing file": "no such file", "zero bytes": "empty file", "a folder": "not a file",
+    "not an image (text)": "not a readable image", "truncated PNG": "truncated", "truncated JPEG": "truncated",
+    "decompression bomb (30000x30000 header)": "decompression bomb", "10000x10000 (over MAX_PIXELS)": "10000x10000",
+    "JPEG named .png": lambda im: im.size == (8, 8) and im.getpixel((4, 4))[0] > 240,
+    "1x1": lambda im: im.size == (1, 1) and im.getpixel((0, 0)) == RED,
+    "1x4000 strip": lambda im: im.size == (1, 4000),
+    "CMYK JPEG": lambda im: im.getpixel((4, 4))[0] > 200 and max(im.getpixel((4, 4))[1:]) < 50,
+    "16-bit grayscale": lambda im: im.getpixel((4, 4)) == WHITE,                       # 65535 is white, not clipped
+    "palette + transparent index": lambda im: im.getpixel((0, 0)) == WHITE and im.getpixel((4, 4)) == (0, 255, 0),
+    "RGBA, fully transparent red": lambda im: im.getpixel((4, 4)) == WHITE,          # composited on white
+    "animated GIF (red, blue)": lambda im: im.getpixel((4, 4)) == RED,                # the first frame
+    "animated WebP (red, blue)": lambda im: im.getpixel((4, 4))[0] > 240 and im.getpixel((4, 4))[2] < 16,
+    "EXIF-rotated JPEG (40x20, rotate 90)": lambda im: im.size == (20, 40),           # upright
+}
+
+def test_every_bad_image_fault_is_checked():
+    assert set(IMAGE_FAULTS) == set(B.BAD_IMAGES)
+
+@pytest.mark.parametrize("fault", list(B.BAD_IMAGES))
+def test_bad_images_same_behaviour_in_loader_check_and_training(tmp_path, capsys, fault):
+    names, want = B.write_bad_images(str(tmp_path)), IMAGE_FAULTS[fault]
+    path, manifest = str(tmp_path / names[fault]), str(tmp_path / "m.jsonl")
+    with open(manifest, "w") as f:                         # the bad reference (line 1), then a good record
+        f.writelines(json.dumps(dict(target="t.png", prompt="x", refs=[r])) + "\n" for r in (names[fault], "t.png"))
+    status = D.main(["check", manifest])
+    out = capsys.readouterr().out
+    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    if callable(want):
+        assert want(load_image(path)) and status == 0
+        assert len(ds) == 2 and ds[0]["refs"].shape == (1, 3, 16, 16) and ds.n_failed == 0
+        return
+    with pytest.raises(InputError, match=want) as e:
+        load_image(path)
+    assert names[fault] in str(e.value) and "\n" not in str(e.value)
+    assert status == 1 and f"{manifest}:1: refs[0]: " in out and want in out
+    if ds.n_skipped:                                        # refused from the header alone ...
+        assert ds.skipped[0][0] == 1 and want in ds.skipped[0][2] and len(ds) == 1
+    else:                                                   # ... or when decoded: replaced, with a warning
+        assert ds[0]["prompt"] == "x" and ds.n_failed == 1 and want in capsys.readouterr().err
+
+def test_references_are_resized_before_padding():
+    # a 1 x 60000 strip padded to a square first would be 3.6 gigapixels; resized first it is 16 x 16 at once
+    ref = preprocess_ref(Image.new("RGB", (1, 60000), RED), 16)
+    assert ref.size == (16, 16) and ref.getpixel((7, 8)) == RED and ref.getpixel((8, 8)) == WHITE
+
+# fault -> the reason in the manifest's one-line problem for line 2 (training skips it), or None: a good record
+MANIFEST_FAULTS = {
+    "path with ..": "'..' is not allowed", "absolute path": "absolute paths are not allowed",
+    "symlink out of the root": "resolves outside", "id given twice": "already the id of line 1",
+    "id that is a path (../x)": "not an integer or a name", "0 references": "not a non-empty list",
+    "100 references (MAX_REFS = 8)": "100 references, more than 8", "empty prompt": "missing or empty",
+    "10,000-character prompt": None, "lone surrogate in the prompt": "not valid Unicode",
+    "non-UTF-8 byte in the prompt": "not UTF-8", "invalid JSON": "invalid JSON",
+}
+
+@pytest.mark.parametrize("fault", list(MANIFEST_FAULTS))
+def test_bad_manifest_records_in_check_and_training(tmp_path, capsys, fault):
+    manifest, want = B.write_bad_manifests(str(tmp_path))[fault], MANIFEST_FAULTS[fault]
+    status = D.main(["check", manifest])
+    out = capsys.readouterr().out
+    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    if want is None:                                          # a long prompt is fine: the encoder cuts it, and says so
+        assert status == 0 and len(ds) == 2
+        enc = M.ByteTextEncoder(M.get_config("toy"))
+        txt, _ = enc([ds[1]["prompt"], ds[0]["prompt"]])
+        assert enc.truncated == 1 and "10000 tokens is cut to the text encoder's 128" in capsys.readouterr().err
+        assert txt.shape == (2, 128, 64)
+        return
+    line = [l for l in out.splitlines() if l.startswith(f"{manifest}:2: ")]
+    assert status == 1 and len(line) == 1 and want in line[0], out
+    assert len(ds) == 1 and ds.skipped[0][0] == 2 and want in ds.skipped[0][2] and ds[0]["prompt"] == "a thing"
+
+def test_sample_refuses_too_many_references_and_a_prompt_that_is_not_text(tmp_path, capsys):
+    Image.new("RGB", (16, 16), RED).save(tmp_path / "r.png")
+    for refs, prompt, why in (([str(tmp_path / "r.png")] * 9, "x", "9 references, more than 8"),
+                              ([str(tmp_path / "r.png")], b"a \xff b".decode("utf-8", "surrogateescape"),
+                               "--prompt: not valid UTF-8")):   # what Python makes of argv bytes that are not UTF-8
+        with pytest.raises(SystemExit) as e:
+            main(["--refs", *refs, "--prompt", prompt, "--out", str(tmp_path / "o.png")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["r.png"]
+
+# fault -> the reason in the one-line CheckpointError, or None: it loads (floats cast, with a note)
+WEIGHT_FAULTS = {
+    "missing file": "no such file", "empty file": "not a readable safetensors file",
+    "text file": "not a readable safetensors file", "pickle (torch.save) instead": "a pickle (torch.save) file",
+    "pickle that runs code": "a pickle (torch.save) file", "malformed header": "not a readable safetensors file",
+    "truncated": "not a readable safetensors file", "missing key": "missing keys: ",
+    "extra key": "unexpected keys: extra.weight", "wrong shape": "wrong shapes: ",
+    "another architecture": "wrong shapes: ", "float16 tensors": None, "int64 where a float belongs": "wrong dtypes: ",
+}
+
+def toy_weights(kind):
+    """kind -> (a fresh model to load into, the file's tensors, its header, another architecture's tensors, load)."""
+    cfg = M.get_config("toy")
+    small = dict(hidden_size=64, axes_dim=(4, 6, 6))
+    if kind == "dit":
+        return (M.Flux(cfg), M.Flux(cfg).state_dict(), None, M.Flux(M.get_config("toy", **small)).state_dict(),
+                M.load_state_dict_strict)
+    if kind == "ae":
+        ae = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
+        from dataclasses import replace
+        return (M.AutoEncoder(ae), M.AutoEncoder(ae).state_dict(), None,
+                M.AutoEncoder(replace(ae, z_channels=8)).state_dict(), M.load_state_dict_strict)
+    f, other = M.Flux(cfg), M.Flux(M.get_config("toy", **small))
+    acfg = ML.inject(f, rank=4)
+    ML.inject(other, rank=4)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight)
+    meta = {"multicrafter_adapter": json.dumps(acfg)}
+    return M.Flux(cfg), ML.adapter_state_dict(f), meta, ML.adapter_state_dict(other), ML.load_adapter
+
+def test_every_bad_weights_fault_is_checked():
+    assert set(WEIGHT_FAULTS) == set(B.BAD_WEIGHTS)
+
+@pytest.mark.parametrize("kind", ["dit", "ae", "adapter"])
+@pytest.mark.parametrize("fault", list(B.BAD_WEIGHTS))
+def test_bad_weights_one_line_errors_or_a_noted_cast(tmp_path, capsys, fault, kind):
+    model, sd, meta, other, load = toy_weights(kind)
+    sd = {k: v.detach().clone() for k, v in sd.items()}
+    path, want = str(tmp_path / "w.safetensors"), WEIGHT_FAULTS[fault]
+    if B.BAD_WEIGHTS[fault]:
+        B.BAD_WEIGHTS[fault](path, sd, meta, other)
+    if want is None:                                         # float16 on disk: loaded as the model's float32
+        load(model, path)
+        got = model.state_dict() if kind != "adapter" else ML.adapter_state_dict(model)
+        assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()) for k, v in sd.items())
+        assert "stores float16 tensors: cast to float32" in capsys.readouterr().err
+        return
+    with pytest.raises(M.CheckpointError, match=re.escape(want)) as e:
+        load(model, path)
+    assert path in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 600
+    assert not os.path.exists(path + ".ran")                 # nothing was unpickled
+
+@pytest.fixture(scope="module")
+def one_step_run(toy_run, tmp_path_factory):
+    root, manifest = toy_run
+    out = tmp_path_factory.mktemp("onestep") / "run"
+    sft(out, manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "1")
+    return out
+
+@pytest.mark.parametrize("fault", list(B.STATE_FAULTS) + ["adapter: another architecture"])
+def test_resume_from_a_broken_checkpoint_is_one_line(toy_run, one_step_run, tmp_path, capsys, fault):
+    root, manifest = toy_run
+    name, write = ("adapter.safetensors", B.BAD_WEIGHTS["another architecture"]) if fault.startswith("adapter") \
+        else ("train_state.pt", B.STATE_FAULTS[fault])
+    out, path = B.broken_copy(str(tmp_path / "run"), str(one_step_run), os.path.join("ckpt-0000001", name), write,
+                              {}, None, {"double_blocks.0.img_attn.qkv.down.weight": torch.zeros(4, 3)})
+    status = TS.cli(["--data", manifest, "--out", out, "--stage", "multi", "--init", str(root / "base"), "--rank",
+                     "4", "--batch-size", "2", "--steps", "2", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith(f"error: {path}: ") and not os.path.exists(path + ".ran")
+    assert sorted(os.listdir(out)) == ["ckpt-0000001", "latest", "log.jsonl"]           # nothing trained or saved
+
+def test_no_pickle_is_unpickled_and_no_remote_code_is_trusted():
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = {f: open(os.path.join(here, f)).read() for f in os.listdir(here)
+               if f.endswith(".py") and f != "test_all.py"}
+    assert "model.py" in sources and "train_sft.py" in sources
+    for f, src in sources.items():
+        for call in re.findall(r"torch\.load\((.*)", src):
+            assert "weights_only=True" in call, (f, call)
+        assert not re.search(r"pickle\.loads?\(|trust_remote_code\s*=\s*True|weights_only\s*=\s*False", src), f
+
+def torchrun(out, *args):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train_sft.py", "--out", str(out), *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+def test_torchrun_dead_rank_ends_the_job_and_resume_may_change_the_rank_count(toy_run, tmp_path):
+    # save on 2 ranks, resume on 1, and the reverse: the same global batch (ranks x --grad-accum) continues the
+    # same global order of micro-batches, so both equal one uninterrupted run
+    root, manifest = toy_run
+    common = ["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4", "--batch-size", "2",
+              "--warmup", "1", "--lr", "1e-2", "--ckpt-every", "1", "--keep", "9", "--steps", "5", "--lambda-attn", "0"]
+    sft(tmp_path / "one", manifest, *common, "--grad-accum", "2")
+    p = torchrun(tmp_path / "killed", *common)
+    B.wait_for(lambda: (tmp_path / "killed" / "ckpt-0000002").is_dir(), timeout=120)
+    pids = B.worker_pids(p)
+    os.kill(pids[1], 9)
+    assert B.wait_for(lambda: p.poll() is not None, timeout=60) < 30 and p.returncode != 0
+    assert not any(B.alive(pid) for pid in pids.values())
+    assert not (tmp_path / "killed" / "ckpt-0000005").exists()          # it did stop before the end
+    sft(tmp_path / "killed", manifest, *common, "--grad-accum", "2", "--resume")
+    # a 1-rank run stopped after step 2, resumed on 2 ranks
+    grown = tmp_path / "grown"
+    shutil.copytree(tmp_path / "one", grown, symlinks=True, ignore=shutil.ignore_patterns("ckpt-000000[3-5]"))
+    (grown / "latest").unlink()
+    (grown / "latest").symlink_to("ckpt-0000002")
+    p = torchrun(grown, *common, "--resume")
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-6000:]
+    assert "resumed from step 2 at global micro-batch 4 (saved by 1 rank(s), now 2)" in p.stderr.read()
+    from safetensors.torch import load_file
+    want = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
+    for run in ("killed", "grown"):
+        got = load_file(str(tmp_path / run / "latest" / "adapter.safetensors"))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+
+def test_torchrun_hung_rank_times_out(toy_run, tmp_path):
+    root, manifest = toy_run
+    p = torchrun(tmp_path / "hung", "--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
+                 "--batch-size", "2", "--steps", "500", "--ckpt-every", "1", "--lambda-attn", "0",
+                 "--dist-timeout", "3")
+    B.wait_for(lambda: (tmp_path / "hung" / "ckpt-0000001").is_dir(), timeout=120)
+    pids = B.worker_pids(p)
+    os.kill(pids[1], signal.SIGSTOP)                            # rank 1 stops answering; rank 0 waits in a collective
+    took = B.wait_for(lambda: not B.alive(pids[0]), timeout=120)
+    os.kill(pids[1], signal.SIGCONT)                            # so torchrun's SIGTERM reaches it
+    assert p.wait(timeout=60) != 0 and took < 3 + 15 and "Timed out" in p.stderr.read()
+    assert not any(B.alive(pid) for pid in pids.values())

@@ -85,6 +85,8 @@ def build_parser():
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--device", default=None)
+    g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
+                   "collective before the job stops (a dead or hung rank; rank 0 also evaluates meanwhile)")
     p.set_defaults(stage="rl", cache=None)          # what train_sft.build_models reads
     return p
 
@@ -96,7 +98,7 @@ def window_start(m, T, w, tau, s):
     """Left edge l of W(l) at iteration m = 1, 2, ...: it starts at 0 and after every tau-th iteration moves
     to min(l + s, T - w), so the window [l, l + w) never runs past the last step T - 1."""
     if not 1 <= w <= T:
-        raise ValueError(f"--window {w} must be between 1 and --steps {T}")
+        raise S.InputError(f"--window {w} must be between 1 and --steps {T}")
     return min(s * ((m - 1) // tau), T - w)
 
 def record_of(n, seed, k):
@@ -196,7 +198,7 @@ def gather(values, ddp):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    ddp, rank, world, device = T.setup_dist(args.device)
+    ddp, rank, world, device = T.setup_dist(args.device, args.dist_timeout)
     master = rank == 0
     cfg = M.get_config(args.preset)
     d, mult = S.DEFAULTS[args.preset], 2 * cfg.ae.factor
@@ -220,10 +222,10 @@ def main(argv=None):
     policy = WindowPolicy(flux).train()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy
     opt = T.build_optimizer(params, args.lr, args.weight_decay)
-    step = 0
-    if args.resume and os.path.exists(os.path.join(args.out, "latest")):
-        step = T.load_checkpoint(args.out, flux, text, acfg, opt)
-        T.print0(f"resumed from iteration {step}")
+    step, consumed = 0, 0                 # iterations; prompts used (the position in the data)
+    if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
+        step, consumed, saved_world = T.load_checkpoint(args.out, flux, text, acfg, opt)
+        T.print0(f"resumed from iteration {step} at prompt {consumed} (saved by {saved_world} rank(s), now {world})")
     if master:
         os.makedirs(args.out, exist_ok=True)
         T.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
@@ -240,11 +242,8 @@ def main(argv=None):
         rec = {"iter": m, **evaluate(flux, ae, text, val, reward, args, device)}
         write(rec)
         best = os.path.join(args.out, "best.safetensors")
-        if os.path.exists(best):
-            from safetensors import safe_open
-            with safe_open(best, framework="pt") as f:
-                if float(f.metadata()["val_total"]) >= rec["val_total"]:
-                    return
+        if os.path.exists(best) and float(ML.read_adapter(best)[0].get("val_total", "-inf")) >= rec["val_total"]:
+            return
         ML.save_adapter(flux, best, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
     if val is not None and step == 0:
         validate(0)
@@ -257,7 +256,7 @@ def main(argv=None):
         # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
         groups, terms, rows_rollout = [], [], 0
         for j in range(P):
-            k = ((m - 1) * world + rank) * P + j                 # the run's k-th prompt: same on 1 or N ranks
+            k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
             item = dataset[record_of(len(dataset), args.seed, k)]
             seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
             c = S.prepare(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, device=device)
@@ -267,6 +266,7 @@ def main(argv=None):
             images = S.decode_images(ae, x0, args.size, args.size)
             terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
             groups.append(dict(c=c, **traj))
+        consumed += world * P
         total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
         adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # Eq. 3
 
@@ -316,16 +316,15 @@ def main(argv=None):
             validate(m)
         if m % args.ckpt_every == 0 or m == args.iters:
             if master:
-                T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep)
+                T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep, consumed)
             if ddp:
                 dist.barrier()
     bar.close()
     if ddp:
         dist.destroy_process_group()
 
+def cli(argv=None):
+    return T.cli(argv, main, T.USER_ERRORS + (R.RewardModelError,))
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (M.CheckpointError, D.DataError, S.InputError, R.RewardModelError, T.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

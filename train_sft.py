@@ -15,8 +15,10 @@ Supervised training, MultiCrafter stages 1-2 (and the toy world's stage 0).
         --size 512 --ref-size 320 --rank 512 --lr 3e-5 --lr-end 1e-5 --grad-checkpoint --zero
 """
 import argparse
+import datetime
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -91,19 +93,23 @@ def build_parser():
     g.add_argument("--eval-every", type=int, default=250)
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--device", default=None)
+    g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
+                   "collective before the job stops (a dead or hung rank; rank 0 also writes checkpoints meanwhile)")
     return p
 
 # -----------------------------------------------------------------------------
 # distributed setup: one code path for `python` and `torchrun`
 
-def setup_dist(device_arg):
+def setup_dist(device_arg, timeout_s):
+    """-> (ddp, rank, world size, device). A collective that waits longer than timeout_s (a rank died or hangs)
+    raises on the ranks still waiting, so torchrun ends the job instead of it hanging forever."""
     ddp = "RANK" in os.environ
     if ddp:
         rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         cuda = torch.cuda.is_available() and device_arg != "cpu"
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
     else:
         rank, world = 0, 1
@@ -141,21 +147,20 @@ def build_models(args, device):
     """(flux, ae, text encoder, trainable params, adapter config or None); with --cache no ae or text encoder."""
     cfg = M.get_config(args.preset)
     if args.cache and args.stage == "base":
-        raise ValueError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
+        raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
     wdtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # frozen weights
     if args.preset == "toy":
         torch.manual_seed(args.seed)                         # the base stage's random init, same on every rank
         flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
         if args.init:
-            # fp32 whatever the file holds (assets/toy is stored in fp16 to keep the repository small)
-            M.load_state_dict_strict(flux, os.path.join(args.init, "flux.safetensors"), dtype=torch.float32)
-            M.load_state_dict_strict(text, os.path.join(args.init, "text_encoder.safetensors"), dtype=torch.float32)
+            M.load_state_dict_strict(flux, os.path.join(args.init, "flux.safetensors"))      # fp32 (assets/toy: fp16)
+            M.load_state_dict_strict(text, os.path.join(args.init, "text_encoder.safetensors"))
         elif args.stage != "base":
             raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
         ae = M.AutoEncoder(cfg.ae)
     else:
         if args.stage == "base":
-            raise ValueError("--stage base trains the toy preset only (FLUX is the base at full scale)")
+            raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
         flux = M.load_flux(cfg, args.init, device, wdtype)
         # with a cache the 9 GB T5 and the VAE are never loaded
         ae = None if args.cache else M.load_ae(cfg, device=device, dtype=wdtype)
@@ -293,7 +298,9 @@ def evaluate(args, denoiser, ae, dataset, device, t_eval=0.5, max_batches=8):
 # -----------------------------------------------------------------------------
 # checkpoints: a folder per checkpoint, written under a temporary name and renamed into place
 
-def save_checkpoint(out, step, flux, text, acfg, opt, args, keep):
+def save_checkpoint(out, step, flux, text, acfg, opt, args, keep, consumed):
+    """OUT/ckpt-STEP: the weights (whole toy model in the base stage, else the adapter), the optimizer state, the data
+    position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the number of ranks."""
     name, tmp = f"ckpt-{step:07d}", os.path.join(out, f".tmp-ckpt-{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -304,7 +311,9 @@ def save_checkpoint(out, step, flux, text, acfg, opt, args, keep):
                   os.path.join(tmp, "text_encoder.safetensors"))
     else:
         ML.save_adapter(flux, os.path.join(tmp, "adapter.safetensors"), acfg, {"step": str(step)})
-    torch.save({"step": step, "optimizer": opt.state_dict()}, os.path.join(tmp, "train_state.pt"))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.save({"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()},
+               os.path.join(tmp, "train_state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
     os.replace(tmp, os.path.join(out, name))                 # the folder appears whole or not at all
@@ -318,22 +327,36 @@ def save_checkpoint(out, step, flux, text, acfg, opt, args, keep):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
 
 def load_checkpoint(out, flux, text, acfg, opt):
+    """OUT/latest into the models and the optimizer -> (step, consumed, ranks that saved it). A checkpoint that is
+    unreadable or belongs to another run (other adapters, another optimizer) is one CheckpointError naming the file."""
     path = os.path.realpath(os.path.join(out, "latest"))
+    if not os.path.isdir(path):
+        raise M.CheckpointError(f"{os.path.join(out, 'latest')}: leads to {path}, which is not a checkpoint folder")
     if acfg is None:
         M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"))
         M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"))
     else:
-        from safetensors.torch import load_file
-        ML._load_strict(flux, load_file(os.path.join(path, "adapter.safetensors")), path)
-    state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    return state["step"]
+        file = os.path.join(path, "adapter.safetensors")
+        ML.load_strict(flux, ML.read_adapter(file)[1], file)
+    file = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(file):
+        raise M.CheckpointError(f"{file}: no such file")
+    try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        return state["step"], state["consumed"], state["world"]
+    except pickle.UnpicklingError:
+        raise M.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
+                                f"runs none of a pickle's code)") from None
+    except Exception as e:   # missing, torn, another run's optimizer: all the file's fault
+        raise M.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    ddp, rank, world, device = setup_dist(args.device)
+    ddp, rank, world, device = setup_dist(args.device, args.dist_timeout)
     master = rank == 0
     toy = args.preset == "toy"
     args.size = args.size or (32 if toy else 512)
@@ -357,10 +380,11 @@ def main(argv=None):
     denoiser = Denoiser(flux, text).train()
     model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
     opt = build_optimizer(params, args.lr, args.weight_decay, args.zero and ddp)
-    step = 0
-    if args.resume and os.path.exists(os.path.join(args.out, "latest")):
-        step = load_checkpoint(args.out, flux, text, acfg, opt)
-        print0(f"resumed from step {step}")
+    step, consumed = 0, 0                 # optimizer steps; global micro-batches used (the position in the data)
+    if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
+        step, consumed, saved_world = load_checkpoint(args.out, flux, text, acfg, opt)
+        print0(f"resumed from step {step} at global micro-batch {consumed} (saved by {saved_world} rank(s), "
+               f"now {world})")
     if master:
         os.makedirs(args.out, exist_ok=True)
         n_train = sum(p.numel() for p in params)
@@ -394,7 +418,7 @@ def main(argv=None):
             g["lr"] = lr_at(step)
         sums = {}
         for a in range(args.grad_accum):
-            b = step * micro_per_step + a * world + rank
+            b = consumed + a * world + rank
             batch = D.collate([dataset[i] for i in global_batch(b)])
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)   # noise and t: a function of b only
             sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
@@ -403,6 +427,7 @@ def main(argv=None):
                 (loss / args.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
+        consumed += micro_per_step
         # ---- clip, skip non-finite steps, update ----
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         if bad.ok(gnorm, f"step {step + 1}"):
@@ -439,16 +464,24 @@ def main(argv=None):
             if args.zero and ddp:
                 opt.consolidate_state_dict(to=0)
             if master:
-                save_checkpoint(args.out, step, flux, text, acfg, opt, args, args.keep)
+                save_checkpoint(args.out, step, flux, text, acfg, opt, args, args.keep, consumed)
             if ddp:
                 dist.barrier()
     bar.close()
     if ddp:
         dist.destroy_process_group()
 
-if __name__ == "__main__":
+USER_ERRORS = (M.CheckpointError, D.DataError, D.InputError, TrainingError)
+
+def cli(argv=None, main=main, errors=USER_ERRORS):
+    """main() as the command line runs it: a user's mistake (bad data, bad weights, a diverged run) is one line on
+    stderr and exit status 2, never a traceback. -> exit status. train_rl.py runs its main through it too."""
     try:
-        main()
-    except (M.CheckpointError, D.DataError, TrainingError) as e:
+        main(argv)
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(cli())
