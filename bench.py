@@ -1077,7 +1077,7 @@ def weight_rows(work):
     train(run_dir, "--steps", "1")
 
     def sample(folder, *argv):
-        return sample_cell(["--refs", "assets/ref_red_disc.png", *argv], folder + "-out")
+        return sample_cell(["--refs", "assets/red_solid_circle.png", *argv], folder + "-out")
 
     def resume(folder):
         code, text, status = train(folder, "--steps", "2", "--resume")     # code: what train_sft.cli returned

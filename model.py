@@ -745,7 +745,8 @@ def _is_float(dtype):
 def match_state(path, have, want, what="the model"):
     """A file's tensors have {key: (shape, dtype)} against a module's want {key: tensor} (meta is fine): every key,
     shape and kind (floating or not) must match, or one CheckpointError lists what differs. A floating dtype that
-    differs is not an error (the loader casts it): -> the stored dtypes that will be cast, for a note."""
+    differs is not an error (the loader casts it): -> the stored dtypes whose cast loses precision, for a note
+    (fp16/bf16 -> fp32 is exact and silent: the shipped toy checkpoint is fp16, run in fp32)."""
     common = set(want) & set(have)
     missing, unexpected = set(want) - set(have), set(have) - set(want)
     shapes = [f"{k} {have[k][0]} != expected {tuple(want[k].shape)}" for k in common
@@ -759,7 +760,8 @@ def match_state(path, have, want, what="the model"):
                ([f"wrong dtypes: {_some(kinds, 2, '; ')}"] if kinds else [])
     if problems:
         raise CheckpointError(f"{path}: does not match {what} ({' | '.join(problems)})")
-    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1]) and have[k][1] != want[k].dtype})
+    lossy = lambda a, b: a != b and torch.finfo(b).bits <= torch.finfo(a).bits      # bf16 <-> fp16 is lossy too
+    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1]) and lossy(have[k][1], want[k].dtype)})
 
 def note_cast(path, stored, dtype):
     if stored:
@@ -769,7 +771,7 @@ def note_cast(path, stored, dtype):
 def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",)):
     """Check `path`'s keys, shapes and dtypes against `model` (which may live on the meta device), then load it
     with assign=True: tensors go straight from the file to `device`, never a second copy of the model. Floating
-    tensors become `dtype` (default: the model's own), with a note when the file stores another."""
+    tensors become `dtype` (default: the model's own), with a note when that loses precision."""
     from safetensors.torch import load_file
     strip = lambda k: next((k[len(p):] for p in prefix_strip if k.startswith(p)), k)
     have = {strip(k): v for k, v in read_header(path).items()}
