@@ -651,6 +651,18 @@ class CachedDataset(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: not a cache folder ({e})") from None
         self.records = self.index["records"]
+        # every shard's header read now (no tensors): a missing, truncated or foreign shard stops the run before
+        # its first step with one line, not hours in with a traceback
+        have = set()                                                      # (shard, tensor name)
+        for shard in sorted({r["shard"] for r in self.records}):
+            try:
+                have.update((shard, k) for k in M.read_header(os.path.join(folder, shard)))
+            except M.CheckpointError as e:
+                raise DataError(f"cache shard {e}") from None
+        lost = [r for r in self.records if (r["shard"], f"{r['key']}/latent") not in have]
+        if lost:
+            raise DataError(f"{os.path.join(folder, lost[0]['shard'])}: cache shard without record {lost[0]['key']!r}"
+                            f" ({len(lost)} record(s) missing): rebuild the cache with `data.py cache`")
         self.source = None if not pixels else ManifestDataset(
             self.index["manifest"], self.index["size"], self.index["ref_size"], self.index["token_px"],
             self.index["buckets"])

@@ -1318,6 +1318,31 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
     with_pixels = D.CachedDataset(str(out), pixels=True)[3]
     assert torch.equal(with_pixels["target"], ds[3]["target"]) and torch.equal(with_pixels["refs"], ds[3]["refs"])
 
+def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys):
+    cfg, ckpt, out = M.get_config("toy"), tmp_path / "ckpt", tmp_path / "cache"
+    ckpt.mkdir()
+    save_file(M.ByteTextEncoder(cfg).state_dict(), str(ckpt / "text_encoder.safetensors"))
+    assert D.main(["cache", "--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
+                   str(ckpt), "--shard-size", "5", "--device", "cpu"]) == 0
+    shard = out / "shard_00001.safetensors"
+    good = shard.read_bytes()
+    for broken, why in ((good[: len(good) // 2], "not a readable safetensors file"), (b"", "not a readable"),
+                        (None, "no such file")):
+        shard.unlink()
+        if broken is not None:
+            shard.write_bytes(broken)
+        with pytest.raises(D.DataError, match=why) as e:
+            D.CachedDataset(str(out))
+        assert str(shard) in str(e.value) and "\n" not in str(e.value)
+    save_file({"x/latent": torch.zeros(1)}, str(shard))             # a shard of another cache
+    with pytest.raises(D.DataError, match="cache shard without record"):
+        D.CachedDataset(str(out))
+    capsys.readouterr()
+    assert TS.cli(["--cache", str(out), "--stage", "multi", "--init", str(ckpt), "--out", str(tmp_path / "r"),
+                  "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "shard_00001" in err and "Traceback" not in err
+
 def test_cache_without_weights_is_a_one_line_error(toy_manifest, tmp_path, capsys):
     code = D.main(["cache", "--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", "toy",
                    "--checkpoint", str(tmp_path / "nothing"), "--device", "cpu"])
