@@ -705,7 +705,7 @@ def reward_and_leakage(reward, images, prompts):
         leaks += leaked(want, got, pairs)
         wrong += sum(got[j] != want[i] for i, j in pairs)
         matched += len(pairs)
-    return dict(leak=leaks / max(matched, 1), wrong=wrong / max(matched, 1),
+    return dict(leak=leaks / max(matched, 1), wrong=wrong / max(matched, 1), matched=matched,
                 **{n: v / len(images) for n, v in sums.items()})
 
 def score_targets(tests):
@@ -759,6 +759,16 @@ def ablation(args):
     here, t_start = os.path.dirname(os.path.abspath(__file__)), time.time()
     work = os.path.abspath(args.work)
     path = lambda *a: os.path.join(work, *a)
+    # a work folder holds one experiment: its runs and scores are reused only under the settings that made them
+    settings = dict(base=os.path.abspath(args.base), n=args.n, steps=args.steps, batch_size=args.batch_size,
+                    ippo_iters=args.ippo_iters, test_n=args.test_n, eval_steps=args.eval_steps)
+    if os.path.exists(path("settings.json")):
+        made = json.load(open(path("settings.json")))
+        if made != settings:
+            raise SystemExit(f"error: {work} holds runs made with {made}, not {settings}: pass another --work")
+    os.makedirs(work, exist_ok=True)
+    with open(path("settings.json"), "w") as f:
+        json.dump(settings, f)
     train = path("data", "train", "manifest.jsonl")
     if not os.path.exists(train):
         D.write_toy(path("data", "train"), args.n, seed=0, subjects=(2, 3, 4))
@@ -771,13 +781,16 @@ def ablation(args):
     spent = json.load(open(path("seconds.json"))) if os.path.exists(path("seconds.json")) else {}
 
     def timed_once(key, fn):
-        # fn() once per key, its wall time kept in seconds.json: a rerun reuses the result and the time
+        # fn() once per key, its wall time added to seconds.json (also an interrupted attempt's): a rerun reuses
+        # the result and the time
         t0 = time.time()
-        fn()
-        spent[key] = time.time() - t0
-        with open(path("seconds.json.tmp"), "w") as f:
-            json.dump(spent, f)
-        os.replace(path("seconds.json.tmp"), path("seconds.json"))
+        try:
+            fn()
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.time() - t0
+            with open(path("seconds.json.tmp"), "w") as f:
+                json.dump(spent, f)
+            os.replace(path("seconds.json.tmp"), path("seconds.json"))
 
     def run(script, out, final, extra):
         # one training run of the project's own scripts, skipped when its final checkpoint exists
@@ -788,10 +801,11 @@ def ablation(args):
             timed_once(out, lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
         return os.path.join(out, f"ckpt-{final:07d}", "adapter.safetensors")
 
-    scores = {}                                           # (row, seed) -> {k: metrics}
+    scores, used = {}, []                                 # (row, seed) -> {k: metrics}; the seconds.json keys
     for seed in args.seeds:
         for r, (row, how) in enumerate(ROWS):
-            out = path("runs", f"seed{seed}", f"row{r}")
+            out, result = path("runs", f"seed{seed}", f"row{r}"), path("scores", f"seed{seed}_row{r}.json")
+            used += [out, result]
             if how is not None:
                 adapter = run("train_sft.py", out, args.steps, ["--stage", "multi", *how, "--steps", str(args.steps),
                               "--batch-size", str(args.batch_size), "--ckpt-every", str(args.steps)])
@@ -800,7 +814,6 @@ def ablation(args):
                     "--adapter", path("runs", f"seed{seed}", "row2", f"ckpt-{args.steps:07d}", "adapter.safetensors"),
                     "--iters", str(args.ippo_iters), "--group", "16", "--prompts", "4", "--steps", "8",
                     "--tau", "1000", "--lr", "3e-4", "--ckpt-every", str(args.ippo_iters)])
-            result = path("scores", f"seed{seed}_row{r}.json")
             if not os.path.exists(result):
                 def score():
                     got = score_adapter(args.base, adapter, tests, args.eval_steps, args.batch_size)
@@ -813,7 +826,13 @@ def ablation(args):
             scores[row, seed] = {int(k): v for k, v in json.load(open(result)).items()}
 
     cell = lambda xs: f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-    pooled = lambda row, m: [st.mean(scores[row, s][k][m] for k in tests) for s in args.seeds]
+    def pool(per_k, m):
+        # over the three test sets: rates per matched subject pool their counts (a 4-subject record has about twice
+        # the subjects of a 2-subject one), the other metrics are means over records (the same number for each k)
+        if m in ("leak", "wrong"):
+            return sum(x[m] * x["matched"] for x in per_k) / max(sum(x["matched"] for x in per_k), 1)
+        return st.mean(x[m] for x in per_k)
+    pooled = lambda row, m: [pool([scores[row, s][k] for k in tests], m) for s in args.seeds]
     lines = [f"Toy world, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± std over seeds; "
              f"{args.n} training records (2-4 subjects), {args.steps} stage-multi steps at batch {args.batch_size}, "
              f"IPPO {args.ippo_iters} iterations; test: {args.test_n} records each of 2, 3 and 4 subjects (pooled), "
@@ -823,7 +842,7 @@ def ablation(args):
     metrics = ("share", "id", "leak", "wrong", "total")
     lines += [f"| {row} | " + " | ".join(cell(pooled(row, m)) for m in metrics) + " |" for row, _ in ROWS]
     truth = score_targets(tests)
-    lines += ["| *test targets (ground truth)* | - | " + " | ".join(f"{st.mean(truth[k][m] for k in tests):.3f}"
+    lines += ["| *test targets (ground truth)* | - | " + " | ".join(f"{pool(list(truth.values()), m):.3f}"
                                                               for m in metrics[1:]) + " |"]
     lines += ["", "Per number of subjects (Multi-ID ↑ / leakage ↓, mean over seeds):", "",
               "| row | 2 subjects | 3 subjects | 4 subjects |", "|---|---|---|---|"]
@@ -832,7 +851,7 @@ def ablation(args):
               + " |" for row, _ in ROWS]
     lines += ["| *test targets (ground truth)* | " + " | ".join(f"{truth[k]['id']:.3f} / {truth[k]['leak']:.3f}"
                                                            for k in tests) + " |"]
-    lines += ["", f"CPU wall time of the runs and scores above: {sum(spent.values()) / 60:.0f} min, as measured when "
+    lines += ["", f"CPU wall time of the runs and scores above: {sum(spent.get(k, 0.0) for k in used) / 60:.0f} min, as measured when "
               f"each ran (`seconds.json` in {work}); this invocation: {(time.time() - t_start) / 60:.1f} min."]
     print("\n".join(lines))
     if args.table:

@@ -659,13 +659,21 @@ class CachedDataset(torch.utils.data.Dataset):
                 have.update((shard, k) for k in M.read_header(os.path.join(folder, shard)))
             except M.CheckpointError as e:
                 raise DataError(f"cache shard {e}") from None
-        lost = [r for r in self.records if (r["shard"], f"{r['key']}/latent") not in have]
+        lost = [(r, n) for r in self.records for n in self.names(r) if (r["shard"], n) not in have]
         if lost:
-            raise DataError(f"{os.path.join(folder, lost[0]['shard'])}: cache shard without record {lost[0]['key']!r}"
-                            f" ({len(lost)} record(s) missing): rebuild the cache with `data.py cache`")
+            (r, n), more = lost[0], len(lost) - 1
+            raise DataError(f"{os.path.join(folder, r['shard'])}: cache shard without {n!r}"
+                            f"{f' (and {more} more)' if more else ''}: rebuild the cache with `data.py cache`")
         self.source = None if not pixels else ManifestDataset(
             self.index["manifest"], self.index["size"], self.index["ref_size"], self.index["token_px"],
             self.index["buckets"])
+
+    FIELDS = ("txt", "y", "latent", "ref_latents", "masks", "mask_valid")
+
+    @classmethod
+    def names(cls, r):
+        # the tensors __getitem__ reads for record r, by their names in its shard
+        return [f"{r['key']}/{k}" for k in cls.FIELDS + tuple(f"points{j}" for j in range(r["n_refs"]))]
 
     def __len__(self):
         return len(self.records)
@@ -678,7 +686,7 @@ class CachedDataset(torch.utils.data.Dataset):
         r = self.records[i]
         with safe_open(os.path.join(self.folder, r["shard"]), framework="pt") as f:
             get = lambda name: f.get_tensor(f"{r['key']}/{name}")
-            item = {k: get(k) for k in ("txt", "y", "latent", "ref_latents", "masks", "mask_valid")}
+            item = {k: get(k) for k in self.FIELDS}
             item["points"] = [get(f"points{j}") for j in range(r["n_refs"])]
         item.update(prompt=r["prompt"], index=i, bucket=tuple(r["bucket"]))
         if self.source is not None:
@@ -1014,7 +1022,7 @@ def curate_objects(manifest, out, detect, masker=None, iou_max=0.7):
     -> the summary (out/manifest.jsonl, out/summary.json)."""
     tally = Tally("records")
     root, todo = manifest_records(manifest, out, tally)
-    records, given = [], 0
+    records, given, used = [], 0, set()
     for n, (source, r) in enumerate(tqdm(todo, desc="curate-objects", disable=len(todo) < 2)):
         try:
             if r["masks"] is not None:
@@ -1035,6 +1043,9 @@ def curate_objects(manifest, out, detect, masker=None, iou_max=0.7):
             tally.drop(source, Drop("unreadable", str(e)))
             continue
         key = clean_id(str(r["id"])) if r.get("id") is not None else f"{n:06d}"
+        while key in used:                                    # ids "x" and "x." clean alike: each keeps its masks
+            key += "_"
+        used.add(key)
         paths = [f"object_masks/{key}_{k}.png" for k in range(len(masks))]
         for m, p in zip(masks, paths):
             save_image(Image.fromarray(m), os.path.join(out, p))

@@ -273,12 +273,19 @@ def load_models(name, arch, device, lora=None):
         weights += f" + {lora}"
     return flux.eval(), ae, text, weights
 
-def toy_prompt(refs):
-    """The toy's default prompt: its references named by the toy world's classifier."""
+def toy_prompt(paths, min_cos=0.8):
+    """The toy's default prompt: each reference read at the toy's 16 px and named by the toy world's classifier
+    (a clean sprite matches its template with cosine 1, one drawn at 64 px 0.92, noise or a photo < 0.5)."""
     import data as D
     import rewards as R
-    toy = R.ToySubjects(refs[0].width)
-    return D.describe([s.caption for s in toy.classify(toy.references(refs))])
+    size = DEFAULTS["toy"]["ref_size"]
+    toy, names = R.ToySubjects(size), []
+    for p in paths:
+        e = toy.references([preprocess_ref(load_image(p), size)])                        # (1, D)
+        if float((e @ toy.templates.T).max()) < min_cos:
+            raise InputError(f"{p}: no toy sprite recognised in it, so the toy cannot name it: pass --prompt")
+        names.append(toy.classify(e)[0].caption)
+    return D.describe(names)
 
 JET = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]]) * 255
 
@@ -332,13 +339,13 @@ def generate(args):
         raise InputError(f"--refs: {len(args.refs)} references, more than {MAX_REFS}")
     ref_size = ref_size // mult * mult                                     # whole tokens
     refs = [preprocess_ref(load_image(p), ref_size) for p in args.refs]
+    prompt = args.prompt if args.prompt is not None else toy_prompt(args.refs)
     if args.lora:
         check_file(args.lora)
 
     # 2. models, inputs, sampling
     flux, ae, text, weights = load_models(args.model, args.arch, device, args.lora)
     cfg = flux.cfg
-    prompt = args.prompt if args.prompt is not None else toy_prompt(refs)
     inp = prepare(cfg, ae, text, prompt, refs, W, H, seed, args.pe, device)
     timesteps = get_schedule(steps, inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if args.save_attn else None

@@ -663,6 +663,23 @@ def test_cli_bad_model_and_sizes(tmp_path, refs, capsys):
         assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
     assert sorted(os.listdir(tmp_path)) == ["refs"]
 
+def test_toy_names_its_references_or_asks_for_a_prompt(tmp_path, capsys):
+    three = DEMO + ["assets/yellow_dotted_triangle.png"]
+    for size in ("8", "16", "32"):                           # read at the toy's 16 px, whatever --ref-size
+        main(["--refs", *three, "--ref-size", size, "--steps", "1", "--seed", "0",
+              "--out", str(tmp_path / f"{size}.png")])
+        assert json.loads((tmp_path / f"{size}.json").read_text())["prompt"] == \
+            "a red solid circle, a blue striped square and a yellow dotted triangle"
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "blank.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    for bad in ("blank.png", "noise.png"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(["--refs", DEMO[0], str(tmp_path / bad), "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and bad in err and "--prompt" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
 def test_cli_toy_checkpoint_folder(tmp_path, refs, capsys):
     from safetensors.torch import save_file
     cfg, ckpt = M.get_config("toy"), tmp_path / "ckpt"
@@ -1335,7 +1352,11 @@ def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys
             D.CachedDataset(str(out))
         assert str(shard) in str(e.value) and "\n" not in str(e.value)
     save_file({"x/latent": torch.zeros(1)}, str(shard))             # a shard of another cache
-    with pytest.raises(D.DataError, match="cache shard without record"):
+    with pytest.raises(D.DataError, match="cache shard without '0/txt' \\(and"):
+        D.CachedDataset(str(out))
+    from safetensors.torch import load as from_bytes
+    save_file({k: v for k, v in from_bytes(good).items() if k != "1/points0"}, str(shard))   # one tensor short
+    with pytest.raises(D.DataError, match="cache shard without '1/points0': rebuild"):
         D.CachedDataset(str(out))
     capsys.readouterr()
     assert TS.cli(["--cache", str(out), "--stage", "multi", "--init", str(ckpt), "--out", str(tmp_path / "r"),
@@ -2411,6 +2432,24 @@ def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo
     assert s["kept"] == 1 and s["dropped"] == {"same_object": 1}
     m = np.asarray(Image.open(tmp_path / "flo_out" / "object_masks" / "000000_0.png")) > 0
     assert m.sum() == (20 - 4) * (18 - 6) and m[6:18, 4:20].all()              # the box (4, 6, 20, 18)
+
+def test_curate_objects_ids_that_clean_alike_keep_their_own_masks(toy_manifest, tmp_path):
+    root, recs = os.path.dirname(toy_manifest), read_jsonl(toy_manifest)
+    plain = [{k: v for k, v in r.items() if k not in ("masks", "points")} for r in recs]
+    picks = [dict(plain[0], id="x"), dict(plain[4], id="x."), {k: v for k, v in plain[5].items() if k != "id"},
+             dict(plain[6], id="000002")]                     # the id-less record is number 2: "000002" as well
+    with open(os.path.join(root, "clash.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in picks))
+    s = D.curate_objects(os.path.join(root, "clash.jsonl"), str(tmp_path / "o"), toy_detector)
+    assert s["kept"] == 4
+    got = read_jsonl(tmp_path / "o" / "manifest.jsonl")
+    paths = [p for r in got for p in r["masks"]]
+    assert len(set(paths)) == len(paths)                      # no record's masks overwrite another's
+    for r, src in zip(got, (recs[0], recs[4], recs[5], recs[6])):
+        exact = np.asarray(Image.open(os.path.join(root, src["masks"][0]))) > 0
+        m = np.asarray(Image.open(tmp_path / "o" / r["masks"][0])) > 0
+        ys, xs = np.nonzero(exact)
+        assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all() and m.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
 
 def pixel_patches(images, p=8):
     # a feature extractor that is exactly translation-equivariant: each p x p patch's pixels, zero-mean
