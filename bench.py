@@ -792,7 +792,7 @@ def ablation(args):
                 json.dump(spent, f)
             os.replace(path("seconds.json.tmp"), path("seconds.json"))
 
-    def run(script, out, final, extra):
+    def run(script, out, final, seed, extra):
         # one training run of the project's own scripts, skipped when its final checkpoint exists
         if not os.path.isdir(os.path.join(out, f"ckpt-{final:07d}")):
             cmd = [sys.executable, os.path.join(here, script), "--init", args.base, "--data", train, "--out", out,
@@ -807,10 +807,10 @@ def ablation(args):
             out, result = path("runs", f"seed{seed}", f"row{r}"), path("scores", f"seed{seed}_row{r}.json")
             used += [out, result]
             if how is not None:
-                adapter = run("train_sft.py", out, args.steps, ["--stage", "multi", *how, "--steps", str(args.steps),
-                              "--batch-size", str(args.batch_size), "--ckpt-every", str(args.steps)])
+                adapter = run("train_sft.py", out, args.steps, seed, ["--stage", "multi", *how, "--steps",
+                              str(args.steps), "--batch-size", str(args.batch_size), "--ckpt-every", str(args.steps)])
             else:
-                adapter = run("train_rl.py", out, args.ippo_iters, [
+                adapter = run("train_rl.py", out, args.ippo_iters, seed, [
                     "--adapter", path("runs", f"seed{seed}", "row2", f"ckpt-{args.steps:07d}", "adapter.safetensors"),
                     "--iters", str(args.ippo_iters), "--group", "16", "--prompts", "4", "--steps", "8",
                     "--tau", "1000", "--lr", "3e-4", "--ckpt-every", str(args.ippo_iters)])

@@ -273,15 +273,16 @@ def load_models(name, arch, device, lora=None):
         weights += f" + {lora}"
     return flux.eval(), ae, text, weights
 
-def toy_prompt(paths, min_cos=0.8):
-    """The toy's default prompt: each reference read at the toy's 16 px and named by the toy world's classifier
-    (a clean sprite matches its template with cosine 1, one drawn at 64 px 0.92, noise or a photo < 0.5)."""
+def toy_prompt(images, paths, min_cos=0.8):
+    """The toy's default prompt: each reference image (from paths, for errors) seen at the toy's 16 px and named by
+    the toy world's classifier (a clean sprite matches its template with cosine 1, one drawn at 64 px 0.92, noise
+    or a photo < 0.5)."""
     import data as D
     import rewards as R
     size = DEFAULTS["toy"]["ref_size"]
     toy, names = R.ToySubjects(size), []
-    for p in paths:
-        e = toy.references([preprocess_ref(load_image(p), size)])                        # (1, D)
+    for im, p in zip(images, paths):
+        e = toy.references([preprocess_ref(im, size)])                                     # (1, D)
         if float((e @ toy.templates.T).max()) < min_cos:
             raise InputError(f"{p}: no toy sprite recognised in it, so the toy cannot name it: pass --prompt")
         names.append(toy.classify(e)[0].caption)
@@ -338,8 +339,9 @@ def generate(args):
     if len(args.refs) > MAX_REFS:
         raise InputError(f"--refs: {len(args.refs)} references, more than {MAX_REFS}")
     ref_size = ref_size // mult * mult                                     # whole tokens
-    refs = [preprocess_ref(load_image(p), ref_size) for p in args.refs]
-    prompt = args.prompt if args.prompt is not None else toy_prompt(args.refs)
+    images = [load_image(p) for p in args.refs]
+    refs = [preprocess_ref(im, ref_size) for im in images]
+    prompt = args.prompt if args.prompt is not None else toy_prompt(images, args.refs)
     if args.lora:
         check_file(args.lora)
 
