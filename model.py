@@ -6,8 +6,11 @@ Everything a sampler or a trainer needs to turn (noise, prompt, reference images
   - the DiT (Flux): RoPE over 3 axes, QK-RMSNorm, adaLN modulation, double/single stream blocks
   - the FLUX AutoEncoder (and the parameter-free pixel-unshuffle stand-in used by the toy preset)
   - text conditioning: T5-XXL + CLIP-L through transformers, or a tiny byte-level encoder for the toy
-  - latent packing (2x2 patches) and position ids, with UNO's diagonal offsets for references
+  - latent packing (2x2 patches), position ids with UNO's diagonal offsets for references, and `prepare`: the one
+    place the joint sequence [txt | img | ref_1 ... ref_N] is built, for sampling and training alike
   - loaders that read the official safetensors (local file or Hugging Face repo id) strictly
+  - the flow: timestep schedule (resolution-dependent shift), noise, the Euler ODE step, Flow-GRPO's SDE step
+    with its log-probability, and the denoising loop (black-forest-labs/flux src/flux/sampling.py)
 
 State-dict keys and shapes equal the official flux1-dev/flux1-schnell/ae safetensors files, so the
 checkpoints load unchanged. The model knows nothing about losses: the attention probe is a callback
@@ -19,10 +22,18 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from PIL import Image
+from tqdm import tqdm
+
+try:   # flash-attention 2, when installed (pip install flash-attn): the attention hook uses it on CUDA in bf16/fp16
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
 
 # -----------------------------------------------------------------------------
 # config
@@ -66,17 +77,30 @@ class FluxConfig:
     repo_id: str = ""               # Hugging Face repo holding flow_file and ae_file
     flow_file: str = ""
     ae_file: str = "ae.safetensors"
+    # the preset's defaults, read by sample.py, train_sft.py and train_rl.py alike
+    image_size: int = 512           # target side (px)
+    ref_size: int = 320             # reference side (px; MultiCrafter Appendix B)
+    sample_steps: int = 50          # Euler steps when sampling
+    guidance: float = 3.5           # distilled guidance when sampling (schnell has no guidance input)
+
+    @property
+    def token_px(self):
+        # pixels per packed token along each side: the AE's downsampling times the 2x2 patch (16 FLUX, 4 toy)
+        return 2 * self.ae.factor
 
 CONFIGS = {
     "flux-dev": FluxConfig(repo_id="black-forest-labs/FLUX.1-dev", flow_file="flux1-dev.safetensors"),
-    "flux-schnell": FluxConfig(guidance_embed=False, max_txt_len=256, shift_schedule=False,
+    "flux-schnell": FluxConfig(guidance_embed=False, max_txt_len=256, shift_schedule=False, sample_steps=4,
                                repo_id="black-forest-labs/FLUX.1-schnell", flow_file="flux1-schnell.safetensors"),
-    # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens
+    # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens; guidance 1
+    # when sampling, which is what it trains with (as UNO does)
     "toy": FluxConfig(in_channels=48, out_channels=48, vec_in_dim=64, context_in_dim=64, hidden_size=128,
                       num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), text_encoder="bytes",
                       max_txt_len=128, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
-                                                           scale_factor=1.0, shift_factor=0.0)),
+                                                           scale_factor=1.0, shift_factor=0.0),
+                      image_size=32, ref_size=16, sample_steps=20, guidance=1.0),
 }
+TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")   # the shipped toy checkpoint
 
 def get_config(name, **overrides):
     if name not in CONFIGS:
@@ -97,6 +121,13 @@ def autocast(device):
     """bf16 autocast on GPU; plain fp32 on CPU (bf16 matmul on CPU is ~100x slower)."""
     device = torch.device(device)
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+def weight_dtype(device):
+    """The dtype frozen weights (DiT, AE, T5/CLIP) are stored in: bf16 on GPU, fp32 on CPU (same reason)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+def param_dtype(m):
+    return next(m.parameters(), torch.empty(0)).dtype      # the toy AE has no parameters: fp32
 
 # -----------------------------------------------------------------------------
 # small pieces
@@ -200,9 +231,17 @@ class Spans:
     img: tuple               # (start, end) of the generated image's tokens
     refs: list               # [(start, end)] per reference image
 
+def use_flash(q):
+    # flash-attention 2 runs on CUDA in half precision with head dims up to 256; everything else takes SDPA
+    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
 def attention(q, k, v):
-    # q, k, v (B, L, H, D) -> (B, L, H*D); flash / memory-efficient kernels where available. SDPA gets (B, H, L, D)
-    # views: its output then comes back laid out as (B, L, H, D) and the flatten needs no copy
+    """The one attention of every DiT block (swap it here): q, k, v (B, L, H, D) -> (B, L, H*D). flash-attention
+    when installed and the inputs suit it (it takes this layout as is), else SDPA with its own flash /
+    memory-efficient kernels. SDPA gets (B, H, L, D) views: its output comes back laid out as (B, L, H, D) and the
+    flatten needs no copy. The probe never goes through here: it gets q and k from the blocks directly."""
+    if use_flash(q):
+        return flash_attn_func(q, k, v).flatten(2)
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).flatten(2)
 
@@ -470,6 +509,25 @@ def ref_ids(target_hw, ref_hws, pe="d", batch=1, device=None):
     for h, w in ref_hws:
         out.append(grid_ids(h, w, row if pe in "dh" else 0, col if pe in "dw" else 0, batch, device))
         row, col = row + h, col + w
+    return out
+
+def text_ids(txt):
+    # text tokens all sit at position (0, 0, 0): RoPE leaves them unrotated, as in FLUX
+    return torch.zeros(txt.shape[0], txt.shape[1], 3, device=txt.device)
+
+def prepare(img, refs=(), pe="d", txt=None, y=None):
+    """The joint sequence [txt | img | ref_1 ... ref_N] as Flux.forward takes it, for every caller (sampling, both
+    trainers, bench): BFL's prepare and prepare_kontext in one.
+    img (B, z, h, w): the target's latent (noise when sampling, the clean image when training); refs: reference
+    latents [(B, z, h_i, w_i)]; pe: UNO's reference offsets (ref_ids); txt (B, L_txt, C_txt), y (B, C_vec): the text
+    encoder's outputs, or None when the caller encodes text later (the toy base trains its encoder inside the
+    forward). -> dict(img (B, hw/4, 4z), img_ids, ref_img [(B, L_i, 4z)], ref_img_ids [(B, L_i, 3)], + txt, txt_ids, y)."""
+    B, _, h, w = img.shape
+    grids = [(r.shape[2] // 2, r.shape[3] // 2) for r in refs]                            # reference token grids
+    out = dict(img=pack(img), img_ids=grid_ids(h // 2, w // 2, batch=B, device=img.device),
+               ref_img=[pack(r) for r in refs], ref_img_ids=ref_ids((h // 2, w // 2), grids, pe, B, img.device))
+    if txt is not None:
+        out.update(txt=txt, txt_ids=text_ids(txt), y=y)
     return out
 
 # -----------------------------------------------------------------------------
@@ -804,3 +862,103 @@ def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         ae = AutoEncoder(cfg.ae)
     return load_state_dict_strict(ae, path, device, dtype).eval()
+
+# -----------------------------------------------------------------------------
+# the flow: timestep schedule (t = 1 is pure noise, t = 0 the data), noise, one ODE / SDE step, the sampling loop
+
+def time_shift(mu, sigma, t):
+    # maps t in [0, 1] to itself; mu > 0 spends more steps at high noise (t=0 -> 0 since 1/0 - 1 = inf)
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+def get_lin_function(x1=256, y1=0.5, x2=4096, y2=1.15):
+    # mu grows linearly with the number of image tokens: large images need more denoising at high noise
+    m = (y2 - y1) / (x2 - x1)
+    return lambda x: m * x + y1 - m * x1
+
+def get_schedule(num_steps, image_seq_len, base_shift=0.5, max_shift=1.15, shift=True):
+    """num_steps + 1 timesteps from 1 to 0 (python floats), computed in fp32 like BFL. image_seq_len is the
+    number of packed target tokens (BFL's choice; UNO passes a 64x smaller number). schnell: shift=False."""
+    timesteps = torch.linspace(1, 0, num_steps + 1)
+    if shift:
+        timesteps = time_shift(get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len), 1.0, timesteps)
+    return timesteps.tolist()
+
+def get_noise(num_samples, height, width, z_channels, factor, seed):
+    # BFL get_noise: a seeded CPU generator, so one seed gives one image on every device (fp32 here, not bf16)
+    h, w = 2 * (height // (2 * factor)), 2 * (width // (2 * factor))                      # latent cells
+    return torch.randn(num_samples, z_channels, h, w, generator=torch.Generator("cpu").manual_seed(seed))
+
+def _col(s, x):
+    # a float or a (B,) tensor of times -> a tensor that broadcasts against x (B, ...)
+    return torch.as_tensor(s, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+
+def euler_step(x, v, t, t_next):
+    # rectified flow x_t = (1 - t) x0 + t eps has velocity v = eps - x0; t decreases, so dt < 0
+    return x + _col(t_next - t, x) * v
+
+def sde_step(x, v, t, t_next, eta, noise=None, prev=None, generator=None):
+    """Flow-GRPO's SDE step x_t -> x_t_next with the same marginals as the ODE, in (at least) fp32.
+    x, v (B, ...); t > t_next floats or (B,) tensors; eta the noise level (0 gives exactly euler_step).
+    noise: optional eps (x's shape); prev: the x_next to score instead of sampling one (the trainer's replay).
+    Returns x_next, log_prob (B,) (mean over elements of log N(x_next; mean, std^2), NaN where std = 0:
+    a deterministic step has no density), mean (x's shape) and std (broadcastable, (B or 1, 1, ...))."""
+    x, v = fp32(x), fp32(v).to(x.dtype)
+    dt, t, t_next = _col(t_next - t, x), _col(t, x), _col(t_next, x)
+    # sigma_t = eta sqrt(t / (1 - t)) is infinite at t = 1; Flow-GRPO then divides by 1 - sigmas[1]. t = 1 only
+    # at the first step of a schedule, whose t_next *is* sigmas[1], so t_next gives exactly their std there
+    sigma_t = eta * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))                   # (B|1, 1, ...)
+    # drift = Euler velocity + the score term that puts the injected noise back: score = -(x + (1 - t) v) / t
+    mean = x + dt * (v + sigma_t ** 2 / (2 * t) * (x + (1 - t) * v))
+    std = sigma_t * torch.sqrt(-dt)
+    if prev is None:   # the noise is drawn even when std = 0, so every eta consumes the generator alike
+        eps = noise if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        prev = mean + std * eps.to(x.dtype)
+    prev = prev.to(x.dtype)
+    # the sample is a constant for the log-prob: gradients reach it through mean (i.e. v) only
+    logp = -(prev.detach() - mean) ** 2 / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    logp = logp.mean(dim=tuple(range(1, x.ndim)))                                            # (B,)
+    return prev, torch.where(std.flatten() > 0, logp, torch.nan), mean, std
+
+@torch.no_grad()
+def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=None, ref_img_ids=None,
+            probe=None, progress=True):
+    """Euler from noise img (B, L, C) at timesteps[0] = 1 to a clean latent at 0; latents stay fp32.
+    A probe rides along at every step, so probe.mean_map() averages over all steps and double blocks:
+    early steps show where a subject is placed, late ones its details; the mean is steadier than either."""
+    B, dev = img.shape[0], img.device
+    img, g = img.float(), torch.full((B,), guidance, device=dev)
+    for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), disable=not progress, desc="sampling"):
+        with autocast(dev):
+            v = model(img, img_ids, txt, txt_ids, torch.full((B,), t, device=dev), y, g, ref_img, ref_img_ids,
+                      probe=probe)                                                       # (B, L, C)
+        img = euler_step(img, v.float(), t, t_next)
+    return img
+
+# -----------------------------------------------------------------------------
+# pictures <-> latents, and one sample's inputs
+
+@torch.no_grad()
+def encode_image(ae, img, device):
+    # PIL (W, H) -> latent (1, z, H/f, W/f)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1   # [-1, 1]
+    with autocast(device):
+        return ae.encode(x.to(device, param_dtype(ae))).float()
+
+@torch.no_grad()
+def decode_images(ae, x, height, width):
+    # packed latents (B, L, C) -> B PIL images (W, H)
+    f = ae.p.factor
+    with autocast(x.device):
+        x = ae.decode(unpack(x, height // f, width // f).to(param_dtype(ae))).float().clamp(-1, 1)  # (B, 3, H, W)
+    x = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+@torch.no_grad()
+def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu"):
+    """Everything Flux.forward needs for one sample (batch 1): seeded noise, the prompt encoded, each reference
+    (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare."""
+    noise = get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, seed).to(device)   # (1, z, h, w)
+    ref_lat = [encode_image(ae, r, device) for r in refs]                                 # [(1, z, h_i, w_i)]
+    txt, y = text_encoder([prompt])                                                        # (1, L_txt, C), (1, C_vec)
+    # text stays fp32 like the latents: autocast casts it for bf16 weights
+    return prepare(noise, ref_lat, pe, txt.float(), y.float())

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model as M
+
 # UNO's layout (bytedance/UNO set_lora): attention in/out projections of both streams, single-block
 # q|k|v rows of linear1 and linear2; MultiCrafter's MoE-LoRA replaces it on the FFN output layers.
 DEFAULT_LORA = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
@@ -231,45 +233,41 @@ def read_adapter(path):
     """(header metadata, tensors) of a safetensors file; anything else (a pickle, a torn or truncated file) is one
     CheckpointError, and nothing is ever unpickled."""
     from safetensors import safe_open
-    from model import unreadable
     try:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise unreadable(path, e) from None
+        raise M.unreadable(path, e) from None
 
 def configure(model, path, **cfg):
     # inject() for a file's adapter config; a config another model or version wrote is the file's fault
-    from model import CheckpointError
     try:
         return inject(model, **cfg)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its adapter config does not fit this model ({e})") from None
+        raise M.CheckpointError(f"{path}: its adapter config does not fit this model ({e})") from None
 
 def load_adapter(model, path):
     """Inject the adapters described in `path`'s header into `model`, then load their tensors strictly."""
-    from model import CheckpointError
     meta, sd = read_adapter(path)
     if "multicrafter_adapter" not in meta:
         if not any(".processor." in k for k in sd):
-            raise CheckpointError(f"{path}: neither a multicrafter adapter nor a UNO dit_lora file")
+            raise M.CheckpointError(f"{path}: neither a multicrafter adapter nor a UNO dit_lora file")
         return load_uno_lora(model, path, sd)
     try:
         cfg = json.loads(meta["multicrafter_adapter"])
     except ValueError:
         cfg = None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
+        raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
     configure(model, path, **cfg)
     load_strict(model, sd, path)
     return cfg
 
 def load_strict(model, sd, path):
     """Copy sd into the model's adapters: every key and shape must match (model.match_state); floats are cast."""
-    from model import match_state, note_cast
     want = adapter_state_dict(model)
-    stored = match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, want, "the model's adapters")
-    note_cast(path, stored, next(iter(want.values())).dtype)
+    stored = M.match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, want, "the model's adapters")
+    M.note_cast(path, stored, next(iter(want.values())).dtype)
     with torch.no_grad():
         for k, v in sd.items():
             want[k].copy_(v)
@@ -281,18 +279,17 @@ UNO_NAMES = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lo
 def load_uno_lora(model, path, sd=None):
     """UNO's released dit_lora.safetensors (keys `double_blocks.{i}.processor.qkv_lora1.down.weight`, ...,
     rank 512, scale 1): plain LoRAs on the blocks it names, loaded strictly. sd: its tensors, if already read."""
-    from model import CheckpointError
     sd = read_adapter(path)[1] if sd is None else sd
     ours = {}
     for k, v in sd.items():
         parts = k.split(".")        # double_blocks, i, processor, qkv_lora1, down|up, weight
         if len(parts) != 6 or parts[2] != "processor" or parts[3] not in UNO_NAMES:
-            raise CheckpointError(f"{path}: unexpected key {k} for a UNO LoRA")
+            raise M.CheckpointError(f"{path}: unexpected key {k} for a UNO LoRA")
         ours[f"{parts[0]}.{parts[1]}.{UNO_NAMES[parts[3]]}.{parts[4]}.{parts[5]}"] = v
     targets = sorted({k.rsplit(".", 2)[0] for k in ours})
     ranks = [v.shape[0] for k, v in ours.items() if k.endswith("down.weight")]
     if not ranks:
-        raise CheckpointError(f"{path}: a UNO LoRA without any down.weight")
+        raise M.CheckpointError(f"{path}: a UNO LoRA without any down.weight")
     cfg = configure(model, path, lora_targets=targets, moe_targets=[], rank=ranks[0], alpha=ranks[0])
     load_strict(model, ours, path)
     return cfg

@@ -10,7 +10,7 @@ Rewards for IPPO (MultiCrafter section 4.4) and the paper's evaluation metrics (
       max would credit it to each); two drawn copies of a blend are two subjects and score as a max would.
 
 An embedder turns reference images into one vector each and a generated image into one vector per subject
-it finds; MultiIDReward does the rest, whatever the embedder (the toy world's, faces, objects).
+it finds; MultiIDReward does the rest, whatever the embedder (faces, objects, or the toy world's in toy.py).
 
 The scorers (`--reward human|object`; every model a local folder or a Hugging Face repo id, see load_pretrained):
   R_text, CLIP-T    CLIP ViT-L/14 (openai/clip-vit-large-patch14): cos(image, prompt)
@@ -23,24 +23,23 @@ The scorers (`--reward human|object`; every model a local folder or a Hugging Fa
   CLIP-I, DINO-I    the same subjects (faces or detected objects) embedded with CLIP resp. DINOv2, Hungarian-matched
 
     python rewards.py eval --manifest M.jsonl --images DIR --reward object --out metrics.json
-    python rewards.py eval --manifest data/toy_val/manifest.jsonl --images samples/ --reward toy
+    python toy.py eval --manifest data/toy_val/manifest.jsonl --images samples/      # the toy world's scorers
 
 eval scores one generated image per manifest record: DIR/<id>.png when the record has an "id", else
 DIR/<i:06d>.png with i the record's 0-based position among the manifest's records. Missing or unreadable
 images are counted and listed, not fatal. Prints mean and std per metric; writes every record's scores.
 """
-import argparse, glob, json, math, os, re, sys
+import argparse, glob, json, math, os, sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 import data as D
-from sample import InputError, load_image, write_atomic
+from data import InputError, load_image, write_atomic
 
 WEIGHTS = {"human": dict(text=1.4, aes=0.7, id=0.5), "object": dict(text=1.4, aes=0.7, id=1.0)}
 
@@ -98,113 +97,6 @@ class CompositeReward:
                  "id": self.multi_id(images, refs, captions)["score"]}
         terms["total"] = sum(self.weights[k] * terms[k] for k in ("text", "aes", "id"))
         return terms
-
-# -----------------------------------------------------------------------------
-# the toy world's scorers: the same reward on sprites, with exact stand-ins for the detector and the models
-#   subjects  connected components of non-background pixels (the toy's detector)
-#   embedding a component's "ink" (255 - pixels) on a sprite-sized square, centered and L2-normalized
-#   text      do the subjects drawn match, attribute by attribute, the ones the prompt names (and as many)?
-#   aes       the share of clean pixels: the background or a sprite colour (shade), not mud or noise
-
-def _ink(crop, px):
-    # (h, w, 3) uint8 crop (outside the subject already white) -> (px*px*3,) unit vector, zero-mean
-    h, w = crop.shape[:2]
-    side = max(h, w)
-    sq = np.full((side, side, 3), 255, np.uint8)
-    sq[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = crop
-    v = (255.0 - np.asarray(Image.fromarray(sq).resize((px, px), Image.BILINEAR), np.float64)).ravel() / 255
-    v = v - v.mean()
-    return v / max(np.linalg.norm(v), 1e-12)
-
-class ToySubjects:
-    """The toy world's detector + embedder (faces' and objects' stand-in), and its attribute classifier.
-    ref_size: the references' side (sprites are data.sprite_px(ref_size) pixels in references and targets)."""
-    def __init__(self, ref_size=16, threshold=48, min_area=None):
-        self.px = D.sprite_px(ref_size)
-        self.threshold = threshold                                   # ink above this (any channel) is a subject
-        self.min_area = min_area if min_area is not None else max(4, self.px * self.px // 8)
-        # every identity drawn on white and seen through detect(), as in a clean image: classification is the
-        # nearest template (the crop is the shape's own bounding box, so a triangle is cropped like one)
-        pad = lambda s: np.pad(D.render_sprite(s, self.px)[0], ((2, 2), (2, 2), (0, 0)), constant_values=255)
-        self.templates = np.stack([_ink(self.detect(pad(s))[0][1], self.px) for s in D.SPRITES])
-
-    def detect(self, image):
-        """PIL or (H, W, 3) uint8 -> [(box (y0, x0, y1, x1), crop with other pixels white)], largest first."""
-        a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
-        fg = (255 - a.astype(np.int16)).max(-1) > self.threshold
-        labels, n = ndimage.label(fg, structure=np.ones((3, 3)))    # 8-connected: a sprite's dots stay one
-        out = []
-        for k, sl in enumerate(ndimage.find_objects(labels), 1):
-            m = labels[sl] == k
-            if m.sum() < self.min_area:
-                continue
-            crop = np.where(m[..., None], a[sl], 255).astype(np.uint8)
-            out.append(((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop), crop, int(m.sum())))
-        out.sort(key=lambda o: -o[2])
-        return [(box, crop) for box, crop, _ in out]
-
-    def subjects(self, image, captions=None):
-        found = self.detect(image)
-        return np.stack([_ink(c, self.px) for _, c in found]) if found else np.zeros((0, self.templates.shape[1]))
-
-    def references(self, images, captions=None):
-        # a reference shows one sprite: its largest component (none found: a zero vector, which matches nothing)
-        rows = [self.subjects(im)[:1] for im in images]
-        return np.stack([r[0] if len(r) else np.zeros(self.templates.shape[1]) for r in rows])
-
-    def classify(self, embeddings):
-        """(M, D) subject embeddings -> [data.Sprite] nearest templates (the attributes a subject shows)."""
-        return [D.SPRITES[i] for i in (np.asarray(embeddings) @ self.templates.T).argmax(1)] if len(embeddings) else []
-
-def parse_toy_prompt(prompt):
-    """'a red striped circle and a blue dotted square' -> [(colour, pattern, shape)] (None where unnamed)."""
-    out = []
-    for phrase in re.split(r",\s*|\s+and\s+", prompt.lower()):
-        words = set(re.findall(r"[a-z]+", phrase))
-        pick = lambda names: next((n for n in names if n in words), None)
-        attrs = (pick(D.COLOURS), pick(D.PATTERNS), pick(D.SHAPES))
-        if any(a is not None for a in attrs):
-            out.append(attrs)
-    return out
-
-class ToyTextScore:
-    """CLIP-T's stand-in: Hungarian over (named subject, drawn subject) pairs scored by the share of the three
-    attributes that agree, divided by max(named, drawn): a missing or an extra subject costs alike."""
-    def __init__(self, subjects: ToySubjects):
-        self.subjects = subjects
-
-    def __call__(self, images, prompts):
-        out = []
-        for im, prompt in zip(images, prompts):
-            named = parse_toy_prompt(prompt)
-            drawn = [(s.colour, s.pattern, s.shape) for s in self.subjects.classify(self.subjects.subjects(im))]
-            if not named or not drawn:
-                out.append(0.0)
-                continue
-            agree = np.array([[np.mean([a == b for a, b in zip(n, d) if a is not None]) for d in drawn] for n in named])
-            out.append(hungarian(agree)[0] * len(named) / max(len(named), len(drawn)))
-        return np.array(out)
-
-class ToyAesthetic:
-    """HPS's stand-in: the share of pixels within `tol` (every channel) of a colour the toy world paints
-    with (white, each sprite colour and its darker pattern shade). Blur, noise and muddy mixes score lower."""
-    def __init__(self, tol=32):
-        c = np.array(list(D.COLOURS.values()))
-        self.palette = np.concatenate([np.array([D.BACKGROUND]), c, c // 2]).astype(np.int16)     # (17, 3)
-        self.tol = tol
-
-    def __call__(self, images, prompts=None):
-        out = []
-        for im in images:
-            a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, np.int16).reshape(-1, 3)
-            d = np.abs(a[:, None, :] - self.palette[None]).max(-1).min(1)                         # (H*W,)
-            out.append(float((d <= self.tol).mean()))
-        return np.array(out)
-
-def toy_reward(ref_size=16, weights=WEIGHTS["object"]):
-    """The composite reward of the toy world (object weights: its subjects are objects)."""
-    subjects = ToySubjects(ref_size)
-    return CompositeReward(ToyTextScore(subjects), ToyAesthetic(), MultiIDReward(subjects), weights)
 
 # -----------------------------------------------------------------------------
 # loading the real scorers: transformers models from a folder or a repo id, in one dtype on one device
@@ -553,9 +445,10 @@ def build_subjects(args, device):
     return ObjectEmbedder(detector, dino, sam), detector, dino
 
 def build_reward(args, device="cpu"):
-    """-> CompositeReward for args.reward: the toy world's, faces + CLIP + HPS, or detector + DINOv2 + CLIP + HPS."""
+    """-> CompositeReward for args.reward: faces + CLIP + HPS, or detector + DINOv2 + CLIP + HPS (the toy world's
+    reward, --reward toy, is toy.toy_reward)."""
     if args.reward == "toy":
-        return toy_reward(args.toy_ref_size, reward_weights(args))
+        raise ValueError("the toy reward is toy.toy_reward (toy.py sits above this file)")
     subjects = build_subjects(args, device)[0]                  # first: a missing face pack fails in no time
     clip = CLIPScore(args.clip, device)
     pref = PreferenceScore(args.preference, args.preference_kind, device, args.preference_processor)
@@ -565,11 +458,9 @@ def build_reward(args, device="cpu"):
 # evaluation: the paper's metrics over a manifest and a folder of generated images
 
 def build_metrics(args, device="cpu"):
-    """-> fn(images, prompt, refs, captions) -> {metric: (B,) numpy}."""
+    """-> fn(images, prompt, refs, captions) -> {metric: (B,) numpy}: the paper's metrics with the real models."""
     if args.reward == "toy":
-        reward, names = build_reward(args, device), dict(text="toy-text", aes="toy-aes", id="toy-ID", total="reward")
-        return lambda images, prompt, refs, captions: {
-            names[k]: v for k, v in reward(images, prompt, refs, captions).items()}
+        raise InputError("--reward toy: score toy images with `python toy.py eval` (same options)")
     id_embedder, detector, dino = build_subjects(args, device)
     if dino is None:                                            # human subjects: DINOv2 for DINO-I only
         dino = DinoEmbedder(args.dinov2, device)
@@ -587,13 +478,13 @@ def build_metrics(args, device="cpu"):
         return out
     return metrics
 
-def evaluate(args):
+def evaluate(args, metrics):
+    """Score DIR/<id>.png (or <i:06d>.png) of each manifest record with metrics (build_metrics', or the toy's):
+    a table on stdout, every record's scores in the JSON. -> exit status (1 when nothing could be scored)."""
     if not os.path.isdir(args.images):
         raise InputError(f"{args.images}: no such folder (the generated images)")
     records, problems = D.read_manifest(args.manifest)
     root = os.path.dirname(os.path.abspath(args.manifest))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = build_metrics(args, device)
     rows, missing, bad = [], [], [dict(line=line, why=why) for line, _, why in problems]
     for i, (line, raw) in enumerate(tqdm(records, desc="eval", disable=len(records) < 2)):
         rec, why = D.validate(raw, root, deep=False)
@@ -630,18 +521,26 @@ def evaluate(args):
           f"records; wrote {out}", file=sys.stderr)
     return 0 if rows else 1
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("eval", help="score generated images against a manifest (the paper's metrics)")
+def eval_parser(description):
+    # the options of `rewards.py eval` (and of `toy.py eval`, which reads the same layout)
+    e = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--manifest", required=True)
     e.add_argument("--images", required=True, help="folder of generated images: <id>.png or <record index:06d>.png")
     e.add_argument("--out", default=None, help="metrics JSON (default IMAGES/metrics.json)")
     e.add_argument("--device", default=None, help="default: cuda if available")
     add_reward_args(e)
-    args = p.parse_args(argv)
+    return e
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["eval"]:
+        print("usage: rewards.py eval --manifest M.jsonl --images DIR [options] (rewards.py eval --help)",
+              file=sys.stderr)
+        return 2
+    args = eval_parser(__doc__).parse_args(argv[1:])
     try:
-        return evaluate(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return evaluate(args, build_metrics(args, device))
     except (D.DataError, InputError, RewardModelError, OSError) as e:   # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,10 +16,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import curate as C
 import data as D
 import model as M
-from sample import (InputError, denoise, euler_step, get_schedule, load_image, main, prepare, preprocess_ref,
-                    sde_step)
+import toy
+from data import InputError, load_image, preprocess_ref
+from model import denoise, euler_step, get_schedule, sde_step
+from sample import main
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -184,7 +187,7 @@ def test_full_size_models_have_the_official_keys(diffusers_oracle):
     assert sum(p.numel() for p in schnell.parameters()) == 11_891_178_560
     assert set(sd_dev) - set(sd_schnell) == {f"guidance_in.{a}.{b}" for a in ("in_layer", "out_layer")
                                              for b in ("weight", "bias")}
-    # hand-written from the official file's layout (flux_reference.md 1.2-1.4)
+    # hand-written from the official flux1-dev.safetensors layout (BFL flux src/flux/model.py, modules/layers.py)
     expect = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
               "double_blocks.18.img_attn.qkv.weight": (9216, 3072),
               "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
@@ -409,6 +412,50 @@ def test_probe_leaves_the_model_output_unchanged_and_passes_gradients():
         f.double_blocks[2].img_attn.qkv.weight.grad.abs().sum() > 0
     assert f.final_layer.linear.weight.grad is None          # the probe's gradient stops at block 2
 
+def test_attention_hook_is_the_one_swap_point_and_flash_takes_cuda_half_only(monkeypatch):
+    # every DiT block attends through M.attention: a hook swapped there changes the output, and the probe, which never
+    # goes through it, still sees the same q and k (its maps are unchanged)
+    cfg = tiny_cfg()
+    f = randomize(M.Flux(cfg), seed=3)
+    args = (M.pack(torch.randn(1, 16, 4, 4)), M.grid_ids(2, 2), torch.randn(1, 3, 48), torch.zeros(1, 3, 3),
+            torch.rand(1), torch.randn(1, 32), torch.full((1,), 3.5))
+    refs = dict(ref_img=[M.pack(torch.randn(1, 16, 2, 2))], ref_img_ids=M.ref_ids((2, 2), [(1, 1)]))
+    probe = M.AttentionProbe()
+    plain = f(*args, **refs, probe=probe)
+    calls = []
+    def naive(q, k, v):              # (B, L, H, D): softmax(q k^T / sqrt(D)) v by hand, then heads flattened
+        calls.append(q.shape)
+        w = (torch.einsum("blhd,bmhd->bhlm", q, k) / q.shape[-1] ** 0.5).softmax(-1)
+        return torch.einsum("bhlm,bmhd->blhd", w, v).flatten(2)
+    monkeypatch.setattr(M, "attention", naive)
+    probe2 = M.AttentionProbe()
+    torch.testing.assert_close(f(*args, **refs, probe=probe2), plain, rtol=1e-5, atol=1e-6)
+    assert len(calls) == cfg.depth + cfg.depth_single_blocks
+    torch.testing.assert_close(probe2.mean_map(), probe.mean_map())
+    monkeypatch.setattr(M, "attention", lambda q, k, v: torch.zeros_like(q).flatten(2))
+    assert not torch.allclose(f(*args, **refs), plain)
+    # flash-attention is taken only where it runs (CUDA, fp16/bf16, head dim <= 256), whatever is installed
+    monkeypatch.setattr(M, "flash_attn_func", lambda q, k, v: pytest.fail("flash called on CPU"))
+    q = torch.randn(1, 4, 2, 8)
+    assert not M.use_flash(q) and not M.use_flash(q.half())
+    monkeypatch.setattr(M, "flash_attn_func", None)
+    assert not M.use_flash(q)
+
+def test_prepare_builds_the_joint_sequence_with_uno_ids():
+    # BFL's prepare by hand: 2x2 patches row-major, target ids (0, row, col), references diagonally after it (pe d)
+    # or overlapping it (pe o); text ids all zero
+    img, r1, r2 = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 2, 2), torch.randn(2, 3, 4, 2)
+    out = M.prepare(img, [r1, r2], "d", txt=torch.randn(2, 5, 7), y=torch.randn(2, 9))
+    assert out["img"].shape == (2, 6, 12) and torch.equal(out["img"][:, 1], img[:, :, 0:2, 2:4].permute(0, 2, 3, 1)
+                                                              .reshape(2, 4, 3).transpose(1, 2).reshape(2, 12))
+    assert out["img_ids"][0].tolist() == [[0, r, c] for r in range(2) for c in range(3)]
+    assert out["ref_img_ids"][0][0].tolist() == [[0, 2, 3]]                     # after the 2 x 3 target grid
+    assert out["ref_img_ids"][1][0].tolist() == [[0, 3, 4], [0, 4, 4]]          # after the first reference
+    assert torch.equal(out["txt_ids"], torch.zeros(2, 5, 3)) and out["y"].shape == (2, 9)
+    o = M.prepare(img, [r1], "o")
+    assert o["ref_img_ids"][0][0].tolist() == [[0, 0, 0]] and "txt" not in o
+    assert M.prepare(img)["ref_img"] == []
+
 # -----------------------------------------------------------------------------
 # text conditioning
 
@@ -462,12 +509,45 @@ def test_t5_clip_encoder_on_tiny_local_models(tmp_path, capsys):
     with pytest.raises(M.CheckpointError, match="could not load the text encoders"):
         M.T5CLIPEncoder(12, t5=str(tmp_path / "nope"), clip=str(tmp_path / "clip"))
 
+def test_layout_rule_imports_go_down_and_no_script_is_a_library():
+    # the layout rule, read from the code: each library file imports only library files below it (the order
+    # below), no file imports a command-line script, and no own module is imported inside a function
+    import ast, glob
+    here = os.path.dirname(os.path.abspath(__file__))
+    order = ["model", "moe_lora", "losses", "data", "rewards", "toy", "curate", "training"]
+    scripts = {"sample", "train_sft", "train_rl", "bench"}
+    own = set(order) | scripts
+    files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
+        glob.glob(os.path.join(here, "experiments", "*.py")) + glob.glob(os.path.join(here, "reliability", "*.py"))
+    for path in files:
+        name, tree = os.path.splitext(os.path.basename(path))[0], ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for mod in (m.split(".")[0] for m in mods):
+                if mod not in own:
+                    continue
+                where = f"{os.path.relpath(path, here)}:{node.lineno} imports {mod}"
+                assert mod not in scripts, where + ", a script"
+                assert node.col_offset == 0, where + " inside a function"
+                if name in order:
+                    assert order.index(mod) < order.index(name), where + ", a file above it"
+
+def test_moved_commands_point_to_their_new_home(capsys):
+    for old, new in (("toy", "toy.py"), ("curate", "curate.py faces"), ("curate-objects", "curate.py objects"),
+                     ("correspond", "curate.py correspond")):
+        assert D.main([old, "--out", "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and new in err
+    assert R.main(["eval", "--manifest", "m.jsonl", "--images", ".", "--reward", "toy"]) == 2
+    assert "toy.py eval" in capsys.readouterr().err
+
 def test_presets():
     assert M.get_config("flux-schnell").max_txt_len == 256 and M.get_config("flux-dev").max_txt_len == 512
     assert not M.get_config("flux-schnell").shift_schedule and not M.get_config("flux-schnell").guidance_embed
-    toy = M.get_config("toy")
-    assert toy.in_channels == 4 * toy.ae.z_channels
-    assert 1e6 < sum(p.numel() for p in M.Flux(toy).parameters()) < 5e6
+    cfg = M.get_config("toy")
+    assert cfg.in_channels == 4 * cfg.ae.z_channels
+    assert 1e6 < sum(p.numel() for p in M.Flux(cfg).parameters()) < 5e6
     with pytest.raises(ValueError, match="unknown model preset"):
         M.get_config("flux-pro")
 
@@ -489,7 +569,7 @@ def test_schedule_matches_diffusers(n):
         np.testing.assert_allclose(ours, s.sigmas.double().numpy(), atol=1e-6, rtol=0)
 
 def test_schedule_hand_values():
-    # flux_reference.md 1.8: schnell is unshifted; dev at 4096 tokens (1024x1024)
+    # BFL flux src/flux/sampling.py get_schedule: schnell is unshifted; dev at 4096 tokens (1024x1024)
     np.testing.assert_allclose(get_schedule(4, 4096, shift=False), [1, .75, .5, .25, 0], atol=1e-7)
     np.testing.assert_allclose(get_schedule(4, 4096), [1, .9045, .7595, .5128, 0], atol=1e-4)
     assert get_schedule(4, 4096, shift=M.get_config("flux-schnell").shift_schedule) == get_schedule(4, 1, shift=False)
@@ -498,7 +578,7 @@ def test_schedule_hand_values():
 # SDE step (Flow-GRPO)
 
 def flow_grpo_reference(x, v, sigmas, i, eta):
-    # Flow-GRPO's algebra, written independently of sample.py (rl_rewards.md 1.2)
+    # Flow-GRPO's sde_step_with_logprob algebra, written independently of model.sde_step
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     dt = sigma_next - sigma
     std_dev_t = math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma))) * eta
@@ -596,7 +676,7 @@ def test_preprocess_ref():
 def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
     refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
-    inp = prepare(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
+    inp = M.sampling_inputs(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
     assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64) and inp["y"].shape == (1, 64)
     assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
     ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
@@ -704,7 +784,7 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     same seed gives the same bytes, and the toy Multi-ID (rewards.py's Hungarian path) of its samples is far
     above that of the same architecture with random weights."""
     flux, _, _, weights = S.load_models("toy", "toy", torch.device("cpu"))
-    assert weights == f"{S.TOY_DIR} + {os.path.join(S.TOY_DIR, 'adapter.safetensors')}"
+    assert weights == f"{M.TOY_DIR} + {os.path.join(M.TOY_DIR, 'adapter.safetensors')}"
     assert any(isinstance(m, ML.MoELoRALinear) for m in flux.modules())           # stage 2-3's adapter is on
     assert all(p.dtype == torch.float32 for p in flux.parameters())                 # stored fp16, runs fp32 on CPU
     rnd, cfg = tmp_path / "random", M.get_config("toy")
@@ -712,7 +792,7 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     torch.manual_seed(0)
     save_file(M.Flux(cfg).state_dict(), rnd / "flux.safetensors")
     save_file(M.ByteTextEncoder(cfg).state_dict(), rnd / "text_encoder.safetensors")
-    refs, multi_id, scores = [S.preprocess_ref(S.load_image(p), 16) for p in DEMO], R.MultiIDReward(R.ToySubjects(16)), {}
+    refs, multi_id, scores = [D.preprocess_ref(D.load_image(p), 16) for p in DEMO], R.MultiIDReward(toy.ToySubjects(16)), {}
     for name, model in (("shipped", []), ("random", ["--model", str(rnd), "--arch", "toy"])):
         for seed in range(6):
             main(["--refs", *DEMO, "--seed", str(seed), "--out", str(tmp_path / f"{name}{seed}.png"), *model])
@@ -982,7 +1062,7 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def toy_manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    return D.write_toy(str(out), 12, seed=0, subjects=(2, 3))
+    return toy.write_toy(str(out), 12, seed=0, subjects=(2, 3))
 
 # -----------------------------------------------------------------------------
 # the toy world
@@ -992,16 +1072,16 @@ def all_files(folder):
             for d, _, files in os.walk(folder) for f in files}
 
 def test_toy_is_deterministic(tmp_path):
-    a, b, c, short = (D.write_toy(str(tmp_path / k), n, seed=s) for k, n, s in
+    a, b, c, short = (toy.write_toy(str(tmp_path / k), n, seed=s) for k, n, s in
                       (("a", 6, 3), ("b", 6, 3), ("c", 6, 4), ("short", 3, 3)))
     assert all_files(tmp_path / "a") == all_files(tmp_path / "b")                  # same seed: same bytes
     assert open(a, "rb").read() != open(c, "rb").read()                            # another seed: another world
     assert read_jsonl(short) == read_jsonl(a)[:3]                                  # records do not depend on n
 
 def test_toy_world_has_enough_similar_attributes():
-    assert len(D.SHAPES) >= 6 and len(D.COLOURS) >= 8 and len(D.PATTERNS) >= 4
-    renders = {D.render_reference(s).tobytes() for s in D.SPRITES}
-    assert len(renders) == len(D.SPRITES) == len(D.SHAPES) * len(D.COLOURS) * len(D.PATTERNS)   # all distinct
+    assert len(toy.SHAPES) >= 6 and len(toy.COLOURS) >= 8 and len(toy.PATTERNS) >= 4
+    renders = {toy.render_reference(s).tobytes() for s in toy.SPRITES}
+    assert len(renders) == len(toy.SPRITES) == len(toy.SHAPES) * len(toy.COLOURS) * len(toy.PATTERNS)   # all distinct
 
 def test_toy_masks_are_exact(toy_manifest):
     ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
@@ -1011,7 +1091,7 @@ def test_toy_masks_are_exact(toy_manifest):
         masks = [np.asarray(Image.open(os.path.join(root, m))) / 255 for m in rec["masks"]]
         for m, attrs in zip(masks, rec["attrs"]):
             assert set(np.unique(m)) <= {0.0, 1.0}
-            assert m.sum() == D.render_sprite(D.Sprite(**attrs), D.sprite_px(16))[1].sum()   # the sprite's pixels
+            assert m.sum() == toy.render_sprite(toy.Sprite(**attrs), toy.sprite_px(16))[1].sum()   # the sprite's pixels
         union = np.sum(masks, 0)
         assert union.max() == 1                                                      # disjoint
         assert (target[union == 0] == 255).all() and (target[union == 1] != 255).any(-1).all()
@@ -1038,17 +1118,17 @@ def test_toy_prompt_names_each_subject(toy_manifest):
         assert len(rec["attrs"]) == len(rec["refs"]) in (2, 3)
         for a in rec["attrs"]:
             assert f"{a['colour']} {a['pattern']} {a['shape']}" in rec["prompt"]
-    assert D.describe(["red striped circle", "orange dotted square"]) == \
+    assert toy.describe(["red striped circle", "orange dotted square"]) == \
         "a red striped circle and an orange dotted square"
 
 def test_toy_cli_subject_counts(tmp_path, capsys):
     for k in (1, 4):
-        assert D.main(["toy", "--out", str(tmp_path / str(k)), "--n", "5", "--subjects", str(k), "--seed", "1"]) == 0
+        assert toy.main(["--out", str(tmp_path / str(k)), "--n", "5", "--subjects", str(k), "--seed", "1"]) == 0
         recs = read_jsonl(tmp_path / str(k) / "manifest.jsonl")
         assert all(len(r["refs"]) == len(r["masks"]) == k for r in recs)
         assert D.check(str(tmp_path / str(k) / "manifest.jsonl")) == 0
-    assert D.main(["toy", "--out", str(tmp_path / "x"), "--n", "2", "--subjects", "5"]) == 2
-    assert D.main(["toy", "--out", str(tmp_path / "y"), "--n", "2", "--size", "20"]) == 2   # 2 sprites cannot fit
+    assert toy.main(["--out", str(tmp_path / "x"), "--n", "2", "--subjects", "5"]) == 2
+    assert toy.main(["--out", str(tmp_path / "y"), "--n", "2", "--size", "20"]) == 2   # 2 sprites cannot fit
     assert capsys.readouterr().err.count("error:") == 2
 
 # -----------------------------------------------------------------------------
@@ -1064,7 +1144,7 @@ def test_dataset_items(toy_manifest):
         assert it["target"].shape == (3, 32, 32) and it["refs"].shape == (N, 3, 16, 16)
         assert it["target"].min() >= -1 and it["target"].max() <= 1 and it["prompt"] == recs[i]["prompt"]
         assert it["masks"].shape == (N, 64) and len(it["points"]) == N
-        ref0 = torch.from_numpy(np.array(D.render_reference(D.Sprite(**recs[i]["attrs"][0])))).permute(2, 0, 1)
+        ref0 = torch.from_numpy(np.array(toy.render_reference(toy.Sprite(**recs[i]["attrs"][0])))).permute(2, 0, 1)
         assert torch.allclose(it["refs"][0], ref0 / 127.5 - 1)
         for k, p in enumerate(it["points"]):
             assert p.dtype == torch.long and p.shape[1] == 2 and len(p) > 0
@@ -1397,12 +1477,13 @@ import subprocess
 import sys
 
 import train_sft as TS
+import training
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A toy data set and a random toy base in the folder format stage base writes (and sample.py reads)."""
     root = tmp_path_factory.mktemp("toyrun")
-    manifest = D.write_toy(str(root / "data"), 16, seed=0, subjects=(2, 3))
+    manifest = toy.write_toy(str(root / "data"), 16, seed=0, subjects=(2, 3))
     cfg = M.get_config("toy")
     torch.manual_seed(0)
     (root / "base").mkdir()
@@ -1613,32 +1694,31 @@ def test_zero_detections_score_zero():
     assert out["score"].tolist() == [0.0, 0.0] and out["matches"] == [[], []]
 
 def test_ablation_leakage_hand_values():
-    import bench
-    Sp = D.Sprite
+    Sp = toy.Sprite
     red, blue = Sp("circle", "red", "solid"), Sp("square", "blue", "striped")
     both = [(0, 0), (1, 1)]
-    assert bench.leaked([red, blue], [red, blue], both) == 0
-    assert bench.leaked([red, blue], [Sp("circle", "blue", "solid"), blue], both) == 1     # the other one's colour
-    assert bench.leaked([red, blue], [Sp("circle", "green", "solid"), blue], both) == 0    # wrong, nobody's colour
-    assert bench.leaked([red, blue], [Sp("circle", "red", "striped"), Sp("square", "blue", "solid"),
+    assert toy.leaked([red, blue], [red, blue], both) == 0
+    assert toy.leaked([red, blue], [Sp("circle", "blue", "solid"), blue], both) == 1     # the other one's colour
+    assert toy.leaked([red, blue], [Sp("circle", "green", "solid"), blue], both) == 0    # wrong, nobody's colour
+    assert toy.leaked([red, blue], [Sp("circle", "red", "striped"), Sp("square", "blue", "solid"),
                                       Sp("square", "blue", "striped")], both) == 2         # swapped patterns
-    assert bench.leaked([red, blue], [blue, red], [(0, 1)]) == 0                           # a faithful match only
-    assert bench.leaked([red, Sp("circle", "blue", "solid")], [red], [(0, 0)]) == 0        # shared shape: no leak
+    assert toy.leaked([red, blue], [blue, red], [(0, 1)]) == 0                           # a faithful match only
+    assert toy.leaked([red, Sp("circle", "blue", "solid")], [red], [(0, 0)]) == 0        # shared shape: no leak
 
 def test_toy_scorers_hand_values():
-    subjects, text, aes = R.ToySubjects(16), R.ToyTextScore(R.ToySubjects(16)), R.ToyAesthetic()
+    subjects, text, aes = toy.ToySubjects(16), toy.ToyTextScore(toy.ToySubjects(16)), toy.ToyAesthetic()
     for i in range(30):                              # clean targets: every subject found and named right
-        target, _, sprites, rec = D.toy_example(0, i)
+        target, _, sprites, rec = toy.toy_example(0, i)
         assert sorted(map(str, subjects.classify(subjects.subjects(target)))) == sorted(map(str, sprites))
         assert text([target], [rec["prompt"]])[0] == 1.0 and aes([target])[0] == 1.0
-    assert R.parse_toy_prompt("a red striped circle and an orange dotted square") == \
+    assert toy.parse_toy_prompt("a red striped circle and an orange dotted square") == \
         [("red", "striped", "circle"), ("orange", "dotted", "square")]
     # draw a red striped circle and a blue solid square; the prompt names a red striped circle and a green
     # solid square (1 attribute of 3 wrong): (1 + 2/3) / 2. A third, unnamed subject divides by 3 instead.
     img = np.full((32, 32, 3), 255, np.uint8)
-    for (y, x), s in (((2, 2), D.Sprite("circle", "red", "striped")), ((18, 18), D.Sprite("square", "blue", "solid")),
-                      ((2, 18), D.Sprite("cross", "pink", "dotted"))):
-        rgb, m = D.render_sprite(s, 12)
+    for (y, x), s in (((2, 2), toy.Sprite("circle", "red", "striped")), ((18, 18), toy.Sprite("square", "blue", "solid")),
+                      ((2, 18), toy.Sprite("cross", "pink", "dotted"))):
+        rgb, m = toy.render_sprite(s, 12)
         img[y:y + 12, x:x + 12][m] = rgb[m]
     prompt = "a red striped circle and a green solid square"
     two = img.copy()
@@ -1650,7 +1730,7 @@ def test_toy_scorers_hand_values():
     mud.reshape(-1, 3)[:100] = (128, 128, 128)
     assert aes([two])[0] == 1.0 and aes([mud])[0] == pytest.approx(1 - 100 / 1024)
     # identity: the right sprites score 1; the same shapes in other colours score less
-    refs = [D.render_reference(D.Sprite("circle", "red", "striped")), D.render_reference(D.Sprite("square", "blue", "solid"))]
+    refs = [toy.render_reference(toy.Sprite("circle", "red", "striped")), toy.render_reference(toy.Sprite("square", "blue", "solid"))]
     mid = R.MultiIDReward(subjects)
     recolour = two.copy()
     recolour[(two == (220, 40, 40)).all(-1)] = (40, 170, 60)            # the red circle turned green
@@ -1929,15 +2009,15 @@ def test_reward_args_and_toy_reward():
     args = p.parse_args([])
     assert args.reward == "toy" and R.reward_weights(args) == R.WEIGHTS["object"]
     assert R.reward_weights(p.parse_args(["--reward", "human", "--w-id", "2"])) == dict(text=1.4, aes=0.7, id=2.0)
-    reward = R.build_reward(p.parse_args(["--w-aes", "0"]))
-    target, _, sprites, rec = D.toy_example(0, 0)
-    refs = [D.render_reference(s) for s in sprites]
+    reward = toy.toy_reward(16, R.reward_weights(p.parse_args(["--w-aes", "0"])))
+    target, _, sprites, rec = toy.toy_example(0, 0)
+    refs = [toy.render_reference(s) for s in sprites]
     out = reward([Image.fromarray(target)], rec["prompt"], refs, rec["captions"])
     assert out["id"][0] == pytest.approx(1.0) and out["text"][0] == pytest.approx(1.0)
     assert out["total"][0] == pytest.approx(1.4 * 1.0 + 1.0 * 1.0)
 
 def test_eval_cli_toy(tmp_path, capsys):
-    manifest = D.write_toy(str(tmp_path / "toy"), 4, seed=0)
+    manifest = toy.write_toy(str(tmp_path / "toy"), 4, seed=0)
     recs = [json.loads(line) for line in open(manifest)]
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -1945,14 +2025,14 @@ def test_eval_cli_toy(tmp_path, capsys):
         shutil.copy(tmp_path / "toy" / r["target"], gen / f"{r['id']}.png")
     Image.new("RGB", (32, 32), "white").save(gen / f"{recs[2]['id']}.png")   # a blank one; recs[3]: missing
     out = tmp_path / "m.json"
-    assert R.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(out)]) == 0
+    assert toy.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     assert [r["toy-ID"] for r in m["records"]] == pytest.approx([1.0, 1.0, 0.0])
     assert m["n"] == 3 and len(m["missing"]) == 1 and m["missing"][0]["image"].endswith(f"{recs[3]['id']}.png")
     assert m["mean"]["toy-ID"] == pytest.approx(2 / 3)
     assert "| toy-ID |" in capsys.readouterr().out
     # a missing manifest: exit 2, one line
-    assert R.main(["eval", "--manifest", str(tmp_path / "none.jsonl"), "--images", str(gen)]) == 2
+    assert toy.main(["eval", "--manifest", str(tmp_path / "none.jsonl"), "--images", str(gen)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "none.jsonl" in err and "\n" not in err
 
@@ -1963,10 +2043,10 @@ def test_object_reward_and_eval_wiring(tmp_path, flo_dir, dino_dir, clip_dir):
     p = argparse.ArgumentParser()
     R.add_reward_args(p)
     reward = R.build_reward(p.parse_args(flags))
-    target, _, sprites, rec = D.toy_example(0, 1)
-    out = reward([Image.fromarray(target)], rec["prompt"], [D.render_reference(s) for s in sprites], rec["captions"])
+    target, _, sprites, rec = toy.toy_example(0, 1)
+    out = reward([Image.fromarray(target)], rec["prompt"], [toy.render_reference(s) for s in sprites], rec["captions"])
     assert out["total"][0] == pytest.approx(1.4 * out["text"][0] + 0.7 * out["aes"][0] + 1.0 * out["id"][0])
-    manifest = D.write_toy(str(tmp_path / "toy"), 1, seed=0)
+    manifest = toy.write_toy(str(tmp_path / "toy"), 1, seed=0)
     shutil.copy(tmp_path / "toy" / "images" / "000000.png", tmp_path / "toy000000.png")
     assert R.main(["eval", "--manifest", manifest, "--images", str(tmp_path)] + flags) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -2039,8 +2119,8 @@ def rl_setup():
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.1)
     ae, text = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg)
-    refs = [D.render_reference(D.SPRITES[3]), D.render_reference(D.SPRITES[77])]
-    c = prepare(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
+    refs = [toy.render_reference(toy.SPRITES[3]), toy.render_reference(toy.SPRITES[77])]
+    c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
     return flux, c, get_schedule(6, 64)
 
 @pytest.mark.parametrize("l", [0, 2, 4])
@@ -2048,7 +2128,7 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     flux, c, ts = rl_setup
     G, window, rows = 4, range(l, l + 2), []
     hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
-    x0, tr, n = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(1))
+    x0, tr, n = training.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(1))
     hook.remove()
     # one DiT call per step; batch 1 before the window (the group's shared prefix), G from its start
     assert rows == [1] * l + [G] * (6 - l) and n == sum(rows) <= G * 6
@@ -2058,14 +2138,14 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     # the recorded log-probs are Gaussian log-densities of the recorded samples (torch.distributions)
     steps = [(ts[i], ts[i + 1]) for i in window]
     for j, (t, t_next) in enumerate(steps):
-        v = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
+        v = training.velocity(flux, tr["x"][:, j], c, t, 3.5)
         _, _, mean, std = sde_step(tr["x"][:, j], v, t, t_next, 0.7, prev=tr["x_next"][:, j])
         ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(tr["x_next"][:, j].double())
         torch.testing.assert_close(tr["old_logp"][:, j].double(), ref.flatten(1).mean(1), atol=1e-4, rtol=1e-5)
     # replaying the window with the same weights gives pi_old's log-probs bit for bit: the ratio is exactly 1
     rows.clear()
     hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
-    logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    logp, _, _ = training.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
     hook.remove()
     assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
 
@@ -2075,14 +2155,14 @@ def test_policy_gradient_through_the_model_equals_the_reinforce_form(rl_setup):
     flux, c, ts = rl_setup
     G, window = 4, range(2, 4)
     steps = [(ts[i], ts[i + 1]) for i in window]
-    _, tr, _ = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(2))
+    _, tr, _ = training.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(2))
     adv = torch.tensor([1.0, -0.5, 2.0, -2.5])
     params = [p for p in flux.parameters() if p.requires_grad]
-    logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    logp, _, _ = training.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
     ours = torch.autograd.grad(LS.gspo_loss(logp, tr["old_logp"], adv)[0], params)
     lp = []
     for j, (t, t_next) in enumerate(steps):
-        v = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
+        v = training.velocity(flux, tr["x"][:, j], c, t, 3.5)
         _, _, mean, std = sde_step(tr["x"][:, j], v, t, t_next, 0.7, prev=tr["x_next"][:, j])
         lp.append(torch.distributions.Normal(mean, std).log_prob(tr["x_next"][:, j]).flatten(1).mean(1))
     ref = torch.autograd.grad(-(adv * torch.stack(lp, 1).mean(1)).mean(), params)
@@ -2094,13 +2174,13 @@ def test_kl_to_the_base_model_matches_torch_distributions(rl_setup):
     flux, c, ts = rl_setup
     window = range(1, 3)
     steps = [(ts[i], ts[i + 1]) for i in window]
-    _, tr, _ = TR.rollout(flux, c, 3, ts, window, 0.7, 3.5, torch.Generator().manual_seed(4))
-    _, mean, std = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
-    kl = TR.kl_to_base(flux, c, tr["x"], tr["x_next"], mean, std, steps, 0.7, 3.5)
+    _, tr, _ = training.rollout(flux, c, 3, ts, window, 0.7, 3.5, torch.Generator().manual_seed(4))
+    _, mean, std = training.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    kl = training.kl_to_base(flux, c, tr["x"], tr["x_next"], mean, std, steps, 0.7, 3.5)
     ref = []
     for j, (t, t_next) in enumerate(steps):
         with ML.disabled(flux):
-            v0 = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
+            v0 = training.velocity(flux, tr["x"][:, j], c, t, 3.5)
         base = sde_step(tr["x"][:, j], v0, t, t_next, 0.7, prev=tr["x_next"][:, j])[2]
         d = torch.distributions.kl_divergence(torch.distributions.Normal(mean[:, j], std[j]),
                                               torch.distributions.Normal(base, std[j]))
@@ -2109,12 +2189,12 @@ def test_kl_to_the_base_model_matches_torch_distributions(rl_setup):
     assert (kl > 0).all()
     f = M.Flux(M.get_config("toy"))
     ML.inject(f, rank=4)                                        # fresh adapters are the base: KL 0
-    _, mean0, std0 = TR.WindowPolicy(f)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
-    assert torch.equal(TR.kl_to_base(f, c, tr["x"], tr["x_next"], mean0, std0, steps, 0.7, 3.5), torch.zeros(3))
+    _, mean0, std0 = training.WindowPolicy(f)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
+    assert torch.equal(training.kl_to_base(f, c, tr["x"], tr["x_next"], mean0, std0, steps, 0.7, 3.5), torch.zeros(3))
 
 def test_prompt_dataset_reads_rl_records(tmp_path):
     # RL records need no target; a bad one is skipped with the others kept; references come preprocessed
-    D.render_reference(D.SPRITES[0], 20).save(tmp_path / "a.png")
+    toy.render_reference(toy.SPRITES[0], 20).save(tmp_path / "a.png")
     Image.new("RGB", (30, 10), "red").save(tmp_path / "b.png")
     lines = [{"prompt": "a thing", "refs": ["a.png", "b.png"], "captions": ["x", "y"]},
              {"prompt": "gone", "refs": ["missing.png"]}, {"prompt": "", "refs": ["a.png"]}]
@@ -2197,7 +2277,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, t
     from safetensors.torch import load_file
     before = load_file(str(tmp_path / "sft" / "latest" / "adapter.safetensors"))
     monkeypatch.setattr(LS, "flow_matching_loss", lambda *a, **k: real_fm(*a, **k) * float("inf"))
-    with pytest.raises(TS.TrainingError, match="3 non-finite gradients in a row"):
+    with pytest.raises(training.TrainingError, match="3 non-finite gradients in a row"):
         sft(tmp_path / "sft", manifest, *common, "--steps", "20", "--max-bad-steps", "3", "--resume")
     after = load_file(str(tmp_path / "sft" / "latest" / "adapter.safetensors"))
     assert all(torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all() for k in before)
@@ -2231,14 +2311,14 @@ def test_ippo_learns_an_easy_reward(toy_run, tmp_path, monkeypatch):
 # world's detector + embedder standing in for insightface, injected detectors and feature extractors, and the
 # tiny random transformers models above for the real code paths
 
-SPR = {k: D.Sprite(*v) for k, v in dict(A=("circle", "red", "solid"), B=("square", "blue", "striped"),
+SPR = {k: toy.Sprite(*v) for k, v in dict(A=("circle", "red", "solid"), B=("square", "blue", "striped"),
                                          C=("triangle", "green", "checked"), F=("hexagon", "purple", "solid")).items()}
-PX = D.sprite_px(32)                                          # 24 px sprites: ToySubjects(32) sees them as they are
+PX = toy.sprite_px(32)                                          # 24 px sprites: ToySubjects(32) sees them as they are
 
 class ToyFaceApp:
     """insightface's app interface over the toy world's detector: every sprite is a face, its ink the embedding."""
     def __init__(self):
-        self.toy = R.ToySubjects(32)
+        self.toy = toy.ToySubjects(32)
 
     def get(self, bgr):
         rgb = np.ascontiguousarray(bgr[..., ::-1])
@@ -2246,13 +2326,13 @@ class ToyFaceApp:
         return [Face(b, e) for b, e in zip(boxes, self.toy.subjects(rgb))]
 
 def toy_faces():
-    return D.face_detector(R.FaceEmbedder(app=ToyFaceApp()))        # the path insightface's faces take
+    return C.face_detector(R.FaceEmbedder(app=ToyFaceApp()))        # the path insightface's faces take
 
 def scene(placed, W=96, H=64):
     """[(sprite key, x, y)] -> (H, W, 3) uint8 on white, and each sprite's exact box (x0, y0, x1, y1)."""
     a, boxes = np.full((H, W, 3), 255, np.uint8), []
     for k, x, y in placed:
-        rgb, m = D.render_sprite(SPR[k], PX)
+        rgb, m = toy.render_sprite(SPR[k], PX)
         a[y:y + PX, x:x + PX][m] = rgb[m]
         ys, xs = np.nonzero(m)
         boxes.append((x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1))
@@ -2267,8 +2347,8 @@ def write_clip(path, frames):
 
 def identity(img):
     # the toy classifier's verdict on the largest sprite of an image: the independent check of who is where
-    toy = R.ToySubjects(32)
-    return toy.classify(toy.subjects(np.asarray(img))[:1])[0]
+    subjects = toy.ToySubjects(32)
+    return subjects.classify(subjects.subjects(np.asarray(img))[:1])[0]
 
 def masked(target, mask):
     return np.where(np.asarray(mask)[..., None] > 127, np.asarray(target), 255).astype(np.uint8)
@@ -2288,7 +2368,7 @@ def test_curate_videos_verifies_identities_and_counts_every_drop(tmp_path, capsy
     write_clip(d / "still.avi", moving("A", "B", 1))
     (d / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "out"
-    s = D.curate(D.video_items(str(d)), str(out), toy_faces(), min_size=32)
+    s = C.curate(C.video_items(str(d)), str(out), toy_faces(), min_size=32)
     assert s["kept"] == 2 and s["dropped"] == {"duplicate_identity": 1, "too_few_faces": 2, "too_short": 1,
                                                "too_small": 1, "unreadable": 1, "unverified": 1}
     why = {os.path.basename(i["source"]): i.get("reason") for i in s["items"]}
@@ -2326,7 +2406,7 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
     (d / "p3").mkdir()                                        # no images at all
     Image.fromarray(scene([])[0]).save(d / "p3" / "ref.png")
     out = tmp_path / "out"
-    s = D.curate(D.pair_items(str(d)), str(out), toy_faces(), min_size=32,
+    s = C.curate(C.pair_items(str(d)), str(out), toy_faces(), min_size=32,
                  caption=lambda target, refs: f"{len(refs)} sprites, {target.size[0]} px")
     assert s["kept"] == 2 and s["unverified_faces"] == 1
     assert s["dropped"] == {"no_square_fit": 1, "too_few_faces": 1, "unreadable": 1}
@@ -2358,31 +2438,32 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
             m[k, int(y0):int(y1), int(x0):int(x0) + 3] = True                # the person: a strip down the box
             m[k, 0, 63] = True                                               # a stray pixel
         return m
-    s = D.curate(D.pair_items(str(d)), str(tmp_path / "sam"), toy_faces(), min_size=32, masker=masker)
+    s = C.curate(C.pair_items(str(d)), str(tmp_path / "sam"), toy_faces(), min_size=32, masker=masker)
     m = np.asarray(Image.open(tmp_path / "sam" / "masks" / "p0_0.png")) > 0
     x0, y0 = boxes[0][0] - 32, boxes[0][1]                    # B's face; its person box starts a face width left
     w, h = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
     assert seen[0][0] == (max(0, x0 - w), max(0, y0 - h / 2), x0 + 2 * w, 64.0)
     assert m.sum() == 3 * (64 - int(max(0, y0 - h / 2))) and not m[0, 63]
-    with pytest.raises(D.Drop, match="empty"):
-        D.region_masks(Image.new("RGB", (8, 8)), [(0, 0, 4, 4)], lambda image, boxes: np.zeros((1, 8, 8), bool))
+    with pytest.raises(C.Drop, match="empty"):
+        C.region_masks(Image.new("RGB", (8, 8)), [(0, 0, 4, 4)], lambda image, boxes: np.zeros((1, 8, 8), bool))
 
 def test_curate_real_models_without_weights_are_one_line_errors(tmp_path, capsys, toy_manifest):
     (tmp_path / "clips").mkdir()
     no = str(tmp_path / "no")
-    for argv, what in ((["curate", "--videos", str(tmp_path / "clips"), "--face-root", str(tmp_path)], "model zoo"),
-                       (["curate-objects", "--manifest", toy_manifest, "--detector", no], "Florence-2"),
+    for argv, what in ((["faces", "--videos", str(tmp_path / "clips"), "--face-root", str(tmp_path)], "model zoo"),
+                       (["objects", "--manifest", toy_manifest, "--detector", no], "Florence-2"),
                        (["correspond", "--manifest", toy_manifest, "--dinov2", no], "DINOv2")):
-        assert D.main(argv + ["--out", str(tmp_path / "out")]) == 2
+        assert C.main(argv + ["--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and what in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()                   # nothing written before the models load
 
 def toy_detector(image, phrases):
     # phrase grounding for the toy world: each phrase's boxes are the sprites the toy classifier names so
-    toy = R.ToySubjects(16)
+    subjects = toy.ToySubjects(16)
     a = np.asarray(image)
-    found = [((x0, y0, x1, y1), toy.classify(toy.subjects(c)[:1])[0].caption) for (y0, x0, y1, x1), c in toy.detect(a)]
+    found = [((x0, y0, x1, y1), subjects.classify(subjects.subjects(c)[:1])[0].caption)
+             for (y0, x0, y1, x1), c in subjects.detect(a)]
     return [[(b, 1.0) for b, cap in found if cap == p] for p in phrases]
 
 def toy_masker(image, boxes):
@@ -2405,7 +2486,7 @@ def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo
     with open(root_m, "w") as f:
         f.write("\n".join(lines) + "\n")
     for masker, out in ((None, tmp_path / "box"), (toy_masker, tmp_path / "sam")):
-        s = D.curate_objects(root_m, str(out), toy_detector, masker)
+        s = C.curate_objects(root_m, str(out), toy_detector, masker)
         assert s["kept"] == 4 and s["masks_given"] == 1
         assert s["dropped"] == {"bad_record": 1, "no_captions": 1, "not_found": 1, "same_object": 1}
         assert D.check(str(out / "manifest.jsonl")) == 0
@@ -2420,7 +2501,7 @@ def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo
                 np.testing.assert_array_equal(m, exact if masker else box)
         assert got[recs[6]["id"]]["masks"] == recs[6]["masks"]                       # given masks pass unchanged
     with pytest.raises(InputError, match="overwrite"):
-        D.curate_objects(toy_manifest, root, toy_detector)
+        C.curate_objects(toy_manifest, root, toy_detector)
     # the real Florence-2 path (the tiny model answers one box for every phrase): a box mask, or one object twice
     (tmp_path / "flo").mkdir()
     images(1, seed=3, size=(40, 30))[0].save(tmp_path / "flo" / "t.png")
@@ -2428,7 +2509,7 @@ def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo
         for caps in (["a red circle"], ["a red circle", "a blue square"]):
             f.write(json.dumps(dict(target="t.png", refs=["t.png"] * len(caps), captions=caps, prompt="x")) + "\n")
     det = R.Florence2Detector(flo_dir, max_new_tokens=12).detect
-    s = D.curate_objects(str(tmp_path / "flo" / "m.jsonl"), str(tmp_path / "flo_out"), det)
+    s = C.curate_objects(str(tmp_path / "flo" / "m.jsonl"), str(tmp_path / "flo_out"), det)
     assert s["kept"] == 1 and s["dropped"] == {"same_object": 1}
     m = np.asarray(Image.open(tmp_path / "flo_out" / "object_masks" / "000000_0.png")) > 0
     assert m.sum() == (20 - 4) * (18 - 6) and m[6:18, 4:20].all()              # the box (4, 6, 20, 18)
@@ -2440,7 +2521,7 @@ def test_curate_objects_ids_that_clean_alike_keep_their_own_masks(toy_manifest, 
              dict(plain[6], id="000002")]                     # the id-less record is number 2: "000002" as well
     with open(os.path.join(root, "clash.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in picks))
-    s = D.curate_objects(os.path.join(root, "clash.jsonl"), str(tmp_path / "o"), toy_detector)
+    s = C.curate_objects(os.path.join(root, "clash.jsonl"), str(tmp_path / "o"), toy_detector)
     assert s["kept"] == 4
     got = read_jsonl(tmp_path / "o" / "manifest.jsonl")
     paths = [p for r in got for p in r["masks"]]
@@ -2478,7 +2559,7 @@ def offsets(points, ref_side=64, tgt_side=96):
 
 def test_correspond_recovers_a_translation():
     ref, tgt, mask = translated((8, 16))
-    pts = D.record_correspondences(tgt, [ref], [mask], pixel_patches)[0]
+    pts = C.record_correspondences(tgt, [ref], [mask], pixel_patches)[0]
     expect = (16 - 8, 24 - 16)
     off = offsets(pts)
     # the 7 x 6 patches both images show all match, each at the true shift; the rest is noise against noise
@@ -2494,7 +2575,7 @@ def test_correspond_with_a_tiny_dinov2(dino_dir):
     dino = R.DinoEmbedder(dino_dir)
     f = dino.patches([ref, tgt], side=64)
     assert f.shape == (2, 8, 8, 32) and np.allclose(np.linalg.norm(f, axis=-1), 1, atol=1e-5)
-    pts = D.record_correspondences(tgt, [ref], [mask], lambda ims: dino.patches(ims, side=64))[0]
+    pts = C.record_correspondences(tgt, [ref], [mask], lambda ims: dino.patches(ims, side=64))[0]
     off = offsets(pts)
     # random weights, yet every one of the 7 x 6 patches both show is found at the true shift (measured: 42 of 46)
     assert (off == (8, 8)).all(1).sum() == 42 and (off == (8, 8)).all(1).mean() > 0.75, off
@@ -2507,7 +2588,7 @@ def test_correspond_keeps_references_disjoint():
     for lo, claimed in ((80, False), (56, True)):             # a second subject next to, then over, the first
         other[:] = 0
         other[16:80, lo:96] = 1
-        pts = D.record_correspondences(tgt, [ref, ref], [mask, other], pixel_patches)
+        pts = C.record_correspondences(tgt, [ref, ref], [mask, other], pixel_patches)
         first, second = (np.asarray(p).reshape(-1, 4) for p in pts)
         in_band = lambda p: ((p[:, 3] * 96 >= 56) & (p[:, 3] * 96 < 88)).sum()
         assert (in_band(first) == 0) == claimed               # the overlap is nobody's
@@ -2527,8 +2608,8 @@ def test_curated_pairs_get_points_check_and_train(toy_run, dino_dir, tmp_path, m
         Image.fromarray(scene([("B", 8, 4 + i), ("A", 40 - i, 36)])[0]).save(d / f"p{i}" / "target.png")
     real = R.FaceEmbedder
     monkeypatch.setattr(R, "FaceEmbedder", lambda pack, root, device: real(app=ToyFaceApp()))
-    assert D.main(["curate", "--pairs", str(d), "--out", str(tmp_path / "cur"), "--min-size", "32"]) == 0
-    assert D.main(["correspond", "--manifest", str(tmp_path / "cur" / "manifest.jsonl"), "--out",
+    assert C.main(["faces", "--pairs", str(d), "--out", str(tmp_path / "cur"), "--min-size", "32"]) == 0
+    assert C.main(["correspond", "--manifest", str(tmp_path / "cur" / "manifest.jsonl"), "--out",
                    str(tmp_path / "pts"), "--dinov2", dino_dir, "--patch-side", "32"]) == 0
     s = json.loads((tmp_path / "pts" / "summary.json").read_text())
     assert s["kept"] == 4 and s["points_per_reference"] >= 1
@@ -2539,12 +2620,12 @@ def test_curated_pairs_get_points_check_and_train(toy_run, dino_dir, tmp_path, m
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["scal"]) and r["dice"] > 0 for r in log)
 
 # -----------------------------------------------------------------------------
-# bad input everywhere: the faults of `bench.py badinput`, each checked for its defined behaviour
+# bad input everywhere: the faults of `python -m reliability.badinput`, each checked for its defined behaviour
 
 import re
 import signal
 
-import bench as B
+from reliability import badinput as B
 
 WHITE, RED = (255, 255, 255), (255, 0, 0)
 # fault -> the reason in its one-line error, or what the loaded image must be

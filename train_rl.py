@@ -3,7 +3,7 @@ Stage 3 of MultiCrafter: Identity-Preserving Preference Optimization (IPPO; sect
 GSPO over a MixGRPO sliding window of SDE steps inside an ODE trajectory, rewarded by Eq. 9.
 
 One iteration m:
-  1. rollout with the current weights (pi_old), no grad. For each prompt + references, G samples from ONE
+  1. rollout (training.rollout) with the current weights (pi_old), no grad. For each prompt + references, G samples from ONE
      initial noise: Euler ODE steps outside the window W(l) = [l, l + w), Flow-GRPO SDE steps inside (fp32).
      The group is identical until the window (same noise, deterministic steps), so that prefix runs once at
      batch 1 and the group splits where the noise enters: l + G (T - l) DiT evaluations, at most G T.
@@ -33,13 +33,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data as D
 import losses as LS
-import model as M
 import moe_lora as ML
-import rewards as R
-import sample as S
-import train_sft as T
+import toy
+import training as TR
+from data import InputError, PromptDataset
+from model import decode_images, denoise, get_config, get_schedule, sampling_inputs
+from rewards import RewardModelError, add_reward_args, build_reward, reward_weights
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,9 +50,10 @@ def build_parser():
     g.add_argument("--val-n", type=int, default=32, help="held-out records evaluated (by rank 0, while the other "
                    "ranks wait at their next collective: keep it small under torchrun)")
     g.add_argument("--val-seeds", type=int, default=2, help="samples per held-out record")
-    g.add_argument("--size", type=int, default=None, help="image side in px (default: 32 toy, 512 flux)")
-    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: 16 toy, 320 flux)")
-    T.add_model_args(p)
+    g.add_argument("--size", type=int, default=None, help="image side in px (default: the preset's, 32 toy, 512 flux)")
+    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: the preset's, 16 toy, "
+                   "320 flux)")
+    TR.add_model_args(p)
     g = p.add_argument_group("IPPO (paper: T 16, w 2, tau 50, s 1)")
     g.add_argument("--steps", type=int, default=16, help="sampling steps T")
     g.add_argument("--window", type=int, default=2, help="SDE window size w")
@@ -60,13 +61,13 @@ def build_parser():
     g.add_argument("--stride", type=int, default=1, help="steps the window moves each time (0: frozen)")
     g.add_argument("--group", type=int, default=12, help="samples per prompt G (one initial noise)")
     g.add_argument("--eta", type=float, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
-    g.add_argument("--guidance", type=float, default=None, help="distilled guidance (default: sample.py's, 3.5 "
-                   "flux, 1 toy)")
+    g.add_argument("--guidance", type=float, default=None, help="distilled guidance (default: the preset's sampling "
+                   "guidance, 3.5 flux, 1 toy)")
     g.add_argument("--clip-low", type=float, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
     g.add_argument("--clip-high", type=float, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
     g.add_argument("--adv-clip", type=float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
     g.add_argument("--kl", type=float, default=0.0, help="beta: KL to the base model with adapters off")
-    R.add_reward_args(p)
+    add_reward_args(p)
     g = p.add_argument_group("optimization")
     g.add_argument("--iters", type=int, default=300, help="training iterations M (paper 300)")
     g.add_argument("--prompts", type=int, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
@@ -87,7 +88,6 @@ def build_parser():
     g.add_argument("--device", default=None)
     g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
                    "collective before the job stops (a dead or hung rank; rank 0 also evaluates meanwhile)")
-    p.set_defaults(stage="rl", cache=None)          # what train_sft.build_models reads
     return p
 
 # -----------------------------------------------------------------------------
@@ -98,71 +98,13 @@ def window_start(m, T, w, tau, s):
     """Left edge l of W(l) at iteration m = 1, 2, ...: it starts at 0 and after every tau-th iteration moves
     to min(l + s, T - w), so the window [l, l + w) never runs past the last step T - 1."""
     if not 1 <= w <= T:
-        raise S.InputError(f"--window {w} must be between 1 and --steps {T}")
+        raise InputError(f"--window {w} must be between 1 and --steps {T}")
     return min(s * ((m - 1) // tau), T - w)
 
 def record_of(n, seed, k):
     # the k-th prompt of the run: epochs of n records, each reshuffled by (seed, epoch)
     epoch, i = divmod(k, n)
     return int(np.random.default_rng([seed, epoch]).permutation(n)[i])
-
-# -----------------------------------------------------------------------------
-# rollout and the policy's log-probabilities
-
-def expand(z, B):
-    return z.expand(B, *z.shape[1:])
-
-def velocity(flux, x, c, t, guidance):
-    """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded)."""
-    B, dev = x.shape[0], x.device
-    with M.autocast(dev):
-        v = flux(x, expand(c["img_ids"], B), expand(c["txt"], B), expand(c["txt_ids"], B),
-                 torch.full((B,), t, device=dev), expand(c["y"], B), torch.full((B,), guidance, device=dev),
-                 [expand(r, B) for r in c["ref_img"]], [expand(r, B) for r in c["ref_img_ids"]])
-    return v.float()
-
-@torch.no_grad()
-def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
-    """One group (Algorithm 1, lines 6-15). c: sample.prepare's output (its img is the group's one noise).
-    -> final latents (G, L, C), window record dict(x, x_next (G, w, L, C), old_logp (G, w)), DiT rows used."""
-    x, rows, xs, nxt, lps = c["img"].float(), 0, [], [], []
-    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-        if i == window.start:
-            x = x.repeat(G, 1, 1)                                     # the group splits where the noise enters
-        v = velocity(flux, x, c, t, guidance)
-        rows += x.shape[0]
-        if i in window:                                               # SDE step: pi_old's sample and log-prob
-            x_next, lp, _, _ = S.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
-            xs.append(x)
-            nxt.append(x_next)
-            lps.append(lp)
-        else:                                                         # ODE step (Euler), deterministic
-            x_next = S.euler_step(x, v, t, t_next)
-        x = x_next
-    return x, dict(x=torch.stack(xs, 1), x_next=torch.stack(nxt, 1), old_logp=torch.stack(lps, 1)), rows
-
-class WindowPolicy(torch.nn.Module):
-    """log pi_theta(x_t+1 | x_t) of recorded window steps: what DDP wraps. All w steps run inside one forward,
-    so DDP sees one forward per backward; the w graphs are what the update holds in memory (not T)."""
-    def __init__(self, flux):
-        super().__init__()
-        self.flux = flux
-
-    def forward(self, c, x, x_next, steps, eta, guidance):
-        # x, x_next (B, w, L, C); steps: the window's [(t, t_next)] -> logp (B, w), mean (B, w, L, C), std [w]
-        out = [S.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
-               for j, (t, t_next) in enumerate(steps)]
-        return torch.stack([o[1] for o in out], 1), torch.stack([o[2] for o in out], 1), [o[3] for o in out]
-
-def kl_to_base(flux, c, x, x_next, mean, std, steps, eta, guidance):
-    """KL(pi_theta || pi_base) per trajectory (B,), mean over window steps and elements. Both policies are
-    Gaussians with the step's std, so per element KL = (mu_theta - mu_base)^2 / (2 std^2) exactly (Flow-GRPO
-    uses the same form without the step's dt in std). pi_base: the same model with its adapters off."""
-    with torch.no_grad(), ML.disabled(flux):
-        base = torch.stack([S.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
-                                       prev=x_next[:, j])[2] for j, (t, t_next) in enumerate(steps)], 1)
-    kl = [((mean[:, j] - base[:, j]) ** 2 / (2 * std[j] ** 2)).flatten(1).mean(1) for j in range(len(steps))]
-    return torch.stack(kl, 1).mean(1)
 
 # -----------------------------------------------------------------------------
 # held-out evaluation: deterministic ODE samples, the same reward
@@ -175,10 +117,10 @@ def evaluate(flux, ae, text, dataset, reward, args, device):
     for i in range(min(args.val_n, len(dataset))):
         rec, images = dataset[i], []
         for k in range(args.val_seeds):
-            c = S.prepare(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size, 10_000 * k + i,
-                          device=device)
-            x = S.denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False)
-            images += S.decode_images(ae, x, args.size, args.size)
+            c = sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
+                                  10_000 * k + i, args.pe, device)
+            x = denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False)
+            images += decode_images(ae, x, args.size, args.size)
         terms = reward(images, rec["prompt"], rec["refs"], rec["captions"])
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.sum())
@@ -196,44 +138,59 @@ def gather(values, ddp):
     dist.all_gather_object(out, list(values))
     return [v for part in out for v in part]
 
+# -----------------------------------------------------------------------------
+# the run
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    ddp, rank, world, device = T.setup_dist(args.device, args.dist_timeout)
-    master = rank == 0
-    cfg = M.get_config(args.preset)
-    d, mult = S.DEFAULTS[args.preset], 2 * cfg.ae.factor
-    args.size, args.ref_size = args.size or d["size"], args.ref_size or d["ref_size"]
-    args.guidance = d["guidance"] if args.guidance is None else args.guidance
+
+    # -------------------------------------------------------------------------
+    # set-up: ranks and device, the preset's defaults, and every shape check that needs no model (fail in seconds)
+    ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
+    master = rank == 0                    # rank 0 alone writes logs, checkpoints and runs the held-out evaluation
+    cfg = get_config(args.preset)
+    mult = cfg.token_px
+    args.size, args.ref_size = args.size or cfg.image_size, args.ref_size or cfg.ref_size
+    args.guidance = cfg.guidance if args.guidance is None else args.guidance
     G, P, n_mini = args.group, args.prompts, args.minibatches
     args.micro_batch = args.micro_batch or G // max(n_mini, 1)
     if args.size % mult or args.ref_size % mult:
-        raise S.InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
+        raise InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
     if G < 2 or n_mini < 1 or G % n_mini:
-        raise S.InputError(f"--group {G} must be >= 2 and divisible by --minibatches {n_mini}")
+        raise InputError(f"--group {G} must be >= 2 and divisible by --minibatches {n_mini}")
     if (G // n_mini) % args.micro_batch:
-        raise S.InputError(f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
+        raise InputError(f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
     window_start(1, args.steps, args.window, args.tau, args.stride)          # validates w and T now
-    args.timesteps = S.get_schedule(args.steps, (args.size // mult) ** 2, shift=cfg.shift_schedule)
+    # the T-step schedule every rollout follows; the window picks which of its steps are stochastic
+    args.timesteps = get_schedule(args.steps, (args.size // mult) ** 2, shift=cfg.shift_schedule)
 
-    dataset = D.PromptDataset(args.data, args.ref_size)
-    val = D.PromptDataset(args.val_data, args.ref_size) if args.val_data and master else None
-    reward = R.build_reward(args, device)
-    flux, ae, text, params, acfg = T.build_models(args, device)
-    policy = WindowPolicy(flux).train()
+    # -------------------------------------------------------------------------
+    # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
+    dataset = PromptDataset(args.data, args.ref_size)
+    val = PromptDataset(args.val_data, args.ref_size) if args.val_data and master else None
+    reward = toy.toy_reward(args.toy_ref_size, reward_weights(args)) if args.reward == "toy" else \
+        build_reward(args, device)
+    flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
+                                                   TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,
+                                                   seed=args.seed)
+    # DDP wraps the window's log-prob computation: that is the forward whose gradients the ranks share
+    policy = TR.WindowPolicy(flux).train()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy
-    opt = T.build_optimizer(params, args.lr, args.weight_decay)
-    step, consumed = 0, 0                 # iterations; prompts used (the position in the data)
+    opt = TR.build_optimizer(params, args.lr, args.weight_decay)
+    # the run's position: iterations done and prompts consumed; the window, the prompt order and every noise are
+    # pure functions of them, so a resumed run needs nothing else
+    step, consumed = 0, 0
     if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
-        step, consumed, saved_world = T.load_checkpoint(args.out, flux, text, acfg, opt)
-        T.print0(f"resumed from iteration {step} at prompt {consumed} (saved by {saved_world} rank(s), now {world})")
+        step, consumed, saved_world = TR.load_checkpoint(args.out, flux, text, acfg, opt)
+        TR.print0(f"resumed from iteration {step} at prompt {consumed} (saved by {saved_world} rank(s), now {world})")
     if master:
         os.makedirs(args.out, exist_ok=True)
-        T.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
+        TR.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
                  f"prompts, {world} rank(s) x {P} prompt(s) x group {G}, T {args.steps}, window {args.window}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     def write(rec):
         if "val_total" in rec:
-            T.print0(json.dumps(rec))
+            TR.print0(json.dumps(rec))
         log.write(json.dumps(rec) + "\n")
         log.flush()
     def validate(m):
@@ -248,29 +205,39 @@ def main(argv=None):
     if val is not None and step == 0:
         validate(0)
 
-    bad, bar = T.BadSteps(args.max_bad_steps), tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
+    # -------------------------------------------------------------------------
+    # the training loop: Algorithm 1
+    bad, bar = TR.BadSteps(args.max_bad_steps), tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
     for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
+        # the window W(l) = [l, l + w) of SDE steps for this iteration (it slides every tau iterations)
         t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
         window = range(l, l + args.window)
         steps = [(args.timesteps[i], args.timesteps[i + 1]) for i in window]
         # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
+        # the group shares one prompt, one set of references and one initial noise: its samples differ only by the
+        # SDE noise inside the window, so the reward differences within a group are what the policy did there
         groups, terms, rows_rollout = [], [], 0
         for j in range(P):
             k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
             item = dataset[record_of(len(dataset), args.seed, k)]
             seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
-            c = S.prepare(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, device=device)
-            x0, traj, rows = rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
+            c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
+                                device)
+            x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
                                      torch.Generator().manual_seed(seed + 1))
             rows_rollout += rows
-            images = S.decode_images(ae, x0, args.size, args.size)
+            images = decode_images(ae, x0, args.size, args.size)
             terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
             groups.append(dict(c=c, **traj))
         consumed += world * P
+        # advantages are normalized within each group (Eq. 3): no value network, the group is the baseline
         total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
-        adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # Eq. 3
+        adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # (P, G)
 
         # ---- 3. GSPO updates: minibatch q takes the q-th share of every group ----
+        # the recorded window steps are scored again under pi_theta (with grad): only w DiT calls per trajectory,
+        # whatever T is. The first minibatch is on-policy (ratio 1); later ones see weights the earlier ones moved,
+        # which is where GSPO's clip (Eq. 8) acts
         share, b = G // n_mini, args.micro_batch
         ratios, clipped, losses, kls, gnorms = [], [], [], [], []
         for q in range(n_mini):
@@ -282,7 +249,7 @@ def main(argv=None):
                     logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
                     loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
                     if args.kl > 0:
-                        kl = kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
+                        kl = TR.kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
                                         args.guidance).mean()
                         loss = loss + args.kl * kl
                         kls.append(kl.item())
@@ -297,7 +264,7 @@ def main(argv=None):
             gnorms.append(gnorm.item())
         bar.update(1)
 
-        # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations ----
+        # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations (all ranks' groups) ----
         per_term = {k: gather(np.concatenate([t[k] for t in terms]).tolist(), ddp) for k in terms[0]}
         ratios, clipped = gather(ratios, ddp), gather(clipped, ddp)
         rec = {"iter": m, "window": l, **{f"r_{k}": float(np.mean(v)) for k, v in per_term.items()},
@@ -316,7 +283,7 @@ def main(argv=None):
             validate(m)
         if m % args.ckpt_every == 0 or m == args.iters:
             if master:
-                T.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep, consumed)
+                TR.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep, consumed)
             if ddp:
                 dist.barrier()
     bar.close()
@@ -324,7 +291,7 @@ def main(argv=None):
         dist.destroy_process_group()
 
 def cli(argv=None):
-    return T.cli(argv, main, T.USER_ERRORS + (R.RewardModelError,))
+    return TR.cli(main, argv, TR.USER_ERRORS + (RewardModelError,))
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -1,0 +1,498 @@
+"""
+Bad images, weights, manifests and ranks through every entry point, and what each one does. Run from the
+repository root:
+
+    python -m reliability.badinput --table t.md            # every family (about a minute on 2 CPU cores)
+    python -m reliability.badinput --no-dist --table t.md  # without the torchrun rows (seconds)
+
+One markdown table per family, printed (--table also writes them):
+  Images     each BAD_IMAGES file through data.load_image, `sample.py --refs`, `data.py check` and training's
+             ManifestDataset
+  Weights    each BAD_WEIGHTS fault in each kind of weights file a user hands over: the DiT and text encoder
+             (`sample.py --model`), the AE (model.load_ae), an adapter (`sample.py --lora`), and a checkpoint
+             to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt)
+  Manifests  each manifest fault, in a record after a good one, through `data.py check` and ManifestDataset
+  Ranks      torchrun with 2 CPU ranks: a rank killed, a rank hung, a checkpoint resumed on another number
+             of ranks
+The command lines (sample.py, train_sft.py, data.py) run in this process, each with its arguments as a user
+passes them (a traceback in a cell would be a bug); torchrun runs as a subprocess. test_all.py reuses the fault
+tables and writers here.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import runpy
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import replace
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data as D
+import model as M
+import moe_lora as ML
+import toy
+from reliability.faults import ROOT, save_st, toy_base
+
+parser = argparse.ArgumentParser(prog="python -m reliability.badinput", epilog=__doc__,
+                                 description=__doc__.split("\n\n")[0].strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+parser.add_argument("--table", default=None, help="also write the markdown tables to this file")
+parser.add_argument("--no-dist", action="store_true", help="leave out the torchrun rows (about a minute)")
+
+# -----------------------------------------------------------------------------
+# images
+
+def png_claiming(path, w, h):
+    """An 8x8 PNG whose header claims w x h pixels: a few bytes that would decode to gigapixels (a decompression
+    bomb). The header's checksum is fixed up, so only the size is a lie."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    b[16:24] = struct.pack(">II", w, h)                                   # IHDR: length, "IHDR", width, height ...
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))             # ... and the chunk's CRC
+    open(path, "wb").write(bytes(b))
+
+def cut_in_half(write):
+    # a writer of the first half of what `write` writes
+    def half(path, *a):
+        write(path, *a)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    return half
+
+def noise(path, fmt):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, fmt)
+
+def animated(path, fmt):
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    red.save(path, format=fmt, save_all=True, append_images=[blue], duration=100)
+
+def exif_rotated(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # "rotate 90 degrees clockwise to view"
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(path, format="JPEG", exif=exif.tobytes())
+
+def palette_with_transparency(path):
+    p = Image.new("P", (8, 8), 1)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)             # index 0 black (transparent), 1 green
+    p.putpixel((0, 0), 0)
+    p.save(path, transparency=0)
+
+# fault -> (file name, writer(path)); no writer: the file does not exist
+BAD_IMAGES = {
+    "missing file": ("missing.png", None),
+    "zero bytes": ("zero.png", lambda p: open(p, "wb").close()),
+    "a folder": ("folder.png", os.mkdir),
+    "not an image (text)": ("text.png", lambda p: open(p, "w").write("hello")),
+    "truncated PNG": ("cut.png", cut_in_half(lambda p: noise(p, "PNG"))),
+    "truncated JPEG": ("cut.jpg", cut_in_half(lambda p: noise(p, "JPEG"))),
+    "JPEG named .png": ("jpeg.png", lambda p: Image.new("RGB", (8, 8), (255, 0, 0)).save(p, "JPEG")),
+    "decompression bomb (30000x30000 header)": ("bomb.png", lambda p: png_claiming(p, 30000, 30000)),
+    "10000x10000 (over MAX_PIXELS)": ("huge.png", lambda p: png_claiming(p, 10000, 10000)),
+    "1x1": ("one.png", lambda p: Image.new("RGB", (1, 1), (255, 0, 0)).save(p)),
+    "1x4000 strip": ("strip.png", lambda p: Image.new("RGB", (1, 4000), (255, 0, 0)).save(p)),
+    "CMYK JPEG": ("cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, quality=100)),
+    "16-bit grayscale": ("g16.png", lambda p: Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(p)),
+    "palette + transparent index": ("pal.png", palette_with_transparency),
+    "RGBA, fully transparent red": ("rgba.png", lambda p: Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(p)),
+    "animated GIF (red, blue)": ("anim.gif", lambda p: animated(p, "GIF")),
+    "animated WebP (red, blue)": ("anim.webp", lambda p: animated(p, "WEBP")),
+    "EXIF-rotated JPEG (40x20, rotate 90)": ("rot.jpg", exif_rotated),
+}
+
+def write_bad_images(folder):
+    """Every BAD_IMAGES file in folder (a good 32x32 target t.png too) -> {fault: file name}."""
+    os.makedirs(folder, exist_ok=True)
+    Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(folder, "t.png"))
+    for name, write in BAD_IMAGES.values():
+        if write:
+            write(os.path.join(folder, name))
+    return {fault: name for fault, (name, _) in BAD_IMAGES.items()}
+
+# -----------------------------------------------------------------------------
+# weights: the faults (their writers take the tensors a good file would hold)
+
+class Opens:
+    """Pickled, this object's recipe is `open(path, "w")`: unpickling it would create the file. A stand-in for a
+    pickle that runs code: the file's absence proves no loader unpickled it."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+def first_float(sd):
+    return next(k for k in sorted(sd) if sd[k].is_floating_point())
+
+# fault -> writer(path, state dict, header metadata, another architecture's state dict); no writer: no file
+BAD_WEIGHTS = {
+    "missing file": None,
+    "empty file": lambda p, sd, meta, other: open(p, "wb").close(),
+    "text file": lambda p, sd, meta, other: open(p, "w").write("not weights"),
+    "pickle (torch.save) instead": lambda p, sd, meta, other: torch.save(sd, p),
+    "pickle that runs code": lambda p, sd, meta, other: torch.save({"x": Opens(p + ".ran")}, p),
+    "malformed header": lambda p, sd, meta, other: open(p, "wb").write(struct.pack("<Q", 10 ** 9) + b"{"),
+    "truncated": cut_in_half(lambda p, sd, meta, other: save_st(sd, p, meta)),
+    "missing key": lambda p, sd, meta, other: save_st({k: v for k, v in sd.items() if k != min(sd)}, p, meta),
+    "extra key": lambda p, sd, meta, other: save_st({**sd, "extra.weight": torch.zeros(2)}, p, meta),
+    "wrong shape": lambda p, sd, meta, other: save_st(
+        {**sd, first_float(sd): torch.zeros(sd[first_float(sd)].shape[0] + 1)}, p, meta),
+    "another architecture": lambda p, sd, meta, other: save_st(other, p, meta),
+    "float16 tensors": lambda p, sd, meta, other: save_st(
+        {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, p, meta),
+    "int64 where a float belongs": lambda p, sd, meta, other: save_st(
+        {**sd, first_float(sd): sd[first_float(sd)].long()}, p, meta),
+}
+
+# -----------------------------------------------------------------------------
+# running an entry point as a user meets it, and one table cell of what happened
+
+def run_script(script, argv):
+    """`python SCRIPT ARGV` inside this process: the repository's file run as __main__ with sys.argv set, which is
+    what its command line runs (a script is no library to import; in-process it takes milliseconds where a
+    subprocess takes seconds). Its sys.exit raises SystemExit: attempt() reads the exit status from it."""
+    saved = sys.argv
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+def attempt(fn, errors=()):
+    """fn() as a user meets it -> (value or None, what it printed, status). status: 0, the SystemExit status,
+    2 for an exception of `errors` (what the command lines print as one `error:` line), or "traceback" for any
+    other exception: that would be a bug, and the table says so."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            return fn(), out.getvalue(), 0
+        except SystemExit as e:
+            return None, out.getvalue(), e.code
+        except errors as e:
+            return None, out.getvalue() + f"error: {e}\n", 2
+        except Exception as e:
+            return None, out.getvalue() + f"TRACEBACK {type(e).__name__}: {e}\n", "traceback"
+
+def said(text, *starts):
+    # the first printed line that starts with one of `starts`
+    return next((line for line in text.splitlines() if line.startswith(starts)), "")
+
+def cell(text, strip, width=120):
+    # one table cell: no work folder names, no pipes, not too long
+    text = re.sub(r"w/\d+-\d+/", "", text.replace(strip, "")).replace("error: ", "").replace("|", "/")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+def sample_cell(argv, out):
+    """sample.py with argv -> its exit status, the first error or note it printed, and any file it left behind."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    _, text, status = attempt(lambda: run_script("sample.py", argv + ["--prompt", "x", "--steps", "1", "--seed", "0",
+                                                                      "--out", os.path.join(out, "x.png")]))
+    line = said(text, "error:", "TRACEBACK", "note:")
+    left = sorted(os.listdir(out))
+    if status == 0:
+        return f"sampled{'; ' + line if line else ''}"
+    return f"exit {status}: {line}; " + (f"LEFT {left}" if left else "nothing written")
+
+def check_cell(manifest, line):
+    _, text, status = attempt(lambda: D.main(["check", manifest]))
+    return said(text, f"{manifest}:{line}: ", "TRACEBACK").replace(f"{manifest}:{line}: ", "") or \
+        f"good (exit {status})"
+
+def dataset_cell(manifest, line):
+    """ManifestDataset on a manifest whose other records are good -> what happens to record `line`."""
+    ds, text, status = attempt(lambda: D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4), D.DataError)
+    if ds is None:
+        return f"exit {status}: {said(text, 'error:', 'TRACEBACK')}"
+    skipped = [f"{field}: {why}" for l, field, why in ds.skipped if l == line]
+    if skipped:
+        return "skipped at start (warning): " + skipped[0]
+    i = next(i for i, r in enumerate(ds.records) if r["line"] == line)
+    item, text, status = attempt(lambda: ds[i])
+    if status:
+        return said(text, "TRACEBACK")
+    if ds.n_failed:
+        return "replaced at load by another record (warning): " + said(text, "warning").split(": ", 2)[-1]
+    _, text, _ = attempt(lambda: M.ByteTextEncoder(M.get_config("toy"))([item["prompt"]]))   # what training encodes
+    return "used" + (f"; {said(text, 'warning')}" if text else "")
+
+# -----------------------------------------------------------------------------
+# the Images table
+
+def image_rows(work):
+    """One row per BAD_IMAGES fault: load_image, sample.py --refs, data.py check, training."""
+    folder = os.path.join(work, "images")
+    names = write_bad_images(folder)
+    rows = []
+    for k, (fault, name) in enumerate(names.items()):
+        path, manifest = os.path.join(folder, name), os.path.join(folder, f"m{k}.jsonl")
+        with open(manifest, "w") as f:          # the bad reference, then a good record
+            for ref in (name, "t.png"):
+                f.write(json.dumps(dict(target="t.png", prompt="a thing", refs=[ref])) + "\n")
+        img, text, _ = attempt(lambda: D.load_image(path), D.InputError)
+        loaded = f"{img.mode} {img.width}x{img.height}, pixel (0, 0) = {img.getpixel((0, 0))}" if img else \
+            said(text, "error:", "TRACEBACK")
+        rows.append([fault, loaded, sample_cell(["--refs", path], os.path.join(work, "out")),
+                     check_cell(manifest, 1), dataset_cell(manifest, 1)])
+    return [[cell(c, folder + os.sep) for c in r] for r in rows]
+
+# -----------------------------------------------------------------------------
+# the Weights table (a checkpoint's train_state.pt is a pickle: faults of its own)
+
+def another_optimizer_state(path):
+    # a train_state.pt of a run with other trainable parameters (other adapters)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    opt.step()
+    torch.save({"step": 1, "consumed": 2, "world": 1, "optimizer": opt.state_dict()}, path)
+
+STATE_FAULTS = {   # what a train_state.pt (a weights_only pickle, not safetensors) can suffer of BAD_WEIGHTS's faults
+    "missing file": None, "empty file": BAD_WEIGHTS["empty file"], "text file": BAD_WEIGHTS["text file"],
+    "pickle that runs code": BAD_WEIGHTS["pickle that runs code"],
+    "truncated": cut_in_half(lambda *_: None),                                   # the file as saved, cut
+    "another architecture": lambda p, *_: another_optimizer_state(p)}
+
+def broken_copy(folder, src, name, write, *tensors):
+    """A copy of folder src (or an empty folder) whose file `name` is (over)written by write(path, *tensors) (None:
+    removed) -> (folder, the file's path)."""
+    if src:
+        shutil.copytree(src, folder, symlinks=True)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    if write:
+        write(path, *tensors)
+    elif os.path.exists(path):
+        os.remove(path)
+    return folder, path
+
+def weight_rows(work):
+    """One row per BAD_WEIGHTS fault in each kind of weights file a user hands over -> (header, rows)."""
+    cfg = M.get_config("toy")
+    base, flux, text = toy_base(os.path.join(work, "base"))
+    small = replace(cfg, hidden_size=64, axes_dim=(4, 6, 6))                     # another architecture
+    ae_cfg = replace(cfg, ae=M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2))
+    ae_other = replace(ae_cfg.ae, z_channels=8)
+    adapted, other = M.Flux(cfg), M.Flux(small)
+    acfg, _ = ML.inject(adapted, rank=4), ML.inject(other, rank=4)
+    ML.save_adapter(adapted, os.path.join(work, "adapter.safetensors"), acfg)
+    meta, adapter = ML.read_adapter(os.path.join(work, "adapter.safetensors"))
+    # a run to resume: one step of stage multi on four toy records
+    manifest = toy.write_toy(os.path.join(work, "data"), 4, seed=0)
+    train = lambda out, *more: attempt(lambda: run_script("train_sft.py", [
+        "--data", manifest, "--init", base, "--stage", "multi", "--rank", "4", "--batch-size", "2", "--out", out, *more]))
+    run_dir = os.path.join(work, "run")
+    train(run_dir, "--steps", "1")
+
+    def sample(folder, *argv):
+        return sample_cell(["--refs", os.path.join(ROOT, "assets", "red_solid_circle.png"), *argv], folder + "-out")
+
+    def resume(folder):
+        _, text, status = train(folder, "--steps", "2", "--resume")
+        line = said(text, "error:", "TRACEBACK", "note:")
+        return ("resumed" if status == 0 else f"exit {status}") + (f"; {line}" if line else "")
+
+    def load_ae(folder):
+        ae, text, status = attempt(lambda: M.load_ae(ae_cfg, os.path.join(folder, "ae.safetensors")),
+                                   M.CheckpointError)
+        line = said(text, "error:", "TRACEBACK", "note:")
+        return f"loaded{'; ' + line if line else ''}" if status == 0 else line
+
+    # kind -> (file, where a good copy lives, how a user hands it over, its tensors, header, another architecture's)
+    kinds = {
+        "DiT (sample.py --model)": ("flux.safetensors", base, lambda d: sample(d, "--model", d, "--arch", "toy"),
+                                    flux.state_dict(), None, M.Flux(small).state_dict()),
+        "text encoder (sample.py --model)": ("text_encoder.safetensors", base,
+                                             lambda d: sample(d, "--model", d, "--arch", "toy"), text.state_dict(),
+                                             None, M.ByteTextEncoder(cfg, dim=32).state_dict()),
+        "AE (model.load_ae)": ("ae.safetensors", None, load_ae, M.AutoEncoder(ae_cfg.ae).state_dict(), None,
+                               M.AutoEncoder(ae_other).state_dict()),
+        "adapter (sample.py --lora, train --adapter)": (
+            "adapter.safetensors", None,
+            lambda d: sample(d, "--model", base, "--arch", "toy", "--lora", os.path.join(d, "adapter.safetensors")),
+            adapter, meta, ML.adapter_state_dict(other)),
+        "resume: adapter.safetensors": ("ckpt-0000001/adapter.safetensors", run_dir, resume, adapter, meta,
+                                        ML.adapter_state_dict(other)),
+        "resume: train_state.pt": ("ckpt-0000001/train_state.pt", run_dir, resume, None, None, None),
+    }
+    rows = []
+    for fault, write in BAD_WEIGHTS.items():
+        row = [fault]
+        for k, (name, src, use, *tensors) in enumerate(kinds.values()):
+            how = STATE_FAULTS.get(fault, "-") if name.endswith(".pt") else write   # a weights_only pickle
+            if how == "-":
+                row.append(how)
+                continue
+            folder, path = broken_copy(os.path.join(work, "w", f"{len(rows)}-{k}"), src, name, how, *tensors)
+            row.append(use(folder) + ("; RAN CODE FROM THE PICKLE" if os.path.exists(path + ".ran") else ""))
+        rows.append([cell(c, work + os.sep) for c in row])
+    return ["fault", *kinds], rows
+
+# -----------------------------------------------------------------------------
+# manifests: the faults and the Manifests table
+
+def manifest_faults(root):
+    """fault -> the manifest line (bytes) of a record with it, to follow a good record whose id is "a"."""
+    good = dict(id="b", target="t.png", prompt="a thing", refs=["r.png"])
+    line = lambda **kw: json.dumps(dict(good, **kw)).encode()
+    return {
+        "path with ..": line(refs=["../outside.png"]),
+        "absolute path": line(refs=[os.path.join(root, "r.png")]),
+        "symlink out of the root": line(refs=["link.png"]),
+        "id given twice": line(id="a"),
+        "id that is a path (../x)": line(id="../x"),
+        "0 references": line(refs=[]),
+        f"100 references (MAX_REFS = {D.MAX_REFS})": line(refs=["r.png"] * 100),
+        "empty prompt": line(prompt=" "),
+        "10,000-character prompt": line(prompt="a" * 10_000),
+        "lone surrogate in the prompt": line(prompt="a \ud800 b"),
+        "non-UTF-8 byte in the prompt": line(prompt="caf\xe9").replace(b"\\u00e9", b"\xe9"),
+        "invalid JSON": line()[:-1],
+    }
+
+def write_bad_manifests(work):
+    """work/manifests/m{k}.jsonl: a good record with id "a" (line 1), then one with a fault (line 2); the images
+    they name, and work/outside.png linked from inside -> {fault: manifest path}."""
+    root = os.path.join(work, "manifests")
+    os.makedirs(root, exist_ok=True)
+    Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(root, "t.png"))
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(root, "r.png"))
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(work, "outside.png"))
+    os.symlink(os.path.join(work, "outside.png"), os.path.join(root, "link.png"))
+    good = json.dumps(dict(id="a", target="t.png", prompt="a thing", refs=["r.png"])).encode()
+    out = {}
+    for k, (fault, bad) in enumerate(manifest_faults(root).items()):
+        out[fault] = os.path.join(root, f"m{k}.jsonl")
+        open(out[fault], "wb").write(good + b"\n" + bad + b"\n")
+    return out
+
+def manifest_rows(work):
+    """One row per manifest fault: data.py check and training, on [a good record, the bad one]."""
+    return [[cell(c, work + os.sep) for c in (fault, check_cell(m, 2), dataset_cell(m, 2))]
+            for fault, m in write_bad_manifests(work).items()]
+
+# -----------------------------------------------------------------------------
+# the Ranks table: torchrun's workers killed or stopped
+
+def worker_pids(proc):
+    """{rank: pid} of the workers a torchrun process started (its children, RANK from their environment)."""
+    env = lambda pid: dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+    kids = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    return {int(env(pid)["RANK"]): int(pid) for pid in kids}
+
+def alive(pid):
+    # running or stopped, not a zombie waiting for its parent
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+def wait_for(cond, timeout=300):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("waited too long")
+        time.sleep(0.05)
+    return time.time() - t0
+
+def adapter_gap(a, b):
+    # largest difference between two runs' final adapters
+    x, y = (load_file(os.path.join(d, "latest", "adapter.safetensors")) for d in (a, b))
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+def dist_rows(work):
+    """Ranks that die or hang under torchrun (2 CPU ranks, gloo), and resuming with another number of ranks."""
+    base = toy_base(os.path.join(work, "base"))[0]
+    manifest = toy.write_toy(os.path.join(work, "dist-data"), 8, seed=0)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = [os.path.join(ROOT, "train_sft.py"), "--data", manifest, "--init", base, "--stage", "multi", "--rank",
+              "4", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--ckpt-every", "1", "--keep", "10"]
+    torchrun = lambda out, *more: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--out", out,
+         *more], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    one = lambda out, *more: subprocess.run([sys.executable, *common, "--grad-accum", "2", "--out", out, *more],
+                                            env=env, capture_output=True, text=True)
+    ckpt = lambda out, k: lambda: os.path.isdir(os.path.join(out, f"ckpt-{k:07d}"))
+    rows, ref = [], os.path.join(work, "one")
+    one(ref, "--steps", "6")                            # the uninterrupted run: 1 rank, the same global batch
+
+    # a rank killed: torchrun stops the others; the checkpoints left resume on 1 rank
+    out = os.path.join(work, "killed")
+    p = torchrun(out, "--steps", "6")
+    wait_for(ckpt(out, 2))
+    pids = worker_pids(p)
+    os.kill(pids[1], signal.SIGKILL)
+    took = wait_for(lambda: p.poll() is not None)
+    left = [pid for pid in pids.values() if alive(pid)]
+    rows.append(["rank 1 of 2 killed (SIGKILL) after checkpoint 2",
+                 f"torchrun ended the job {took:.1f} s later (exit {p.returncode}); workers left: {len(left)}"])
+    r = one(out, "--steps", "6", "--resume")
+    rows.append(["... resumed on 1 rank (--grad-accum 2: the same global batch)",
+                 f"exit {r.returncode}: {said(r.stderr, 'resumed')}; final adapter vs uninterrupted 1-rank run: "
+                 f"max abs diff {adapter_gap(out, ref):.1e}"])
+
+    # a 1-rank checkpoint resumed on 2 ranks
+    out = os.path.join(work, "grown")
+    shutil.copytree(ref, out, symlinks=True)
+    for k in range(3, 7):
+        shutil.rmtree(os.path.join(out, f"ckpt-{k:07d}"))
+    os.remove(os.path.join(out, "latest"))
+    os.symlink("ckpt-0000002", os.path.join(out, "latest"))
+    p = torchrun(out, "--steps", "6", "--resume")
+    _, err = p.communicate()
+    rows.append(["1-rank checkpoint 2 resumed on 2 ranks",
+                 f"exit {p.returncode}: {said(err, '[rank0]: resumed', 'resumed')}; final adapter vs uninterrupted "
+                 f"1-rank run: max abs diff {adapter_gap(out, ref):.1e}"])
+
+    # a rank hung (SIGSTOP): the others wait in a collective until --dist-timeout, then the job ends
+    out = os.path.join(work, "hung")
+    p = torchrun(out, "--steps", "100", "--dist-timeout", "5")
+    wait_for(ckpt(out, 1))
+    pids = worker_pids(p)
+    os.kill(pids[1], signal.SIGSTOP)
+    took = wait_for(lambda: not alive(pids[0]))
+    _, err = p.communicate()
+    rows.append(["rank 1 of 2 hung (SIGSTOP), --dist-timeout 5",
+                 f"rank 0 stopped {took:.1f} s later ({said(err, '[rank0]: RuntimeError').split('] ', 2)[-1]}); "
+                 f"torchrun then ended the job (exit {p.returncode}); workers left: "
+                 f"{len([pid for pid in pids.values() if alive(pid)])}"])
+    return [[cell(c, work + os.sep, 240) for c in r] for r in rows]
+
+# -----------------------------------------------------------------------------
+# all of it
+
+def markdown(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+def badinput(args):
+    """Every fault above through every entry point: one markdown table per family (printed; --table writes it)."""
+    work = args.work or tempfile.mkdtemp(prefix="badinput-")
+    tables = [("Images", ["fault", "load_image", "sample.py --refs", "data.py check", "training (ManifestDataset)"],
+               image_rows(work)),
+              ("Weights", *weight_rows(work)),
+              ("Manifests", ["fault", "data.py check", "training (ManifestDataset)"], manifest_rows(work))]
+    if not args.no_dist:
+        tables.append(("Ranks (torchrun, 2 CPU ranks)", ["fault", "observed"], dist_rows(work)))
+    text = "\n\n".join(f"{title}:\n\n{markdown(header, rows)}" for title, header, rows in tables)
+    print(text)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(text + "\n")
+    return tables
+
+
+if __name__ == "__main__":
+    badinput(parser.parse_args())

@@ -1,0 +1,348 @@
+"""
+What both trainers share (train_sft.py: stages base/single/multi; train_rl.py: IPPO), as nanochat's common.py and
+checkpoint_manager.py hold theirs: the model and adapter flags, distributed set-up, building the models, the
+optimizer, skipping non-finite steps, the training forward (Denoiser) and the held-out attention metrics, checkpoint
+save / load, and the command-line wrapper that turns a user's mistake into one line. Neither trainer imports the
+other; both import this.
+"""
+import datetime
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import data as D
+import losses as LS
+import model as M
+import moe_lora as ML
+
+# -----------------------------------------------------------------------------
+# the base model and its adapters on the command line
+
+def add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="toy", choices=sorted(M.CONFIGS))
+    g.add_argument("--init", default=None, help="toy: a checkpoint folder (flux/text_encoder.safetensors); "
+                   "flux: a DiT .safetensors or repo id (default: the preset's official repo)")
+    g.add_argument("--adapter", default=None, help="start from this adapter (e.g. stage single's, for multi)")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
+    g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
+                   "with the same)")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank (paper: 512)")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank, i.e. scale 1)")
+    g.add_argument("--experts", type=int, default=4, help="MoE-LoRA experts (0: plain LoRA on the FFNs too)")
+    g.add_argument("--top-k", type=int, default=1)
+    g.add_argument("--gate", default="st", choices=["st", "switch", "paper"])
+    g.add_argument("--lora-targets", nargs="*", default=list(ML.DEFAULT_LORA))
+    g.add_argument("--moe-targets", nargs="*", default=list(ML.DEFAULT_MOE))
+
+def adapter_spec(args):
+    """The adapter flags -> moe_lora.inject's keyword arguments. --experts 0: plain LoRA on the FFN targets too."""
+    moe = args.moe_targets if args.experts > 0 else []
+    lora = args.lora_targets + ([] if args.experts > 0 else args.moe_targets)
+    return dict(lora_targets=lora, moe_targets=moe, rank=args.rank, alpha=args.alpha, n_experts=max(args.experts, 1),
+                top_k=args.top_k, gate=args.gate)
+
+# -----------------------------------------------------------------------------
+# distributed set-up: one code path for `python` and `torchrun`
+
+def setup_dist(device_arg, timeout_s):
+    """-> (ddp, rank, world size, device). A collective that waits longer than timeout_s (a rank died or hangs)
+    raises on the ranks still waiting, so torchrun ends the job instead of it hanging forever."""
+    ddp = "RANK" in os.environ
+    if ddp:
+        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        cuda = torch.cuda.is_available() and device_arg != "cpu"
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    else:
+        rank, world = 0, 1
+        device = torch.device(device_arg) if device_arg else M.default_device()
+    return ddp, rank, world, device
+
+def print0(*a):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, file=sys.stderr)
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (it diverged): the message says why; the last checkpoint is intact."""
+
+class BadSteps:
+    """Skips an update whose gradient norm is NaN or inf (every rank sees the same, all-reduced norm) and counts
+    it; `limit` of them in a row stop the run with a TrainingError, its last checkpoint untouched."""
+    def __init__(self, limit):
+        self.limit, self.total, self.in_row = limit, 0, 0
+
+    def ok(self, grad_norm, where):
+        if torch.isfinite(grad_norm):
+            self.in_row = 0
+            return True
+        self.total, self.in_row = self.total + 1, self.in_row + 1
+        print0(f"{where}: non-finite gradient, update skipped ({self.total} so far, {self.in_row} in a row)")
+        if self.in_row >= self.limit:
+            raise TrainingError(f"{where}: {self.in_row} non-finite gradients in a row (--max-bad-steps): stopped; "
+                                f"the last checkpoint is intact (try a lower --lr, or check the data, then --resume)")
+        return False
+
+# -----------------------------------------------------------------------------
+# models and optimizer
+
+def build_models(preset, stage, device, init=None, adapter=None, spec=None, cached=False, grad_checkpoint=False,
+                 seed=0):
+    """-> (flux, ae, text encoder, trainable params, adapter config or None).
+    stage "base" trains the whole toy DiT + text encoder from a random init (seeded: the same on every rank); any
+    other stage freezes the base (a toy checkpoint folder, or FLUX from init / the preset's repo) and trains
+    adapters: loaded from `adapter`, else injected as `spec` (adapter_spec) says. cached: the batches carry text
+    embeddings and latents (data.py cache), so no AE or text encoder is loaded."""
+    cfg = M.get_config(preset)
+    if cached and stage == "base":
+        raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
+    wdtype = M.weight_dtype(device)                          # frozen weights
+    if preset == "toy":
+        torch.manual_seed(seed)
+        flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
+        if init:
+            M.load_state_dict_strict(flux, os.path.join(init, "flux.safetensors"))      # fp32 (assets/toy: fp16)
+            M.load_state_dict_strict(text, os.path.join(init, "text_encoder.safetensors"))
+        elif stage != "base":
+            raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
+        ae = M.AutoEncoder(cfg.ae)
+    else:
+        if stage == "base":
+            raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
+        flux = M.load_flux(cfg, init, device, wdtype)
+        # with a cache the 9 GB T5 and the VAE are never loaded
+        ae = None if cached else M.load_ae(cfg, device=device, dtype=wdtype)
+        text = None if cached else M.T5CLIPEncoder(cfg.max_txt_len, dtype=wdtype)
+    if cached:                                                # the toy's encoders are unused too
+        ae = text = None
+    flux = flux.to(device)
+    text = text and text.to(device)
+    ae = ae and ae.to(device).requires_grad_(False)
+    flux.grad_checkpoint = grad_checkpoint
+    if stage == "base":
+        return flux, ae, text, list(flux.parameters()) + list(text.parameters()), None
+    if text is not None:
+        text.requires_grad_(False)
+    acfg = ML.load_adapter(flux, adapter) if adapter else ML.inject(flux, **spec)
+    flux.to(device)                                           # new adapter tensors onto the device, fp32
+    return flux, ae, text, [p for p in flux.parameters() if p.requires_grad], acfg
+
+def build_optimizer(params, lr, weight_decay, zero=False):
+    # AdamW, no decay on biases and norms; zero: ZeRO-1, optimizer states sharded across ranks
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer      # imported only for --zero
+        return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+# -----------------------------------------------------------------------------
+# the training forward: a batch -> the joint sequence -> the DiT
+
+class Denoiser(torch.nn.Module):
+    """What one training forward runs, and what DDP wraps: prompts through the text encoder (trained in the
+    base stage, frozen after), then the DiT. Frozen parameters are never synchronized by DDP."""
+    def __init__(self, flux, text):
+        super().__init__()
+        self.flux, self.text = flux, text
+
+    def forward(self, cond, inp, timesteps, guidance, probe=None):
+        # cond: the prompts, or (txt, y) precomputed by `data.py cache` (then there is no text encoder);
+        # inp: model.prepare's image side of the sequence, its img the noisy target x_t
+        txt, y = self.text(cond) if self.text is not None else cond               # (B, L_txt, C), (B, C_vec)
+        return self.flux(**inp, txt=txt, txt_ids=M.text_ids(txt), y=y, timesteps=timesteps, guidance=guidance,
+                         probe=probe)
+
+def conditioning(batch, denoiser, device):
+    # what Denoiser.forward takes as cond: prompts, or a cache's text embeddings
+    if denoiser.text is not None:
+        return batch["prompts"]
+    return batch["txt"].to(device).float(), batch["y"].to(device).float()
+
+@torch.no_grad()
+def encode_batch(batch, ae, device, pe="d", refs=True):
+    """A batch's target and references (or a cache's latents) -> model.prepare's image side of the joint sequence:
+    img (B, L, C) the packed clean target x0, its ids, the packed references and their UNO ids (none: refs=False)."""
+    if ae is None:
+        x0, B, N = batch["latent"].to(device).float(), *batch["ref_latents"].shape[:2]
+        ref_lat = batch["ref_latents"].to(device).flatten(0, 1).float()
+    else:
+        with M.autocast(device):
+            x0 = ae.encode(batch["target"].to(device)).float()                    # (B, z, h, w)
+            B, N = batch["refs"].shape[:2]
+            ref_lat = ae.encode(batch["refs"].to(device).flatten(0, 1)).float()   # (B*N, z, r, r)
+    ref_lat = ref_lat.unflatten(0, (B, N))
+    return M.prepare(x0, [ref_lat[:, i] for i in range(N)] if refs else [], pe)
+
+def guidance_for(flux, B, device):
+    # UNO trains with guidance 1; models without a guidance input (schnell) take none
+    return torch.full((B,), 1.0, device=device) if flux.cfg.guidance_embed else None
+
+@torch.no_grad()
+def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=None, pe="d", t_eval=0.5, max_batches=8):
+    """Held-out Dice and attention share (mass of each subject's map inside its own mask, and inside the other
+    subjects' masks) at a fixed noise level, with the flow-matching loss: did L_attn localize attention where it
+    should? Teacher-forced on the dataset's targets (no sampling)."""
+    was_training = denoiser.training
+    denoiser.eval()
+    sums, n = {"dice": 0.0, "share_own": 0.0, "share_other": 0.0, "diff": 0.0}, 0
+    gen = torch.Generator().manual_seed(1234)
+    for idx in D.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
+        batch = D.collate([dataset[i] for i in idx])
+        inp = encode_batch(batch, ae, device, pe)
+        x0 = inp["img"]
+        B, N = batch["masks"].shape[:2]
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        probe = M.AttentionProbe(attn_blocks)
+        with M.autocast(device):
+            pred = denoiser(conditioning(batch, denoiser, device), dict(inp, img=(1 - t_eval) * x0 + t_eval * noise),
+                            torch.full((B,), t_eval, device=device), guidance_for(denoiser.flux, B, device), probe)
+        maps, masks = probe.mean_map().float(), batch["masks"].to(device)        # (B, N, L_img) each
+        own = (maps * masks).sum(-1)                                                    # (B, N)
+        other = (maps * (masks.sum(1, keepdim=True) - masks).clamp(0, 1)).sum(-1)
+        sums["dice"] += LS.dice_loss(maps, masks, batch["mask_valid"].to(device)).item() * B
+        sums["share_own"] += own.mean(1).sum().item()
+        sums["share_other"] += other.mean(1).sum().item()
+        sums["diff"] += (pred.float() - (noise - x0)).pow(2).mean().item() * B
+        n += B
+    denoiser.train(was_training)
+    return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+
+# -----------------------------------------------------------------------------
+# IPPO's rollout and the policy's log-probabilities (train_rl.py's stage 3; bench.py measures them too)
+
+def expand(z, B):
+    return z.expand(B, *z.shape[1:])
+
+def velocity(flux, x, c, t, guidance):
+    """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded)."""
+    B, dev = x.shape[0], x.device
+    with M.autocast(dev):
+        v = flux(x, expand(c["img_ids"], B), expand(c["txt"], B), expand(c["txt_ids"], B),
+                 torch.full((B,), t, device=dev), expand(c["y"], B), torch.full((B,), guidance, device=dev),
+                 [expand(r, B) for r in c["ref_img"]], [expand(r, B) for r in c["ref_img_ids"]])
+    return v.float()
+
+@torch.no_grad()
+def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
+    """One group (Algorithm 1, lines 6-15). c: model.sampling_inputs' output (its img is the group's one noise).
+    -> final latents (G, L, C), window record dict(x, x_next (G, w, L, C), old_logp (G, w)), DiT rows used."""
+    x, rows, xs, nxt, lps = c["img"].float(), 0, [], [], []
+    for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        if i == window.start:
+            x = x.repeat(G, 1, 1)                                     # the group splits where the noise enters
+        v = velocity(flux, x, c, t, guidance)
+        rows += x.shape[0]
+        if i in window:                                               # SDE step: pi_old's sample and log-prob
+            x_next, lp, _, _ = M.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
+            xs.append(x)
+            nxt.append(x_next)
+            lps.append(lp)
+        else:                                                         # ODE step (Euler), deterministic
+            x_next = M.euler_step(x, v, t, t_next)
+        x = x_next
+    return x, dict(x=torch.stack(xs, 1), x_next=torch.stack(nxt, 1), old_logp=torch.stack(lps, 1)), rows
+
+class WindowPolicy(torch.nn.Module):
+    """log pi_theta(x_t+1 | x_t) of recorded window steps: what DDP wraps. All w steps run inside one forward,
+    so DDP sees one forward per backward; the w graphs are what the update holds in memory (not T)."""
+    def __init__(self, flux):
+        super().__init__()
+        self.flux = flux
+
+    def forward(self, c, x, x_next, steps, eta, guidance):
+        # x, x_next (B, w, L, C); steps: the window's [(t, t_next)] -> logp (B, w), mean (B, w, L, C), std [w]
+        out = [M.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
+               for j, (t, t_next) in enumerate(steps)]
+        return torch.stack([o[1] for o in out], 1), torch.stack([o[2] for o in out], 1), [o[3] for o in out]
+
+def kl_to_base(flux, c, x, x_next, mean, std, steps, eta, guidance):
+    """KL(pi_theta || pi_base) per trajectory (B,), mean over window steps and elements. Both policies are
+    Gaussians with the step's std, so per element KL = (mu_theta - mu_base)^2 / (2 std^2) exactly (Flow-GRPO
+    uses the same form without the step's dt in std). pi_base: the same model with its adapters off."""
+    with torch.no_grad(), ML.disabled(flux):
+        base = torch.stack([M.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
+                                       prev=x_next[:, j])[2] for j, (t, t_next) in enumerate(steps)], 1)
+    kl = [((mean[:, j] - base[:, j]) ** 2 / (2 * std[j] ** 2)).flatten(1).mean(1) for j in range(len(steps))]
+    return torch.stack(kl, 1).mean(1)
+
+# -----------------------------------------------------------------------------
+# checkpoints: a folder per checkpoint, written under a temporary name and renamed into place
+
+def save_checkpoint(out, step, flux, text, acfg, opt, args, keep, consumed):
+    """OUT/ckpt-STEP: the weights (whole toy model in the base stage, else the adapter), the optimizer state, the data
+    position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the number of ranks."""
+    name, tmp = f"ckpt-{step:07d}", os.path.join(out, f".tmp-ckpt-{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if acfg is None:                      # base stage: the whole toy model, in sample.py's toy-folder format
+        save_file({k: v.contiguous() for k, v in flux.state_dict().items()}, os.path.join(tmp, "flux.safetensors"))
+        save_file({k: v.contiguous() for k, v in text.state_dict().items()},
+                  os.path.join(tmp, "text_encoder.safetensors"))
+    else:
+        ML.save_adapter(flux, os.path.join(tmp, "adapter.safetensors"), acfg, {"step": str(step)})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.save({"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()},
+               os.path.join(tmp, "train_state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    os.replace(tmp, os.path.join(out, name))                 # the folder appears whole or not at all
+    # OUT/latest: a symlink to the newest folder, swapped atomically ("runs/base/latest" in the trainers' commands)
+    link = os.path.join(out, ".latest.tmp")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(name, link)
+    os.replace(link, os.path.join(out, "latest"))
+    for d in sorted(d for d in os.listdir(out) if d.startswith("ckpt-"))[:-keep]:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+def load_checkpoint(out, flux, text, acfg, opt):
+    """OUT/latest into the models and the optimizer -> (step, consumed, ranks that saved it). A checkpoint that is
+    unreadable or belongs to another run (other adapters, another optimizer) is one CheckpointError naming the file."""
+    path = os.path.realpath(os.path.join(out, "latest"))
+    if not os.path.isdir(path):
+        raise M.CheckpointError(f"{os.path.join(out, 'latest')}: leads to {path}, which is not a checkpoint folder")
+    if acfg is None:
+        M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"))
+        M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"))
+    else:
+        file = os.path.join(path, "adapter.safetensors")
+        ML.load_strict(flux, ML.read_adapter(file)[1], file)
+    file = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(file):
+        raise M.CheckpointError(f"{file}: no such file")
+    try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        return state["step"], state["consumed"], state["world"]
+    except pickle.UnpicklingError:
+        raise M.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
+                                f"runs none of a pickle's code)") from None
+    except Exception as e:   # missing, torn, another run's optimizer: all the file's fault
+        raise M.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+# -----------------------------------------------------------------------------
+# the command line
+
+USER_ERRORS = (M.CheckpointError, D.DataError, D.InputError, TrainingError)
+
+def cli(main, argv=None, errors=USER_ERRORS):
+    """main(argv) as the command line runs it: a user's mistake (bad data, bad weights, a diverged run) is one line on
+    stderr and exit status 2, never a traceback. -> exit status."""
+    try:
+        main(argv)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
