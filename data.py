@@ -175,7 +175,7 @@ def parse_json(text, pos=None):
     except RecursionError:
         raise DataError(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError:                        # the one other ValueError json raises: int('9' * 5000) is refused
-        raise DataError(f"a number of more than {sys.get_int_max_str_digits()} digits") from None
+        raise DataError(f"an integer of more than {sys.get_int_max_str_digits()} digits") from None
     if depth(out if pos is None else out[0]) > MAX_DEPTH:
         raise DataError(f"nested deeper than {MAX_DEPTH} levels")
     return out
@@ -232,7 +232,7 @@ def read_manifest(path):
                 if raw is None:
                     problems.append((line, "record", f"longer than {MAX_LINE >> 20} MiB (not a manifest line)"))
                     continue
-                raw = raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw
+                raw = raw.removesuffix(b"\n").removeprefix(b"\xef\xbb\xbf" if line == 1 else b"")
                 if not raw.strip():
                     continue
                 try:
@@ -297,9 +297,7 @@ def _file(root, rel, field, deep, bad, mask=False):
         if mask:
             return path, load_mask(path).shape[::-1]
         return path, load_image(path).size
-    except DataError as e:
-        bad.append((field, str(e)))
-    except InputError as e:                                     # names the joined path: show the manifest's
+    except (DataError, InputError) as e:                        # names the joined path: show the manifest's
         bad.append((field, str(e).replace(os.path.join(root, ""), "", 1)))
     return None, None
 
