@@ -9,7 +9,8 @@ The toy world that writes such manifests is toy.py; curation of your own videos 
 A manifest is JSONL, one record a line, paths relative to the manifest's folder (and confined to it):
   {"target": "t.jpg", "prompt": "a cat and a dog", "refs": ["cat.png", "dog.png"], "masks": ["m0.png", "m1.png"],
    "points": [[[ry, rx, ty, tx], ...], ...]}
-masks[i] is subject i's region in the target (grayscale, the target's size; pixel / 255 is the share inside).
+masks[i] is subject i's region in the target (the target's size; grayscale, or a cut-out whose alpha channel is the
+subject; value / 255 is the share inside).
 points[i] are optional correspondences in [0, 1] coordinates (ry, rx in reference i; ty, tx in the target) for
 MOSAIC's SCAL. RL records have no target and may give "kinds" ("face"/"object") and "captions"; the toy
 world adds "attrs" (each subject's shape/colour/pattern) and "boxes". Optional "id". UNO's JSON list of
@@ -150,16 +151,12 @@ MAX_LINE = 16 << 20   # bytes in one manifest line: a record of 8 references wit
 MAX_LIST = 1 << 30    # bytes in a UNO JSON list (one document, read whole)
 MAX_DEPTH = 16        # nesting in a record: record > points > reference > point is 4
 
-def depth(value):
-    # nesting levels of a parsed JSON value (a scalar is 0), without recursion
-    deepest, todo = 0, [(value, 0)]
-    while todo:
-        v, d = todo.pop()
-        if isinstance(v, (list, dict)):
-            deepest = max(deepest, d + 1)
-            if d + 1 <= MAX_DEPTH:                           # deeper is refused anyway: stop looking
-                todo += [(x, d + 1) for x in (v.values() if isinstance(v, dict) else v)]
-    return deepest
+def too_deep(value):
+    # nesting past MAX_DEPTH, found level by level (no recursion: that is what fails)
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        level = [x for v in level if isinstance(v, (list, dict)) for x in (v.values() if isinstance(v, dict) else v)]
+    return any(isinstance(v, (list, dict)) for v in level)
 
 def parse_json(text, pos=None):
     """The one JSON parser for manifests: json.loads(text) (or, given pos, raw_decode from pos -> (value, end)).
@@ -176,7 +173,7 @@ def parse_json(text, pos=None):
         raise DataError(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError:                        # the one other ValueError json raises: int('9' * 5000) is refused
         raise DataError(f"an integer of more than {sys.get_int_max_str_digits()} digits") from None
-    if depth(out if pos is None else out[0]) > MAX_DEPTH:
+    if too_deep(out if pos is None else out[0]):
         raise DataError(f"nested deeper than {MAX_DEPTH} levels")
     return out
 
