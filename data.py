@@ -679,10 +679,17 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, folder, pixels=False):
         self.folder = folder
         try:
-            with open(os.path.join(folder, "index.json")) as f:
-                self.index = json.load(f)
+            with open(os.path.join(folder, "index.json"), "rb") as f:
+                self.index = parse_json(f.read().decode("utf-8"))         # what manifests get: nothing raises
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: not a cache folder ({e})") from None
+        record = lambda r: isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("prompt"), str) \
+            and isinstance(r.get("n_refs"), int) and re.fullmatch(r"shard_\d{5}\.safetensors", str(r.get("shard"))) \
+            and isinstance(r.get("bucket"), list)
+        needs = ("records",) + (("manifest", "size", "ref_size", "token_px", "buckets") if pixels else ())
+        if not (isinstance(self.index, dict) and all(k in self.index for k in needs) and
+                isinstance(self.index["records"], list) and all(map(record, self.index["records"]))):
+            raise DataError(f"{folder}: index.json is not a cache index (written by `data.py cache`): rebuild it")
         self.records = self.index["records"]
         # every shard's header read now (no tensors): a missing, truncated or foreign shard stops the run before
         # its first step with one line, not hours in with a traceback

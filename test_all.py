@@ -2972,3 +2972,15 @@ def test_eval_scores_no_image_twice_and_notes_a_size_apart(tmp_path, capsys, fau
     assert report["n"] == 1 and [r["line"] for r in report["records"]] == [1]          # line 1 keeps the image
     assert [b["line"] for b in report["bad"]] == [2] and "id: " in report["bad"][0]["why"] and not report["notes"]
     assert "1 bad records" in err
+
+@pytest.mark.parametrize("index", ["[" * 100_000 + "]" * 100_000, "[]", '{"records": [{"key": "0"}]}', '{"records": 3}',
+                                   '{"records": [{"shard": "../x", "key": "0", "prompt": "x", "n_refs": 1, "bucket": [32, 32]}]}',
+                                   '{"records": [], "size": 32}'],
+                         ids=["100,000-deep", "a list", "a record without fields", "records not a list",
+                              "a shard outside the folder", "no manifest (pixels=True)"])
+def test_a_cache_index_that_is_not_one_is_one_line(tmp_path, index):
+    # a cache folder's index.json is read like a manifest line: a value of the wrong shape is one DataError
+    (tmp_path / "index.json").write_text(index)
+    with pytest.raises(D.DataError, match="not a cache") as e:
+        D.CachedDataset(str(tmp_path), pixels=True)
+    assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
