@@ -684,7 +684,7 @@ class CachedDataset(torch.utils.data.Dataset):
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: not a cache folder ({e})") from None
         record = lambda r: isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("prompt"), str) \
-            and isinstance(r.get("n_refs"), int) and re.fullmatch(r"shard_\d{5}\.safetensors", str(r.get("shard"))) \
+            and isinstance(r.get("n_refs"), int) and re.fullmatch(r"shard_\d{5,}\.safetensors", str(r.get("shard"))) \
             and isinstance(r.get("bucket"), list)
         needs = ("records",) + (("manifest", "size", "ref_size", "token_px", "buckets") if pixels else ())
         if not (isinstance(self.index, dict) and all(k in self.index for k in needs) and
