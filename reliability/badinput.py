@@ -10,7 +10,8 @@ One markdown table per family, printed (--table also writes them):
              ManifestDataset
   Weights    each BAD_WEIGHTS fault in each kind of weights file a user hands over: the DiT and text encoder
              (`sample.py --model`), the AE (model.load_ae), an adapter (`sample.py --lora`), and a checkpoint
-             to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt)
+             to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt); and each
+             ADAPTER_FAULTS adapter whose header (or tensors' shapes) claims what it does not hold
   Manifests  each manifest fault, in a record after a good one, through `data.py check` and ManifestDataset
   Masks      each kind of mask file (gray, cut-outs whose alpha is the subject) through `data.py check` and training
   Eval       records and generated images that `rewards.py eval` must not score silently (ids naming one image,
