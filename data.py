@@ -9,7 +9,8 @@ The toy world that writes such manifests is toy.py; curation of your own videos 
 A manifest is JSONL, one record a line, paths relative to the manifest's folder (and confined to it):
   {"target": "t.jpg", "prompt": "a cat and a dog", "refs": ["cat.png", "dog.png"], "masks": ["m0.png", "m1.png"],
    "points": [[[ry, rx, ty, tx], ...], ...]}
-masks[i] is subject i's region in the target (grayscale, the target's size; pixel / 255 is the share inside).
+masks[i] is subject i's region in the target (the target's size; grayscale, or a cut-out whose alpha channel is the
+subject; value / 255 is the share inside).
 points[i] are optional correspondences in [0, 1] coordinates (ry, rx in reference i; ty, tx in the target) for
 MOSAIC's SCAL. RL records have no target and may give "kinds" ("face"/"object") and "captions"; the toy
 world adds "attrs" (each subject's shape/colour/pattern) and "boxes". Optional "id". UNO's JSON list of
@@ -20,7 +21,7 @@ center-cropped, references resized to ref_size on their longer side and centered
 share of every packed token inside the subject (token order of model.pack), correspondences as (reference
 token, target token) pairs. One packed token is token_px (FluxConfig.token_px) pixels on a side: 16 FLUX, 4 toy.
 """
-import argparse, json, math, os, re, sys, tempfile, warnings
+import argparse, json, math, os, re, stat, sys, tempfile, warnings
 
 import numpy as np
 import torch
@@ -73,15 +74,27 @@ def read_image(path, decode):
     except Exception as e:   # not an image, truncated, corrupt, a gigapixel bomb: Pillow raises many types
         raise InputError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
 
-def _upright_rgb(im):
-    im.seek(0)                                               # first frame of an animated GIF/WebP/APNG
+def _upright(im):
+    # the first frame (of an animated GIF/WebP/APNG), rotated as the camera meant it (EXIF), 16-bit gray as 8-bit
+    im.seek(0)
     im.load()
-    img = ImageOps.exif_transpose(im)                        # a copy, rotated as the camera meant it
+    img = ImageOps.exif_transpose(im)                        # a copy
     if img.mode.startswith("I;16") or img.mode == "I":
         # 16-bit grayscale (Pillow gives 'I;16' or 32-bit 'I' holding 0..65535): scale, don't clip
         a = np.asarray(img).astype(np.float64) / 257.0
         img = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
+    return img
+
+def alpha(img):
+    """The alpha channel (H, W) uint8 of an image that carries transparency (RGBA, LA, PA, or a palette / gray / RGB
+    file with a transparent colour), else None."""
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return np.asarray(img.convert("RGBA"))[..., 3]
+    return None
+
+def _upright_rgb(im):
+    img = _upright(im)
+    if alpha(img) is not None:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
     return img.convert("RGB")                                # also L, 1, P, CMYK, YCbCr, F
@@ -134,48 +147,116 @@ def resolve(root, rel):
         raise DataError(f"{rel}: resolves outside the manifest's folder (a link to {real})")
     return path
 
+MAX_LINE = 16 << 20   # bytes in one manifest line: a record of 8 references with 10,000 points each is ~3 MB
+MAX_LIST = 1 << 30    # bytes in a UNO JSON list (one document, read whole)
+MAX_DEPTH = 16        # nesting in a record: record > points > reference > point is 4
+
+def too_deep(value):
+    # nesting past MAX_DEPTH, found level by level (no recursion: that is what fails)
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        level = [x for v in level if isinstance(v, (list, dict)) for x in (v.values() if isinstance(v, dict) else v)]
+    return any(isinstance(v, (list, dict)) for v in level)
+
+def parse_json(text, pos=None):
+    """The one JSON parser for manifests: json.loads(text) (or, given pos, raw_decode from pos -> (value, end)).
+    Whatever a line can make json (or later code) raise is one DataError: invalid JSON, nesting deeper than
+    MAX_DEPTH (json's own recursion fails near 1,000; code that walks a value could fail far earlier), an integer
+    of more digits than Python converts."""
+    try:
+        out = json.loads(text) if pos is None else json.JSONDecoder().raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        err = DataError(f"invalid JSON ({e.msg} at column {e.colno})")
+        err.line = e.lineno                                  # in a UNO list: the error's line, not the item's
+        raise err from None
+    except RecursionError:
+        raise DataError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError:                        # the one other ValueError json raises: int('9' * 5000) is refused
+        raise DataError(f"an integer of more than {sys.get_int_max_str_digits()} digits") from None
+    if too_deep(out if pos is None else out[0]):
+        raise DataError(f"nested deeper than {MAX_DEPTH} levels")
+    return out
+
 def _json_list(text):
-    # (line, item) for each item of a JSON list; json.loads would lose where each item starts
-    dec, ws = json.JSONDecoder(), re.compile(r"\s*")
+    # (line, item) for each item of a JSON list (json.loads would lose where each item starts); a broken item ends
+    # the list as (line, DataError)
+    ws = re.compile(r"\s*")
     pos = ws.match(text, text.index("[") + 1).end()
     line, seen = 1, 0                                         # newlines counted up to `seen` so far
     while text[pos:pos + 1] != "]":
-        item, end = dec.raw_decode(text, pos)
         line, seen = line + text.count("\n", seen, pos), pos
+        try:
+            item, end = parse_json(text, pos)
+        except DataError as e:
+            yield getattr(e, "line", line), e
+            return
         yield line, item
         pos = ws.match(text, end).end()
         if text[pos:pos + 1] == ",":
             pos = ws.match(text, pos + 1).end()
         elif text[pos:pos + 1] != "]":
-            raise json.JSONDecodeError("expected ',' or ']'", text, pos)
+            yield line + text.count("\n", seen, pos), DataError("invalid JSON (expected ',' or ']' after an item)")
+            return
+
+def _lines(f):
+    """(line number, bytes) of each line of an open binary file, reading at most MAX_LINE bytes at once. A longer
+    line gives (line, None) and is skipped; in a stream that is no regular file (a device such as /dev/zero, a
+    pipe) it ends the reading: such a stream may never reach a line end."""
+    regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    line = 0
+    while raw := f.readline(MAX_LINE + 1):
+        line += 1
+        if len(raw) <= MAX_LINE or raw.endswith(b"\n"):
+            yield line, raw
+            continue
+        yield line, None
+        if not regular:
+            return
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1 << 20)
 
 def read_manifest(path):
-    """-> records [(line, parsed JSON)], problems [(line, "record", why)] for lines that do not parse.
-    JSONL; a file that starts with '[' (and is not .jsonl) is UNO's JSON list, each item at the line it starts."""
+    """-> records [(line, parsed JSON)], problems [(line, "record", why)] for lines that do not parse (parse_json).
+    JSONL; a file that starts with '[' (and is not .jsonl) is UNO's JSON list, each item at the line it starts.
+    Reading is bounded (MAX_LINE per line, MAX_LIST for a list) whatever the file is."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb", buffering=1 << 16) as f:
+            head = f.peek(1 << 16).removeprefix(b"\xef\xbb\xbf")                  # a UTF-8 byte-order mark
+            if head.lstrip()[:1] == b"[" and not path.endswith(".jsonl"):
+                return _read_list(f.read(MAX_LIST + 1))
+            records, problems = [], []
+            for line, raw in _lines(f):
+                if raw is None:
+                    problems.append((line, "record", f"longer than {MAX_LINE >> 20} MiB (not a manifest line)"))
+                    continue
+                raw = raw.removesuffix(b"\n").removeprefix(b"\xef\xbb\xbf" if line == 1 else b"")
+                if not raw.strip():
+                    continue
+                try:
+                    records.append((line, parse_json(raw.decode("utf-8"))))
+                except UnicodeDecodeError as e:
+                    problems.append((line, "record", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+                except DataError as e:
+                    problems.append((line, "record", str(e)))
+            return records, problems
     except OSError as e:
         raise DataError(f"{path}: cannot read the manifest ({e.strerror})") from None
-    data = data.removeprefix(b"\xef\xbb\xbf")                                    # a UTF-8 byte-order mark
+
+def _read_list(data):
+    # read_manifest for UNO's JSON list (the bytes of the whole file, or MAX_LIST + 1 of them)
+    if len(data) > MAX_LIST:
+        return [], [(1, "record", f"a JSON list of more than {MAX_LIST >> 20} MiB: write it as JSONL, a record a line")]
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return [], [(data.count(b"\n", 0, e.start) + 1, "record", f"not UTF-8 (byte 0x{data[e.start]:02x})")]
     records, problems = [], []
-    if data.lstrip()[:1] == b"[" and not path.endswith(".jsonl"):
-        try:
-            records.extend(_json_list(data.decode("utf-8")))
-        except UnicodeDecodeError as e:
-            problems.append((data.count(b"\n", 0, e.start) + 1, "record", f"not UTF-8 (byte 0x{data[e.start]:02x})"))
-        except json.JSONDecodeError as e:
-            problems.append((e.lineno, "record", f"invalid JSON ({e.msg} at column {e.colno})"))
-        return records, problems
-    for line, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            records.append((line, json.loads(raw.decode("utf-8"))))
-        except UnicodeDecodeError as e:
-            problems.append((line, "record", f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
-        except json.JSONDecodeError as e:
-            problems.append((line, "record", f"invalid JSON ({e.msg} at column {e.colno})"))
+    for line, item in _json_list(text):
+        if isinstance(item, DataError):
+            problems.append((line, "record", str(item)))
+        else:
+            records.append((line, item))
     return records, problems
 
 def image_size(path):
@@ -188,10 +269,18 @@ def image_size(path):
         return im.size[::-1] if exif.get(0x0112, 1) in (5, 6, 7, 8) else im.size
     return read_image(path, upright)
 
+def _mask_values(im):
+    # a cut-out (transparency that is not opaque everywhere) is its alpha: the subject is what is not transparent.
+    # Anything else is its gray level. Composited on white, as an image, a cut-out would be all inside
+    img = _upright(im)
+    a = alpha(img)
+    return a if a is not None and a.min() < 255 else np.asarray(img.convert("L"))
+
 def load_mask(path):
-    # -> float32 (H, W) in [0, 1]; binary masks give exact areas, soft (fractional) masks are kept as shares.
-    # load_image reads 16-bit, palette and EXIF-rotated files exactly as it reads the target they belong to
-    m = np.asarray(load_image(path).convert("L"), dtype=np.float32) / 255
+    """A mask file -> float32 (H, W) in [0, 1]: its alpha channel where it carries one (a cut-out), else its gray
+    level; binary masks give exact areas, soft (fractional) masks are kept as shares. Read as load_image reads the
+    target it belongs to (first frame, EXIF rotation, 16-bit)."""
+    m = read_image(path, _mask_values).astype(np.float32) / 255
     if m.max() < 0.5:
         raise DataError(f"{path}: empty mask (no pixel above 127)")
     return m
@@ -205,9 +294,7 @@ def _file(root, rel, field, deep, bad, mask=False):
         if mask:
             return path, load_mask(path).shape[::-1]
         return path, load_image(path).size
-    except DataError as e:
-        bad.append((field, str(e)))
-    except InputError as e:                                     # names the joined path: show the manifest's
+    except (DataError, InputError) as e:                        # names the joined path: show the manifest's
         bad.append((field, str(e).replace(os.path.join(root, ""), "", 1)))
     return None, None
 
@@ -215,7 +302,7 @@ UNO_KEYS = ("image_paths", "image_path", "image_tgt_path")
 ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")     # a record id names files (rewards.py eval): no paths
 
 PER_REF = {"kinds": ('one of "face"/"object"', lambda v: v in ("face", "object")),
-           "captions": ("a string", lambda v: isinstance(v, str)),
+           "captions": ("a string of valid Unicode", lambda v: isinstance(v, str) and utf8(v)),
            "attrs": ("an object", lambda v: isinstance(v, dict))}
 
 def _bad_point(p):
@@ -238,9 +325,9 @@ def validate(rec, root, deep=True):
     elif not utf8(prompt):
         bad.append(("prompt", "not valid Unicode (a lone surrogate escape such as \\ud800)"))
     key = rec.get("id")
-    if key is not None and not (isinstance(key, int) and not isinstance(key, bool) or
-                                isinstance(key, str) and ID.fullmatch(key)):
-        bad.append(("id", f"{str(key)[:60]!r} is not an integer or a name of letters, digits, '.', '_', '-'"))
+    if key is not None and not (isinstance(key, (int, str)) and not isinstance(key, bool) and ID.fullmatch(str(key))):
+        bad.append(("id", f"{str(key)[:60]!r} is not an integer or a name of letters, digits, '.', '_', '-' "
+                          f"(200 at most)"))
     refs = rec.get("refs")
     if not isinstance(refs, list) or not refs:
         bad.append(("refs", "missing or not a non-empty list of paths"))
@@ -295,11 +382,11 @@ def validate(rec, root, deep=True):
 
 def validate_all(records, root, deep=True):
     """validate() over read_manifest's records, plus what no single record shows: an "id" given twice (the first
-    record keeps it). -> [(line, normalized dict or None, [(field, why)])]"""
+    record keeps it; 1 and "1" are one id, as they name one file). -> [(line, normalized dict or None, [(field, why)])]"""
     out, seen = [], {}
     for line, rec in records:
         r, bad = validate(rec, root, deep)
-        key = json.dumps(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else None
+        key = str(rec["id"]) if isinstance(rec, dict) and isinstance(rec.get("id"), (int, str)) else None
         if key in seen:
             r, bad = None, bad + [("id", f"{rec['id']!r} is already the id of line {seen[key]}")]
         elif key is not None:
@@ -592,10 +679,17 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, folder, pixels=False):
         self.folder = folder
         try:
-            with open(os.path.join(folder, "index.json")) as f:
-                self.index = json.load(f)
+            with open(os.path.join(folder, "index.json"), "rb") as f:
+                self.index = parse_json(f.read().decode("utf-8"))         # what manifests get: nothing raises
         except (OSError, ValueError) as e:
             raise DataError(f"{folder}: not a cache folder ({e})") from None
+        record = lambda r: isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("prompt"), str) \
+            and isinstance(r.get("n_refs"), int) and re.fullmatch(r"shard_\d{5,}\.safetensors", str(r.get("shard"))) \
+            and isinstance(r.get("bucket"), list)
+        needs = ("records",) + (("manifest", "size", "ref_size", "token_px", "buckets") if pixels else ())
+        if not (isinstance(self.index, dict) and all(k in self.index for k in needs) and
+                isinstance(self.index["records"], list) and all(map(record, self.index["records"]))):
+            raise DataError(f"{folder}: index.json is not a cache index (written by `data.py cache`): rebuild it")
         self.records = self.index["records"]
         # every shard's header read now (no tensors): a missing, truncated or foreign shard stops the run before
         # its first step with one line, not hours in with a traceback

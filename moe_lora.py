@@ -16,7 +16,9 @@ gate="switch" scales each expert by its softmax probability (Switch Transformer)
 """
 import fnmatch
 import json
+import math
 import os
+from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -162,30 +164,80 @@ def _replace(model, name, new):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
-def inject(model, lora_targets=DEFAULT_LORA, moe_targets=DEFAULT_MOE, rank=16, alpha=None, n_experts=4,
-           top_k=1, gate="st", moe_rank=None, dispatch="auto"):
-    """Freeze `model` and wrap every nn.Linear whose name matches a pattern (fnmatch, e.g.
-    "double_blocks.*.img_attn.qkv"): MoE-LoRA where a moe target matches, plain LoRA where a lora target
-    does. A LoRA on a single block's linear1 adapts only its q|k|v rows, as UNO's does.
-    Returns the adapter config (what save_adapter stores and load_adapter replays)."""
-    cfg = dict(lora_targets=list(lora_targets), moe_targets=list(moe_targets), rank=rank, alpha=alpha,
-               n_experts=n_experts, top_k=top_k, gate=gate, moe_rank=moe_rank, dispatch=dispatch)
-    model.requires_grad_(False)
-    matched = set()
-    for name, mod in list(model.named_modules()):
+def adapter_config(lora_targets=DEFAULT_LORA, moe_targets=DEFAULT_MOE, rank=16, alpha=None, n_experts=4, top_k=1,
+                   gate="st", moe_rank=None, dispatch="auto"):
+    """The adapter config (inject()'s keywords, what save_adapter stores), each field checked for its kind and
+    range: a config from a file's header fails here, in one line, before anything is allocated (ValueError; an
+    unknown field is a TypeError)."""
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)
+    problems = [f"{k} {v!r} is not a list of name patterns" for k, v in
+                (("lora_targets", lora_targets), ("moe_targets", moe_targets)) if not names(v)]
+    problems += [f"{k} {v!r} is not a positive integer" for k, v in
+                 (("rank", rank), ("n_experts", n_experts), ("top_k", top_k)) if not count(v)]
+    if moe_rank is not None and not count(moe_rank):
+        problems.append(f"moe_rank {moe_rank!r} is not a positive integer")
+    if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and
+                                  math.isfinite(alpha)):
+        problems.append(f"alpha {alpha!r} is not a finite number")
+    if count(top_k) and count(n_experts) and top_k > n_experts:
+        problems.append(f"top_k {top_k} is more than n_experts {n_experts}")
+    if gate not in ("st", "switch", "paper") or dispatch not in ("auto", "dense", "sparse"):
+        problems.append(f"gate must be st/switch/paper and dispatch auto/dense/sparse, got {gate!r}, {dispatch!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return dict(lora_targets=list(lora_targets), moe_targets=list(moe_targets), rank=rank, alpha=alpha,
+                n_experts=n_experts, top_k=top_k, gate=gate, moe_rank=moe_rank, dispatch=dispatch)
+
+def plan(model, lora_targets, moe_targets):
+    """What inject() wraps, found without allocating anything: [(name, nn.Linear, "moe" | "lora")]. A moe target
+    wins where both match; a pattern that matches nothing is a ValueError."""
+    found, matched = [], set()
+    for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in moe_targets):
-            _replace(model, name, MoELoRALinear(mod, n_experts, moe_rank or rank, alpha, top_k, gate, dispatch))
-        elif any(fnmatch.fnmatchcase(name, p) for p in lora_targets):
-            rows = (0, 3 * mod.in_features) if name.startswith("single_blocks.") and name.endswith(".linear1") else None
-            _replace(model, name, LoRALinear(mod, rank, alpha, rows))
-        else:
-            continue
-        matched.update(p for p in (*moe_targets, *lora_targets) if fnmatch.fnmatchcase(name, p))
+        kind = "moe" if any(fnmatch.fnmatchcase(name, p) for p in moe_targets) else \
+            "lora" if any(fnmatch.fnmatchcase(name, p) for p in lora_targets) else None
+        if kind:
+            found.append((name, mod, kind))
+            matched.update(p for p in (*moe_targets, *lora_targets) if fnmatch.fnmatchcase(name, p))
     unused = [p for p in (*lora_targets, *moe_targets) if p not in matched]
     if unused:
         raise ValueError(f"adapter target patterns match no nn.Linear: {unused}")
+    return found
+
+def lora_rows(name, mod):
+    # a LoRA on a single block's linear1 adapts only its q|k|v rows, as UNO's does (None: all rows)
+    return (0, 3 * mod.in_features) if name.startswith("single_blocks.") and name.endswith(".linear1") else None
+
+Planned = namedtuple("Planned", "shape dtype")      # a tensor that is not allocated, for model.match_state
+
+def adapter_shapes(model, lora_targets, moe_targets, rank, n_experts, moe_rank, **_):
+    """{key: shape} of the tensors inject() with this config would create (adapter_state_dict's keys), computed
+    from the model's Linears alone: a file's tensors are checked against it before anything is allocated."""
+    out = {}
+    for name, mod, kind in plan(model, lora_targets, moe_targets):
+        if kind == "moe":
+            er = n_experts * (moe_rank or rank)
+            out.update({f"{name}.router.weight": (n_experts, mod.in_features),
+                        f"{name}.down.weight": (er, mod.in_features), f"{name}.up.weight": (mod.out_features, er)})
+        else:
+            a, b = lora_rows(name, mod) or (0, mod.out_features)
+            out.update({f"{name}.down.weight": (rank, mod.in_features), f"{name}.up.weight": (b - a, rank)})
+    return out
+
+def inject(model, **cfg):
+    """Freeze `model` and wrap every nn.Linear whose name matches a pattern (fnmatch, e.g.
+    "double_blocks.*.img_attn.qkv"): MoE-LoRA where a moe target matches, plain LoRA where a lora target
+    does. cfg: adapter_config's keywords (rank, n_experts, ...). Returns the full adapter config (what
+    save_adapter stores and load_adapter replays)."""
+    cfg = adapter_config(**cfg)
+    model.requires_grad_(False)
+    rank = cfg["rank"]
+    for name, mod, kind in plan(model, cfg["lora_targets"], cfg["moe_targets"]):
+        _replace(model, name, MoELoRALinear(mod, cfg["n_experts"], cfg["moe_rank"] or rank, cfg["alpha"],
+                                            cfg["top_k"], cfg["gate"], cfg["dispatch"])
+                 if kind == "moe" else LoRALinear(mod, rank, cfg["alpha"], lora_rows(name, mod)))
     return cfg
 
 def adapters(model):
@@ -239,12 +291,18 @@ def read_adapter(path):
     except Exception as e:
         raise M.unreadable(path, e) from None
 
-def configure(model, path, **cfg):
-    # inject() for a file's adapter config; a config another model or version wrote is the file's fault
+def configure(model, path, sd, **cfg):
+    """inject() for a file's adapter config, once every field is checked against the file's tensors sd: their
+    keys and shapes must be those the config would create (adapter_shapes), so a header cannot make us allocate
+    more than the file holds. A config another model or version wrote is the file's fault: one CheckpointError."""
     try:
-        return inject(model, **cfg)
+        cfg = adapter_config(**cfg)                          # an unknown field: TypeError
+        want = adapter_shapes(model, **cfg)
     except (TypeError, ValueError) as e:
         raise M.CheckpointError(f"{path}: its adapter config does not fit this model ({e})") from None
+    M.match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()},
+                  {k: Planned(shape, torch.float32) for k, shape in want.items()}, "the adapters its config describes")
+    return inject(model, **cfg)
 
 def load_adapter(model, path):
     """Inject the adapters described in `path`'s header into `model`, then load their tensors strictly."""
@@ -255,11 +313,11 @@ def load_adapter(model, path):
         return load_uno_lora(model, path, sd)
     try:
         cfg = json.loads(meta["multicrafter_adapter"])
-    except ValueError:
+    except (ValueError, RecursionError):                     # not JSON, or JSON that json cannot read back
         cfg = None
     if not isinstance(cfg, dict):
         raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
-    configure(model, path, **cfg)
+    configure(model, path, sd, **cfg)
     load_strict(model, sd, path)
     return cfg
 
@@ -287,9 +345,10 @@ def load_uno_lora(model, path, sd=None):
             raise M.CheckpointError(f"{path}: unexpected key {k} for a UNO LoRA")
         ours[f"{parts[0]}.{parts[1]}.{UNO_NAMES[parts[3]]}.{parts[4]}.{parts[5]}"] = v
     targets = sorted({k.rsplit(".", 2)[0] for k in ours})
-    ranks = [v.shape[0] for k, v in ours.items() if k.endswith("down.weight")]
+    ranks = [next(iter(v.shape), 0) for k, v in ours.items() if k.endswith("down.weight")]
     if not ranks:
         raise M.CheckpointError(f"{path}: a UNO LoRA without any down.weight")
-    cfg = configure(model, path, lora_targets=targets, moe_targets=[], rank=ranks[0], alpha=ranks[0])
+    # the rank is read off the first down.weight; configure checks every tensor against it
+    cfg = configure(model, path, ours, lora_targets=targets, moe_targets=[], rank=ranks[0], alpha=ranks[0])
     load_strict(model, ours, path)
     return cfg

@@ -30,6 +30,7 @@ DIR/<i:06d>.png with i the record's 0-based position among the manifest's record
 images are counted and listed, not fatal. Prints mean and std per metric; writes every record's scores.
 """
 import argparse, glob, json, math, os, sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -480,21 +481,30 @@ def build_metrics(args, device="cpu"):
 
 def evaluate(args, metrics):
     """Score DIR/<id>.png (or <i:06d>.png) of each manifest record with metrics (build_metrics', or the toy's):
-    a table on stdout, every record's scores in the JSON. -> exit status (1 when nothing could be scored)."""
+    a table on stdout, every record's scores in the JSON. -> exit status (1 when nothing could be scored).
+    A record whose image name another record already has (an id given twice, an id "000003" and the fourth
+    record without one) is a bad record: two records are never scored against one image. An image whose size is
+    not the one most images have is scored and noted."""
     if not os.path.isdir(args.images):
         raise InputError(f"{args.images}: no such folder (the generated images)")
     records, problems = D.read_manifest(args.manifest)
     root = os.path.dirname(os.path.abspath(args.manifest))
     rows, missing, bad = [], [], [dict(line=line, why=why) for line, _, why in problems]
-    for i, (line, raw) in enumerate(tqdm(records, desc="eval", disable=len(records) < 2)):
-        rec, why = D.validate(raw, root, deep=False)
+    named = {}                                                   # image file name -> the line that has it
+    checked = D.validate_all(records, root, deep=False)
+    for i, (line, rec, why) in enumerate(tqdm(checked, desc="eval", disable=len(records) < 2)):
         if rec is None:
             bad.append(dict(line=line, why="; ".join(f"{f}: {w}" for f, w in why)))
             continue
         if args.reward == "object" and not rec.get("captions"):
             bad.append(dict(line=line, why="captions: the object reward finds subjects by their captions"))
             continue
-        path = os.path.join(args.images, f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png")
+        name = f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png"
+        if name in named:
+            bad.append(dict(line=line, why=f"id: its image {name} is already line {named[name]}'s"))
+            continue
+        named[name] = line
+        path = os.path.join(args.images, name)
         try:
             image = load_image(path)
         except InputError as e:
@@ -506,20 +516,34 @@ def evaluate(args, metrics):
             bad.append(dict(line=line, why=str(e)))
             continue
         scores = metrics([image], rec["prompt"], refs, rec.get("captions"))
-        rows.append(dict(line=line, id=rec.get("id"), image=path, **{k: float(v[0]) for k, v in scores.items()}))
-    names = [k for k in rows[0] if k not in ("line", "id", "image")] if rows else []
+        rows.append(dict(line=line, id=rec.get("id"), image=path, size=list(image.size),
+                         **{k: float(v[0]) for k, v in scores.items()}))
+    notes = size_notes(rows)
+    names = [k for k in rows[0] if k not in ("line", "id", "image", "size")] if rows else []
     mean = {k: float(np.mean([r[k] for r in rows])) for k in names}
     std = {k: float(np.std([r[k] for r in rows])) for k in names}
     out = args.out or os.path.join(args.images, "metrics.json")
     report = dict(manifest=args.manifest, images=args.images, reward=args.reward, n=len(rows), mean=mean, std=std,
-                  missing=missing, bad=bad, records=rows)
+                  missing=missing, bad=bad, notes=notes, records=rows)
     write_atomic(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
     print("| metric | mean | std | n |\n|---|---|---|---|")
     for k in names:
         print(f"| {k} | {mean[k]:.4f} | {std[k]:.4f} | {len(rows)} |")
+    if notes:
+        n = notes[0]
+        print(f"note: {len(notes)} generated images differ in size from most (first: {n['image']} is "
+              f"{n['size'][0]}x{n['size'][1]}, most are {n['expected'][0]}x{n['expected'][1]}); scored all the "
+              f"same, listed in the JSON's notes", file=sys.stderr)
     print(f"scored {len(rows)} records; {len(missing)} generated images missing or unreadable; {len(bad)} bad "
           f"records; wrote {out}", file=sys.stderr)
     return 0 if rows else 1
+
+def size_notes(rows):
+    # the scored images whose size is not the one most have: one run's images share a size, so another is a
+    # sign of images from elsewhere in the folder (a target sizes nothing: generations need not be its size)
+    common = list(Counter(tuple(r["size"]) for r in rows).most_common(1)[0][0]) if rows else None
+    return [dict(line=r["line"], image=r["image"], size=r["size"], expected=common) for r in rows
+            if r["size"] != common]
 
 def eval_parser(description):
     # the options of `rewards.py eval` (and of `toy.py eval`, which reads the same layout)

@@ -2848,3 +2848,139 @@ def test_torchrun_hung_rank_times_out(toy_run, tmp_path):
     os.kill(pids[1], signal.SIGCONT)                            # so torchrun's SIGTERM reaches it
     assert p.wait(timeout=60) != 0 and took < 3 + 15 and "Timed out" in p.stderr.read()
     assert not any(B.alive(pid) for pid in pids.values())
+
+# -----------------------------------------------------------------------------
+# bad input, part 2 (issue: no input that ends in a traceback)
+
+import resource
+
+# the faults added to reliability.badinput's Manifests table -> the reason of their one-line problem (line 2)
+JSON_FAULTS = {
+    "100,000-deep nested array": "nested deeper than 16 levels", "a field nested 20 deep": "nested deeper than 16",
+    "5,000-digit id": "an integer of more than 4300 digits", "300-digit id": "(200 at most)",
+    "lone surrogate in a caption": "need a string of valid Unicode", "a 17 MiB line": "longer than 16 MiB",
+}
+
+def test_every_manifest_fault_is_checked():
+    assert set(B.manifest_faults("/r")) == set(MANIFEST_FAULTS) | set(JSON_FAULTS)
+
+@pytest.mark.parametrize("fault", list(JSON_FAULTS))
+def test_manifest_lines_json_cannot_take_are_findings_in_check_training_and_eval(tmp_path, capsys, fault):
+    # each reader (check, the training dataset, eval) names line 2 and keeps line 1; nothing raises
+    manifest, want = B.write_bad_manifests(str(tmp_path))[fault], JSON_FAULTS[fault]
+    status = D.main(["check", manifest])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"{manifest}:2: ")]
+    assert status == 1 and len(lines) == 1 and want in lines[0]
+    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    assert len(ds) == 1 and ds.skipped[0][0] == 2 and want in ds.skipped[0][2]
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    Image.new("RGB", (32, 32)).save(gen / "a.png")
+    assert toy.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(tmp_path / "e.json")]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["n"] == 1 and [b["line"] for b in report["bad"]] == [2] and want in report["bad"][0]["why"]
+
+def test_a_uno_list_item_json_cannot_take_ends_the_list_with_one_finding(tmp_path):
+    good = json.dumps(dict(prompt="x", image_paths=["r.png"], image_tgt_path="t.png"))
+    (tmp_path / "u.json").write_text(f"[{good},\n{good},\n" + "[" * 100_000 + "]" * 100_000 + f",\n{good}]")
+    records, problems = D.read_manifest(str(tmp_path / "u.json"))
+    assert [line for line, _ in records] == [1, 2] and problems == [(3, "record", "nested deeper than 16 levels")]
+
+@pytest.mark.parametrize("stream", ["device", "pipe"])
+def test_an_endless_manifest_is_read_boundedly(stream):
+    # /dev/zero (a device) and an endless pipe have no line end: one finding after MAX_LINE bytes, in a process
+    # that may not hold more than 3 GB (reading all of it would need unbounded memory)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    feed = subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE) if stream == "pipe" else None
+    try:
+        r = subprocess.run([sys.executable, "data.py", "check", "/dev/zero" if feed is None else "/dev/stdin"],
+                           stdin=feed.stdout if feed else None, preexec_fn=limit, capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        if feed:
+            feed.kill()
+            feed.wait()
+    out = r.stdout.splitlines()
+    assert r.returncode == 1 and out[0].endswith(":1: record: longer than 16 MiB (not a manifest line)"), r.stderr
+    assert out[1].endswith("1 records, 1 bad (1 problems)") and not r.stderr
+
+def test_ids_that_name_one_file_are_one_id(tmp_path, capsys):
+    root = tmp_path
+    Image.new("RGB", (32, 32)).save(root / "t.png")
+    (root / "m.jsonl").write_text("".join(json.dumps(dict(id=i, target="t.png", prompt="x", refs=["t.png"])) + "\n"
+                                          for i in ("1", 1, 2)))
+    assert D.main(["check", str(root / "m.jsonl")]) == 1
+    assert f"{root / 'm.jsonl'}:2: id: 1 is already the id of line 1" in capsys.readouterr().out
+
+# the subject's tokens in a 32 x 32 target of 4 px tokens: rows 8..15 are token rows 2-3, columns 4..11 token columns 1-2
+SUBJECT_TOKENS = [2 * 8 + 1, 2 * 8 + 2, 3 * 8 + 1, 3 * 8 + 2]
+
+def test_every_mask_fault_is_checked():
+    assert B.SUBJECT == (slice(8, 16), slice(4, 12)) and len(B.MASK_FAULTS) == 8
+
+@pytest.mark.parametrize("fault", list(B.MASK_FAULTS))
+def test_a_cut_out_mask_is_its_alpha_in_check_and_training(tmp_path, capsys, fault):
+    # cut-outs (RGBA, LA, palette or RGB with a transparent colour) are their alpha; gray and opaque files their gray
+    manifest = B.write_mask_manifests(str(tmp_path))[fault]
+    assert D.main(["check", manifest]) == 0
+    assert D.load_mask(str(tmp_path / "masks" / f"mask{list(B.MASK_FAULTS).index(fault)}.png")).sum() == 64
+    masks = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[0]["masks"][0]       # (64,)
+    want = torch.zeros(64)
+    want[SUBJECT_TOKENS] = 1.0
+    assert torch.equal(masks, want)
+
+def test_a_fully_transparent_cut_out_is_an_empty_mask(tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "t.png")
+    Image.new("RGBA", (32, 32), (255, 255, 255, 0)).save(tmp_path / "m.png")      # white, but transparent
+    (tmp_path / "m.jsonl").write_text(json.dumps(dict(target="t.png", prompt="x", refs=["t.png"], masks=["m.png"])))
+    assert D.main(["check", str(tmp_path / "m.jsonl")]) == 1
+    assert f"{tmp_path / 'm.jsonl'}:1: masks[0]: m.png: empty mask" in capsys.readouterr().out
+
+@pytest.mark.parametrize("fault", list(B.ADAPTER_FAULTS))
+def test_an_adapter_header_is_checked_against_its_tensors_before_anything_is_allocated(tmp_path, monkeypatch, fault):
+    _, sd, meta, other, _ = toy_weights("adapter")
+    path = str(tmp_path / "a.safetensors")
+    B.ADAPTER_FAULTS[fault](path, {k: v.detach().clone() for k, v in sd.items()}, meta, other)
+    assert os.path.getsize(path) < 1_000_000                        # the file is small, whatever it claims
+    def refuse(*a, **kw):
+        raise AssertionError("an adapter was allocated before its header was checked")
+    monkeypatch.setattr(ML.LoRALinear, "__init__", refuse)
+    monkeypatch.setattr(ML.MoELoRALinear, "__init__", refuse)
+    with pytest.raises(M.CheckpointError) as e:
+        ML.load_adapter(M.Flux(M.get_config("toy")), path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value) and len(str(e.value)) < 600
+
+def test_an_adapter_config_out_of_range_is_a_value_error():
+    f = M.Flux(M.get_config("toy"))
+    for kw, why in ((dict(rank=0), "rank 0 is not a positive integer"), (dict(top_k=5), "top_k 5 is more than n_experts 4"),
+                    (dict(n_experts=True), "n_experts True is not"), (dict(alpha=math.inf), "alpha inf is not a finite"),
+                    (dict(moe_rank=-2), "moe_rank -2"), (dict(lora_targets="double_blocks.*"), "not a list of name")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            ML.inject(f, **kw)
+    assert not ML.adapters(f)                                           # nothing was wrapped
+
+@pytest.mark.parametrize("fault", list(B.eval_faults()))
+def test_eval_scores_no_image_twice_and_notes_a_size_apart(tmp_path, capsys, fault):
+    records, images = B.eval_faults()[fault]
+    args = B.write_eval_case(str(tmp_path), records, images)
+    assert toy.main(["eval", *args, "--out", str(tmp_path / "e.json")]) == 0
+    report, err = json.loads((tmp_path / "e.json").read_text()), capsys.readouterr().err
+    if fault == "an image of another size":                 # three scored, the 16 x 16 one noted
+        assert report["n"] == 3 and not report["bad"] and "note: 1 generated images differ in size" in err
+        assert [(n["line"], n["size"], n["expected"]) for n in report["notes"]] == [(3, [16, 16], [32, 32])]
+        return
+    assert report["n"] == 1 and [r["line"] for r in report["records"]] == [1]          # line 1 keeps the image
+    assert [b["line"] for b in report["bad"]] == [2] and "id: " in report["bad"][0]["why"] and not report["notes"]
+    assert "1 bad records" in err
+
+@pytest.mark.parametrize("index", ["[" * 100_000 + "]" * 100_000, "[]", '{"records": [{"key": "0"}]}', '{"records": 3}',
+                                   '{"records": [{"shard": "../x", "key": "0", "prompt": "x", "n_refs": 1, "bucket": [32, 32]}]}',
+                                   '{"records": [], "size": 32}'],
+                         ids=["100,000-deep", "a list", "a record without fields", "records not a list",
+                              "a shard outside the folder", "no manifest (pixels=True)"])
+def test_a_cache_index_that_is_not_one_is_one_line(tmp_path, index):
+    # a cache folder's index.json is read like a manifest line: a value of the wrong shape is one DataError
+    (tmp_path / "index.json").write_text(index)
+    with pytest.raises(D.DataError, match="not a cache") as e:
+        D.CachedDataset(str(tmp_path), pixels=True)
+    assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)

@@ -10,8 +10,12 @@ One markdown table per family, printed (--table also writes them):
              ManifestDataset
   Weights    each BAD_WEIGHTS fault in each kind of weights file a user hands over: the DiT and text encoder
              (`sample.py --model`), the AE (model.load_ae), an adapter (`sample.py --lora`), and a checkpoint
-             to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt)
+             to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt); and each
+             ADAPTER_FAULTS adapter whose header (or tensors' shapes) claims what it does not hold
   Manifests  each manifest fault, in a record after a good one, through `data.py check` and ManifestDataset
+  Masks      each kind of mask file (gray, cut-outs whose alpha is the subject) through `data.py check` and training
+  Eval       records and generated images that `rewards.py eval` must not score silently (ids naming one image,
+             an image of another size)
   Ranks      torchrun with 2 CPU ranks: a rank killed, a rank hung, a checkpoint resumed on another number
              of ranks
 The command lines (sample.py, train_sft.py, data.py) run in this process, each with its arguments as a user
@@ -156,6 +160,38 @@ BAD_WEIGHTS = {
         {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, p, meta),
     "int64 where a float belongs": lambda p, sd, meta, other: save_st(
         {**sd, first_float(sd): sd[first_float(sd)].long()}, p, meta),
+}
+
+def with_header(**fields):
+    # a writer of the good adapter tensors under a header whose adapter config has `fields` changed
+    return lambda p, sd, meta, other: save_st(sd, p, dict(meta, multicrafter_adapter=json.dumps(
+        dict(json.loads(meta["multicrafter_adapter"]), **fields))))
+
+def claims_rank(rank):
+    # a tiny file whose header and (zero-size) tensors claim one LoRA of rank `rank`: 2^24 would be 8 GB at FLUX
+    return lambda p, sd, meta, other: save_st(
+        {"double_blocks.0.img_attn.qkv.down.weight": torch.zeros(rank, 0),
+         "double_blocks.0.img_attn.qkv.up.weight": torch.zeros(0, rank)}, p,
+        {"multicrafter_adapter": json.dumps(dict(lora_targets=["double_blocks.0.img_attn.qkv"], moe_targets=[],
+                                                  rank=rank))})
+
+def uno_claiming(rank):
+    # UNO's layout (no header), one LoRA whose zero-size down.weight claims rank `rank`
+    return lambda p, sd, meta, other: save_st(
+        {"double_blocks.0.processor.qkv_lora1.down.weight": torch.zeros(rank, 0),
+         "double_blocks.0.processor.qkv_lora1.up.weight": torch.zeros(0, rank)}, p)
+
+# adapter fault -> writer(path, state dict, header metadata, another architecture's state dict): a header that lies
+ADAPTER_FAULTS = {
+    "header: rank 2^24": with_header(rank=2 ** 24),
+    "header: n_experts 2^20": with_header(n_experts=2 ** 20),
+    "header: rank -1": with_header(rank=-1),
+    "header: rank 0": with_header(rank=0),
+    "header: top_k 5 of 4 experts": with_header(top_k=5),
+    "header: alpha NaN": with_header(alpha=float("nan")),
+    "header: an unknown field": with_header(width=3),
+    "1 KB file claiming rank 2^24": claims_rank(2 ** 24),
+    "UNO LoRA claiming rank 2^24": uno_claiming(2 ** 24),
 }
 
 # -----------------------------------------------------------------------------
@@ -328,10 +364,12 @@ def weight_rows(work):
         "resume: train_state.pt": ("ckpt-0000001/train_state.pt", run_dir, resume, None, None, None),
     }
     rows = []
-    for fault, write in BAD_WEIGHTS.items():
+    for fault, write in {**BAD_WEIGHTS, **ADAPTER_FAULTS}.items():
         row = [fault]
-        for k, (name, src, use, *tensors) in enumerate(kinds.values()):
+        for k, (kind, (name, src, use, *tensors)) in enumerate(kinds.items()):
             how = STATE_FAULTS.get(fault, "-") if name.endswith(".pt") else write   # a weights_only pickle
+            if fault in ADAPTER_FAULTS and not kind.startswith("adapter"):          # a header only an adapter has
+                how = "-"                                                          # (resume reads no header)
             if how == "-":
                 row.append(how)
                 continue
@@ -360,6 +398,12 @@ def manifest_faults(root):
         "lone surrogate in the prompt": line(prompt="a \ud800 b"),
         "non-UTF-8 byte in the prompt": line(prompt="caf\xe9").replace(b"\\u00e9", b"\xe9"),
         "invalid JSON": line()[:-1],
+        "100,000-deep nested array": b"[" * 100_000 + b"]" * 100_000,
+        "a field nested 20 deep": line(attrs=json.loads("[" * 20 + "]" * 20)),
+        "5,000-digit id": line()[:-1] + b', "id": ' + b"9" * 5000 + b"}",
+        "300-digit id": line()[:-1] + b', "id": ' + b"9" * 300 + b"}",
+        "lone surrogate in a caption": line(captions=["a \ud800"]),
+        "a 17 MiB line": b'{"prompt": "' + b"a" * (17 << 20) + b'"}',
     }
 
 def write_bad_manifests(work):
@@ -379,9 +423,114 @@ def write_bad_manifests(work):
     return out
 
 def manifest_rows(work):
-    """One row per manifest fault: data.py check and training, on [a good record, the bad one]."""
-    return [[cell(c, work + os.sep) for c in (fault, check_cell(m, 2), dataset_cell(m, 2))]
-            for fault, m in write_bad_manifests(work).items()]
+    """One row per manifest fault: data.py check and training, on [a good record, the bad one]; and a manifest
+    that is an endless stream (/dev/zero: the read must be bounded)."""
+    rows = [[fault, check_cell(m, 2), dataset_cell(m, 2)] for fault, m in write_bad_manifests(work).items()]
+    rows.append(["the manifest is /dev/zero", check_cell("/dev/zero", 1), dataset_cell("/dev/zero", 1)])
+    return [[cell(c, work + os.sep) for c in r] for r in rows]
+
+# -----------------------------------------------------------------------------
+# masks: the Masks table (a cut-out's alpha channel is its mask)
+
+SUBJECT = (slice(8, 16), slice(4, 12))        # rows, columns of the subject in a 32 x 32 mask: 4 of 64 toy tokens
+
+def mask_array(inside, outside, channels):
+    a = np.empty((32, 32, len(inside)) if channels else (32, 32), np.uint8)
+    a[...] = outside
+    a[SUBJECT] = inside
+    return a
+
+def palette_mask(path, rgba_palette):
+    # index 1 (the subject) opaque, index 0 transparent: by a tRNS index, or by an RGBA palette
+    p = Image.fromarray(mask_array(1, 0, False), "P")
+    if rgba_palette:
+        p.putpalette([255, 255, 255, 0, 30, 200, 30, 255] + [0] * 1016, "RGBA")
+        p.save(path)
+    else:
+        p.putpalette([255, 255, 255, 30, 200, 30] + [0] * 762)
+        p.save(path, transparency=0)
+
+# fault -> writer(path) of a 32 x 32 mask whose subject is SUBJECT
+MASK_FAULTS = {
+    "gray (white = subject)": lambda p: Image.fromarray(mask_array(255, 0, False), "L").save(p),
+    "RGBA cut-out, transparent white": lambda p: Image.fromarray(
+        mask_array((200, 30, 30, 255), (255, 255, 255, 0), True), "RGBA").save(p),
+    "RGBA cut-out, transparent black": lambda p: Image.fromarray(
+        mask_array((200, 30, 30, 255), (0, 0, 0, 0), True), "RGBA").save(p),
+    "LA cut-out": lambda p: Image.fromarray(mask_array((40, 255), (255, 0), True), "LA").save(p),
+    "palette, transparent index": lambda p: palette_mask(p, False),
+    "palette with alpha (RGBA palette)": lambda p: palette_mask(p, True),
+    "RGB, a transparent colour (tRNS)": lambda p: Image.fromarray(
+        mask_array((9, 9, 9), (255, 255, 255), True)).save(p, transparency=(255, 255, 255)),
+    "RGBA, opaque (white = subject)": lambda p: Image.fromarray(
+        mask_array((255, 255, 255, 255), (0, 0, 0, 255), True), "RGBA").save(p),
+}
+
+def write_mask_manifests(work):
+    """work/masks/m{k}.jsonl: one record (a 32 x 32 target, one reference) with each MASK_FAULTS mask ->
+    {fault: manifest path}."""
+    root = os.path.join(work, "masks")
+    os.makedirs(root, exist_ok=True)
+    Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(root, "t.png"))
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(root, "r.png"))
+    out = {}
+    for k, (fault, write) in enumerate(MASK_FAULTS.items()):
+        write(os.path.join(root, f"mask{k}.png"))
+        out[fault] = os.path.join(root, f"m{k}.jsonl")
+        with open(out[fault], "w") as f:
+            f.write(json.dumps(dict(target="t.png", prompt="a thing", refs=["r.png"], masks=[f"mask{k}.png"])) + "\n")
+    return out
+
+def mask_rows(work):
+    """One row per MASK_FAULTS mask: data.py check, and the tokens training counts inside (of 64; the subject is 4)."""
+    rows = []
+    for fault, m in write_mask_manifests(work).items():
+        ds, text, status = attempt(lambda: D.ManifestDataset(m, size=32, ref_size=16, token_px=4), D.DataError)
+        item, text, status = attempt(lambda: ds[0]) if ds else (None, text, status)
+        tokens = f"{int((item['masks'][0] > 0.5).sum())} of {item['masks'].shape[1]} tokens inside" if item else \
+            said(text, "error:", "TRACEBACK")
+        rows.append([fault, check_cell(m, 1), tokens])
+    return [[cell(c, work + os.sep) for c in r] for r in rows]
+
+# -----------------------------------------------------------------------------
+# evaluation: the Eval table (toy.py eval reads what rewards.py eval reads)
+
+def eval_faults():
+    """fault -> (records, {image name: size}) of a manifest for `toy.py eval` and the generated images."""
+    rec = lambda **kw: dict(dict(target="t.png", prompt="a red circle", refs=["r.png"], captions=["red circle"]), **kw)
+    return {
+        "id given twice": ([rec(id="a"), rec(id="a")], {"a.png": 32}),
+        'ids 1 and "1" (one file)': ([rec(id=1), rec(id="1")], {"1.png": 32}),
+        "id 000001 beside the record at position 1 without an id": ([rec(id="000001"), rec()], {"000001.png": 32}),
+        "an image of another size": ([rec(id="a"), rec(id="b"), rec(id="c")], {"a.png": 32, "b.png": 32, "c.png": 16}),
+    }
+
+def write_eval_case(root, records, images):
+    """root/m.jsonl of `records` (with the t.png and r.png they name) and root/gen/ holding `images` ({name: side},
+    white squares) -> the eval arguments --manifest M --images DIR."""
+    os.makedirs(os.path.join(root, "gen"))
+    Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(root, "t.png"))
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(root, "r.png"))
+    with open(os.path.join(root, "m.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    for name, side in images.items():
+        Image.new("RGB", (side, side), (255, 255, 255)).save(os.path.join(root, "gen", name))
+    return ["--manifest", os.path.join(root, "m.jsonl"), "--images", os.path.join(root, "gen")]
+
+def eval_rows(work):
+    """One row per eval fault: what `toy.py eval` scores, counts and notes."""
+    rows = []
+    for k, (fault, case) in enumerate(eval_faults().items()):
+        root = os.path.join(work, "eval", str(k))
+        _, text, status = attempt(lambda: toy.main(["eval", *write_eval_case(root, *case)]))
+        report = json.load(open(os.path.join(root, "gen", "metrics.json"))) if status in (0, 1) else None
+        got = f"exit {status}: {said(text, 'scored', 'error:', 'TRACEBACK')}"
+        if report and report["bad"]:
+            got += f"; bad: line {report['bad'][0]['line']}: {report['bad'][0]['why']}"
+        if said(text, "note:"):
+            got += f"; {said(text, 'note:')}"
+        rows.append([fault, cell(got, root + os.sep, 300)])
+    return rows
 
 # -----------------------------------------------------------------------------
 # the Ranks table: torchrun's workers killed or stopped
@@ -483,7 +632,10 @@ def badinput(args):
     tables = [("Images", ["fault", "load_image", "sample.py --refs", "data.py check", "training (ManifestDataset)"],
                image_rows(work)),
               ("Weights", *weight_rows(work)),
-              ("Manifests", ["fault", "data.py check", "training (ManifestDataset)"], manifest_rows(work))]
+              ("Manifests", ["fault", "data.py check", "training (ManifestDataset)"], manifest_rows(work)),
+              ("Masks (the subject: 4 of 64 toy tokens)", ["mask", "data.py check", "training (ManifestDataset)"],
+               mask_rows(work)),
+              ("Eval (toy.py eval = rewards.py eval with the toy's scorers)", ["fault", "observed"], eval_rows(work))]
     if not args.no_dist:
         tables.append(("Ranks (torchrun, 2 CPU ranks)", ["fault", "observed"], dist_rows(work)))
     text = "\n\n".join(f"{title}:\n\n{markdown(header, rows)}" for title, header, rows in tables)
