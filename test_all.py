@@ -2848,3 +2848,110 @@ def test_torchrun_hung_rank_times_out(toy_run, tmp_path):
     os.kill(pids[1], signal.SIGCONT)                            # so torchrun's SIGTERM reaches it
     assert p.wait(timeout=60) != 0 and took < 3 + 15 and "Timed out" in p.stderr.read()
     assert not any(B.alive(pid) for pid in pids.values())
+
+# -----------------------------------------------------------------------------
+# sample.py: batch sampling, strength, bad sample input
+
+import errno
+
+def toy_base(folder):
+    """The shipped toy base without its adapter (the frozen model an adapter's strength 0 must give back)."""
+    os.makedirs(folder, exist_ok=True)
+    for f in ("flux.safetensors", "text_encoder.safetensors"):
+        shutil.copy(os.path.join(M.TOY_DIR, f), os.path.join(folder, f))
+    return str(folder)
+
+def sample_fails(capsys, *argv):
+    """sample.py argv -> its one stderr line; it must end with exit status 2 and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    return err
+
+def test_lora_strength_zero_is_the_base_and_s_scales_the_update_by_hand():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 9))
+    x = torch.randn(5, 8)
+    base = net(x)
+    lora, moe = ML.LoRALinear(net[0], rank=2, alpha=4.0), ML.MoELoRALinear(net[1], n_experts=3, rank=2, alpha=1.0)
+    net[0], net[1] = lora, moe
+    for m in (lora, moe):
+        torch.nn.init.normal_(m.up.weight)
+        torch.nn.init.normal_(m.down.weight)
+    ML.set_strength(net, 0.0)
+    assert torch.equal(net(x), base)                                  # bit for bit: the adapter-free model
+    s = 0.3
+    ML.set_strength(net, s)
+    h = net[0].base(x) + s * (4.0 / 2) * x @ lora.down.weight.T @ lora.up.weight.T       # W x + s (alpha/r) B A x
+    torch.testing.assert_close(lora(x), h)
+    e = (h @ moe.router.weight.T).argmax(-1)                          # top-1: the gate is exactly 1
+    A, B = moe.down.weight.view(3, 2, 6), moe.up.weight.view(9, 3, 2)
+    want = torch.stack([net[1].base(h[i]) + s * (1.0 / 2) * B[:, e[i]] @ (A[e[i]] @ h[i]) for i in range(5)])
+    torch.testing.assert_close(net(x), want)
+    lora.merge()
+    with pytest.raises(ValueError):                                   # a merged LoRA's update is in the weights
+        ML.set_strength(net, 1.0)
+
+def test_sample_lora_scale_zero_is_the_base_and_one_is_the_default(tmp_path, capsys):
+    base = toy_base(tmp_path / "base")
+    common = ["--refs", *DEMO, "--steps", "2", "--seed", "3"]
+    main(common + ["--model", base, "--out", str(tmp_path / "base.png")])
+    for scale in ("0", "1", "0.5"):
+        main(common + ["--model", M.TOY_DIR, "--lora-scale", scale, "--out", str(tmp_path / f"s{scale}.png")])
+    main(common + ["--out", str(tmp_path / "default.png")])
+    png = lambda n: (tmp_path / f"{n}.png").read_bytes()
+    assert png("s0") == png("base") and png("s1") == png("default") and png("s0.5") not in (png("s0"), png("s1"))
+    assert json.loads((tmp_path / "s0.5.json").read_text())["lora_scale"] == 0.5
+    assert "no adapter" in sample_fails(capsys, *common, "--model", base, "--lora-scale", "0.5",
+                                        "--out", str(tmp_path / "x.png"))
+
+def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_path, capsys):
+    manifest = toy.write_toy(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
+    recs = [json.loads(l) for l in open(manifest)]
+    plain = dict(recs[0], prompt="a pink checked cross")
+    del plain["id"]
+    lines = [json.dumps(recs[0]), json.dumps(recs[1]), '{"prompt": "no refs"}', json.dumps(plain)]
+    with open(manifest, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    out, root = tmp_path / "set", os.path.dirname(manifest)
+    batch = ["--manifest", manifest, "--out-dir", str(out), "--seeds", "0", "4", "--steps", "2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                              # a bad record: exit 1, the others sampled
+        main(batch)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and [l for l in err.splitlines() if l.startswith(manifest)] == \
+        [f"{manifest}:3: refs: missing or not a non-empty list of paths"]
+    names = [recs[0]["id"], recs[1]["id"], "000003"]                  # an id, else the position among the records
+    assert sorted(os.listdir(out)) == ["0", "4"] and all(
+        sorted(f for f in os.listdir(out / s) if f.endswith(".png")) == sorted(f"{n}.png" for n in names) for s in "04")
+    for rec, name in zip([recs[0], recs[1], plain], names):
+        for seed in ("0", "4"):                                       # the single-sample command, byte for byte
+            one = tmp_path / f"one_{name}_{seed}.png"
+            main(["--refs", *[os.path.join(root, r) for r in rec["refs"]], "--prompt", rec["prompt"], "--seed", seed,
+                  "--steps", "2", "--out", str(one)])
+            assert one.read_bytes() == (out / seed / f"{name}.png").read_bytes()
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("*/*")}
+    os.unlink(out / "4" / "000003.png")                               # as if killed before that sample's PNG
+    with pytest.raises(SystemExit):
+        main(batch)
+    err = capsys.readouterr().err
+    assert "wrote 1 samples" in err and "skipped 5 already there" in err
+    redone = {out / "4" / "000003.png", out / "4" / "000003.json"}
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p not in redone)
+    assert (out / "4" / "000003.png").read_bytes() == (tmp_path / "one_000003_4.png").read_bytes()
+    assert toy.main(["eval", "--manifest", manifest, "--images", str(out / "4")]) == 0     # generate, then score
+    metrics = json.loads((out / "4" / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["missing"] == []
+    with pytest.raises(SystemExit) as e:                              # never mixed with another run's samples
+        main(batch[:-1] + ["3"])
+    assert e.value.code == 2 and "other settings (steps differ)" in capsys.readouterr().err.splitlines()[-1]
+    (tmp_path / "p.txt").write_bytes(b"a red ball\n\n\xff bad\na blue box\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--prompts", str(tmp_path / "p.txt"), "--refs", DEMO[0], "--out-dir", str(tmp_path / "pp"),
+              "--seeds", "1", "--steps", "2"])
+    assert e.value.code == 1 and f"p.txt:3: not UTF-8" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000001.json", "000001.png"]
+    main(["--refs", DEMO[0], "--prompt", "a blue box", "--seed", "1", "--steps", "2", "--out", str(tmp_path / "b.png")])
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "pp" / "1" / "000001.png").read_bytes()
