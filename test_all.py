@@ -2862,13 +2862,16 @@ def toy_base(folder):
     return str(folder)
 
 def sample_fails(capsys, *argv):
-    """sample.py argv -> its one stderr line; it must end with exit status 2 and no traceback."""
+    """sample.py argv -> its error line; it must be its one error, its last line, with exit status 2 and no traceback
+    (a progress bar may come before it)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(list(argv))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error:") and err.count("\n") == 1, err
-    return err
+    lines = err.strip().split("\n")
+    assert e.value.code == 2 and lines[-1].startswith("error:") and err.count("error:") == 1, err
+    assert "Traceback" not in err
+    return lines[-1]
 
 def test_lora_strength_zero_is_the_base_and_s_scales_the_update_by_hand():
     torch.manual_seed(0)
@@ -2955,3 +2958,90 @@ def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_pat
     assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000001.json", "000001.png"]
     main(["--refs", DEMO[0], "--prompt", "a blue box", "--seed", "1", "--steps", "2", "--out", str(tmp_path / "b.png")])
     assert (tmp_path / "b.png").read_bytes() == (tmp_path / "pp" / "1" / "000001.png").read_bytes()
+
+def toy_adapter(path, alpha=None, up_times=1.0, fill=None):
+    """A rank-4 LoRA + MoE-LoRA adapter for the toy, with a chosen header alpha and its up weights scaled (a
+    diverged one) or filled (NaN)."""
+    f = M.Flux(M.get_config("toy"))
+    acfg = ML.inject(f, rank=4, alpha=alpha)
+    torch.manual_seed(0)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight, std=0.05)
+        with torch.no_grad():
+            m.up.weight.mul_(up_times)
+            if fill is not None:
+                m.up.weight[0, 0] = fill
+    ML.save_adapter(f, str(path), acfg)
+    return str(path)
+
+@pytest.mark.parametrize("case,why", [("alpha nan", "alpha"), ("alpha 1e30", "alpha"), ("diverged", "overflowed"),
+                                      ("nan weights", "nan")])
+def test_sample_refuses_a_sample_that_is_not_finite(tmp_path, capsys, case, why):
+    kw = {"alpha nan": dict(alpha=float("nan")), "alpha 1e30": dict(alpha=1e30), "diverged": dict(up_times=1e20),
+          "nan weights": dict(fill=float("nan"))}[case]
+    lora, out = toy_adapter(tmp_path / "a.safetensors", **kw), tmp_path / "out"
+    err = sample_fails(capsys, "--model", toy_base(tmp_path / "base"), "--lora", lora, "--refs", DEMO[0],
+                       "--prompt", "x", "--steps", "2", "--seed", "0", "--out", str(out / "x.png"))
+    assert why in err.lower(), err
+    assert not out.exists() or os.listdir(out) == []                 # no black PNG, no JSON
+
+@pytest.mark.parametrize("flag,value", [("--guidance", "nan"), ("--guidance", "inf"), ("--guidance", "-1"),
+                                        ("--lora-scale", "nan"), ("--lora-scale", "1e39"), ("--seed", str(2 ** 64)),
+                                        ("--seed", "-1"), ("--seeds", str(2 ** 64)), ("--steps", "0"),
+                                        ("--steps", "1000000"), ("--width", "0"), ("--ref-size", "1e3")])
+def test_sample_flags_out_of_range_are_usage_errors(tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.setattr(S, "load_models", None)                      # refused before any work
+    err = sample_fails(capsys, "--refs", DEMO[0], flag, value, "--out", str(tmp_path / "x.png"))
+    assert f"argument {flag}: " in err and os.listdir(tmp_path) == []
+
+@pytest.mark.parametrize("flags", [["--width", "100000"], ["--height", "100000"], ["--ref-size", "100000"],
+                                   ["--width", "2048", "--height", "2048", "--model", "flux-dev", "--prompt", "x"],
+                                   ["--ref-size", "1024", "--model", "flux-schnell", "--prompt", "x"]])
+def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatch, flags):
+    def allocated(*a, **k):
+        raise AssertionError("allocated before the size was checked")
+    for mod, name in ((D, "preprocess_ref"), (M, "get_noise"), (S, "load_models")):
+        monkeypatch.setattr(mod, name, allocated)
+    extra = [DEMO[0]] * (8 if "1024" in flags else 1)                 # 8 references of 1024 px: 32768 tokens
+    err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
+    assert f"more than {S.MAX_TOKENS}" in err and os.listdir(tmp_path) == []
+
+def test_sample_checks_out_first_and_writes_a_sample_as_one_set(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    with monkeypatch.context() as mp:
+        mp.setattr(S, "load_models", None)                            # the check comes before any work
+        assert "cannot write" in sample_fails(capsys, "--refs", DEMO[0], "--out", str(tmp_path / "file" / "x.png"))
+    three, out = DEMO + ["assets/yellow_dotted_triangle.png"], tmp_path / "o" / "x.png"
+    run = lambda refs, *extra: main(["--refs", *refs, "--steps", "2", "--seed", "0", "--out", str(out), *extra])
+    listing = lambda: sorted(os.listdir(out.parent))
+    run(three, "--save-attn")
+    assert listing() == ["x.json", "x.png", "x_attn0.png", "x_attn1.png", "x_attn2.png"]
+    run(DEMO[:1], "--save-attn")                                      # an earlier sample's maps are not left beside it
+    assert listing() == ["x.json", "x.png", "x_attn0.png"]
+    assert json.loads((tmp_path / "o" / "x.json").read_text())["files"] == [str(out), str(out.parent / "x_attn0.png")]
+    before = {f: (out.parent / f).read_bytes() for f in listing()}
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(S.json, "dumps", full)                        # the disk fills while the set is written
+    err = sample_fails(capsys, "--refs", *three, "--steps", "2", "--seed", "1", "--save-attn", "--out", str(out))
+    assert "No space left on device" in err
+    assert {f: (out.parent / f).read_bytes() for f in listing()} == before      # the earlier set whole, no temporary
+
+def test_sample_detects_a_model_folder_and_notes_what_the_toy_never_saw(tmp_path, capsys):
+    base = toy_base(tmp_path / "base")
+    common = ["--refs", *DEMO, "--steps", "2", "--seed", "0"]
+    main(common + ["--model", base, "--out", str(tmp_path / "found.png")])             # no --arch: its kind from its files
+    main(common + ["--model", base, "--arch", "toy", "--out", str(tmp_path / "told.png")])
+    assert (tmp_path / "found.png").read_bytes() == (tmp_path / "told.png").read_bytes()
+    assert json.loads((tmp_path / "found.json").read_text())["arch"] == "toy"
+    os.makedirs(tmp_path / "run")
+    shutil.copy(os.path.join(M.TOY_DIR, "adapter.safetensors"), tmp_path / "run")
+    assert "holds an adapter" in sample_fails(capsys, *common, "--model", str(tmp_path / "run"),
+                                              "--out", str(tmp_path / "x.png"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    for extra, said in (([], None), (["--width", "64"], "64x32 images"), (["--ref-size", "32"], "32 px references"),
+                        (["--refs", str(tmp_path / "photo.jpg"), "--prompt", "a cat"], "photo.jpg (not toy sprites)")):
+        capsys.readouterr()
+        main(common + extra + ["--out", str(tmp_path / "n.png")])
+        notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note:")]
+        assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0]), notes
