@@ -59,8 +59,8 @@ def number(kind, lo=None, hi=None):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}")
-        if not (abs(v) <= F32_MAX if kind is float else True) or (lo is not None and v < lo) or \
-                (hi is not None and v > hi):
+        finite = kind is int or abs(v) <= F32_MAX           # NaN fails this too
+        if not finite or (lo is not None and v < lo) or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"{text[:40]} is not {span}")
         return v
     return parse
@@ -111,8 +111,9 @@ def toy_folder(name):
 def detect_arch(path):
     """A --model PATH given without --arch -> the preset whose DiT its tensors fit, read from the header alone. A
     folder is a toy checkpoint (its flux.safetensors), a file a DiT. None where nothing local is there to read."""
-    file = os.path.join(path, "flux.safetensors") if os.path.isdir(path) else path
-    if os.path.isdir(path) and not os.path.isfile(file):
+    folder = os.path.isdir(path)
+    file = os.path.join(path, "flux.safetensors") if folder else path
+    if folder and not os.path.isfile(file):
         if os.path.isfile(os.path.join(path, "adapter.safetensors")):   # a stage single/multi/RL checkpoint
             raise M.CheckpointError(f"{path}: holds an adapter, not a model: pass --lora "
                                     f"{os.path.join(path, 'adapter.safetensors')} and --model <the base it trained on>")
@@ -126,7 +127,7 @@ def detect_arch(path):
             want = {k: tuple(v.shape) for k, v in M.Flux(cfg).state_dict().items()}
         if want == have:
             return name
-    return "toy" if file != path else "flux-dev"         # fits none: the strict loader names what differs
+    return "toy" if folder else "flux-dev"               # fits none: the strict loader names what differs
 
 def load_models(name, arch, device, lora=None):
     """--model, --arch, --lora -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy
@@ -184,6 +185,16 @@ def overflow_cause(flux):
     return f"the activations overflowed; the largest adapter update (|scale| |B| |A|) is {b:.3g}, at {name}: an " \
            f"adapter trained to divergence, or too large an alpha or --lora-scale"
 
+def ready_models(args, preset, run):
+    """The models, the adapter at --lora-scale -> ((flux, ae, text), where the weights came from); refused when they
+    cannot give a finite sample."""
+    flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora)
+    ML.set_strength(flux, args.lora_scale)
+    why = not_finite(flux)
+    if why:
+        raise D.InputError(f"nothing sampled: {why}")
+    return (flux, ae, text), weights
+
 # -----------------------------------------------------------------------------
 # outputs
 
@@ -229,12 +240,16 @@ def write_set(files):
             with os.fdopen(fd, "wb") as f:
                 write(f)
             os.chmod(tmps[path], 0o644)
-    except OSError as e:
+    except BaseException as e:                               # a full disk, Ctrl-C: no temporary stays behind
         for t in tmps.values():
             os.unlink(t)
-        raise D.InputError(f"{path}: cannot write ({e.strerror or e}); nothing of this sample written") from None
-    stale = [f for f in os.listdir(folder) if re.fullmatch(re.escape(stem) + r"_attn\d+\.png", f)]
-    for f in [png] + [os.path.join(folder, f) for f in stale if os.path.join(folder, f) not in map(os.path.abspath, files)]:
+        if isinstance(e, OSError):
+            raise D.InputError(f"{path}: cannot write ({e.strerror or e}); nothing of this sample written") from None
+        raise
+    new = set(map(os.path.abspath, files))
+    stale = [os.path.join(folder, f) for f in os.listdir(folder)
+             if re.fullmatch(re.escape(stem) + r"_attn\d+\.png", f) and os.path.join(folder, f) not in new]
+    for f in [png, *stale]:                                  # the PNG first: no PNG until the set is whole again
         if os.path.lexists(f):
             os.unlink(f)
     for path in [*list(files)[1:], png]:
@@ -268,7 +283,7 @@ def sample_one(models, run, prompt, refs, seed, png, meta, progress=True):
 
 def resolve_run(args):
     """The flags -> (preset, the resolved settings every sample shares). Nothing is loaded or written."""
-    if args.model not in M.CONFIGS and args.arch is None:
+    if args.model not in M.CONFIGS and args.arch is None:    # the JSON records what was detected
         args.arch = detect_arch(args.model) or "flux-dev"
     preset = args.model if args.model in M.CONFIGS else args.arch
     cfg = M.get_config(preset)
@@ -377,12 +392,8 @@ def generate(args):
     note = toy_note(run, not_sprites(zip(args.refs, images))) if preset == "toy" else None
     check_writable(os.path.dirname(os.path.abspath(out)))
 
-    # 2. models (refused when they cannot give a finite sample), the sample, its files
-    flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora)
-    ML.set_strength(flux, args.lora_scale)
-    why = not_finite(flux)
-    if why:
-        raise D.InputError(f"nothing sampled: {why}")
+    # 2. the models, the sample, its files
+    (flux, ae, text), weights = ready_models(args, preset, run)
     if note:
         print(note, file=sys.stderr)
     meta = dict(settings(args, run), out=out, weights=weights, refs=args.refs)
@@ -461,11 +472,7 @@ def generate_set(args):
     skipped = len(kept) * len(seeds) - len(todo)
 
     # the models once, then every sample not there yet
-    flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora)
-    ML.set_strength(flux, args.lora_scale)
-    why = not_finite(flux)
-    if why:
-        raise D.InputError(f"nothing sampled: {why}")
+    (flux, ae, text), weights = ready_models(args, preset, run)
     photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
     written, failed, cache = 0, set(), {}
     for job, seed, png, want in tqdm(todo, desc="samples", disable=not todo):
