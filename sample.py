@@ -348,21 +348,20 @@ def load_refs(paths, run, mult):
     return images, [D.preprocess_ref(im, run["ref_size"]) for im in images]
 
 def prompts_file(path):
-    """A prompts file -> ([(line, prompt)] of its non-empty lines, [(line, why)] of the bad ones)."""
+    """A prompts file -> ([(line, index among the non-empty lines, prompt)], [(line, why)] of the bad lines): a bad
+    line keeps its index, so fixing it later renames no other sample."""
     D.check_file(path)
     with open(path, "rb") as f:
         data = f.read(MAX_PROMPTS_BYTES + 1)
     if len(data) > MAX_PROMPTS_BYTES:
         raise D.InputError(f"{path}: more than {MAX_PROMPTS_BYTES >> 20} MB: not a prompts file")
     good, bad = [], []
-    for line, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+    lines = [(line, raw) for line, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1) if raw.strip()]
+    for i, (line, raw) in enumerate(lines):
         try:
-            text = raw.decode("utf-8").strip()
+            good.append((line, i, raw.decode("utf-8").strip()))
         except UnicodeDecodeError as e:
             bad.append((line, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
-            continue
-        if text:
-            good.append((line, text))
     return good, bad
 
 # -----------------------------------------------------------------------------
@@ -419,7 +418,7 @@ def generate_set(args):
     if not args.out_dir:
         raise D.InputError("--out-dir is required with --manifest/--prompts")
     preset, run = resolve_run(args)
-    mult, seeds = M.get_config(preset).token_px, args.seeds or [0]
+    mult, seeds = M.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
     # every record checked first; a bad one is a finding (source:line: field: why), not the end of the run
     jobs, bad, names = [], [], {}
     if args.manifest:
@@ -434,7 +433,7 @@ def generate_set(args):
             jobs.append(dict(line=line, id=name, prompt=rec["prompt"], refs=rec["refs"]))
     else:
         lines, bad = prompts_file(args.prompts)
-        jobs = [dict(line=line, id=f"{i:06d}", prompt=text, refs=args.refs) for i, (line, text) in enumerate(lines)]
+        jobs = [dict(line=line, id=f"{i:06d}", prompt=text, refs=args.refs) for line, i, text in lines]
         images, refs = load_refs(args.refs, run, mult)       # shared: a bad one ends the run
     source = args.manifest or args.prompts
     kept = []
@@ -471,21 +470,21 @@ def generate_set(args):
     check_writable(args.out_dir)
     skipped = len(kept) * len(seeds) - len(todo)
 
-    # the models once, then every sample not there yet
-    (flux, ae, text), weights = ready_models(args, preset, run)
+    # the models once (if anything is left to do), then every sample not there yet
+    (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
     photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
-    written, failed, cache = 0, set(), {}
+    written, failed, loaded = 0, set(), None
     for job, seed, png, want in tqdm(todo, desc="samples", disable=not todo):
-        if args.manifest and cache.get("line") != job["line"]:          # a record's references, once for its seeds
+        if args.manifest and loaded != job["line"]:                     # a record's references, once for its seeds
+            first, loaded = loaded is None, job["line"]
             try:
                 images, refs = load_refs(job["refs"], run, mult)
             except D.InputError as e:                                   # checking read only their headers
                 images = refs = None
                 failed.add(job["line"])
                 tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
-            cache = dict(line=job["line"])
-            if refs and preset == "toy":
-                photos += [p for p in not_sprites(zip(job["refs"], images)) if p not in photos]
+            if refs and preset == "toy" and first:      # the first record's: 0.1 s a check, and a set's are alike
+                photos = not_sprites(zip(job["refs"], images))
         if refs is None:
             continue
         sample_one((flux, ae, text), run, job["prompt"], refs, seed, png, dict(want, weights=weights), progress=False)

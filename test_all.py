@@ -2955,9 +2955,9 @@ def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_pat
         main(["--prompts", str(tmp_path / "p.txt"), "--refs", DEMO[0], "--out-dir", str(tmp_path / "pp"),
               "--seeds", "1", "--steps", "2"])
     assert e.value.code == 1 and f"p.txt:3: not UTF-8" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000001.json", "000001.png"]
+    assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000002.json", "000002.png"]
     main(["--refs", DEMO[0], "--prompt", "a blue box", "--seed", "1", "--steps", "2", "--out", str(tmp_path / "b.png")])
-    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "pp" / "1" / "000001.png").read_bytes()
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "pp" / "1" / "000002.png").read_bytes()
 
 def toy_adapter(path, alpha=None, up_times=1.0, fill=None):
     """A rank-4 LoRA + MoE-LoRA adapter for the toy, with a chosen header alpha and its up weights scaled (a
