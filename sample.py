@@ -429,7 +429,10 @@ def generate_set(args):
             if rec is None:
                 bad.append((line, "; ".join(f"{f}: {w}" for f, w in why)))
                 continue
-            name = str(rec["id"]) if rec["id"] is not None else f"{i:06d}"     # as rewards.py eval reads them
+            name = file_name(rec["id"]) if rec["id"] is not None else f"{i:06d}"     # as rewards.py eval reads them
+            if name is None:
+                bad.append((line, "id: too long to name a file"))
+                continue
             jobs.append(dict(line=line, id=name, prompt=rec["prompt"], refs=rec["refs"]))
     else:
         lines, bad = prompts_file(args.prompts)
@@ -498,6 +501,14 @@ def generate_set(args):
           f"{args.manifest or 'M.jsonl'} --images {os.path.join(args.out_dir, str(seeds[0]))}", file=sys.stderr)
     return 1 if n_bad else 0
 
+def file_name(key):
+    # a record's id -> its sample's file name, None when it cannot be one (an integer of thousands of digits)
+    try:
+        name = str(key)
+    except ValueError:                                       # past Python's int -> str digit limit
+        return None
+    return name if len(name) <= 200 else None
+
 def earlier(png):
     # the settings an existing sample was made with, from its JSON (no JSON: not ours, or torn: refuse)
     try:
@@ -514,9 +525,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         status = generate(args)
-    except (D.InputError, D.DataError, M.CheckpointError) as e:   # user mistakes: one line, no traceback
+    except (D.InputError, D.DataError, M.CheckpointError, OSError) as e:   # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (torch.OutOfMemoryError, MemoryError):
+        print(f"error: out of {'GPU ' if torch.cuda.is_available() else ''}memory: lower --width/--height/--ref-size "
+              f"or pass fewer references", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:       # every sample on disk is whole (write_set): the same command continues a set
+        print("interrupted: the samples written so far are whole; the same command continues a test set",
+              file=sys.stderr)
+        sys.exit(130)
     if status:
         sys.exit(status)
     return 0

@@ -3045,3 +3045,34 @@ def test_sample_detects_a_model_folder_and_notes_what_the_toy_never_saw(tmp_path
         main(common + extra + ["--out", str(tmp_path / "n.png")])
         notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note:")]
         assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0]), notes
+
+def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_is_written(tmp_path, capsys, monkeypatch):
+    ref = os.path.abspath(DEMO[0])
+    shutil.copy(ref, tmp_path / "r.png")
+    rec = lambda **kw: json.dumps(dict(prompt="a red solid circle", refs=["r.png"], **kw))
+    manifest = tmp_path / "m.jsonl"                          # line 2: no id, position 1 -> "000001", as line 3's id
+    manifest.write_text("\n".join([rec(id=7), rec(), rec(id="000001"), rec(id="7"), rec(id=10 ** 300),
+                                   rec(id="ok")]) + "\n")
+    batch = ["--manifest", str(manifest), "--out-dir", str(tmp_path / "s"), "--steps", "1"]
+    calls = []
+    def interrupted(*a, **k):                                # Ctrl-C during the second sample
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    real = M.denoise
+    monkeypatch.setattr(M, "denoise", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(batch)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted" in err.splitlines()[-1] and "Traceback" not in err
+    assert [l.split(": ", 1)[0] for l in err.splitlines() if l.startswith(str(manifest))] == \
+        [f"{manifest}:{n}" for n in (3, 4, 5)]                   # each a finding; none overwrites another's sample
+    assert sorted(os.listdir(tmp_path / "s" / "0")) == ["7.json", "7.png"]
+    monkeypatch.setattr(M, "denoise", real)
+    with pytest.raises(SystemExit) as e:
+        main(batch)
+    assert e.value.code == 1 and "wrote 2 samples" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "s" / "0")) == ["000001.json", "000001.png", "7.json", "7.png", "ok.json",
+                                                         "ok.png"]
