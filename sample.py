@@ -334,11 +334,11 @@ def toy_note(run, photos):
     if run["ref_size"] != cfg.ref_size:
         outside.append(f"{run['ref_size']} px references")
     if photos:
-        outside.append(f"{', '.join(photos[:3])}{' and more' if len(photos) > 3 else ''} (not toy sprites)")
+        outside.append(f"{', '.join(photos[:3])}{' and more' if len(photos) > 3 else ''} (not a sprite)")
     if not outside:
         return None
-    return f"note: the toy was trained on {cfg.image_size}x{cfg.image_size} images and {cfg.ref_size} px references " \
-           f"of its sprites (toy.py), not on {' or '.join(outside)}: expect noise"
+    return f"note: the toy was trained on {cfg.image_size}x{cfg.image_size} images with {cfg.ref_size} px sprite " \
+           f"references, not {' or '.join(outside)}: expect noise"
 
 def load_refs(paths, run, mult):
     if len(paths) > D.MAX_REFS:

@@ -3040,7 +3040,7 @@ def test_sample_detects_a_model_folder_and_notes_what_the_toy_never_saw(tmp_path
                                               "--out", str(tmp_path / "x.png"))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
     for extra, said in (([], None), (["--width", "64"], "64x32 images"), (["--ref-size", "32"], "32 px references"),
-                        (["--refs", str(tmp_path / "photo.jpg"), "--prompt", "a cat"], "photo.jpg (not toy sprites)")):
+                        (["--refs", str(tmp_path / "photo.jpg"), "--prompt", "a cat"], "photo.jpg (not a sprite)")):
         capsys.readouterr()
         main(common + extra + ["--out", str(tmp_path / "n.png")])
         notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note:")]
