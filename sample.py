@@ -444,8 +444,6 @@ def generate_set(args):
         try:
             if job["id"] in names:                           # "3" and 3, or an id that is another record's position
                 raise D.InputError(f"id: its output {job['id']}.png is also line {names[job['id']]}'s")
-            if len(job["refs"]) > D.MAX_REFS:
-                raise D.InputError(f"refs: {len(job['refs'])} references, more than {D.MAX_REFS}")
             check_tokens(run, len(job["refs"]), mult)
         except D.InputError as e:
             bad.append((job["line"], str(e)))
