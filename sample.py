@@ -494,9 +494,10 @@ def generate_set(args):
     if note:
         print(note, file=sys.stderr)
     n_bad = len({line for line, _ in bad} | failed)
+    score = f"; score a seed with: python {'toy.py' if preset == 'toy' else 'rewards.py'} eval --manifest " \
+            f"{args.manifest} --images {os.path.join(args.out_dir, str(seeds[0]))}" if args.manifest else ""
     print(f"wrote {written} samples to {os.path.join(args.out_dir, '<seed>')}, skipped {skipped} already there, "
-          f"{n_bad} bad records; score a seed with: python rewards.py eval (or toy.py eval) --manifest "
-          f"{args.manifest or 'M.jsonl'} --images {os.path.join(args.out_dir, str(seeds[0]))}", file=sys.stderr)
+          f"{n_bad} bad records{score}", file=sys.stderr)
     return 1 if n_bad else 0
 
 def file_name(key):
