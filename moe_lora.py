@@ -54,13 +54,14 @@ class LoRALinear(nn.Module):
         self.up = nn.Linear(rank, self.rows[1] - self.rows[0], bias=False, device=dev)  # B (D_out, r)
         nn.init.zeros_(self.up.weight)
         self.merged, self.enabled = False, True
+        self.strength = 1.0               # set_strength: 0 is the base model exactly, 1 the adapter as trained
 
     def delta(self, x):
-        return self.scale * self.up(self.down(as_input(x, self.down.weight)))
+        return self.strength * self.scale * self.up(self.down(as_input(x, self.down.weight)))
 
     def forward(self, x):
         y = self.base(x)
-        if self.merged or not self.enabled:
+        if self.merged or not self.enabled or self.strength == 0:    # 0 returns the base output untouched
             return y
         a, b = self.rows
         d = self.delta(x).to(y.dtype)
@@ -75,7 +76,8 @@ class LoRALinear(nn.Module):
             return
         a, b = self.rows
         W = self.base.weight
-        W[a:b] = (W[a:b].float() + sign * self.scale * (self.up.weight.float() @ self.down.weight.float())).to(W.dtype)
+        s = sign * self.strength * self.scale
+        W[a:b] = (W[a:b].float() + s * (self.up.weight.float() @ self.down.weight.float())).to(W.dtype)
         self.merged = sign > 0
 
     def unmerge(self):
@@ -101,7 +103,7 @@ class MoELoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.down.weight[e * rank:(e + 1) * rank], a=5 ** 0.5)
         nn.init.zeros_(self.up.weight)
         self.last_probs = self.last_idx = None           # for the balance loss (losses.py)
-        self.enabled = True
+        self.enabled, self.strength = True, 1.0          # strength: as LoRALinear's
         self.register_buffer("load", torch.zeros(n_experts), persistent=False)   # routed tokens per expert
 
     def route(self, x):
@@ -121,7 +123,7 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
-        if not self.enabled:
+        if not self.enabled or self.strength == 0:
             return y
         probs, w, idx = self.route(x)
         self.last_probs, self.last_idx = probs, idx
@@ -131,7 +133,7 @@ class MoELoRALinear(nn.Module):
         sparse = not x.is_meta and (self.dispatch == "sparse" or (self.dispatch == "auto" and self.E > self.top_k
                                                                    and self.rank >= 64))
         d = self._sparse(x, w, idx) if sparse else self._dense(x, w, idx)
-        return y + (self.scale * d).to(y.dtype)
+        return y + (self.strength * self.scale * d).to(y.dtype)
 
     def _dense(self, x, w, idx):
         # every expert on every token, masked by the gates: 2 GEMMs, cost grows with E (fine for small E*r)
@@ -271,6 +273,15 @@ def disabled(model):
     finally:
         for m in mods:
             m.enabled = True
+
+def set_strength(model, s):
+    """Every adapter's update times s (a LoRA weight, as UNO's lora_weight and diffusers' set_adapters give):
+    y = W x + s * (alpha/r) * B A x. 0 gives the frozen base exactly, 1 the adapter as trained. MoE-LoRA routes
+    as before and scales its experts' sum. Not on a merged LoRA: its update is inside the base weights."""
+    for name, m in adapters(model):
+        if getattr(m, "merged", False):
+            raise ValueError(f"{name}: unmerge the LoRA before changing its strength")
+        m.strength = float(s)
 
 def save_adapter(model, path, cfg, extra_meta=None):
     """Adapter tensors + config (in the safetensors header) written atomically: tmp file, then rename."""

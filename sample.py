@@ -1,58 +1,133 @@
 """
-Sample one image from FLUX + reference images (UNO-style sequence conditioning), as MultiCrafter does.
+Sample images from FLUX + reference images (UNO-style sequence conditioning), as MultiCrafter does.
 
-    python sample.py --model toy --refs cat.png dog.png --prompt "a cat and a dog" --out out.png
+    python sample.py --refs cat.png dog.png --prompt "a cat and a dog" --out out.png        # the shipped toy
     python sample.py --model flux-dev --refs a.png b.png --prompt "two friends at the beach" --seed 0 --save-attn
     python sample.py --model flux-schnell --refs a.png --prompt "a photo of the cat" --steps 4
-    python sample.py --model ckpt/dit.safetensors --arch flux-dev --refs a.png --prompt "..."
+    python sample.py --model ckpt/dit.safetensors --refs a.png --prompt "..."   # its preset read from its tensors
+    python sample.py --model runs/base/latest --lora runs/multi/latest/adapter.safetensors --lora-scale 0.7 ...
 
-Writes out.png, out.json (every argument plus the resolved seed/steps/size) and, with --save-attn,
-out_attn{i}.png: where reference i's tokens look in the generated image (MultiCrafter Fig. 2).
+One image: OUT.png, OUT.json (every argument plus the resolved seed/steps/size) and, with --save-attn,
+OUT_attn{i}.png: where reference i's tokens look in the generated image (MultiCrafter Fig. 2).
+
+A test set, the models loaded once:
+
+    python sample.py --manifest test.jsonl --out-dir samples --seeds 0 1 2
+    python sample.py --prompts prompts.txt --refs a.png b.png --out-dir samples --seeds 0
+
+writes samples/SEED/ID.png (+ ID.json, ID_attn{i}.png). ID is the record's "id", else its 0-based position
+among the manifest's records as 000000 (a prompts file: among its non-empty lines): the layout `rewards.py eval`
+and `toy.py eval` read, so scoring is one command per seed, `toy.py eval --manifest test.jsonl --images
+samples/0`. A sample already there is skipped (an interrupted run continues; one made with other settings is
+refused); a bad record is reported as manifest:line: field: why and skipped (exit status 1 at the end).
+
+A sample's files are written as one set: all under temporary names, then renamed, its PNG last (a PNG is only
+ever beside its own JSON and attention maps). A sample that is not finite (NaN or inf) is refused, naming why.
 The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
 src/flux/sampling.py); reading and preprocessing the reference images in data.py.
 """
-import argparse, json, os, secrets, sys
+import argparse, json, math, os, re, secrets, sys, tempfile
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import data as D
 import model as M
 import moe_lora as ML
 import toy
 
+MAX_STEPS = 1000          # the discretization diffusion models train with; FLUX samples with 4-50
+MAX_SEED = 2 ** 64 - 1    # torch.Generator's range
+MAX_TOKENS = 16384        # image + reference tokens of one sample (2048x2048 px for FLUX, trained up to ~2 MP)
+MAX_PROMPTS_BYTES = 16 << 20
+F32_MAX = torch.finfo(torch.float32).max    # a float flag reaches the model as fp32: 1e39 would be inf there
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):      # one line, like every other bad input (argparse prints its whole usage first)
+        self.exit(2, f"error: {message} (python sample.py --help)\n")
+
+def number(kind, lo=None, hi=None):
+    """An argparse type: `kind` (int or float), finite in fp32, within [lo, hi]; anything else is a usage error
+    before any work, not a traceback later (a seed past 2**64, --guidance nan, --lora-scale 1e39)."""
+    span = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else ""
+    span = f"a finite number {span}".strip() if kind is float else span
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}")
+        finite = kind is int or abs(v) <= F32_MAX           # NaN fails this too
+        if not finite or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text[:40]} is not {span}")
+        return v
+    return parse
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--refs", nargs="+", required=True, help="reference images, one per subject")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("inputs (one sample: --refs [--prompt]; a test set: --manifest, or --prompts with --refs)")
+    g.add_argument("--refs", nargs="+", default=None, help="reference images, one per subject")
     g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references when omitted "
                    "('a red solid circle and a blue striped square')")
-    g.add_argument("--ref-size", type=int, default=None, help="long side of each reference (px); default: the "
-                   "preset's, 320 flux, 16 toy")
+    g.add_argument("--manifest", default=None, help="a manifest (data.py): one sample per record and seed")
+    g.add_argument("--prompts", default=None, help="a text file, one prompt a line, all with --refs")
+    g.add_argument("--ref-size", type=number(int, 1), default=None, help="long side of each reference (px); default: "
+                   "the preset's, 320 flux, 16 toy")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="toy", help="toy | flux-dev | flux-schnell | PATH (a DiT .safetensors; "
-                   "a folder for --arch toy)")
-    g.add_argument("--arch", default="flux-dev", choices=sorted(M.CONFIGS), help="architecture of a --model PATH")
+    g.add_argument("--model", default="toy", help="toy | flux-dev | flux-schnell | PATH: a DiT .safetensors or a toy "
+                   "checkpoint folder (flux.safetensors + text_encoder.safetensors)")
+    g.add_argument("--arch", default=None, choices=sorted(M.CONFIGS), help="architecture of a --model PATH "
+                   "(default: the preset its tensors fit)")
     g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors "
                    "(replaces a toy folder's own adapter.safetensors)")
+    g.add_argument("--lora-scale", type=number(float), default=1.0, help="the adapter's strength: 0 the base "
+                   "model exactly, 1 as trained (default)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=int, default=None, help="default: 50 dev, 4 schnell, 20 toy")
-    g.add_argument("--guidance", type=float, default=None, help="distilled guidance (default: 3.5 flux, 1 toy, "
-                   "which trains with 1 as UNO does; ignored by schnell)")
-    g.add_argument("--seed", type=int, default=None, help="default: a random seed (saved in the JSON)")
-    g.add_argument("--width", type=int, default=None, help="default: 512 flux, 32 toy")
-    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--steps", type=number(int, 1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
+    g.add_argument("--guidance", type=number(float, 0), default=None, help="distilled guidance (default: 3.5 flux, "
+                   "1 toy, which trains with 1 as UNO does; ignored by schnell)")
+    g.add_argument("--seed", type=number(int, 0, MAX_SEED), default=None, help="default: a random seed (saved in "
+                   "the JSON)")
+    g.add_argument("--seeds", type=number(int, 0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
+                   "(default 0): one folder each")
+    g.add_argument("--width", type=number(int, 1), default=None, help="default: 512 flux, 32 toy")
+    g.add_argument("--height", type=number(int, 1), default=None)
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="out.png")
+    g.add_argument("--out", default=None, help="one sample's PNG (default out.png)")
+    g.add_argument("--out-dir", default=None, help="a test set's folder: OUT_DIR/SEED/ID.png")
     g.add_argument("--save-attn", action="store_true", help="also write one attention overlay per reference")
     return p
 
 # -----------------------------------------------------------------------------
-# models and outputs
+# models
+
+def toy_folder(name):
+    return M.TOY_DIR if name == "toy" else name
+
+def detect_arch(path):
+    """A --model PATH given without --arch -> the preset whose DiT its tensors fit, read from the header alone. A
+    folder is a toy checkpoint (its flux.safetensors), a file a DiT. None where nothing local is there to read."""
+    folder = os.path.isdir(path)
+    file = os.path.join(path, "flux.safetensors") if folder else path
+    if folder and not os.path.isfile(file):
+        if os.path.isfile(os.path.join(path, "adapter.safetensors")):   # a stage single/multi/RL checkpoint
+            raise M.CheckpointError(f"{path}: holds an adapter, not a model: pass --lora "
+                                    f"{os.path.join(path, 'adapter.safetensors')} and --model <the base it trained on>")
+        raise M.CheckpointError(f"{path}: no flux.safetensors (a toy checkpoint folder holds flux.safetensors and "
+                                f"text_encoder.safetensors)")
+    if not os.path.isfile(file):
+        return None
+    have = {k.removeprefix("model.diffusion_model."): shape for k, (shape, _) in M.read_header(file).items()}
+    for name, cfg in M.CONFIGS.items():
+        with torch.device("meta"):                       # shapes only: a flux-dev DiT costs nothing here
+            want = {k: tuple(v.shape) for k, v in M.Flux(cfg).state_dict().items()}
+        if want == have:
+            return name
+    return "toy" if folder else "flux-dev"               # fits none: the strict loader names what differs
 
 def load_models(name, arch, device, lora=None):
     """--model, --arch, --lora -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy
@@ -69,7 +144,7 @@ def load_models(name, arch, device, lora=None):
     else:
         torch.manual_seed(0)                                 # the random-weight fallback is reproducible
         flux, text, weights = M.Flux(cfg), M.ByteTextEncoder(cfg), "random"
-        folder = M.TOY_DIR if name == "toy" else name
+        folder = toy_folder(name)
         if not os.path.isdir(folder) and name != "toy":
             raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
         for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
@@ -87,6 +162,42 @@ def load_models(name, arch, device, lora=None):
         weights += f" + {lora}"
     return flux.eval(), ae, text, weights
 
+def not_finite(flux):
+    """Why this model cannot give a finite sample, or None: a weight that holds NaN/inf, or an adapter whose scale
+    (alpha / rank from its header, times --lora-scale) is not finite. Checked before sampling; cheap beside it."""
+    for name, m in ML.adapters(flux):
+        if not math.isfinite(m.scale * m.strength):
+            return f"the adapter at {name} has scale {m.scale * m.strength} (alpha {m.alpha} in its header, rank " \
+                   f"{m.rank}, --lora-scale {m.strength})"
+    for name, p in flux.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"weight {name} holds NaN or inf{' (a diverged adapter)' if '.base.' not in name else ''}"
+    return None
+
+def overflow_cause(flux):
+    """Finite weights, a sample that is not: the activations overflowed. Names the adapter with the largest update
+    bound |strength * alpha/r| * |B| * |A| (Frobenius norms, in fp64), the usual culprit."""
+    bounds = [(abs(m.strength * m.scale) * m.up.weight.double().norm().item() * m.down.weight.double().norm().item(), n)
+              for n, m in ML.adapters(flux)]
+    if not bounds:
+        return "the model's activations overflowed"
+    b, name = max(bounds)
+    return f"the activations overflowed; the largest adapter update (|scale| |B| |A|) is {b:.3g}, at {name}: an " \
+           f"adapter trained to divergence, or too large an alpha or --lora-scale"
+
+def ready_models(args, preset, run):
+    """The models, the adapter at --lora-scale -> ((flux, ae, text), where the weights came from); refused when they
+    cannot give a finite sample."""
+    flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora)
+    ML.set_strength(flux, args.lora_scale)
+    why = not_finite(flux)
+    if why:
+        raise D.InputError(f"nothing sampled: {why}")
+    return (flux, ae, text), weights
+
+# -----------------------------------------------------------------------------
+# outputs
+
 JET = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]]) * 255
 
 def attention_overlays(image, maps, h_tok, w_tok):
@@ -99,72 +210,333 @@ def attention_overlays(image, maps, h_tok, w_tok):
     heat = [np.stack([np.interp(m, stops, JET[:, c]) for c in range(3)], -1) for m in a]   # (H, W, 3) each
     return [Image.fromarray((0.5 * base + 0.5 * h).round().astype(np.uint8)) for h in heat]
 
-# -----------------------------------------------------------------------------
+def check_writable(folder):
+    """Fail before any work where `folder` cannot be written, creating nothing: a temporary file in it, or in its
+    nearest existing ancestor (the rest is made when the first sample is written)."""
+    top = os.path.abspath(folder)
+    while not os.path.exists(top):
+        top = os.path.dirname(top)
+    try:
+        if not os.path.isdir(top):
+            raise NotADirectoryError(f"{top} is a file")
+        fd, tmp = tempfile.mkstemp(dir=top, prefix=".tmp-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise D.InputError(f"{folder}: cannot write there ({e.strerror or e})") from None
 
-def generate(args):
-    # 1. validate everything cheap before loading any weights; nothing is written if an input is bad
+def write_set(files):
+    """files {path: write(fh)}, the PNG first: every file written under a temporary name, then renamed, the PNG
+    last and an earlier one removed first, so a PNG stands only beside its own JSON and attention maps (a kill
+    half-way leaves no PNG: a batch run redoes that sample). Attention maps an earlier sample of the same name
+    left (it had more references, or --save-attn) are removed. A full disk: one InputError, no temporary left."""
+    png = next(iter(files))
+    folder, stem = os.path.split(os.path.abspath(os.path.splitext(png)[0]))
+    os.makedirs(folder, exist_ok=True)
+    tmps = {}
+    try:
+        for path, write in files.items():
+            fd, tmps[path] = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.chmod(tmps[path], 0o644)
+    except BaseException as e:                               # a full disk, Ctrl-C: no temporary stays behind
+        for t in tmps.values():
+            os.unlink(t)
+        if isinstance(e, OSError):
+            raise D.InputError(f"{path}: cannot write ({e.strerror or e}); nothing of this sample written") from None
+        raise
+    new = set(map(os.path.abspath, files))
+    stale = [os.path.join(folder, f) for f in os.listdir(folder)
+             if re.fullmatch(re.escape(stem) + r"_attn\d+\.png", f) and os.path.join(folder, f) not in new]
+    for f in [png, *stale]:                                  # the PNG first: no PNG until the set is whole again
+        if os.path.lexists(f):
+            os.unlink(f)
+    for path in [*list(files)[1:], png]:
+        os.replace(tmps[path], path)
+
+def sample_one(models, run, prompt, refs, seed, png, meta, progress=True):
+    """One sample (refs: preprocessed PIL images) -> png, its JSON (meta + what was resolved) and, with --save-attn,
+    one overlay per reference, written as one set. A sample that is not finite is refused before anything is written."""
+    flux, ae, text = models
+    cfg, W, H = flux.cfg, run["width"], run["height"]
+    inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, run["pe"], run["device"])
+    timesteps = M.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
+    probe = M.AttentionProbe() if run["save_attn"] else None
+    x = M.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress)
+    if not torch.isfinite(x).all():                          # decoded, NaN becomes a black PNG
+        raise D.InputError(f"{png}: not written: the sample is not finite (NaN/inf): {overflow_cause(flux)}")
+    image = M.decode_images(ae, x, H, W)[0]
+    stem = os.path.splitext(png)[0]
+    files = {png: lambda fh: image.save(fh, format="PNG")}
+    if probe is not None:
+        maps = probe.mean_map()[0].cpu()                                                   # (N_refs, H/2f * W/2f)
+        for i, over in enumerate(attention_overlays(image, maps, H // cfg.token_px, W // cfg.token_px)):
+            files[f"{stem}_attn{i}.png"] = lambda fh, im=over: im.save(fh, format="PNG")
+    meta = dict(meta, prompt=prompt, seed=seed, ref_sizes=[r.size for r in refs], files=list(files))
+    files[stem + ".json"] = lambda fh: fh.write(json.dumps(meta, indent=2).encode())
+    write_set(files)
+    return list(files)
+
+# -----------------------------------------------------------------------------
+# settings and inputs, all checked before any weights load
+
+def resolve_run(args):
+    """The flags -> (preset, the resolved settings every sample shares). Nothing is loaded or written."""
+    if args.model not in M.CONFIGS and args.arch is None:    # the JSON records what was detected
+        args.arch = detect_arch(args.model) or "flux-dev"
     preset = args.model if args.model in M.CONFIGS else args.arch
     cfg = M.get_config(preset)
     mult = cfg.token_px
     pick = lambda value, default: default if value is None else value      # 0 is a value, not "unset"
-    steps, ref_size, seed = pick(args.steps, cfg.sample_steps), pick(args.ref_size, cfg.ref_size), args.seed
-    guidance = pick(args.guidance, cfg.guidance)
-    seed = secrets.randbelow(2 ** 31) if seed is None else seed
     W, H = (pick(args.width, cfg.image_size) // mult * mult, pick(args.height, cfg.image_size) // mult * mult)  # BFL rounds down
-    if steps < 1 or W < mult or H < mult or ref_size < mult:
-        raise D.InputError(f"need --steps >= 1 and --width, --height, --ref-size >= {mult} px for {preset}")
-    if args.prompt is None and preset != "toy":
-        raise D.InputError(f"--prompt is required for {preset}")
-    if args.prompt is not None and not D.utf8(args.prompt):
-        raise D.InputError("--prompt: not valid UTF-8 text (the shell passed bytes in another encoding)")
-    if not args.out.lower().endswith(".png"):
-        raise D.InputError(f"{args.out}: the output must be a .png file")
+    ref_size = pick(args.ref_size, cfg.ref_size)
+    if W < mult or H < mult or ref_size < mult:
+        raise D.InputError(f"need --width, --height, --ref-size >= {mult} px for {preset}")
     try:
         device = torch.device(args.device) if args.device else M.default_device()
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise D.InputError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
-    if len(args.refs) > D.MAX_REFS:
-        raise D.InputError(f"--refs: {len(args.refs)} references, more than {D.MAX_REFS}")
-    ref_size = ref_size // mult * mult                                     # whole tokens
-    images = [D.load_image(p) for p in args.refs]
-    refs = [D.preprocess_ref(im, ref_size) for im in images]
-    prompt = args.prompt if args.prompt is not None else toy.default_prompt(images, args.refs)
     if args.lora:
         D.check_file(args.lora)
+    own = preset == "toy" and os.path.isfile(os.path.join(toy_folder(args.model), "adapter.safetensors"))
+    if args.lora_scale != 1 and not (args.lora or own):
+        raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
+    return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
+                        guidance=pick(args.guidance, cfg.guidance), pe=args.pe, device=device,
+                        save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset)
 
-    # 2. models, inputs, sampling
-    flux, ae, text, weights = load_models(args.model, args.arch, device, args.lora)
-    cfg = flux.cfg
-    inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, args.pe, device)
-    timesteps = M.get_schedule(steps, inp["img"].shape[1], shift=cfg.shift_schedule)
-    probe = M.AttentionProbe() if args.save_attn else None
-    x = M.denoise(flux, **inp, timesteps=timesteps, guidance=guidance, probe=probe)
-    image = M.decode_images(ae, x, H, W)[0]
+def check_tokens(run, n_refs, mult):
+    # the sequence's length decides memory: refused before a reference is resized or a latent allocated
+    W, H, r = run["width"], run["height"], run["ref_size"]
+    n = (W // mult) * (H // mult) + n_refs * (r // mult) ** 2
+    if n > MAX_TOKENS:
+        raise D.InputError(f"{W}x{H} px and {n_refs} reference(s) of {r} px make {n} image and reference tokens, more than "
+                           f"{MAX_TOKENS} (at {mult} px per token; lower --width/--height/--ref-size)")
 
-    # 3. outputs: the image, its settings, the attention overlays
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    stem, files = os.path.splitext(args.out)[0], [args.out]
-    if probe is not None:
-        maps = probe.mean_map()[0].cpu()                                                   # (N_refs, H/2f * W/2f)
-        tok = cfg.token_px
-        for i, over in enumerate(attention_overlays(image, maps, H // tok, W // tok)):
-            files.append(f"{stem}_attn{i}.png")
-            D.write_atomic(files[-1], lambda fh, im=over: im.save(fh, format="PNG"))
-    meta = dict(vars(args), prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=W, height=H,
-                ref_size=ref_size, arch=preset, weights=weights, device=str(device), ref_sizes=[r.size for r in refs],
-                files=files)
-    D.write_atomic(stem + ".json", lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    D.write_atomic(args.out, lambda fh: image.save(fh, format="PNG"))
-    print(f"wrote {', '.join(files)} and {stem}.json (seed {seed})", file=sys.stderr)
+def not_sprites(paths_images):
+    # the references the toy's classifier does not recognise as one of its sprites (photos, drawings, noise)
+    out = []
+    for p, im in paths_images:
+        try:
+            toy.default_prompt([im], [p])
+        except D.InputError:
+            out.append(p)
+    return out
+
+def toy_note(run, photos):
+    """The one line the toy says when it is asked for what it never saw: other sizes than it trained on, or
+    references that are not its sprites; None when it was not."""
+    cfg, outside = M.get_config("toy"), []
+    if (run["width"], run["height"]) != (cfg.image_size, cfg.image_size):
+        outside.append(f"{run['width']}x{run['height']} images")
+    if run["ref_size"] != cfg.ref_size:
+        outside.append(f"{run['ref_size']} px references")
+    if photos:
+        outside.append(f"{', '.join(photos[:3])}{' and more' if len(photos) > 3 else ''} (not a sprite)")
+    if not outside:
+        return None
+    return f"note: the toy was trained on {cfg.image_size}x{cfg.image_size} images with {cfg.ref_size} px sprite " \
+           f"references, not {' or '.join(outside)}: expect noise"
+
+def load_refs(paths, run, mult):
+    if len(paths) > D.MAX_REFS:
+        raise D.InputError(f"--refs: {len(paths)} references, more than {D.MAX_REFS}")
+    check_tokens(run, len(paths), mult)
+    images = [D.load_image(p) for p in paths]
+    return images, [D.preprocess_ref(im, run["ref_size"]) for im in images]
+
+def prompts_file(path):
+    """A prompts file -> ([(line, index among the non-empty lines, prompt)], [(line, why)] of the bad lines): a bad
+    line keeps its index, so fixing it later renames no other sample."""
+    D.check_file(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_PROMPTS_BYTES + 1)
+    if len(data) > MAX_PROMPTS_BYTES:
+        raise D.InputError(f"{path}: more than {MAX_PROMPTS_BYTES >> 20} MB: not a prompts file")
+    good, bad = [], []
+    lines = [(line, raw) for line, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1) if raw.strip()]
+    for i, (line, raw) in enumerate(lines):
+        try:
+            good.append((line, i, raw.decode("utf-8").strip()))
+        except UnicodeDecodeError as e:
+            bad.append((line, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
+    return good, bad
+
+# -----------------------------------------------------------------------------
+
+def generate(args):
+    # 1. validate everything cheap before loading any weights; nothing is written if an input is bad
+    if args.manifest or args.prompts:
+        return generate_set(args)
+    for flag, what in (("seeds", "--seeds: one sample takes --seed (--seeds is for --manifest/--prompts)"),
+                       ("out_dir", "--out-dir: for --manifest/--prompts (one sample takes --out)")):
+        if getattr(args, flag) is not None:
+            raise D.InputError(what)
+    if not args.refs:
+        raise D.InputError("--refs (or --manifest, or --prompts with --refs) is required")
+    preset, run = resolve_run(args)
+    seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
+    out = args.out or "out.png"
+    if args.prompt is None and preset != "toy":
+        raise D.InputError(f"--prompt is required for {preset}")
+    if args.prompt is not None and not D.utf8(args.prompt):
+        raise D.InputError("--prompt: not valid UTF-8 text (the shell passed bytes in another encoding)")
+    if not out.lower().endswith(".png") or os.path.isdir(out):
+        raise D.InputError(f"{out}: the output must be a .png file")
+    mult = M.get_config(preset).token_px
+    images, refs = load_refs(args.refs, run, mult)
+    prompt = args.prompt if args.prompt is not None else toy.default_prompt(images, args.refs)
+    note = toy_note(run, not_sprites(zip(args.refs, images))) if preset == "toy" else None
+    check_writable(os.path.dirname(os.path.abspath(out)))
+
+    # 2. the models, the sample, its files
+    (flux, ae, text), weights = ready_models(args, preset, run)
+    if note:
+        print(note, file=sys.stderr)
+    meta = dict(settings(args, run), out=out, weights=weights, refs=args.refs)
+    files = sample_one((flux, ae, text), run, prompt, refs, seed, out, meta)
+    print(f"wrote {', '.join(files)} (seed {seed})", file=sys.stderr)
+    return 0
+
+def settings(args, run):
+    # what a sample's JSON records: every argument, with what was resolved in place of the defaults
+    return {**vars(args), **run, "device": str(run["device"])}
+
+SAME = ("model", "arch", "lora", "lora_scale", "steps", "guidance", "width", "height", "ref_size", "pe", "prompt",
+        "refs", "save_attn", "seed")     # what makes two samples of one name the same sample
+
+def generate_set(args):
+    """--manifest / --prompts: one sample per record and seed into OUT_DIR/SEED/ID.png, the models loaded once."""
+    for flag in ("seed", "out", "prompt"):
+        if getattr(args, flag) is not None:
+            raise D.InputError(f"--{flag}: not with --manifest/--prompts (a test set takes --seeds, --out-dir, "
+                               f"and prompts from its file)")
+    if bool(args.manifest) == bool(args.prompts) or bool(args.prompts) != bool(args.refs):
+        raise D.InputError("a test set is --manifest M.jsonl, or --prompts P.txt with --refs")
+    if not args.out_dir:
+        raise D.InputError("--out-dir is required with --manifest/--prompts")
+    preset, run = resolve_run(args)
+    mult, seeds = M.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
+    # every record checked first; a bad one is a finding (source:line: field: why), not the end of the run
+    jobs, bad, names = [], [], {}
+    if args.manifest:
+        records, problems = D.read_manifest(args.manifest)
+        bad += [(line, f"{field}: {why}") for line, field, why in problems]
+        root = os.path.dirname(os.path.abspath(args.manifest))
+        for i, (line, rec, why) in enumerate(D.validate_all(records, root, deep=False)):
+            if rec is None:
+                bad.append((line, "; ".join(f"{f}: {w}" for f, w in why)))
+                continue
+            name = file_name(rec["id"]) if rec["id"] is not None else f"{i:06d}"     # as rewards.py eval reads them
+            if name is None:
+                bad.append((line, "id: too long to name a file"))
+                continue
+            jobs.append(dict(line=line, id=name, prompt=rec["prompt"], refs=rec["refs"]))
+    else:
+        lines, bad = prompts_file(args.prompts)
+        jobs = [dict(line=line, id=f"{i:06d}", prompt=text, refs=args.refs) for line, i, text in lines]
+        images, refs = load_refs(args.refs, run, mult)       # shared: a bad one ends the run
+    source = args.manifest or args.prompts
+    kept = []
+    for job in jobs:
+        try:
+            if job["id"] in names:                           # "3" and 3, or an id that is another record's position
+                raise D.InputError(f"id: its output {job['id']}.png is also line {names[job['id']]}'s")
+            check_tokens(run, len(job["refs"]), mult)
+        except D.InputError as e:
+            bad.append((job["line"], str(e)))
+            continue
+        names[job["id"]] = job["line"]
+        kept.append(job)
+    for line, why in sorted(bad):
+        print(f"{source}:{line}: {why}", file=sys.stderr)
+
+    # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
+    meta = settings(args, run)
+    todo = []
+    for job in kept:
+        for seed in seeds:
+            png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
+            want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"], line=job["line"])
+            if os.path.exists(png):
+                have = earlier(png)
+                diff = [k for k in SAME if have.get(k) != want.get(k)]
+                if diff:
+                    raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass another "
+                                       f"--out-dir, or remove it")
+                continue
+            todo.append((job, seed, png, want))
+    check_writable(args.out_dir)
+    skipped = len(kept) * len(seeds) - len(todo)
+
+    # the models once (if anything is left to do), then every sample not there yet
+    (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
+    photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
+    written, failed, loaded = 0, set(), None
+    for job, seed, png, want in tqdm(todo, desc="samples", disable=not todo):
+        if args.manifest and loaded != job["line"]:                     # a record's references, once for its seeds
+            first, loaded = loaded is None, job["line"]
+            try:
+                images, refs = load_refs(job["refs"], run, mult)
+            except D.InputError as e:                                   # checking read only their headers
+                images = refs = None
+                failed.add(job["line"])
+                tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
+            if refs and preset == "toy" and first:      # the first record's: 0.1 s a check, and a set's are alike
+                photos = not_sprites(zip(job["refs"], images))
+        if refs is None:
+            continue
+        sample_one((flux, ae, text), run, job["prompt"], refs, seed, png, dict(want, weights=weights), progress=False)
+        written += 1
+    note = toy_note(run, photos) if preset == "toy" else None
+    if note:
+        print(note, file=sys.stderr)
+    n_bad = len({line for line, _ in bad} | failed)
+    score = f"; score a seed with: python {'toy.py' if preset == 'toy' else 'rewards.py'} eval --manifest " \
+            f"{args.manifest} --images {os.path.join(args.out_dir, str(seeds[0]))}" if args.manifest else ""
+    print(f"wrote {written} samples to {os.path.join(args.out_dir, '<seed>')}, skipped {skipped} already there, "
+          f"{n_bad} bad records{score}", file=sys.stderr)
+    return 1 if n_bad else 0
+
+def file_name(key):
+    # a record's id -> its sample's file name, None when it cannot be one (an integer of thousands of digits)
+    try:
+        name = str(key)
+    except ValueError:                                       # past Python's int -> str digit limit
+        return None
+    return name if len(name) <= 200 else None
+
+def earlier(png):
+    # the settings an existing sample was made with, from its JSON (no JSON: not ours, or torn: refuse)
+    try:
+        with open(os.path.splitext(png)[0] + ".json", "rb") as f:
+            have = json.loads(f.read())
+    except (OSError, ValueError):
+        have = None
+    if not isinstance(have, dict):
+        raise D.InputError(f"{png}: exists without a readable JSON beside it (not written by sample.py?): pass "
+                           f"another --out-dir, or remove it")
+    return have
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        generate(args)
-    except (D.InputError, M.CheckpointError) as e:   # user mistakes: one line, no traceback
+        status = generate(args)
+    except (D.InputError, D.DataError, M.CheckpointError, OSError) as e:   # user mistakes: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (torch.OutOfMemoryError, MemoryError):
+        print(f"error: out of {'GPU ' if torch.cuda.is_available() else ''}memory: lower --width/--height/--ref-size "
+              f"or pass fewer references", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:       # every sample on disk is whole (write_set): the same command continues a set
+        print("interrupted: the samples written so far are whole; the same command continues a test set",
+              file=sys.stderr)
+        sys.exit(130)
+    if status:
+        sys.exit(status)
     return 0
 
 if __name__ == "__main__":

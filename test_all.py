@@ -2984,3 +2984,229 @@ def test_a_cache_index_that_is_not_one_is_one_line(tmp_path, index):
     with pytest.raises(D.DataError, match="not a cache") as e:
         D.CachedDataset(str(tmp_path), pixels=True)
     assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
+# sample.py: batch sampling, strength, bad sample input
+
+import errno
+
+def toy_base(folder):
+    """The shipped toy base without its adapter (the frozen model an adapter's strength 0 must give back)."""
+    os.makedirs(folder, exist_ok=True)
+    for f in ("flux.safetensors", "text_encoder.safetensors"):
+        shutil.copy(os.path.join(M.TOY_DIR, f), os.path.join(folder, f))
+    return str(folder)
+
+def sample_fails(capsys, *argv):
+    """sample.py argv -> its error line; it must be its one error, its last line, with exit status 2 and no traceback
+    (a progress bar may come before it)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    lines = err.strip().split("\n")
+    assert e.value.code == 2 and lines[-1].startswith("error:") and err.count("error:") == 1, err
+    assert "Traceback" not in err
+    return lines[-1]
+
+def test_lora_strength_zero_is_the_base_and_s_scales_the_update_by_hand():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 9))
+    x = torch.randn(5, 8)
+    base = net(x)
+    lora, moe = ML.LoRALinear(net[0], rank=2, alpha=4.0), ML.MoELoRALinear(net[1], n_experts=3, rank=2, alpha=1.0)
+    net[0], net[1] = lora, moe
+    for m in (lora, moe):
+        torch.nn.init.normal_(m.up.weight)
+        torch.nn.init.normal_(m.down.weight)
+    ML.set_strength(net, 0.0)
+    assert torch.equal(net(x), base)                                  # bit for bit: the adapter-free model
+    s = 0.3
+    ML.set_strength(net, s)
+    h = net[0].base(x) + s * (4.0 / 2) * x @ lora.down.weight.T @ lora.up.weight.T       # W x + s (alpha/r) B A x
+    torch.testing.assert_close(lora(x), h)
+    e = (h @ moe.router.weight.T).argmax(-1)                          # top-1: the gate is exactly 1
+    A, B = moe.down.weight.view(3, 2, 6), moe.up.weight.view(9, 3, 2)
+    want = torch.stack([net[1].base(h[i]) + s * (1.0 / 2) * B[:, e[i]] @ (A[e[i]] @ h[i]) for i in range(5)])
+    torch.testing.assert_close(net(x), want)
+    lora.merge()
+    with pytest.raises(ValueError):                                   # a merged LoRA's update is in the weights
+        ML.set_strength(net, 1.0)
+
+def test_sample_lora_scale_zero_is_the_base_and_one_is_the_default(tmp_path, capsys):
+    base = toy_base(tmp_path / "base")
+    common = ["--refs", *DEMO, "--steps", "2", "--seed", "3"]
+    main(common + ["--model", base, "--out", str(tmp_path / "base.png")])
+    for scale in ("0", "1", "0.5"):
+        main(common + ["--model", M.TOY_DIR, "--lora-scale", scale, "--out", str(tmp_path / f"s{scale}.png")])
+    main(common + ["--out", str(tmp_path / "default.png")])
+    png = lambda n: (tmp_path / f"{n}.png").read_bytes()
+    assert png("s0") == png("base") and png("s1") == png("default") and png("s0.5") not in (png("s0"), png("s1"))
+    assert json.loads((tmp_path / "s0.5.json").read_text())["lora_scale"] == 0.5
+    assert "no adapter" in sample_fails(capsys, *common, "--model", base, "--lora-scale", "0.5",
+                                        "--out", str(tmp_path / "x.png"))
+
+def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_path, capsys):
+    manifest = toy.write_toy(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
+    recs = [json.loads(l) for l in open(manifest)]
+    plain = dict(recs[0], prompt="a pink checked cross")
+    del plain["id"]
+    lines = [json.dumps(recs[0]), json.dumps(recs[1]), '{"prompt": "no refs"}', json.dumps(plain)]
+    with open(manifest, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    out, root = tmp_path / "set", os.path.dirname(manifest)
+    batch = ["--manifest", manifest, "--out-dir", str(out), "--seeds", "0", "4", "--steps", "2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                              # a bad record: exit 1, the others sampled
+        main(batch)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and [l for l in err.splitlines() if l.startswith(manifest)] == \
+        [f"{manifest}:3: refs: missing or not a non-empty list of paths"]
+    names = [recs[0]["id"], recs[1]["id"], "000003"]                  # an id, else the position among the records
+    assert sorted(os.listdir(out)) == ["0", "4"] and all(
+        sorted(f for f in os.listdir(out / s) if f.endswith(".png")) == sorted(f"{n}.png" for n in names) for s in "04")
+    for rec, name in zip([recs[0], recs[1], plain], names):
+        for seed in ("0", "4"):                                       # the single-sample command, byte for byte
+            one = tmp_path / f"one_{name}_{seed}.png"
+            main(["--refs", *[os.path.join(root, r) for r in rec["refs"]], "--prompt", rec["prompt"], "--seed", seed,
+                  "--steps", "2", "--out", str(one)])
+            assert one.read_bytes() == (out / seed / f"{name}.png").read_bytes()
+    stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("*/*")}
+    os.unlink(out / "4" / "000003.png")                               # as if killed before that sample's PNG
+    with pytest.raises(SystemExit):
+        main(batch)
+    err = capsys.readouterr().err
+    assert "wrote 1 samples" in err and "skipped 5 already there" in err
+    redone = {out / "4" / "000003.png", out / "4" / "000003.json"}
+    assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p not in redone)
+    assert (out / "4" / "000003.png").read_bytes() == (tmp_path / "one_000003_4.png").read_bytes()
+    assert toy.main(["eval", "--manifest", manifest, "--images", str(out / "4")]) == 0     # generate, then score
+    metrics = json.loads((out / "4" / "metrics.json").read_text())
+    assert metrics["n"] == 3 and metrics["missing"] == []
+    with pytest.raises(SystemExit) as e:                              # never mixed with another run's samples
+        main(batch[:-1] + ["3"])
+    assert e.value.code == 2 and "other settings (steps differ)" in capsys.readouterr().err.splitlines()[-1]
+    (tmp_path / "p.txt").write_bytes(b"a red ball\n\n\xff bad\na blue box\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--prompts", str(tmp_path / "p.txt"), "--refs", DEMO[0], "--out-dir", str(tmp_path / "pp"),
+              "--seeds", "1", "--steps", "2"])
+    assert e.value.code == 1 and f"p.txt:3: not UTF-8" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000002.json", "000002.png"]
+    main(["--refs", DEMO[0], "--prompt", "a blue box", "--seed", "1", "--steps", "2", "--out", str(tmp_path / "b.png")])
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "pp" / "1" / "000002.png").read_bytes()
+
+def toy_adapter(path, alpha=None, up_times=1.0, fill=None):
+    """A rank-4 LoRA + MoE-LoRA adapter for the toy, with a chosen header alpha and its up weights scaled (a
+    diverged one) or filled (NaN)."""
+    f = M.Flux(M.get_config("toy"))
+    acfg = ML.inject(f, rank=4, alpha=alpha)
+    torch.manual_seed(0)
+    for _, m in ML.adapters(f):
+        torch.nn.init.normal_(m.up.weight, std=0.05)
+        with torch.no_grad():
+            m.up.weight.mul_(up_times)
+            if fill is not None:
+                m.up.weight[0, 0] = fill
+    ML.save_adapter(f, str(path), acfg)
+    return str(path)
+
+@pytest.mark.parametrize("case,why", [("alpha nan", "alpha"), ("alpha 1e30", "alpha"), ("diverged", "overflowed"),
+                                      ("nan weights", "nan")])
+def test_sample_refuses_a_sample_that_is_not_finite(tmp_path, capsys, case, why):
+    kw = {"alpha nan": dict(alpha=float("nan")), "alpha 1e30": dict(alpha=1e30), "diverged": dict(up_times=1e20),
+          "nan weights": dict(fill=float("nan"))}[case]
+    lora, out = toy_adapter(tmp_path / "a.safetensors", **kw), tmp_path / "out"
+    err = sample_fails(capsys, "--model", toy_base(tmp_path / "base"), "--lora", lora, "--refs", DEMO[0],
+                       "--prompt", "x", "--steps", "2", "--seed", "0", "--out", str(out / "x.png"))
+    assert why in err.lower(), err
+    assert not out.exists() or os.listdir(out) == []                 # no black PNG, no JSON
+
+@pytest.mark.parametrize("flag,value", [("--guidance", "nan"), ("--guidance", "inf"), ("--guidance", "-1"),
+                                        ("--lora-scale", "nan"), ("--lora-scale", "1e39"), ("--seed", str(2 ** 64)),
+                                        ("--seed", "-1"), ("--seeds", str(2 ** 64)), ("--steps", "0"),
+                                        ("--steps", "1000000"), ("--width", "0"), ("--ref-size", "1e3")])
+def test_sample_flags_out_of_range_are_usage_errors(tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.setattr(S, "load_models", None)                      # refused before any work
+    err = sample_fails(capsys, "--refs", DEMO[0], flag, value, "--out", str(tmp_path / "x.png"))
+    assert f"argument {flag}: " in err and os.listdir(tmp_path) == []
+
+@pytest.mark.parametrize("flags", [["--width", "100000"], ["--height", "100000"], ["--ref-size", "100000"],
+                                   ["--width", "2048", "--height", "2048", "--model", "flux-dev", "--prompt", "x"],
+                                   ["--ref-size", "1024", "--model", "flux-schnell", "--prompt", "x"]])
+def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatch, flags):
+    def allocated(*a, **k):
+        raise AssertionError("allocated before the size was checked")
+    for mod, name in ((D, "preprocess_ref"), (M, "get_noise"), (S, "load_models")):
+        monkeypatch.setattr(mod, name, allocated)
+    extra = [DEMO[0]] * (8 if "1024" in flags else 1)                 # 8 references of 1024 px: 32768 tokens
+    err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
+    assert f"more than {S.MAX_TOKENS}" in err and os.listdir(tmp_path) == []
+
+def test_sample_checks_out_first_and_writes_a_sample_as_one_set(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    with monkeypatch.context() as mp:
+        mp.setattr(S, "load_models", None)                            # the check comes before any work
+        assert "cannot write" in sample_fails(capsys, "--refs", DEMO[0], "--out", str(tmp_path / "file" / "x.png"))
+    three, out = DEMO + ["assets/yellow_dotted_triangle.png"], tmp_path / "o" / "x.png"
+    run = lambda refs, *extra: main(["--refs", *refs, "--steps", "2", "--seed", "0", "--out", str(out), *extra])
+    listing = lambda: sorted(os.listdir(out.parent))
+    run(three, "--save-attn")
+    assert listing() == ["x.json", "x.png", "x_attn0.png", "x_attn1.png", "x_attn2.png"]
+    run(DEMO[:1], "--save-attn")                                      # an earlier sample's maps are not left beside it
+    assert listing() == ["x.json", "x.png", "x_attn0.png"]
+    assert json.loads((tmp_path / "o" / "x.json").read_text())["files"] == [str(out), str(out.parent / "x_attn0.png")]
+    before = {f: (out.parent / f).read_bytes() for f in listing()}
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(S.json, "dumps", full)                        # the disk fills while the set is written
+    err = sample_fails(capsys, "--refs", *three, "--steps", "2", "--seed", "1", "--save-attn", "--out", str(out))
+    assert "No space left on device" in err
+    assert {f: (out.parent / f).read_bytes() for f in listing()} == before      # the earlier set whole, no temporary
+
+def test_sample_detects_a_model_folder_and_notes_what_the_toy_never_saw(tmp_path, capsys):
+    base = toy_base(tmp_path / "base")
+    common = ["--refs", *DEMO, "--steps", "2", "--seed", "0"]
+    main(common + ["--model", base, "--out", str(tmp_path / "found.png")])             # no --arch: its kind from its files
+    main(common + ["--model", base, "--arch", "toy", "--out", str(tmp_path / "told.png")])
+    assert (tmp_path / "found.png").read_bytes() == (tmp_path / "told.png").read_bytes()
+    assert json.loads((tmp_path / "found.json").read_text())["arch"] == "toy"
+    os.makedirs(tmp_path / "run")
+    shutil.copy(os.path.join(M.TOY_DIR, "adapter.safetensors"), tmp_path / "run")
+    assert "holds an adapter" in sample_fails(capsys, *common, "--model", str(tmp_path / "run"),
+                                              "--out", str(tmp_path / "x.png"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    for extra, said in (([], None), (["--width", "64"], "64x32 images"), (["--ref-size", "32"], "32 px references"),
+                        (["--refs", str(tmp_path / "photo.jpg"), "--prompt", "a cat"], "photo.jpg (not a sprite)")):
+        capsys.readouterr()
+        main(common + extra + ["--out", str(tmp_path / "n.png")])
+        notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note:")]
+        assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0]), notes
+
+def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_is_written(tmp_path, capsys, monkeypatch):
+    ref = os.path.abspath(DEMO[0])
+    shutil.copy(ref, tmp_path / "r.png")
+    rec = lambda **kw: json.dumps(dict(prompt="a red solid circle", refs=["r.png"], **kw))
+    manifest = tmp_path / "m.jsonl"                          # line 2: no id, position 1 -> "000001", as line 3's id
+    manifest.write_text("\n".join([rec(id=7), rec(), rec(id="000001"), rec(id="7"), rec(id=10 ** 300),
+                                   rec(id="ok")]) + "\n")
+    batch = ["--manifest", str(manifest), "--out-dir", str(tmp_path / "s"), "--steps", "1"]
+    calls = []
+    def interrupted(*a, **k):                                # Ctrl-C during the second sample
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    real = M.denoise
+    monkeypatch.setattr(M, "denoise", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(batch)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted" in err.splitlines()[-1] and "Traceback" not in err
+    assert [l.split(": ", 1)[0] for l in err.splitlines() if l.startswith(str(manifest))] == \
+        [f"{manifest}:{n}" for n in (3, 4, 5)]                   # each a finding; none overwrites another's sample
+    assert sorted(os.listdir(tmp_path / "s" / "0")) == ["7.json", "7.png"]
+    monkeypatch.setattr(M, "denoise", real)
+    with pytest.raises(SystemExit) as e:
+        main(batch)
+    assert e.value.code == 1 and "wrote 2 samples" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "s" / "0")) == ["000001.json", "000001.png", "7.json", "7.png", "ok.json",
+                                                         "ok.png"]
