@@ -2984,6 +2984,8 @@ def test_a_cache_index_that_is_not_one_is_one_line(tmp_path, index):
     with pytest.raises(D.DataError, match="not a cache") as e:
         D.CachedDataset(str(tmp_path), pixels=True)
     assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
+
+# -----------------------------------------------------------------------------
 # sample.py: batch sampling, strength, bad sample input
 
 import errno
