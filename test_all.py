@@ -3099,7 +3099,9 @@ def toy_adapter(path, alpha=None, up_times=1.0, fill=None):
     """A rank-4 LoRA + MoE-LoRA adapter for the toy, with a chosen header alpha and its up weights scaled (a
     diverged one) or filled (NaN)."""
     f = M.Flux(M.get_config("toy"))
-    acfg = ML.inject(f, rank=4, alpha=alpha)
+    finite = alpha is None or math.isfinite(alpha)
+    acfg = ML.inject(f, rank=4, alpha=alpha if finite else None)
+    acfg["alpha"] = alpha                                     # a header inject itself refuses (NaN) is written as is
     torch.manual_seed(0)
     for _, m in ML.adapters(f):
         torch.nn.init.normal_(m.up.weight, std=0.05)
