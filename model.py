@@ -20,7 +20,7 @@ import glob
 import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -831,6 +831,22 @@ def resolve_file(path_or_repo, filename):
     -> its local path."""
     return check_weights([Weight(filename, path_or_repo, filename, "--model")])[0]
 
+def save_safetensors(tensors, path, metadata=None):
+    """tensors -> path as safetensors, atomically (a temporary name, then rename), readable like any file the user
+    creates: safetensors >= 0.7 writes mode 0600, which hides checkpoints from the user's group."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)                                  # reading the umask means setting it: put it straight back
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -931,6 +947,85 @@ def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         ae = AutoEncoder(cfg.ae)
     return load_state_dict_strict(ae, path, device, dtype).eval()
+
+# -----------------------------------------------------------------------------
+# low-VRAM inference: a model on the GPU only while it runs, the DiT's blocks streamed one at a time, fp8 weights
+
+@contextmanager
+def resident(module, device, home="cpu"):
+    """`module` on `device` inside the block, back on `home` after: the text encoders and the AE each occupy the GPU
+    only while they run (T5-XXL alone is 9.5 GB in bf16), not during the denoising loop."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+def stream_blocks(flux, device):
+    """Keep the DiT's double and single blocks in CPU memory (pinned when CUDA is there) and give each block its
+    weights on `device` only while it runs: the GPU holds one block's weights (flux-dev: 0.36 GB of bf16 for a double
+    block) instead of all 57 (23 GB). Everything else (embedders, final layer, buffers) moves to `device` for good.
+    Outputs are bit-identical: the same weights, copied. For sampling; an optimizer would see the CPU tensors.
+    -> the hook handles (remove() them, and the blocks keep their CPU weights)."""
+    blocks = list(flux.double_blocks) + list(flux.single_blocks)
+    for name, child in flux.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            child.to(device)
+    pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
+    handles = []
+    for block in blocks:
+        block.to("cpu")
+        for m in block.modules():                       # buffers (a MoE-LoRA's routing counts) are small: resident
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = b.to(device)
+        params = list(block.parameters())
+        stored = [p.data.pin_memory() if pin else p.data for p in params]
+        def load(mod, args, params=params, stored=stored):
+            for p, s in zip(params, stored):          # copy=True: a fresh tensor even when device is the CPU
+                p.data = s.to(device, non_blocking=True, copy=True)
+        def unload(mod, args, out, params=params, stored=stored):
+            for p, s in zip(params, stored):          # the device copy is freed here
+                p.data = s
+        handles += [block.register_forward_pre_hook(load), block.register_forward_hook(unload)]
+        for p, s in zip(params, stored):
+            p.data = s
+    return handles
+
+FP8_MAX = 448.0        # the largest float8_e4m3fn value
+
+class Fp8Linear(nn.Linear):
+    """An nn.Linear whose weight is stored in float8_e4m3fn (1 byte a weight, half of bf16) with one fp32 scale per
+    output row, so each row's largest |w| maps to FP8_MAX and small rows keep their 3 mantissa bits. Computed in the
+    input's dtype, or autocast's (bf16 on GPU): y = (x W8^T) * s + b, the scale applied to the output, so no
+    dequantized copy of W exists beyond one cast of W8."""
+    @classmethod
+    def from_linear(cls, lin):
+        with torch.device("meta"):
+            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        w = lin.weight.detach().float()                                              # (out, in)
+        scale = w.abs().amax(1).clamp_min(1e-12) / FP8_MAX                          # (out,)
+        new.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
+        new.register_buffer("weight_scale", scale)
+        new.bias = lin.bias
+        return new
+
+    def forward(self, x):
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        y = F.linear(x.to(dt), self.weight.to(dt)) * self.weight_scale.to(dt)
+        return y if self.bias is None else y + self.bias.to(dt)
+
+def store_fp8(flux):
+    """Every nn.Linear of the DiT's blocks (98% of its weights) -> Fp8Linear, in place; an adapter's own small layers
+    (LoRA down/up, router) stay as they are, the frozen layer it wraps is converted. Convert where the weights are
+    (load on the CPU, convert, then move: the bf16 model never has to fit the GPU). -> flux."""
+    for blocks in (flux.double_blocks, flux.single_blocks):
+        for name, mod in list(blocks.named_modules()):
+            parent_name, _, child = name.rpartition(".")
+            parent = blocks.get_submodule(parent_name) if parent_name else blocks
+            if type(mod) is nn.Linear and (child == "base" or not isinstance(getattr(parent, "base", None), nn.Linear)):
+                setattr(parent, child, Fp8Linear.from_linear(mod))
+    return flux
 
 # -----------------------------------------------------------------------------
 # the flow: timestep schedule (t = 1 is pure noise, t = 0 the data), noise, one ODE / SDE step, the sampling loop

@@ -9,6 +9,7 @@ import inspect
 import json
 import math
 import os
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -2848,3 +2849,145 @@ def test_torchrun_hung_rank_times_out(toy_run, tmp_path):
     os.kill(pids[1], signal.SIGCONT)                            # so torchrun's SIGTERM reaches it
     assert p.wait(timeout=60) != 0 and took < 3 + 15 and "Timed out" in p.stderr.read()
     assert not any(B.alive(pid) for pid in pids.values())
+
+# -----------------------------------------------------------------------------
+# the FLUX user's workflow (weights, low VRAM, export, logs)
+
+def test_missing_weights_are_listed_at_once_offline_in_under_a_second(tmp_path, monkeypatch):
+    import time
+    import huggingface_hub.constants as HC
+    monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")          # even "online", nothing may reach the network
+    import huggingface_hub.file_download as FD
+    monkeypatch.setattr(FD, "hf_hub_download", lambda *a, **k: pytest.fail("the check downloaded"))
+    for env in M.WEIGHT_ENV.values():
+        monkeypatch.delenv(env, raising=False)
+    ae_dir = tmp_path / "ae_here"
+    ae_dir.mkdir()
+    (ae_dir / "ae.safetensors").write_bytes(b"x")      # present: located, not listed
+    t0 = time.perf_counter()
+    with pytest.raises(M.CheckpointError) as e:
+        M.check_weights(M.flux_weights("flux-dev", ae=str(ae_dir), clip=str(tmp_path / "no_clip")))
+    took = time.perf_counter() - t0
+    msg = str(e.value)
+    assert took < 1.0 and "\n" not in msg and msg.startswith("3 of 4 weights missing")
+    assert "hf download black-forest-labs/FLUX.1-dev flux1-dev.safetensors" in msg and "gated" in msg
+    assert "hf download google/t5-v1_1-xxl" in msg and "no_clip: no such file or folder" in msg
+    assert "MULTICRAFTER_DIT" in msg and "MULTICRAFTER_T5" in msg and "ae.safetensors (" not in msg
+    with pytest.raises(M.CheckpointError, match="not gated: `hf download black-forest-labs/FLUX.1-schnell flux1-schnell"):
+        M.check_weights(M.flux_weights("flux-schnell", ("dit",)))
+    # the environment variable is the default; the flag's value wins over it
+    monkeypatch.setenv("MULTICRAFTER_AE", str(tmp_path / "elsewhere"))
+    assert M.flux_weights("flux-dev", ("ae",))[0].source == str(tmp_path / "elsewhere")
+    assert M.check_weights(M.flux_weights("flux-dev", ("ae",), ae=str(ae_dir))) == [str(ae_dir / "ae.safetensors")]
+
+def test_weights_found_in_the_hub_cache_and_env_var_folders(tmp_path, monkeypatch):
+    import huggingface_hub.constants as HC
+    snap = tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "refs").mkdir()
+    (tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "refs" / "main").write_text("b" * 40)
+    (snap / "config.json").write_text("{}")
+    monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    w = M.flux_weights("flux-dev", ("t5",))
+    with pytest.raises(M.CheckpointError, match="cached without its weights"):
+        M.check_weights(w)
+    (snap / "model.safetensors").write_bytes(b"x")
+    assert M.check_weights(w) == [str(snap)]
+
+def tiny_inputs(cfg, B=1, h=8, w=6, refs=((4, 4),), L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = cfg.in_channels // 4
+    img = M.pack(torch.randn(B, C, h, w, generator=g))
+    ref_img = [M.pack(torch.randn(B, C, rh, rw, generator=g)) for rh, rw in refs]
+    return (img, M.grid_ids(h // 2, w // 2, batch=B), torch.randn(B, L, cfg.context_in_dim, generator=g),
+            torch.zeros(B, L, 3), torch.rand(B, generator=g), torch.randn(B, cfg.vec_in_dim, generator=g),
+            torch.full((B,), 3.5), ref_img, M.ref_ids((h // 2, w // 2), [(rh // 2, rw // 2) for rh, rw in refs], batch=B))
+
+def test_streamed_blocks_give_identical_outputs_one_block_resident_at_a_time():
+    import copy
+    import moe_lora as ML
+    cfg = tiny_cfg()
+    flux = randomize(M.Flux(cfg).eval())
+    ML.inject(flux, rank=4, n_experts=2)                  # adapters stream with their blocks
+    randomize(flux, seed=1)
+    args = tiny_inputs(cfg)
+    with torch.no_grad():
+        want = flux(*args)
+        streamed = copy.deepcopy(flux)
+        M.stream_blocks(streamed, "cpu")
+        blocks = list(streamed.double_blocks) + list(streamed.single_blocks)
+        home = [[p.data_ptr() for p in b.parameters()] for b in blocks]
+        resident = []                                     # per block run: which blocks hold device copies
+        for b in blocks:
+            b.register_forward_pre_hook(lambda m, a: resident.append(
+                [any(p.data_ptr() != h for p, h in zip(x.parameters(), hs)) for x, hs in zip(blocks, home)]))
+        got = streamed(*args)
+    assert torch.equal(got, want)
+    assert resident == [[j == i for j in range(len(blocks))] for i in range(len(blocks))]
+    assert all(p.data_ptr() == h for b, hs in zip(blocks, home) for p, h in zip(b.parameters(), hs))  # freed after
+
+def test_resident_moves_a_model_in_and_back_out():
+    # on a CPU machine "meta" stands in for the CPU home (and the CPU for the GPU): the move is visible
+    for fail in (False, True):
+        lin = torch.nn.Linear(3, 2).to("meta")
+        with pytest.raises(RuntimeError) if fail else nullcontext():
+            with M.resident(lin.to_empty(device="cpu"), "cpu", home="meta") as m:
+                assert m.weight.device.type == "cpu" and m(torch.randn(1, 3)).shape == (1, 2)
+                if fail:
+                    raise RuntimeError("a failing encoder")
+        assert lin.weight.is_meta                           # sent home, also when the encoder failed
+
+def test_fp8_linear_is_exact_on_its_grid_and_within_its_rounding_elsewhere():
+    torch.manual_seed(0)
+    # weights on the fp8 grid times a row scale (the row's max maps to 448): stored exactly, up to the fp32 rounding
+    # of the weights and scales themselves (~1e-7, where fp8 rounding would be ~1e-2)
+    grid = torch.tensor([448.0, -256.0, 1.5, 0.125, -3.0, 20.0])
+    s = torch.tensor([1e-3, 2e-2, 7.0])
+    lin = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        lin.weight.copy_(grid[torch.randperm(6)][None] * s[:, None] * torch.tensor([[1.0], [-1.0], [1.0]]))
+    f8 = M.Fp8Linear.from_linear(lin)
+    assert f8.weight.dtype == torch.float8_e4m3fn and f8.weight.element_size() == 1
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want = x @ lin.weight.double().T + lin.bias.double()
+    torch.testing.assert_close(f8(x), want, atol=1e-6, rtol=1e-6)
+    # random weights: e4m3 keeps 3 mantissa bits, a relative rounding error of at most 2^-4 per weight
+    lin = torch.nn.Linear(256, 64)
+    f8 = M.Fp8Linear.from_linear(lin)
+    deq = f8.weight.double() * f8.weight_scale.double()[:, None]
+    err = ((deq - lin.weight.double()).abs() / lin.weight.double().abs().clamp_min(1e-30))
+    normal = lin.weight.abs() / f8.weight_scale[:, None] >= 2 ** -6                   # fp8's normal range
+    assert err[normal].max() <= 2 ** -4 + 1e-9 and err[normal].max() > 2 ** -6        # really rounded
+    with torch.autocast("cpu", dtype=torch.bfloat16):                                  # bf16 compute
+        assert f8(torch.randn(2, 256)).dtype == torch.bfloat16
+
+FP8_TOLERANCE = 0.01     # relative L2 error of the DiT output, fp8 storage vs fp32 (measured 0.0016 and 0.0032)
+
+@pytest.mark.parametrize("over", [dict(), dict(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=3,
+                                                 depth_single_blocks=4)])
+def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
+    import copy
+    import moe_lora as ML
+    cfg = tiny_cfg(**over)
+    flux = randomize(M.Flux(cfg).eval())
+    args = tiny_inputs(cfg)
+    with torch.no_grad():
+        want = flux(*args)
+        f8 = M.store_fp8(copy.deepcopy(flux))
+        got = f8(*args)
+        rel = ((got - want).norm() / want.norm()).item()
+        assert 1e-5 < rel < FP8_TOLERANCE
+        n8 = sum(p.numel() for p in f8.parameters() if p.dtype == torch.float8_e4m3fn)
+        blocks = sum(m.weight.numel() for b in (flux.double_blocks, flux.single_blocks) for m in b.modules()
+                     if isinstance(m, torch.nn.Linear))
+        assert n8 == blocks                                                   # every block Linear, nothing else
+        # fp8 streamed: still identical to fp8 resident
+        M.stream_blocks(f8, "cpu")
+        assert torch.equal(f8(*args), got)
+    # with an adapter: the frozen layer it wraps becomes fp8, its own LoRA layers stay fp32
+    flux = randomize(M.Flux(cfg).eval())
+    ML.inject(flux, rank=4)
+    M.store_fp8(flux)
+    lora = dict(ML.adapters(flux))["double_blocks.0.img_attn.qkv"]
+    assert isinstance(lora.base, M.Fp8Linear) and lora.down.weight.dtype == torch.float32
