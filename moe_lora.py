@@ -355,8 +355,8 @@ def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
             if (a, b) != (lo, hi):
                 raise ValueError(f"{name}: its LoRA covers rows {rows}, part of diffusers' {target}: no PEFT layout")
             key = f"{prefix}.{block}.{target}"
-            sd[f"{key}.lora_A.weight"] = A.contiguous()
-            sd[f"{key}.lora_B.weight"] = B[a - rows[0]:b - rows[0]].contiguous()          # (rows of target, r)
+            sd[f"{key}.lora_A.weight"] = A.clone()                     # a copy each: q, k, v share ours
+            sd[f"{key}.lora_B.weight"] = B[a - rows[0]:b - rows[0]].clone()                # (rows of target, r)
     skipped = moes if moe == "skip" else []
     if path is not None:
         M.save_safetensors(sd, path, {"format": "pt", "multicrafter_skipped_moe": json.dumps(skipped),

@@ -2991,3 +2991,62 @@ def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
     M.store_fp8(flux)
     lora = dict(ML.adapters(flux))["double_blocks.0.img_attn.qkv"]
     assert isinstance(lora.base, M.Fp8Linear) and lora.down.weight.dtype == torch.float32
+
+def test_diffusers_export_loads_into_flux_transformer_and_matches_ours(diffusers_oracle, tmp_path):
+    pytest.importorskip("peft")                        # diffusers' load_lora_adapter needs it (requirements-test.txt)
+    import moe_lora as ML
+    from safetensors import safe_open
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    ours = randomize(M.Flux(cfg).eval())
+    ref = to_diffusers(cfg, ours, diffusers_oracle)
+    # every layer kind the export maps, single blocks both ways: q|k|v rows only (UNO's) and the whole linear1
+    ML.inject(ours, lora_targets=ML.DEFAULT_LORA + ("double_blocks.*.img_mlp.0", "double_blocks.*.txt_mlp.2",
+                                                    "double_blocks.*.img_mod.lin", "single_blocks.*.linear2",
+                                                    "single_blocks.*.modulation.lin"), moe_targets=(), rank=4, alpha=2)
+    ours.single_blocks[1].linear1 = ML.LoRALinear(ours.single_blocks[1].linear1.base, rank=3)   # all of its rows
+    torch.manual_seed(1)
+    for _, m in ML.adapters(ours):
+        torch.nn.init.normal_(m.up.weight, std=0.5)
+    sd, skipped = ML.export_diffusers(ours, tmp_path / "lora.safetensors")
+    assert not skipped and any(".proj_mlp." in k for k in sd)
+    (tmp_path / "plain.txt").write_text("")                      # what any file the user creates gets
+    mode = lambda p: oct(os.stat(p).st_mode & 0o777)
+    assert mode(tmp_path / "lora.safetensors") == mode(tmp_path / "plain.txt")
+    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="ours")
+    B, h, w = 2, 8, 6
+    img, img_ids, txt, txt_ids, t, y, g, _, _ = tiny_inputs(cfg, B=B, h=h, w=w, refs=())
+    with torch.no_grad():
+        theirs = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids[0],
+                     txt_ids=txt_ids[0], guidance=g, return_dict=False)[0]
+        mine = ours(img, img_ids, txt, txt_ids, t, y, g)
+        with ML.disabled(ours):
+            base = ours(img, img_ids, txt, txt_ids, t, y, g)
+    assert (mine - base).abs().max() > 1e-2                      # the adapter does something
+    assert (mine - theirs).abs().max().item() < 1e-4
+    # MoE-LoRA has no diffusers layer: refused by name, or left out and listed in the file's header
+    torch.manual_seed(0)
+    moe = M.Flux(cfg).eval()
+    ML.inject(moe, rank=4, n_experts=2)
+    with pytest.raises(ValueError, match=r"MoE-LoRA layers have no diffusers equivalent \(double_blocks.0.img_mlp.2"):
+        ML.export_diffusers(moe)
+    sd, skipped = ML.export_diffusers(moe, tmp_path / "partial.safetensors", moe="skip")
+    with safe_open(str(tmp_path / "partial.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["multicrafter_skipped_moe"]) == skipped
+    assert skipped == ["double_blocks.0.img_mlp.2", "double_blocks.1.img_mlp.2", "single_blocks.0.linear2",
+                       "single_blocks.1.linear2"] and not any("ff.net.2" in k or "proj_out" in k for k in sd)
+
+def test_moe_mean_export_is_the_routing_averaged_update():
+    import moe_lora as ML
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6)
+    m = ML.MoELoRALinear(base, n_experts=3, rank=2, alpha=4)
+    torch.nn.init.normal_(m.up.weight, std=0.3)
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        m(x)                                                      # counts the routing into m.load
+        share = torch.bincount(m.last_idx.flatten(), minlength=3).float() / 50
+        A, B = ML.moe_as_lora(m)
+        # by hand: sum_e share_e * (alpha / r) * B_e A_e
+        want = sum(share[e] * 2.0 * m.up.weight[:, 2 * e:2 * e + 2] @ m.down.weight[2 * e:2 * e + 2] for e in range(3))
+    torch.testing.assert_close(B @ A, want, atol=1e-6, rtol=1e-6)
