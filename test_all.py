@@ -3050,3 +3050,26 @@ def test_moe_mean_export_is_the_routing_averaged_update():
         # by hand: sum_e share_e * (alpha / r) * B_e A_e
         want = sum(share[e] * 2.0 * m.up.weight[:, 2 * e:2 * e + 2] @ m.down.weight[2 * e:2 * e + 2] for e in range(3))
     torch.testing.assert_close(B @ A, want, atol=1e-6, rtol=1e-6)
+
+def test_plot_log_draws_each_run_and_rejects_bad_lines(tmp_path, capsys):
+    import plot_log
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    # a falls from 1 to 0 over steps 0..10; b rises; an eval record and a list are not curves of their own
+    (a / "log.jsonl").write_text("".join(json.dumps({"step": s, "diff": 1 - s / 10, "expert_load": [0.5, 0.5]}) + "\n"
+                                         for s in range(11)) + json.dumps({"step": 10, "dice": float("nan")}) + "\n")
+    (b / "log.jsonl").write_text("".join(json.dumps({"step": s, "diff": s / 10}) + "\n" for s in range(11))
+                                 + '{"step": 11, "di')                   # a run still writing: its torn last line
+    assert plot_log.main([str(a), str(b / "log.jsonl"), "--out", str(tmp_path / "c.png"), "--panel", "300", "200"]) == 0
+    img = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    legend = 18 * 2 + 8
+    assert img.shape == (legend + 200, 300, 3)                         # one panel: "diff" only
+    for colour, falls in ((plot_log.COLOURS[0], True), (plot_log.COLOURS[1], False)):
+        ys, xs = np.nonzero((np.abs(img - np.array(colour)) < 8).all(-1)[legend:])
+        left, right = ys[xs < xs.min() + 5].mean(), ys[xs > xs.max() - 5].mean()
+        assert (left < right) == falls and abs(left - right) > 100     # image y grows downwards
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "diff": 0.5}\n[1, 2]\n{"step": 2}\n')
+    assert plot_log.main([str(bad), "--out", str(tmp_path / "d.png")]) == 2
+    assert f"{bad}:2: not a JSON object" in capsys.readouterr().err and not (tmp_path / "d.png").exists()
+    assert plot_log.main([str(tmp_path / "nope")]) == 2
