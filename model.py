@@ -1011,7 +1011,8 @@ class Fp8Linear(nn.Linear):
         return new
 
     def forward(self, x):
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)   # meta has no autocast
+        dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
         y = F.linear(x.to(dt), self.weight.to(dt)) * self.weight_scale.to(dt)
         return y if self.bias is None else y + self.bias.to(dt)
 

@@ -3073,3 +3073,30 @@ def test_plot_log_draws_each_run_and_rejects_bad_lines(tmp_path, capsys):
     assert plot_log.main([str(bad), "--out", str(tmp_path / "d.png")]) == 2
     assert f"{bad}:2: not a JSON object" in capsys.readouterr().err and not (tmp_path / "d.png").exists()
     assert plot_log.main([str(tmp_path / "nope")]) == 2
+
+def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
+    import bench as BN
+    cfg = tiny_cfg(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=2, depth_single_blocks=3)
+    flux = randomize(M.Flux(cfg).eval())
+    with torch.device("meta"):
+        meta = M.Flux(cfg).eval()
+    def forward(f, device):
+        G, R, L = 16, 8, 20
+        with torch.no_grad():
+            f(torch.randn(1, G * G, cfg.in_channels, device=device), M.grid_ids(G, G, device=device),
+              torch.randn(1, L, cfg.context_in_dim, device=device), torch.zeros(1, L, 3, device=device),
+              torch.rand(1, device=device), torch.randn(1, cfg.vec_in_dim, device=device), torch.ones(1, device=device),
+              [torch.randn(1, R * R, cfg.in_channels, device=device)] * 2, M.ref_ids((G, G), [(R, R)] * 2, device=device))
+    profiler = BN.peak_memory(lambda: forward(flux, "cpu"))["tensors"]     # torch's own allocation events
+    assert BN.live_peak(lambda: forward(flux, "cpu")) == profiler
+    attention = M.attention
+    M.attention = BN.flash_like_attention        # on meta, what CPU SDPA's fused kernel keeps: the output and a LSE
+    try:
+        assert BN.live_peak(lambda: forward(meta, "meta")) == profiler
+    finally:
+        M.attention = attention
+    # the streamed DiT's peak counts the one block copied in: its weights more than the resident model's
+    streamed = M.Flux(cfg).eval()
+    M.stream_blocks(streamed, "cpu")
+    largest = max(BN.nbytes(b) for b in (*streamed.double_blocks, *streamed.single_blocks))
+    assert BN.live_peak(lambda: forward(streamed, "cpu")) >= profiler + largest - 4 * 2 ** 20
