@@ -3100,3 +3100,56 @@ def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
     M.stream_blocks(streamed, "cpu")
     largest = max(BN.nbytes(b) for b in (*streamed.double_blocks, *streamed.single_blocks))
     assert BN.live_peak(lambda: forward(streamed, "cpu")) >= profiler + largest - 4 * 2 ** 20
+
+def test_face_embedder_through_the_installed_insightface_with_stand_in_models(tmp_path, monkeypatch):
+    # insightface's own FaceAnalysis (its loading, prepare, get and Face) runs; only the two ONNX networks are
+    # stand-ins: a "detector" boxing each solid-colour square of the picture, a "recognizer" embedding a face as its
+    # colour. So the reward sees each reference's colour found (or not) among the generated image's faces
+    import insightface
+    import insightface.model_zoo.model_zoo as zoo
+    import rewards as R
+    calls = []
+    class Detector:
+        taskname, input_shape, input_mean, input_std = "detection", (1, 3, 640, 640), 127.5, 128.0
+        def prepare(self, ctx_id, input_size=None, det_thresh=0.5):
+            calls.append(("det", ctx_id, tuple(input_size)))
+        def detect(self, img, max_num=0, metric="default"):
+            boxes = []
+            for colour in np.unique(img.reshape(-1, 3), axis=0):
+                if (colour == 255).all():
+                    continue
+                ys, xs = np.nonzero((img == colour).all(-1))
+                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 0.9])
+            boxes = np.array(boxes, np.float32).reshape(-1, 5)
+            kps = np.stack([np.tile(b[None, :2], (5, 1)) for b in boxes]) if len(boxes) else None
+            return boxes, kps
+    class Recognizer:
+        taskname, input_shape, input_mean, input_std = "recognition", (1, 3, 112, 112), 127.5, 127.5
+        def prepare(self, ctx_id):
+            calls.append(("rec", ctx_id))
+        def get(self, img, face):
+            x0, y0 = face.bbox[:2].astype(int)
+            e = np.zeros(512, np.float32)
+            e[:3] = img[y0, x0]                                      # BGR, as insightface hands it
+            face.embedding = e + 1.0                                 # Face.normed_embedding normalizes it
+            return face.embedding
+    monkeypatch.setattr(zoo, "get_model", lambda f, **kw: Detector() if "det" in os.path.basename(f) else Recognizer())
+    pack = tmp_path / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    for f in ("det_10g.onnx", "glintr100.onnx"):
+        (pack / f).write_bytes(b"stand-in")
+    emb = R.FaceEmbedder("antelopev2", str(tmp_path))
+    assert calls == [("det", -1, (640, 640)), ("rec", -1)]                   # the CPU, at our det_size
+    def picture(*squares):
+        a = np.full((64, 96, 3), 255, np.uint8)
+        for (y, x, s), c in squares:
+            a[y:y + s, x:x + s] = c
+        return Image.fromarray(a)
+    red, blue, green = (200, 0, 0), (0, 0, 200), (0, 150, 0)
+    refs = [picture(((4, 4, 30), red), ((40, 60, 8), green)), picture(((10, 10, 20), blue))]   # largest face counts
+    gen = picture(((5, 5, 20), blue), ((5, 50, 20), red))
+    r = R.MultiIDReward(emb)([gen, picture(((5, 5, 20), blue))], refs)
+    assert r["score"][0] == pytest.approx(1.0, abs=1e-5) and len(r["matches"][0]) == 2      # each found, each once
+    assert all(r["sims"][0][i, j] > 1 - 1e-5 for i, j in r["matches"][0])
+    # the second image has only the blue face: it goes to the blue reference, the red one is unmatched and scores 0
+    assert r["score"][1] == pytest.approx(0.5, abs=1e-5) and r["matches"][1] == [(1, 0)] and r["sims"][1][0, 0] < 0.999
