@@ -3153,3 +3153,30 @@ def test_face_embedder_through_the_installed_insightface_with_stand_in_models(tm
     assert all(r["sims"][0][i, j] > 1 - 1e-5 for i, j in r["matches"][0])
     # the second image has only the blue face: it goes to the blue reference, the red one is unmatched and scores 0
     assert r["score"][1] == pytest.approx(0.5, abs=1e-5) and r["matches"][1] == [(1, 0)] and r["sims"][1][0, 0] < 0.999
+
+def test_reward_models_listed_at_once_and_never_downloaded(tmp_path, monkeypatch, clip_dir):
+    import argparse
+    import time
+    import huggingface_hub.constants as HC
+    import rewards as R
+    monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("the network was reached"))
+    p = argparse.ArgumentParser()
+    R.add_reward_args(p)
+    args = p.parse_args(["--reward", "object", "--dinov2", str(tmp_path / "no_dino"), "--clip", clip_dir])
+    t0 = time.perf_counter()
+    with pytest.raises(R.RewardModelError) as e:
+        R.check_reward_models(args)
+    msg = str(e.value)
+    assert time.perf_counter() - t0 < 1.0 and "\n" not in msg and msg.startswith("4 reward model(s) missing")
+    for part in ("`hf download adams-story/HPSv2-hf`", "`hf download openai/clip-vit-base-patch32`",
+                 "`hf download florence-community/Florence-2-base`", "no_dino: no such folder; --dinov2 DIR"):
+        assert part in msg
+    assert "CLIP (" not in msg                                     # the local CLIP folder is there
+    with pytest.raises(R.RewardModelError, match="not in the Hugging Face cache; `hf download openai/clip-vit-large"):
+        R.CLIPScore()                                              # a repo id not cached: at once, no download
+    with pytest.raises(R.RewardModelError, match="face models: no"):
+        R.check_reward_models(p.parse_args(["--reward", "human", "--clip", clip_dir, "--preference", clip_dir,
+                                            "--preference-processor", clip_dir, "--face-root", str(tmp_path)]))
+    R.check_reward_models(p.parse_args(["--reward", "object", "--clip", clip_dir, "--preference", clip_dir,
+                                        "--preference-processor", clip_dir, "--detector", clip_dir, "--dinov2", clip_dir]))
