@@ -332,8 +332,8 @@ def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
     moes = [n for n, m in adapters(model) if isinstance(m, MoELoRALinear)]
     if moes and moe == "refuse":
         raise ValueError(f"{len(moes)} MoE-LoRA layers have no diffusers equivalent ({', '.join(moes[:3])}"
-                         f"{' ...' if len(moes) > 3 else ''}): export with moe='skip' (left out, listed in the file) or "
-                         f"moe='mean' (the routing-averaged LoRA, an approximation)")
+                         f"{' ...' if len(moes) > 3 else ''}): export with moe='skip' (--moe skip: left out, listed in the "
+                         f"file) or moe='mean' (--moe mean: the routing-averaged LoRA, an approximation)")
     D, sd = model.cfg.hidden_size, {}
     for name, m in adapters(model):
         if isinstance(m, MoELoRALinear):

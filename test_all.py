@@ -3180,3 +3180,28 @@ def test_reward_models_listed_at_once_and_never_downloaded(tmp_path, monkeypatch
                                             "--preference-processor", clip_dir, "--face-root", str(tmp_path)]))
     R.check_reward_models(p.parse_args(["--reward", "object", "--clip", clip_dir, "--preference", clip_dir,
                                         "--preference-processor", clip_dir, "--detector", clip_dir, "--dinov2", clip_dir]))
+
+def test_export_lora_cli_rebuilds_the_adapter_without_base_weights(tmp_path, capsys):
+    import export_lora
+    import moe_lora as ML
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    flux = M.Flux(M.get_config("toy"))
+    acfg = ML.inject(flux, rank=4, n_experts=2)
+    for _, m in ML.adapters(flux):
+        torch.nn.init.normal_(m.up.weight, std=0.1)
+    ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"), acfg)
+    out = tmp_path / "out" / "lora.safetensors"
+    assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 6 MoE-LoRA layers have no diffusers equivalent") and not out.exists()
+    assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe", "skip"]) == 0
+    assert "6 MoE-LoRA layers left out" in capsys.readouterr().err
+    want, _ = ML.export_diffusers(flux, moe="skip")                  # the same adapter, exported from memory
+    got = load_file(str(out))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # the uniform-routing approximation: every MoE-LoRA as one LoRA of rank E * r
+    assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe", "mean"]) == 0
+    got = load_file(str(out))
+    assert got["transformer.transformer_blocks.0.ff.net.2.lora_A.weight"].shape == (8, 512)
+    assert export_lora.main([str(tmp_path / "nope.safetensors"), str(out)]) == 2
