@@ -2895,7 +2895,7 @@ def test_weights_found_in_the_hub_cache_and_env_var_folders(tmp_path, monkeypatc
     (snap / "model.safetensors").write_bytes(b"x")
     assert M.check_weights(w) == [str(snap)]
 
-def tiny_inputs(cfg, B=1, h=8, w=6, refs=((4, 4),), L=5, seed=0):
+def flux_call_args(cfg, B=1, h=8, w=6, refs=((4, 4),), L=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     C = cfg.in_channels // 4
     img = M.pack(torch.randn(B, C, h, w, generator=g))
@@ -2911,7 +2911,7 @@ def test_streamed_blocks_give_identical_outputs_one_block_resident_at_a_time():
     flux = randomize(M.Flux(cfg).eval())
     ML.inject(flux, rank=4, n_experts=2)                  # adapters stream with their blocks
     randomize(flux, seed=1)
-    args = tiny_inputs(cfg)
+    args = flux_call_args(cfg)
     with torch.no_grad():
         want = flux(*args)
         streamed = copy.deepcopy(flux)
@@ -2971,7 +2971,7 @@ def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
     import moe_lora as ML
     cfg = tiny_cfg(**over)
     flux = randomize(M.Flux(cfg).eval())
-    args = tiny_inputs(cfg)
+    args = flux_call_args(cfg)
     with torch.no_grad():
         want = flux(*args)
         f8 = M.store_fp8(copy.deepcopy(flux))
@@ -3015,7 +3015,7 @@ def test_diffusers_export_loads_into_flux_transformer_and_matches_ours(diffusers
     assert mode(tmp_path / "lora.safetensors") == mode(tmp_path / "plain.txt")
     ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="ours")
     B, h, w = 2, 8, 6
-    img, img_ids, txt, txt_ids, t, y, g, _, _ = tiny_inputs(cfg, B=B, h=h, w=w, refs=())
+    img, img_ids, txt, txt_ids, t, y, g, _, _ = flux_call_args(cfg, B=B, h=h, w=w, refs=())
     with torch.no_grad():
         theirs = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids[0],
                      txt_ids=txt_ids[0], guidance=g, return_dict=False)[0]
