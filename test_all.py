@@ -2962,7 +2962,9 @@ def test_fp8_linear_is_exact_on_its_grid_and_within_its_rounding_elsewhere():
     with torch.autocast("cpu", dtype=torch.bfloat16):                                  # bf16 compute
         assert f8(torch.randn(2, 256)).dtype == torch.bfloat16
 
-FP8_TOLERANCE = 0.01     # relative L2 error of the DiT output, fp8 storage vs fp32 (measured 0.0016 and 0.0032)
+# relative L2 error of the DiT output against fp32, random weights: fp8 storage with fp32 compute measured 0.0016 and
+# 0.0032 (the two configs below); with bf16 compute 0.0061 and 0.0065, where bf16 weights and compute give 0.0056, 0.0059
+FP8_TOLERANCE = 0.01
 
 @pytest.mark.parametrize("over", [dict(), dict(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=3,
                                                  depth_single_blocks=4)])
@@ -2978,6 +2980,11 @@ def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
         got = f8(*args)
         rel = ((got - want).norm() / want.norm()).item()
         assert 1e-5 < rel < FP8_TOLERANCE
+        # bf16 compute (autocast, as on GPU): fp8 storage adds little to what bf16 alone costs (0.0061 vs 0.0056)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rel8 = ((f8(*args).float() - want).norm() / want.norm()).item()
+            rel16 = ((flux(*args).float() - want).norm() / want.norm()).item()
+        assert rel8 < FP8_TOLERANCE and rel8 < 1.5 * rel16
         n8 = sum(p.numel() for p in f8.parameters() if p.dtype == torch.float8_e4m3fn)
         blocks = sum(m.weight.numel() for b in (flux.double_blocks, flux.single_blocks) for m in b.modules()
                      if isinstance(m, torch.nn.Linear))
