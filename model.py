@@ -758,9 +758,12 @@ class Weight:
     flag: str = ""
     env: str = ""
 
-def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=None, clip=None):
+WEIGHT_FLAGS = {"dit": "--model", "ae": "--ae", "t5": "--t5", "clip": "--clip-text"}   # --clip is the reward's CLIP
+
+def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=None, clip=None, dit_flag="--model"):
     """The weights a FLUX command needs, each from its flag's value (the keyword), else its environment variable,
-    else the preset's default. -> [Weight] in the order of parts."""
+    else the preset's default. dit_flag: the command's DiT flag, for the message (the trainers' is --init).
+    -> [Weight] in the order of parts."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     given = dict(dit=dit, ae=ae, t5=t5, clip=clip)
     default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"), ae=(cfg.repo_id, cfg.ae_file, "the AutoEncoder"),
@@ -769,7 +772,7 @@ def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=N
     for part in parts:
         repo, file, what = default[part]
         source = given[part] or os.environ.get(WEIGHT_ENV[part]) or repo
-        out.append(Weight(what, source, file, f"--{part}", WEIGHT_ENV[part]))
+        out.append(Weight(what, source, file, dit_flag if part == "dit" else WEIGHT_FLAGS[part], WEIGHT_ENV[part]))
     return out
 
 def looks_local(source):

@@ -2873,7 +2873,9 @@ def test_missing_weights_are_listed_at_once_offline_in_under_a_second(tmp_path, 
     assert took < 1.0 and "\n" not in msg and msg.startswith("3 of 4 weights missing")
     assert "hf download black-forest-labs/FLUX.1-dev flux1-dev.safetensors" in msg and "gated" in msg
     assert "hf download google/t5-v1_1-xxl" in msg and "no_clip: no such file or folder" in msg
-    assert "MULTICRAFTER_DIT" in msg and "MULTICRAFTER_T5" in msg and "ae.safetensors (" not in msg
+    assert "--model / MULTICRAFTER_DIT" in msg and "--t5 / MULTICRAFTER_T5" in msg and "ae.safetensors (" not in msg
+    assert "--init / MULTICRAFTER_DIT" in str(pytest.raises(M.CheckpointError, M.check_weights,
+                                                            M.flux_weights("flux-dev", ("dit",), dit_flag="--init")).value)
     with pytest.raises(M.CheckpointError, match="not gated: `hf download black-forest-labs/FLUX.1-schnell flux1-schnell"):
         M.check_weights(M.flux_weights("flux-schnell", ("dit",)))
     # the environment variable is the default; the flag's value wins over it
