@@ -3214,3 +3214,15 @@ def test_export_lora_cli_rebuilds_the_adapter_without_base_weights(tmp_path, cap
     got = load_file(str(out))
     assert got["transformer.transformer_blocks.0.ff.net.2.lora_A.weight"].shape == (8, 512)
     assert export_lora.main([str(tmp_path / "nope.safetensors"), str(out)]) == 2
+
+def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
+    # safetensors >= 0.7 writes 0600: a checkpoint hidden from the group that shares the run folder
+    import moe_lora as ML
+    flux = M.Flux(tiny_cfg())
+    acfg = ML.inject(flux, rank=2)
+    ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"), acfg)
+    M.save_safetensors({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "plain.txt").write_text("")
+    mode = lambda name: oct(os.stat(tmp_path / name).st_mode & 0o777)
+    assert mode("adapter.safetensors") == mode("w.safetensors") == mode("plain.txt")
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "plain.txt", "w.safetensors"]   # no temporaries
