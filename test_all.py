@@ -3226,3 +3226,12 @@ def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
     mode = lambda name: oct(os.stat(tmp_path / name).st_mode & 0o777)
     assert mode("adapter.safetensors") == mode("w.safetensors") == mode("plain.txt")
     assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "plain.txt", "w.safetensors"]   # no temporaries
+
+def test_bench_measurements_print_no_profiler_noise():
+    import subprocess, sys
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    code = "import bench, torch; print(bench.peak_memory(lambda: torch.ones(1000) * 2)['tensors'])"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
+    assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
