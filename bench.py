@@ -30,8 +30,16 @@ import json
 import os
 import statistics
 import time
+import weakref
+
+# the profiler peak_memory runs prints its stages ("STAGE: ... Completed Stage", "USDT: profiler_start") to stderr
+# for every measurement; level 6 is above them all. Set before torch loads its profiler; KINETO_LOG_LEVEL overrides
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode   # torch internals, as in count_flops
+from tqdm import tqdm
 
 import losses as LS
 import model as M
@@ -107,7 +115,7 @@ def interleaved_times(fns, reps):
     (thermal, other load) hit all of them alike and the order within a pair does not favour one.
     Returns the times and, per measurement, the fraction of it other load kept a runnable task off a CPU."""
     times, stalls = [[] for _ in fns], [[] for _ in fns]
-    for r in range(reps):
+    for r in tqdm(range(reps), desc="timing", leave=False):       # a progress bar on stderr, gone when done
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             s0 = cpu_stall_s()
@@ -397,12 +405,12 @@ def sft(args):
         return run
 
     variants = {"off": step(None), "ours": step(M.AttentionProbe), "mosaic": step(MosaicProbe)}
-    for f in variants.values():
-        f()
     print(f"SFT step: hidden 512, 4+8 blocks, 1024 image + 2x256 reference + 128 text tokens, LoRA/MoE-LoRA rank "
           f"{args.rank}, fp32, {torch.get_num_threads()} threads", flush=True)
+    for f in tqdm(variants.values(), desc="warm-up", leave=False):
+        f()
     times, _ = interleaved_times([variants["off"], variants["ours"]], args.reps)
-    mem = {k: peak_memory(f)["tensors"] for k, f in variants.items()}
+    mem = {k: peak_memory(f)["tensors"] for k, f in tqdm(variants.items(), desc="peak memory", leave=False)}
     MiB = 2 ** 20
     res = {"time_off_s": median(times[0]), "time_probe_s": median(times[1]),
            "time_ratio": median(times[1]) / median(times[0]),
@@ -483,6 +491,50 @@ def saved_bytes(model, fn):
         fn()
     return total[0]
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors alive at once while it is active, counting every tensor an op creates (each storage
+    once) until the last tensor on it is freed; what existed before (the weights) is not counted. Works on the meta
+    device, where tensors have shapes and no data: inference peaks of flux-dev on a CPU machine. (On CPU it equals
+    peak_memory's profiler count.)"""
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs = {}                                  # storage -> tensors alive on it
+
+    def _drop(self, key, nbytes):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        ids, storages = {id(t) for t in given}, {t.untyped_storage()._cdata for t in given}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or id(t) in ids:          # an in-place op returns its input
+                continue
+            s = t.untyped_storage()
+            key, nbytes = s._cdata, s.nbytes()
+            if key not in self.refs:
+                if key in storages:              # a view of a tensor from before (a weight's transpose): not new
+                    continue
+                self.refs[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            weakref.finalize(t, self._drop, key, nbytes)
+        return out
+
+def live_peak(fn):
+    with torch.no_grad(), LiveBytes() as m:
+        fn()
+    return m.peak
+
+def meta_sdpa(q, k, v, *args, **kwargs):
+    # the AE's attention as a fused kernel computes it: the output, no (L, L) scores (meta SDPA would keep them)
+    return torch.empty_like(q)
+
 def memory(args):
     cfg = M.get_config(args.preset)
     with torch.device("meta"):
@@ -530,7 +582,83 @@ def memory(args):
     for label, a in (("total", act), ("total, --grad-checkpoint", act_ckpt)):
         print(f"  {label:40s}{(base + adam + a) / GiB:9.1f}{(base + adam + a) / GiB:9.1f}"
               f"{(base + adam / 8 + a) / GiB:10.1f}")
-    return {"frozen_params": frozen, "adapter_params": adapter, "activation_bytes": act, "activation_bytes_ckpt": act_ckpt}
+    return {"frozen_params": frozen, "adapter_params": adapter, "activation_bytes": act, "activation_bytes_ckpt": act_ckpt,
+            "inference_GiB": inference_memory(args)}
+
+# inference: peak GPU memory when sampling, for each of model.py's low-VRAM options, from shapes on the meta device
+
+# google/t5-v1_1-xxl's encoder and openai/clip-vit-large-patch14's text model, from their config.json files
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768)
+
+def nbytes(module):
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+def inference_memory(args):
+    """Peak GPU memory of one sample (batch 1): the weights on the GPU in each phase (text encoding, reference encoding,
+    the denoising loop, decoding) plus that phase's peak of live tensors (LiveBytes, attention as fused kernels keep
+    it), the largest phase being the peak. Options: everything resident; the text encoders and the AE on the GPU only
+    while they run, the DiT too (M.resident: text encoding, references, denoising, decoding in turn); the DiT in fp8 (M.store_fp8); its blocks streamed one at a time (M.stream_blocks);
+    both; both with T5/CLIP run on the CPU."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    cfg, bf, GiB = M.get_config(args.preset), torch.bfloat16, 2 ** 30
+    with torch.device("meta"):
+        flux = M.Flux(cfg).to(bf).eval()
+        flux8 = M.store_fp8(M.Flux(cfg).to(bf).eval())
+        ae = M.AutoEncoder(cfg.ae).to(bf).eval()
+        t5 = T5EncoderModel(T5Config(**T5_XXL)).to(bf).eval()
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(bf).eval()
+    def streamed(f):      # what stays on the GPU when the blocks stream: everything but the blocks, plus the largest
+        blocks = [nbytes(b) for b in (*f.double_blocks, *f.single_blocks)]
+        return nbytes(f) - sum(blocks) + max(blocks)
+    meta = dict(device="meta", dtype=bf)
+    ids = lambda n: torch.zeros(1, n, dtype=torch.long, device="meta")
+    text_act = live_peak(lambda: (t5(input_ids=ids(cfg.max_txt_len)), clip(input_ids=ids(77))))
+    sdpa, attention = torch.nn.functional.scaled_dot_product_attention, M.attention
+    torch.nn.functional.scaled_dot_product_attention, M.attention = meta_sdpa, flash_like_attention
+    try:
+        ae_act = {s: live_peak(lambda: ae.decode(torch.randn(1, cfg.ae.z_channels, s // 8, s // 8, **meta)))
+                  for s in (512, 1024)}
+        ae_act["ref"] = live_peak(lambda: ae.encode(torch.randn(1, 3, args.ref_size, args.ref_size, **meta)))
+        Lt, R = cfg.max_txt_len, args.ref_size // 16
+        def dit_act(f, size, n):
+            G = size // 16
+            return live_peak(lambda: f(torch.randn(1, G * G, cfg.in_channels, **meta), M.grid_ids(G, G, device="meta"),
+                                       torch.randn(1, Lt, cfg.context_in_dim, **meta), torch.zeros(1, Lt, 3, device="meta"),
+                                       torch.rand(1, **meta), torch.randn(1, cfg.vec_in_dim, **meta), torch.ones(1, **meta),
+                                       [torch.randn(1, R * R, cfg.in_channels, **meta) for _ in range(n)],
+                                       M.ref_ids((G, G), [(R, R)] * n, device="meta")))
+        cols = [(s, n) for s in (512, 1024) for n in (1, 2, 3, 4)]
+        act = {(k, c): dit_act(f, *c) for k, f in (("bf16", flux), ("fp8", flux8)) for c in cols}
+    finally:
+        torch.nn.functional.scaled_dot_product_attention, M.attention = sdpa, attention
+    text, aeb = nbytes(t5) + nbytes(clip), nbytes(ae)
+    def phases(dit, kind, c, text_on_gpu=True):
+        # each model on the GPU only while it runs (M.resident): text encoding, then the references through the AE, then
+        # the denoising loop, then decoding; the peak is the largest phase's weights + live tensors
+        return max(text + text_act if text_on_gpu else 0, aeb + max(ae_act["ref"], ae_act[c[0]]), dit + act[(kind, c)])
+    options = {
+        "everything resident (bf16)": lambda c: nbytes(flux) + text + aeb + max(text_act, ae_act["ref"], ae_act[c[0]],
+                                                                                 act[("bf16", c)]),
+        "each model on the GPU only while used": lambda c: phases(nbytes(flux), "bf16", c),
+        "  + DiT in fp8": lambda c: phases(nbytes(flux8), "fp8", c),
+        "  + DiT blocks streamed": lambda c: phases(streamed(flux), "bf16", c),
+        "  + blocks streamed, fp8": lambda c: phases(streamed(flux8), "fp8", c),
+        "  + streamed, fp8, T5/CLIP on CPU": lambda c: phases(streamed(flux8), "fp8", c, text_on_gpu=False),
+    }
+    print(f"\ninference, {args.preset}, batch 1, {args.ref_size}px references, {cfg.max_txt_len} text tokens: peak GPU "
+          f"memory (GiB) = the largest phase's weights + live tensors (meta device; attention as fused kernels)")
+    print(f"  weights: DiT {nbytes(flux) / GiB:.1f} bf16 / {nbytes(flux8) / GiB:.1f} fp8 (streamed: "
+          f"{streamed(flux) / GiB:.2f} / {streamed(flux8) / GiB:.2f} resident), T5-XXL + CLIP-L {text / GiB:.1f}, "
+          f"AE {aeb / GiB:.2f}")
+    print(f"  {'option':38s}" + "".join(f"{f'{s}px {n} ref':>13s}" for s, n in cols))
+    table = {}
+    for name, peak in options.items():
+        table[name.strip(" +")] = {f"{s}px_{n}ref": peak((s, n)) / GiB for s, n in cols}
+        print(f"  {name:38s}" + "".join(f"{peak(c) / GiB:13.2f}" for c in cols))
+    return table
 
 # -----------------------------------------------------------------------------
 # rl: one IPPO iteration (train_rl.py's rollout and GSPO update) at two trajectory lengths

@@ -16,10 +16,11 @@ State-dict keys and shapes equal the official flux1-dev/flux1-schnell/ae safeten
 checkpoints load unchanged. The model knows nothing about losses: the attention probe is a callback
 that double blocks hand their post-norm, post-RoPE q/k (losses.py decides what to do with them).
 """
+import glob
 import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -711,20 +712,19 @@ class ByteTextEncoder(nn.Module):
 
 class T5CLIPEncoder(nn.Module):
     """The official conditioning: T5-XXL last hidden state (padded to max_len) and CLIP-L pooled output."""
-    def __init__(self, max_len, t5="google/t5-v1_1-xxl", clip="openai/clip-vit-large-patch14",
-                 dtype=torch.bfloat16):
+    def __init__(self, max_len, t5=None, clip=None, dtype=torch.bfloat16):
+        # t5, clip: local folders or repo ids (default: $MULTICRAFTER_T5 / $MULTICRAFTER_CLIP, else the official repos)
         super().__init__()
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
         self.max_len, self.truncated = max_len, 0
         try:
+            t5, clip = check_weights(flux_weights("flux-dev", ("t5", "clip"), t5=t5, clip=clip))
             self.t5_tok = AutoTokenizer.from_pretrained(t5)
             self.t5 = T5EncoderModel.from_pretrained(t5, dtype=dtype).eval().requires_grad_(False)
             self.clip_tok = AutoTokenizer.from_pretrained(clip)
             self.clip = CLIPTextModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False)
-        except OSError as e:
-            raise CheckpointError(f"could not load the text encoders ({t5}, {clip}): {str(e).splitlines()[0]} "
-                               f"Download them once with `hf download {t5}` and `hf download {clip}` "
-                               f"(or pass local folders); HF_HUB_OFFLINE=1 uses only the local cache.") from None
+        except (OSError, CheckpointError) as e:
+            raise CheckpointError(f"could not load the text encoders: {str(e).splitlines()[0]}") from None
 
     @torch.no_grad()
     def forward(self, prompts):
@@ -740,28 +740,115 @@ class T5CLIPEncoder(nn.Module):
 # -----------------------------------------------------------------------------
 # loading official (or project) safetensors files
 
+# where every weight comes from: a flag's value, else an environment variable, else the preset's Hugging Face repo.
+# Nothing here touches the network: a repo id is looked up in the local Hugging Face cache only, so an offline
+# machine fails at once (no retries), and every missing weight of a command is listed in one message.
+
+WEIGHT_ENV = {"dit": "MULTICRAFTER_DIT", "ae": "MULTICRAFTER_AE", "t5": "MULTICRAFTER_T5", "clip": "MULTICRAFTER_CLIP"}
+T5_REPO, CLIP_TEXT_REPO = "google/t5-v1_1-xxl", "openai/clip-vit-large-patch14"
+GATED = {"black-forest-labs/FLUX.1-dev"}      # licence to accept first; FLUX.1-schnell (Apache-2.0) is not gated
+
+@dataclass(frozen=True)
+class Weight:
+    """One weight a command needs. source: a local file or folder, or a Hugging Face repo id; file: the file inside
+    the folder/repo (None for a transformers model folder: config.json plus its weights); flag/env: what sets it."""
+    what: str
+    source: str
+    file: str = None
+    flag: str = ""
+    env: str = ""
+
+WEIGHT_FLAGS = {"dit": "--model", "ae": "--ae", "t5": "--t5", "clip": "--clip-text"}   # --clip is the reward's CLIP
+
+def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=None, clip=None, dit_flag="--model"):
+    """The weights a FLUX command needs, each from its flag's value (the keyword), else its environment variable,
+    else the preset's default. dit_flag: the command's DiT flag, for the message (the trainers' is --init).
+    -> [Weight] in the order of parts."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    given = dict(dit=dit, ae=ae, t5=t5, clip=clip)
+    default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"), ae=(cfg.repo_id, cfg.ae_file, "the AutoEncoder"),
+                   t5=(T5_REPO, None, "T5-XXL"), clip=(CLIP_TEXT_REPO, None, "CLIP-L"))
+    out = []
+    for part in parts:
+        repo, file, what = default[part]
+        source = given[part] or os.environ.get(WEIGHT_ENV[part]) or repo
+        out.append(Weight(what, source, file, dit_flag if part == "dit" else WEIGHT_FLAGS[part], WEIGHT_ENV[part]))
+    return out
+
+def looks_local(source):
+    # a repo id is exactly "owner/name"; anything else (or a path whose first part exists here) is a local path
+    return source.startswith((".", "/", "~")) or source.endswith(".safetensors") or source.count("/") != 1 or \
+        os.path.isdir(source.split("/")[0])
+
+def _model_folder(folder):
+    # a transformers model folder: its config plus weights in any of the layouts from_pretrained reads
+    return os.path.isfile(os.path.join(folder, "config.json")) and \
+        any(glob.glob(os.path.join(folder, p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
+
+def locate(w):
+    """-> (local path, None) or (None, why not): a file, a folder, or a repo id found in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+    src = os.path.expanduser(w.source)
+    if os.path.isfile(src):
+        return (src, None) if w.file is not None else (None, f"{src}: a file, not a model folder")
+    if os.path.isdir(src):
+        if w.file is None:
+            return (src, None) if _model_folder(src) else (None, f"{src}: no config.json and weights in the folder")
+        p = os.path.join(src, w.file)
+        return (p, None) if os.path.isfile(p) else (None, f"{src}: folder has no {w.file}")
+    if looks_local(src):
+        return None, f"{src}: no such file or folder"
+    hit = try_to_load_from_cache(src, "config.json" if w.file is None else w.file)
+    if not isinstance(hit, str):
+        return None, f"{src}: not in the Hugging Face cache"
+    if w.file is not None:
+        return hit, None
+    folder = os.path.dirname(hit)                                       # the cached snapshot of the repo
+    return (folder, None) if _model_folder(folder) else (None, f"{src}: cached without its weights")
+
+def how_to_get(w):
+    """The download command for a weight (and the licence step for a gated repo)."""
+    repo = w.source if not looks_local(w.source) else None
+    set_it = f"or set {w.flag} / {w.env} to a local copy" if w.env else f"or pass {w.flag} DIR"
+    if repo is None:
+        return set_it
+    gated = f"gated: accept the licence on https://huggingface.co/{repo}, `hf auth login`, then " if repo in GATED \
+        else ("not gated: " if repo.startswith("black-forest-labs/") else "")
+    return f"{gated}`hf download {repo}{' ' + w.file if w.file else ''}`, {set_it}"
+
+def check_weights(weights):
+    """Every weight on this machine -> their local paths (in order); else one CheckpointError listing every missing
+    one with how to get it. Instant and offline: nothing is downloaded here or later."""
+    found, missing = [], []
+    for w in weights:
+        path, why = locate(w)
+        found.append(path)
+        if path is None:
+            missing.append(f"{w.what}{' ' + w.file if w.file else ''} ({why}; {how_to_get(w)})")
+    if missing:
+        raise CheckpointError(f"{len(missing)} of {len(weights)} weights missing: " + " | ".join(missing))
+    return found
+
 def resolve_file(path_or_repo, filename):
-    """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id (cache only
-    when HF_HUB_OFFLINE=1). Returns a local path."""
-    if os.path.isfile(path_or_repo):
-        return path_or_repo
-    if os.path.isdir(path_or_repo):
-        p = os.path.join(path_or_repo, filename)
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{path_or_repo}: folder has no {filename}")
-        return p
-    looks_local = path_or_repo.startswith((".", "/", "~")) or path_or_repo.endswith(".safetensors") or \
-        os.path.isdir(path_or_repo.split("/")[0]) or path_or_repo.count("/") != 1
-    if looks_local:
-        raise CheckpointError(f"{path_or_repo}: no such file or folder")
-    from huggingface_hub import hf_hub_download
+    """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id from the local cache
+    -> its local path."""
+    return check_weights([Weight(filename, path_or_repo, filename, "--model")])[0]
+
+def save_safetensors(tensors, path, metadata=None):
+    """tensors -> path as safetensors, atomically (a temporary name, then rename), readable like any file the user
+    creates: safetensors >= 0.7 writes mode 0600, which hides checkpoints from the user's group."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        return hf_hub_download(path_or_repo, filename)
-    except Exception as e:   # offline, gated, missing: all end the same way for the user
-        raise CheckpointError(
-            f"could not get {filename} from {path_or_repo} ({type(e).__name__}). FLUX weights are gated: accept the "
-            f"licence on huggingface.co/{path_or_repo}, run `hf auth login`, then `hf download {path_or_repo} "
-            f"{filename}`; or pass the local file path") from None
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)                                  # reading the umask means setting it: put it straight back
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
@@ -846,22 +933,103 @@ def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=(
     return model
 
 def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
-    """The DiT from `path` (file, folder or repo id; default: the preset's official repo)."""
+    """The DiT from `path` (file, folder or repo id; default: $MULTICRAFTER_DIT, else the preset's official repo)."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    path = resolve_file(path or cfg.repo_id, cfg.flow_file)
+    path = check_weights(flux_weights(cfg, ("dit",), dit=path))[0]
     with torch.device("meta"):
         model = Flux(cfg)
     return load_state_dict_strict(model, path, device, dtype).eval()
 
 def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
-    """The AutoEncoder (the toy's pixel-unshuffle AE has no weights and needs no file)."""
+    """The AutoEncoder from `path` (default: $MULTICRAFTER_AE, else the preset's repo; the toy's pixel-unshuffle AE
+    has no weights and needs no file)."""
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     if not cfg.ae.ch_mult:
         return AutoEncoder(cfg.ae).to(device)
-    path = resolve_file(path or cfg.repo_id, cfg.ae_file)
+    path = check_weights(flux_weights(cfg, ("ae",), ae=path))[0]
     with torch.device("meta"):
         ae = AutoEncoder(cfg.ae)
     return load_state_dict_strict(ae, path, device, dtype).eval()
+
+# -----------------------------------------------------------------------------
+# low-VRAM inference: a model on the GPU only while it runs, the DiT's blocks streamed one at a time, fp8 weights
+
+@contextmanager
+def resident(module, device, home="cpu"):
+    """`module` on `device` inside the block, back on `home` after: the text encoders and the AE each occupy the GPU
+    only while they run (T5-XXL alone is 9.5 GB in bf16), not during the denoising loop."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+def stream_blocks(flux, device):
+    """Keep the DiT's double and single blocks in CPU memory (pinned when CUDA is there) and give each block its
+    weights on `device` only while it runs: the GPU holds one block's weights (flux-dev: 0.36 GB of bf16 for a double
+    block) instead of all 57 (23 GB). Everything else (embedders, final layer, buffers) moves to `device` for good.
+    Outputs are bit-identical: the same weights, copied. For sampling; an optimizer would see the CPU tensors.
+    -> the hook handles (remove() them, and the blocks keep their CPU weights)."""
+    blocks = list(flux.double_blocks) + list(flux.single_blocks)
+    for name, child in flux.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            child.to(device)
+    pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
+    handles = []
+    for block in blocks:
+        block.to("cpu")
+        for m in block.modules():                       # buffers (a MoE-LoRA's routing counts) are small: resident
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = b.to(device)
+        params = list(block.parameters())
+        stored = [p.data.pin_memory() if pin else p.data for p in params]
+        def load(mod, args, params=params, stored=stored):
+            for p, s in zip(params, stored):          # copy=True: a fresh tensor even when device is the CPU
+                p.data = s.to(device, non_blocking=True, copy=True)
+        def unload(mod, args, out, params=params, stored=stored):
+            for p, s in zip(params, stored):          # the device copy is freed here
+                p.data = s
+        handles += [block.register_forward_pre_hook(load), block.register_forward_hook(unload)]
+        for p, s in zip(params, stored):
+            p.data = s
+    return handles
+
+FP8_MAX = 448.0        # the largest float8_e4m3fn value
+
+class Fp8Linear(nn.Linear):
+    """An nn.Linear whose weight is stored in float8_e4m3fn (1 byte a weight, half of bf16) with one fp32 scale per
+    output row, so each row's largest |w| maps to FP8_MAX and small rows keep their 3 mantissa bits. Computed in the
+    input's dtype, or autocast's (bf16 on GPU): y = (x W8^T) * s + b, the scale applied to the output, so no
+    dequantized copy of W exists beyond one cast of W8."""
+    @classmethod
+    def from_linear(cls, lin):
+        with torch.device("meta"):
+            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        w = lin.weight.detach().float()                                              # (out, in)
+        scale = w.abs().amax(1).clamp_min(1e-12) / FP8_MAX                          # (out,)
+        new.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
+        new.register_buffer("weight_scale", scale)
+        new.bias = lin.bias
+        return new
+
+    def forward(self, x):
+        on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)   # meta has no autocast
+        dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
+        y = F.linear(x.to(dt), self.weight.to(dt)) * self.weight_scale.to(dt)
+        return y if self.bias is None else y + self.bias.to(dt)
+
+def store_fp8(flux):
+    """Every nn.Linear of the DiT's blocks (98% of its weights) -> Fp8Linear, in place; an adapter's own small layers
+    (LoRA down/up, router) stay as they are, the frozen layer it wraps is converted. Convert where the weights are
+    (load on the CPU, convert, then move: the bf16 model never has to fit the GPU). -> flux."""
+    for blocks in (flux.double_blocks, flux.single_blocks):
+        for name, mod in list(blocks.named_modules()):
+            parent_name, _, child = name.rpartition(".")
+            parent = blocks.get_submodule(parent_name) if parent_name else blocks
+            if type(mod) is nn.Linear and (child == "base" or not isinstance(getattr(parent, "base", None), nn.Linear)):
+                setattr(parent, child, Fp8Linear.from_linear(mod))
+    return flux
 
 # -----------------------------------------------------------------------------
 # the flow: timestep schedule (t = 1 is pure noise, t = 0 the data), noise, one ODE / SDE step, the sampling loop

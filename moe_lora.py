@@ -285,12 +285,8 @@ def set_strength(model, s):
 
 def save_adapter(model, path, cfg, extra_meta=None):
     """Adapter tensors + config (in the safetensors header) written atomically: tmp file, then rename."""
-    from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(sd, tmp, metadata=meta)
-    os.replace(tmp, path)
+    M.save_safetensors(adapter_state_dict(model), path, meta)
 
 def read_adapter(path):
     """(header metadata, tensors) of a safetensors file; anything else (a pickle, a torn or truncated file) is one
@@ -363,3 +359,77 @@ def load_uno_lora(model, path, sd=None):
     cfg = configure(model, path, ours, lora_targets=targets, moe_targets=[], rank=ranks[0], alpha=ranks[0])
     load_strict(model, ours, path)
     return cfg
+
+# -----------------------------------------------------------------------------
+# export to diffusers: the PEFT FLUX LoRA layout (FluxPipeline.load_lora_weights, FluxTransformer2DModel.load_lora_adapter)
+
+# our Linear (inside block i) -> diffusers' Linears it becomes, each with the rows of ours it takes (in units of the
+# hidden size D; "mlp" = the single block's MLP rows of linear1, from 3D to the end)
+DIFFUSERS_DOUBLE = {"img_attn.qkv": [("attn.to_q", 0), ("attn.to_k", 1), ("attn.to_v", 2)],
+                    "txt_attn.qkv": [("attn.add_q_proj", 0), ("attn.add_k_proj", 1), ("attn.add_v_proj", 2)],
+                    "img_attn.proj": [("attn.to_out.0", None)], "txt_attn.proj": [("attn.to_add_out", None)],
+                    "img_mlp.0": [("ff.net.0.proj", None)], "img_mlp.2": [("ff.net.2", None)],
+                    "txt_mlp.0": [("ff_context.net.0.proj", None)], "txt_mlp.2": [("ff_context.net.2", None)],
+                    "img_mod.lin": [("norm1.linear", None)], "txt_mod.lin": [("norm1_context.linear", None)]}
+DIFFUSERS_SINGLE = {"linear1": [("attn.to_q", 0), ("attn.to_k", 1), ("attn.to_v", 2), ("proj_mlp", "mlp")],
+                    "linear2": [("proj_out", None)], "modulation.lin": [("norm.linear", None)]}
+
+def _diffusers_targets(name):
+    # "double_blocks.3.img_attn.qkv" -> ("transformer_blocks.3", its entries); None where diffusers has no such layer
+    kind, i, rest = (name.split(".", 2) + ["", ""])[:3]
+    table = {"double_blocks": ("transformer_blocks", DIFFUSERS_DOUBLE),
+             "single_blocks": ("single_transformer_blocks", DIFFUSERS_SINGLE)}.get(kind)
+    if table is None or rest not in table[1]:
+        return None
+    return f"{table[0]}.{i}", table[1][rest]
+
+def moe_as_lora(m):
+    """A documented approximation of a MoE-LoRA as one plain LoRA of rank E*r: sum_e p_e B_e A_e, the routed update
+    averaged over tokens, p_e = the share of tokens routed to expert e since the adapter was built or loaded (uniform
+    when none was). Exact only where the router sends every token to the same experts. -> (A (E*r, D_in),
+    B (D_out, E*r) with the scale and p folded in)."""
+    p = m.load / m.load.sum() if m.load.sum() > 0 else torch.full((m.E,), 1.0 / m.E, device=m.load.device)
+    per_col = p.repeat_interleave(m.rank)                                   # (E*r,) expert e's share on its r columns
+    return m.down.weight.float(), m.scale * m.up.weight.float() * per_col[None]
+
+def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
+    """The model's plain LoRAs as a diffusers/PEFT FLUX LoRA state dict ({prefix}.{diffusers layer}.lora_A/B.weight):
+    the scale alpha/r folded into lora_B, a fused q|k|v LoRA split into to_q/to_k/to_v sharing lora_A (exact).
+    MoE-LoRA routes per token and has no diffusers equivalent: moe="refuse" raises, naming the layers; "skip" leaves
+    them out, and the file's header lists them (nothing dropped unsaid); "mean" exports moe_as_lora's approximation.
+    path: also write it as safetensors (atomically). -> (state dict, names of the skipped MoE-LoRA layers)."""
+    if moe not in ("refuse", "skip", "mean"):
+        raise ValueError(f"moe must be refuse/skip/mean, got {moe!r}")
+    moes = [n for n, m in adapters(model) if isinstance(m, MoELoRALinear)]
+    if moes and moe == "refuse":
+        raise ValueError(f"{len(moes)} MoE-LoRA layers have no diffusers equivalent ({', '.join(moes[:3])}"
+                         f"{' ...' if len(moes) > 3 else ''}): export with moe='skip' (--moe skip: left out, listed in the "
+                         f"file) or moe='mean' (--moe mean: the routing-averaged LoRA, an approximation)")
+    D, sd = model.cfg.hidden_size, {}
+    for name, m in adapters(model):
+        if isinstance(m, MoELoRALinear):
+            if moe == "skip":
+                continue
+            A, B, rows = *moe_as_lora(m), (0, m.base.out_features)
+        else:
+            A, B, rows = m.down.weight.float(), m.scale * m.up.weight.float(), m.rows
+        where = _diffusers_targets(name)
+        if where is None:
+            raise ValueError(f"{name}: no diffusers FLUX layer to export this adapter to")
+        block, entries = where
+        for target, part in entries:      # part: which D-row slice of ours this diffusers layer is
+            lo, hi = (0, m.base.out_features) if part is None else (3 * D, m.base.out_features) if part == "mlp" \
+                else (part * D, (part + 1) * D)
+            a, b = max(lo, rows[0]), min(hi, rows[1])
+            if a >= b:                    # the LoRA does not reach these rows (a single block's q|k|v-only LoRA)
+                continue
+            if (a, b) != (lo, hi):
+                raise ValueError(f"{name}: its LoRA covers rows {rows}, part of diffusers' {target}: no PEFT layout")
+            key = f"{prefix}.{block}.{target}"
+            sd[f"{key}.lora_A.weight"] = A.clone()                     # a copy each: q, k, v share ours
+            sd[f"{key}.lora_B.weight"] = B[a - rows[0]:b - rows[0]].clone()                # (rows of target, r)
+    skipped = moes if moe == "skip" else []
+    if path is not None:
+        M.save_safetensors(sd, path, {"format": "pt", "multicrafter_skipped_moe": json.dumps(skipped),
+                                      "multicrafter_moe_export": moe if moes else "none"})
+    return sd, skipped

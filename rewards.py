@@ -118,8 +118,8 @@ DETECTORS = {"florence2": "florence-community/Florence-2-base", "owlv2": "google
 DTYPE = torch.float32
 
 def load_pretrained(cls, path, what, flag, repo=None, **kw):
-    """cls.from_pretrained(path). path: a local folder (read from disk only) or a Hugging Face repo id (the hub
-    cache, downloaded unless HF_HUB_OFFLINE=1). Concrete classes (and trust_remote_code=False for Auto ones): no
+    """cls.from_pretrained(path). path: a local folder or a Hugging Face repo id already in the local hub cache, both
+    read from disk only (nothing is downloaded: `hf download REPO` first). Concrete classes (and trust_remote_code=False for Auto ones): no
     code from a model repo runs. Missing or unreadable weights -> RewardModelError, one line; repo: what to
     download, in the message, when path is a folder."""
     path = os.path.expanduser(path)
@@ -128,11 +128,55 @@ def load_pretrained(cls, path, what, flag, repo=None, **kw):
     how = f"get it with `hf download {repo if folder and repo else path} --local-dir DIR` and pass --{flag} DIR"
     if folder and not local:
         raise RewardModelError(f"{what}: {path} is not a model folder (nor a repo id); {how}")
+    where = path if local else cached_repo(path)
+    if where is None:                     # never a download: an offline machine fails here at once, not after retries
+        raise RewardModelError(f"{what}: {path} is not in the Hugging Face cache; `hf download {path}` (or {how})")
     try:
-        return cls.from_pretrained(path, **(dict(local_files_only=True) if local else {}), **kw)
+        return cls.from_pretrained(where, local_files_only=True, **kw)
     except (OSError, ValueError, ImportError) as e:   # no such repo/file, offline cache miss, a missing backend
         why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise RewardModelError(f"{what}: cannot load {path} ({why}); {how}") from None
+
+def cached_repo(repo):
+    """The local snapshot folder of a Hugging Face repo in the hub cache, or None; no network (a processor-only repo
+    has no config.json, hence the other files)."""
+    from huggingface_hub import try_to_load_from_cache
+    for f in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        hit = try_to_load_from_cache(repo, f)
+        if isinstance(hit, str):
+            return os.path.dirname(hit)
+    return None
+
+def reward_models(args):
+    """[(what, folder or repo id, flag)]: every transformers model build_reward loads for these flags."""
+    if args.reward == "toy":
+        return []
+    kind = PREFERENCE[args.preference_kind]
+    out = [("CLIP", args.clip, "clip"), (kind["name"], args.preference or kind["repo"], "preference"),
+           (f"{kind['name']} processor", args.preference_processor or kind["processor"], "preference-processor")]
+    if args.reward == "object":
+        out += [(args.detector_kind, args.detector or DETECTORS[args.detector_kind], "detector"),
+                ("DINOv2", args.dinov2, "dinov2")] + ([("SAM2", args.sam2, "sam2")] if args.sam2 else [])
+    return out
+
+def check_reward_models(args):
+    """Before any work: every reward model of these flags on this machine (a folder, or a repo id in the hub cache),
+    or one RewardModelError listing each missing one with its download command. Instant, offline."""
+    missing = []
+    for what, path, flag in reward_models(args):
+        p = os.path.expanduser(path)
+        if os.path.exists(p) or p.startswith((".", "/")) or p.count("/") != 1:        # a folder, not a repo id
+            if not os.path.isdir(p):
+                missing.append(f"{what} ({path}: no such folder; --{flag} DIR)")
+        elif cached_repo(p) is None:
+            missing.append(f"{what} ({path}: not in the Hugging Face cache; `hf download {path}`, or --{flag} DIR)")
+    if args.reward == "human":
+        try:
+            face_pack_folder(args.face_pack, args.face_root)
+        except RewardModelError as e:
+            missing.append(str(e))
+    if missing:
+        raise RewardModelError(f"{len(missing)} reward model(s) missing: " + " | ".join(missing))
 
 def load_model(cls, path, what, flag, repo, device):
     return load_pretrained(cls, path, what, flag, repo, dtype=DTYPE).to(device).eval().requires_grad_(False)
@@ -352,9 +396,8 @@ class ObjectEmbedder:
 # -----------------------------------------------------------------------------
 # human subjects: insightface (SCRFD detector + ArcFace embedding), from a local model pack only
 
-def load_face_app(pack="antelopev2", root=None, device="cpu", det_size=640):
-    """insightface FaceAnalysis on <root>/models/<pack>/*.onnx (or pack = a folder), detection + recognition.
-    Checked before insightface runs: given a missing pack it would try to download it."""
+def face_pack_folder(pack, root=None):
+    """The folder of an insightface pack holding its *.onnx files, or RewardModelError saying how to get it."""
     root = os.path.expanduser(root or "~/.insightface")                  # insightface's own default root
     folder = pack if os.path.isdir(pack) else os.path.join(root, "models", pack)
     if not glob.glob(os.path.join(folder, "*.onnx")):
@@ -363,6 +406,13 @@ def load_face_app(pack="antelopev2", root=None, device="cpu", det_size=640):
             f"model zoo (github.com/deepinsight/insightface, python-package/README; non-commercial licence), unzip "
             f"it so the .onnx files sit directly in {folder} (move them up if the zip nests a {pack}/ folder), "
             f"or pass --face-root / --face-pack")
+    return folder
+
+def load_face_app(pack="antelopev2", root=None, device="cpu", det_size=640):
+    """insightface FaceAnalysis on <root>/models/<pack>/*.onnx (or pack = a folder), detection + recognition.
+    Checked before insightface runs: given a missing pack it would try to download it."""
+    root = os.path.expanduser(root or "~/.insightface")                  # insightface's own default root
+    folder = face_pack_folder(pack, root)
     import requests
     from insightface.app import FaceAnalysis
     from onnxruntime.capi import onnxruntime_pybind11_state as ort        # its errors derive from Exception only
