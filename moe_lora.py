@@ -17,7 +17,6 @@ gate="switch" scales each expert by its softmax probability (Switch Transformer)
 import fnmatch
 import json
 import math
-import os
 from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 

@@ -27,6 +27,7 @@ The schedule, noise, joint sequence and Euler loop live in model.py (as black-fo
 src/flux/sampling.py); reading and preprocessing the reference images in data.py.
 """
 import argparse, json, math, os, re, secrets, sys, tempfile
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -85,7 +86,16 @@ def build_parser():
                    "(replaces a toy folder's own adapter.safetensors)")
     g.add_argument("--lora-scale", type=number(float), default=1.0, help="the adapter's strength: 0 the base "
                    "model exactly, 1 as trained (default)")
+    g.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
+    g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
+    g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
+                   "MULTICRAFTER_CLIP)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g = p.add_argument_group("low VRAM (same samples: --offload bit for bit, --fp8 within its rounding)")
+    g.add_argument("--offload", action="store_true", help="text encoders and AE on the GPU only while they run, the "
+                   "DiT's blocks streamed to it one at a time")
+    g.add_argument("--fp8", action="store_true", help="the DiT's block weights stored in fp8 (e4m3, per-row scales), "
+                   "computed in bf16 on GPU")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=number(int, 1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
     g.add_argument("--guidance", type=number(float, 0), default=None, help="distilled guidance (default: 3.5 flux, "
@@ -129,17 +139,23 @@ def detect_arch(path):
             return name
     return "toy" if folder else "flux-dev"               # fits none: the strict loader names what differs
 
-def load_models(name, arch, device, lora=None):
+def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offload=False, fp8=False):
     """--model, --arch, --lora -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy
     checkpoint is a folder (assets/toy for --model toy) holding flux.safetensors and text_encoder.safetensors,
-    and the adapter it samples with, adapter.safetensors, if it has one (`lora` replaces it)."""
+    and the adapter it samples with, adapter.safetensors, if it has one (`lora` replaces it). FLUX: ae, t5, clip
+    name where those weights are (model.flux_weights), every missing one listed at once before anything loads.
+    offload: everything but the DiT's small parts stays in CPU memory (sample_one moves the encoders and the AE in
+    while they run; the DiT's blocks are streamed); fp8: the DiT's block weights stored in fp8."""
     dtype = M.weight_dtype(device)
     preset = name if name in M.CONFIGS else arch
     cfg = M.get_config(preset)
+    home = "cpu" if offload or fp8 else device          # fp8 is converted in CPU memory: bf16 never has to fit the GPU
     if preset != "toy":
-        flux = M.load_flux(cfg, None if name in M.CONFIGS else name, device, dtype)
-        ae = M.load_ae(cfg, device=device, dtype=dtype)
-        text = M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device)
+        dit = None if name in M.CONFIGS else name
+        M.check_weights(M.flux_weights(cfg, dit=dit, ae=ae, t5=t5, clip=clip))
+        flux = M.load_flux(cfg, dit, home, dtype)
+        ae = M.load_ae(cfg, ae, home, dtype)
+        text = M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype=dtype).to(home)
         weights = name
     else:
         torch.manual_seed(0)                                 # the random-weight fallback is reproducible
@@ -155,11 +171,17 @@ def load_models(name, arch, device, lora=None):
                 print(f"warning: no {f} in {folder}: random weights for it (expect noise)", file=sys.stderr)
         own = os.path.join(folder, "adapter.safetensors")
         lora = lora or (own if weights != "random" and os.path.isfile(own) else None)
-        flux, ae, text = flux.to(device, dtype), M.AutoEncoder(cfg.ae).to(device), text.to(device).eval()
+        flux, ae, text = flux.to(home, dtype), M.AutoEncoder(cfg.ae).to(home), text.to(home).eval()
     if lora:
-        ML.load_adapter(flux, lora)
-        flux.to(device)                                      # the adapter tensors (fp32; autocast on GPU)
+        ML.load_adapter(flux, lora)              # before fp8 and streaming: its tensors go with their blocks
         weights += f" + {lora}"
+    if fp8:
+        M.store_fp8(flux)
+    if offload:
+        M.stream_blocks(flux, device)
+    else:
+        flux.to(device)                                      # (the adapter tensors: fp32; autocast on GPU)
+        ae, text = ae.to(device), text.to(device)
     return flux.eval(), ae, text, weights
 
 def not_finite(flux):
@@ -170,7 +192,7 @@ def not_finite(flux):
             return f"the adapter at {name} has scale {m.scale * m.strength} (alpha {m.alpha} in its header, rank " \
                    f"{m.rank}, --lora-scale {m.strength})"
     for name, p in flux.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(p.float() if p.element_size() == 1 else p).all():      # fp8 storage has no isfinite
             return f"weight {name} holds NaN or inf{' (a diverged adapter)' if '.base.' not in name else ''}"
     return None
 
@@ -188,7 +210,8 @@ def overflow_cause(flux):
 def ready_models(args, preset, run):
     """The models, the adapter at --lora-scale -> ((flux, ae, text), where the weights came from); refused when they
     cannot give a finite sample."""
-    flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora)
+    flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora, args.ae, args.t5,
+                                          args.clip_text, args.offload, args.fp8)
     ML.set_strength(flux, args.lora_scale)
     why = not_finite(flux)
     if why:
@@ -260,13 +283,17 @@ def sample_one(models, run, prompt, refs, seed, png, meta, progress=True):
     one overlay per reference, written as one set. A sample that is not finite is refused before anything is written."""
     flux, ae, text = models
     cfg, W, H = flux.cfg, run["width"], run["height"]
-    inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, run["pe"], run["device"])
+    # --offload: the encoders and the AE visit the GPU only while they run (T5-XXL alone is 9.5 GB in bf16)
+    on = (lambda m: M.resident(m, run["device"])) if run["offload"] else (lambda m: nullcontext())
+    with on(text), on(ae):
+        inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, run["pe"], run["device"])
     timesteps = M.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if run["save_attn"] else None
     x = M.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress)
     if not torch.isfinite(x).all():                          # decoded, NaN becomes a black PNG
         raise D.InputError(f"{png}: not written: the sample is not finite (NaN/inf): {overflow_cause(flux)}")
-    image = M.decode_images(ae, x, H, W)[0]
+    with on(ae):
+        image = M.decode_images(ae, x, H, W)[0]
     stem = os.path.splitext(png)[0]
     files = {png: lambda fh: image.save(fh, format="PNG")}
     if probe is not None:
@@ -305,7 +332,7 @@ def resolve_run(args):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=args.pe, device=device,
-                        save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset)
+                        save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
 
 def check_tokens(run, n_refs, mult):
     # the sequence's length decides memory: refused before a reference is resized or a latent allocated

@@ -516,7 +516,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
     order = ["model", "moe_lora", "losses", "data", "rewards", "toy", "curate", "training"]
-    scripts = {"sample", "train_sft", "train_rl", "bench"}
+    scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
         glob.glob(os.path.join(here, "experiments", "*.py")) + glob.glob(os.path.join(here, "reliability", "*.py"))
@@ -3601,3 +3601,15 @@ def test_bench_measurements_print_no_profiler_noise():
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
     assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
+
+def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
+    # the low-VRAM options through the command line, on the shipped toy: --offload moves weights, never changes them
+    run = lambda name, *flags: main(["--refs", *DEMO, "--seed", "3", "--steps", "3", "--out", str(tmp_path / name),
+                                     *flags])
+    run("plain.png")
+    run("offload.png", "--offload")
+    run("fp8.png", "--fp8")
+    plain, fp8 = (np.asarray(Image.open(tmp_path / n), np.float64) for n in ("plain.png", "fp8.png"))
+    assert (tmp_path / "plain.png").read_bytes() == (tmp_path / "offload.png").read_bytes()
+    assert 0 < np.abs(plain - fp8).mean() < 4.0                      # fp8 rounding: a few levels of 255, no more
+    assert json.loads((tmp_path / "fp8.json").read_text())["fp8"] is True
