@@ -26,6 +26,7 @@ import argparse, json, math, os, re, stat, sys, tempfile, warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 import model as M
 
@@ -649,7 +650,7 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save
     records, tensors = [], {}
-    for i in range(len(ds)):
+    for i in tqdm(range(len(ds)), desc="cache", disable=len(ds) < 2):
         item, key = ds[i], str(i % shard_size)
         with M.autocast(device):
             txt, y = text([item["prompt"]])                                                # (1, L, C), (1, C_vec)
