@@ -220,11 +220,15 @@ def disabled(model):
         for m in mods:
             m.enabled = True
 
+def adapter_file(model, cfg, extra_meta=None):
+    """What an adapter file holds -> (its tensors on the CPU, its header: the config and extra_meta)."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    return sd, {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
+
 def save_adapter(model, path, cfg, extra_meta=None):
     """Adapter tensors + config (in the safetensors header) written atomically: tmp file, then rename."""
     from safetensors.torch import save_file
-    sd = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    meta = {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
+    sd, meta = adapter_file(model, cfg, extra_meta)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)

@@ -1520,7 +1520,7 @@ def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
     sft(tmp_path / "base", manifest, "--stage", "base", "--steps", "2", "--ckpt-every", "1")
     log = read_log(tmp_path / "base")
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["diff"]) for r in log)
-    assert sorted(os.listdir(tmp_path / "base")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "base")) == [".lock", "ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
     main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs", "assets/red_solid_circle.png",
           "--prompt", "a red disc", "--steps", "2", "--seed", "0", "--out", str(tmp_path / "s.png")])
     assert json.loads((tmp_path / "s.json").read_text())["weights"] == str(tmp_path / "base" / "latest")
@@ -2789,7 +2789,7 @@ def test_resume_from_a_broken_checkpoint_is_one_line(toy_run, one_step_run, tmp_
                      "4", "--batch-size", "2", "--steps", "2", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1].startswith(f"error: {path}: ") and not os.path.exists(path + ".ran")
-    assert sorted(os.listdir(out)) == ["ckpt-0000001", "latest", "log.jsonl"]           # nothing trained or saved
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]  # nothing trained or saved
 
 def test_no_pickle_is_unpickled_and_no_remote_code_is_trusted():
     here = os.path.dirname(os.path.abspath(__file__))
