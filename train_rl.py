@@ -47,11 +47,14 @@ def build_parser():
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
     g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps; "
                    "the best adapter is kept as OUT/best.safetensors")
-    g.add_argument("--val-n", type=TR.positive, default=32, help="held-out records evaluated (by rank 0, while the other "
+    g.add_argument("--val-n", type=TR.positive, default=32,
+                   help="held-out records evaluated (by rank 0, while the other "
                    "ranks wait at their next collective: keep it small under torchrun)")
     g.add_argument("--val-seeds", type=TR.positive, default=2, help="samples per held-out record")
-    g.add_argument("--size", type=TR.positive, default=None, help="image side in px (default: the preset's, 32 toy, 512 flux)")
-    g.add_argument("--ref-size", type=TR.positive, default=None, help="reference side in px (default: the preset's, 16 toy, "
+    g.add_argument("--size", type=TR.positive, default=None,
+                   help="image side in px (default: the preset's, 32 toy, 512 flux)")
+    g.add_argument("--ref-size", type=TR.positive, default=None,
+                   help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     TR.add_model_args(p)
     g = p.add_argument_group("IPPO (paper: T 16, w 2, tau 50, s 1)")
@@ -61,7 +64,8 @@ def build_parser():
     g.add_argument("--stride", type=TR.count, default=1, help="steps the window moves each time (0: frozen)")
     g.add_argument("--group", type=TR.int_in(2), default=12, help="samples per prompt G (one initial noise)")
     g.add_argument("--eta", type=TR.weight, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
-    g.add_argument("--guidance", type=TR.weight, default=None, help="distilled guidance (default: the preset's sampling "
+    g.add_argument("--guidance", type=TR.weight, default=None,
+                   help="distilled guidance (default: the preset's sampling "
                    "guidance, 3.5 flux, 1 toy)")
     g.add_argument("--clip-low", type=TR.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
     g.add_argument("--clip-high", type=TR.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
@@ -71,7 +75,8 @@ def build_parser():
     g = p.add_argument_group("optimization")
     g.add_argument("--iters", type=TR.count, default=300, help="training iterations M (paper 300)")
     g.add_argument("--prompts", type=TR.positive, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
-    g.add_argument("--minibatches", type=TR.positive, default=2, help="optimizer steps per rollout (split of each group)")
+    g.add_argument("--minibatches", type=TR.positive, default=2,
+                   help="optimizer steps per rollout (split of each group)")
     g.add_argument("--micro-batch", type=TR.positive, default=None, help="trajectories per forward (default: a whole "
                    "minibatch share of a group); fewer saves memory")
     g.add_argument("--lr", type=TR.learning_rate, default=1e-4, help=f"finite, > 0, <= {TR.MAX_LR:g}")
@@ -217,83 +222,83 @@ def train(args, run, cfg, ddp, rank, world, device):
 
     # -------------------------------------------------------------------------
     # the training loop: Algorithm 1
-    bad, bar = TR.BadSteps(args.max_bad_steps, run), tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
-    for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
-        # the window W(l) = [l, l + w) of SDE steps for this iteration (it slides every tau iterations)
-        t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
-        window = range(l, l + args.window)
-        steps = [(args.timesteps[i], args.timesteps[i + 1]) for i in window]
-        # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
-        # the group shares one prompt, one set of references and one initial noise: its samples differ only by the
-        # SDE noise inside the window, so the reward differences within a group are what the policy did there
-        groups, terms, rows_rollout = [], [], 0
-        for j in range(P):
-            k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
-            item = dataset[record_of(len(dataset), args.seed, k)]
-            seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
-            c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
-                                device)
-            x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
-                                     torch.Generator().manual_seed(seed + 1))
-            rows_rollout += rows
-            images = decode_images(ae, x0, args.size, args.size)
-            terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
-            groups.append(dict(c=c, **traj))
-        consumed += world * P
-        # advantages are normalized within each group (Eq. 3): no value network, the group is the baseline
-        total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
-        adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # (P, G)
+    bad = TR.BadSteps(args.max_bad_steps, run)
+    with tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO") as bar:
+        for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
+            # the window W(l) = [l, l + w) of SDE steps for this iteration (it slides every tau iterations)
+            t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
+            window = range(l, l + args.window)
+            steps = [(args.timesteps[i], args.timesteps[i + 1]) for i in window]
+            # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
+            # the group shares one prompt, one set of references and one initial noise: its samples differ only by the
+            # SDE noise inside the window, so the reward differences within a group are what the policy did there
+            groups, terms, rows_rollout = [], [], 0
+            for j in range(P):
+                k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
+                item = dataset[record_of(len(dataset), args.seed, k)]
+                seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
+                c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
+                                    device)
+                x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
+                                         torch.Generator().manual_seed(seed + 1))
+                rows_rollout += rows
+                images = decode_images(ae, x0, args.size, args.size)
+                terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
+                groups.append(dict(c=c, **traj))
+            consumed += world * P
+            # advantages are normalized within each group (Eq. 3): no value network, the group is the baseline
+            total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
+            adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # (P, G)
 
-        # ---- 3. GSPO updates: minibatch q takes the q-th share of every group ----
-        # the recorded window steps are scored again under pi_theta (with grad): only w DiT calls per trajectory,
-        # whatever T is. The first minibatch is on-policy (ratio 1); later ones see weights the earlier ones moved,
-        # which is where GSPO's clip (Eq. 8) acts
-        share, b = G // n_mini, args.micro_batch
-        ratios, clipped, losses, kls, gnorms = [], [], [], [], []
-        for q in range(n_mini):
-            chunks = [(p, slice(a, a + b)) for p in range(P) for a in range(q * share, (q + 1) * share, b)]
-            for i, (p, sl) in enumerate(chunks):
-                gr = groups[p]
-                sync = nullcontext() if not ddp or i == len(chunks) - 1 else model.no_sync()
-                with sync:
-                    logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
-                    loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
-                    if args.kl > 0:
-                        kl = TR.kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
-                                        args.guidance).mean()
-                        loss = loss + args.kl * kl
-                        kls.append(kl.item())
-                    (loss * b / (P * share)).backward()          # the minibatch's mean over its trajectories
-                ratios += s.tolist()
-                clipped += cut.tolist()
-                losses.append(loss.item())
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            gnorms.append(gnorm.item())
-        bar.update(1)
+            # ---- 3. GSPO updates: minibatch q takes the q-th share of every group ----
+            # the recorded window steps are scored again under pi_theta (with grad): only w DiT calls per trajectory,
+            # whatever T is. The first minibatch is on-policy (ratio 1); later ones see weights the earlier ones moved,
+            # which is where GSPO's clip (Eq. 8) acts
+            share, b = G // n_mini, args.micro_batch
+            ratios, clipped, losses, kls, gnorms = [], [], [], [], []
+            for q in range(n_mini):
+                chunks = [(p, slice(a, a + b)) for p in range(P) for a in range(q * share, (q + 1) * share, b)]
+                for i, (p, sl) in enumerate(chunks):
+                    gr = groups[p]
+                    sync = nullcontext() if not ddp or i == len(chunks) - 1 else model.no_sync()
+                    with sync:
+                        logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
+                        loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
+                        if args.kl > 0:
+                            kl = TR.kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
+                                            args.guidance).mean()
+                            loss = loss + args.kl * kl
+                            kls.append(kl.item())
+                        (loss * b / (P * share)).backward()          # the minibatch's mean over its trajectories
+                    ratios += s.tolist()
+                    clipped += cut.tolist()
+                    losses.append(loss.item())
+                gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                gnorms.append(gnorm.item())
+            bar.update(1)
 
-        # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations (all ranks' groups) ----
-        per_term = {k: gather(np.concatenate([t[k] for t in terms]).tolist(), ddp) for k in terms[0]}
-        ratios, clipped = gather(ratios, ddp), gather(clipped, ddp)
-        rec = {"iter": m, "window": l, **{f"r_{k}": float(np.mean(v)) for k, v in per_term.items()},
-               "r_group_std": float(np.mean(gather(total.std(1, unbiased=False).tolist(), ddp))),
-               "adv_abs": float(np.mean(gather(adv.abs().flatten().tolist(), ddp))),
-               "ratio_mean": float(np.mean(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
-               "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
-               **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
-               "grad_norm": float(np.mean(gnorms)), "skipped": bad.total,
-               "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
-               "sec": time.time() - t0}
-        if master:
-            bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
-            write(rec)
-        if val is not None and (m % args.eval_every == 0 or m == args.iters):
-            validate(m)
-        # a checkpoint when due or when a signal asks to stop (all ranks: rank 0 writes, the others wait)
-        run.step_done(m, m % args.ckpt_every == 0 or m == args.iters, flux, text, acfg, opt, consumed)
-    bar.close()
+            # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations (all ranks' groups) ----
+            per_term = {k: gather(np.concatenate([t[k] for t in terms]).tolist(), ddp) for k in terms[0]}
+            ratios, clipped = gather(ratios, ddp), gather(clipped, ddp)
+            rec = {"iter": m, "window": l, **{f"r_{k}": float(np.mean(v)) for k, v in per_term.items()},
+                   "r_group_std": float(np.mean(gather(total.std(1, unbiased=False).tolist(), ddp))),
+                   "adv_abs": float(np.mean(gather(adv.abs().flatten().tolist(), ddp))),
+                   "ratio_mean": float(np.mean(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                   "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
+                   **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
+                   "grad_norm": float(np.mean(gnorms)), "skipped": bad.total,
+                   "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
+                   "sec": time.time() - t0}
+            if master:
+                bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
+                write(rec)
+            if val is not None and (m % args.eval_every == 0 or m == args.iters):
+                validate(m)
+            # a checkpoint when due or when a signal asks to stop (all ranks: rank 0 writes, the others wait)
+            run.step_done(m, m % args.ckpt_every == 0 or m == args.iters, flux, text, acfg, opt, consumed)
     if ddp:
         dist.destroy_process_group()
 

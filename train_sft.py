@@ -41,7 +41,8 @@ def build_parser():
                    "attention share at eval steps")
     g.add_argument("--size", type=TR.positive, default=None, help="target side in px (default: the preset's, 32 toy, "
                    "512 flux)")
-    g.add_argument("--ref-size", type=TR.positive, default=None, help="reference side in px (default: the preset's, 16 toy, "
+    g.add_argument("--ref-size", type=TR.positive, default=None,
+                   help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
                    "square targets (each batch from one bucket)")
@@ -205,68 +206,69 @@ def train(args, run, cfg, ddp, rank, world, device):
     # -------------------------------------------------------------------------
     # the training loop
     t0, t0_step, bad = time.time(), step, TR.BadSteps(args.max_bad_steps, run)
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.stage)
-    while step < args.steps:
-        # ---- forward / backward over grad_accum micro-batches ----
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        sums = {}                                                # each loss term, averaged over the micro-batches
-        for a in range(args.grad_accum):
-            b = consumed + a * world + rank
-            batch = D.collate([dataset[i] for i in global_batch(b)])
-            # t and the noise are drawn from a generator seeded by b alone: the same sample gets the same noise
-            # whichever rank or resumed process draws it
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
-            # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync on the others)
-            sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
-            with sync:
-                loss, terms = step_losses(args, model, denoiser, ae, batch, step, gen, device)
-                (loss / args.grad_accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
-        consumed += micro_per_step
+    with tqdm(total=args.steps, initial=step, disable=not master, desc=args.stage) as bar:
+        while step < args.steps:
+            # ---- forward / backward over grad_accum micro-batches ----
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            sums = {}                                                # each loss term, averaged over the micro-batches
+            for a in range(args.grad_accum):
+                b = consumed + a * world + rank
+                batch = D.collate([dataset[i] for i in global_batch(b)])
+                # t and the noise are drawn from a generator seeded by b alone: the same sample gets the same noise
+                # whichever rank or resumed process draws it
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
+                # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync on the others)
+                sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
+                with sync:
+                    loss, terms = step_losses(args, model, denoiser, ae, batch, step, gen, device)
+                    (loss / args.grad_accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
+            consumed += micro_per_step
 
-        # ---- clip, then update unless the gradient is NaN/inf (a skipped step is counted; many in a row stop) ----
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        if bad.ok(gnorm, f"step {step + 1}"):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+            # ---- clip, then update unless the gradient is NaN/inf (a skipped step is counted; many in a row stop) ----
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            if bad.ok(gnorm, f"step {step + 1}"):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        # ---- log: the loss terms averaged over ranks, throughput, MoE expert load since the last log ----
-        if step % args.log_every == 0 or step == args.steps:
-            vals = torch.tensor([sums[k] for k in sorted(sums)], device=device)
-            if ddp:
-                dist.all_reduce(vals)
-                vals /= world
-            rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad.total,
-                   "samples_per_s": args.batch_size * micro_per_step * (step - t0_step) / (time.time() - t0),
-                   **dict(zip(sorted(sums), vals.tolist()))}
-            t0, t0_step = time.time(), step
-            loads = [m.load for _, m in ML.adapters(flux) if isinstance(m, ML.MoELoRALinear)]
-            if loads:                # a collapsed router shows as one expert taking every token
-                total = torch.stack(loads).sum(0)
-                rec["expert_load"] = (total / total.sum().clamp_min(1)).tolist()
-                for l in loads:
-                    l.zero_()
-            if master:
-                bar.set_postfix(loss=f"{rec['diff']:.4f}", **({"dice": f"{rec['dice']:.3f}"} if "dice" in rec else {}))
+            # ---- log: the loss terms averaged over ranks, throughput, MoE expert load since the last log ----
+            if step % args.log_every == 0 or step == args.steps:
+                vals = torch.tensor([sums[k] for k in sorted(sums)], device=device)
+                if ddp:
+                    dist.all_reduce(vals)
+                    vals /= world
+                rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad.total,
+                       "samples_per_s": args.batch_size * micro_per_step * (step - t0_step) / (time.time() - t0),
+                       **dict(zip(sorted(sums), vals.tolist()))}
+                t0, t0_step = time.time(), step
+                loads = [m.load for _, m in ML.adapters(flux) if isinstance(m, ML.MoELoRALinear)]
+                if loads:                # a collapsed router shows as one expert taking every token
+                    total = torch.stack(loads).sum(0)
+                    rec["expert_load"] = (total / total.sum().clamp_min(1)).tolist()
+                    for l in loads:
+                        l.zero_()
+                if master:
+                    bar.set_postfix(loss=f"{rec['diff']:.4f}",
+                                    **({"dice": f"{rec['dice']:.3f}"} if "dice" in rec else {}))
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+
+            # ---- held-out attention metrics: does L_attn put each subject's attention inside its own mask? ----
+            due = step % args.eval_every == 0 or step == args.steps
+            if val is not None and master and due and args.stage != "base":
+                rec = {"step": step, **TR.attention_metrics(denoiser, ae, val, device, args.batch_size,
+                                                            args.attn_blocks, args.pe)}
+                TR.print0(json.dumps(rec))
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
 
-        # ---- held-out attention metrics: does L_attn put each subject's attention inside its own mask? ----
-        if val is not None and master and (step % args.eval_every == 0 or step == args.steps) and args.stage != "base":
-            rec = {"step": step, **TR.attention_metrics(denoiser, ae, val, device, args.batch_size, args.attn_blocks,
-                                                        args.pe)}
-            TR.print0(json.dumps(rec))
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-
-        # ---- checkpoint when due or when a signal asks to stop (rank 0 writes; the others wait, so no rank runs
-        # ahead of a checkpoint it may need) ----
-        run.step_done(step, step % args.ckpt_every == 0 or step == args.steps, flux, text, acfg, opt, consumed)
-    bar.close()
+            # ---- checkpoint when due or when a signal asks to stop (rank 0 writes; the others wait, so no rank runs
+            # ahead of a checkpoint it may need) ----
+            run.step_done(step, step % args.ckpt_every == 0 or step == args.steps, flux, text, acfg, opt, consumed)
     if ddp:
         dist.destroy_process_group()
 

@@ -468,7 +468,7 @@ def remove(path):
         os.replace(path, aside)
         discard(aside)
 
-def point_latest(out, name, step=None):
+def point_latest(out, name, step):
     # OUT/latest -> name: a new symlink renamed over the old one (atomic). A real folder (a cp -rL or rsync copy
     # of the run) cannot be renamed over: it is moved aside first
     latest, link = os.path.join(out, "latest"), os.path.join(out, ".latest.tmp")
@@ -701,7 +701,7 @@ class Run:
             note = compare_args(saved, vars(args), self.may_change, self.per_step, saved_world, self.world, path)
             if note:
                 print0(note)
-            point_latest(out, os.path.basename(path))         # `latest` names what we resume, whatever it said
+            point_latest(out, os.path.basename(path), step)   # `latest` names what we resume, whatever it said
             if os.path.lexists(os.path.join(out, PREVIOUS)):  # its first checkpoint was written: the old run may go
                 remove(os.path.join(out, PREVIOUS))
             return ("ok", path)
