@@ -3052,14 +3052,20 @@ def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(toy_run, two
     monkeypatch.setattr(LS, "flow_matching_loss", signal_in_step_2)
     argv = ["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
             "--rank", "4", *multi(root, "--steps", "3", "--keep", "3", "--ckpt-every", "100")]
-    assert TS.cli(argv) == 128 + signum
+    caught = []                                               # what this process does with the signal outside a run
+    before = signal.signal(signum, lambda s, f: caught.append(s))
+    try:
+        status = TS.cli(argv)
+    finally:
+        outside = signal.signal(signum, before)
+    assert status == 128 + signum and not caught and outside is not before          # the run handled it
     err = capsys.readouterr().err
     assert "Traceback" not in err
     name = signal.Signals(signum).name
     command = f"python train_sft.py {' '.join(argv)} --resume"
     assert err.strip().splitlines()[-1] == f"stopped by {name} at step 2: checkpoint 2 intact " \
                                            f"({out / 'ckpt-0000002'}); continue with: {command}"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler          # the handlers are put back
+    assert outside.__qualname__.endswith("<lambda>")         # ... and put the handler it found back
     monkeypatch.setattr(LS, "flow_matching_loss", real)
     assert TS.cli(command.split()[2:]) == 0                   # the printed command, as given
     assert same_adapter(adapter_of(out / "latest"), want)
@@ -3078,8 +3084,10 @@ def test_trainer_flags_out_of_range_are_one_line_errors_before_any_work(toy_run,
     root, manifest = toy_run
     out = tmp_path / "run"
     main_ = TS.main if script == "sft" else TR.main
+    short = ["--steps", "1", "--batch-size", "2"] if script == "sft" else \
+        ["--iters", "1", "--steps", "2", "--window", "1", "--group", "2", "--minibatches", "1"]   # if it ran: briefly
     with pytest.raises(SystemExit) as e:
-        main_(["--data", manifest, "--init", str(root / "base"), "--out", str(out), *bad])
+        main_(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--rank", "4", *short, *bad])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and f"argument {bad[0]}: " in err[0] and not out.exists(), err
 
