@@ -2969,6 +2969,7 @@ def test_a_kill_at_every_stage_of_the_checkpoint_protocol_leaves_a_folder_that_r
         sft(folder, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
         assert same_adapter(adapter_of(folder / "latest"), want), stage
         assert not [n for n in os.listdir(folder) if n.startswith(".") and n != ".lock"], stage
+        assert [r["step"] for r in read_log(folder)] == [1, 2, 3], stage       # steps logged after it: once
 
 @pytest.mark.parametrize("edit", ["latest removed", "latest rolled back to ckpt-1", "latest a real folder"])
 def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edit):
@@ -2976,6 +2977,8 @@ def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edi
     runs, want = two_step_run
     out = tmp_path / "run"
     shutil.copytree(runs / "cut", out, symlinks=True)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "di')                            # killed while it logged step 3
     (out / "latest").unlink()
     if edit == "latest rolled back to ckpt-1":
         (out / "latest").symlink_to("ckpt-0000001")
@@ -2983,6 +2986,7 @@ def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edi
         shutil.copytree(out / "ckpt-0000002", out / "latest")
     sft(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume")
     assert same_adapter(adapter_of(out / "latest"), want) and os.readlink(out / "latest") == "ckpt-0000003"
+    assert [r["diff"] for r in read_log(out)] == [r["diff"] for r in read_log(runs / "full")]
 
 def test_resume_without_a_complete_checkpoint_is_one_line(toy_run, two_step_run, tmp_path, capsys):
     root, manifest = toy_run

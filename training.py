@@ -588,6 +588,22 @@ def lock(out):
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return fd
 
+def trim_log(path, step):
+    """OUT/log.jsonl as of checkpoint `step`: a killed run logged steps after it (they run again) and may have torn
+    its last line."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", rec.get("iter", 0)) <= step:
+                kept.append(line.rstrip(b"\n") + b"\n")
+    D.write_atomic(path, lambda f: f.writelines(kept))
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -685,6 +701,7 @@ class Run:
                 if found:
                     raise RunFolderError(f"{found[0][2]}; {out} holds no complete checkpoint to resume from")
                 print0(f"note: {out} holds no checkpoint yet: starting at step 0")
+                trim_log(os.path.join(out, "log.jsonl"), -1)
                 return ("ok", None)
             step, path = done[0]
             for s, _, why in found:
@@ -702,6 +719,7 @@ class Run:
             if note:
                 print0(note)
             point_latest(out, os.path.basename(path), step)   # `latest` names what we resume, whatever it said
+            trim_log(os.path.join(out, "log.jsonl"), step)
             if os.path.lexists(os.path.join(out, PREVIOUS)):  # its first checkpoint was written: the old run may go
                 remove(os.path.join(out, PREVIOUS))
             return ("ok", path)
