@@ -3078,7 +3078,8 @@ SFT_BAD = [("--ckpt-every", "0"), ("--log-every", "0"), ("--grad-accum", "0"), (
            ("--top-k", "5"), ("--keep", "0"), ("--eval-every", "0"), ("--steps", "-1"), ("--size", "0"),
            ("--experts", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e39"), ("--lr", "-1"), ("--lr", "0"),
            ("--lr", "2"), ("--lr-end", "nan"), ("--clip", "0"), ("--lambda-attn", "inf"), ("--dist-timeout", "0"),
-           ("--alpha", "nan"), ("--warmup", "-1"), ("--max-bad-steps", "0"), ("--attn-blocks", "-1")]
+           ("--alpha", "nan"), ("--warmup", "-1"), ("--max-bad-steps", "0"), ("--attn-blocks", "-1"),
+           ("--seed", "-1"), ("--seed", str(2 ** 64))]
 RL_BAD = [("--group", "1"), ("--window", "0"), ("--steps", "0"), ("--tau", "0"), ("--prompts", "0"),
           ("--minibatches", "0"), ("--micro-batch", "0"), ("--iters", "-1"), ("--top-k", "5"), ("--lr", "0"),
           ("--lr", "nan"), ("--eta", "inf"), ("--kl", "-1"), ("--val-n", "0"), ("--ckpt-every", "0")]

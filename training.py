@@ -340,7 +340,8 @@ def add_run_args(p, ckpt_every, eval_every):
     how.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
     how.add_argument("--fresh", action="store_true", help="start over in an OUT that holds a run: the old run is "
                      f"moved to OUT/{PREVIOUS}/ and removed when the new run's first checkpoint is written")
-    g.add_argument("--seed", type=int, default=0)
+    # every noise is seeded by seed * 1_000_003 + its index: under 2^32 that stays inside a generator's 64 bits
+    g.add_argument("--seed", type=int_in(0, 2 ** 32 - 1), default=0)
     g.add_argument("--ckpt-every", type=positive, default=ckpt_every)
     g.add_argument("--keep", type=positive, default=2, help="checkpoints kept")
     g.add_argument("--eval-every", type=positive, default=eval_every)
