@@ -282,10 +282,15 @@ def set_strength(model, s):
             raise ValueError(f"{name}: unmerge the LoRA before changing its strength")
         m.strength = float(s)
 
+def adapter_file(model, cfg, extra_meta=None):
+    """What an adapter file holds -> (its tensors on the CPU, its header: the config and extra_meta)."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    return sd, {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
+
 def save_adapter(model, path, cfg, extra_meta=None):
     """Adapter tensors + config (in the safetensors header) written atomically: tmp file, then rename."""
-    meta = {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
-    M.save_safetensors(adapter_state_dict(model), path, meta)
+    sd, meta = adapter_file(model, cfg, extra_meta)
+    M.save_safetensors(sd, path, meta)
 
 def read_adapter(path):
     """(header metadata, tensors) of a safetensors file; anything else (a pickle, a torn or truncated file) is one

@@ -1521,7 +1521,7 @@ def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
     sft(tmp_path / "base", manifest, "--stage", "base", "--steps", "2", "--ckpt-every", "1")
     log = read_log(tmp_path / "base")
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["diff"]) for r in log)
-    assert sorted(os.listdir(tmp_path / "base")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path / "base")) == [".lock", "ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
     main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs", "assets/red_solid_circle.png",
           "--prompt", "a red disc", "--steps", "2", "--seed", "0", "--out", str(tmp_path / "s.png")])
     assert json.loads((tmp_path / "s.json").read_text())["weights"] == str(tmp_path / "base" / "latest")
@@ -2790,7 +2790,7 @@ def test_resume_from_a_broken_checkpoint_is_one_line(toy_run, one_step_run, tmp_
                      "4", "--batch-size", "2", "--steps", "2", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1].startswith(f"error: {path}: ") and not os.path.exists(path + ".ran")
-    assert sorted(os.listdir(out)) == ["ckpt-0000001", "latest", "log.jsonl"]           # nothing trained or saved
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]  # nothing trained or saved
 
 def test_no_pickle_is_unpickled_and_no_remote_code_is_trusted():
     here = os.path.dirname(os.path.abspath(__file__))
@@ -3613,3 +3613,278 @@ def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
     assert (tmp_path / "plain.png").read_bytes() == (tmp_path / "offload.png").read_bytes()
     assert 0 < np.abs(plain - fp8).mean() < 4.0                      # fp8 rounding: a few levels of 255, no more
     assert json.loads((tmp_path / "fp8.json").read_text())["fp8"] is True
+
+# -----------------------------------------------------------------------------
+# run folders (issue: run folders that cannot lose work)
+
+from safetensors.torch import load_file
+
+def adapter_of(folder):
+    return load_file(os.path.join(folder, "adapter.safetensors"))
+
+def same_adapter(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+def multi(root, *extra):
+    # stage multi on the toy base, one checkpoint a step
+    return ["--stage", "multi", "--init", str(root / "base"), "--lambda-attn", "0.3", "--ckpt-every", "1",
+            "--lr", "1e-2", *extra]
+
+def sft_cli(out, manifest, *extra):
+    return TS.cli(["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
+                   "--rank", "4", *extra])
+
+def rl_cli(out, manifest, base, *extra):
+    return TR.cli(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps", "2",
+                   "--window", "1", "--group", "2", "--minibatches", "1", "--lr", "1e-2", "--ckpt-every", "1", *extra])
+
+@pytest.fixture(scope="module")
+def two_step_run(toy_run, tmp_path_factory):
+    # a 3-step uninterrupted run (its final adapter is what every interrupted one must reach) and the same run
+    # stopped after step 2 (keep 3: all its checkpoints stay)
+    root, manifest = toy_run
+    runs = tmp_path_factory.mktemp("runs")
+    sft(runs / "full", manifest, *multi(root, "--steps", "3", "--keep", "3"))
+    sft(runs / "cut", manifest, *multi(root, "--steps", "2", "--keep", "3"))
+    return runs, adapter_of(runs / "full" / "ckpt-0000003")
+
+@pytest.mark.parametrize("trainer", ["sft", "rl"])
+def test_a_used_out_is_refused_and_fresh_keeps_the_old_run_until_its_first_checkpoint(toy_run, tmp_path, capsys,
+                                                                                      monkeypatch, trainer):
+    root, manifest = toy_run
+    go = (lambda out, *a: sft_cli(out, manifest, *multi(root, *a))) if trainer == "sft" else \
+        (lambda out, *a: rl_cli(out, manifest, root / "base", *[x.replace("--steps", "--iters") for x in a]))
+    out = tmp_path / "run"
+    assert go(out, "--steps", "2") == 0
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert go(out, "--steps", "1") == 2                       # the README command run again: refused, nothing touched
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out} holds a run at step 2: pass --resume to continue, or another --out "
+                   f"(or --fresh to start over)"]
+    assert sorted(os.listdir(out)) == before
+    # --fresh killed before its first checkpoint: the old run waits in previous/, whole
+    real = training.checkpoint_hook
+    def killed(stage, step):
+        raise KeyboardInterrupt                               # an interruption nothing catches
+    monkeypatch.setattr(training, "checkpoint_hook", killed)
+    with pytest.raises(KeyboardInterrupt):
+        go(out, "--steps", "1", "--fresh")
+    assert sorted(os.listdir(out / "previous")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
+    assert training.incomplete(str(out / "previous" / "ckpt-0000002")) is None
+    # ... and goes once the new run has one; the log and the checkpoints are the new run's only
+    monkeypatch.setattr(training, "checkpoint_hook", real)
+    assert go(out, "--steps", "1", "--fresh") == 0
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
+    assert len([r for r in read_log(out) if r.get("step", r.get("iter")) == 1]) == 1
+
+def test_rotation_removes_only_older_checkpoints(tmp_path):
+    out = str(tmp_path)
+    write = lambda step, keep: training.write_checkpoint(out, step, {"x.bin": lambda f: f.write(b"x" * step)}, 1, keep)
+    for step in (9, 1, 2, 3):                                 # ckpt-9: a higher step from elsewhere
+        write(step, keep=2)
+    assert sorted(os.listdir(out)) == ["ckpt-0000002", "ckpt-0000003", "ckpt-0000009", "latest"]
+    assert os.readlink(tmp_path / "latest") == "ckpt-0000003"
+    assert json.loads((tmp_path / "ckpt-0000003" / "checkpoint.json").read_text()) == \
+        {"step": 3, "world": 1, "files": {"x.bin": 3}}
+
+def test_a_second_trainer_on_the_same_out_is_refused_naming_the_holder(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, training; training.lock(sys.argv[1]); "
+                               "print('held', flush=True); sys.stdin.read()", str(out)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert sft_cli(out, manifest, *multi(root, "--steps", "1")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {out} is in use by pid {holder.pid} on {socket.gethostname()}: one trainer writes "
+                       f"a run folder at a time (wait for it to end, or give another --out)"]
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.communicate("")
+    assert sft_cli(out, manifest, *multi(root, "--steps", "1")) == 0      # the holder is gone: the folder is free
+
+def test_a_kill_at_every_stage_of_the_checkpoint_protocol_leaves_a_folder_that_resumes_exactly(
+        toy_run, two_step_run, tmp_path, monkeypatch):
+    # A kill (SIGKILL) leaves the folder as it is at that instant: the hook copies it there, and each copy must
+    # resume to the uninterrupted run's adapter bit for bit. The folder starts as a cp -rL copy leaves it (latest
+    # a real folder) with an incomplete ckpt-2 (a copy without its marker), so the stages that handle those run too
+    root, manifest = toy_run
+    runs, want = two_step_run
+    out = tmp_path / "run"
+    shutil.copytree(runs / "cut", out, ignore=shutil.ignore_patterns("ckpt-0000002"))   # symlinks followed: cp -rL
+    shutil.copytree(runs / "cut" / "ckpt-0000002", out / "ckpt-0000002", ignore=shutil.ignore_patterns("*.json"))
+    assert (out / "latest").is_dir() and not (out / "latest").is_symlink()
+    kills = {}
+    def copy_now(stage, step):
+        if step in (1, 2):                                    # opening (resuming step 1), then checkpoint 2
+            kills[stage] = tmp_path / f"killed-{len(kills)}-{stage}"
+            shutil.copytree(out, kills[stage], symlinks=True)
+    monkeypatch.setattr(training, "checkpoint_hook", copy_now)
+    sft(out, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
+    assert list(kills) == ["unlinked-latest", "begin", "adapter.safetensors", "train_state.pt", "args.json", "marker",
+                           "aside", "renamed", "latest", "rotated", "previous", "done"]
+    assert same_adapter(adapter_of(out / "latest"), want)
+    monkeypatch.setattr(training, "checkpoint_hook", lambda stage, step: None)
+    for stage, folder in kills.items():
+        sft(folder, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
+        assert same_adapter(adapter_of(folder / "latest"), want), stage
+        assert not [n for n in os.listdir(folder) if n.startswith(".") and n != ".lock"], stage
+        assert [r["step"] for r in read_log(folder)] == [1, 2, 3], stage       # steps logged after it: once
+
+@pytest.mark.parametrize("edit", ["latest removed", "latest rolled back to ckpt-1", "latest a real folder"])
+def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edit):
+    root, manifest = toy_run
+    runs, want = two_step_run
+    out = tmp_path / "run"
+    shutil.copytree(runs / "cut", out, symlinks=True)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "di')                            # killed while it logged step 3
+    (out / "latest").unlink()
+    if edit == "latest rolled back to ckpt-1":
+        (out / "latest").symlink_to("ckpt-0000001")
+    elif edit == "latest a real folder":
+        shutil.copytree(out / "ckpt-0000002", out / "latest")
+    sft(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume")
+    assert same_adapter(adapter_of(out / "latest"), want) and os.readlink(out / "latest") == "ckpt-0000003"
+    assert [r["diff"] for r in read_log(out)] == [r["diff"] for r in read_log(runs / "full")]
+
+def test_resume_without_a_complete_checkpoint_is_one_line(toy_run, two_step_run, tmp_path, capsys):
+    root, manifest = toy_run
+    runs, _ = two_step_run
+    out = tmp_path / "run"
+    shutil.copytree(runs / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
+    path = out / "ckpt-0000002" / "train_state.pt"
+    path.write_bytes(path.read_bytes()[:100])                 # an interrupted copy
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3"), "--resume") == 2
+    size = (runs / "cut" / "ckpt-0000002" / "train_state.pt").stat().st_size
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {path}: 100 bytes where its checkpoint recorded {size} (an interrupted copy?); {out} holds no " \
+        f"complete checkpoint to resume from"
+
+def test_non_finite_weights_are_never_saved(toy_run, tmp_path, capsys, monkeypatch):
+    root, manifest = toy_run
+    out = tmp_path / "run"
+    real, calls = torch.optim.AdamW.step, [0]
+    def diverge_at_step_2(self, *a, **k):                     # a finite gradient, a step too large: NaN weights
+        calls[0] += 1
+        real(self, *a, **k)
+        if calls[0] == 2:
+            with torch.no_grad():
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        p.fill_(float("nan"))
+    monkeypatch.setattr(torch.optim.AdamW, "step", diverge_at_step_2)
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: step 2: \S+ is not finite \(the run diverged: try a lower --lr\): not saved; "
+                        rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
+    assert all(torch.isfinite(v).all() for v in adapter_of(out / "latest").values())
+
+@pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(toy_run, tmp_path, capsys, monkeypatch,
+                                                                             errno_, said):
+    root, manifest = toy_run
+    out = tmp_path / "run"
+    calls = []
+    def fill_the_disk(f, data):                               # the 2nd checkpoint's optimizer state: half, then full
+        calls.append(f)
+        if len({id(c) for c in calls}) >= 5:
+            f.write(bytes(data)[:len(data) // 2])
+            raise OSError(errno_, os.strerror(errno_), f.name if hasattr(f, "name") else None)
+        f.write(data)
+    monkeypatch.setattr(training, "write_bytes", fill_the_disk)
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out}: {said}") and \
+        err.endswith(f"writing checkpoint 2; checkpoint 1 intact ({out / 'ckpt-0000001'})"), err
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
+    assert training.incomplete(str(out / "ckpt-0000001")) is None
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(toy_run, two_step_run, tmp_path, capsys,
+                                                                    monkeypatch, signum):
+    root, manifest = toy_run
+    runs, want = two_step_run
+    out = tmp_path / "run"
+    real, calls = LS.flow_matching_loss, [0]
+    def signal_in_step_2(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    monkeypatch.setattr(LS, "flow_matching_loss", signal_in_step_2)
+    argv = ["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
+            "--rank", "4", *multi(root, "--steps", "3", "--keep", "3", "--ckpt-every", "100")]
+    caught = []                                               # what this process does with the signal outside a run
+    before = signal.signal(signum, lambda s, f: caught.append(s))
+    try:
+        status = TS.cli(argv)
+    finally:
+        outside = signal.signal(signum, before)
+    assert status == 128 + signum and not caught and outside is not before          # the run handled it
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    name = signal.Signals(signum).name
+    command = f"python train_sft.py {' '.join(argv)} --resume"
+    assert err.strip().splitlines()[-1] == f"stopped by {name} at step 2: checkpoint 2 intact " \
+                                           f"({out / 'ckpt-0000002'}); continue with: {command}"
+    assert outside.__qualname__.endswith("<lambda>")         # ... and put the handler it found back
+    monkeypatch.setattr(LS, "flow_matching_loss", real)
+    assert TS.cli(command.split()[2:]) == 0                   # the printed command, as given
+    assert same_adapter(adapter_of(out / "latest"), want)
+
+SFT_BAD = [("--ckpt-every", "0"), ("--log-every", "0"), ("--grad-accum", "0"), ("--batch-size", "0"), ("--rank", "0"),
+           ("--top-k", "5"), ("--keep", "0"), ("--eval-every", "0"), ("--steps", "-1"), ("--size", "0"),
+           ("--experts", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e39"), ("--lr", "-1"), ("--lr", "0"),
+           ("--lr", "2"), ("--lr-end", "nan"), ("--clip", "0"), ("--lambda-attn", "inf"), ("--dist-timeout", "0"),
+           ("--alpha", "nan"), ("--warmup", "-1"), ("--max-bad-steps", "0"), ("--attn-blocks", "-1"),
+           ("--seed", "-1"), ("--seed", str(2 ** 64))]
+RL_BAD = [("--group", "1"), ("--window", "0"), ("--steps", "0"), ("--tau", "0"), ("--prompts", "0"),
+          ("--minibatches", "0"), ("--micro-batch", "0"), ("--iters", "-1"), ("--top-k", "5"), ("--lr", "0"),
+          ("--lr", "nan"), ("--eta", "inf"), ("--kl", "-1"), ("--val-n", "0"), ("--ckpt-every", "0")]
+
+@pytest.mark.parametrize("script, bad", [("sft", b) for b in SFT_BAD] + [("rl", b) for b in RL_BAD])
+def test_trainer_flags_out_of_range_are_one_line_errors_before_any_work(toy_run, tmp_path, capsys, script, bad):
+    root, manifest = toy_run
+    out = tmp_path / "run"
+    main_ = TS.main if script == "sft" else TR.main
+    short = ["--steps", "1", "--batch-size", "2"] if script == "sft" else \
+        ["--iters", "1", "--steps", "2", "--window", "1", "--group", "2", "--minibatches", "1"]   # if it ran: briefly
+    with pytest.raises(SystemExit) as e:
+        main_(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--rank", "4", *short, *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"argument {bad[0]}: " in err[0] and not out.exists(), err
+
+def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, capsys):
+    root, manifest = toy_run
+    runs, _ = two_step_run
+    other = toy.write_toy(str(tmp_path / "other"), 4, seed=1)
+    out = tmp_path / "run"
+    shutil.copytree(runs / "cut", out, symlinks=True)
+    before = sorted(os.listdir(out))
+    common = lambda *a: ["--out", str(out), "--log-every", "1", "--warmup", "1", "--rank", "4",
+                         *multi(root, "--steps", "3", "--keep", "3"), "--resume", *a]
+    for argv, names in [(["--data", other, "--batch-size", "4"],
+                         [f"--data {manifest} -> {other}", "--batch-size 2 -> 4"]),
+                        (["--data", manifest, "--batch-size", "2", "--rank", "8", "--seed", "1"],
+                         ["--seed 0 -> 1", "--rank 4 -> 8"]),
+                        (["--data", manifest, "--batch-size", "2", "--grad-accum", "2"],
+                         ["the global batch (1 rank(s) x --grad-accum 1 -> 1 x 2)"])]:
+        capsys.readouterr()
+        assert TS.cli(common() + argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out / 'ckpt-0000002'}: resuming needs the settings it "
+                                                   f"was saved with: ") and all(n in err[0] for n in names), err
+        assert sorted(os.listdir(out)) == before
+    # a deliberate change (the lr, the length) is taken, with a note naming it
+    assert TS.cli(["--data", manifest, "--batch-size", "2"] + common("--lr", "2e-2", "--steps", "4")) == 0
+    err = capsys.readouterr().err
+    note = next(l for l in err.splitlines() if l.startswith("note: resuming"))
+    assert note.startswith(f"note: resuming {out / 'ckpt-0000002'} with ") and \
+        sorted(note.split(" with ")[1].split(", ")) == \
+        ["--lr 0.01 -> 0.02", f"--lr-end {0.01 / 3} -> {0.02 / 3}", "--steps 2 -> 4"], note     # lr-end follows lr
+    assert read_log(out)[-1]["step"] == 4

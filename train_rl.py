@@ -42,53 +42,60 @@ from model import decode_images, denoise, get_config, get_schedule, sampling_inp
 from rewards import RewardModelError, add_reward_args, build_reward, reward_weights
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = TR.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
     g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps; "
                    "the best adapter is kept as OUT/best.safetensors")
-    g.add_argument("--val-n", type=int, default=32, help="held-out records evaluated (by rank 0, while the other "
+    g.add_argument("--val-n", type=TR.positive, default=32,
+                   help="held-out records evaluated (by rank 0, while the other "
                    "ranks wait at their next collective: keep it small under torchrun)")
-    g.add_argument("--val-seeds", type=int, default=2, help="samples per held-out record")
-    g.add_argument("--size", type=int, default=None, help="image side in px (default: the preset's, 32 toy, 512 flux)")
-    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: the preset's, 16 toy, "
+    g.add_argument("--val-seeds", type=TR.positive, default=2, help="samples per held-out record")
+    g.add_argument("--size", type=TR.positive, default=None,
+                   help="image side in px (default: the preset's, 32 toy, 512 flux)")
+    g.add_argument("--ref-size", type=TR.positive, default=None,
+                   help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     TR.add_model_args(p)
     g = p.add_argument_group("IPPO (paper: T 16, w 2, tau 50, s 1)")
-    g.add_argument("--steps", type=int, default=16, help="sampling steps T")
-    g.add_argument("--window", type=int, default=2, help="SDE window size w")
-    g.add_argument("--tau", type=int, default=50, help="iterations between window moves")
-    g.add_argument("--stride", type=int, default=1, help="steps the window moves each time (0: frozen)")
-    g.add_argument("--group", type=int, default=12, help="samples per prompt G (one initial noise)")
-    g.add_argument("--eta", type=float, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
-    g.add_argument("--guidance", type=float, default=None, help="distilled guidance (default: the preset's sampling "
+    g.add_argument("--steps", type=TR.positive, default=16, help="sampling steps T")
+    g.add_argument("--window", type=TR.positive, default=2, help="SDE window size w")
+    g.add_argument("--tau", type=TR.positive, default=50, help="iterations between window moves")
+    g.add_argument("--stride", type=TR.count, default=1, help="steps the window moves each time (0: frozen)")
+    g.add_argument("--group", type=TR.int_in(2), default=12, help="samples per prompt G (one initial noise)")
+    g.add_argument("--eta", type=TR.weight, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
+    g.add_argument("--guidance", type=TR.weight, default=None,
+                   help="distilled guidance (default: the preset's sampling "
                    "guidance, 3.5 flux, 1 toy)")
-    g.add_argument("--clip-low", type=float, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
-    g.add_argument("--clip-high", type=float, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
-    g.add_argument("--adv-clip", type=float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
-    g.add_argument("--kl", type=float, default=0.0, help="beta: KL to the base model with adapters off")
+    g.add_argument("--clip-low", type=TR.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
+    g.add_argument("--clip-high", type=TR.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
+    g.add_argument("--adv-clip", type=TR.positive_float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
+    g.add_argument("--kl", type=TR.weight, default=0.0, help="beta: KL to the base model with adapters off")
     add_reward_args(p)
     g = p.add_argument_group("optimization")
-    g.add_argument("--iters", type=int, default=300, help="training iterations M (paper 300)")
-    g.add_argument("--prompts", type=int, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
-    g.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout (split of each group)")
-    g.add_argument("--micro-batch", type=int, default=None, help="trajectories per forward (default: a whole "
+    g.add_argument("--iters", type=TR.count, default=300, help="training iterations M (paper 300)")
+    g.add_argument("--prompts", type=TR.positive, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
+    g.add_argument("--minibatches", type=TR.positive, default=2,
+                   help="optimizer steps per rollout (split of each group)")
+    g.add_argument("--micro-batch", type=TR.positive, default=None, help="trajectories per forward (default: a whole "
                    "minibatch share of a group); fewer saves memory")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip")
-    g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite updates in a row")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True)
-    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ckpt-every", type=int, default=50)
-    g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    g.add_argument("--eval-every", type=int, default=50)
-    g.add_argument("--device", default=None)
-    g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
-                   "collective before the job stops (a dead or hung rank; rank 0 also evaluates meanwhile)")
+    g.add_argument("--lr", type=TR.learning_rate, default=1e-4, help=f"finite, > 0, <= {TR.MAX_LR:g}")
+    g.add_argument("--weight-decay", type=TR.weight, default=1e-4)
+    g.add_argument("--grad-clip", type=TR.positive_float, default=1.0, help="gradient norm clip")
+    g.add_argument("--max-bad-steps", type=TR.positive, default=20, help="stop after this many non-finite updates in "
+                   "a row")
+    TR.add_run_args(p, ckpt_every=50, eval_every=50)
     return p
+
+# on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
+# The optimizer's settings, the reward's weights and models, the length, cadence, evaluation and hardware are
+# deliberate changes; the prompts and their order (seed, prompts per iteration), sizes, the model, the adapters'
+# shape and the IPPO procedure (T, window, tau, stride, group, eta, guidance, the reward's kind) make another run
+MAY_CHANGE = {"lr", "weight_decay", "grad_clip", "max_bad_steps", "minibatches", "micro_batch", "clip_low",
+              "clip_high", "adv_clip", "kl", "w_text", "w_aes", "w_id", "clip", "preference", "preference_kind",
+              "preference_processor", "face_pack", "face_root", "detector", "detector_kind", "dinov2", "sam2", "iters",
+              "ckpt_every", "keep", "eval_every", "val_data", "val_n", "val_seeds", "device", "dist_timeout",
+              "grad_checkpoint", "prompts"}
 
 # -----------------------------------------------------------------------------
 # the window schedule (Algorithm 1, lines 1 and 21-22) and the data order: pure functions of the iteration,
@@ -142,27 +149,36 @@ def gather(values, ddp):
 # the run
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
+    args = p.parse_args(argv)
+    TR.check_adapter_args(p, args)
 
     # -------------------------------------------------------------------------
-    # set-up: ranks and device, the preset's defaults, and every shape check that needs no model (fail in seconds)
+    # set-up: ranks and device, the preset's defaults, every shape check that needs no model (fail in seconds), then
+    # the run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
-    master = rank == 0                    # rank 0 alone writes logs, checkpoints and runs the held-out evaluation
     cfg = get_config(args.preset)
     mult = cfg.token_px
-    args.size, args.ref_size = args.size or cfg.image_size, args.ref_size or cfg.ref_size
-    args.guidance = cfg.guidance if args.guidance is None else args.guidance
-    G, P, n_mini = args.group, args.prompts, args.minibatches
-    args.micro_batch = args.micro_batch or G // max(n_mini, 1)
+    args.size, args.ref_size = TR.resolved(args.size, cfg.image_size), TR.resolved(args.ref_size, cfg.ref_size)
+    args.guidance = TR.resolved(args.guidance, cfg.guidance)
+    G, n_mini = args.group, args.minibatches
+    args.micro_batch = TR.resolved(args.micro_batch, G // n_mini)
     if args.size % mult or args.ref_size % mult:
         raise InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
-    if G < 2 or n_mini < 1 or G % n_mini:
-        raise InputError(f"--group {G} must be >= 2 and divisible by --minibatches {n_mini}")
+    if G % n_mini:
+        raise InputError(f"--group {G} must be divisible by --minibatches {n_mini}")
     if (G // n_mini) % args.micro_batch:
         raise InputError(f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
     window_start(1, args.steps, args.window, args.tau, args.stride)          # validates w and T now
+    with TR.Run(args, argv, "train_rl.py", MAY_CHANGE, "prompts", ddp, rank, world, device) as run:
+        train(args, run, cfg, ddp, rank, world, device)
+
+def train(args, run, cfg, ddp, rank, world, device):
+    master = rank == 0                    # rank 0 alone writes logs, checkpoints and runs the held-out evaluation
+    G, P, n_mini = args.group, args.prompts, args.minibatches
     # the T-step schedule every rollout follows; the window picks which of its steps are stochastic
-    args.timesteps = get_schedule(args.steps, (args.size // mult) ** 2, shift=cfg.shift_schedule)
+    args.timesteps = get_schedule(args.steps, (args.size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
 
     # -------------------------------------------------------------------------
     # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
@@ -180,11 +196,10 @@ def main(argv=None):
     # the run's position: iterations done and prompts consumed; the window, the prompt order and every noise are
     # pure functions of them, so a resumed run needs nothing else
     step, consumed = 0, 0
-    if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
-        step, consumed, saved_world = TR.load_checkpoint(args.out, flux, text, acfg, opt)
+    if run.resume_from:
+        step, consumed, saved_world = TR.load_checkpoint(run.resume_from, flux, text, acfg, opt)
         TR.print0(f"resumed from iteration {step} at prompt {consumed} (saved by {saved_world} rank(s), now {world})")
     if master:
-        os.makedirs(args.out, exist_ok=True)
         TR.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
                  f"prompts, {world} rank(s) x {P} prompt(s) x group {G}, T {args.steps}, window {args.window}")
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
@@ -207,86 +222,83 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop: Algorithm 1
-    bad, bar = TR.BadSteps(args.max_bad_steps), tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO")
-    for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
-        # the window W(l) = [l, l + w) of SDE steps for this iteration (it slides every tau iterations)
-        t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
-        window = range(l, l + args.window)
-        steps = [(args.timesteps[i], args.timesteps[i + 1]) for i in window]
-        # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
-        # the group shares one prompt, one set of references and one initial noise: its samples differ only by the
-        # SDE noise inside the window, so the reward differences within a group are what the policy did there
-        groups, terms, rows_rollout = [], [], 0
-        for j in range(P):
-            k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
-            item = dataset[record_of(len(dataset), args.seed, k)]
-            seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
-            c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
-                                device)
-            x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
-                                     torch.Generator().manual_seed(seed + 1))
-            rows_rollout += rows
-            images = decode_images(ae, x0, args.size, args.size)
-            terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
-            groups.append(dict(c=c, **traj))
-        consumed += world * P
-        # advantages are normalized within each group (Eq. 3): no value network, the group is the baseline
-        total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
-        adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # (P, G)
+    bad = TR.BadSteps(args.max_bad_steps, run)
+    with tqdm(total=args.iters, initial=step, disable=not master, desc="IPPO") as bar:
+        for m in range(step + 1, args.iters + 1):                    # Algorithm 1 counts iterations from 1
+            # the window W(l) = [l, l + w) of SDE steps for this iteration (it slides every tau iterations)
+            t0, l = time.time(), window_start(m, args.steps, args.window, args.tau, args.stride)
+            window = range(l, l + args.window)
+            steps = [(args.timesteps[i], args.timesteps[i + 1]) for i in window]
+            # ---- 1-2. rollouts with pi_old = the current weights, rewards, advantages ----
+            # the group shares one prompt, one set of references and one initial noise: its samples differ only by the
+            # SDE noise inside the window, so the reward differences within a group are what the policy did there
+            groups, terms, rows_rollout = [], [], 0
+            for j in range(P):
+                k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
+                item = dataset[record_of(len(dataset), args.seed, k)]
+                seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
+                c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
+                                    device)
+                x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
+                                         torch.Generator().manual_seed(seed + 1))
+                rows_rollout += rows
+                images = decode_images(ae, x0, args.size, args.size)
+                terms.append(reward(images, item["prompt"], item["refs"], item["captions"]))
+                groups.append(dict(c=c, **traj))
+            consumed += world * P
+            # advantages are normalized within each group (Eq. 3): no value network, the group is the baseline
+            total = torch.tensor(np.stack([t["total"] for t in terms]))                      # (P, G)
+            adv = LS.group_advantages(total, clip=args.adv_clip).to(device)                   # (P, G)
 
-        # ---- 3. GSPO updates: minibatch q takes the q-th share of every group ----
-        # the recorded window steps are scored again under pi_theta (with grad): only w DiT calls per trajectory,
-        # whatever T is. The first minibatch is on-policy (ratio 1); later ones see weights the earlier ones moved,
-        # which is where GSPO's clip (Eq. 8) acts
-        share, b = G // n_mini, args.micro_batch
-        ratios, clipped, losses, kls, gnorms = [], [], [], [], []
-        for q in range(n_mini):
-            chunks = [(p, slice(a, a + b)) for p in range(P) for a in range(q * share, (q + 1) * share, b)]
-            for i, (p, sl) in enumerate(chunks):
-                gr = groups[p]
-                sync = nullcontext() if not ddp or i == len(chunks) - 1 else model.no_sync()
-                with sync:
-                    logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
-                    loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
-                    if args.kl > 0:
-                        kl = TR.kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
-                                        args.guidance).mean()
-                        loss = loss + args.kl * kl
-                        kls.append(kl.item())
-                    (loss * b / (P * share)).backward()          # the minibatch's mean over its trajectories
-                ratios += s.tolist()
-                clipped += cut.tolist()
-                losses.append(loss.item())
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            gnorms.append(gnorm.item())
-        bar.update(1)
+            # ---- 3. GSPO updates: minibatch q takes the q-th share of every group ----
+            # the recorded window steps are scored again under pi_theta (with grad): only w DiT calls per trajectory,
+            # whatever T is. The first minibatch is on-policy (ratio 1); later ones see weights the earlier ones moved,
+            # which is where GSPO's clip (Eq. 8) acts
+            share, b = G // n_mini, args.micro_batch
+            ratios, clipped, losses, kls, gnorms = [], [], [], [], []
+            for q in range(n_mini):
+                chunks = [(p, slice(a, a + b)) for p in range(P) for a in range(q * share, (q + 1) * share, b)]
+                for i, (p, sl) in enumerate(chunks):
+                    gr = groups[p]
+                    sync = nullcontext() if not ddp or i == len(chunks) - 1 else model.no_sync()
+                    with sync:
+                        logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
+                        loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
+                        if args.kl > 0:
+                            kl = TR.kl_to_base(flux, gr["c"], gr["x"][sl], gr["x_next"][sl], mean, std, steps, args.eta,
+                                            args.guidance).mean()
+                            loss = loss + args.kl * kl
+                            kls.append(kl.item())
+                        (loss * b / (P * share)).backward()          # the minibatch's mean over its trajectories
+                    ratios += s.tolist()
+                    clipped += cut.tolist()
+                    losses.append(loss.item())
+                gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                gnorms.append(gnorm.item())
+            bar.update(1)
 
-        # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations (all ranks' groups) ----
-        per_term = {k: gather(np.concatenate([t[k] for t in terms]).tolist(), ddp) for k in terms[0]}
-        ratios, clipped = gather(ratios, ddp), gather(clipped, ddp)
-        rec = {"iter": m, "window": l, **{f"r_{k}": float(np.mean(v)) for k, v in per_term.items()},
-               "r_group_std": float(np.mean(gather(total.std(1, unbiased=False).tolist(), ddp))),
-               "adv_abs": float(np.mean(gather(adv.abs().flatten().tolist(), ddp))),
-               "ratio_mean": float(np.mean(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
-               "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
-               **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
-               "grad_norm": float(np.mean(gnorms)), "skipped": bad.total,
-               "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
-               "sec": time.time() - t0}
-        if master:
-            bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
-            write(rec)
-        if val is not None and (m % args.eval_every == 0 or m == args.iters):
-            validate(m)
-        if m % args.ckpt_every == 0 or m == args.iters:
+            # ---- log: every reward term, ratio statistics, clip fraction, DiT evaluations (all ranks' groups) ----
+            per_term = {k: gather(np.concatenate([t[k] for t in terms]).tolist(), ddp) for k in terms[0]}
+            ratios, clipped = gather(ratios, ddp), gather(clipped, ddp)
+            rec = {"iter": m, "window": l, **{f"r_{k}": float(np.mean(v)) for k, v in per_term.items()},
+                   "r_group_std": float(np.mean(gather(total.std(1, unbiased=False).tolist(), ddp))),
+                   "adv_abs": float(np.mean(gather(adv.abs().flatten().tolist(), ddp))),
+                   "ratio_mean": float(np.mean(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                   "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
+                   **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
+                   "grad_norm": float(np.mean(gnorms)), "skipped": bad.total,
+                   "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
+                   "sec": time.time() - t0}
             if master:
-                TR.save_checkpoint(args.out, m, flux, text, acfg, opt, args, args.keep, consumed)
-            if ddp:
-                dist.barrier()
-    bar.close()
+                bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
+                write(rec)
+            if val is not None and (m % args.eval_every == 0 or m == args.iters):
+                validate(m)
+            # a checkpoint when due or when a signal asks to stop (all ranks: rank 0 writes, the others wait)
+            run.step_done(m, m % args.ckpt_every == 0 or m == args.iters, flux, text, acfg, opt, consumed)
     if ddp:
         dist.destroy_process_group()
 

@@ -32,53 +32,55 @@ import moe_lora as ML
 import training as TR
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = TR.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
     g.add_argument("--cache", default=None, help="instead of --data: a `data.py cache` folder (text embeddings and "
                    "latents precomputed: no text encoder or VAE in memory)")
     g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
                    "attention share at eval steps")
-    g.add_argument("--size", type=int, default=None, help="target side in px (default: the preset's, 32 toy, "
+    g.add_argument("--size", type=TR.positive, default=None, help="target side in px (default: the preset's, 32 toy, "
                    "512 flux)")
-    g.add_argument("--ref-size", type=int, default=None, help="reference side in px (default: the preset's, 16 toy, "
+    g.add_argument("--ref-size", type=TR.positive, default=None,
+                   help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
                    "square targets (each batch from one bucket)")
     TR.add_model_args(p)
     g = p.add_argument_group("losses")
     g.add_argument("--stage", default="multi", choices=["base", "single", "multi"])
-    g.add_argument("--lambda-attn", type=float, default=0.3, help="Dice attention loss weight (paper 0.3)")
-    g.add_argument("--attn-blocks", type=int, nargs="*", default=None, help="double blocks probed (default all)")
-    g.add_argument("--scal", type=float, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
-    g.add_argument("--mdl", type=float, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
+    g.add_argument("--lambda-attn", type=TR.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
+    g.add_argument("--attn-blocks", type=TR.count, nargs="*", default=None, help="double blocks probed (default all)")
+    g.add_argument("--scal", type=TR.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
+    g.add_argument("--mdl", type=TR.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
-    g.add_argument("--mdl-warmup", type=int, nargs=2, default=[0, 0], metavar=("START", "RAMP"),
+    g.add_argument("--mdl-warmup", type=TR.count, nargs=2, default=[0, 0], metavar=("START", "RAMP"),
                    help="MDL weight 0 until START, then linear to 1 over RAMP steps (MOSAIC: 10000 1000)")
-    g.add_argument("--balance", type=float, default=0.0, help="MoE load-balance loss weight (e.g. 1e-3)")
+    g.add_argument("--balance", type=TR.weight, default=0.0, help="MoE load-balance loss weight (e.g. 1e-3)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=16, help="per rank, per micro-step")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--lr", type=float, default=None, help="default: 1e-3 base, 1e-4 adapters (paper 3e-5)")
-    g.add_argument("--lr-end", type=float, default=None, help="linear decay to this (default lr/3, paper 1e-5)")
-    g.add_argument("--warmup", type=int, default=50)
-    g.add_argument("--weight-decay", type=float, default=1e-2)
-    g.add_argument("--clip", type=float, default=1.0)
+    g.add_argument("--steps", type=TR.count, default=1000)
+    g.add_argument("--batch-size", type=TR.positive, default=16, help="per rank, per micro-step")
+    g.add_argument("--grad-accum", type=TR.positive, default=1)
+    g.add_argument("--lr", type=TR.learning_rate, default=None, help=f"default: 1e-3 base, 1e-4 adapters (paper "
+                   f"3e-5); finite, > 0, <= {TR.MAX_LR:g}")
+    g.add_argument("--lr-end", type=TR.float_in(0.0, TR.MAX_LR), default=None, help="linear decay to this (default "
+                   "lr/3, paper 1e-5)")
+    g.add_argument("--warmup", type=TR.count, default=50)
+    g.add_argument("--weight-decay", type=TR.weight, default=1e-2)
+    g.add_argument("--clip", type=TR.positive_float, default=1.0)
     g.add_argument("--zero", action="store_true", help="shard optimizer states across ranks (ZeRO-1)")
-    g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many non-finite steps in a row")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True)
-    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ckpt-every", type=int, default=500)
-    g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    g.add_argument("--eval-every", type=int, default=250)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--device", default=None)
-    g.add_argument("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others in a "
-                   "collective before the job stops (a dead or hung rank; rank 0 also writes checkpoints meanwhile)")
+    g.add_argument("--max-bad-steps", type=TR.positive, default=20, help="stop after this many non-finite steps in "
+                   "a row")
+    g = TR.add_run_args(p, ckpt_every=500, eval_every=250)
+    g.add_argument("--log-every", type=TR.positive, default=10)
     return p
+
+# on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
+# The optimizer's and the losses' settings, the length, cadence and hardware are deliberate changes; the data, its
+# order (seed, batch, global batch), sizes, the model, the adapters' shape and the stage make another run
+MAY_CHANGE = {"lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks", "scal",
+              "mdl", "mdl_kind", "mdl_warmup", "balance", "steps", "ckpt_every", "keep", "eval_every", "log_every",
+              "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum"}
 
 # -----------------------------------------------------------------------------
 # one micro-step: every loss term
@@ -126,23 +128,31 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
 # the run
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
+    args = p.parse_args(argv)
+    TR.check_adapter_args(p, args)
+    if (args.data is None) == (args.cache is None):
+        p.error("give one of --data (a manifest) or --cache (a `data.py cache` folder)")
 
     # -------------------------------------------------------------------------
-    # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults
+    # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the
+    # run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
-    master = rank == 0                    # rank 0 alone writes logs and checkpoints
     cfg = M.get_config(args.preset)
-    args.size = args.size or cfg.image_size
-    args.ref_size = args.ref_size or cfg.ref_size
+    args.size = TR.resolved(args.size, cfg.image_size)
+    args.ref_size = TR.resolved(args.ref_size, cfg.ref_size)
     # the toy base learns from scratch (a high lr); adapters on a frozen base take small steps (paper: 3e-5)
-    args.lr = args.lr or (1e-3 if args.stage == "base" else 1e-4)
-    args.lr_end = args.lr / 3 if args.lr_end is None else args.lr_end
+    args.lr = TR.resolved(args.lr, 1e-3 if args.stage == "base" else 1e-4)
+    args.lr_end = TR.resolved(args.lr_end, args.lr / 3)
+    with TR.Run(args, argv, "train_sft.py", MAY_CHANGE, "grad_accum", ddp, rank, world, device) as run:
+        train(args, run, cfg, ddp, rank, world, device)
+
+def train(args, run, cfg, ddp, rank, world, device):
+    master = rank == 0                    # rank 0 alone writes logs and checkpoints
 
     # -------------------------------------------------------------------------
     # data: a manifest read from the image files, or a cache of latents and text embeddings (no VAE / T5 needed)
-    if (args.data is None) == (args.cache is None):
-        raise D.DataError("give one of --data (a manifest) or --cache (a `data.py cache` folder)")
     load = (lambda p: D.CachedDataset(p)) if args.cache else \
         (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=cfg.token_px,
                                      buckets=D.uno_buckets(args.size, cfg.token_px) if args.aspect_buckets else None))
@@ -164,12 +174,11 @@ def main(argv=None):
     # data order and the noise both functions of them (below), a resumed run continues exactly where it stopped,
     # on any number of ranks
     step, consumed = 0, 0
-    if args.resume and os.path.lexists(os.path.join(args.out, "latest")):
-        step, consumed, saved_world = TR.load_checkpoint(args.out, flux, text, acfg, opt)
+    if run.resume_from:
+        step, consumed, saved_world = TR.load_checkpoint(run.resume_from, flux, text, acfg, opt)
         TR.print0(f"resumed from step {step} at global micro-batch {consumed} (saved by {saved_world} rank(s), "
                   f"now {world})")
     if master:
-        os.makedirs(args.out, exist_ok=True)
         n_train = sum(p.numel() for p in params)
         TR.print0(f"{args.stage} stage, {args.preset}: {n_train / 1e6:.2f}M trainable params, {len(dataset)} records, "
                   f"{world} rank(s) x batch {args.batch_size} x accum {args.grad_accum}, device {device}")
@@ -196,74 +205,70 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # the training loop
-    t0, t0_step, bad = time.time(), step, TR.BadSteps(args.max_bad_steps)
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc=args.stage)
-    while step < args.steps:
-        # ---- forward / backward over grad_accum micro-batches ----
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        sums = {}                                                # each loss term, averaged over the micro-batches
-        for a in range(args.grad_accum):
-            b = consumed + a * world + rank
-            batch = D.collate([dataset[i] for i in global_batch(b)])
-            # t and the noise are drawn from a generator seeded by b alone: the same sample gets the same noise
-            # whichever rank or resumed process draws it
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
-            # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync on the others)
-            sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
-            with sync:
-                loss, terms = step_losses(args, model, denoiser, ae, batch, step, gen, device)
-                (loss / args.grad_accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
-        consumed += micro_per_step
+    t0, t0_step, bad = time.time(), step, TR.BadSteps(args.max_bad_steps, run)
+    with tqdm(total=args.steps, initial=step, disable=not master, desc=args.stage) as bar:
+        while step < args.steps:
+            # ---- forward / backward over grad_accum micro-batches ----
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            sums = {}                                                # each loss term, averaged over the micro-batches
+            for a in range(args.grad_accum):
+                b = consumed + a * world + rank
+                batch = D.collate([dataset[i] for i in global_batch(b)])
+                # t and the noise are drawn from a generator seeded by b alone: the same sample gets the same noise
+                # whichever rank or resumed process draws it
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
+                # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync on the others)
+                sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
+                with sync:
+                    loss, terms = step_losses(args, model, denoiser, ae, batch, step, gen, device)
+                    (loss / args.grad_accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
+            consumed += micro_per_step
 
-        # ---- clip, then update unless the gradient is NaN/inf (a skipped step is counted; many in a row stop) ----
-        gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        if bad.ok(gnorm, f"step {step + 1}"):
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+            # ---- clip, then update unless the gradient is NaN/inf (a skipped step is counted; many in a row stop) ----
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            if bad.ok(gnorm, f"step {step + 1}"):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        # ---- log: the loss terms averaged over ranks, throughput, MoE expert load since the last log ----
-        if step % args.log_every == 0 or step == args.steps:
-            vals = torch.tensor([sums[k] for k in sorted(sums)], device=device)
-            if ddp:
-                dist.all_reduce(vals)
-                vals /= world
-            rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad.total,
-                   "samples_per_s": args.batch_size * micro_per_step * (step - t0_step) / (time.time() - t0),
-                   **dict(zip(sorted(sums), vals.tolist()))}
-            t0, t0_step = time.time(), step
-            loads = [m.load for _, m in ML.adapters(flux) if isinstance(m, ML.MoELoRALinear)]
-            if loads:                # a collapsed router shows as one expert taking every token
-                total = torch.stack(loads).sum(0)
-                rec["expert_load"] = (total / total.sum().clamp_min(1)).tolist()
-                for l in loads:
-                    l.zero_()
-            if master:
-                bar.set_postfix(loss=f"{rec['diff']:.4f}", **({"dice": f"{rec['dice']:.3f}"} if "dice" in rec else {}))
+            # ---- log: the loss terms averaged over ranks, throughput, MoE expert load since the last log ----
+            if step % args.log_every == 0 or step == args.steps:
+                vals = torch.tensor([sums[k] for k in sorted(sums)], device=device)
+                if ddp:
+                    dist.all_reduce(vals)
+                    vals /= world
+                rec = {"step": step, "lr": lr_at(step - 1), "grad_norm": gnorm.item(), "skipped": bad.total,
+                       "samples_per_s": args.batch_size * micro_per_step * (step - t0_step) / (time.time() - t0),
+                       **dict(zip(sorted(sums), vals.tolist()))}
+                t0, t0_step = time.time(), step
+                loads = [m.load for _, m in ML.adapters(flux) if isinstance(m, ML.MoELoRALinear)]
+                if loads:                # a collapsed router shows as one expert taking every token
+                    total = torch.stack(loads).sum(0)
+                    rec["expert_load"] = (total / total.sum().clamp_min(1)).tolist()
+                    for l in loads:
+                        l.zero_()
+                if master:
+                    bar.set_postfix(loss=f"{rec['diff']:.4f}",
+                                    **({"dice": f"{rec['dice']:.3f}"} if "dice" in rec else {}))
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+
+            # ---- held-out attention metrics: does L_attn put each subject's attention inside its own mask? ----
+            due = step % args.eval_every == 0 or step == args.steps
+            if val is not None and master and due and args.stage != "base":
+                rec = {"step": step, **TR.attention_metrics(denoiser, ae, val, device, args.batch_size,
+                                                            args.attn_blocks, args.pe)}
+                TR.print0(json.dumps(rec))
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
 
-        # ---- held-out attention metrics: does L_attn put each subject's attention inside its own mask? ----
-        if val is not None and master and (step % args.eval_every == 0 or step == args.steps) and args.stage != "base":
-            rec = {"step": step, **TR.attention_metrics(denoiser, ae, val, device, args.batch_size, args.attn_blocks,
-                                                        args.pe)}
-            TR.print0(json.dumps(rec))
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-
-        # ---- checkpoint (rank 0 writes; the others wait, so no rank runs ahead of a checkpoint it may need) ----
-        if step % args.ckpt_every == 0 or step == args.steps:
-            if args.zero and ddp:
-                opt.consolidate_state_dict(to=0)                # ZeRO: gather the sharded optimizer state first
-            if master:
-                TR.save_checkpoint(args.out, step, flux, text, acfg, opt, args, args.keep, consumed)
-            if ddp:
-                dist.barrier()
-    bar.close()
+            # ---- checkpoint when due or when a signal asks to stop (rank 0 writes; the others wait, so no rank runs
+            # ahead of a checkpoint it may need) ----
+            run.step_done(step, step % args.ckpt_every == 0 or step == args.steps, flux, text, acfg, opt, consumed)
     if ddp:
         dist.destroy_process_group()
 

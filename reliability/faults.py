@@ -1,21 +1,26 @@
 """
-Kill (SIGKILL) toy training runs of both trainers at random points, also while they write a checkpoint, then
-check what they left and resume. Run from the repository root:
+Kill toy training runs of both trainers inside the checkpoint protocol, at every one of its stages, and at random
+moments from outside; check what each kill left and resume it. Run from the repository root:
 
-    python -m reliability.faults                    # 6 kills per trainer (about 2 min on 2 cores)
-    python -m reliability.faults --kills 2 --seed 1 --work /tmp/faults --table faults.md
+    python -m reliability.faults                    # every stage x both trainers + 2 random kills each (~10 min)
+    python -m reliability.faults --kills 0 --work /tmp/faults --table faults.md
 
-For train_sft.py (stage multi) and train_rl.py, on a random toy base: one uninterrupted run, then `--kills`
-runs killed a random moment after a random checkpoint, or while one is being written (the moment its temporary
-folder appears). Each is checked for intact checkpoints (every one loads, `latest` names one), resumed with
---resume to the end, and its final adapter compared with the uninterrupted run's: it must be equal bit for bit
-(CPU). The trainers run as subprocesses, as a user runs them. Also holds the random toy base that
-reliability/badinput.py shares.
+For train_sft.py (stage multi) and train_rl.py, on a random toy base, one checkpoint a step, --keep 2: one
+uninterrupted run, then one run per stage of training.write_checkpoint (training.checkpoint_hook: the run SIGKILLs
+itself there, MULTICRAFTER_KILL_AT=STAGE@STEP) while it writes checkpoint J. The stages that only run in some
+folders get that folder: `aside` (ckpt-J already there: an incomplete copy), `unlinked-latest` (latest a real
+folder, as cp -rL leaves it: replaced when the run opens), `previous` and a --fresh `begin` (a fresh run into a used
+folder, killed at its first checkpoint). Then `--kills` runs killed from outside (SIGKILL) a random moment after a
+random checkpoint. Each killed folder is listed (complete checkpoints, `latest`), resumed with --resume to the end,
+and its final adapter compared with the uninterrupted run's: it must be equal bit for bit (CPU). The trainers run
+as subprocesses, as a user runs them. Also holds the random toy base that reliability/badinput.py shares.
 """
 import argparse
-import json
 import os
 import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,17 +31,20 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import toy
+import training
 
 parser = argparse.ArgumentParser(prog="python -m reliability.faults", epilog=__doc__,
                                  description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--kills", type=int, default=6, help="kill points per trainer (every other one during a "
-                    "checkpoint write)")
+parser.add_argument("--kills", type=int, default=2, help="random kills from outside per trainer")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
 parser.add_argument("--table", default=None, help="also write the markdown table to this file")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: where the trainers are
+# the stages of training.write_checkpoint, in order (training.checkpoint_hook's names for the adapter stages)
+STAGES = ["begin", "adapter.safetensors", "train_state.pt", "args.json", "marker", "aside", "renamed",
+          "unlinked-latest", "latest", "rotated", "previous", "done"]
 
 def save_st(sd, path, meta=None):
     save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=meta)
@@ -50,63 +58,87 @@ def toy_base(folder):
     save_st(text.state_dict(), os.path.join(folder, "text_encoder.safetensors"))
     return folder, flux, text
 
-def checkpoints_intact(out):
-    """Every ckpt-* folder loads whole (adapter, optimizer state with weights_only, args) and OUT/latest names
-    one. -> (ok, steps of the checkpoints, step of latest or 0)."""
-    steps = []
-    for d in sorted(x for x in os.listdir(out) if x.startswith("ckpt-")):
-        load_file(os.path.join(out, d, "adapter.safetensors"))
-        state = torch.load(os.path.join(out, d, "train_state.pt"), map_location="cpu", weights_only=True)
-        json.load(open(os.path.join(out, d, "args.json")))
-        steps.append(state["step"])
+def left(out):
+    # what a killed run left: its complete checkpoints' steps, the incomplete ones, and where latest leads
+    found = training.checkpoints(out)
+    done = [s for s, _, why in found if why is None]
+    bad = [s for s, _, why in found if why]
     latest = os.path.join(out, "latest")
-    if not os.path.lexists(latest):
-        return not steps, steps, 0
-    return os.path.isdir(latest), steps, int(os.path.basename(os.path.realpath(latest))[5:])
+    where = "missing" if not os.path.lexists(latest) else \
+        os.readlink(latest)[5:].lstrip("0") or "0" if os.path.islink(latest) else "a real folder"
+    return f"complete {done}" + (f", incomplete {bad}" if bad else "") + f"; latest: {where}"
 
 def faults(args):
-    """-> rows (trainer, kill point, checkpoints after the kill, resumed from, final adapter = uninterrupted)."""
+    """-> rows (trainer, where it was killed, what the folder held, resumed from, final adapter = uninterrupted)."""
     work, rng = args.work or tempfile.mkdtemp(prefix="faults-"), random.Random(args.seed)
     manifest = toy.write_toy(os.path.join(work, "data"), 16, seed=0)
     base = toy_base(os.path.join(work, "base"))[0]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    # (script, checkpoints it writes: one per step, arguments)
-    runs = [("train_sft.py", 8, ["--stage", "multi", "--steps", "8", "--batch-size", "2", "--lambda-attn", "0.3"]),
-            ("train_rl.py", 6, ["--iters", "6", "--steps", "4", "--group", "4"])]
+    # (script, checkpoints it writes: one per step, the flag for its length, arguments)
+    runs = [("train_sft.py", 6, "--steps", ["--stage", "multi", "--batch-size", "2", "--lambda-attn", "0.3"]),
+            ("train_rl.py", 4, "--iters", ["--steps", "4", "--group", "4"])]
     rows = []
-    for script, n, extra in runs:
-        cmd = lambda out, *more: [sys.executable, os.path.join(ROOT, script), "--data", manifest, "--init", base,
-                                  "--rank", "4", "--lr", "1e-2", "--ckpt-every", "1", "--out", out, *extra, *more]
-        ref = os.path.join(work, script[:-3], "uninterrupted")
-        subprocess.run(cmd(ref), env=env, check=True, capture_output=True)
-        want = load_file(os.path.join(ref, "latest", "adapter.safetensors"))
-        for k in range(args.kills):
-            out = os.path.join(work, script[:-3], f"kill{k}")
-            proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            j, point = rng.randint(1, n - 1), None                 # a checkpoint of the run, not the last
-            while proc.poll() is None and point is None:
-                if k % 2 and os.path.isdir(f"{out}/.tmp-ckpt-{j:07d}"):   # while checkpoint j is being written
-                    point = f"writing checkpoint {j}"
-                elif not k % 2 and os.path.isdir(f"{out}/ckpt-{j:07d}"):  # a random moment after checkpoint j
-                    wait = rng.uniform(0.0, 0.5)
-                    time.sleep(wait)
-                    point = f"{wait:.2f} s after checkpoint {j}"
+    for script, n, length, extra in runs:
+        name = script[:-3]
+        def run(out, *more, kill=None, until=n, wait=True):
+            env = dict(os.environ, OMP_NUM_THREADS="1", **({"MULTICRAFTER_KILL_AT": kill} if kill else {}))
+            cmd = [sys.executable, os.path.join(ROOT, script), "--data", manifest, "--init", base, "--rank", "4",
+                   "--lr", "1e-2", "--ckpt-every", "1", "--keep", "2", "--out", out, length, str(until), *extra, *more]
+            if not wait:
+                return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return subprocess.run(cmd, env=env, capture_output=True, text=True)
+        ref, cut = (os.path.join(work, name, k) for k in ("uninterrupted", "cut"))
+        assert run(ref).returncode == 0 and run(cut, until=n // 2 - 1).returncode == 0
+        want = load_file(os.path.join(ref, f"ckpt-{n:07d}", "adapter.safetensors"))
+
+        def check(out, point, status):
+            # what the kill left, then --resume to the end and compare
+            state = left(out) if status == -signal.SIGKILL else f"NOT KILLED (exit {status})"
+            r = run(out, "--resume")
+            said = re.search(r"resumed from (?:step|iteration) (\d+)|holds no checkpoint yet", r.stderr)
+            final = os.path.join(out, f"ckpt-{n:07d}", "adapter.safetensors")
+            got = load_file(final) if r.returncode == 0 and os.path.isfile(final) else {}
+            same = got.keys() == want.keys() and all(torch.equal(want[k], got[k]) for k in want)
+            rows.append((script, point, state, (said.group(1) or "0") if said else "?",
+                         "yes" if same else f"NO (exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]})"))
+
+        j = n // 2                                            # the checkpoint each kill aims at
+        for stage in STAGES:
+            out = os.path.join(work, name, stage)
+            shutil.rmtree(out, ignore_errors=True)
+            more, at, point = [], j, f"{stage}, checkpoint {j}"
+            if stage in ("aside", "unlinked-latest"):         # resumes from the cut run's checkpoint j - 1
+                shutil.copytree(cut, out, symlinks=stage == "aside")
+                more = ["--resume"]
+                if stage == "aside":                          # an incomplete ckpt-J: a copy of J - 1 without marker
+                    shutil.copytree(os.path.join(cut, f"ckpt-{j - 1:07d}"), os.path.join(out, f"ckpt-{j:07d}"),
+                                    ignore=shutil.ignore_patterns(training.MARKER))
+                    point += " (an incomplete copy there)"
+                else:
+                    at, point = j - 1, f"{stage}, opening (latest a real folder: cp -rL), resuming {j - 1}"
+            r = run(out, *more, kill=f"{stage}@{at}")
+            check(out, point, r.returncode)
+        for stage in ("begin", "previous"):                   # --fresh into a used folder, its first checkpoint
+            out = os.path.join(work, name, f"fresh-{stage}")
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(ref, out, symlinks=True)
+            r = run(out, "--fresh", kill=f"{stage}@1")
+            check(out, f"{stage}, checkpoint 1 of a --fresh run (the old run in previous/)", r.returncode)
+        for k in range(args.kills):                           # from outside, a random moment after checkpoint i
+            out = os.path.join(work, name, f"kill{k}")
+            shutil.rmtree(out, ignore_errors=True)
+            proc, i = run(out, wait=False), rng.randint(1, n - 1)
+            while proc.poll() is None and not os.path.isdir(os.path.join(out, f"ckpt-{i:07d}")):
+                time.sleep(0.01)
+            wait = rng.uniform(0.0, 0.5)
+            time.sleep(wait)
             if proc.poll() is not None:
                 rows.append((script, "(finished before the kill)", "-", "-", "-"))
                 continue
             proc.kill()
             proc.wait()
-            try:
-                ok, steps, latest = checkpoints_intact(out)
-                state = f"{'intact' if ok else 'BROKEN'}: {steps}"
-            except Exception as e:                     # a checkpoint that does not load: the failure to report
-                latest, state = 0, f"BROKEN ({type(e).__name__}: {str(e)[:60]})"
-            r = subprocess.run(cmd(out, "--resume"), env=env, capture_output=True, text=True)
-            got = load_file(os.path.join(out, "latest", "adapter.safetensors")) if r.returncode == 0 else {}
-            same = got.keys() == want.keys() and all(torch.equal(want[n], got[n]) for n in want)
-            rows.append((script, point, state, str(latest), "yes" if same else f"NO (exit {r.returncode})"))
-    lines = ["| trainer | killed (SIGKILL) | checkpoints after the kill | resumed from | final adapter = uninterrupted |",
-             "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+            check(out, f"from outside, {wait:.2f} s after checkpoint {i}", proc.returncode)
+    lines = ["| trainer | killed (SIGKILL) at | the folder after the kill | resumed from | final adapter = "
+             "uninterrupted |", "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
     print("\n".join(lines))
     if args.table:
         with open(args.table, "w") as f:
