@@ -35,13 +35,13 @@ def adapter_model(arch, path):
         raise M.CheckpointError(f"{path}: not a multicrafter adapter (UNO's dit_lora files load with sample.py --lora)")
     try:
         cfg = json.loads(meta["multicrafter_adapter"])
-    except ValueError:
+    except (ValueError, RecursionError):
         cfg = None
     if not isinstance(cfg, dict):
         raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
     with torch.device("meta"):
         flux = M.Flux(M.get_config(arch))
-    ML.configure(flux, path, **cfg)
+    ML.configure(flux, path, sd, **cfg)             # the header checked against the tensors first
     for _, m in ML.adapters(flux):                 # the adapters' own layers and buffers onto the CPU; the base stays
         for name, child in m.named_children():
             if name != "base":
