@@ -517,8 +517,10 @@ def colour_distance(a, b):
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())     # mean abs RGB
 
 def match(idents, drawn):
-    """Hungarian pairs (reference i, subject j) maximizing shape agreement + (1 - colour distance)."""
-    sim = [[(d["shape"] == r.shape) + 1 - colour_distance(d["rgb"], r.rgb) for d in drawn] for r in idents]
+    """Hungarian pairs (reference i, subject j) maximizing every attribute's agreement: shape (0 or 1), the share
+    of code cells that agree and 1 - colour distance (all in [0, 1])."""
+    sim = [[(d["shape"] == r.shape) + np.mean(np.equal(d["code"], r.code)) + 1 - colour_distance(d["rgb"], r.rgb)
+            for d in drawn] for r in idents]
     return R.hungarian(np.array(sim).reshape(len(idents), len(drawn)))[1]
 
 def blend_alpha(c, own, others):
