@@ -378,13 +378,12 @@ def paint(canvas, ident, y, x, px):
 
 def view(ident, rng, ref_size=16):
     """A reference: another view of the identity (another scale than any target's, a random place, a light
-    background tint above every channel's range, so the subject stands out) -> (uint8 image, px, (y, x))."""
+    background tint above every channel's range, so the subject stands out) -> (uint8 image, its mask, px, (y, x))."""
     px = int(rng.integers(VIEW_PX[0], min(VIEW_PX[1], ref_size) + 1))
     tint = rng.integers(228, 256, 3)
     out = np.broadcast_to(tint.astype(np.uint8), (ref_size, ref_size, 3)).copy()
     y, x = (int(v) for v in rng.integers(0, ref_size - px + 1, 2))
-    paint(out, ident, y, x, px)
-    return out, px, (y, x)
+    return out, paint(out, ident, y, x, px), px, (y, x)
 
 def name_shapes(shapes):
     # ["circle", "square", "circle"] -> "two circles and a square" (first-named first, counts as words)
@@ -419,12 +418,15 @@ def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2,
         px = int(rng.integers(TARGET_PX[0], TARGET_PX[1] + 1))
         y, x = (int(v) for v in (by, bx) + rng.integers(0, box - px + 1, 2))
         masks.append(paint(target, ident, y, x, px))
-        ref, rpx, (ry, rx) = view(ident, rng, ref_size)
+        ref, ref_mask, rpx, (ry, rx) = view(ident, rng, ref_size)
         refs.append(ref)
-        # correspondences: every target pixel of the subject (centres) and the same point of the view, in [0, 1]
+        # correspondences: each target pixel of the subject (centre) and the same point of the view, in [0, 1],
+        # where that point falls on a pixel of the view's subject (not always so on an edge, at another scale)
         a, b = np.nonzero(masks[-1][y:y + px, x:x + px])
-        points.append([[round((ry + (i + .5) * rpx / px) / ref_size, 6), round((rx + (j + .5) * rpx / px) / ref_size, 6),
-                        round((y + i + .5) / size, 6), round((x + j + .5) / size, 6)] for i, j in zip(a, b)])
+        u, v = ry + (a + .5) * rpx / px, rx + (b + .5) * rpx / px
+        on = ref_mask[u.astype(int), v.astype(int)]
+        points.append([[round(p / ref_size, 6), round(q / ref_size, 6), round((y + i + .5) / size, 6),
+                        round((x + j + .5) / size, 6)] for p, q, i, j in zip(u[on], v[on], a[on], b[on])])
         boxes.append([round(v / size, 6) for v in (y, x, y + px, x + px)])
     shapes = [s.shape for s in idents]
     record = dict(prompt=name_shapes(shapes), points=points, attrs=[s.attrs() for s in idents], captions=shapes,
@@ -631,6 +633,31 @@ def following(after, records, swapped, slot=0, where="manifest"):
                     colour_distance(drawn[0]["rgb"], old.rgb))
     return (float(np.mean(hits)) if hits else float("nan")), len(hits)
 
+def world_eval(args, records):
+    """`toy.py eval` on this world's manifest: DIR/<id>.png per record scored by world_metrics, beside the sanity
+    rows drawn for the same records; the table on stdout, the numbers in --out (default IMAGES/metrics.json)."""
+    images, missing = [], []
+    for i, rec in enumerate(records):
+        path = os.path.join(args.images, f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png")
+        try:
+            images.append((rec, D.load_image(path)))
+        except D.InputError as e:
+            missing.append(str(e))
+    if not images:
+        raise D.InputError(f"{args.images}: none of the {len(records)} records has its image <id>.png there")
+    scored = [r for r, _ in images]
+    rows = {"images": world_metrics([im for _, im in images], scored, args.manifest),
+            **{k: world_metrics(sanity_images(scored, k, where=args.manifest), scored, args.manifest)
+               for k in ("targets", "averaging", "text-only")}}
+    keys = ("colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage")
+    print("| row | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    for name, m in rows.items():
+        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    out = args.out or os.path.join(args.images, "metrics.json")
+    D.write_atomic(out, lambda f: f.write(json.dumps(dict(rows=rows, missing=missing), indent=1).encode()))
+    print(f"scored {len(images)} records; {len(missing)} images missing or unreadable; wrote {out}", file=sys.stderr)
+    return 0
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -638,6 +665,10 @@ def main(argv=None):
     if argv[:1] == ["eval"]:                           # score generated images: rewards.py eval with the toy reward
         args = R.eval_parser(__doc__).parse_args(argv[1:])
         try:
+            records = [r for _, r in D.read_manifest(args.manifest)[0]]
+            first = (records[0].get("attrs") or [None])[0] if records and isinstance(records[0], dict) else None
+            if isinstance(first, dict) and "rgb" in first:                  # this world: its own metrics
+                return world_eval(args, records)
             reward = toy_reward(args.toy_ref_size, R.reward_weights(args))
             names = dict(text="toy-text", aes="toy-aes", id="toy-ID", total="reward")
             return R.evaluate(args, lambda images, prompt, refs, captions: {
