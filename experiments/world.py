@@ -12,8 +12,8 @@ for a view of another identity of the same shape (same prompt, same seed), then 
 first samples and toy.following on the second, beside the sanity rows of the same records. speed times training
 steps of the base stage (forward, backward, AdamW) on one batch size, side by side: the byte encoder padding every
 prompt to 128 bytes against padding to the batch's longest, and optionally torch.compile; FLOP utilization is the
-forward+backward matmul FLOPs (3x the forward's, counted by torch's FLOP counter) per second over the CPU peak
-given by --peak-gflops.
+FLOPs of one whole step (forward and backward, counted by torch's FlopCounterMode) per second, over the CPU
+peak given by --peak-gflops (a guess unless you know your CPU's: cores x GHz x fp32 FLOPs per cycle).
 """
 import argparse
 import json
