@@ -619,16 +619,17 @@ def sanity_images(records, kind, seed=0, where="manifest"):
 def following(after, records, swapped, slot=0, where="manifest"):
     """Images generated with reference `slot` of each record swapped (swapped: swap_record's records), prompt and
     seed as for the records' own images -> (share of swaps where the drawn subject is closer in colour to the new
-    reference than to the old one, swaps counted). The subject is found by its shape alone (the largest of that
-    shape), never by colour, which would favour the new reference; so only records where the slot's shape is
-    unique count (all single-subject ones; no hard pair)."""
+    reference than to the old one, swaps counted). The subject is found by its shape, then its size (the largest of
+    the slot's shape, else the largest drawn: a blurry model's shapes are often misread), never by colour, which
+    would favour the new reference; so only records where the slot's shape is unique count (all single-subject
+    ones; no hard pair)."""
     hits = []
     for im, rec, new in zip(after, records, swapped):
         idents = [identity_of(a, f"{where}: record {new.get('id')}") for a in new["attrs"]]
         if [r.shape for r in idents].count(idents[slot].shape) > 1:
             continue
         old = identity_of(rec["attrs"][slot], f"{where}: record {rec.get('id')}")
-        drawn = [d for d in read_subjects(im) if d["shape"] == old.shape]
+        drawn = sorted(read_subjects(im), key=lambda d: (d["shape"] != old.shape, -d["area"]))
         hits.append(bool(drawn) and colour_distance(drawn[0]["rgb"], idents[slot].rgb) <
                     colour_distance(drawn[0]["rgb"], old.rgb))
     return (float(np.mean(hits)) if hits else float("nan")), len(hits)
