@@ -73,6 +73,10 @@ class FluxConfig:
     # what surrounds the DiT
     text_encoder: str = "t5+clip"   # or "bytes" (tiny tokenizer-free encoder, toy preset)
     max_txt_len: int = 512          # T5 tokens: 512 for dev, 256 for schnell
+    # the byte encoder's padding: "max" pads every prompt to max_txt_len (what the shipped toy checkpoint was
+    # trained with: the DiT attends to the pad tokens, so it must keep them); "longest" pads to the batch's longest
+    # prompt (toy prompts are 8-60 bytes: about half the joint sequence saved) for models trained that way
+    txt_pad: str = "max"
     shift_schedule: bool = True     # resolution-dependent timestep shift (off for schnell)
     ae: AutoEncoderConfig = field(default_factory=AutoEncoderConfig)
     repo_id: str = ""               # Hugging Face repo holding flow_file and ae_file
@@ -265,10 +269,22 @@ class AttentionProbe:
     computed by SDPA as if no probe were attached.
     rows: optional, per reference a LongTensor (P_i, 2) of (batch index, reference token) pairs whose
     head-averaged log-probabilities over the target tokens are kept too (for per-point losses like SCAL).
+
+    direction "img2ref" (not in the paper, which supervises reference queries only): the path by which a target
+    region *reads* a reference. For target token j and reference i,
+        m_i[j] = mean over heads of  sum over k in ref_i of softmax_k(q_j k^T / sqrt(d))
+    with the softmax over the whole joint key sequence [txt | img | refs] (the attention the block really
+    computes), so m_i[j] in [0, 1] is the share of token j's attention spent on reference i (not a distribution
+    over j: L_attn's Dice divides by the map's maximum either way). Same discipline: (B, heads, M, L) scores one
+    head chunk at a time, recomputed in backward; stored: (B, N_refs, M).
     """
-    def __init__(self, blocks=None, rows=None, head_chunk=8):
+    def __init__(self, blocks=None, rows=None, head_chunk=8, direction="ref2img"):
+        if direction not in ("ref2img", "img2ref"):
+            raise ValueError(f"probe direction must be 'ref2img' or 'img2ref', not {direction!r}")
+        if rows is not None and direction != "ref2img":
+            raise ValueError("probe rows (SCAL's correspondences) are reference queries: direction 'ref2img' only")
         self.blocks = None if blocks is None else set(blocks)
-        self.rows, self.head_chunk = rows, head_chunk
+        self.rows, self.head_chunk, self.direction = rows, head_chunk, direction
         self.maps = []      # per probed block: (B, N_refs, M)
         self.logps = []     # per probed block: [ (P_i, M) per reference ]
 
@@ -283,7 +299,11 @@ class AttentionProbe:
         k_img = k[:, :, spans.img[0]:spans.img[1]]                                  # (B, H, M, Dh)
         run = (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)) \
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) else (lambda f, *a: f(*a))
-        self.maps.append(torch.stack([run(self._ref_map, q[:, :, s:e], k_img) for s, e in spans.refs], dim=1))
+        if self.direction == "img2ref":
+            self.maps.append(run(lambda q_img, k_all: self._img_map(q_img, k_all, spans.refs),
+                                 q[:, :, spans.img[0]:spans.img[1]], k))
+        else:
+            self.maps.append(torch.stack([run(self._ref_map, q[:, :, s:e], k_img) for s, e in spans.refs], dim=1))
         if self.rows is not None:
             self.logps.append([run(self._row_logp, q[:, :, s:e], k_img, r.to(q.device))
                                for (s, e), r in zip(spans.refs, self.rows)])
@@ -295,6 +315,14 @@ class AttentionProbe:
             s = q_ref[:, h:h + self.head_chunk] @ k_img[:, h:h + self.head_chunk].transpose(-1, -2)
             total = total + (fp32(s) * q_ref.shape[-1] ** -0.5).softmax(-1).sum(dim=(1, 2))
         return total / (H * N)                                                       # (B, M)
+
+    def _img_map(self, q_img, k, refs):
+        H, total = q_img.shape[1], 0
+        for h in range(0, H, self.head_chunk):      # (B, h, M, L) at a time, summed over heads
+            s = q_img[:, h:h + self.head_chunk] @ k[:, h:h + self.head_chunk].transpose(-1, -2)
+            p = (fp32(s) * q_img.shape[-1] ** -0.5).softmax(-1)                      # over all L keys
+            total = total + torch.stack([p[..., a:b].sum(-1) for a, b in refs], 1).sum(2)   # (B, N_refs, M)
+        return total / H                                                             # (B, N_refs, M)
 
     @staticmethod
     def _row_logp(q_ref, k_img, rows):
@@ -308,7 +336,7 @@ class AttentionProbe:
         return torch.cat(out)[order]              # back in the order the rows were given
 
     def mean_map(self):
-        """(B, N_refs, M): the maps averaged over the probed blocks; each row sums to 1."""
+        """(B, N_refs, M): the maps averaged over the probed blocks (ref2img: each row sums to 1)."""
         return torch.stack(self.maps).mean(0)
 
     def mean_logp(self):
@@ -686,6 +714,9 @@ class ByteTextEncoder(nn.Module):
     def __init__(self, cfg: FluxConfig, dim=64, layers=2, heads=4):
         super().__init__()
         self.max_len, self.truncated = cfg.max_txt_len, 0
+        if cfg.txt_pad not in ("max", "longest"):
+            raise ValueError(f"txt_pad must be 'max' or 'longest', not {cfg.txt_pad!r}")
+        self.txt_pad = cfg.txt_pad
         self.embed = nn.Embedding(257, dim)                   # 256 byte values + padding (256)
         self.pos = nn.Parameter(torch.randn(cfg.max_txt_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
@@ -696,7 +727,8 @@ class ByteTextEncoder(nn.Module):
     def tokenize(self, prompts):
         data = [p.encode("utf-8") for p in prompts]
         note_truncation(self, [len(b) for b in data], prompts)
-        ids = torch.full((len(prompts), self.max_len), 256, dtype=torch.long)
+        width = self.max_len if self.txt_pad == "max" else max(1, min(self.max_len, max(map(len, data))))
+        ids = torch.full((len(prompts), width), 256, dtype=torch.long)
         for i, b in enumerate(data):
             b = list(b[: self.max_len])
             ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
@@ -705,7 +737,7 @@ class ByteTextEncoder(nn.Module):
     def forward(self, prompts):
         ids = self.tokenize(prompts).to(self.pos.device)                  # (B, L)
         pad = ids == 256
-        h = self.encoder(self.embed(ids) + self.pos, src_key_padding_mask=pad)   # (B, L, dim)
+        h = self.encoder(self.embed(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)   # (B, L, dim)
         keep = (~pad).float()[..., None]
         pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)             # mean over real bytes
         return self.to_txt(h), self.to_vec(pooled)

@@ -3888,3 +3888,179 @@ def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, ca
         sorted(note.split(" with ")[1].split(", ")) == \
         ["--lr 0.01 -> 0.02", f"--lr-end {0.01 / 3} -> {0.02 / 3}", "--steps 2 -> 4"], note     # lr-end follows lr
     assert read_log(out)[-1]["step"] == 4
+
+# -----------------------------------------------------------------------------
+# the toy world that tests customization
+
+import experiments.world as EW
+
+def world(tmp_path, name, n, **kw):
+    return read_jsonl(toy.write_world(str(tmp_path / name), n, **kw)), tmp_path / name
+
+def test_world_is_deterministic_and_test_identities_are_never_trained_on(tmp_path):
+    a, _ = world(tmp_path, "a", 40, seed=0, subjects=(1, 2, 3), pool=30)
+    b, _ = world(tmp_path, "b", 40, seed=0, subjects=(1, 2, 3), pool=30)
+    short, _ = world(tmp_path, "short", 5, seed=0, subjects=(1, 2, 3), pool=30)
+    test, _ = world(tmp_path, "test", 40, seed=0, split="test", subjects=(1, 2, 3), pool=30)
+    assert all_files(tmp_path / "a") == all_files(tmp_path / "b") and short == a[:5]    # same seed: same bytes
+    key = lambda at: (at["shape"], tuple(at["rgb"]), tuple(at["code"]))
+    train_ids, test_ids = {key(x) for r in a for x in r["attrs"]}, {key(x) for r in test for x in r["attrs"]}
+    assert len(train_ids) <= 30 and sum(len(r["attrs"]) for r in a) > 60      # a pool: identities recur
+    assert not train_ids & test_ids                                            # held out: disjoint seed streams
+    assert {x["shape"] for r in a for x in r["attrs"]} == set(toy.WORLD_SHAPES)
+
+def test_world_prompts_name_only_shapes_and_counts():
+    assert toy.name_shapes(["circle", "square", "circle"]) == "two circles and a square"
+    assert toy.name_shapes(["triangle"]) == "a triangle"
+    assert toy.name_shapes(["square", "diamond", "circle"]) == "a square, a diamond and a circle"
+    for i in range(30):
+        _, _, idents, _, rec = toy.world_example(0, i, subjects=(1, 2, 3, 4))
+        words = set(rec["prompt"].replace(",", "").split())
+        assert words <= {"a", "and", "two", "three", "four"} | set(toy.WORLD_SHAPES) | {s + "s" for s in toy.WORLD_SHAPES}
+
+def test_world_references_are_other_views_and_masks_exact(tmp_path):
+    recs, root = world(tmp_path, "w", 12, seed=1, subjects=(2, 3))
+    for rec in recs:
+        target = np.asarray(Image.open(root / rec["target"])).astype(int)
+        union = 0
+        for k, at in enumerate(rec["attrs"]):
+            ident = toy.identity_of(at, "t")
+            mask = np.asarray(Image.open(root / rec["masks"][k])) > 0
+            union = union + mask
+            light, dark = np.round(np.array(ident.rgb) * 255), np.round(np.array(ident.rgb) * toy.DARK * 255)
+            tones = target[mask]
+            assert (np.all(tones == light, 1) | np.all(tones == dark, 1)).all()     # the subject's own two tones
+            assert {tuple(t) for t in tones} == {tuple(light), tuple(dark)}         # both tones shown
+            ref = np.asarray(Image.open(root / rec["refs"][k])).astype(int)
+            sprite = (ref == light).all(-1) | (ref == dark).all(-1)               # the identity's own tones
+            assert (ref[sprite] == light).all(1).any() and (ref[sprite] == dark).all(1).any()
+            assert len(np.unique(ref[~sprite], axis=0)) == 1                    # on one background tint
+            # another scale than in the target: a taller sprite (references are 16 px, targets 32)
+            assert np.ptp(np.nonzero(sprite.any(1))[0]) > np.ptp(np.nonzero(mask.any(1))[0])
+            for ry, rx, ty, tx in rec["points"][k]:          # correspondences: subject pixels on both sides
+                assert mask[int(ty * 32), int(tx * 32)] and sprite[int(ry * 16), int(rx * 16)]
+        assert union.max() == 1 and (target[union == 0] == 255).all()
+
+def test_world_hard_pairs_share_a_shape_at_the_set_colour_distance(tmp_path):
+    for name, d in toy.HARD.items():
+        recs, _ = world(tmp_path, name, 10, seed=2, split="test", hard=name)
+        for r in recs:
+            a, b = (toy.identity_of(x, "t") for x in r["attrs"])
+            assert a.shape == b.shape and toy.colour_distance(a.rgb, b.rgb) == pytest.approx(d, abs=1e-3)
+            assert r["prompt"] == f"two {a.shape}s"
+
+def test_world_reader_is_exact_on_clean_renders():
+    for k in range(40):
+        ident = toy.draw_identity("val", k)
+        for px in range(toy.TARGET_PX[0], toy.VIEW_PX[1] + 1):
+            im = np.full((20, 20, 3), 255, np.uint8)
+            toy.paint(im, ident, 3, 2, px)
+            (d,) = toy.read_subjects(im)
+            assert d["shape"] == ident.shape and d["code"] == ident.code
+            assert np.abs(d["rgb"] - ident.rgb).max() <= 0.5 / 255 + 1e-9
+
+def test_world_metrics_hand_values():
+    A = toy.Identity("square", (0.2, 0.4, 0.6), (1, 0, 0, 0))
+    B = toy.Identity("square", (0.6, 0.4, 0.2), (0, 1, 1, 1))
+    rec = dict(id="r", attrs=[A.attrs(), B.attrs()])
+    im = np.full((32, 32, 3), 255, np.uint8)
+    toy.paint(im, toy.Identity("circle", A.rgb, A.code), 2, 2, 10)          # A's colour and code, wrong shape
+    toy.paint(im, toy.Identity("square", (0.4, 0.4, 0.4), (0, 1, 1, 0)), 18, 18, 10)  # halfway to A, one cell off
+    m = toy.world_metrics([im], [rec])
+    # colour errors 0 and (0.2 + 0 + 0.2) / 3; alpha 0 and 0.5 (the mean of its own and the other reference's)
+    assert m["colour_err"] == pytest.approx(0.4 / 3 / 2, abs=1e-9)
+    assert (m["texture_acc"], m["shape_acc"], m["count_acc"]) == (0.5, 0.5, 1.0)
+    assert m["alpha"] == pytest.approx(0.25, abs=1e-9) and m["leakage"] == 0.5
+    one = np.full((32, 32, 3), 255, np.uint8)
+    toy.paint(one, B, 5, 5, 9)                                              # B alone: A is missing
+    m = toy.world_metrics([one], [rec])
+    assert m["count_acc"] == 0 and m["colour_err"] == pytest.approx(0.5) and m["texture_acc"] == 0.5
+    assert m["alpha"] == 0 and m["leakage"] == 0
+    assert toy.blend_alpha((0.3, 0.5, 0.1), (0.2, 0.4, 0.2), [(0.6, 0.8, -0.2), (0.9, 0.9, 0.9)]) == pytest.approx(0.25)
+
+def test_world_sanity_rows_separate(tmp_path):
+    two, _ = world(tmp_path, "two", 40, seed=3, split="test", subjects=(2,))
+    near, _ = world(tmp_path, "near", 40, seed=4, split="test", hard="near")
+    single, _ = world(tmp_path, "one", 80, seed=5, split="test", subjects=(1,))
+    for recs in (two, near):
+        rows = EW.sanity_rows(recs, "t")
+        assert rows["targets"]["alpha"] < 0.05 and rows["targets"]["leakage"] == 0
+        assert 0.4 <= rows["averaging"]["alpha"] <= 0.6 and rows["averaging"]["leakage"] == 1
+        assert rows["targets"]["texture_acc"] == rows["targets"]["shape_acc"] == 1
+    rows = EW.sanity_rows(single, "t")
+    assert rows["targets"]["following"] == 1 and rows["targets"]["colour_err"] < 0.01
+    assert 0.3 <= rows["text-only"]["following"] <= 0.7 and rows["text-only"]["n_swaps"] == 80   # chance
+    assert rows["text-only"]["colour_err"] > 0.15 and rows["text-only"]["texture_acc"] < 0.25
+
+def test_world_cli_and_old_folders_give_one_line_errors(tmp_path, capsys):
+    assert toy.main(["--out", str(tmp_path / "w"), "--n", "3", "--split", "val", "--hard", "far"]) == 0
+    assert toy.main(["--out", str(tmp_path / "x"), "--n", "2", "--identities", "0"]) == 2
+    assert D.check(str(tmp_path / "w" / "manifest.jsonl")) == 0
+    recs = read_jsonl(tmp_path / "w" / "manifest.jsonl")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    shutil.copy(tmp_path / "w" / recs[0]["target"], gen / f"{recs[0]['id']}.png")
+    capsys.readouterr()
+    assert toy.main(["eval", "--manifest", str(tmp_path / "w" / "manifest.jsonl"), "--images", str(gen)]) == 0
+    m = json.loads((gen / "metrics.json").read_text())["rows"]
+    assert m["images"]["colour_err"] < 0.01 and m["images"]["texture_acc"] == 1
+    assert m["averaging"]["alpha"] == pytest.approx(0.5)
+    old = toy.write_toy(str(tmp_path / "old"), 2, seed=0)                  # the first world's folder
+    capsys.readouterr()
+    assert EW.main(["sanity", "--manifest", old]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "first toy world" in err and "rgb" in err
+
+def naive_img_maps(q, k, spans):
+    # the full L x L attention, softmax over every key; each target query's mass on each reference's keys
+    P = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+    a, b = spans.img
+    return torch.stack([P[:, :, a:b, s:e].sum(-1).mean(1) for s, e in spans.refs], 1)
+
+def test_probe_img2ref_matches_naive_attention_values_and_gradients():
+    torch.manual_seed(1)
+    B, H, D, Lt, Mi, N1, N2 = 2, 5, 8, 3, 7, 4, 6
+    L = Lt + Mi + N1 + N2
+    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    spans = M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1), (Lt + Mi + N1, L)])
+    probe = M.AttentionProbe(head_chunk=2, direction="img2ref")
+    probe(q, k, spans)
+    ours, naive = probe.mean_map(), naive_img_maps(q, k, spans)
+    assert ours.shape == (B, 2, Mi)
+    torch.testing.assert_close(ours, naive, atol=1e-12, rtol=0)
+    w = torch.randn_like(naive)
+    g_ours, g_naive = (torch.autograd.grad((m * w).sum(), (q, k)) for m in (ours, naive))
+    for a, b in zip(g_ours, g_naive):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError):
+        M.AttentionProbe(direction="img2ref", rows=[torch.zeros(1, 2, dtype=torch.long)])
+
+def test_byte_encoder_pads_to_the_longest_prompt_when_asked():
+    assert M.get_config("toy").txt_pad == "max"          # the shipped checkpoint's (trained with 128 bytes)
+    torch.manual_seed(0)
+    full = M.ByteTextEncoder(M.get_config("toy")).eval()
+    short = M.ByteTextEncoder(M.get_config("toy", txt_pad="longest")).eval()
+    short.load_state_dict(full.state_dict())
+    prompts = ["a circle", "two circles and a square"]
+    (t1, y1), (t2, y2) = full(prompts), short(prompts)
+    assert t1.shape[1] == 128 and t2.shape[1] == len(prompts[1])
+    # the encoder masks its padding, so the real bytes read alike; the DiT sees fewer pad tokens
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(t2[i, :len(p)], t1[i, :len(p)], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=0)
+
+def test_base_stage_can_read_references(tmp_path):
+    manifest = toy.write_world(str(tmp_path / "w"), 4, seed=0, subjects=(1,))
+    args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base", "--base-refs"])
+    args.pe = "d"
+    flux, ae, text, _, _ = training.build_models("toy", "base", "cpu", seed=0)
+    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    batch = D.collate([ds[i] for i in range(4)])
+    seen = []
+    flux.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw.get("ref_img") or [])), with_kwargs=True)
+    for base_refs in (False, True):
+        args.base_refs = base_refs
+        TS.step_losses(args, training.Denoiser(flux, text), training.Denoiser(flux, text), ae, batch, 0,
+                       torch.Generator().manual_seed(0), "cpu")
+    assert seen == [0, 1]

@@ -282,12 +282,394 @@ def leaked(want, got, pairs):
                for i, j in pairs)
 
 # -----------------------------------------------------------------------------
+# the world that tests customization: the references carry what the prompt cannot name
+#
+# The first world above (kept while the shipped checkpoint assets/toy is trained on it) named every identity in
+# full in its prompt and gave each one reference identical to its rendering: text alone was enough, so a model
+# learned to ignore its references. Here an identity is a continuous colour, a two-tone cell code and a shape;
+# the prompt names only the shapes and their count; a reference is another view (another scale, position and
+# background tint); validation and test identities come from seed streams training never draws from.
+
+WORLD_SHAPES = ("circle", "square", "triangle", "diamond")
+# u (right) and v (down) in [-1, 1] across the sprite's box; each shape is symmetric about the box's centre
+# lines or touches all four sides, so the detected bounding box is the drawn box and the code's cells line up
+WORLD_SHAPE_TESTS = {
+    "circle": lambda u, v: u * u + v * v <= 1,
+    "square": lambda u, v: (abs(u) <= 1) & (abs(v) <= 1),
+    "triangle": lambda u, v: abs(u) <= (v + 1) / 2,
+    "diamond": lambda u, v: abs(u) + abs(v) <= 1,
+}
+CODE_CELLS = 2                  # a CODE_CELLS x CODE_CELLS code over the sprite's box: 2^4 - 2 = 14 two-tone codes
+DARK = 0.55                     # the second tone: the colour darkened by this factor
+CHANNEL = (0.15, 0.85)          # each RGB channel uniform in this range (below any reference tint: see view_px)
+SPLITS = {"train": 0, "val": 1, "test": 2}      # identity k of a split is the draw of seed stream (split, k)
+HARD = {"near": 0.06, "medium": 0.15, "far": 0.30}   # hard pairs' colour distance (mean abs RGB in [0, 1])
+TARGET_PX, VIEW_PX = (7, 11), (12, 15)          # sprite side in targets and in (16 px) references: never equal
+COUNTS = ("a", "two", "three", "four")
+
+@dataclass(frozen=True)
+class Identity:
+    """A subject of the world: its colour (RGB in [0, 1]), its two-tone code (CODE_CELLS^2 bits, row-major; 1 =
+    the darker tone) and its shape. Only the shape is ever named in a prompt."""
+    shape: str
+    rgb: tuple
+    code: tuple
+
+    def attrs(self):
+        return dict(shape=self.shape, rgb=list(self.rgb), code=list(self.code))
+
+def _colour(rng):
+    while True:                 # at least one channel well below white: the detector must see every subject
+        c = rng.uniform(*CHANNEL, 3)
+        if c.min() <= 0.7:
+            return c
+
+def _code(rng):
+    while True:                 # both tones present: the lighter one is the colour, wherever it is
+        c = rng.integers(0, 2, CODE_CELLS ** 2)
+        if 0 < c.sum() < len(c):
+            return tuple(int(b) for b in c)
+
+def draw_identity(split, k, shape=None, rgb=None):
+    """Identity k of split (train / val / test): a seeded draw, so splits never share an identity."""
+    rng = np.random.default_rng([7919, SPLITS[split], k])
+    s = WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))] if shape is None else shape
+    c = _colour(rng) if rgb is None else np.asarray(rgb)
+    return Identity(s, tuple(round(float(v), 4) for v in c), _code(rng))
+
+def identity_of(attrs, where):
+    """A manifest record's attrs entry -> Identity; the first world's attrs are refused, naming what changed."""
+    if "colour" in attrs or "pattern" in attrs:
+        raise D.InputError(f"{where}: attrs name a colour and a pattern ({attrs.get('colour')}, "
+                           f"{attrs.get('pattern')}): a folder of the first toy world; the toy world now draws "
+                           f"continuous colours and two-tone codes (attrs shape, rgb, code): regenerate it with "
+                           f"python toy.py --out DIR --n N")
+    try:
+        rgb, code = tuple(float(v) for v in attrs["rgb"]), tuple(int(b) for b in attrs["code"])
+        ok = attrs["shape"] in WORLD_SHAPES and len(rgb) == 3 and len(code) == CODE_CELLS ** 2
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise D.InputError(f"{where}: attrs {str(attrs)[:80]} are not a toy identity (shape in {WORLD_SHAPES}, "
+                           f"rgb: 3 numbers, code: {CODE_CELLS ** 2} bits)")
+    return Identity(attrs["shape"], rgb, code)
+
+def _cells(i, j, h, w):
+    # the code cell of pixel (i, j) in an h x w box: split where the pixel centres cross the box's centre lines
+    return ((i + .5) * CODE_CELLS // h).astype(int) * CODE_CELLS + ((j + .5) * CODE_CELLS // w).astype(int)
+
+def render_identity(ident, px):
+    """An identity at px x px -> (rgb float (px, px, 3) in [0, 1], mask bool (px, px)): the code's cells split the
+    box at its centre lines, so every view shows the same code at its own scale."""
+    i, j = np.mgrid[0:px, 0:px]
+    mask = WORLD_SHAPE_TESTS[ident.shape]((j + 0.5) / px * 2 - 1, (i + 0.5) / px * 2 - 1)
+    cell = _cells(i, j, px, px)
+    dark = np.asarray(ident.code)[cell].astype(bool)
+    rgb = np.where(dark[..., None], DARK, 1.0) * np.asarray(ident.rgb)
+    return rgb, mask
+
+def paint(canvas, ident, y, x, px):
+    # identity drawn into canvas (H, W, 3) uint8 at top-left (y, x) -> its mask on the canvas
+    rgb, m = render_identity(ident, px)
+    canvas[y:y + px, x:x + px][m] = np.round(rgb[m] * 255).astype(np.uint8)
+    full = np.zeros(canvas.shape[:2], bool)
+    full[y:y + px, x:x + px] = m
+    return full
+
+def view(ident, rng, ref_size=16):
+    """A reference: another view of the identity (another scale than any target's, a random place, a light
+    background tint above every channel's range, so the subject stands out) -> (uint8 image, its mask, px, (y, x))."""
+    px = int(rng.integers(VIEW_PX[0], min(VIEW_PX[1], ref_size) + 1))
+    tint = rng.integers(228, 256, 3)
+    out = np.broadcast_to(tint.astype(np.uint8), (ref_size, ref_size, 3)).copy()
+    y, x = (int(v) for v in rng.integers(0, ref_size - px + 1, 2))
+    return out, paint(out, ident, y, x, px), px, (y, x)
+
+def name_shapes(shapes):
+    # ["circle", "square", "circle"] -> "two circles and a square" (first-named first, counts as words)
+    order = list(dict.fromkeys(shapes))
+    words = [f"{COUNTS[shapes.count(s) - 1]} {s}{'s' if shapes.count(s) > 1 else ''}" for s in order]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+def hard_pair(rng, split, k, distance):
+    """Two identities of one shape whose colours differ by `distance` (mean abs RGB): colour + distance x signs."""
+    while True:
+        a = draw_identity(split, k)
+        b_rgb = np.asarray(a.rgb) + distance * rng.choice([-1.0, 1.0], 3)
+        if b_rgb.min() >= CHANNEL[0] and b_rgb.max() <= CHANNEL[1] and b_rgb.min() <= 0.7:
+            return [a, draw_identity(split, k + 1_000_000, shape=a.shape, rgb=b_rgb)]
+        k += 2_000_000                          # another seeded draw of the same split
+
+def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2, 3), pool=1000, hard=None):
+    """Record `index` of the world of (seed, split) -> (target uint8 (size, size, 3), masks, identities, reference
+    images, record without file paths). Training identities come from a pool of `pool` per split, each seen in
+    many records and views; a hard record has two identities of one shape at HARD[hard] colour distance."""
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    if hard is not None:
+        idents = hard_pair(rng, split, int(rng.integers(1 << 30)), HARD[hard])
+    else:
+        n = int(rng.choice(subjects))
+        idents = [draw_identity(split, int(k)) for k in rng.choice(pool, n, replace=pool < n)]
+    n, box = len(idents), TARGET_PX[1]
+    if box > size or (n > 1 and 2 * box + 1 > size):            # the corner fallback of _layout must fit
+        raise D.InputError(f"--size {size} cannot hold {n} sprites of up to {box} px")
+    target, masks, points, boxes, refs = np.full((size, size, 3), BACKGROUND, np.uint8), [], [], [], []
+    for ident, (by, bx) in zip(idents, _layout(rng, n, box, size)):
+        px = int(rng.integers(TARGET_PX[0], TARGET_PX[1] + 1))
+        y, x = (int(v) for v in (by, bx) + rng.integers(0, box - px + 1, 2))
+        masks.append(paint(target, ident, y, x, px))
+        ref, ref_mask, rpx, (ry, rx) = view(ident, rng, ref_size)
+        refs.append(ref)
+        # correspondences: each target pixel of the subject (centre) and the same point of the view, in [0, 1],
+        # where that point falls on a pixel of the view's subject (not always so on an edge, at another scale)
+        a, b = np.nonzero(masks[-1][y:y + px, x:x + px])
+        u, v = ry + (a + .5) * rpx / px, rx + (b + .5) * rpx / px
+        on = ref_mask[u.astype(int), v.astype(int)]
+        points.append([[round(p / ref_size, 6), round(q / ref_size, 6), round((y + i + .5) / size, 6),
+                        round((x + j + .5) / size, 6)] for p, q, i, j in zip(u[on], v[on], a[on], b[on])])
+        boxes.append([round(v / size, 6) for v in (y, x, y + px, x + px)])
+    shapes = [s.shape for s in idents]
+    record = dict(prompt=name_shapes(shapes), points=points, attrs=[s.attrs() for s in idents], captions=shapes,
+                  kinds=["object"] * n, boxes=boxes, split=split, **({"hard": hard} if hard else {}))
+    return target, masks, idents, refs, record
+
+def write_world(out, n, seed=0, split="train", subjects=(2, 3), size=32, ref_size=16, pool=1000, hard=None):
+    """`python toy.py`: n records under out/ (images/, masks/, refs/: each record its own views) and
+    out/manifest.jsonl in the manifest format. Same arguments, same bytes; records do not depend on n."""
+    if not subjects or not all(1 <= k <= 4 for k in subjects) or n < 1 or pool < 1:
+        raise D.InputError("need --n >= 1, --identities >= 1 and --subjects between 1 and 4")
+    if ref_size < VIEW_PX[0]:
+        raise D.InputError(f"--ref-size {ref_size}: references of this world are at least {VIEW_PX[0]} px")
+    for d in ("images", "masks", "refs"):
+        os.makedirs(os.path.join(out, d), exist_ok=True)
+    lines = []
+    for i in range(n):
+        target, masks, _, refs, rec = world_example(seed, i, split, size, ref_size, subjects, pool, hard)
+        rec = dict(id=f"{split}{i:06d}", target=f"images/{i:06d}.png",
+                   refs=[f"refs/{i:06d}_{k}.png" for k in range(len(refs))],
+                   masks=[f"masks/{i:06d}_{k}.png" for k in range(len(masks))], **rec)
+        Image.fromarray(target).save(os.path.join(out, rec["target"]))
+        for r, m, pr, pm in zip(refs, masks, rec["refs"], rec["masks"]):
+            Image.fromarray(r).save(os.path.join(out, pr))
+            Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(out, pm))
+        lines.append(json.dumps(rec) + "\n")
+    path = os.path.join(out, "manifest.jsonl")
+    D.write_atomic(path, lambda f: f.write("".join(lines).encode()))
+    print(f"wrote {n} records ({split}{', hard ' + hard if hard else ''}): {path}", file=sys.stderr)
+    return path
+
+# -----------------------------------------------------------------------------
+# the world's metrics, on Hungarian-matched subjects (MultiCrafter Eq. 10 as the matching)
+#   read_subjects  each connected component of non-white pixels: its shape (nearest mask), colour (the lighter
+#                  tone's median) and code (the darker tone's majority per cell)
+#   match          references (the record's identities) to drawn subjects, by shape agreement and colour
+#   blend alpha    where a matched subject's colour lies on the segment from its own reference's colour (0) to the
+#                  nearest other reference's (1): an "average subject" scores 0.5; leakage = share with alpha >= 0.25
+#   following      with prompt and seed fixed, a reference swapped for another of the same shape: does the drawn
+#                  subject change to the new one (closer to its colour than to the old one's)?
+
+LEAK_ALPHA = 0.25
+
+def _square_mask(m):
+    # a component's mask (its bounding box) on a 16 x 16 grid, so shapes of any scale compare
+    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((16, 16), Image.BILINEAR)) > 127
+
+SHAPE_MASKS = {s: _square_mask(render_identity(Identity(s, (0.5,) * 3, (0, 1, 1, 0)), 32)[1]) for s in WORLD_SHAPES}
+
+def _shape_of(m):
+    sq = _square_mask(m)
+    iou = {s: (sq & t).sum() / max((sq | t).sum(), 1) for s, t in SHAPE_MASKS.items()}
+    return max(iou, key=iou.get)
+
+def _two_tones(lum):
+    # 1-D 2-means on luminance -> bool "darker tone" per pixel (started at the extremes; a few rounds converge)
+    lo, hi = lum.min(), lum.max()
+    for _ in range(10):
+        dark = np.abs(lum - lo) < np.abs(lum - hi)
+        if dark.all() or not dark.any():
+            break
+        lo, hi = lum[dark].mean(), lum[~dark].mean()
+    return dark
+
+def read_subjects(image, threshold=40, min_area=12):
+    """PIL or (H, W, 3) uint8 -> [dict(shape, rgb (3,) in [0, 1], code (bits), box)] for each component of pixels
+    whose ink (255 - value) exceeds threshold in some channel, largest first."""
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
+    fg = (255 - a.astype(np.int16)).max(-1) > threshold
+    labels, _ = ndimage.label(fg, structure=np.ones((3, 3)))
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(labels), 1):
+        m = labels[sl] == k
+        if m.sum() < min_area:
+            continue
+        px = a[sl][m].astype(np.float64) / 255                                        # (P, 3)
+        dark = _two_tones(px.mean(1))
+        rgb = np.median(px[~dark], 0) if (~dark).any() else px.mean(0) / DARK
+        # the code: per cell of the bounding box (split at its centre lines), is the majority of its pixels dark?
+        h, w = m.shape
+        i, j = np.nonzero(m)
+        cell = _cells(i, j, h, w)
+        code = tuple(int(dark[cell == c].mean() > 0.5) if (cell == c).any() else 0 for c in range(CODE_CELLS ** 2))
+        out.append(dict(shape=_shape_of(m), rgb=rgb, code=code, area=int(m.sum()),
+                        box=(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)))
+    out.sort(key=lambda o: -o["area"])
+    return out
+
+def colour_distance(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())     # mean abs RGB
+
+def match(idents, drawn):
+    """Hungarian pairs (reference i, subject j) maximizing every attribute's agreement: shape (0 or 1), the share
+    of code cells that agree and 1 - colour distance (all in [0, 1])."""
+    sim = [[(d["shape"] == r.shape) + np.mean(np.equal(d["code"], r.code)) + 1 - colour_distance(d["rgb"], r.rgb)
+            for d in drawn] for r in idents]
+    return R.hungarian(np.array(sim).reshape(len(idents), len(drawn)))[1]
+
+def blend_alpha(c, own, others):
+    """Where colour c lies on the segment own (0) -> the nearest of others (1), clipped to [0, 1]; None alone."""
+    if not others:
+        return None
+    own = np.asarray(own)
+    b = np.asarray(min(others, key=lambda o: colour_distance(o, own)))
+    d = b - own
+    return float(np.clip((np.asarray(c) - own) @ d / max(d @ d, 1e-12), 0, 1))
+
+def score_image(image, idents):
+    """One image against its record's identities -> dict(count_ok, subjects: [per matched reference: colour_err,
+    code_ok, shape_ok, alpha]) (an unmatched reference counts as wrong in everything, error 1)."""
+    drawn = read_subjects(image)
+    pairs = dict(match(idents, drawn)) if drawn else {}
+    rows = []
+    for i, r in enumerate(idents):
+        if i not in pairs:
+            rows.append(dict(colour_err=1.0, code_ok=0.0, shape_ok=0.0, alpha=None))
+            continue
+        d = drawn[pairs[i]]
+        rows.append(dict(colour_err=colour_distance(d["rgb"], r.rgb), code_ok=float(d["code"] == tuple(r.code)),
+                         shape_ok=float(d["shape"] == r.shape),
+                         alpha=blend_alpha(d["rgb"], r.rgb, [o.rgb for k, o in enumerate(idents) if k != i])))
+    return dict(count_ok=float(len(drawn) == len(idents)), subjects=rows)
+
+def world_metrics(images, records, where="manifest"):
+    """Images (one per record) -> the world's metrics, pooled over matched subjects: colour error (mean abs RGB in
+    [0, 1]), texture (code exactly right; chance 1/14) and shape accuracy (chance 1/4), subject count accuracy,
+    blend alpha (multi-subject records) and leakage (share of those with alpha >= LEAK_ALPHA)."""
+    subs, counts = [], []
+    for k, (im, rec) in enumerate(zip(images, records)):
+        idents = [identity_of(a, f"{where}: record {rec.get('id', k)}") for a in rec["attrs"]]
+        s = score_image(im, idents)
+        subs += s["subjects"]
+        counts.append(s["count_ok"])
+    alphas = [r["alpha"] for r in subs if r["alpha"] is not None]
+    mean = lambda key: float(np.mean([r[key] for r in subs])) if subs else float("nan")
+    return dict(colour_err=mean("colour_err"), texture_acc=mean("code_ok"), shape_acc=mean("shape_ok"),
+                count_acc=float(np.mean(counts)) if counts else float("nan"),
+                alpha=float(np.mean(alphas)) if alphas else float("nan"),
+                leakage=float(np.mean([a >= LEAK_ALPHA for a in alphas])) if alphas else float("nan"),
+                n_subjects=len(subs), n_alpha=len(alphas))
+
+def swap_record(rec, seed=0, slot=0, where="manifest"):
+    """The record with reference `slot` swapped for a view of another identity of the same shape (from the same
+    split's seed stream, drawn by (seed, record id)), its target re-rendered with the new one in the old one's
+    place: the swap a reference-following model should follow. -> (record, new reference uint8, new target)."""
+    rng = np.random.default_rng([seed, sum(map(ord, str(rec.get("id", ""))))])
+    old = identity_of(rec["attrs"][slot], f"{where}: record {rec.get('id')}")
+    split = rec.get("split", "test")
+    new = draw_identity(split, int(rng.integers(1 << 40)) + 10 ** 12, shape=old.shape)
+    ref = view(new, rng, int(rec.get("ref_size", 16)))[0]
+    out = dict(rec, attrs=[new.attrs() if k == slot else a for k, a in enumerate(rec["attrs"])])
+    return out, ref, render_boxes(out, where)
+
+def render_boxes(rec, where="manifest", size=32, recolour=None):
+    """A record's target re-drawn from its attrs and boxes (uint8 (size, size, 3)); recolour: per subject an RGB
+    to draw instead (the averaging generator's)."""
+    out = np.full((size, size, 3), BACKGROUND, np.uint8)
+    for k, (a, b) in enumerate(zip(rec["attrs"], rec["boxes"])):
+        ident = identity_of(a, f"{where}: record {rec.get('id')}")
+        if recolour is not None:
+            ident = Identity(ident.shape, tuple(recolour[k]), ident.code)
+        y0, x0, y1, _ = (int(round(v * size)) for v in b)
+        paint(out, ident, y0, x0, y1 - y0)
+    return out
+
+def sanity_images(records, kind, seed=0, where="manifest"):
+    """The rows that prove the metrics discriminate, drawn in the records' layouts:
+    targets    the records' own subjects (alpha ~ 0, following 1)
+    averaging  each subject recoloured to the mean of its colour and its nearest other reference's (alpha ~ 0.5)
+    text-only  what a generator that reads only the prompt draws: each subject the named shape with a colour and
+               code drawn from (seed, record, subject) alone, whatever the references (following ~ chance)"""
+    out = []
+    for n, rec in enumerate(records):
+        idents = [identity_of(a, f"{where}: record {rec.get('id', n)}") for a in rec["attrs"]]
+        if kind == "targets":
+            out.append(render_boxes(rec, where))
+        elif kind == "averaging":
+            near = lambda i: min((o for k, o in enumerate(idents) if k != i),
+                                 key=lambda o: colour_distance(o.rgb, idents[i].rgb), default=idents[i])
+            out.append(render_boxes(rec, where, recolour=[(np.asarray(r.rgb) + near(i).rgb) / 2
+                                                          for i, r in enumerate(idents)]))
+        elif kind == "text-only":
+            rng = np.random.default_rng([seed, n])
+            blind = dict(rec, attrs=[Identity(r.shape, tuple(_colour(rng)), _code(rng)).attrs() for r in idents])
+            out.append(render_boxes(blind, where))
+        else:
+            raise ValueError(f"unknown sanity row {kind!r}")
+    return out
+
+def following(after, records, swapped, slot=0, where="manifest"):
+    """Images generated with reference `slot` of each record swapped (swapped: swap_record's records), prompt and
+    seed as for the records' own images -> (share of swaps where the drawn subject is closer in colour to the new
+    reference than to the old one, swaps counted). The subject is found by its shape, then its size (the largest of
+    the slot's shape, else the largest drawn: a blurry model's shapes are often misread), never by colour, which
+    would favour the new reference; so only records where the slot's shape is unique count (all single-subject
+    ones; no hard pair)."""
+    hits = []
+    for im, rec, new in zip(after, records, swapped):
+        idents = [identity_of(a, f"{where}: record {new.get('id')}") for a in new["attrs"]]
+        if [r.shape for r in idents].count(idents[slot].shape) > 1:
+            continue
+        old = identity_of(rec["attrs"][slot], f"{where}: record {rec.get('id')}")
+        drawn = sorted(read_subjects(im), key=lambda d: (d["shape"] != old.shape, -d["area"]))
+        hits.append(bool(drawn) and colour_distance(drawn[0]["rgb"], idents[slot].rgb) <
+                    colour_distance(drawn[0]["rgb"], old.rgb))
+    return (float(np.mean(hits)) if hits else float("nan")), len(hits)
+
+def world_eval(args, records):
+    """`toy.py eval` on this world's manifest: DIR/<id>.png per record scored by world_metrics, beside the sanity
+    rows drawn for the same records; the table on stdout, the numbers in --out (default IMAGES/metrics.json)."""
+    images, missing = [], []
+    for i, rec in enumerate(records):
+        path = os.path.join(args.images, f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png")
+        try:
+            images.append((rec, D.load_image(path)))
+        except D.InputError as e:
+            missing.append(str(e))
+    if not images:
+        raise D.InputError(f"{args.images}: none of the {len(records)} records has its image <id>.png there")
+    scored = [r for r, _ in images]
+    rows = {"images": world_metrics([im for _, im in images], scored, args.manifest),
+            **{k: world_metrics(sanity_images(scored, k, where=args.manifest), scored, args.manifest)
+               for k in ("targets", "averaging", "text-only")}}
+    keys = ("colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage")
+    print("| row | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    for name, m in rows.items():
+        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    out = args.out or os.path.join(args.images, "metrics.json")
+    D.write_atomic(out, lambda f: f.write(json.dumps(dict(rows=rows, missing=missing), indent=1).encode()))
+    print(f"scored {len(images)} records; {len(missing)} images missing or unreadable; wrote {out}", file=sys.stderr)
+    return 0
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:                           # score generated images: rewards.py eval with the toy reward
         args = R.eval_parser(__doc__).parse_args(argv[1:])
         try:
+            records = [r for _, r in D.read_manifest(args.manifest)[0]]
+            first = (records[0].get("attrs") or [None])[0] if records and isinstance(records[0], dict) else None
+            if isinstance(first, dict) and "rgb" in first:                  # this world: its own metrics
+                return world_eval(args, records)
             reward = toy_reward(args.toy_ref_size, R.reward_weights(args))
             names = dict(text="toy-text", aes="toy-aes", id="toy-ID", total="reward")
             return R.evaluate(args, lambda images, prompt, refs, captions: {
@@ -302,9 +684,15 @@ def main(argv=None):
     p.add_argument("--subjects", type=int, nargs="+", default=[2, 3], help="subjects per target (1-4), uniform")
     p.add_argument("--size", type=int, default=32, help="target side (px)")
     p.add_argument("--ref-size", type=int, default=16, help="reference side (px)")
+    p.add_argument("--split", default="train", choices=list(SPLITS), help="whose identities: val and test ones are "
+                   "never drawn for train")
+    p.add_argument("--identities", type=int, default=1000, help="identities of the split records draw from")
+    p.add_argument("--hard", default=None, choices=list(HARD), help="hard pairs: two subjects of one shape whose "
+                   "colours differ by %s (mean abs RGB)" % ", ".join(f"{k} {v}" for k, v in HARD.items()))
     args = p.parse_args(argv)
     try:
-        write_toy(args.out, args.n, args.seed, args.subjects, args.size, args.ref_size)
+        write_world(args.out, args.n, args.seed, args.split, args.subjects, args.size, args.ref_size, args.identities,
+                    args.hard)
     except (D.InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

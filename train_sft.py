@@ -51,6 +51,14 @@ def build_parser():
     g.add_argument("--stage", default="multi", choices=["base", "single", "multi"])
     g.add_argument("--lambda-attn", type=TR.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
     g.add_argument("--attn-blocks", type=TR.count, nargs="*", default=None, help="double blocks probed (default all)")
+    g.add_argument("--attn-direction", default="ref2img", choices=["ref2img", "img2ref"],
+                   help="L_attn's maps: ref2img = each reference's queries over the target's keys (the paper, Eq. 4); "
+                   "img2ref = each target token's attention mass on each reference's keys (the path by which a "
+                   "target region reads a reference; model.AttentionProbe)")
+    g.add_argument("--base-refs", action="store_true", help="stage base: train with the records' references in "
+                   "the joint sequence, so the base already learns to read them (default: text -> image only)")
+    g.add_argument("--txt-pad", default="max", choices=["max", "longest"], help="toy byte encoder: pad prompts to "
+                   "128 bytes (the shipped checkpoint's) or to the batch's longest (faster; model.FluxConfig.txt_pad)")
     g.add_argument("--scal", type=TR.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
     g.add_argument("--mdl", type=TR.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
@@ -78,7 +86,8 @@ def build_parser():
 # on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
 # The optimizer's and the losses' settings, the length, cadence and hardware are deliberate changes; the data, its
 # order (seed, batch, global batch), sizes, the model, the adapters' shape and the stage make another run
-MAY_CHANGE = {"lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks", "scal",
+MAY_CHANGE = {"lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks",
+              "attn_direction", "scal",
               "mdl", "mdl_kind", "mdl_warmup", "balance", "steps", "ckpt_every", "keep", "eval_every", "log_every",
               "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum"}
 
@@ -90,7 +99,10 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     + balance) in stage multi (MultiCrafter Eq. 6); L_diff alone in stages base and single."""
     flux = denoiser.flux
     # the joint sequence [txt | img | refs] (model.prepare); the base stage learns text -> image, so no references
-    inp = TR.encode_batch(batch, ae, device, args.pe, refs=args.stage != "base")
+    # unless --base-refs (a world whose prompts do not name the subjects needs a base that reads references)
+    inp = TR.encode_batch(batch, ae, device, args.pe, refs=args.stage != "base" or args.base_refs)
+    if isinstance(denoiser.text, M.ByteTextEncoder):
+        denoiser.text.txt_pad = args.txt_pad         # the byte encoder pads as this run trains (a per-run choice)
     x0 = inp["img"]                                                                 # (B, L, C) clean target tokens
     B, L = x0.shape[:2]
     # rectified flow: x_t = (1 - t) x0 + t eps at logit-normal t, shifted for the image size as sampling is
@@ -99,8 +111,8 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     # the probe rides along the same forward (no second pass): it reads each double block's q, k and keeps only
     # the per-reference attention maps over the target tokens that L_attn, SCAL and MDL need
     use_probe = args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
-    probe = M.AttentionProbe(args.attn_blocks, rows=[p[:, :2] for p in batch["points"]] if args.scal > 0 else None) \
-        if use_probe else None
+    probe = M.AttentionProbe(args.attn_blocks, rows=[p[:, :2] for p in batch["points"]] if args.scal > 0 else None,
+                             direction=args.attn_direction) if use_probe else None
     cond, g = TR.conditioning(batch, denoiser, device), TR.guidance_for(flux, B, device)
     with M.autocast(device):
         terms = {"diff": LS.flow_matching_loss(lambda x_t, tt: model(cond, dict(inp, img=x_t), tt, g, probe),
