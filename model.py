@@ -945,10 +945,12 @@ def note_cast(path, stored, dtype):
         print(f"note: {path} stores {', '.join(stored)} tensors: cast to {str(dtype).removeprefix('torch.')}",
               file=sys.stderr)
 
-def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",)):
+def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",),
+                           assign=True):
     """Check `path`'s keys, shapes and dtypes against `model` (which may live on the meta device), then load it
     with assign=True: tensors go straight from the file to `device`, never a second copy of the model. Floating
-    tensors become `dtype` (default: the model's own), with a note when that loses precision."""
+    tensors become `dtype` (default: the model's own), with a note when that loses precision. assign=False copies
+    into the model's own parameters instead, which an optimizer built on them must keep seeing (resume)."""
     from safetensors.torch import load_file
     strip = lambda k: next((k[len(p):] for p in prefix_strip if k.startswith(p)), k)
     have = {strip(k): v for k, v in read_header(path).items()}
@@ -961,7 +963,7 @@ def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=(
     except Exception as e:
         raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
     sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
     return model
 
 def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):

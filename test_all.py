@@ -1526,6 +1526,23 @@ def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
           "--prompt", "a red disc", "--steps", "2", "--seed", "0", "--out", str(tmp_path / "s.png")])
     assert json.loads((tmp_path / "s.json").read_text())["weights"] == str(tmp_path / "base" / "latest")
 
+def test_base_stage_resume_keeps_training_the_whole_model(toy_run, tmp_path):
+    # a resumed base stage must update the weights it loaded: 2 steps + resume 2 == 4 uninterrupted, bit for bit
+    # (loading by assignment gave the model new parameters the optimizer never saw: every resumed step a no-op)
+    root, manifest = toy_run
+    common = ["--stage", "base", "--ckpt-every", "2", "--warmup", "1"]
+    sft(tmp_path / "full", manifest, *common, "--steps", "4")
+    sft(tmp_path / "cut", manifest, *common, "--steps", "2")
+    sft(tmp_path / "cut", manifest, *common, "--steps", "4", "--resume")
+    from safetensors.torch import load_file
+    for f in ("flux.safetensors", "text_encoder.safetensors"):
+        full, cut = (load_file(str(tmp_path / r / "latest" / f)) for r in ("full", "cut"))
+        two = load_file(str(tmp_path / "cut" / "ckpt-0000002" / f)) if (tmp_path / "cut" / "ckpt-0000002").is_dir() \
+            else None
+        assert all(torch.equal(full[k], cut[k]) for k in full), f
+        assert two is None or any(not torch.equal(two[k], cut[k]) for k in cut), f      # the resumed steps did train
+    assert [r["grad_norm"] > 0 for r in read_log(tmp_path / "cut")] == [True] * len(read_log(tmp_path / "cut"))
+
 def test_multi_stage_logs_every_loss_term_and_saves_an_adapter(toy_run, tmp_path):
     root, manifest = toy_run
     sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2",

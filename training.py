@@ -551,9 +551,9 @@ def load_checkpoint(path, flux, text, acfg, opt):
     the file."""
     if not os.path.isdir(path):
         raise M.CheckpointError(f"{path}: not a checkpoint folder")
-    if acfg is None:
-        M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"))
-        M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"))
+    if acfg is None:            # copied into the parameters the optimizer holds (assigning new ones would leave it
+        M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"), assign=False)     # updating the old)
+        M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"), assign=False)
     else:
         file = os.path.join(path, "adapter.safetensors")
         ML.load_strict(flux, ML.read_adapter(file)[1], file)
