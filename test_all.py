@@ -515,7 +515,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # below), no file imports a command-line script, and no own module is imported inside a function
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "moe_lora", "losses", "data", "rewards", "toy", "curate", "training"]
+    order = ["model", "moe_lora", "losses", "data", "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
@@ -1477,6 +1477,7 @@ def test_rl_records_and_exif_orientation(tmp_path, capsys):
 import subprocess
 import sys
 
+import runs
 import train_sft as TS
 import training
 
@@ -1623,17 +1624,17 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
     cfg = tiny_cfg()
     f = randomize(M.Flux(cfg), seed=9)
     args, kw = tiny_inputs(cfg)
-    masks, runs = torch.rand(2, 1, 6), []
+    masks, results = torch.rand(2, 1, 6), []
     for ckpt in (False, True):
         f.zero_grad()
         f.grad_checkpoint = ckpt
         probe = M.AttentionProbe()
         out = f(*args, **kw, probe=probe)
         (out.square().mean() + LS.dice_loss(probe.mean_map(), masks)).backward()
-        runs.append((out.detach(), {n: p.grad.clone() for n, p in f.named_parameters()}))
-    assert torch.equal(runs[0][0], runs[1][0])
-    for n, g in runs[0][1].items():
-        torch.testing.assert_close(runs[1][1][n], g, atol=1e-7, rtol=1e-6)
+        results.append((out.detach(), {n: p.grad.clone() for n, p in f.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, atol=1e-7, rtol=1e-6)
 
 def test_aspect_buckets(toy_run, tmp_path):
     # UNO's buckets at 512 px (bytedance/UNO uno/dataset/uno.py), written out by hand
@@ -3681,23 +3682,23 @@ def test_a_used_out_is_refused_and_fresh_keeps_the_old_run_until_its_first_check
                    f"(or --fresh to start over)"]
     assert sorted(os.listdir(out)) == before
     # --fresh killed before its first checkpoint: the old run waits in previous/, whole
-    real = training.checkpoint_hook
+    real = runs.checkpoint_hook
     def killed(stage, step):
         raise KeyboardInterrupt                               # an interruption nothing catches
-    monkeypatch.setattr(training, "checkpoint_hook", killed)
+    monkeypatch.setattr(runs, "checkpoint_hook", killed)
     with pytest.raises(KeyboardInterrupt):
         go(out, "--steps", "1", "--fresh")
     assert sorted(os.listdir(out / "previous")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
-    assert training.incomplete(str(out / "previous" / "ckpt-0000002")) is None
+    assert runs.incomplete(str(out / "previous" / "ckpt-0000002")) is None
     # ... and goes once the new run has one; the log and the checkpoints are the new run's only
-    monkeypatch.setattr(training, "checkpoint_hook", real)
+    monkeypatch.setattr(runs, "checkpoint_hook", real)
     assert go(out, "--steps", "1", "--fresh") == 0
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
     assert len([r for r in read_log(out) if r.get("step", r.get("iter")) == 1]) == 1
 
 def test_rotation_removes_only_older_checkpoints(tmp_path):
     out = str(tmp_path)
-    write = lambda step, keep: training.write_checkpoint(out, step, {"x.bin": lambda f: f.write(b"x" * step)}, 1, keep)
+    write = lambda step, keep: runs.write_checkpoint(out, step, {"x.bin": lambda f: f.write(b"x" * step)}, 1, keep)
     for step in (9, 1, 2, 3):                                 # ckpt-9: a higher step from elsewhere
         write(step, keep=2)
     assert sorted(os.listdir(out)) == ["ckpt-0000002", "ckpt-0000003", "ckpt-0000009", "latest"]
@@ -3709,7 +3710,7 @@ def test_a_second_trainer_on_the_same_out_is_refused_naming_the_holder(toy_run, 
     root, manifest = toy_run
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, training; training.lock(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, runs; runs.lock(sys.argv[1]); "
                                "print('held', flush=True); sys.stdin.read()", str(out)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -3729,22 +3730,22 @@ def test_a_kill_at_every_stage_of_the_checkpoint_protocol_leaves_a_folder_that_r
     # resume to the uninterrupted run's adapter bit for bit. The folder starts as a cp -rL copy leaves it (latest
     # a real folder) with an incomplete ckpt-2 (a copy without its marker), so the stages that handle those run too
     root, manifest = toy_run
-    runs, want = two_step_run
+    folders, want = two_step_run
     out = tmp_path / "run"
-    shutil.copytree(runs / "cut", out, ignore=shutil.ignore_patterns("ckpt-0000002"))   # symlinks followed: cp -rL
-    shutil.copytree(runs / "cut" / "ckpt-0000002", out / "ckpt-0000002", ignore=shutil.ignore_patterns("*.json"))
+    shutil.copytree(folders / "cut", out, ignore=shutil.ignore_patterns("ckpt-0000002"))   # symlinks followed: cp -rL
+    shutil.copytree(folders / "cut" / "ckpt-0000002", out / "ckpt-0000002", ignore=shutil.ignore_patterns("*.json"))
     assert (out / "latest").is_dir() and not (out / "latest").is_symlink()
     kills = {}
     def copy_now(stage, step):
         if step in (1, 2):                                    # opening (resuming step 1), then checkpoint 2
             kills[stage] = tmp_path / f"killed-{len(kills)}-{stage}"
             shutil.copytree(out, kills[stage], symlinks=True)
-    monkeypatch.setattr(training, "checkpoint_hook", copy_now)
+    monkeypatch.setattr(runs, "checkpoint_hook", copy_now)
     sft(out, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
     assert list(kills) == ["unlinked-latest", "begin", "adapter.safetensors", "train_state.pt", "args.json", "marker",
                            "aside", "renamed", "latest", "rotated", "previous", "done"]
     assert same_adapter(adapter_of(out / "latest"), want)
-    monkeypatch.setattr(training, "checkpoint_hook", lambda stage, step: None)
+    monkeypatch.setattr(runs, "checkpoint_hook", lambda stage, step: None)
     for stage, folder in kills.items():
         sft(folder, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
         assert same_adapter(adapter_of(folder / "latest"), want), stage
@@ -3754,9 +3755,9 @@ def test_a_kill_at_every_stage_of_the_checkpoint_protocol_leaves_a_folder_that_r
 @pytest.mark.parametrize("edit", ["latest removed", "latest rolled back to ckpt-1", "latest a real folder"])
 def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edit):
     root, manifest = toy_run
-    runs, want = two_step_run
+    folders, want = two_step_run
     out = tmp_path / "run"
-    shutil.copytree(runs / "cut", out, symlinks=True)
+    shutil.copytree(folders / "cut", out, symlinks=True)
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 3, "di')                            # killed while it logged step 3
     (out / "latest").unlink()
@@ -3766,17 +3767,17 @@ def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edi
         shutil.copytree(out / "ckpt-0000002", out / "latest")
     sft(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume")
     assert same_adapter(adapter_of(out / "latest"), want) and os.readlink(out / "latest") == "ckpt-0000003"
-    assert [r["diff"] for r in read_log(out)] == [r["diff"] for r in read_log(runs / "full")]
+    assert [r["diff"] for r in read_log(out)] == [r["diff"] for r in read_log(folders / "full")]
 
 def test_resume_without_a_complete_checkpoint_is_one_line(toy_run, two_step_run, tmp_path, capsys):
     root, manifest = toy_run
-    runs, _ = two_step_run
+    folders, _ = two_step_run
     out = tmp_path / "run"
-    shutil.copytree(runs / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
+    shutil.copytree(folders / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
     path = out / "ckpt-0000002" / "train_state.pt"
     path.write_bytes(path.read_bytes()[:100])                 # an interrupted copy
     assert sft_cli(out, manifest, *multi(root, "--steps", "3"), "--resume") == 2
-    size = (runs / "cut" / "ckpt-0000002" / "train_state.pt").stat().st_size
+    size = (folders / "cut" / "ckpt-0000002" / "train_state.pt").stat().st_size
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: {path}: 100 bytes where its checkpoint recorded {size} (an interrupted copy?); {out} holds no " \
         f"complete checkpoint to resume from"
@@ -3813,19 +3814,19 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(to
             f.write(bytes(data)[:len(data) // 2])
             raise OSError(errno_, os.strerror(errno_), f.name if hasattr(f, "name") else None)
         f.write(data)
-    monkeypatch.setattr(training, "write_bytes", fill_the_disk)
+    monkeypatch.setattr(runs, "write_bytes", fill_the_disk)
     assert sft_cli(out, manifest, *multi(root, "--steps", "3")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {out}: {said}") and \
         err.endswith(f"writing checkpoint 2; checkpoint 1 intact ({out / 'ckpt-0000001'})"), err
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
-    assert training.incomplete(str(out / "ckpt-0000001")) is None
+    assert runs.incomplete(str(out / "ckpt-0000001")) is None
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(toy_run, two_step_run, tmp_path, capsys,
                                                                     monkeypatch, signum):
     root, manifest = toy_run
-    runs, want = two_step_run
+    folders, want = two_step_run
     out = tmp_path / "run"
     real, calls = LS.flow_matching_loss, [0]
     def signal_in_step_2(*a, **k):
@@ -3878,10 +3879,10 @@ def test_trainer_flags_out_of_range_are_one_line_errors_before_any_work(toy_run,
 
 def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, capsys):
     root, manifest = toy_run
-    runs, _ = two_step_run
+    folders, _ = two_step_run
     other = toy.write_toy(str(tmp_path / "other"), 4, seed=1)
     out = tmp_path / "run"
-    shutil.copytree(runs / "cut", out, symlinks=True)
+    shutil.copytree(folders / "cut", out, symlinks=True)
     before = sorted(os.listdir(out))
     common = lambda *a: ["--out", str(out), "--log-every", "1", "--warmup", "1", "--rank", "4",
                          *multi(root, "--steps", "3", "--keep", "3"), "--resume", *a]

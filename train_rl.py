@@ -36,55 +36,56 @@ from tqdm import tqdm
 import losses as LS
 import moe_lora as ML
 import toy
+import runs
 import training as TR
 from data import InputError, PromptDataset
 from model import decode_images, denoise, get_config, get_schedule, sampling_inputs
 from rewards import RewardModelError, add_reward_args, build_reward, reward_weights
 
 def build_parser():
-    p = TR.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
     g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps; "
                    "the best adapter is kept as OUT/best.safetensors")
-    g.add_argument("--val-n", type=TR.positive, default=32,
+    g.add_argument("--val-n", type=runs.positive, default=32,
                    help="held-out records evaluated (by rank 0, while the other "
                    "ranks wait at their next collective: keep it small under torchrun)")
-    g.add_argument("--val-seeds", type=TR.positive, default=2, help="samples per held-out record")
-    g.add_argument("--size", type=TR.positive, default=None,
+    g.add_argument("--val-seeds", type=runs.positive, default=2, help="samples per held-out record")
+    g.add_argument("--size", type=runs.positive, default=None,
                    help="image side in px (default: the preset's, 32 toy, 512 flux)")
-    g.add_argument("--ref-size", type=TR.positive, default=None,
+    g.add_argument("--ref-size", type=runs.positive, default=None,
                    help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     TR.add_model_args(p)
     g = p.add_argument_group("IPPO (paper: T 16, w 2, tau 50, s 1)")
-    g.add_argument("--steps", type=TR.positive, default=16, help="sampling steps T")
-    g.add_argument("--window", type=TR.positive, default=2, help="SDE window size w")
-    g.add_argument("--tau", type=TR.positive, default=50, help="iterations between window moves")
-    g.add_argument("--stride", type=TR.count, default=1, help="steps the window moves each time (0: frozen)")
-    g.add_argument("--group", type=TR.int_in(2), default=12, help="samples per prompt G (one initial noise)")
-    g.add_argument("--eta", type=TR.weight, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
-    g.add_argument("--guidance", type=TR.weight, default=None,
+    g.add_argument("--steps", type=runs.positive, default=16, help="sampling steps T")
+    g.add_argument("--window", type=runs.positive, default=2, help="SDE window size w")
+    g.add_argument("--tau", type=runs.positive, default=50, help="iterations between window moves")
+    g.add_argument("--stride", type=runs.count, default=1, help="steps the window moves each time (0: frozen)")
+    g.add_argument("--group", type=runs.int_in(2), default=12, help="samples per prompt G (one initial noise)")
+    g.add_argument("--eta", type=runs.weight, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
+    g.add_argument("--guidance", type=runs.weight, default=None,
                    help="distilled guidance (default: the preset's sampling "
                    "guidance, 3.5 flux, 1 toy)")
-    g.add_argument("--clip-low", type=TR.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
-    g.add_argument("--clip-high", type=TR.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
-    g.add_argument("--adv-clip", type=TR.positive_float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
-    g.add_argument("--kl", type=TR.weight, default=0.0, help="beta: KL to the base model with adapters off")
+    g.add_argument("--clip-low", type=runs.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
+    g.add_argument("--clip-high", type=runs.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
+    g.add_argument("--adv-clip", type=runs.positive_float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
+    g.add_argument("--kl", type=runs.weight, default=0.0, help="beta: KL to the base model with adapters off")
     add_reward_args(p)
     g = p.add_argument_group("optimization")
-    g.add_argument("--iters", type=TR.count, default=300, help="training iterations M (paper 300)")
-    g.add_argument("--prompts", type=TR.positive, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
-    g.add_argument("--minibatches", type=TR.positive, default=2,
+    g.add_argument("--iters", type=runs.count, default=300, help="training iterations M (paper 300)")
+    g.add_argument("--prompts", type=runs.positive, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
+    g.add_argument("--minibatches", type=runs.positive, default=2,
                    help="optimizer steps per rollout (split of each group)")
-    g.add_argument("--micro-batch", type=TR.positive, default=None, help="trajectories per forward (default: a whole "
+    g.add_argument("--micro-batch", type=runs.positive, default=None, help="trajectories per forward (default: a whole "
                    "minibatch share of a group); fewer saves memory")
-    g.add_argument("--lr", type=TR.learning_rate, default=1e-4, help=f"finite, > 0, <= {TR.MAX_LR:g}")
-    g.add_argument("--weight-decay", type=TR.weight, default=1e-4)
-    g.add_argument("--grad-clip", type=TR.positive_float, default=1.0, help="gradient norm clip")
-    g.add_argument("--max-bad-steps", type=TR.positive, default=20, help="stop after this many non-finite updates in "
+    g.add_argument("--lr", type=runs.learning_rate, default=1e-4, help=f"finite, > 0, <= {runs.MAX_LR:g}")
+    g.add_argument("--weight-decay", type=runs.weight, default=1e-4)
+    g.add_argument("--grad-clip", type=runs.positive_float, default=1.0, help="gradient norm clip")
+    g.add_argument("--max-bad-steps", type=runs.positive, default=20, help="stop after this many non-finite updates in "
                    "a row")
-    TR.add_run_args(p, ckpt_every=50, eval_every=50)
+    runs.add_run_args(p, ckpt_every=50, eval_every=50)
     return p
 
 # on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
@@ -152,7 +153,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
-    TR.check_adapter_args(p, args)
+    runs.check_adapter_args(p, args)
 
     # -------------------------------------------------------------------------
     # set-up: ranks and device, the preset's defaults, every shape check that needs no model (fail in seconds), then
@@ -160,10 +161,10 @@ def main(argv=None):
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
     cfg = get_config(args.preset)
     mult = cfg.token_px
-    args.size, args.ref_size = TR.resolved(args.size, cfg.image_size), TR.resolved(args.ref_size, cfg.ref_size)
-    args.guidance = TR.resolved(args.guidance, cfg.guidance)
+    args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
+    args.guidance = runs.resolved(args.guidance, cfg.guidance)
     G, n_mini = args.group, args.minibatches
-    args.micro_batch = TR.resolved(args.micro_batch, G // n_mini)
+    args.micro_batch = runs.resolved(args.micro_batch, G // n_mini)
     if args.size % mult or args.ref_size % mult:
         raise InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
     if G % n_mini:
@@ -171,7 +172,7 @@ def main(argv=None):
     if (G // n_mini) % args.micro_batch:
         raise InputError(f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
     window_start(1, args.steps, args.window, args.tau, args.stride)          # validates w and T now
-    with TR.Run(args, argv, "train_rl.py", MAY_CHANGE, "prompts", ddp, rank, world, device) as run:
+    with runs.Run(args, argv, "train_rl.py", MAY_CHANGE, "prompts", ddp, rank, world, device) as run:
         train(args, run, cfg, ddp, rank, world, device)
 
 def train(args, run, cfg, ddp, rank, world, device):
@@ -197,7 +198,7 @@ def train(args, run, cfg, ddp, rank, world, device):
     # pure functions of them, so a resumed run needs nothing else
     step, consumed = 0, 0
     if run.resume_from:
-        step, consumed, saved_world = TR.load_checkpoint(run.resume_from, flux, text, acfg, opt)
+        step, consumed, saved_world = runs.load_checkpoint(run.resume_from, flux, text, acfg, opt)
         TR.print0(f"resumed from iteration {step} at prompt {consumed} (saved by {saved_world} rank(s), now {world})")
     if master:
         TR.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "

@@ -29,19 +29,20 @@ import data as D
 import losses as LS
 import model as M
 import moe_lora as ML
+import runs
 import training as TR
 
 def build_parser():
-    p = TR.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
     g.add_argument("--cache", default=None, help="instead of --data: a `data.py cache` folder (text embeddings and "
                    "latents precomputed: no text encoder or VAE in memory)")
     g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
                    "attention share at eval steps")
-    g.add_argument("--size", type=TR.positive, default=None, help="target side in px (default: the preset's, 32 toy, "
+    g.add_argument("--size", type=runs.positive, default=None, help="target side in px (default: the preset's, 32 toy, "
                    "512 flux)")
-    g.add_argument("--ref-size", type=TR.positive, default=None,
+    g.add_argument("--ref-size", type=runs.positive, default=None,
                    help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
@@ -49,8 +50,8 @@ def build_parser():
     TR.add_model_args(p)
     g = p.add_argument_group("losses")
     g.add_argument("--stage", default="multi", choices=["base", "single", "multi"])
-    g.add_argument("--lambda-attn", type=TR.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
-    g.add_argument("--attn-blocks", type=TR.count, nargs="*", default=None, help="double blocks probed (default all)")
+    g.add_argument("--lambda-attn", type=runs.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
+    g.add_argument("--attn-blocks", type=runs.count, nargs="*", default=None, help="double blocks probed (default all)")
     g.add_argument("--attn-direction", default="ref2img", choices=["ref2img", "img2ref"],
                    help="L_attn's maps: ref2img = each reference's queries over the target's keys (the paper, Eq. 4); "
                    "img2ref = each target token's attention mass on each reference's keys (the path by which a "
@@ -59,28 +60,28 @@ def build_parser():
                    "the joint sequence, so the base already learns to read them (default: text -> image only)")
     g.add_argument("--txt-pad", default="max", choices=["max", "longest"], help="toy byte encoder: pad prompts to "
                    "128 bytes (the shipped checkpoint's) or to the batch's longest (faster; model.FluxConfig.txt_pad)")
-    g.add_argument("--scal", type=TR.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
-    g.add_argument("--mdl", type=TR.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
+    g.add_argument("--scal", type=runs.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
+    g.add_argument("--mdl", type=runs.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
-    g.add_argument("--mdl-warmup", type=TR.count, nargs=2, default=[0, 0], metavar=("START", "RAMP"),
+    g.add_argument("--mdl-warmup", type=runs.count, nargs=2, default=[0, 0], metavar=("START", "RAMP"),
                    help="MDL weight 0 until START, then linear to 1 over RAMP steps (MOSAIC: 10000 1000)")
-    g.add_argument("--balance", type=TR.weight, default=0.0, help="MoE load-balance loss weight (e.g. 1e-3)")
+    g.add_argument("--balance", type=runs.weight, default=0.0, help="MoE load-balance loss weight (e.g. 1e-3)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=TR.count, default=1000)
-    g.add_argument("--batch-size", type=TR.positive, default=16, help="per rank, per micro-step")
-    g.add_argument("--grad-accum", type=TR.positive, default=1)
-    g.add_argument("--lr", type=TR.learning_rate, default=None, help=f"default: 1e-3 base, 1e-4 adapters (paper "
-                   f"3e-5); finite, > 0, <= {TR.MAX_LR:g}")
-    g.add_argument("--lr-end", type=TR.float_in(0.0, TR.MAX_LR), default=None, help="linear decay to this (default "
+    g.add_argument("--steps", type=runs.count, default=1000)
+    g.add_argument("--batch-size", type=runs.positive, default=16, help="per rank, per micro-step")
+    g.add_argument("--grad-accum", type=runs.positive, default=1)
+    g.add_argument("--lr", type=runs.learning_rate, default=None, help=f"default: 1e-3 base, 1e-4 adapters (paper "
+                   f"3e-5); finite, > 0, <= {runs.MAX_LR:g}")
+    g.add_argument("--lr-end", type=runs.float_in(0.0, runs.MAX_LR), default=None, help="linear decay to this (default "
                    "lr/3, paper 1e-5)")
-    g.add_argument("--warmup", type=TR.count, default=50)
-    g.add_argument("--weight-decay", type=TR.weight, default=1e-2)
-    g.add_argument("--clip", type=TR.positive_float, default=1.0)
+    g.add_argument("--warmup", type=runs.count, default=50)
+    g.add_argument("--weight-decay", type=runs.weight, default=1e-2)
+    g.add_argument("--clip", type=runs.positive_float, default=1.0)
     g.add_argument("--zero", action="store_true", help="shard optimizer states across ranks (ZeRO-1)")
-    g.add_argument("--max-bad-steps", type=TR.positive, default=20, help="stop after this many non-finite steps in "
+    g.add_argument("--max-bad-steps", type=runs.positive, default=20, help="stop after this many non-finite steps in "
                    "a row")
-    g = TR.add_run_args(p, ckpt_every=500, eval_every=250)
-    g.add_argument("--log-every", type=TR.positive, default=10)
+    g = runs.add_run_args(p, ckpt_every=500, eval_every=250)
+    g.add_argument("--log-every", type=runs.positive, default=10)
     return p
 
 # on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
@@ -143,7 +144,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
-    TR.check_adapter_args(p, args)
+    runs.check_adapter_args(p, args)
     if (args.data is None) == (args.cache is None):
         p.error("give one of --data (a manifest) or --cache (a `data.py cache` folder)")
 
@@ -152,12 +153,12 @@ def main(argv=None):
     # run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
     cfg = M.get_config(args.preset)
-    args.size = TR.resolved(args.size, cfg.image_size)
-    args.ref_size = TR.resolved(args.ref_size, cfg.ref_size)
+    args.size = runs.resolved(args.size, cfg.image_size)
+    args.ref_size = runs.resolved(args.ref_size, cfg.ref_size)
     # the toy base learns from scratch (a high lr); adapters on a frozen base take small steps (paper: 3e-5)
-    args.lr = TR.resolved(args.lr, 1e-3 if args.stage == "base" else 1e-4)
-    args.lr_end = TR.resolved(args.lr_end, args.lr / 3)
-    with TR.Run(args, argv, "train_sft.py", MAY_CHANGE, "grad_accum", ddp, rank, world, device) as run:
+    args.lr = runs.resolved(args.lr, 1e-3 if args.stage == "base" else 1e-4)
+    args.lr_end = runs.resolved(args.lr_end, args.lr / 3)
+    with runs.Run(args, argv, "train_sft.py", MAY_CHANGE, "grad_accum", ddp, rank, world, device) as run:
         train(args, run, cfg, ddp, rank, world, device)
 
 def train(args, run, cfg, ddp, rank, world, device):
@@ -187,7 +188,7 @@ def train(args, run, cfg, ddp, rank, world, device):
     # on any number of ranks
     step, consumed = 0, 0
     if run.resume_from:
-        step, consumed, saved_world = TR.load_checkpoint(run.resume_from, flux, text, acfg, opt)
+        step, consumed, saved_world = runs.load_checkpoint(run.resume_from, flux, text, acfg, opt)
         TR.print0(f"resumed from step {step} at global micro-batch {consumed} (saved by {saved_world} rank(s), "
                   f"now {world})")
     if master:

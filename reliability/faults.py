@@ -6,7 +6,7 @@ moments from outside; check what each kill left and resume it. Run from the repo
     python -m reliability.faults --kills 0 --work /tmp/faults --table faults.md
 
 For train_sft.py (stage multi) and train_rl.py, on a random toy base, one checkpoint a step, --keep 2: one
-uninterrupted run, then one run per stage of training.write_checkpoint (training.checkpoint_hook: the run SIGKILLs
+uninterrupted run, then one run per stage of runs.write_checkpoint (runs.checkpoint_hook: the run SIGKILLs
 itself there, MULTICRAFTER_KILL_AT=STAGE@STEP) while it writes checkpoint J. The stages that only run in some
 folders get that folder: `aside` (ckpt-J already there: an incomplete copy), `unlinked-latest` (latest a real
 folder, as cp -rL leaves it: replaced when the run opens), `previous` and a --fresh `begin` (a fresh run into a used
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import toy
-import training
+import runs
 
 parser = argparse.ArgumentParser(prog="python -m reliability.faults", epilog=__doc__,
                                  description=__doc__.split("\n\n")[0].strip(),
@@ -42,7 +42,7 @@ parser.add_argument("--work", default=None, help="work folder (default: a tempor
 parser.add_argument("--table", default=None, help="also write the markdown table to this file")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: where the trainers are
-# the stages of training.write_checkpoint, in order (training.checkpoint_hook's names for the adapter stages)
+# the stages of runs.write_checkpoint, in order (runs.checkpoint_hook's names for the adapter stages)
 STAGES = ["begin", "adapter.safetensors", "train_state.pt", "args.json", "marker", "aside", "renamed",
           "unlinked-latest", "latest", "rotated", "previous", "done"]
 
@@ -60,7 +60,7 @@ def toy_base(folder):
 
 def left(out):
     # what a killed run left: its complete checkpoints' steps, the incomplete ones, and where latest leads
-    found = training.checkpoints(out)
+    found = runs.checkpoints(out)
     done = [s for s, _, why in found if why is None]
     bad = [s for s, _, why in found if why]
     latest = os.path.join(out, "latest")
@@ -111,7 +111,7 @@ def faults(args):
                 more = ["--resume"]
                 if stage == "aside":                          # an incomplete ckpt-J: a copy of J - 1 without marker
                     shutil.copytree(os.path.join(cut, f"ckpt-{j - 1:07d}"), os.path.join(out, f"ckpt-{j:07d}"),
-                                    ignore=shutil.ignore_patterns(training.MARKER))
+                                    ignore=shutil.ignore_patterns(runs.MARKER))
                     point += " (an incomplete copy there)"
                 else:
                     at, point = j - 1, f"{stage}, opening (latest a real folder: cp -rL), resuming {j - 1}"

@@ -1,0 +1,570 @@
+"""
+Run folders: the folder --out holds one run, and no kill, signal, full disk or second trainer can lose its work.
+
+  Run               one run's folder for the life of the process: a lock (one writer), a used folder refused unless
+                    --resume or --fresh, resume from the newest *complete* checkpoint whatever `latest` says, the
+                    saved args.json compared with the new ones, SIGTERM / Ctrl-C saving at the next step boundary
+  write_checkpoint  the checkpoint protocol: files into .tmp-ckpt-N (each fsynced), a completion marker, rename,
+                    swap `latest`, rotate older checkpoints; checkpoint_hook runs between stages (the fault harness
+                    kills the process there: python -m reliability.faults)
+  argparse types    every count, size and rate checked before any work (one line, exit status 2)
+
+Both trainers use it through training.py; nothing here knows what is trained.
+"""
+import argparse
+import errno
+import fcntl
+import json
+import math
+import os
+import pickle
+import re
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as save_safetensors
+
+import data as D
+import model as M
+import moe_lora as ML
+
+def print0(*a):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, file=sys.stderr)
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (it diverged, its checkpoint cannot be written): the message says why and names the
+    last checkpoint, intact."""
+
+# -----------------------------------------------------------------------------
+# command-line types: every count, size and rate is checked by argparse before any work (one line, exit status 2)
+
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors on one line (no usage block): `prog: error: argument --lr: ...`, exit status 2."""
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+def int_in(lo, hi=None):
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" + (f" and at most {hi}" if hi else ""))
+        return v
+    return parse
+
+def float_in(lo, hi=math.inf, above=False):
+    """An argparse type: a finite number >= lo (> lo where above), <= hi. nan and inf are refused: one of them in a
+    weight or a rate turns every parameter into NaN at the first step."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not math.isfinite(v) or v < lo or (above and v == lo) or v > hi:
+            raise argparse.ArgumentTypeError(f"{s} must be finite and {'>' if above else '>='} {lo:g}" +
+                                             (f" and <= {hi:g}" if hi < math.inf else ""))
+        return v
+    return parse
+
+positive, count = int_in(1), int_in(0)                    # counts where 0 means nothing / where 0 is meaningful
+weight, positive_float = float_in(0.0), float_in(0.0, above=True)
+# AdamW moves every weight by about lr per step whatever the gradient's scale, so an lr of 1 already changes each
+# weight by its own magnitude each step: above that no run learns; the bound catches typos such as 1e3 for 1e-3
+MAX_LR = 1.0
+learning_rate = float_in(0.0, MAX_LR, above=True)
+
+def check_adapter_args(p, args):
+    # what argparse cannot check flag by flag
+    if args.experts and args.top_k > args.experts:
+        p.error(f"argument --top-k: {args.top_k} must be at most --experts {args.experts}")
+
+def add_run_args(p, ckpt_every, eval_every):
+    """The run folder's flags, shared by both trainers."""
+    g = p.add_argument_group("run (the folder --out holds one run; see runs.Run)")
+    g.add_argument("--out", required=True)
+    how = g.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
+    how.add_argument("--fresh", action="store_true", help="start over in an OUT that holds a run: the old run is "
+                     f"moved to OUT/{PREVIOUS}/ and removed when the new run's first checkpoint is written")
+    # every noise is seeded by seed * 1_000_003 + its index: under 2^32 that stays inside a generator's 64 bits
+    g.add_argument("--seed", type=int_in(0, 2 ** 32 - 1), default=0)
+    g.add_argument("--ckpt-every", type=positive, default=ckpt_every)
+    g.add_argument("--keep", type=positive, default=2, help="checkpoints kept")
+    g.add_argument("--eval-every", type=positive, default=eval_every)
+    g.add_argument("--device", default=None)
+    g.add_argument("--dist-timeout", type=positive_float, default=600, help="seconds a rank waits for the others in "
+                   "a collective before the job stops (a dead or hung rank; rank 0 also checkpoints meanwhile)")
+    return g
+
+def resolved(value, default):
+    # a flag left unset takes its default; a value given (0 included) is kept
+    return default if value is None else value
+
+# -----------------------------------------------------------------------------
+# checkpoints: OUT/ckpt-STEP folders written by a protocol that no kill can break (write_checkpoint), and read back
+# by what the folder holds, not by what `latest` says (a copy can make it a real folder, a kill can leave it behind)
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked: in use, holds another run, no complete checkpoint to resume."""
+
+class Stopped(Exception):
+    """SIGTERM / SIGINT: the run saved a checkpoint at a step boundary and stops; exit status 128 + the signal."""
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.status = 128 + signum
+
+CKPT = re.compile(r"ckpt-(\d+)$")
+MARKER = "checkpoint.json"          # written last into a checkpoint: its step, its ranks, each file's size
+PREVIOUS = "previous"               # the run --fresh moved aside, until the new run's first checkpoint
+MOVING = "previous.part"            # ... while it is being moved
+RUN_ENTRIES = ("latest", "log.jsonl", "best.safetensors")    # with ckpt-*: what makes a folder hold a run
+GARBAGE = (".tmp-ckpt-", ".old-", ".latest.tmp")           # a killed write's leftovers: removed on opening
+
+def checkpoint_hook(stage, step):
+    """Called after each stage of write_checkpoint (its names: "begin", each file's name, "marker", "aside",
+    "renamed", "unlinked-latest", "latest", "rotated", "previous", "done"). The fault harness kills the process
+    there with MULTICRAFTER_KILL_AT=STAGE@STEP; tests replace it."""
+    if os.environ.get("MULTICRAFTER_KILL_AT") == f"{stage}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def write_bytes(f, data):
+    """The one writer of checkpoint bytes (a test replaces it with one that fills the disk)."""
+    f.write(data)
+
+class _Sink:
+    # the file torch.save writes to: it keeps the OSError a write raised (torch reports any as "unexpected pos")
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            write_bytes(self.f, b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return len(b)
+
+    def flush(self):
+        self.f.flush()
+
+def write_file(path, produce):
+    """produce(file) writes path's content, then it is flushed to the disk (fsync). -> its size in bytes. A failed
+    write is its OSError (ENOSPC: the disk is full), whoever wrote."""
+    with open(path, "wb") as f:
+        sink = _Sink(f)
+        try:
+            produce(sink)
+        except Exception:
+            if sink.error:
+                raise sink.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+    return os.path.getsize(path)
+
+def fsync_dir(path):
+    # a rename is on the disk once its folder is
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def incomplete(path):
+    """Why the checkpoint folder `path` is not whole (no marker, a file missing or of another size than the marker
+    recorded: an interrupted copy), or None."""
+    marker = os.path.join(path, MARKER)
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{marker}: missing or unreadable (an interrupted write or copy)"
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have != size:
+            return f"{file}: " + ("missing" if have is None else f"{have} bytes where its checkpoint recorded "
+                                                                f"{size} (an interrupted copy?)")
+    return None
+
+def checkpoints(out):
+    """OUT's checkpoint folders, newest first -> [(step, path, why it is incomplete or None)]."""
+    found = []
+    for name in os.listdir(out):
+        m, path = CKPT.match(name), os.path.join(out, name)
+        if m and os.path.isdir(path) and not os.path.islink(path):
+            found.append((int(m.group(1)), path, incomplete(path)))
+    return sorted(found, reverse=True)
+
+def newest(out):
+    # -> (step, path) of the newest complete checkpoint, or (None, None)
+    return next(((s, p) for s, p, why in checkpoints(out) if why is None), (None, None))
+
+def discard(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+def remove(path):
+    # a folder goes in two steps: renamed out of the way (atomic), then deleted (a kill leaves only garbage)
+    if os.path.lexists(path):
+        aside = os.path.join(os.path.dirname(path), ".old-" + os.path.basename(path))
+        discard(aside)
+        os.replace(path, aside)
+        discard(aside)
+
+def point_latest(out, name, step):
+    # OUT/latest -> name: a new symlink renamed over the old one (atomic). A real folder (a cp -rL or rsync copy
+    # of the run) cannot be renamed over: it is moved aside first
+    latest, link = os.path.join(out, "latest"), os.path.join(out, ".latest.tmp")
+    if os.path.isdir(latest) and not os.path.islink(latest):
+        remove(latest)
+        checkpoint_hook("unlinked-latest", step)
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(name, link)
+    os.replace(link, latest)
+    fsync_dir(out)
+
+def write_checkpoint(out, step, files, world, keep):
+    """The protocol: OUT/.tmp-ckpt-STEP gets every file ({name: produce(file)}, each fsynced) and last the marker,
+    then is renamed to OUT/ckpt-STEP; then `latest` is swapped, this run's older checkpoints beyond `keep` go, and so
+    does the run --fresh moved aside. A kill at any point leaves the last complete checkpoint and at worst garbage
+    that the next opening removes; checkpoint_hook runs after each stage."""
+    name = f"ckpt-{step:07d}"
+    tmp, final = os.path.join(out, f".tmp-{name}"), os.path.join(out, name)
+    checkpoint_hook("begin", step)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        sizes = {}
+        for file, produce in files.items():
+            sizes[file] = write_file(os.path.join(tmp, file), produce)
+            checkpoint_hook(file, step)
+        marker = json.dumps({"step": step, "world": world, "files": sizes}).encode()
+        write_file(os.path.join(tmp, MARKER), lambda f: f.write(marker))
+        fsync_dir(tmp)
+        checkpoint_hook("marker", step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.lexists(final):       # a ckpt-STEP already there (an incomplete copy, or the same step of a run
+        remove(final)                # resumed from before it): ours replaces it
+        checkpoint_hook("aside", step)
+    os.replace(tmp, final)
+    fsync_dir(out)
+    checkpoint_hook("renamed", step)
+    point_latest(out, name, step)
+    checkpoint_hook("latest", step)
+    # rotation: only checkpoints older than this one (never a higher-numbered one, whoever wrote it)
+    for _, path, _ in [c for c in checkpoints(out) if c[0] < step][keep - 1:]:
+        remove(path)
+    checkpoint_hook("rotated", step)
+    remove(os.path.join(out, PREVIOUS))              # the new run has its first checkpoint: the old one may go
+    checkpoint_hook("previous", step)
+    checkpoint_hook("done", step)
+
+def first_non_finite(named):
+    # the name of the first floating tensor holding a NaN or an inf, or None
+    return next((n for n, t in named if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()),
+                None)
+
+def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
+    """What ckpt-STEP holds -> ({file: produce(file)}, the name of a non-finite tensor or None): the weights (the
+    whole toy model in the base stage, in sample.py's toy-folder format; else the adapter), the optimizer state with
+    the data position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the ranks, and the
+    arguments."""
+    if acfg is None:
+        weights = {"flux.safetensors": ({k: v.contiguous() for k, v in flux.state_dict().items()}, None),
+                   "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()}, None)}
+    else:
+        weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
+    state = {"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()}
+    named = [(k, v) for sd, _ in weights.values() for k, v in sd.items()] + \
+        [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
+         for k, v in s.items()]
+    files = {f: (lambda f, sd=sd, meta=meta: f.write(save_safetensors(sd, metadata=meta)))
+             for f, (sd, meta) in weights.items()}
+    files["train_state.pt"] = lambda f: torch.save(state, f)
+    files["args.json"] = lambda f: f.write(json.dumps(vars(args), indent=2).encode())
+    return files, first_non_finite(named)
+
+def load_checkpoint(path, flux, text, acfg, opt):
+    """A checkpoint folder into the models and the optimizer -> (step, consumed, ranks that saved it). A checkpoint
+    that is unreadable or belongs to another run (other adapters, another optimizer) is one CheckpointError naming
+    the file."""
+    if not os.path.isdir(path):
+        raise M.CheckpointError(f"{path}: not a checkpoint folder")
+    if acfg is None:            # copied into the parameters the optimizer holds (assigning new ones would leave it
+        M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"), assign=False)     # updating the old)
+        M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"), assign=False)
+    else:
+        file = os.path.join(path, "adapter.safetensors")
+        ML.load_strict(flux, ML.read_adapter(file)[1], file)
+    file = os.path.join(path, "train_state.pt")
+    if not os.path.isfile(file):
+        raise M.CheckpointError(f"{file}: no such file")
+    try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        return state["step"], state["consumed"], state["world"]
+    except pickle.UnpicklingError:
+        raise M.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
+                                f"runs none of a pickle's code)") from None
+    except Exception as e:   # missing, torn, another run's optimizer: all the file's fault
+        raise M.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+# -----------------------------------------------------------------------------
+# the run folder: one run, one writer, never lost
+
+def lock(out):
+    """OUT/.lock, held for the life of this process (flock: the kernel lets go when the process ends, however it
+    ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError naming it."""
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunFolderError(f"{out} is in use by {holder}: one trainer writes a run folder at a time (wait for it "
+                             f"to end, or give another --out)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+def trim_log(path, step):
+    """OUT/log.jsonl as of checkpoint `step`: a killed run logged steps after it (they run again) and may have torn
+    its last line."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", rec.get("iter", 0)) <= step:
+                kept.append(line.rstrip(b"\n") + b"\n")
+    D.write_atomic(path, lambda f: f.writelines(kept))
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+def compare_args(saved, now, may_change, per_step, saved_world, world, where):
+    """The arguments a checkpoint was saved with against this run's -> a note naming the deliberate changes (the
+    flags in may_change) or None. A change of any other flag would make the resumed run something other than the
+    saved run's continuation (other data or data order, another model or adapter shape, another stage or
+    procedure): a RunFolderError naming each. per_step: the flag that, times the ranks, is the global number of
+    micro-batches (or prompts) per step; the ranks may change where that product does not."""
+    now = json.loads(json.dumps(now))                        # as args.json holds it (tuples -> lists)
+    changed = [k for k in now if k not in ("out", "resume", "fresh") and saved.get(k, "(unset)") != now[k]]
+    say = lambda ks: ", ".join(f"{flag(k)} {saved.get(k, '(unset)')} -> {now[k]}" for k in ks)
+    refused = [k for k in changed if k not in may_change]
+    if saved.get(per_step, 0) * saved_world != now[per_step] * world:
+        refused.append(f"the global batch ({saved_world} rank(s) x {flag(per_step)} {saved.get(per_step)} -> "
+                       f"{world} x {now[per_step]})")
+    if refused:
+        raise RunFolderError(f"{where}: resuming needs the settings it was saved with: "
+                             f"{say(k for k in refused if k in now)}" +
+                             "".join(f", {k}" for k in refused if k not in now) +
+                             " (change them back, or use another --out or --fresh)")
+    noted = [k for k in changed if k in may_change]
+    return f"note: resuming {where} with {say(noted)}" if noted else None
+
+class Run:
+    """The folder --out holds one run, for the life of a trainer (a context manager):
+    - one writer: rank 0 holds OUT/.lock (lock); the other ranks never touch the folder but to read the checkpoint
+      rank 0 chose (every decision is rank 0's, broadcast);
+    - a folder holding a run (ckpt-*, latest, log.jsonl, best.safetensors) is refused without --resume or --fresh;
+      --fresh moves that run to OUT/previous/ (write_checkpoint removes it once the new run has a checkpoint, so a
+      kill in between loses nothing);
+    - --resume takes the newest complete checkpoint (whatever `latest` says), after comparing its args.json;
+    - save(): non-finite weights are never written, a failed write (a full disk) is one line and leaves the last
+      checkpoint intact;
+    - SIGTERM / SIGINT set a flag; at the next step boundary (step_done) the run saves and stops (Stopped)."""
+
+    def __init__(self, args, argv, script, may_change, per_step, ddp, rank, world, device):
+        self.out, self.args, self.argv, self.script = args.out, args, list(argv), script
+        self.may_change, self.per_step = may_change, per_step
+        self.ddp, self.master, self.world, self.device = ddp, rank == 0, world, device
+        self.fd, self.signum, self.handlers = None, 0, {}
+        self.last = None                    # (step, path) of this run's newest checkpoint, on every rank
+        self.resume_from = None             # the checkpoint to resume (a path), or None: start at step 0
+
+    def __enter__(self):
+        try:
+            verdict = self._open() if self.master else None
+        except (OSError, RunFolderError) as e:
+            verdict = ("error", str(e) if isinstance(e, RunFolderError) else
+                       f"{self.out}: cannot use it as the run folder ({e.strerror or e})")
+        except BaseException:
+            self.__exit__()
+            raise
+        verdict = self._agree(verdict)
+        if verdict[0] == "error":
+            self.__exit__()
+            raise RunFolderError(verdict[1])
+        self.resume_from = verdict[1]
+        self.last = newest_of(verdict[1])
+        if threading.current_thread() is threading.main_thread():
+            self.handlers = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
+        self.handlers = {}
+        if self.fd is not None:
+            os.close(self.fd)                      # the lock goes with it
+            self.fd = None
+
+    def _agree(self, value):
+        # rank 0's value on every rank (a collective: the other ranks wait for rank 0 here)
+        if self.ddp:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def _open(self):
+        """Rank 0: lock the folder, tidy it, decide -> ("ok", the checkpoint to resume or None)."""
+        out, args = self.out, self.args
+        os.makedirs(out, exist_ok=True)
+        self.fd = lock(out)
+        for name in os.listdir(out):
+            if name.startswith(GARBAGE):
+                discard(os.path.join(out, name))
+        if os.path.isdir(os.path.join(out, MOVING)):          # a --fresh that was killed while moving: finish it
+            self._move_aside()
+        found = checkpoints(out)
+        done = [(s, p) for s, p, why in found if why is None]
+        holds = found or any(os.path.lexists(os.path.join(out, n)) for n in RUN_ENTRIES)
+        if args.resume:
+            if not done:
+                if found:
+                    raise RunFolderError(f"{found[0][2]}; {out} holds no complete checkpoint to resume from")
+                print0(f"note: {out} holds no checkpoint yet: starting at step 0")
+                trim_log(os.path.join(out, "log.jsonl"), -1)
+                return ("ok", None)
+            step, path = done[0]
+            for s, _, why in found:
+                if why and s > step:
+                    print0(f"note: skipping an incomplete checkpoint: {why}")
+            with open(os.path.join(path, MARKER)) as f:
+                saved_world = json.load(f).get("world", 1)
+            try:
+                with open(os.path.join(path, "args.json")) as f:
+                    saved = json.load(f)
+                assert isinstance(saved, dict)
+            except (OSError, ValueError, AssertionError):
+                raise RunFolderError(f"{os.path.join(path, 'args.json')}: not a JSON object of arguments") from None
+            note = compare_args(saved, vars(args), self.may_change, self.per_step, saved_world, self.world, path)
+            if note:
+                print0(note)
+            point_latest(out, os.path.basename(path), step)   # `latest` names what we resume, whatever it said
+            trim_log(os.path.join(out, "log.jsonl"), step)
+            if os.path.lexists(os.path.join(out, PREVIOUS)):  # its first checkpoint was written: the old run may go
+                remove(os.path.join(out, PREVIOUS))
+            return ("ok", path)
+        if holds and not args.fresh:
+            step = done[0][0] if done else 0
+            raise RunFolderError(f"{out} holds a run at step {step}: pass --resume to continue, or another --out "
+                                 f"(or --fresh to start over)")
+        if holds:
+            self._move_aside(bool(done))
+        return ("ok", None)
+
+    def _move_aside(self, newer=True):
+        """--fresh: every run entry of OUT into OUT/previous.part, then that renamed to OUT/previous. A previous/
+        already there is an earlier run that --fresh replaced: it goes if the run after it saved a checkpoint
+        (newer), else it stays (it holds the newest checkpoints) and what the run after it left goes."""
+        out = self.out
+        prev, part = os.path.join(out, PREVIOUS), os.path.join(out, MOVING)
+        entries = [n for n in os.listdir(out) if CKPT.match(n) or n in RUN_ENTRIES]
+        if os.path.lexists(prev) and not os.path.isdir(part):
+            if not newer:
+                for n in entries:
+                    remove(os.path.join(out, n))
+                return
+            remove(prev)
+        os.makedirs(part, exist_ok=True)
+        for n in entries:
+            os.replace(os.path.join(out, n), os.path.join(part, n))
+        os.replace(part, prev)
+        fsync_dir(out)
+        print0(f"note: --fresh: the run that was in {out} is now in {prev} (removed at this run's first checkpoint)")
+
+    # ---- saving ----
+
+    def save(self, step, flux, text, acfg, opt, consumed):
+        """Every rank calls it; rank 0 writes OUT/ckpt-STEP (write_checkpoint). Non-finite weights or optimizer state
+        are not written; a failed write leaves the last checkpoint: both a TrainingError on every rank."""
+        if hasattr(opt, "consolidate_state_dict"):
+            opt.consolidate_state_dict(to=0)                 # ZeRO: gather the sharded optimizer state first
+        error = None
+        if self.master:
+            files, bad = checkpoint_files(step, flux, text, acfg, opt, self.args, consumed, self.world)
+            if bad:
+                error = (f"step {step}: {bad} is not finite (the run diverged: try a lower --lr): not saved; "
+                         f"{self.intact()}")
+            else:
+                try:
+                    write_checkpoint(self.out, step, files, self.world, self.args.keep)
+                except OSError as e:
+                    why = "disk full" if e.errno == errno.ENOSPC else f"{e.strerror or e} ({e.filename})"
+                    error = f"{self.out}: {why} writing checkpoint {step}; {self.intact(newest(self.out))}"
+        error = self._agree(error)
+        if error:
+            raise TrainingError(error)
+        self.last = (step, os.path.join(self.out, f"ckpt-{step:07d}"))
+
+    def intact(self, last=None):
+        step, path = last or self.last or (None, None)
+        return f"checkpoint {step} intact ({path})" if path else "no checkpoint saved yet"
+
+    # ---- stopping on a signal ----
+
+    def _signal(self, signum, frame):
+        if self.signum:                      # a second one: stop now, as if no handler were there
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signum = signum
+        print0(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+               f"(again: stop now)")
+
+    def step_done(self, step, due, flux, text, acfg, opt, consumed):
+        """The end of a step: save if a checkpoint is due or a signal came (all ranks agree: the flag is
+        all-reduced), and then stop with Stopped."""
+        signum = self.signum
+        if self.ddp:
+            t = torch.tensor([signum], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t.item())
+        if due or (signum and not (self.last and self.last[0] == step)):
+            self.save(step, flux, text, acfg, opt, consumed)
+        if signum:
+            raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {self.intact()}; "
+                                  f"continue with: {self.resume_command()}")
+
+    def resume_command(self):
+        launcher = ["python"] if not self.ddp else ["torchrun", f"--nproc_per_node={self.world}"]
+        argv = [a for a in self.argv if a not in ("--fresh", "--resume")]
+        return shlex.join(launcher + [self.script] + argv + ["--resume"])
+
+def newest_of(path):
+    # a checkpoint folder -> (its step, path), or None
+    return (int(CKPT.match(os.path.basename(path)).group(1)), path) if path else None
