@@ -570,7 +570,7 @@ def memory(args):
     print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
           f"MoE-LoRA {args.experts} experts); batch {B} per GPU: {args.size}px target ({G * G} tokens), {args.refs} "
           f"refs of {args.ref_size}px ({R * R} tokens each), {Lt} text tokens; activations as bf16 autocast with "
-          f"flash attention keeps them; T5/CLIP/VAE not resident (python data.py cache)")
+          f"flash attention keeps them; T5/CLIP/VAE not resident (python cache.py)")
     print(f"{'GiB per GPU':42s}{'1 GPU':>9s}{'8 GPUs':>9s}{'8 + ZeRO':>10s}")
     for k, v in fixed.items():
         print(f"  {k:40s}{v / GiB:9.1f}{v / GiB:9.1f}{v / GiB:10.1f}")

@@ -1,10 +1,10 @@
 """
 Data: every image and file a user hands us (the one image opener, reference preprocessing, atomic writes), manifests
 of (target, prompt, references, masks, correspondences), their checker, the training datasets and the cache.
-The toy world that writes such manifests is toy.py; curation of your own videos and photos is curate.py.
+The toy world that writes such manifests is toy.py; curation of your own videos and photos is curate.py; the cache
+of text embeddings and latents is cache.py.
 
     python data.py check data/manifest.jsonl        # every bad record as file:line: field: why; exit 1 if any
-    python data.py cache --manifest data/toy/manifest.jsonl --out data/toy_cache --model toy --checkpoint assets/toy
 
 A manifest is JSONL, one record a line, paths relative to the manifest's folder (and confined to it):
   {"target": "t.jpg", "prompt": "a cat and a dog", "refs": ["cat.png", "dog.png"], "masks": ["m0.png", "m1.png"],
@@ -26,7 +26,6 @@ import argparse, json, math, os, re, stat, sys, tempfile, warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from tqdm import tqdm
 
 import model as M
 
@@ -623,122 +622,9 @@ def batches(dataset, batch_size, seed, epoch, rank=0, world_size=1, drop_last=Tr
     return out[rank::world_size]
 
 # -----------------------------------------------------------------------------
-# caches: text embeddings and VAE latents, so T5-XXL need not sit in GPU memory while training
-
-def load_encoders(model, checkpoint=None, device="cpu"):
-    """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a checkpoint folder
-    (default assets/toy) holding text_encoder.safetensors; --checkpoint for FLUX is the AE file/folder/repo."""
-    cfg, device = M.get_config(model), torch.device(device)
-    dtype = M.weight_dtype(device)
-    if model == "toy":
-        text = M.ByteTextEncoder(cfg)
-        M.load_state_dict_strict(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
-        return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
-    ae = M.load_ae(cfg, checkpoint, device, dtype)
-    return M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device), ae, cfg
-
-@torch.no_grad()
-def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
-                shard_size=256, device=None):
-    """`python data.py cache`: per record txt (L, C), y (C_vec,), latent (z, h, w), ref_latents (N, z, r, r),
-    masks, mask_valid and points, in safetensors shards of shard_size records, then index.json (settings, and
-    per record its shard, prompt, bucket). Every file is written to a temporary name and renamed."""
-    device = torch.device(device) if device else M.default_device()
-    text, ae, cfg = load_encoders(model, checkpoint, device)          # bad weights fail before any work
-    size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
-    ds = ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
-    os.makedirs(out, exist_ok=True)
-    from safetensors.torch import save
-    records, tensors = [], {}
-    for i in tqdm(range(len(ds)), desc="cache", disable=len(ds) < 2):
-        item, key = ds[i], str(i % shard_size)
-        with M.autocast(device):
-            txt, y = text([item["prompt"]])                                                # (1, L, C), (1, C_vec)
-            latent = ae.encode(item["target"][None].to(device, M.param_dtype(ae)))[0]       # (z, h, w)
-            ref_latents = ae.encode(item["refs"].to(device, M.param_dtype(ae)))             # (N, z, r, r)
-        tensors.update({f"{key}/txt": txt[0], f"{key}/y": y[0], f"{key}/latent": latent.float(),
-                        f"{key}/ref_latents": ref_latents.float(), f"{key}/masks": item["masks"],
-                        f"{key}/mask_valid": item["mask_valid"]})
-        tensors.update({f"{key}/points{j}": p for j, p in enumerate(item["points"])})
-        shard = f"shard_{i // shard_size:05d}.safetensors"
-        records.append(dict(shard=shard, key=key, source=item["index"], prompt=item["prompt"],
-                            bucket=list(item["bucket"]), n_refs=len(item["refs"])))
-        if (i + 1) % shard_size == 0 or i + 1 == len(ds):
-            blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-            write_atomic(os.path.join(out, shard), lambda f: f.write(blob))
-            tensors = {}
-    index = dict(manifest=os.path.abspath(manifest), model=model, size=size, ref_size=ref_size,
-                 token_px=ds.token_px, buckets=ds.buckets, skipped=ds.skipped, records=records)
-    write_atomic(os.path.join(out, "index.json"), lambda f: f.write(json.dumps(index).encode()))
-    print(f"cached {len(records)} records in {-(-len(records) // shard_size)} shards: {out}", file=sys.stderr)
-    return out
-
-class CachedDataset(torch.utils.data.Dataset):
-    """A cache folder as a dataset: the keys of ManifestDataset's items (but the pixels) plus txt (L, C),
-    y (C_vec,), latent (z, h, w) and ref_latents (N, z, r, r). pixels=True also reads target and refs from the
-    original manifest (for rewards or pictures; the latents replace them for training)."""
-    def __init__(self, folder, pixels=False):
-        self.folder = folder
-        try:
-            with open(os.path.join(folder, "index.json"), "rb") as f:
-                self.index = parse_json(f.read().decode("utf-8"))         # what manifests get: nothing raises
-        except (OSError, ValueError) as e:
-            raise DataError(f"{folder}: not a cache folder ({e})") from None
-        record = lambda r: isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("prompt"), str) \
-            and isinstance(r.get("n_refs"), int) and re.fullmatch(r"shard_\d{5,}\.safetensors", str(r.get("shard"))) \
-            and isinstance(r.get("bucket"), list)
-        needs = ("records",) + (("manifest", "size", "ref_size", "token_px", "buckets") if pixels else ())
-        if not (isinstance(self.index, dict) and all(k in self.index for k in needs) and
-                isinstance(self.index["records"], list) and all(map(record, self.index["records"]))):
-            raise DataError(f"{folder}: index.json is not a cache index (written by `data.py cache`): rebuild it")
-        self.records = self.index["records"]
-        # every shard's header read now (no tensors): a missing, truncated or foreign shard stops the run before
-        # its first step with one line, not hours in with a traceback
-        have = set()                                                      # (shard, tensor name)
-        for shard in sorted({r["shard"] for r in self.records}):
-            try:
-                have.update((shard, k) for k in M.read_header(os.path.join(folder, shard)))
-            except M.CheckpointError as e:
-                raise DataError(f"cache shard {e}") from None
-        lost = [(r, n) for r in self.records for n in self.names(r) if (r["shard"], n) not in have]
-        if lost:
-            (r, n), more = lost[0], len(lost) - 1
-            raise DataError(f"{os.path.join(folder, r['shard'])}: cache shard without {n!r}"
-                            f"{f' (and {more} more)' if more else ''}: rebuild the cache with `data.py cache`")
-        self.source = None if not pixels else ManifestDataset(
-            self.index["manifest"], self.index["size"], self.index["ref_size"], self.index["token_px"],
-            self.index["buckets"])
-
-    FIELDS = ("txt", "y", "latent", "ref_latents", "masks", "mask_valid")
-
-    @classmethod
-    def names(cls, r):
-        # the tensors __getitem__ reads for record r, by their names in its shard
-        return [f"{r['key']}/{k}" for k in cls.FIELDS + tuple(f"points{j}" for j in range(r["n_refs"]))]
-
-    def __len__(self):
-        return len(self.records)
-
-    def bucket_of(self, i):
-        return tuple(self.records[i]["bucket"]), self.records[i]["n_refs"]
-
-    def __getitem__(self, i):
-        from safetensors import safe_open
-        r = self.records[i]
-        with safe_open(os.path.join(self.folder, r["shard"]), framework="pt") as f:
-            get = lambda name: f.get_tensor(f"{r['key']}/{name}")
-            item = {k: get(k) for k in self.FIELDS}
-            item["points"] = [get(f"points{j}") for j in range(r["n_refs"])]
-        item.update(prompt=r["prompt"], index=i, bucket=tuple(r["bucket"]))
-        if self.source is not None:
-            src = self.source[r["source"]]
-            item.update(target=src["target"], refs=src["refs"])
-        return item
-
-# -----------------------------------------------------------------------------
 
 MOVED = {"toy": "python toy.py", "curate": "python curate.py faces", "curate-objects": "python curate.py objects",
-         "correspond": "python curate.py correspond"}
+         "correspond": "python curate.py correspond", "cache": "python cache.py"}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -750,27 +636,9 @@ def main(argv=None):
     c = sub.add_parser("check", help="report every bad record; exit 1 if any")
     c.add_argument("manifest")
     c.add_argument("--quick", action="store_true", help="read image headers only (no truncation/empty-mask check)")
-    k = sub.add_parser("cache", help="precompute text embeddings and latents")
-    k.add_argument("--manifest", required=True)
-    k.add_argument("--out", required=True)
-    k.add_argument("--model", default="toy", choices=sorted(M.CONFIGS))
-    k.add_argument("--checkpoint", default=None, help="toy: folder with text_encoder.safetensors; flux: the AE")
-    k.add_argument("--size", type=int, default=None, help="square target side (default: the preset's, 32 toy, 512 flux)")
-    k.add_argument("--buckets", nargs="+", default=None, help="aspect buckets HxW instead of --size, e.g. 512x512")
-    k.add_argument("--ref-size", type=int, default=None, help="default: the preset's, 16 toy, 320 flux")
-    k.add_argument("--shard-size", type=int, default=256)
-    k.add_argument("--device", default=None)
     args = p.parse_args(argv)
     try:
-        if args.cmd == "check":
-            return check(args.manifest, deep=not args.quick)
-        buckets = None
-        if args.buckets:
-            if not all(re.fullmatch(r"\d+x\d+", b) for b in args.buckets):
-                raise InputError(f"--buckets {' '.join(args.buckets)}: write each as HxW, e.g. 384x640")
-            buckets = [tuple(map(int, b.split("x"))) for b in args.buckets]
-        write_cache(args.manifest, args.out, args.model, args.checkpoint, args.size, args.ref_size, buckets,
-                    max(1, args.shard_size), args.device)
+        return check(args.manifest, deep=not args.quick)
     except (DataError, InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import cache
 import curate as C
 import data as D
 import model as M
@@ -515,7 +516,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # below), no file imports a command-line script, and no own module is imported inside a function
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "moe_lora", "losses", "data", "rewards", "toy", "curate", "runs", "training"]
+    order = ["model", "moe_lora", "losses", "data", "cache", "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
@@ -536,7 +537,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
 
 def test_moved_commands_point_to_their_new_home(capsys):
     for old, new in (("toy", "toy.py"), ("curate", "curate.py faces"), ("curate-objects", "curate.py objects"),
-                     ("correspond", "curate.py correspond")):
+                     ("correspond", "curate.py correspond"), ("cache", "cache.py")):
         assert D.main([old, "--out", "x"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and new in err
@@ -1395,10 +1396,10 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     save_file(text.state_dict(), str(tmp_path / "ckpt" / "text_encoder.safetensors"))
     out = tmp_path / "cache"
-    assert D.main(["cache", "--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
+    assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
                    str(tmp_path / "ckpt"), "--shard-size", "5", "--device", "cpu"]) == 0
     assert sorted(os.listdir(out)) == ["index.json"] + [f"shard_{k:05d}.safetensors" for k in range(3)]
-    ds, cached = D.ManifestDataset(toy_manifest, 32, 16, 4), D.CachedDataset(str(out))
+    ds, cached = D.ManifestDataset(toy_manifest, 32, 16, 4), cache.CachedDataset(str(out))
     ae = M.AutoEncoder(cfg.ae)
     assert len(cached) == len(ds)
     with torch.no_grad():
@@ -1413,14 +1414,14 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
             assert all(torch.equal(p, q) for p, q in zip(b["points"], a["points"]))
     batch = D.collate([cached[i] for i in D.batches(cached, 2, 0, 0)[0]])
     assert batch["latent"].shape == (2, 12, 16, 16) and batch["txt"].shape == (2, 128, 64)
-    with_pixels = D.CachedDataset(str(out), pixels=True)[3]
+    with_pixels = cache.CachedDataset(str(out), pixels=True)[3]
     assert torch.equal(with_pixels["target"], ds[3]["target"]) and torch.equal(with_pixels["refs"], ds[3]["refs"])
 
 def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys):
     cfg, ckpt, out = M.get_config("toy"), tmp_path / "ckpt", tmp_path / "cache"
     ckpt.mkdir()
     save_file(M.ByteTextEncoder(cfg).state_dict(), str(ckpt / "text_encoder.safetensors"))
-    assert D.main(["cache", "--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
+    assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
                    str(ckpt), "--shard-size", "5", "--device", "cpu"]) == 0
     shard = out / "shard_00001.safetensors"
     good = shard.read_bytes()
@@ -1430,15 +1431,15 @@ def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys
         if broken is not None:
             shard.write_bytes(broken)
         with pytest.raises(D.DataError, match=why) as e:
-            D.CachedDataset(str(out))
+            cache.CachedDataset(str(out))
         assert str(shard) in str(e.value) and "\n" not in str(e.value)
     save_file({"x/latent": torch.zeros(1)}, str(shard))             # a shard of another cache
     with pytest.raises(D.DataError, match="cache shard without '0/txt' \\(and"):
-        D.CachedDataset(str(out))
+        cache.CachedDataset(str(out))
     from safetensors.torch import load as from_bytes
     save_file({k: v for k, v in from_bytes(good).items() if k != "1/points0"}, str(shard))   # one tensor short
     with pytest.raises(D.DataError, match="cache shard without '1/points0': rebuild"):
-        D.CachedDataset(str(out))
+        cache.CachedDataset(str(out))
     capsys.readouterr()
     assert TS.cli(["--cache", str(out), "--stage", "multi", "--init", str(ckpt), "--out", str(tmp_path / "r"),
                   "--steps", "1"]) == 2
@@ -1446,7 +1447,7 @@ def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys
     assert err.startswith("error: ") and "shard_00001" in err and "Traceback" not in err
 
 def test_cache_without_weights_is_a_one_line_error(toy_manifest, tmp_path, capsys):
-    code = D.main(["cache", "--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", "toy",
+    code = cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", "toy",
                    "--checkpoint", str(tmp_path / "nothing"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nothing" in err
@@ -1592,9 +1593,9 @@ def test_torchrun_two_ranks_equals_one_process(toy_run, tmp_path, zero):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_path):
-    # data.py cache precomputes text embeddings and latents; training on them must see the same numbers
+    # cache.py precomputes text embeddings and latents; training on them must see the same numbers
     root, manifest = toy_run
-    D.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(root / "base"), device="cpu")
+    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(root / "base"), device="cpu")
     common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1", "--lr", "1e-2"]
     sft(tmp_path / "pix", manifest, *common)
     TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size", "2",
@@ -3001,7 +3002,7 @@ def test_a_cache_index_that_is_not_one_is_one_line(tmp_path, index):
     # a cache folder's index.json is read like a manifest line: a value of the wrong shape is one DataError
     (tmp_path / "index.json").write_text(index)
     with pytest.raises(D.DataError, match="not a cache") as e:
-        D.CachedDataset(str(tmp_path), pixels=True)
+        cache.CachedDataset(str(tmp_path), pixels=True)
     assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
 
 # -----------------------------------------------------------------------------

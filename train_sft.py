@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cache
 import data as D
 import losses as LS
 import model as M
@@ -36,7 +37,7 @@ def build_parser():
     p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
-    g.add_argument("--cache", default=None, help="instead of --data: a `data.py cache` folder (text embeddings and "
+    g.add_argument("--cache", default=None, help="instead of --data: a `cache.py` folder (text embeddings and "
                    "latents precomputed: no text encoder or VAE in memory)")
     g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
                    "attention share at eval steps")
@@ -146,7 +147,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
     if (args.data is None) == (args.cache is None):
-        p.error("give one of --data (a manifest) or --cache (a `data.py cache` folder)")
+        p.error("give one of --data (a manifest) or --cache (a `cache.py` folder)")
 
     # -------------------------------------------------------------------------
     # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the
@@ -166,7 +167,7 @@ def train(args, run, cfg, ddp, rank, world, device):
 
     # -------------------------------------------------------------------------
     # data: a manifest read from the image files, or a cache of latents and text embeddings (no VAE / T5 needed)
-    load = (lambda p: D.CachedDataset(p)) if args.cache else \
+    load = (lambda p: cache.CachedDataset(p)) if args.cache else \
         (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=cfg.token_px,
                                      buckets=D.uno_buckets(args.size, cfg.token_px) if args.aspect_buckets else None))
     dataset = load(args.cache or args.data)

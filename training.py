@@ -92,7 +92,7 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     stage "base" trains the whole toy DiT + text encoder from a random init (seeded: the same on every rank); any
     other stage freezes the base (a toy checkpoint folder, or FLUX from init / the preset's repo) and trains
     adapters: loaded from `adapter`, else injected as `spec` (adapter_spec) says. cached: the batches carry text
-    embeddings and latents (data.py cache), so no AE or text encoder is loaded."""
+    embeddings and latents (cache.py), so no AE or text encoder is loaded."""
     cfg = M.get_config(preset)
     if cached and stage == "base":
         raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
@@ -148,7 +148,7 @@ class Denoiser(torch.nn.Module):
         self.flux, self.text = flux, text
 
     def forward(self, cond, inp, timesteps, guidance, probe=None):
-        # cond: the prompts, or (txt, y) precomputed by `data.py cache` (then there is no text encoder);
+        # cond: the prompts, or (txt, y) precomputed by `cache.py` (then there is no text encoder);
         # inp: model.prepare's image side of the sequence, its img the noisy target x_t
         txt, y = self.text(cond) if self.text is not None else cond               # (B, L_txt, C), (B, C_vec)
         return self.flux(**inp, txt=txt, txt_ids=M.text_ids(txt), y=y, timesteps=timesteps, guidance=guidance,
