@@ -4083,3 +4083,25 @@ def test_base_stage_can_read_references(tmp_path):
         TS.step_losses(args, training.Denoiser(flux, text), training.Denoiser(flux, text), ae, batch, 0,
                        torch.Generator().manual_seed(0), "cpu")
     assert seen == [0, 1]
+
+def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(toy_run, tmp_path, monkeypatch, capsys):
+    # --wandb through a stand-in module: each log.jsonl record reaches wandb.log at its step, the run is finished;
+    # without the package the run stops before any work, in one line
+    import types
+    root, manifest = toy_run
+    calls = []
+    class FakeRun:
+        def log(self, values, step):
+            calls.append((step, values))
+        def finish(self):
+            calls.append("finish")
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["project"])) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sft(tmp_path / "w", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--wandb", "proj")
+    logged = [r for r in read_log(tmp_path / "w")]
+    assert calls[0] == ("init", "proj") and calls[-1] == "finish"
+    assert [(s, v["diff"]) for s, v in calls[1:-1]] == [(r["step"], r["diff"]) for r in logged]
+    monkeypatch.setitem(sys.modules, "wandb", None)                    # `import wandb` now raises ImportError
+    assert TS.cli(["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--out",
+                   str(tmp_path / "x"), "--wandb", "proj"]) == 2
+    assert "pip install wandb" in capsys.readouterr().err and not (tmp_path / "x").exists()

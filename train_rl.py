@@ -40,7 +40,7 @@ import runs
 import training as TR
 from data import InputError, PromptDataset
 from model import decode_images, denoise, get_config, get_schedule, sampling_inputs
-from rewards import RewardModelError, add_reward_args, build_reward, reward_weights
+from rewards import RewardModelError, add_reward_args, build_reward, check_reward_models, reward_weights
 
 def build_parser():
     p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,14 +85,14 @@ def build_parser():
     g.add_argument("--grad-clip", type=runs.positive_float, default=1.0, help="gradient norm clip")
     g.add_argument("--max-bad-steps", type=runs.positive, default=20, help="stop after this many non-finite updates in "
                    "a row")
-    runs.add_run_args(p, ckpt_every=50, eval_every=50)
+    TR.add_log_args(runs.add_run_args(p, ckpt_every=50, eval_every=50))
     return p
 
 # on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
 # The optimizer's settings, the reward's weights and models, the length, cadence, evaluation and hardware are
 # deliberate changes; the prompts and their order (seed, prompts per iteration), sizes, the model, the adapters'
 # shape and the IPPO procedure (T, window, tau, stride, group, eta, guidance, the reward's kind) make another run
-MAY_CHANGE = {"lr", "weight_decay", "grad_clip", "max_bad_steps", "minibatches", "micro_batch", "clip_low",
+MAY_CHANGE = {"wandb", "lr", "weight_decay", "grad_clip", "max_bad_steps", "minibatches", "micro_batch", "clip_low",
               "clip_high", "adv_clip", "kl", "w_text", "w_aes", "w_id", "clip", "preference", "preference_kind",
               "preference_processor", "face_pack", "face_root", "detector", "detector_kind", "dinov2", "sam2", "iters",
               "ckpt_every", "keep", "eval_every", "val_data", "val_n", "val_seeds", "device", "dist_timeout",
@@ -122,7 +122,7 @@ def evaluate(flux, ae, text, dataset, reward, args, device):
     """Mean of every reward term over the first val_n records x val_seeds fixed seeds (Euler, no SDE)."""
     flux.eval()
     sums, n = {}, 0
-    for i in range(min(args.val_n, len(dataset))):
+    for i in tqdm(range(min(args.val_n, len(dataset))), desc="validation", leave=False):
         rec, images = dataset[i], []
         for k in range(args.val_seeds):
             c = sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
@@ -154,6 +154,8 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
+    TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
+    check_reward_models(args)                        # every missing reward model listed at once, offline, instantly
 
     # -------------------------------------------------------------------------
     # set-up: ranks and device, the preset's defaults, every shape check that needs no model (fail in seconds), then
@@ -203,12 +205,11 @@ def train(args, run, cfg, ddp, rank, world, device):
     if master:
         TR.print0(f"IPPO, {args.preset}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable params, {len(dataset)} "
                  f"prompts, {world} rank(s) x {P} prompt(s) x group {G}, T {args.steps}, window {args.window}")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    log = TR.Log(args.out, master, TR.wandb_module(args.wandb), vars(args), args.wandb)
     def write(rec):
         if "val_total" in rec:
             TR.print0(json.dumps(rec))
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        log.write(rec)
     def validate(m):
         # the held-out reward; the adapter with the best so far is also kept as OUT/best.safetensors (its header
         # holds the iteration and the reward, so a resumed run compares against it)
@@ -300,6 +301,7 @@ def train(args, run, cfg, ddp, rank, world, device):
                 validate(m)
             # a checkpoint when due or when a signal asks to stop (all ranks: rank 0 writes, the others wait)
             run.step_done(m, m % args.ckpt_every == 0 or m == args.iters, flux, text, acfg, opt, consumed)
+    log.close()
     if ddp:
         dist.destroy_process_group()
 

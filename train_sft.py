@@ -16,7 +16,6 @@ Supervised training, MultiCrafter stages 1-2 (and the toy world's stage 0).
 """
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -83,12 +82,13 @@ def build_parser():
                    "a row")
     g = runs.add_run_args(p, ckpt_every=500, eval_every=250)
     g.add_argument("--log-every", type=runs.positive, default=10)
+    TR.add_log_args(g)
     return p
 
 # on --resume these may differ from the checkpoint's args.json (a note names them); any other change is refused.
 # The optimizer's and the losses' settings, the length, cadence and hardware are deliberate changes; the data, its
 # order (seed, batch, global batch), sizes, the model, the adapters' shape and the stage make another run
-MAY_CHANGE = {"lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks",
+MAY_CHANGE = {"wandb", "lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks",
               "attn_direction", "scal",
               "mdl", "mdl_kind", "mdl_warmup", "balance", "steps", "ckpt_every", "keep", "eval_every", "log_every",
               "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum"}
@@ -146,6 +146,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
+    TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
     if (args.data is None) == (args.cache is None):
         p.error("give one of --data (a manifest) or --cache (a `cache.py` folder)")
 
@@ -196,7 +197,7 @@ def train(args, run, cfg, ddp, rank, world, device):
         n_train = sum(p.numel() for p in params)
         TR.print0(f"{args.stage} stage, {args.preset}: {n_train / 1e6:.2f}M trainable params, {len(dataset)} records, "
                   f"{world} rank(s) x batch {args.batch_size} x accum {args.grad_accum}, device {device}")
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    log = TR.Log(args.out, master, TR.wandb_module(args.wandb), vars(args), args.wandb)
 
     def lr_at(s):  # linear warm-up, then linear decay from lr to lr_end (paper: 3e-5 -> 1e-5)
         if s < args.warmup:
@@ -268,8 +269,7 @@ def train(args, run, cfg, ddp, rank, world, device):
                 if master:
                     bar.set_postfix(loss=f"{rec['diff']:.4f}",
                                     **({"dice": f"{rec['dice']:.3f}"} if "dice" in rec else {}))
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                    log.write(rec)
 
             # ---- held-out attention metrics: does L_attn put each subject's attention inside its own mask? ----
             due = step % args.eval_every == 0 or step == args.steps
@@ -277,12 +277,12 @@ def train(args, run, cfg, ddp, rank, world, device):
                 rec = {"step": step, **TR.attention_metrics(denoiser, ae, val, device, args.batch_size,
                                                             args.attn_blocks, args.pe)}
                 TR.print0(json.dumps(rec))
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log.write(rec)
 
             # ---- checkpoint when due or when a signal asks to stop (rank 0 writes; the others wait, so no rank runs
             # ahead of a checkpoint it may need) ----
             run.step_done(step, step % args.ckpt_every == 0 or step == args.steps, flux, text, acfg, opt, consumed)
+    log.close()
     if ddp:
         dist.destroy_process_group()
 

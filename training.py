@@ -6,6 +6,7 @@ save / load (the run folder itself is runs.py), and the command-line wrapper tha
 line. Neither trainer imports the other; both import this.
 """
 import datetime
+import json
 import os
 import sys
 
@@ -109,6 +110,9 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     else:
         if stage == "base":
             raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
+        # every FLUX weight this run needs, found or listed as missing at once, before the 24 GB of the first loads
+        M.check_weights(M.flux_weights(cfg, ("dit",) if cached else ("dit", "ae", "t5", "clip"), dit=init,
+                                       dit_flag="--init"))
         flux = M.load_flux(cfg, init, device, wdtype)
         # with a cache the 9 GB T5 and the VAE are never loaded
         ae = None if cached else M.load_ae(cfg, device=device, dtype=wdtype)
@@ -266,6 +270,46 @@ def kl_to_base(flux, c, x, x_next, mean, std, steps, eta, guidance):
                                        prev=x_next[:, j])[2] for j, (t, t_next) in enumerate(steps)], 1)
     kl = [((mean[:, j] - base[:, j]) ** 2 / (2 * std[j] ** 2)).flatten(1).mean(1) for j in range(len(steps))]
     return torch.stack(kl, 1).mean(1)
+
+# -----------------------------------------------------------------------------
+# the run's log: OUT/log.jsonl (rank 0), and wandb as well where --wandb PROJECT asks for it
+
+def add_log_args(p):
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project (pip install "
+                   "wandb; optional); `python plot_log.py OUT...` draws log.jsonl curves without it")
+
+def wandb_module(project):
+    """The wandb module when --wandb is given (checked before any work), else None. Imported only then: an optional
+    dependency, not a requirement."""
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise D.InputError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb
+
+class Log:
+    """One JSON record a line in OUT/log.jsonl, flushed at once (a killed run loses no line); on other ranks nothing.
+    With wandb, every numeric field of each record too, at the record's step (or IPPO iteration)."""
+    def __init__(self, out, master, wandb=None, config=None, project=None):
+        self.file = open(os.path.join(out, "log.jsonl"), "a") if master else None
+        self.wandb = wandb.init(project=project, name=os.path.basename(os.path.abspath(out)), config=config,
+                                dir=out) if master and wandb else None
+
+    def write(self, rec):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            at = rec.get("step", rec.get("iter"))
+            self.wandb.log({k: v for k, v in rec.items() if k not in ("step", "iter") and isinstance(v, (int, float))},
+                           step=at)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
 
 # -----------------------------------------------------------------------------
 # the command line
