@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
 
 import data as D
 import model as M
@@ -134,7 +135,7 @@ def write_toy(out, n, seed=0, subjects=(2, 3), size=32, ref_size=16):
     for d in ("images", "masks", "refs"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     lines, written = [], set()
-    for i in range(n):
+    for i in tqdm(range(n), desc="toy data", disable=n < 100):
         target, masks, sprites, rec = toy_example(seed, i, size, ref_size, subjects)
         rec = dict(id=f"toy{i:06d}", target=f"images/{i:06d}.png", refs=[], masks=[], **rec)
         Image.fromarray(target).save(os.path.join(out, rec["target"]))
@@ -443,7 +444,7 @@ def write_world(out, n, seed=0, split="train", subjects=(2, 3), size=32, ref_siz
     for d in ("images", "masks", "refs"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     lines = []
-    for i in range(n):
+    for i in tqdm(range(n), desc="toy world", disable=n < 100):
         target, masks, _, refs, rec = world_example(seed, i, split, size, ref_size, subjects, pool, hard)
         rec = dict(id=f"{split}{i:06d}", target=f"images/{i:06d}.png",
                    refs=[f"refs/{i:06d}_{k}.png" for k in range(len(refs))],
