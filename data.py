@@ -33,6 +33,43 @@ class DataError(ValueError):
     """A bad manifest or record: the message says which and why."""
 
 # -----------------------------------------------------------------------------
+# command-line types: every count, size and rate of every script is checked by argparse before any work
+
+F32_MAX = torch.finfo(torch.float32).max
+
+class Parser(argparse.ArgumentParser):
+    """argparse, its errors on one line like every other bad input (no usage block): `error: argument --lr: ...`."""
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help)\n")
+
+def int_in(lo, hi=None):
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" + (f" and at most {hi}" if hi else ""))
+        return v
+    return parse
+
+def float_in(lo=-math.inf, hi=math.inf, above=False):
+    """An argparse type: a number finite in fp32 (flags reach the model as fp32: 1e39 is inf there), >= lo (> lo where
+    above), <= hi. nan and inf are refused: one of them in a weight or a rate turns every parameter into NaN at once."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not abs(v) <= F32_MAX or v < lo or (above and v == lo) or v > hi:      # NaN fails the first test
+            raise argparse.ArgumentTypeError(f"{s} must be finite" + (f" and {'>' if above else '>='} {lo:g}"
+                                             if lo > -math.inf else "") +
+                                             (f" and <= {hi:g}" if hi < math.inf else ""))
+        return v
+    return parse
+
+# -----------------------------------------------------------------------------
 # user files in and out: the one image opener (with its pixel cap), references as the model sees them, atomic writes
 
 class InputError(ValueError):

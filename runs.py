@@ -11,11 +11,9 @@ Run folders: the folder --out holds one run, and no kill, signal, full disk or s
 
 Both trainers use it through training.py; nothing here knows what is trained.
 """
-import argparse
 import errno
 import fcntl
 import json
-import math
 import os
 import pickle
 import re
@@ -45,36 +43,7 @@ class TrainingError(RuntimeError):
 # -----------------------------------------------------------------------------
 # command-line types: every count, size and rate is checked by argparse before any work (one line, exit status 2)
 
-class Parser(argparse.ArgumentParser):
-    """argparse, its errors on one line (no usage block): `prog: error: argument --lr: ...`, exit status 2."""
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-def int_in(lo, hi=None):
-    """An argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}" + (f" and at most {hi}" if hi else ""))
-        return v
-    return parse
-
-def float_in(lo, hi=math.inf, above=False):
-    """An argparse type: a finite number >= lo (> lo where above), <= hi. nan and inf are refused: one of them in a
-    weight or a rate turns every parameter into NaN at the first step."""
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not math.isfinite(v) or v < lo or (above and v == lo) or v > hi:
-            raise argparse.ArgumentTypeError(f"{s} must be finite and {'>' if above else '>='} {lo:g}" +
-                                             (f" and <= {hi:g}" if hi < math.inf else ""))
-        return v
-    return parse
+Parser, int_in, float_in = D.Parser, D.int_in, D.float_in     # the command-line types of every script: data.py
 
 positive, count = int_in(1), int_in(0)                    # counts where 0 means nothing / where 0 is meaningful
 weight, positive_float = float_in(0.0), float_in(0.0, above=True)

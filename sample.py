@@ -44,37 +44,16 @@ MAX_STEPS = 1000          # the discretization diffusion models train with; FLUX
 MAX_SEED = 2 ** 64 - 1    # torch.Generator's range
 MAX_TOKENS = 16384        # image + reference tokens of one sample (2048x2048 px for FLUX, trained up to ~2 MP)
 MAX_PROMPTS_BYTES = 16 << 20
-F32_MAX = torch.finfo(torch.float32).max    # a float flag reaches the model as fp32: 1e39 would be inf there
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):      # one line, like every other bad input (argparse prints its whole usage first)
-        self.exit(2, f"error: {message} (python sample.py --help)\n")
-
-def number(kind, lo=None, hi=None):
-    """An argparse type: `kind` (int or float), finite in fp32, within [lo, hi]; anything else is a usage error
-    before any work, not a traceback later (a seed past 2**64, --guidance nan, --lora-scale 1e39)."""
-    span = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else ""
-    span = f"a finite number {span}".strip() if kind is float else span
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {'an integer' if kind is int else 'a number'}")
-        finite = kind is int or abs(v) <= F32_MAX           # NaN fails this too
-        if not finite or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{text[:40]} is not {span}")
-        return v
-    return parse
 
 def build_parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs (one sample: --refs [--prompt]; a test set: --manifest, or --prompts with --refs)")
     g.add_argument("--refs", nargs="+", default=None, help="reference images, one per subject")
     g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references when omitted "
                    "('a red solid circle and a blue striped square')")
     g.add_argument("--manifest", default=None, help="a manifest (data.py): one sample per record and seed")
     g.add_argument("--prompts", default=None, help="a text file, one prompt a line, all with --refs")
-    g.add_argument("--ref-size", type=number(int, 1), default=None, help="long side of each reference (px); default: "
+    g.add_argument("--ref-size", type=D.int_in(1), default=None, help="long side of each reference (px); default: "
                    "the preset's, 320 flux, 16 toy")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets")
     g = p.add_argument_group("model")
@@ -84,7 +63,7 @@ def build_parser():
                    "(default: the preset its tensors fit)")
     g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors "
                    "(replaces a toy folder's own adapter.safetensors)")
-    g.add_argument("--lora-scale", type=number(float), default=1.0, help="the adapter's strength: 0 the base "
+    g.add_argument("--lora-scale", type=D.float_in(), default=1.0, help="the adapter's strength: 0 the base "
                    "model exactly, 1 as trained (default)")
     g.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
     g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
@@ -97,15 +76,15 @@ def build_parser():
     g.add_argument("--fp8", action="store_true", help="the DiT's block weights stored in fp8 (e4m3, per-row scales), "
                    "computed in bf16 on GPU")
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=number(int, 1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
-    g.add_argument("--guidance", type=number(float, 0), default=None, help="distilled guidance (default: 3.5 flux, "
+    g.add_argument("--steps", type=D.int_in(1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
+    g.add_argument("--guidance", type=D.float_in(0), default=None, help="distilled guidance (default: 3.5 flux, "
                    "1 toy, which trains with 1 as UNO does; ignored by schnell)")
-    g.add_argument("--seed", type=number(int, 0, MAX_SEED), default=None, help="default: a random seed (saved in "
+    g.add_argument("--seed", type=D.int_in(0, MAX_SEED), default=None, help="default: a random seed (saved in "
                    "the JSON)")
-    g.add_argument("--seeds", type=number(int, 0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
+    g.add_argument("--seeds", type=D.int_in(0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
                    "(default 0): one folder each")
-    g.add_argument("--width", type=number(int, 1), default=None, help="default: 512 flux, 32 toy")
-    g.add_argument("--height", type=number(int, 1), default=None)
+    g.add_argument("--width", type=D.int_in(1), default=None, help="default: 512 flux, 32 toy")
+    g.add_argument("--height", type=D.int_in(1), default=None)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="one sample's PNG (default out.png)")
     g.add_argument("--out-dir", default=None, help="a test set's folder: OUT_DIR/SEED/ID.png")

@@ -4105,3 +4105,11 @@ def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(toy_run, tmp
     assert TS.cli(["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--out",
                    str(tmp_path / "x"), "--wandb", "proj"]) == 2
     assert "pip install wandb" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+@pytest.mark.parametrize("argv", [["--size", "100000"], ["--ref-size", "0"], ["--n", "0"], ["--size", "x"]])
+def test_toy_sizes_are_bounded_before_anything_is_drawn(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--out", str(tmp_path / "t"), "--n", "1", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: argument --") and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()

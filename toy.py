@@ -662,6 +662,8 @@ def world_eval(args, records):
 
 # -----------------------------------------------------------------------------
 
+MAX_SIDE = 512
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:                           # score generated images: rewards.py eval with the toy reward
@@ -678,13 +680,14 @@ def main(argv=None):
         except (D.DataError, D.InputError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, required=True, help="number of records")
+    p.add_argument("--n", type=D.int_in(1, 10_000_000), required=True, help="number of records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, nargs="+", default=[2, 3], help="subjects per target (1-4), uniform")
-    p.add_argument("--size", type=int, default=32, help="target side (px)")
-    p.add_argument("--ref-size", type=int, default=16, help="reference side (px)")
+    # a toy: sides past 512 px would only fill the disk (and a 100000 px side is 28 GB of one image's memory)
+    p.add_argument("--size", type=D.int_in(8, MAX_SIDE), default=32, help=f"target side (px, 8 to {MAX_SIDE})")
+    p.add_argument("--ref-size", type=D.int_in(4, MAX_SIDE), default=16, help=f"reference side (px, 4 to {MAX_SIDE})")
     p.add_argument("--split", default="train", choices=list(SPLITS), help="whose identities: val and test ones are "
                    "never drawn for train")
     p.add_argument("--identities", type=int, default=1000, help="identities of the split records draw from")
