@@ -24,7 +24,7 @@ def load_encoders(model, checkpoint=None, device="cpu"):
     dtype = M.weight_dtype(device)
     if model == "toy":
         text = M.ByteTextEncoder(cfg)
-        M.load_state_dict_strict(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
+        M.load_byte_encoder(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
         return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
     ae = M.load_ae(cfg, checkpoint, device, dtype)
     return M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device), ae, cfg

@@ -911,6 +911,18 @@ def read_header(path):
     except Exception as e:
         raise unreadable(path, e) from None
 
+def load_byte_encoder(text, path, **kw):
+    """The toy's text encoder from `path` (load_state_dict_strict's keywords), and the padding it was trained with:
+    its file's header says ("txt_pad"); a file without one was trained padded to max_len, as the shipped toy was."""
+    from safetensors import safe_open
+    load_state_dict_strict(text, path, **kw)
+    with safe_open(path, framework="pt") as f:                   # readable: load_state_dict_strict just read it
+        pad = (f.metadata() or {}).get("txt_pad", "max")
+    if pad not in ("max", "longest"):
+        raise CheckpointError(f"{path}: its header's txt_pad {pad[:40]!r} is neither 'max' nor 'longest'")
+    text.txt_pad = pad
+    return text
+
 def _some(items, n=4, sep=", "):
     # a few of many names, so a file of another architecture still gives one readable line
     items = sorted(items)

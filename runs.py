@@ -257,7 +257,8 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     arguments."""
     if acfg is None:
         weights = {"flux.safetensors": ({k: v.contiguous() for k, v in flux.state_dict().items()}, None),
-                   "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()}, None)}
+                   "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()},
+                                                {"txt_pad": text.txt_pad})}     # how it pads: model.load_byte_encoder
     else:
         weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
     state = {"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()}
@@ -278,7 +279,7 @@ def load_checkpoint(path, flux, text, acfg, opt):
         raise M.CheckpointError(f"{path}: not a checkpoint folder")
     if acfg is None:            # copied into the parameters the optimizer holds (assigning new ones would leave it
         M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"), assign=False)     # updating the old)
-        M.load_state_dict_strict(text, os.path.join(path, "text_encoder.safetensors"), assign=False)
+        M.load_byte_encoder(text, os.path.join(path, "text_encoder.safetensors"), assign=False)
     else:
         file = os.path.join(path, "adapter.safetensors")
         ML.load_strict(flux, ML.read_adapter(file)[1], file)

@@ -144,7 +144,8 @@ def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offl
             raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
         for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
             if os.path.isfile(os.path.join(folder, f)) or name != "toy":     # a folder given by the user must be whole
-                M.load_state_dict_strict(m, os.path.join(folder, f))      # fp32 (assets/toy stores fp16)
+                load = M.load_byte_encoder if m is text else M.load_state_dict_strict    # (+ its padding)
+                load(m, os.path.join(folder, f))                          # fp32 (assets/toy stores fp16)
                 weights = folder
             else:
                 print(f"warning: no {f} in {folder}: random weights for it (expect noise)", file=sys.stderr)

@@ -4113,3 +4113,15 @@ def test_toy_sizes_are_bounded_before_anything_is_drawn(tmp_path, capsys, argv):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: argument --") and err.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+def test_a_base_trained_padding_to_the_longest_prompt_samples_so(toy_run, tmp_path):
+    # the byte encoder's padding is part of the model: a base checkpoint records it, and every loader honours it
+    root, manifest = toy_run
+    sft(tmp_path / "b", manifest, "--stage", "base", "--steps", "1", "--txt-pad", "longest")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "b" / "latest" / "text_encoder.safetensors"), framework="pt") as f:
+        assert f.metadata()["txt_pad"] == "longest"
+    _, _, text, _ = S.load_models(str(tmp_path / "b" / "latest"), "toy", torch.device("cpu"))
+    assert text.txt_pad == "longest" and text.tokenize(["ab", "abcd"]).shape == (2, 4)
+    _, _, shipped, _ = S.load_models("toy", "toy", torch.device("cpu"))
+    assert shipped.txt_pad == "max" and shipped.tokenize(["ab"]).shape == (1, 128)

@@ -58,8 +58,9 @@ def build_parser():
                    "target region reads a reference; model.AttentionProbe)")
     g.add_argument("--base-refs", action="store_true", help="stage base: train with the records' references in "
                    "the joint sequence, so the base already learns to read them (default: text -> image only)")
-    g.add_argument("--txt-pad", default="max", choices=["max", "longest"], help="toy byte encoder: pad prompts to "
-                   "128 bytes (the shipped checkpoint's) or to the batch's longest (faster; model.FluxConfig.txt_pad)")
+    g.add_argument("--txt-pad", default=None, choices=["max", "longest"], help="toy byte encoder: pad prompts to "
+                   "128 bytes or to the batch's longest (faster); default: as the --init base was trained (its "
+                   "checkpoint says; the shipped one: max), max for a new base. Recorded in the checkpoint")
     g.add_argument("--scal", type=runs.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
     g.add_argument("--mdl", type=runs.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
@@ -103,8 +104,6 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     # the joint sequence [txt | img | refs] (model.prepare); the base stage learns text -> image, so no references
     # unless --base-refs (a world whose prompts do not name the subjects needs a base that reads references)
     inp = TR.encode_batch(batch, ae, device, args.pe, refs=args.stage != "base" or args.base_refs)
-    if isinstance(denoiser.text, M.ByteTextEncoder):
-        denoiser.text.txt_pad = args.txt_pad         # the byte encoder pads as this run trains (a per-run choice)
     x0 = inp["img"]                                                                 # (B, L, C) clean target tokens
     B, L = x0.shape[:2]
     # rectified flow: x_t = (1 - t) x0 + t eps at logit-normal t, shifted for the image size as sampling is
@@ -182,6 +181,8 @@ def train(args, run, cfg, ddp, rank, world, device):
     flux, ae, text, params, acfg = TR.build_models(args.preset, args.stage, device, args.init, args.adapter,
                                                    TR.adapter_spec(args), args.cache is not None, args.grad_checkpoint,
                                                    args.seed)
+    if args.txt_pad is not None and isinstance(text, M.ByteTextEncoder):
+        text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
     denoiser = TR.Denoiser(flux, text).train()
     model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
     opt = TR.build_optimizer(params, args.lr, args.weight_decay, args.zero and ddp)

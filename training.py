@@ -103,7 +103,7 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
         flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
         if init:
             M.load_state_dict_strict(flux, os.path.join(init, "flux.safetensors"))      # fp32 (assets/toy: fp16)
-            M.load_state_dict_strict(text, os.path.join(init, "text_encoder.safetensors"))
+            M.load_byte_encoder(text, os.path.join(init, "text_encoder.safetensors"))
         elif stage != "base":
             raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
         ae = M.AutoEncoder(cfg.ae)

@@ -95,7 +95,7 @@ def score_adapter(base, adapter, tests, eval_steps, batch_size):
     cfg = M.get_config("toy")
     flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
     M.load_state_dict_strict(flux, os.path.join(base, "flux.safetensors"))      # fp32, whatever the file stores
-    M.load_state_dict_strict(text, os.path.join(base, "text_encoder.safetensors"))
+    M.load_byte_encoder(text, os.path.join(base, "text_encoder.safetensors"))
     ML.load_adapter(flux, adapter)
     flux.eval()
     reward, size = toy.toy_reward(), cfg.image_size
