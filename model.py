@@ -266,7 +266,7 @@ class AttentionProbe:
     a distribution over the M target tokens (the softmax runs over target keys only, not the whole
     sequence). The (B, heads, N_i, M) scores exist one head chunk at a time and are recomputed in backward
     (activation checkpointing), so the probe stores only its (B, M) outputs; the real attention output is
-    computed by SDPA as if no probe were attached.
+    computed by model.attention as if no probe were attached.
     rows: optional, per reference a LongTensor (P_i, 2) of (batch index, reference token) pairs whose
     head-averaged log-probabilities over the target tokens are kept too (for per-point losses like SCAL).
 
