@@ -4125,3 +4125,71 @@ def test_a_base_trained_padding_to_the_longest_prompt_samples_so(toy_run, tmp_pa
     assert text.txt_pad == "longest" and text.tokenize(["ab", "abcd"]).shape == (2, 4)
     _, _, shipped, _ = S.load_models("toy", "toy", torch.device("cpu"))
     assert shipped.txt_pad == "max" and shipped.tokenize(["ab"]).shape == (1, 128)
+
+def test_world_sprite_sizes_and_views_scale_apart(tmp_path):
+    recs, root = world(tmp_path, "big", 12, seed=0, subjects=(1, 2, 3), ref_size=24, sprite=(10, 14))
+    lo, hi = toy.view_px(24)
+    assert (lo, hi) == (18, 22) and toy.view_px(16) == toy.VIEW_PX
+    for rec in recs:
+        for k, (y0, x0, y1, x1) in enumerate(rec["boxes"]):
+            assert 10 <= round((y1 - y0) * 32) <= 14
+            ref = np.asarray(Image.open(root / rec["refs"][k])).astype(int)
+            ident = toy.identity_of(rec["attrs"][k], "t")
+            sprite = (ref == np.round(np.array(ident.rgb) * 255)).all(-1) | \
+                (ref == np.round(np.array(ident.rgb) * toy.DARK * 255)).all(-1)
+            rows = np.nonzero(sprite.any(1))[0]
+            assert ref.shape[:2] == (24, 24) and lo - 1 <= np.ptp(rows) + 1 <= hi     # a shape may not fill its box
+    for sprite, ref_size in (((12, 16), 16), ((5, 20), 24), ((0, 3), 16)):     # a view at a target's scale: refused
+        with pytest.raises(D.InputError, match="another scale|LO <= HI"):
+            toy.write_world(str(tmp_path / "x"), 2, sprite=sprite, ref_size=ref_size)
+
+def test_world_reward_hand_values():
+    reward = toy.world_reward()
+    assert toy.prompt_shapes("two circles, a square and three diamonds") == \
+        ["circle", "circle", "square", "diamond", "diamond", "diamond"]
+    for i in range(20):                      # the targets: every term at its maximum, Eq. 9 = 1.4 + 0.7 + 1.0
+        target, _, _, refs, rec = toy.world_example(0, i, "test", subjects=(1, 2, 3))
+        assert toy.prompt_shapes(rec["prompt"]) == sorted(toy.prompt_shapes(rec["prompt"]),
+                                                          key=rec["captions"].index)
+        t = reward([target], rec["prompt"], refs)
+        assert t["text"][0] == 1 and t["aes"][0] == 1 and t["id"][0] == pytest.approx(1, abs=1e-6)
+        assert t["total"][0] == pytest.approx(3.1, abs=1e-6)
+    A = toy.Identity("circle", (0.2, 0.4, 0.6), (1, 0, 0, 0))
+    B = toy.Identity("circle", (0.7, 0.3, 0.2), (0, 1, 1, 1))
+    refs = []
+    for ident in (A, B):
+        r = np.full((16, 16, 3), 240, np.uint8)
+        toy.paint(r, ident, 1, 1, 13)
+        refs.append(r)
+    def drawn(*idents):
+        im = np.full((32, 32, 3), 255, np.uint8)
+        for (y, x), ident in zip(((2, 2), (18, 18)), idents):
+            toy.paint(im, ident, y, x, 10)
+        return im
+    both, one, swapped = drawn(A, B), drawn(A), drawn(toy.Identity("circle", B.rgb, A.code), B)
+    t = reward([both, one, swapped, np.full((32, 32, 3), 255, np.uint8)], "two circles", refs)
+    assert t["text"].tolist() == [1, 0.5, 1, 0]                 # one circle of two named; none
+    assert t["id"][0] == pytest.approx(1, abs=1e-6) and t["id"][1] == pytest.approx(0.5, abs=1e-6)
+    # A's subject in B's colour: shape and code agree (2 of 3 parts), the colour part is the mean over channels of
+    # the Gaussian kernel exp(-d^2 / (4 w^2)), w = 0.08, at channel distances 0.5, 0.1 and 0.4
+    kernel = np.mean(np.exp(-np.array([0.5, 0.1, 0.4]) ** 2 / (4 * 0.08 ** 2)))
+    assert t["id"][2] == pytest.approx(((2 + kernel) / 3 + 1) / 2, abs=0.01) and t["id"][3] == 0
+    muddy = drawn(A, B)
+    muddy[30:32] = np.random.default_rng(0).integers(0, 256, (2, 32, 3))   # two rows of noise, off the subjects
+    assert 1 - 64 / 1024 <= reward([muddy], "two circles", refs)["aes"][0] < 1 - 48 / 1024
+
+def test_toy_reward_follows_the_world_of_the_records(tmp_path):
+    new = read_jsonl(toy.write_world(str(tmp_path / "w"), 2))
+    old = read_jsonl(toy.write_toy(str(tmp_path / "o"), 2))
+    assert toy.reward_for(new).multi_id.embedder.__class__ is toy.WorldSubjects
+    assert toy.reward_for(old).multi_id.embedder.__class__ is toy.ToySubjects
+
+def test_ablation_pools_each_metric_by_what_it_counts():
+    import experiments.ablation as EA
+    sets = [dict(alpha=0.2, n_alpha=1, following=float("nan"), n_swaps=0, colour_err=0.1, n_subjects=2),
+            dict(alpha=0.5, n_alpha=3, following=0.75, n_swaps=4, colour_err=0.4, n_subjects=6)]
+    assert EA.pool(sets, "alpha") == pytest.approx((0.2 + 1.5) / 4)
+    assert EA.pool(sets, "following") == 0.75                  # a set with no swap does not count
+    assert EA.pool(sets, "colour_err") == pytest.approx((0.2 + 2.4) / 8)
+    b = EA.binned([(0.01, 0.2), (0.02, 0.4), (0.12, 0.1), (0.45, 1.0)])
+    assert b[0] == (pytest.approx(0.3), 2) and b[2] == (0.1, 1) and b[1] == (None, 0) and b[-1] == (1.0, 1)

@@ -305,7 +305,8 @@ DARK = 0.55                     # the second tone: the colour darkened by this f
 CHANNEL = (0.15, 0.85)          # each RGB channel uniform in this range (below any reference tint: see view_px)
 SPLITS = {"train": 0, "val": 1, "test": 2}      # identity k of a split is the draw of seed stream (split, k)
 HARD = {"near": 0.06, "medium": 0.15, "far": 0.30}   # hard pairs' colour distance (mean abs RGB in [0, 1])
-TARGET_PX, VIEW_PX = (7, 11), (12, 15)          # sprite side in targets and in (16 px) references: never equal
+TARGET_PX = (7, 11)             # sprite side in targets (px, default; --sprite)
+VIEW_PX = (12, 15)              # sprite side in a 16 px reference, scaled with --ref-size: never a target's side
 COUNTS = ("a", "two", "three", "four")
 
 @dataclass(frozen=True)
@@ -377,10 +378,14 @@ def paint(canvas, ident, y, x, px):
     full[y:y + px, x:x + px] = m
     return full
 
+def view_px(ref_size):
+    # the range of a view's sprite side in a ref_size reference: VIEW_PX at 16 px, in proportion elsewhere
+    return round(VIEW_PX[0] * ref_size / 16), min(round(VIEW_PX[1] * ref_size / 16), ref_size)
+
 def view(ident, rng, ref_size=16):
     """A reference: another view of the identity (another scale than any target's, a random place, a light
     background tint above every channel's range, so the subject stands out) -> (uint8 image, its mask, px, (y, x))."""
-    px = int(rng.integers(VIEW_PX[0], min(VIEW_PX[1], ref_size) + 1))
+    px = int(rng.integers(view_px(ref_size)[0], view_px(ref_size)[1] + 1))
     tint = rng.integers(228, 256, 3)
     out = np.broadcast_to(tint.astype(np.uint8), (ref_size, ref_size, 3)).copy()
     y, x = (int(v) for v in rng.integers(0, ref_size - px + 1, 2))
@@ -401,7 +406,8 @@ def hard_pair(rng, split, k, distance):
             return [a, draw_identity(split, k + 1_000_000, shape=a.shape, rgb=b_rgb)]
         k += 2_000_000                          # another seeded draw of the same split
 
-def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2, 3), pool=1000, hard=None):
+def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2, 3), pool=1000, hard=None,
+                  sprite=TARGET_PX):
     """Record `index` of the world of (seed, split) -> (target uint8 (size, size, 3), masks, identities, reference
     images, record without file paths). Training identities come from a pool of `pool` per split, each seen in
     many records and views; a hard record has two identities of one shape at HARD[hard] colour distance."""
@@ -411,12 +417,12 @@ def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2,
     else:
         n = int(rng.choice(subjects))
         idents = [draw_identity(split, int(k)) for k in rng.choice(pool, n, replace=pool < n)]
-    n, box = len(idents), TARGET_PX[1]
+    n, box = len(idents), sprite[1]
     if box > size or (n > 1 and 2 * box + 1 > size):            # the corner fallback of _layout must fit
         raise D.InputError(f"--size {size} cannot hold {n} sprites of up to {box} px")
     target, masks, points, boxes, refs = np.full((size, size, 3), BACKGROUND, np.uint8), [], [], [], []
     for ident, (by, bx) in zip(idents, _layout(rng, n, box, size)):
-        px = int(rng.integers(TARGET_PX[0], TARGET_PX[1] + 1))
+        px = int(rng.integers(sprite[0], sprite[1] + 1))
         y, x = (int(v) for v in (by, bx) + rng.integers(0, box - px + 1, 2))
         masks.append(paint(target, ident, y, x, px))
         ref, ref_mask, rpx, (ry, rx) = view(ident, rng, ref_size)
@@ -431,21 +437,26 @@ def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2,
         boxes.append([round(v / size, 6) for v in (y, x, y + px, x + px)])
     shapes = [s.shape for s in idents]
     record = dict(prompt=name_shapes(shapes), points=points, attrs=[s.attrs() for s in idents], captions=shapes,
-                  kinds=["object"] * n, boxes=boxes, split=split, **({"hard": hard} if hard else {}))
+                  kinds=["object"] * n, boxes=boxes, split=split, ref_size=ref_size, **({"hard": hard} if hard else {}))
     return target, masks, idents, refs, record
 
-def write_world(out, n, seed=0, split="train", subjects=(2, 3), size=32, ref_size=16, pool=1000, hard=None):
+def write_world(out, n, seed=0, split="train", subjects=(2, 3), size=32, ref_size=16, pool=1000, hard=None,
+                sprite=TARGET_PX):
     """`python toy.py`: n records under out/ (images/, masks/, refs/: each record its own views) and
     out/manifest.jsonl in the manifest format. Same arguments, same bytes; records do not depend on n."""
     if not subjects or not all(1 <= k <= 4 for k in subjects) or n < 1 or pool < 1:
         raise D.InputError("need --n >= 1, --identities >= 1 and --subjects between 1 and 4")
-    if ref_size < VIEW_PX[0]:
-        raise D.InputError(f"--ref-size {ref_size}: references of this world are at least {VIEW_PX[0]} px")
+    lo, hi = view_px(ref_size)
+    if not 1 <= sprite[0] <= sprite[1]:
+        raise D.InputError(f"--sprite {sprite[0]} {sprite[1]}: need 1 <= LO <= HI")
+    if lo < 4 or sprite[1] >= lo and sprite[0] <= hi:
+        raise D.InputError(f"--sprite {sprite[0]} {sprite[1]} and --ref-size {ref_size} (views of {lo}-{hi} px): "
+                           f"a reference must show its subject at another scale than any target's, of at least 4 px")
     for d in ("images", "masks", "refs"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     lines = []
     for i in tqdm(range(n), desc="toy world", disable=n < 100):
-        target, masks, _, refs, rec = world_example(seed, i, split, size, ref_size, subjects, pool, hard)
+        target, masks, _, refs, rec = world_example(seed, i, split, size, ref_size, subjects, pool, hard, sprite)
         rec = dict(id=f"{split}{i:06d}", target=f"images/{i:06d}.png",
                    refs=[f"refs/{i:06d}_{k}.png" for k in range(len(refs))],
                    masks=[f"masks/{i:06d}_{k}.png" for k in range(len(masks))], **rec)
@@ -635,6 +646,74 @@ def following(after, records, swapped, slot=0, where="manifest"):
                     colour_distance(drawn[0]["rgb"], old.rgb))
     return (float(np.mean(hits)) if hits else float("nan")), len(hits)
 
+# -----------------------------------------------------------------------------
+# the world's reward (Eq. 9 for IPPO): the same three terms as toy_reward, read by this world's detector
+#   text  the named shapes against the drawn ones (Hungarian on shape, over max(named, drawn): as ToyTextScore)
+#   aes   the share of clean pixels: white background, or within tol of the light or dark tone of the subject read
+#   id    Eq. 10 over references and drawn subjects, embedded so that cosine ~ agreement in shape, code and colour
+
+def _rbf(v, centres=np.linspace(0, 1, 11), width=0.08):
+    # a channel value in [0, 1] -> Gaussian bumps: the cosine of two encodings falls with their distance (~0.1)
+    return np.exp(-((np.asarray(v)[..., None] - centres) ** 2) / (2 * width ** 2))
+
+def embed_subject(d):
+    """A read subject (read_subjects' dict) -> unit vector: shape one-hot, code (+-1 per cell) and per-channel RBF
+    colour, each part of unit norm, so a cosine is the mean of shape equality, code agreement and colour kernel."""
+    code = (2 * np.asarray(d["code"], np.float64) - 1) / np.sqrt(CODE_CELLS ** 2)
+    col = _rbf(d["rgb"])
+    col = (col / np.linalg.norm(col, axis=1, keepdims=True)).ravel() / np.sqrt(3)
+    v = np.concatenate([np.eye(len(WORLD_SHAPES))[WORLD_SHAPES.index(d["shape"])], code, col])
+    return v / np.linalg.norm(v)
+
+class WorldSubjects:
+    """MultiIDReward's embedder for this world: subjects are read_subjects' components; a reference is its largest."""
+    def subjects(self, image, captions=None):
+        found = read_subjects(image)
+        return np.stack([embed_subject(d) for d in found]) if found else np.zeros((0, self.dim))
+
+    def references(self, images, captions=None):
+        rows = [self.subjects(im)[:1] for im in images]
+        return np.stack([r[0] if len(r) else np.zeros(self.dim) for r in rows])
+
+    dim = len(WORLD_SHAPES) + CODE_CELLS ** 2 + 3 * 11
+
+def prompt_shapes(prompt):
+    """'two circles and a square' -> ['circle', 'circle', 'square'] (name_shapes' inverse; unknown words ignored)."""
+    out = []
+    for phrase in re.split(r",\s*|\s+and\s+", prompt.lower()):
+        words = re.findall(r"[a-z]+", phrase)
+        shape = next((s for s in WORLD_SHAPES if s in words or s + "s" in words), None)
+        if shape is not None:
+            count = next((COUNTS.index(w) + 1 for w in words if w in COUNTS), 1)
+            out += [shape] * count
+    return out
+
+def world_text_score(images, prompts):
+    out = []
+    for im, prompt in zip(images, prompts):
+        named, drawn = prompt_shapes(prompt), [d["shape"] for d in read_subjects(im)]
+        hit = sum(min(named.count(s), drawn.count(s)) for s in set(named))       # the Hungarian optimum on shape
+        out.append(hit / max(len(named), len(drawn), 1))
+    return np.array(out)
+
+def world_aesthetic(images, prompts=None, tol=40):
+    out = []
+    for im in images:
+        a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, np.float64) / 255
+        tones = [np.ones(3)] + [t for d in read_subjects(im) for t in (d["rgb"], d["rgb"] * DARK)]
+        dist = np.min([np.abs(a - t).max(-1) for t in tones], 0)                     # (H, W)
+        out.append(float((dist <= tol / 255).mean()))
+    return np.array(out)
+
+def world_reward(weights=R.WEIGHTS["object"]):
+    """The composite reward (Eq. 9, object weights) of this world."""
+    return R.CompositeReward(world_text_score, world_aesthetic, R.MultiIDReward(WorldSubjects()), weights)
+
+def reward_for(records, ref_size=16, weights=R.WEIGHTS["object"]):
+    """The toy reward that fits these records: this world's (attrs with rgb) or the first world's."""
+    first = (records[0].get("attrs") or [None])[0] if records and isinstance(records[0], dict) else None
+    return world_reward(weights) if isinstance(first, dict) and "rgb" in first else toy_reward(ref_size, weights)
+
 def world_eval(args, records):
     """`toy.py eval` on this world's manifest: DIR/<id>.png per record scored by world_metrics, beside the sanity
     rows drawn for the same records; the table on stdout, the numbers in --out (default IMAGES/metrics.json)."""
@@ -693,10 +772,12 @@ def main(argv=None):
     p.add_argument("--identities", type=int, default=1000, help="identities of the split records draw from")
     p.add_argument("--hard", default=None, choices=list(HARD), help="hard pairs: two subjects of one shape whose "
                    "colours differ by %s (mean abs RGB)" % ", ".join(f"{k} {v}" for k, v in HARD.items()))
+    p.add_argument("--sprite", type=D.int_in(1, MAX_SIDE), nargs=2, default=list(TARGET_PX), metavar=("LO", "HI"),
+                   help="sprite side in targets (px, uniform); views in references are scaled apart from it")
     args = p.parse_args(argv)
     try:
         write_world(args.out, args.n, args.seed, args.split, args.subjects, args.size, args.ref_size, args.identities,
-                    args.hard)
+                    args.hard, tuple(args.sprite))
     except (D.InputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -187,7 +187,7 @@ def train(args, run, cfg, ddp, rank, world, device):
     # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
     dataset = PromptDataset(args.data, args.ref_size)
     val = PromptDataset(args.val_data, args.ref_size) if args.val_data and master else None
-    reward = toy.toy_reward(args.toy_ref_size, reward_weights(args)) if args.reward == "toy" else \
+    reward = toy.reward_for(dataset.records, args.toy_ref_size, reward_weights(args)) if args.reward == "toy" else \
         build_reward(args, device)
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
                                                    TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,

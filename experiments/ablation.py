@@ -1,24 +1,31 @@
 """
-MultiCrafter's Table 2 in miniature on the toy world, and the same rows on 2, 3 and 4 subjects. Run from the
-repository root:
+MultiCrafter's Table 2 in miniature, on the toy world that tests customization (toy.py: identities the prompt
+cannot name, references that are other views, held-out test identities). Run from the repository root:
 
-    python -m experiments.ablation --base runs/base/latest    # the defaults: 3 seeds (about an hour on 2 cores)
-    python -m experiments.ablation --base runs/base/latest --work runs/ablation --table runs/ablation/table.md
+    python -m experiments.ablation --base runs/base/latest    # the defaults: 3 seeds
+    python -m experiments.ablation --base runs/base/latest --seeds 0 &     # seeds in parallel processes on one
+    python -m experiments.ablation --base runs/base/latest --seeds 1 2     # --work; then all seeds for the table
     python -m experiments.ablation --base assets/toy --work runs/ablation-quick --seeds 0 --n 64 --steps 4 \\
-        --batch-size 4 --ippo-iters 1 --test-n 4 --eval-steps 2   # every stage once, under a minute
+        --batch-size 4 --ippo-iters 1 --test-n 4 --eval-steps 2   # every stage once, a few minutes
 
 Every row is trained by the project's own scripts (train_sft.py, train_rl.py, run as subprocesses) from the
-same toy base, on the same data, for the same steps and seeds:
+same toy base, on the same data (2-4 subjects per record), for the same steps, learning rate and seeds:
 
-    L_diff (LoRA)   stage multi, plain LoRA (the FFNs get LoRA too), lambda_attn = 0
-    + L_attn        the same with lambda_attn = 0.3 (the Dice attention loss, Eq. 5)
-    + MoE-LoRA      LoRA + MoE-LoRA (4 experts, top-1) on the FFNs, lambda_attn = 0.3
-    + IPPO          train_rl.py from the + MoE-LoRA adapter
+    L_diff (LoRA)         stage multi, plain LoRA (the FFNs get LoRA too), lambda_attn = 0
+    + L_attn              the same with lambda_attn = 0.3 (the Dice attention loss, Eq. 5; reference -> image)
+    + MoE-LoRA            LoRA + MoE-LoRA (4 experts, top-1) on the FFNs, lambda_attn = 0.3
+    + IPPO                train_rl.py from the + MoE-LoRA adapter, rewarded by toy.world_reward (Eq. 9)
+    + L_attn (img->ref)   as + L_attn with the probe's other direction (image queries over reference keys)
+    + SCAL/MDL            as L_diff with MOSAIC's two losses on the toy's exact correspondences (0.1, 1)
 
-then scored on held-out records of 2, 3 and 4 subjects: the attention share inside each subject's own mask
-(training.attention_metrics, teacher-forced at t = 0.5) and, over one deterministic sample per test prompt, the
-toy Multi-ID, attribute leakage, "any attribute wrong" and the composite reward (Eq. 9). The work folder keeps
-the data, runs and scores: a rerun reuses what is finished (under the same settings only).
+then scored on held-out identities: test sets of 2, 3 and 4 subjects, and hard pairs (one shape, colours at
+toy.HARD's near / medium / far distance). Per test set: the attention share inside each subject's own mask
+(training.attention_metrics, teacher-forced at t = 0.5), and over one deterministic sample per record:
+toy.world_metrics (colour error, code, shape and count accuracy, blend alpha, leakage) and toy.following (the
+record sampled again with reference 0 swapped). Beside them, the sanity rows scored by the same code (the
+targets, an averaging generator, a text-only one), and a PNG of blend alpha against the colour distance to the
+nearest other reference. The work folder keeps the data, runs, samples and scores: a rerun reuses what is
+finished (under the same settings only); processes with disjoint --seeds may share it.
 """
 import argparse
 import json
@@ -28,91 +35,161 @@ import subprocess
 import sys
 import time
 
-import torch
+import numpy as np
+from PIL import Image, ImageDraw
 
 import data as D
-import model as M
-import moe_lora as ML
 import toy
 import training as TR
+from experiments import world as EW
 
 parser = argparse.ArgumentParser(prog="python -m experiments.ablation", epilog=__doc__,
                                  description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--base", required=True, help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
-parser.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
-parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-parser.add_argument("--n", type=int, default=2000, help="training records, 2 to 4 subjects each")
-parser.add_argument("--steps", type=int, default=250, help="stage-multi steps of every row")
-parser.add_argument("--batch-size", type=int, default=16)
-parser.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the last row")
-parser.add_argument("--test-n", type=int, default=48, help="test records per number of subjects (2, 3, 4)")
-parser.add_argument("--eval-steps", type=int, default=8, help="sampling steps of the test generations")
-parser.add_argument("--table", default=None, help="also write the markdown tables to this file")
+g = parser.add_argument_group("the base and the world (as the base was trained)")
+g.add_argument("--base", required=True, help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
+g.add_argument("--sprite", type=int, nargs=2, default=list(toy.TARGET_PX), metavar=("LO", "HI"),
+               help="target sprite side (toy.py --sprite)")
+g.add_argument("--ref-size", type=int, default=16, help="reference side (toy.py / train_sft.py --ref-size)")
+g = parser.add_argument_group("the runs")
+g.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
+g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+g.add_argument("--n", type=int, default=3000, help="training records, 2 to 4 subjects each")
+g.add_argument("--steps", type=int, default=300, help="stage-multi steps of every row")
+g.add_argument("--batch-size", type=int, default=16)
+g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
+g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
+g = parser.add_argument_group("scoring")
+g.add_argument("--test-n", type=int, default=48, help="test records per test set")
+g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
+g.add_argument("--table", default=None, help="also write the markdown tables to this file")
+g.add_argument("--figure", default=None, help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: where the trainers are
 
-ROWS = [  # (row, how it is trained): stage multi from the base, then IPPO from the third row's adapter
+ROWS = [  # (row, how it is trained): stage multi from the base; IPPO from the + MoE-LoRA row's adapter
     ("L_diff (LoRA)", ["--experts", "0", "--lambda-attn", "0"]),
     ("+ L_attn", ["--experts", "0", "--lambda-attn", "0.3"]),
     ("+ MoE-LoRA", ["--experts", "4", "--lambda-attn", "0.3"]),
     ("+ IPPO", None),
+    ("+ L_attn (img→ref)", ["--experts", "0", "--lambda-attn", "0.3", "--attn-direction", "img2ref"]),
+    ("+ SCAL/MDL", ["--experts", "0", "--lambda-attn", "0", "--scal", "0.1", "--mdl", "1"]),
 ]
+IPPO_FROM = 2
+SANITY = ("targets", "averaging", "text-only")
+TESTS = {"2": dict(subjects=(2,), seed=102), "3": dict(subjects=(3,), seed=103), "4": dict(subjects=(4,), seed=104),
+         **{h: dict(subjects=(2,), seed=110 + i, hard=h) for i, h in enumerate(toy.HARD)}}
+MULTI = ("2", "3", "4")                          # the sets pooled in the main table
 
 # -----------------------------------------------------------------------------
-# scoring
+# scoring: the world's metrics on one set of images, and their pooling
 
-def reward_and_leakage(reward, images, prompts):
-    """images[i] drawn for record i of a PromptDataset -> the mean of every reward term, and the leakage rate
-    (leaking subjects / subjects matched to a reference)."""
-    subjects, sums, leaks, wrong, matched = reward.multi_id.embedder, {}, 0, 0, 0     # toy.ToySubjects
-    for i, image in enumerate(images):
-        rec = prompts[i]
-        for name, v in reward([image], rec["prompt"], rec["refs"]).items():
-            sums[name] = sums.get(name, 0.0) + float(v[0])
-        pairs = reward.multi_id([image], rec["refs"])["matches"][0]
-        want, got = subjects.classify(subjects.references(rec["refs"])), subjects.classify(subjects.subjects(image))
-        leaks += toy.leaked(want, got, pairs)
-        wrong += sum(got[j] != want[i] for i, j in pairs)
-        matched += len(pairs)
-    return dict(leak=leaks / max(matched, 1), wrong=wrong / max(matched, 1), matched=matched,
-                **{n: v / len(images) for n, v in sums.items()})
+def score_images(images, records, after=None, swapped=None):
+    """-> world_metrics (+ following when the swaps are given) and, per multi-subject record's subject, (colour
+    distance to the nearest other reference, blend alpha) for the figure."""
+    m = toy.world_metrics(images, records)
+    if after is not None:
+        m["following"], m["n_swaps"] = toy.following(after, records, swapped)
+    pairs = []
+    for im, rec in zip(images, records):
+        idents = [toy.identity_of(a, f"record {rec['id']}") for a in rec["attrs"]]
+        for i, s in enumerate(toy.score_image(im, idents)["subjects"]):
+            if s["alpha"] is not None:
+                d = min(toy.colour_distance(o.rgb, idents[i].rgb) for k, o in enumerate(idents) if k != i)
+                pairs.append([d, s["alpha"]])
+    return dict(m, pairs=pairs)
 
-def score_targets(tests):
-    """The same metrics on the test targets themselves: what a perfect generator would score."""
+WEIGHT = dict(colour_err="n_subjects", texture_acc="n_subjects", shape_acc="n_subjects", alpha="n_alpha",
+              leakage="n_alpha", following="n_swaps", count_acc="n_records", share="n_records")
+
+def pool(per_set, key):
+    """One metric over several test sets, each weighted by what it counts (subjects, alphas, swaps, records)."""
+    got = [(m[key], m[WEIGHT[key]]) for m in per_set if key in m and m[WEIGHT[key]] and not np.isnan(m[key])]
+    return sum(v * w for v, w in got) / sum(w for _, w in got) if got else float("nan")
+
+def score_adapter(args, adapter, tests, samples):
+    """Every test set sampled (seed = record index) with its references and with reference 0 swapped, scored;
+    the samples saved under `samples`/<set>/ -> {set: metrics}."""
+    cfg, flux, text, ae = EW.load_toy(args.base, adapter, args.ref_size)
     out = {}
-    for k, manifest in tests.items():
-        prompts = D.PromptDataset(manifest)
-        targets = [D.load_image(os.path.join(os.path.dirname(manifest), r["target"])) for r in prompts.records]
-        out[k] = reward_and_leakage(toy.toy_reward(), targets, prompts)
-    return out
-
-@torch.no_grad()
-def score_adapter(base, adapter, tests, eval_steps, batch_size):
-    """-> {k: metrics} per number of subjects k: attention share inside the own mask (teacher-forced on the test
-    targets at t = 0.5, the trainers' held-out evaluation), and over one deterministic sample per test prompt: the
-    toy Multi-ID (rewards.py's Hungarian path), the composite reward (Eq. 9) and attribute leakage."""
-    cfg = M.get_config("toy")
-    flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
-    M.load_state_dict_strict(flux, os.path.join(base, "flux.safetensors"))      # fp32, whatever the file stores
-    M.load_byte_encoder(text, os.path.join(base, "text_encoder.safetensors"))
-    ML.load_adapter(flux, adapter)
-    flux.eval()
-    reward, size = toy.toy_reward(), cfg.image_size
-    timesteps = M.get_schedule(eval_steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
-    out = {}
-    for k, manifest in tests.items():
-        ds = D.ManifestDataset(manifest)
-        share = TR.attention_metrics(TR.Denoiser(flux, text), ae, ds, "cpu", batch_size,
+    for name, manifest in tests.items():
+        records = [r for _, r in D.read_manifest(manifest)[0]]
+        root, here = os.path.dirname(manifest), os.path.join(samples, name)
+        os.makedirs(here, exist_ok=True)
+        ds = D.ManifestDataset(manifest, ref_size=args.ref_size)
+        share = TR.attention_metrics(TR.Denoiser(flux, text), ae, ds, "cpu", args.batch_size,
                                      max_batches=len(ds))["val_share_own"]
-        prompts, images = D.PromptDataset(manifest), []
-        for i in range(len(prompts)):
-            rec = prompts[i]
-            c = M.sampling_inputs(cfg, ae, text, rec["prompt"], rec["refs"], size, size, seed=i)
-            images += M.decode_images(ae, M.denoise(flux, **c, timesteps=timesteps, guidance=1.0, progress=False),
-                                      size, size)
-        out[k] = dict(share=share, **reward_and_leakage(reward, images, prompts))
+        images, after, swapped = [], [], []
+        for i, rec in enumerate(records):
+            refs = [D.load_image(os.path.join(root, p)) for p in rec["refs"]]
+            images.append(EW.sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.eval_steps))
+            images[-1].save(os.path.join(here, f"{rec['id']}.png"))
+            if "hard" not in rec:                # a hard pair's shapes are equal: toy.following counts no swap there
+                new, ref, _ = toy.swap_record(rec)
+                swapped.append(new)
+                after.append(EW.sample(cfg, flux, text, ae, rec["prompt"], [Image.fromarray(ref)] + refs[1:], i,
+                                       args.eval_steps))
+        m = score_images(images, records, *((after, swapped) if after else ()))
+        out[name] = dict(m, share=share, n_records=len(records))
     return out
+
+def score_sanity(tests):
+    """The sanity rows (experiments.world.sanity_rows: the same metrics, swaps included) per test set."""
+    out = {}
+    for name, manifest in tests.items():
+        records = [r for _, r in D.read_manifest(manifest)[0]]
+        rows = EW.sanity_rows(records, manifest)
+        for kind in SANITY:
+            got = score_images(toy.sanity_images(records, kind, where=manifest), records)
+            rows[kind].update(pairs=got["pairs"], n_records=len(records))
+        out[name] = rows
+    return out
+
+# -----------------------------------------------------------------------------
+# the figure: blend alpha against the colour distance to the nearest other reference
+
+BINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+COLOURS = {"L_diff (LoRA)": (200, 60, 40), "+ L_attn": (40, 90, 200), "+ L_attn (img→ref)": (40, 160, 80),
+           "averaging": (150, 150, 150), "targets": (0, 0, 0)}
+
+def binned(pairs):
+    # [(distance, alpha)] -> per bin of BINS (mean alpha or None, count)
+    p = np.asarray(pairs, np.float64).reshape(-1, 2)
+    out = []
+    for lo, hi in zip(BINS, BINS[1:]):
+        a = p[(p[:, 0] >= lo) & (p[:, 0] < hi), 1]
+        out.append((float(a.mean()) if len(a) else None, len(a)))
+    return out
+
+def draw_figure(series, path, title):
+    """series {label: [(distance, alpha)]} -> a PNG line chart of the binned means (Pillow only)."""
+    W, H, L, B, T, Rm = 560, 360, 56, 44, 30, 170
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    x = lambda v: L + (v - BINS[0]) / (BINS[-1] - BINS[0]) * (W - L - Rm)
+    y = lambda a: H - B - a * (H - B - T)
+    d.line([(L, T), (L, H - B), (W - Rm, H - B)], fill="black")
+    for a in (0, 0.25, 0.5, 0.75, 1.0):
+        d.line([(L - 4, y(a)), (L, y(a))], fill="black")
+        d.text((L - 34, y(a) - 6), f"{a:.2f}", fill="black")
+    for v in BINS:
+        d.line([(x(v), H - B), (x(v), H - B + 4)], fill="black")
+        d.text((x(v) - 10, H - B + 6), f"{v:.2f}", fill="black")
+    d.line([(L, y(toy.LEAK_ALPHA)), (W - Rm, y(toy.LEAK_ALPHA))], fill=(220, 220, 220))
+    d.text((L + 4, y(toy.LEAK_ALPHA) - 12), "leakage threshold", fill=(160, 160, 160))
+    d.text((L, 8), title, fill="black")
+    d.text((L + 60, H - 18), "colour distance to the nearest other reference (mean abs RGB)", fill="black")
+    d.text((6, T - 18), "blend alpha", fill="black")
+    for k, (label, pairs) in enumerate(series.items()):
+        c = COLOURS.get(label, (120, 0, 160))
+        pts = [(x((lo + hi) / 2), y(a)) for (a, _), lo, hi in zip(binned(pairs), BINS, BINS[1:]) if a is not None]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for px, py in pts:
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
+        d.line([(W - Rm + 10, T + 16 * k + 6), (W - Rm + 30, T + 16 * k + 6)], fill=c, width=2)
+        d.text((W - Rm + 34, T + 16 * k), label, fill="black")
+    D.write_atomic(path, lambda f: im.save(f, format="PNG"))
 
 # -----------------------------------------------------------------------------
 # the experiment: data, the runs of every row and seed, their scores, the tables
@@ -121,103 +198,129 @@ def ablation(args):
     t_start, work = time.time(), os.path.abspath(args.work)
     path = lambda *a: os.path.join(work, *a)
     # a work folder holds one experiment: its runs and scores are reused only under the settings that made them
-    settings = dict(base=os.path.abspath(args.base), n=args.n, steps=args.steps, batch_size=args.batch_size,
-                    ippo_iters=args.ippo_iters, test_n=args.test_n, eval_steps=args.eval_steps)
+    settings = dict(base=os.path.abspath(args.base), sprite=list(args.sprite), ref_size=args.ref_size, n=args.n,
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, ippo_iters=args.ippo_iters,
+                    test_n=args.test_n, eval_steps=args.eval_steps)
     if os.path.exists(path("settings.json")):
         made = json.load(open(path("settings.json")))
         if made != settings:
             raise SystemExit(f"error: {work} holds runs made with {made}, not {settings}: pass another --work")
     os.makedirs(work, exist_ok=True)
-    with open(path("settings.json"), "w") as f:
-        json.dump(settings, f)
+    D.write_atomic(path("settings.json"), lambda f: f.write(json.dumps(settings).encode()))
+    world = dict(size=32, ref_size=args.ref_size, sprite=tuple(args.sprite))
     train = path("data", "train", "manifest.jsonl")
-    if not os.path.exists(train):
-        toy.write_toy(path("data", "train"), args.n, seed=0, subjects=(2, 3, 4))
+    if not os.path.exists(train):                           # write_world's manifest lands last, atomically
+        toy.write_world(path("data", "train"), args.n, seed=0, subjects=(2, 3, 4), **world)
     tests = {}
-    for k in (2, 3, 4):
-        tests[k] = path("data", f"test{k}", "manifest.jsonl")
-        if not os.path.exists(tests[k]):
-            toy.write_toy(path("data", f"test{k}"), args.test_n, seed=100 + k, subjects=(k,))
-
-    spent = json.load(open(path("seconds.json"))) if os.path.exists(path("seconds.json")) else {}
+    for name, t in TESTS.items():
+        tests[name] = path("data", f"test{name}", "manifest.jsonl")
+        if not os.path.exists(tests[name]):
+            toy.write_world(path("data", f"test{name}"), args.test_n, split="test", **t, **world)
 
     def timed_once(key, fn):
-        # fn() once per key, its wall time added to seconds.json (also an interrupted attempt's): a rerun reuses
-        # the result and the time
-        t0 = time.time()
+        # fn() once per key, its wall time (an interrupted attempt's too) added to its own file under seconds/,
+        # so processes sharing the folder never overwrite each other's; a rerun reuses the result and the time
+        f, t0 = path("seconds", key.replace(os.sep, "_") + ".json"), time.time()
+        os.makedirs(path("seconds"), exist_ok=True)
         try:
             fn()
         finally:
-            spent[key] = spent.get(key, 0.0) + time.time() - t0
-            with open(path("seconds.json.tmp"), "w") as f:
-                json.dump(spent, f)
-            os.replace(path("seconds.json.tmp"), path("seconds.json"))
+            before = json.load(open(f))["seconds"] if os.path.exists(f) else 0.0
+            D.write_atomic(f, lambda h: h.write(json.dumps({"seconds": before + time.time() - t0}).encode()))
+
+    def seconds(key):
+        f = path("seconds", key.replace(os.sep, "_") + ".json")
+        return json.load(open(f))["seconds"] if os.path.exists(f) else 0.0
 
     def run(script, out, final, seed, extra):
         # one training run of the project's own scripts, skipped when its final checkpoint exists
         if not os.path.isdir(os.path.join(out, f"ckpt-{final:07d}")):
             cmd = [sys.executable, os.path.join(ROOT, script), "--init", args.base, "--data", train, "--out", out,
-                   "--seed", str(seed), *extra, *(["--resume"] if os.path.isdir(os.path.join(out, "latest")) else [])]
+                   "--seed", str(seed), "--ref-size", str(args.ref_size), *extra,
+                   *(["--resume"] if os.path.isdir(os.path.join(out, "latest")) else [])]
             print("  " + " ".join(cmd[1:]), flush=True)
-            timed_once(out, lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
+            timed_once(os.path.relpath(out, work), lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
         return os.path.join(out, f"ckpt-{final:07d}", "adapter.safetensors")
 
-    scores, used = {}, []                                 # (row, seed) -> {k: metrics}; the seconds.json keys
+    def scored(key, fn):
+        # a score file, computed once (atomically)
+        file = path("scores", f"{key}.json")
+        if not os.path.exists(file):
+            def go():
+                got = fn()
+                os.makedirs(path("scores"), exist_ok=True)
+                D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
+            timed_once(f"score_{key}", go)
+        return json.load(open(file))
+
+    scores, used = {}, []                                   # (row, seed) -> {set: metrics}; the seconds keys
     for seed in args.seeds:
         for r, (row, how) in enumerate(ROWS):
-            out, result = path("runs", f"seed{seed}", f"row{r}"), path("scores", f"seed{seed}_row{r}.json")
-            used += [out, result]
+            out = path("runs", f"seed{seed}", f"row{r}")
+            used += [os.path.relpath(out, work), f"score_seed{seed}_row{r}"]
             if how is not None:
-                adapter = run("train_sft.py", out, args.steps, seed, ["--stage", "multi", *how, "--steps",
-                              str(args.steps), "--batch-size", str(args.batch_size), "--ckpt-every", str(args.steps)])
+                adapter = run("train_sft.py", out, args.steps, seed, [
+                    "--stage", "multi", *how, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                    "--lr", str(args.lr), "--ckpt-every", str(args.steps)])
             else:
                 adapter = run("train_rl.py", out, args.ippo_iters, seed, [
-                    "--adapter", path("runs", f"seed{seed}", "row2", f"ckpt-{args.steps:07d}", "adapter.safetensors"),
+                    "--adapter", path("runs", f"seed{seed}", f"row{IPPO_FROM}", f"ckpt-{args.steps:07d}",
+                                      "adapter.safetensors"),
                     "--iters", str(args.ippo_iters), "--group", "16", "--prompts", "4", "--steps", "8",
                     "--tau", "1000", "--lr", "3e-4", "--ckpt-every", str(args.ippo_iters)])
-            if not os.path.exists(result):
-                def score():
-                    got = score_adapter(args.base, adapter, tests, args.eval_steps, args.batch_size)
-                    os.makedirs(path("scores"), exist_ok=True)
-                    with open(result + ".tmp", "w") as f:
-                        json.dump({str(k): v for k, v in got.items()}, f)
-                    os.replace(result + ".tmp", result)
-                timed_once(result, score)
-                print(f"  seed {seed} {row}: trained and scored", flush=True)
-            scores[row, seed] = {int(k): v for k, v in json.load(open(result)).items()}
+            scores[row, seed] = scored(f"seed{seed}_row{r}", lambda: score_adapter(
+                args, adapter, tests, path("samples", f"seed{seed}", f"row{r}")))
+            print(f"  seed {seed} {row}: trained and scored", flush=True)
+    sanity = scored("sanity", lambda: score_sanity(tests))
 
-    cell = lambda xs: f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-    def pool(per_k, m):
-        # over the three test sets: rates per matched subject pool their counts (a 4-subject record has about twice
-        # the subjects of a 2-subject one), the other metrics are means over records (the same number for each k)
-        if m in ("leak", "wrong"):
-            return sum(x[m] * x["matched"] for x in per_k) / max(sum(x["matched"] for x in per_k), 1)
-        return st.mean(x[m] for x in per_k)
-    pooled = lambda row, m: [pool([scores[row, s][k] for k in tests], m) for s in args.seeds]
-    lines = [f"Toy world, {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± std over seeds; "
-             f"{args.n} training records (2-4 subjects), {args.steps} stage-multi steps at batch {args.batch_size}, "
-             f"IPPO {args.ippo_iters} iterations; test: {args.test_n} records each of 2, 3 and 4 subjects (pooled), "
-             f"one {args.eval_steps}-step sample per record.", "",
-             "| row | attention share in own mask ↑ | Multi-ID (Hungarian) ↑ | attribute leakage ↓ | "
-             "any attribute wrong | composite reward ↑ |", "|---|---|---|---|---|---|"]
-    metrics = ("share", "id", "leak", "wrong", "total")
-    lines += [f"| {row} | " + " | ".join(cell(pooled(row, m)) for m in metrics) + " |" for row, _ in ROWS]
-    truth = score_targets(tests)
-    lines += ["| *test targets (ground truth)* | - | " + " | ".join(f"{pool(list(truth.values()), m):.3f}"
-                                                              for m in metrics[1:]) + " |"]
-    lines += ["", "Per number of subjects (Multi-ID ↑ / leakage ↓, mean over seeds):", "",
-              "| row | 2 subjects | 3 subjects | 4 subjects |", "|---|---|---|---|"]
-    lines += [f"| {row} | " + " | ".join(f"{st.mean(scores[row, s][k]['id'] for s in args.seeds):.3f} / "
-                                         f"{st.mean(scores[row, s][k]['leak'] for s in args.seeds):.3f}" for k in tests)
-              + " |" for row, _ in ROWS]
-    lines += ["| *test targets (ground truth)* | " + " | ".join(f"{truth[k]['id']:.3f} / {truth[k]['leak']:.3f}"
-                                                           for k in tests) + " |"]
-    lines += ["", f"CPU wall time of the runs and scores above: {sum(spent.get(k, 0.0) for k in used) / 60:.0f} min, as "
-              f"measured when each ran (`seconds.json` in {work}); this invocation: {(time.time() - t_start) / 60:.1f} min."]
+    # ---- the tables: pooled over 2-4 subjects, per test set, and the hard pairs ----
+    cell = lambda xs: "-" if any(np.isnan(xs)) else \
+        f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    over = lambda row, key, sets: [pool([scores[row, s][k] for k in sets], key) for s in args.seeds]
+    keys = [("share", "attention share in own mask ↑"), ("colour_err", "colour error ↓"),
+            ("texture_acc", "code acc ↑ (chance 0.07)"), ("shape_acc", "shape acc ↑ (chance 0.25)"),
+            ("count_acc", "count acc ↑"), ("alpha", "blend α ↓"), ("leakage", "leakage ↓"),
+            ("following", "reference following ↑")]
+    head = lambda cols: ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = [f"Toy world (held-out identities), {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± "
+             f"std over seeds; from `{args.base}`: {args.n} training records (2-4 subjects), {args.steps} stage-multi "
+             f"steps at batch {args.batch_size}, lr {args.lr:g}, IPPO {args.ippo_iters} iterations; test: "
+             f"{args.test_n} records per set, one {args.eval_steps}-step sample each (and one with reference 0 "
+             f"swapped).", "", "Pooled over the 2-, 3- and 4-subject test sets:", "", *head([k[1] for k in keys])]
+    lines += [f"| {row} | " + " | ".join(cell(over(row, k, MULTI)) for k, _ in keys) + " |" for row, _ in ROWS]
+    lines += [f"| *{kind}* | - | " + " | ".join(f"{pool([sanity[k][kind] for k in MULTI], key):.3f}"
+                                               for key, _ in keys[1:]) + " |" for kind in SANITY]
+    hard = list(toy.HARD)
+    lines += ["", "Hard pairs (two subjects of one shape; colour distance " +
+              ", ".join(f"{h} {v}" for h, v in toy.HARD.items()) + "): blend α ↓ / leakage ↓ / colour error ↓", "",
+              *head(hard)]
+    lines += [f"| {row} | " + " | ".join(f"{st.mean(over(row, 'alpha', [h])):.3f} / "
+                                         f"{st.mean(over(row, 'leakage', [h])):.3f} / "
+                                         f"{st.mean(over(row, 'colour_err', [h])):.3f}" for h in hard) + " |"
+              for row, _ in ROWS]
+    lines += [f"| *{kind}* | " + " | ".join(f"{sanity[h][kind]['alpha']:.3f} / {sanity[h][kind]['leakage']:.3f} / "
+                                            f"{sanity[h][kind]['colour_err']:.3f}" for h in hard) + " |"
+              for kind in SANITY]
+    lines += ["", "Per number of subjects (colour error ↓ / leakage ↓ / count acc ↑, mean over seeds):", "",
+              *head([f"{k} subjects" for k in MULTI])]
+    lines += [f"| {row} | " + " | ".join(f"{st.mean(over(row, 'colour_err', [k])):.3f} / "
+                                         f"{st.mean(over(row, 'leakage', [k])):.3f} / "
+                                         f"{st.mean(over(row, 'count_acc', [k])):.3f}" for k in MULTI) + " |"
+              for row, _ in ROWS]
+    spent = sum(seconds(k) for k in used) / 60
+    lines += ["", f"CPU wall time of the runs and scores above: {spent:.0f} min, as measured when each ran "
+              f"(`seconds/` in {work}); this invocation: {(time.time() - t_start) / 60:.1f} min."]
     print("\n".join(lines))
     if args.table:
-        with open(args.table, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        D.write_atomic(args.table, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+    every = [k for k in TESTS]
+    series = {row: [p for s in args.seeds for k in every for p in scores[row, s][k]["pairs"]]
+              for row in ("L_diff (LoRA)", "+ L_attn", "+ L_attn (img→ref)")}
+    series.update({kind: [p for k in every for p in sanity[k][kind]["pairs"]] for kind in ("averaging", "targets")})
+    figure = args.figure or path("alpha.png")
+    draw_figure(series, figure, f"blend alpha vs colour distance ({len(args.seeds)} seeds, all test sets)")
+    print(f"wrote {figure}", file=sys.stderr)
     return scores
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ The toy world that tests customization, measured: does a trained toy model read 
 does the toy train? Run from the repository root:
 
     python -m experiments.world eval --base runs/base/latest --manifest data/test1/manifest.jsonl \\
-        [--adapter runs/single/latest/adapter.safetensors] [--txt-pad longest] [--n 100] [--steps 20]
+        [--adapter runs/single/latest/adapter.safetensors] [--ref-size 16] [--n 100] [--steps 20]
     python -m experiments.world sanity --manifest data/test2/manifest.jsonl     # the rows that prove the metrics
     python -m experiments.world speed --manifest data/train/manifest.jsonl --steps 20 [--compile]
 
@@ -33,12 +33,13 @@ import moe_lora as ML
 import toy
 import training as TR
 
-def load_toy(base, adapter, txt_pad):
-    # a toy checkpoint folder (+ an adapter) in fp32, the byte encoder padding as the model was trained
-    cfg = M.get_config("toy", txt_pad=txt_pad)
+def load_toy(base, adapter=None, ref_size=None):
+    # a toy checkpoint folder (+ an adapter) in fp32; the byte encoder pads as its header says it was trained;
+    # ref_size: the references' side the model was trained with (default: the preset's)
+    cfg = M.get_config("toy", **({"ref_size": ref_size} if ref_size else {}))
     flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
     M.load_state_dict_strict(flux, os.path.join(base, "flux.safetensors"))
-    M.load_state_dict_strict(text, os.path.join(base, "text_encoder.safetensors"))
+    M.load_byte_encoder(text, os.path.join(base, "text_encoder.safetensors"))
     if adapter:
         ML.load_adapter(flux, adapter)
     return cfg, flux.eval(), text.eval(), ae
@@ -70,7 +71,7 @@ def evaluate(args):
         raise D.DataError(f"{args.manifest}: line {problems[0][0]}: {problems[0][2]}")
     records = [r for _, r in records][:args.n]
     root = os.path.dirname(os.path.abspath(args.manifest))
-    cfg, flux, text, ae = load_toy(args.base, args.adapter, args.txt_pad)
+    cfg, flux, text, ae = load_toy(args.base, args.adapter, args.ref_size)
     images, after, swapped = [], [], []
     t0 = time.time()
     for i, rec in enumerate(records):
@@ -150,7 +151,7 @@ def main(argv=None):
     e.add_argument("--base", required=True, help="a toy checkpoint folder (train_sft.py --stage base output)")
     e.add_argument("--adapter", default=None, help="an adapter.safetensors (stage single / multi output)")
     e.add_argument("--manifest", required=True, help="a manifest of this world (python toy.py --split test ...)")
-    e.add_argument("--txt-pad", default="longest", choices=["max", "longest"], help="as the base was trained")
+    e.add_argument("--ref-size", type=int, default=None, help="references' side as the base was trained (default 16)")
     e.add_argument("--n", type=int, default=100, help="records scored (the first n)")
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
     e.add_argument("--out", default=None, help="write the samples and metrics.json here")
