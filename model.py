@@ -73,9 +73,9 @@ class FluxConfig:
     # what surrounds the DiT
     text_encoder: str = "t5+clip"   # or "bytes" (tiny tokenizer-free encoder, toy preset)
     max_txt_len: int = 512          # T5 tokens: 512 for dev, 256 for schnell
-    # the byte encoder's padding: "max" pads every prompt to max_txt_len (what the shipped toy checkpoint was
-    # trained with: the DiT attends to the pad tokens, so it must keep them); "longest" pads to the batch's longest
-    # prompt (toy prompts are 8-60 bytes: about half the joint sequence saved) for models trained that way
+    # the byte encoder's padding: "max" pads every prompt to max_txt_len (what a checkpoint whose header does not
+    # say was trained with: the DiT attends to the pad tokens, so it must keep them); "longest" pads to the batch's
+    # longest prompt (toy prompts are 8-60 bytes: about half the joint sequence saved; assets/toy is trained so)
     txt_pad: str = "max"
     shift_schedule: bool = True     # resolution-dependent timestep shift (off for schnell)
     ae: AutoEncoderConfig = field(default_factory=AutoEncoderConfig)
@@ -913,7 +913,7 @@ def read_header(path):
 
 def load_byte_encoder(text, path, **kw):
     """The toy's text encoder from `path` (load_state_dict_strict's keywords), and the padding it was trained with:
-    its file's header says ("txt_pad"); a file without one was trained padded to max_len, as the shipped toy was."""
+    its file's header says ("txt_pad"); a file without one was trained padded to max_len (the first toy world's)."""
     from safetensors import safe_open
     load_state_dict_strict(text, path, **kw)
     with safe_open(path, framework="pt") as f:                   # readable: load_state_dict_strict just read it

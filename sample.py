@@ -1,7 +1,7 @@
 """
 Sample images from FLUX + reference images (UNO-style sequence conditioning), as MultiCrafter does.
 
-    python sample.py --refs cat.png dog.png --prompt "a cat and a dog" --out out.png        # the shipped toy
+    python sample.py --refs assets/orange_circle.png assets/pink_circle.png --out out.png   # the shipped toy
     python sample.py --model flux-dev --refs a.png b.png --prompt "two friends at the beach" --seed 0 --save-attn
     python sample.py --model flux-schnell --refs a.png --prompt "a photo of the cat" --steps 4
     python sample.py --model ckpt/dit.safetensors --refs a.png --prompt "..."   # its preset read from its tensors
@@ -49,8 +49,8 @@ def build_parser():
     p = D.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("inputs (one sample: --refs [--prompt]; a test set: --manifest, or --prompts with --refs)")
     g.add_argument("--refs", nargs="+", default=None, help="reference images, one per subject")
-    g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references when omitted "
-                   "('a red solid circle and a blue striped square')")
+    g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references' shapes "
+                   "when omitted, as its prompts do ('two circles and a square')")
     g.add_argument("--manifest", default=None, help="a manifest (data.py): one sample per record and seed")
     g.add_argument("--prompts", default=None, help="a text file, one prompt a line, all with --refs")
     g.add_argument("--ref-size", type=D.int_in(1), default=None, help="long side of each reference (px); default: "

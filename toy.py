@@ -1,12 +1,18 @@
 """
-The toy world: sprite identities (shape x colour x pattern) composed into multi-subject targets, written as a
-manifest every tool reads, with the toy's own subject detector, embedder and scorers (the stand-ins for faces,
-DINOv2, CLIP and HPS) -- the nanoGPT shakespeare_char of subject-driven generation, trainable on 2 CPU cores.
+The toy world: subject identities composed into multi-subject targets, written as a manifest every tool reads,
+with the toy's own subject reader, embedder and scorers (the stand-ins for faces, DINOv2, CLIP and HPS) -- the
+nanoGPT shakespeare_char of subject-driven generation, trainable on 2 CPU cores.
 
-    python toy.py --out data/toy --n 2000 --seed 0 --subjects 2 3     # targets, masks, references, manifest.jsonl
-    python toy.py eval --manifest data/toy_val/manifest.jsonl --images samples/    # the toy's metrics per record
+    python toy.py --out data/train --n 6000 --subjects 1 2 3             # targets, masks, references, manifest
+    python toy.py --out data/test --n 200 --split test --seed 3         # held-out identities
+    python toy.py --out data/near --n 100 --split test --hard near      # hard pairs: one shape, close colours
+    python toy.py eval --manifest data/test/manifest.jsonl --images samples/0    # the world's metrics
 
-eval reads the layout rewards.py eval reads (DIR/<id>.png per record) and scores it with the toy reward's terms.
+The world that tests customization (write_world, what assets/toy is trained on): an identity is a continuous
+colour, a two-tone cell code and a shape; prompts name only the shapes and their count; a reference is another
+view. The first world (write_toy: 192 named sprites, prompts naming each in full) stays for comparison; its
+folders are refused by this world's scorers with a line saying what changed. eval reads the layout rewards.py
+eval reads (DIR/<id>.png per record).
 """
 import argparse, json, os, re, sys
 from dataclasses import asdict, dataclass
@@ -259,34 +265,11 @@ def toy_reward(ref_size=16, weights=R.WEIGHTS["object"]):
     subjects = ToySubjects(ref_size)
     return R.CompositeReward(ToyTextScore(subjects), ToyAesthetic(), R.MultiIDReward(subjects), weights)
 
-def default_prompt(images, paths, min_cos=0.8):
-    """The toy's default prompt: each reference image (from paths, for errors) seen at the toy's 16 px and named by
-    the toy world's classifier (a clean sprite matches its template with cosine 1, one drawn at 64 px 0.92, noise
-    or a photo < 0.5)."""
-    size = M.get_config("toy").ref_size
-    toy, names = ToySubjects(size), []
-    for im, p in zip(images, paths):
-        e = toy.references([D.preprocess_ref(im, size)])                                     # (1, D)
-        if float((e @ toy.templates.T).max()) < min_cos:
-            raise D.InputError(f"{p}: no toy sprite recognised in it, so the toy cannot name it: pass --prompt")
-        names.append(toy.classify(e)[0].caption)
-    return describe(names)
-
-ATTRS = ("shape", "colour", "pattern")
-
-def leaked(want, got, pairs):
-    """want: the references' sprites, got: the generated subjects' (toy classifier), pairs: Hungarian matches
-    (ref i, subject j). A matched subject leaks if one of its attributes is not its own reference's but another
-    reference's (a red disc drawn blue when the other reference is blue). -> number of leaking subjects."""
-    other = lambda i, a: {getattr(w, a) for k, w in enumerate(want) if k != i}
-    return sum(any(getattr(got[j], a) != getattr(want[i], a) and getattr(got[j], a) in other(i, a) for a in ATTRS)
-               for i, j in pairs)
-
 # -----------------------------------------------------------------------------
 # the world that tests customization: the references carry what the prompt cannot name
 #
-# The first world above (kept while the shipped checkpoint assets/toy is trained on it) named every identity in
-# full in its prompt and gave each one reference identical to its rendering: text alone was enough, so a model
+# The first world above (kept for comparison; assets/toy is trained on this one) named every identity in full
+# in its prompt and gave each one reference identical to its rendering: text alone was enough, so a model
 # learned to ignore its references. Here an identity is a continuous colour, a two-tone cell code and a shape;
 # the prompt names only the shapes and their count; a reference is another view (another scale, position and
 # background tint); validation and test identities come from seed streams training never draws from.
@@ -503,9 +486,12 @@ def _two_tones(lum):
         lo, hi = lum[dark].mean(), lum[~dark].mean()
     return dark
 
-def read_subjects(image, threshold=40, min_area=12):
-    """PIL or (H, W, 3) uint8 -> [dict(shape, rgb (3,) in [0, 1], code (bits), box)] for each component of pixels
-    whose ink (255 - value) exceeds threshold in some channel, largest first."""
+CLEAN_TOL = 40 / 255               # a pixel within this of a tone (every channel) is clean (world_aesthetic too)
+
+def read_subjects(image, threshold=40, min_area=12, clean_tol=CLEAN_TOL):
+    """PIL or (H, W, 3) uint8 -> [dict(shape, rgb (3,) in [0, 1], code (bits), area, clean, box)] for each component
+    of pixels whose ink (255 - value) exceeds threshold in some channel, largest first; clean: the share of its
+    pixels within CLEAN_TOL of its light or dark tone."""
     a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
     fg = (255 - a.astype(np.int16)).max(-1) > threshold
     labels, _ = ndimage.label(fg, structure=np.ones((3, 3)))
@@ -516,13 +502,18 @@ def read_subjects(image, threshold=40, min_area=12):
             continue
         px = a[sl][m].astype(np.float64) / 255                                        # (P, 3)
         dark = _two_tones(px.mean(1))
-        rgb = np.median(px[~dark], 0) if (~dark).any() else px.mean(0) / DARK
+        # the colour: the lighter tone's median away from the edge, where a blurry sprite fades into the white
+        # background (an exact render reads the same anywhere); all its pixels when few are inside
+        inside = ~dark & ndimage.binary_erosion(np.pad(m, 1), np.ones((3, 3)))[1:-1, 1:-1][m]
+        light = inside if inside.sum() >= 3 else ~dark
+        rgb = np.median(px[light], 0) if light.any() else px.mean(0) / DARK
         # the code: per cell of the bounding box (split at its centre lines), is the majority of its pixels dark?
         h, w = m.shape
         i, j = np.nonzero(m)
         cell = _cells(i, j, h, w)
         code = tuple(int(dark[cell == c].mean() > 0.5) if (cell == c).any() else 0 for c in range(CODE_CELLS ** 2))
-        out.append(dict(shape=_shape_of(m), rgb=rgb, code=code, area=int(m.sum()),
+        clean = np.minimum(np.abs(px - rgb).max(1), np.abs(px - rgb * DARK).max(1)) <= clean_tol
+        out.append(dict(shape=_shape_of(m), rgb=rgb, code=code, area=int(m.sum()), clean=float(clean.mean()),
                         box=(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)))
     out.sort(key=lambda o: -o["area"])
     return out
@@ -696,13 +687,13 @@ def world_text_score(images, prompts):
         out.append(hit / max(len(named), len(drawn), 1))
     return np.array(out)
 
-def world_aesthetic(images, prompts=None, tol=40):
+def world_aesthetic(images, prompts=None, tol=CLEAN_TOL):
     out = []
     for im in images:
         a = np.asarray(im.convert("RGB") if isinstance(im, Image.Image) else im, np.float64) / 255
         tones = [np.ones(3)] + [t for d in read_subjects(im) for t in (d["rgb"], d["rgb"] * DARK)]
         dist = np.min([np.abs(a - t).max(-1) for t in tones], 0)                     # (H, W)
-        out.append(float((dist <= tol / 255).mean()))
+        out.append(float((dist <= tol).mean()))
     return np.array(out)
 
 def world_reward(weights=R.WEIGHTS["object"]):
@@ -713,6 +704,18 @@ def reward_for(records, ref_size=16, weights=R.WEIGHTS["object"]):
     """The toy reward that fits these records: this world's (attrs with rgb) or the first world's."""
     first = (records[0].get("attrs") or [None])[0] if records and isinstance(records[0], dict) else None
     return world_reward(weights) if isinstance(first, dict) and "rgb" in first else toy_reward(ref_size, weights)
+
+def default_prompt(images, paths, min_clean=0.8, tol=16 / 255):
+    """The toy's default prompt, worded as this world's prompts are: the references' shapes and their count ("two
+    circles and a square"), each reference seen at the toy's size and read by read_subjects. A reference whose
+    subject is not a clean two-tone sprite (a photo, noise, a blank page) cannot be named: pass --prompt."""
+    size, shapes = M.get_config("toy").ref_size, []
+    for im, p in zip(images, paths):
+        found = read_subjects(D.preprocess_ref(im, size), clean_tol=tol)   # a smoothed photo is not two-toned
+        if not found or found[0]["clean"] < min_clean:
+            raise D.InputError(f"{p}: no toy subject recognised in it, so the toy cannot name it: pass --prompt")
+        shapes.append(found[0]["shape"])
+    return name_shapes(shapes)
 
 def world_eval(args, records):
     """`toy.py eval` on this world's manifest: DIR/<id>.png per record scored by world_metrics, beside the sanity

@@ -9,7 +9,8 @@ cannot name, references that are other views, held-out test identities). Run fro
         --batch-size 4 --ippo-iters 1 --test-n 4 --eval-steps 2   # every stage once, a few minutes
 
 Every row is trained by the project's own scripts (train_sft.py, train_rl.py, run as subprocesses) from the
-same toy base, on the same data (2-4 subjects per record), for the same steps, learning rate and seeds:
+same toy base, on the same data (1-4 subjects per record: the singles keep single-subject following, which the
+shipped checkpoint is tested on), for the same steps, learning rate and seeds:
 
     L_diff (LoRA)         stage multi, plain LoRA (the FFNs get LoRA too), lambda_attn = 0
     + L_attn              the same with lambda_attn = 0.3 (the Dice attention loss, Eq. 5; reference -> image)
@@ -54,7 +55,7 @@ g.add_argument("--ref-size", type=int, default=16, help="reference side (toy.py 
 g = parser.add_argument_group("the runs")
 g.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
 g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-g.add_argument("--n", type=int, default=3000, help="training records, 2 to 4 subjects each")
+g.add_argument("--n", type=int, default=3000, help="training records, 1 to 4 subjects each")
 g.add_argument("--steps", type=int, default=300, help="stage-multi steps of every row")
 g.add_argument("--batch-size", type=int, default=16)
 g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
@@ -177,7 +178,7 @@ def draw_figure(series, path, title):
         d.text((x(v) - 10, H - B + 6), f"{v:.2f}", fill="black")
     d.line([(L, y(toy.LEAK_ALPHA)), (W - Rm, y(toy.LEAK_ALPHA))], fill=(220, 220, 220))
     d.text((L + 4, y(toy.LEAK_ALPHA) - 12), "leakage threshold", fill=(160, 160, 160))
-    d.text((L, 8), title, fill="black")
+    d.text((L + 90, 8), title, fill="black")
     d.text((L + 60, H - 18), "colour distance to the nearest other reference (mean abs RGB)", fill="black")
     d.text((6, T - 18), "blend alpha", fill="black")
     for k, (label, pairs) in enumerate(series.items()):
@@ -188,7 +189,7 @@ def draw_figure(series, path, title):
         for px, py in pts:
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
         d.line([(W - Rm + 10, T + 16 * k + 6), (W - Rm + 30, T + 16 * k + 6)], fill=c, width=2)
-        d.text((W - Rm + 34, T + 16 * k), label, fill="black")
+        d.text((W - Rm + 34, T + 16 * k), label.replace("→", "->"), fill="black")    # the default font: ASCII
     D.write_atomic(path, lambda f: im.save(f, format="PNG"))
 
 # -----------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def ablation(args):
     world = dict(size=32, ref_size=args.ref_size, sprite=tuple(args.sprite))
     train = path("data", "train", "manifest.jsonl")
     if not os.path.exists(train):                           # write_world's manifest lands last, atomically
-        toy.write_world(path("data", "train"), args.n, seed=0, subjects=(2, 3, 4), **world)
+        toy.write_world(path("data", "train"), args.n, seed=0, subjects=(1, 2, 3, 4), **world)
     tests = {}
     for name, t in TESTS.items():
         tests[name] = path("data", f"test{name}", "manifest.jsonl")
@@ -283,7 +284,7 @@ def ablation(args):
             ("following", "reference following ↑")]
     head = lambda cols: ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines = [f"Toy world (held-out identities), {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± "
-             f"std over seeds; from `{args.base}`: {args.n} training records (2-4 subjects), {args.steps} stage-multi "
+             f"std over seeds; from `{args.base}`: {args.n} training records (1-4 subjects), {args.steps} stage-multi "
              f"steps at batch {args.batch_size}, lr {args.lr:g}, IPPO {args.ippo_iters} iterations; test: "
              f"{args.test_n} records per set, one {args.eval_steps}-step sample each (and one with reference 0 "
              f"swapped).", "", "Pooled over the 2-, 3- and 4-subject test sets:", "", *head([k[1] for k in keys])]

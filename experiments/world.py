@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode

@@ -333,7 +333,7 @@ def weight_rows(work):
     train(run_dir, "--steps", "1")
 
     def sample(folder, *argv):
-        return sample_cell(["--refs", os.path.join(ROOT, "assets", "red_solid_circle.png"), *argv], folder + "-out")
+        return sample_cell(["--refs", os.path.join(ROOT, "assets", "orange_circle.png"), *argv], folder + "-out")
 
     def resume(folder):
         _, text, status = train(folder, "--steps", "2", "--resume")
