@@ -367,13 +367,18 @@ def naive_ref_maps(q, k, spans):
     a, b = spans.img
     return torch.stack([S[:, :, s:e, a:b].softmax(-1).mean((1, 2)) for s, e in spans.refs], 1)
 
-def test_probe_matches_naive_attention_values_and_gradients():
-    torch.manual_seed(0)
+def probe_inputs(seed):
+    # random fp64 queries and keys over [txt 3 | img 7 | ref 4 | ref 6], for the probe against a naive computation
+    torch.manual_seed(seed)
     B, H, D, Lt, Mi, N1, N2 = 2, 5, 8, 3, 7, 4, 6
     L = Lt + Mi + N1 + N2
     q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
-    spans = M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1), (Lt + Mi + N1, L)])
+    return q, k, M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1), (Lt + Mi + N1, L)])
+
+def test_probe_matches_naive_attention_values_and_gradients():
+    q, k, spans = probe_inputs(0)
+    B, D, (a0, a1) = q.shape[0], q.shape[-1], spans.img
     rows = [torch.tensor([[0, 1], [1, 3], [0, 0]]), torch.tensor([[1, 5], [0, 2]])]
     probe = M.AttentionProbe(rows=rows, head_chunk=2)      # head chunks that do not divide H
     probe(q, k, spans)
@@ -382,7 +387,7 @@ def test_probe_matches_naive_attention_values_and_gradients():
     torch.testing.assert_close(ours_map, naive, atol=1e-12, rtol=0)
     torch.testing.assert_close(ours_map.sum(-1), torch.ones(B, 2, dtype=torch.float64))
     S = q @ k.transpose(-1, -2) / D ** 0.5
-    naive_logp = [torch.stack([S[b, :, s + r, Lt:Lt + Mi].softmax(-1).mean(0).log() for b, r in rw.tolist()])
+    naive_logp = [torch.stack([S[b, :, s + r, a0:a1].softmax(-1).mean(0).log() for b, r in rw.tolist()])
                   for (s, _), rw in zip(spans.refs, rows)]
     for a, b in zip(ours_logp, naive_logp):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -4039,12 +4044,8 @@ def naive_img_maps(q, k, spans):
     return torch.stack([P[:, :, a:b, s:e].sum(-1).mean(1) for s, e in spans.refs], 1)
 
 def test_probe_img2ref_matches_naive_attention_values_and_gradients():
-    torch.manual_seed(1)
-    B, H, D, Lt, Mi, N1, N2 = 2, 5, 8, 3, 7, 4, 6
-    L = Lt + Mi + N1 + N2
-    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
-    spans = M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1), (Lt + Mi + N1, L)])
+    q, k, spans = probe_inputs(1)
+    B, Mi = q.shape[0], spans.img[1] - spans.img[0]
     probe = M.AttentionProbe(head_chunk=2, direction="img2ref")
     probe(q, k, spans)
     ours, naive = probe.mean_map(), naive_img_maps(q, k, spans)

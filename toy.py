@@ -643,7 +643,9 @@ def following(after, records, swapped, slot=0, where="manifest"):
 #   aes   the share of clean pixels: white background, or within tol of the light or dark tone of the subject read
 #   id    Eq. 10 over references and drawn subjects, embedded so that cosine ~ agreement in shape, code and colour
 
-def _rbf(v, centres=np.linspace(0, 1, 11), width=0.08):
+RBF_CENTRES = np.linspace(0, 1, 11)
+
+def _rbf(v, centres=RBF_CENTRES, width=0.08):
     # a channel value in [0, 1] -> Gaussian bumps: the cosine of two encodings falls with their distance (~0.1)
     return np.exp(-((np.asarray(v)[..., None] - centres) ** 2) / (2 * width ** 2))
 
@@ -658,6 +660,8 @@ def embed_subject(d):
 
 class WorldSubjects:
     """MultiIDReward's embedder for this world: subjects are read_subjects' components; a reference is its largest."""
+    dim = len(WORLD_SHAPES) + CODE_CELLS ** 2 + 3 * len(RBF_CENTRES)         # embed_subject's length
+
     def subjects(self, image, captions=None):
         found = read_subjects(image)
         return np.stack([embed_subject(d) for d in found]) if found else np.zeros((0, self.dim))
@@ -665,8 +669,6 @@ class WorldSubjects:
     def references(self, images, captions=None):
         rows = [self.subjects(im)[:1] for im in images]
         return np.stack([r[0] if len(r) else np.zeros(self.dim) for r in rows])
-
-    dim = len(WORLD_SHAPES) + CODE_CELLS ** 2 + 3 * 11
 
 def prompt_shapes(prompt):
     """'two circles and a square' -> ['circle', 'circle', 'square'] (name_shapes' inverse; unknown words ignored)."""

@@ -31,6 +31,7 @@ finished (under the same settings only); processes with disjoint --seeds may sha
 import argparse
 import json
 import os
+import shutil
 import statistics as st
 import subprocess
 import sys
@@ -209,14 +210,23 @@ def ablation(args):
     os.makedirs(work, exist_ok=True)
     D.write_atomic(path("settings.json"), lambda f: f.write(json.dumps(settings).encode()))
     world = dict(size=32, ref_size=args.ref_size, sprite=tuple(args.sprite))
-    train = path("data", "train", "manifest.jsonl")
-    if not os.path.exists(train):                           # write_world's manifest lands last, atomically
-        toy.write_world(path("data", "train"), args.n, seed=0, subjects=(1, 2, 3, 4), **world)
-    tests = {}
-    for name, t in TESTS.items():
-        tests[name] = path("data", f"test{name}", "manifest.jsonl")
-        if not os.path.exists(tests[name]):
-            toy.write_world(path("data", f"test{name}"), args.test_n, split="test", **t, **world)
+    def data(name, n, **kw):
+        # a data folder written whole under a temporary name, then renamed: a process sharing the work folder (or
+        # a rerun after a kill) finds it complete or absent, never half-written; of two writers the first rename wins
+        folder = path("data", name)
+        if not os.path.exists(os.path.join(folder, "manifest.jsonl")):
+            tmp = f"{folder}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            toy.write_world(tmp, n, **kw, **world)
+            try:
+                os.rename(tmp, folder)
+            except OSError:                                 # written meanwhile by another process: the same bytes
+                shutil.rmtree(tmp)
+                if not os.path.exists(os.path.join(folder, "manifest.jsonl")):
+                    raise SystemExit(f"error: {folder} exists without its manifest.jsonl: remove it and rerun")
+        return os.path.join(folder, "manifest.jsonl")
+    train = data("train", args.n, seed=0, subjects=(1, 2, 3, 4))
+    tests = {name: data(f"test{name}", args.test_n, split="test", **t) for name, t in TESTS.items()}
 
     def timed_once(key, fn):
         # fn() once per key, its wall time (an interrupted attempt's too) added to its own file under seconds/,
