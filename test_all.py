@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from safetensors.torch import save_file
 
 import cache
@@ -816,11 +817,11 @@ def random_toy(folder):
 
 def test_shipped_checkpoint_follows_references_that_differ_only_in_colour(tmp_path):
     """Prompt and seed fixed, single references that differ only in colour (far pairs: 0.30 mean abs RGB), 6 pairs x
-    4 seeds x 2: the drawn subject takes its own reference's colour. Measured: 0.83 for the shipped checkpoint, 0.44
-    for the first world's (its prompts named every identity); chance 0.5, which random weights score (checked). The
-    issue's target is 0.9: not reached (README, the toy world), so this asserts what the checkpoint reaches."""
+    4 seeds x 2: the drawn subject takes its own reference's colour. Measured (near / medium / far pairs): 0.88 /
+    0.96 / 1.00 for the shipped checkpoint; 0.46 / 0.52 / 0.50 for the first world's (its prompts named every
+    identity), i.e. chance, which random weights also score (asserted below)."""
     (tmp_path / "shipped").mkdir()
-    assert follows_own_colour(tmp_path / "shipped", []) >= 0.7
+    assert follows_own_colour(tmp_path / "shipped", []) >= 0.9
     (tmp_path / "rnd").mkdir()
     assert 0.3 <= follows_own_colour(tmp_path / "rnd", ["--model", str(random_toy(tmp_path / "random")),
                                                         "--arch", "toy"]) <= 0.7
@@ -3983,7 +3984,25 @@ def test_world_reader_is_exact_on_clean_renders():
             toy.paint(im, ident, 3, 2, px)
             (d,) = toy.read_subjects(im)
             assert d["shape"] == ident.shape and d["code"] == ident.code
-            assert np.abs(d["rgb"] - ident.rgb).max() <= 0.5 / 255 + 1e-9
+            # up to the rounding of a pixel to 1 / 255 (a dark one's read back as the colour: / DARK)
+            assert np.abs(d["rgb"] - ident.rgb).max() <= 0.5 / 255 / toy.DARK + 1e-9
+
+def test_world_reader_reads_blurred_noisy_sprites_by_their_tones():
+    # a generator's sprites are soft: blurred (sigma 0.5 px) and noisy (2 / 255 ... 10 / 255); the reader fits the
+    # world's two-tone model and leaves the fringe (tones fading into the white background) out of colour and code
+    rng, errs, codes = np.random.default_rng(0), [], []
+    for k in range(60):
+        ident, px = toy.draw_identity("val", k), int(rng.integers(*toy.TARGET_PX))
+        rgb, m = toy.render_identity(ident, px)
+        im = np.ones((20, 20, 3))
+        im[4:4 + px, 3:3 + px][m] = rgb[m]
+        im = np.stack([ndimage.gaussian_filter(im[..., c], 0.5) for c in range(3)], -1)
+        im = np.clip(np.round((im + rng.normal(0, rng.uniform(2, 10) / 255, im.shape)) * 255), 0, 255)
+        (d,) = toy.read_subjects(im.astype(np.uint8))
+        errs.append(toy.colour_distance(d["rgb"], ident.rgb))
+        codes.append(d["code"] == ident.code)
+    # the median of the light pixels (the reader before this one) read 0.14 here, the fringe's near-white
+    assert np.mean(errs) < 0.04 and np.max(errs) < 0.12 and np.mean(codes) >= 0.85
 
 def test_world_metrics_hand_values():
     A = toy.Identity("square", (0.2, 0.4, 0.6), (1, 0, 0, 0))
@@ -3993,15 +4012,19 @@ def test_world_metrics_hand_values():
     toy.paint(im, toy.Identity("circle", A.rgb, A.code), 2, 2, 10)          # A's colour and code, wrong shape
     toy.paint(im, toy.Identity("square", (0.4, 0.4, 0.4), (0, 1, 1, 0)), 18, 18, 10)  # halfway to A, one cell off
     m = toy.world_metrics([im], [rec])
-    # colour errors 0 and (0.2 + 0 + 0.2) / 3; alpha 0 and 0.5 (the mean of its own and the other reference's)
-    assert m["colour_err"] == pytest.approx(0.4 / 3 / 2, abs=1e-9)
-    assert (m["texture_acc"], m["shape_acc"], m["count_acc"]) == (0.5, 0.5, 1.0)
-    assert m["alpha"] == pytest.approx(0.25, abs=1e-9) and m["leakage"] == 0.5
+    # colour errors 0 and (0.2 + 0 + 0.2) / 3; alpha 0 and 0.5 (the mean of its own and the other reference's);
+    # up to the 8-bit rounding of the drawn pixels
+    q = 0.5 / 255 / toy.DARK
+    assert m["colour_err"] == pytest.approx(0.4 / 3 / 2, abs=q)
+    assert (m["texture_acc"], m["shape_acc"], m["count_acc"], m["drawn"]) == (0.5, 0.5, 1.0, 1.0)
+    assert m["alpha"] == pytest.approx(0.25, abs=2 * q) and m["leakage"] == 0.5
     one = np.full((32, 32, 3), 255, np.uint8)
     toy.paint(one, B, 5, 5, 9)                                              # B alone: A is missing
     m = toy.world_metrics([one], [rec])
-    assert m["count_acc"] == 0 and m["colour_err"] == pytest.approx(0.5) and m["texture_acc"] == 0.5
-    assert m["alpha"] == 0 and m["leakage"] == 0
+    # A unmatched: counted in drawn and count accuracy only; B matched exactly, its alpha 0 (A is its other)
+    assert m["drawn"] == 0.5 and m["count_acc"] == 0 and m["n_refs"] == 2 and m["n_subjects"] == 1
+    assert m["colour_err"] <= q and m["texture_acc"] == m["shape_acc"] == 1
+    assert m["alpha"] == pytest.approx(0, abs=2 * q) and m["leakage"] == 0
     assert toy.blend_alpha((0.3, 0.5, 0.1), (0.2, 0.4, 0.2), [(0.6, 0.8, -0.2), (0.9, 0.9, 0.9)]) == pytest.approx(0.25)
 
 def test_world_sanity_rows_separate(tmp_path):
@@ -4030,7 +4053,7 @@ def test_world_cli_and_old_folders_give_one_line_errors(tmp_path, capsys):
     assert toy.main(["eval", "--manifest", str(tmp_path / "w" / "manifest.jsonl"), "--images", str(gen)]) == 0
     m = json.loads((gen / "metrics.json").read_text())["rows"]
     assert m["images"]["colour_err"] < 0.01 and m["images"]["texture_acc"] == 1
-    assert m["averaging"]["alpha"] == pytest.approx(0.5)
+    assert m["averaging"]["alpha"] == pytest.approx(0.5, abs=2 * 0.5 / 255 / toy.DARK)   # up to 8-bit rounding
     old = toy.write_toy(str(tmp_path / "old"), 2, seed=0)                  # the first world's folder
     capsys.readouterr()
     assert EW.main(["sanity", "--manifest", old]) == 2
@@ -4157,8 +4180,9 @@ def test_world_reward_hand_values():
         assert toy.prompt_shapes(rec["prompt"]) == sorted(toy.prompt_shapes(rec["prompt"]),
                                                           key=rec["captions"].index)
         t = reward([target], rec["prompt"], refs)
-        assert t["text"][0] == 1 and t["aes"][0] == 1 and t["id"][0] == pytest.approx(1, abs=1e-6)
-        assert t["total"][0] == pytest.approx(3.1, abs=1e-6)
+        # (id up to the 8-bit rounding of the colours read: 1e-3 in the kernel)
+        assert t["text"][0] == 1 and t["aes"][0] == 1 and t["id"][0] == pytest.approx(1, abs=1e-3)
+        assert t["total"][0] == pytest.approx(3.1, abs=1e-3)
     A = toy.Identity("circle", (0.2, 0.4, 0.6), (1, 0, 0, 0))
     B = toy.Identity("circle", (0.7, 0.3, 0.2), (0, 1, 1, 1))
     refs = []
@@ -4174,7 +4198,7 @@ def test_world_reward_hand_values():
     both, one, swapped = drawn(A, B), drawn(A), drawn(toy.Identity("circle", B.rgb, A.code), B)
     t = reward([both, one, swapped, np.full((32, 32, 3), 255, np.uint8)], "two circles", refs)
     assert t["text"].tolist() == [1, 0.5, 1, 0]                 # one circle of two named; none
-    assert t["id"][0] == pytest.approx(1, abs=1e-6) and t["id"][1] == pytest.approx(0.5, abs=1e-6)
+    assert t["id"][0] == pytest.approx(1, abs=1e-3) and t["id"][1] == pytest.approx(0.5, abs=1e-3)
     # A's subject in B's colour: shape and code agree (2 of 3 parts), the colour part is the mean over channels of
     # the Gaussian kernel exp(-d^2 / (4 w^2)), w = 0.08, at channel distances 0.5, 0.1 and 0.4
     kernel = np.mean(np.exp(-np.array([0.5, 0.1, 0.4]) ** 2 / (4 * 0.08 ** 2)))

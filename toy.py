@@ -476,22 +476,38 @@ def _shape_of(m):
     iou = {s: (sq & t).sum() / max((sq | t).sum(), 1) for s, t in SHAPE_MASKS.items()}
     return max(iou, key=iou.get)
 
-def _two_tones(lum):
-    # 1-D 2-means on luminance -> bool "darker tone" per pixel (started at the extremes; a few rounds converge)
-    lo, hi = lum.min(), lum.max()
-    for _ in range(10):
-        dark = np.abs(lum - lo) < np.abs(lum - hi)
-        if dark.all() or not dark.any():
+FIT_TOL = 0.1                      # a pixel farther than this (mean abs RGB) from both tones is not the sprite's
+
+def _tone_dist(px, c):
+    # (P, 3) pixels, (K, 3) candidate colours -> (K, P, 2) mean abs distance to each candidate's light and dark tone
+    return np.stack([np.abs(px[None] - c[:, None]).mean(-1), np.abs(px[None] - DARK * c[:, None]).mean(-1)], -1)
+
+def fit_tones(px, tol=FIT_TOL, rounds=3):
+    """A component's pixels (P, 3) in [0, 1] -> (colour (3,), tone (P,): 0 light, 1 dark, -1 neither): the world's
+    two-tone model (a colour c and DARK * c) fitted by consensus, so that what is not the sprite (a blurry edge
+    fading into the background, stray noise) is left out rather than averaged in. Candidates: each pixel read as
+    the light tone and as the dark one (divided by DARK); the one whose tones explain the pixels best (truncated
+    L1 cost) wins, then c is refined as the median of its inliers read back as the light tone."""
+    cand = np.clip(np.concatenate([px, px / DARK]), 0, 1)                               # (2P, 3)
+    cost = np.minimum(_tone_dist(px, cand).min(-1), tol).sum(-1)                        # (2P,)
+    c = cand[np.argmin(cost)]
+    for _ in range(rounds):
+        d = _tone_dist(px, c[None])[0]                                                  # (P, 2)
+        tone = np.where(d.min(-1) <= tol, d.argmin(-1), -1)
+        if not (tone >= 0).any():
             break
-        lo, hi = lum[dark].mean(), lum[~dark].mean()
-    return dark
+        c = np.median(np.where((tone == 1)[:, None], px / DARK, px)[tone >= 0], 0)
+    d = _tone_dist(px, c[None])[0]
+    return c, np.where(d.min(-1) <= tol, d.argmin(-1), -1)
 
 CLEAN_TOL = 40 / 255               # a pixel within this of a tone (every channel) is clean (world_aesthetic too)
 
 def read_subjects(image, threshold=40, min_area=12, clean_tol=CLEAN_TOL):
     """PIL or (H, W, 3) uint8 -> [dict(shape, rgb (3,) in [0, 1], code (bits), area, clean, box)] for each component
-    of pixels whose ink (255 - value) exceeds threshold in some channel, largest first; clean: the share of its
-    pixels within CLEAN_TOL of its light or dark tone."""
+    of pixels whose ink (255 - value) exceeds threshold in some channel, largest first. The colour and the tone of
+    each pixel come from fit_tones; the shape is the nearest mask of the component's box, the code each cell's
+    majority tone among its pixels of a tone (the fringe left out). clean: the share of the component's
+    pixels within clean_tol of a tone in every channel."""
     a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.uint8)
     fg = (255 - a.astype(np.int16)).max(-1) > threshold
     labels, _ = ndimage.label(fg, structure=np.ones((3, 3)))
@@ -501,17 +517,11 @@ def read_subjects(image, threshold=40, min_area=12, clean_tol=CLEAN_TOL):
         if m.sum() < min_area:
             continue
         px = a[sl][m].astype(np.float64) / 255                                        # (P, 3)
-        dark = _two_tones(px.mean(1))
-        # the colour: the lighter tone's median away from the edge, where a blurry sprite fades into the white
-        # background (an exact render reads the same anywhere); all its pixels when few are inside
-        inside = ~dark & ndimage.binary_erosion(np.pad(m, 1), np.ones((3, 3)))[1:-1, 1:-1][m]
-        light = inside if inside.sum() >= 3 else ~dark
-        rgb = np.median(px[light], 0) if light.any() else px.mean(0) / DARK
-        # the code: per cell of the bounding box (split at its centre lines), is the majority of its pixels dark?
-        h, w = m.shape
-        i, j = np.nonzero(m)
-        cell = _cells(i, j, h, w)
-        code = tuple(int(dark[cell == c].mean() > 0.5) if (cell == c).any() else 0 for c in range(CODE_CELLS ** 2))
+        rgb, tone = fit_tones(px)
+        # the code: per cell of the box (split at its centre lines), are most of its pixels of a tone dark?
+        cell = _cells(*np.nonzero(m), *m.shape)
+        code = tuple(int((tone[(cell == c) & (tone >= 0)] == 1).mean() > 0.5) if ((cell == c) & (tone >= 0)).any()
+                     else 0 for c in range(CODE_CELLS ** 2))
         clean = np.minimum(np.abs(px - rgb).max(1), np.abs(px - rgb * DARK).max(1)) <= clean_tol
         out.append(dict(shape=_shape_of(m), rgb=rgb, code=code, area=int(m.sum()), clean=float(clean.mean()),
                         box=(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)))
@@ -538,38 +548,46 @@ def blend_alpha(c, own, others):
     return float(np.clip((np.asarray(c) - own) @ d / max(d @ d, 1e-12), 0, 1))
 
 def score_image(image, idents):
-    """One image against its record's identities -> dict(count_ok, subjects: [per matched reference: colour_err,
-    code_ok, shape_ok, alpha]) (an unmatched reference counts as wrong in everything, error 1)."""
+    """One image against its record's identities -> dict(count_ok, subjects: per reference, None where no drawn
+    subject was matched to it, else its matched subject's colour_err, code_ok, shape_ok and alpha)."""
     drawn = read_subjects(image)
     pairs = dict(match(idents, drawn)) if drawn else {}
     rows = []
     for i, r in enumerate(idents):
-        if i not in pairs:
-            rows.append(dict(colour_err=1.0, code_ok=0.0, shape_ok=0.0, alpha=None))
-            continue
-        d = drawn[pairs[i]]
-        rows.append(dict(colour_err=colour_distance(d["rgb"], r.rgb), code_ok=float(d["code"] == tuple(r.code)),
-                         shape_ok=float(d["shape"] == r.shape),
-                         alpha=blend_alpha(d["rgb"], r.rgb, [o.rgb for k, o in enumerate(idents) if k != i])))
+        d = drawn[pairs[i]] if i in pairs else None
+        rows.append(d and dict(colour_err=colour_distance(d["rgb"], r.rgb), code_ok=float(d["code"] == tuple(r.code)),
+                               shape_ok=float(d["shape"] == r.shape),
+                               alpha=blend_alpha(d["rgb"], r.rgb, [o.rgb for k, o in enumerate(idents) if k != i])))
     return dict(count_ok=float(len(drawn) == len(idents)), subjects=rows)
 
 def world_metrics(images, records, where="manifest"):
-    """Images (one per record) -> the world's metrics, pooled over matched subjects: colour error (mean abs RGB in
-    [0, 1]), texture (code exactly right; chance 1/14) and shape accuracy (chance 1/4), subject count accuracy,
-    blend alpha (multi-subject records) and leakage (share of those with alpha >= LEAK_ALPHA)."""
-    subs, counts = [], []
+    """Images (one per record) -> the world's metrics (MultiCrafter Eq. 10's matching, then): drawn, the share of
+    references matched to a drawn subject; on the matched subjects, colour error (mean abs RGB in [0, 1]), texture
+    (code exactly right; chance 1/14) and shape accuracy (chance 1/4), blend alpha (multi-subject records) and
+    leakage (the share of those with alpha >= LEAK_ALPHA); subject count accuracy per image."""
+    refs, counts = [], []
     for k, (im, rec) in enumerate(zip(images, records)):
         idents = [identity_of(a, f"{where}: record {rec.get('id', k)}") for a in rec["attrs"]]
         s = score_image(im, idents)
-        subs += s["subjects"]
+        refs += s["subjects"]
         counts.append(s["count_ok"])
+    subs = [r for r in refs if r is not None]
     alphas = [r["alpha"] for r in subs if r["alpha"] is not None]
     mean = lambda key: float(np.mean([r[key] for r in subs])) if subs else float("nan")
-    return dict(colour_err=mean("colour_err"), texture_acc=mean("code_ok"), shape_acc=mean("shape_ok"),
+    return dict(drawn=len(subs) / len(refs) if refs else float("nan"), colour_err=mean("colour_err"),
+                texture_acc=mean("code_ok"), shape_acc=mean("shape_ok"),
                 count_acc=float(np.mean(counts)) if counts else float("nan"),
                 alpha=float(np.mean(alphas)) if alphas else float("nan"),
                 leakage=float(np.mean([a >= LEAK_ALPHA for a in alphas])) if alphas else float("nan"),
-                n_subjects=len(subs), n_alpha=len(alphas))
+                n_refs=len(refs), n_subjects=len(subs), n_alpha=len(alphas))
+
+METRICS = ("drawn", "colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage")
+
+def metrics_table(rows, keys=METRICS):
+    """{row name: world_metrics} -> a markdown table of `keys`."""
+    lines = ["| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    return "\n".join(lines + [f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |"
+                               for name, m in rows.items()])
 
 def swap_record(rec, seed=0, slot=0, where="manifest"):
     """The record with reference `slot` swapped for a view of another identity of the same shape (from the same
@@ -735,10 +753,7 @@ def world_eval(args, records):
     rows = {"images": world_metrics([im for _, im in images], scored, args.manifest),
             **{k: world_metrics(sanity_images(scored, k, where=args.manifest), scored, args.manifest)
                for k in ("targets", "averaging", "text-only")}}
-    keys = ("colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage")
-    print("| row | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
-    for name, m in rows.items():
-        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    print(metrics_table(rows))
     out = args.out or os.path.join(args.images, "metrics.json")
     D.write_atomic(out, lambda f: f.write(json.dumps(dict(rows=rows, missing=missing), indent=1).encode()))
     print(f"scored {len(images)} records; {len(missing)} images missing or unreadable; wrote {out}", file=sys.stderr)

@@ -96,12 +96,12 @@ def score_images(images, records, after=None, swapped=None):
     for im, rec in zip(images, records):
         idents = [toy.identity_of(a, f"record {rec['id']}") for a in rec["attrs"]]
         for i, s in enumerate(toy.score_image(im, idents)["subjects"]):
-            if s["alpha"] is not None:
+            if s is not None and s["alpha"] is not None:
                 d = min(toy.colour_distance(o.rgb, idents[i].rgb) for k, o in enumerate(idents) if k != i)
                 pairs.append([d, s["alpha"]])
     return dict(m, pairs=pairs)
 
-WEIGHT = dict(colour_err="n_subjects", texture_acc="n_subjects", shape_acc="n_subjects", alpha="n_alpha",
+WEIGHT = dict(drawn="n_refs", colour_err="n_subjects", texture_acc="n_subjects", shape_acc="n_subjects", alpha="n_alpha",
               leakage="n_alpha", following="n_swaps", count_acc="n_records", share="n_records")
 
 def pool(per_set, key):
@@ -288,7 +288,7 @@ def ablation(args):
     cell = lambda xs: "-" if any(np.isnan(xs)) else \
         f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
     over = lambda row, key, sets: [pool([scores[row, s][k] for k in sets], key) for s in args.seeds]
-    keys = [("share", "attention share in own mask ↑"), ("colour_err", "colour error ↓"),
+    keys = [("share", "attention share in own mask ↑"), ("drawn", "drawn ↑"), ("colour_err", "colour error ↓"),
             ("texture_acc", "code acc ↑ (chance 0.07)"), ("shape_acc", "shape acc ↑ (chance 0.25)"),
             ("count_acc", "count acc ↑"), ("alpha", "blend α ↓"), ("leakage", "leakage ↓"),
             ("following", "reference following ↑")]

@@ -89,14 +89,8 @@ def evaluate(args):
             a.save(os.path.join(args.out, f"{i:06d}.png"))
             b.save(os.path.join(args.out, f"{i:06d}_swap.png"))
         D.write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(rows, indent=1).encode()))
-    print_table(rows)
+    print(toy.metrics_table(rows, toy.METRICS + ("following",)))
     print(f"{len(records)} records, {args.steps} sampling steps, {time.time() - t0:.0f} s", file=sys.stderr)
-
-def print_table(rows):
-    keys = ("colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage", "following")
-    print("| row | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
-    for name, m in rows.items():
-        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
 
 # -----------------------------------------------------------------------------
 # throughput
@@ -168,7 +162,7 @@ def main(argv=None):
             evaluate(args)
         elif args.cmd == "sanity":
             records = [r for _, r in D.read_manifest(args.manifest)[0]]
-            print_table(sanity_rows(records, args.manifest))
+            print(toy.metrics_table(sanity_rows(records, args.manifest), toy.METRICS + ("following",)))
         else:
             speed(args)
     except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:
