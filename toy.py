@@ -486,10 +486,12 @@ def fit_tones(px, tol=FIT_TOL, rounds=3):
     """A component's pixels (P, 3) in [0, 1] -> (colour (3,), tone (P,): 0 light, 1 dark, -1 neither): the world's
     two-tone model (a colour c and DARK * c) fitted by consensus, so that what is not the sprite (a blurry edge
     fading into the background, stray noise) is left out rather than averaged in. Candidates: each pixel read as
-    the light tone and as the dark one (divided by DARK); the one whose tones explain the pixels best (truncated
-    L1 cost) wins, then c is refined as the median of its inliers read back as the light tone."""
-    cand = np.clip(np.concatenate([px, px / DARK]), 0, 1)                               # (2P, 3)
-    cost = np.minimum(_tone_dist(px, cand).min(-1), tol).sum(-1)                        # (2P,)
+    the light tone and as the dark one (divided by DARK; at most 256 pixels, evenly spaced); the one whose tones
+    explain the pixels best (a truncated L1 cost over at most 2,048) wins, then c is refined as the median of its
+    inliers read back as the light tone."""
+    few = lambda n: px[np.linspace(0, len(px) - 1, min(n, len(px))).astype(int)]       # evenly spaced pixels
+    cand = np.clip(np.concatenate([few(256), few(256) / DARK]), 0, 1)                   # (K, 3), K <= 512
+    cost = np.minimum(_tone_dist(few(2048), cand).min(-1), tol).sum(-1)                 # (K,): memory bounded
     c = cand[np.argmin(cost)]
     for _ in range(rounds):
         d = _tone_dist(px, c[None])[0]                                                  # (P, 2)

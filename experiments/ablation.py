@@ -22,8 +22,8 @@ shipped checkpoint is tested on), for the same steps, learning rate and seeds:
 then scored on held-out identities: test sets of 2, 3 and 4 subjects, and hard pairs (one shape, colours at
 toy.HARD's near / medium / far distance). Per test set: the attention share inside each subject's own mask
 (training.attention_metrics, teacher-forced at t = 0.5), and over one deterministic sample per record:
-toy.world_metrics (colour error, code, shape and count accuracy, blend alpha, leakage) and toy.following (the
-record sampled again with reference 0 swapped). Beside them, the sanity rows scored by the same code (the
+toy.world_metrics (drawn; on the matched subjects colour error, code and shape accuracy, blend alpha, leakage;
+count accuracy) and toy.following (the record sampled again with reference 0 swapped). Beside them, the sanity rows scored by the same code (the
 targets, an averaging generator, a text-only one), and a PNG of blend alpha against the colour distance to the
 nearest other reference. The work folder keeps the data, runs, samples and scores: a rerun reuses what is
 finished (under the same settings only); processes with disjoint --seeds may share it.
@@ -101,8 +101,8 @@ def score_images(images, records, after=None, swapped=None):
                 pairs.append([d, s["alpha"]])
     return dict(m, pairs=pairs)
 
-WEIGHT = dict(drawn="n_refs", colour_err="n_subjects", texture_acc="n_subjects", shape_acc="n_subjects", alpha="n_alpha",
-              leakage="n_alpha", following="n_swaps", count_acc="n_records", share="n_records")
+WEIGHT = dict(drawn="n_refs", colour_err="n_subjects", texture_acc="n_subjects", shape_acc="n_subjects",
+              alpha="n_alpha", leakage="n_alpha", following="n_swaps", count_acc="n_records", share="n_records")
 
 def pool(per_set, key):
     """One metric over several test sets, each weighted by what it counts (subjects, alphas, swaps, records)."""
