@@ -1,7 +1,7 @@
 """
 Sample images from FLUX + reference images (UNO-style sequence conditioning), as MultiCrafter does.
 
-    python sample.py --refs assets/orange_circle.png assets/pink_circle.png --out out.png   # the shipped toy
+    python sample.py --refs assets/orange_circle.png assets/blue_square.png --out out.png   # the shipped toy
     python sample.py --model flux-dev --refs a.png b.png --prompt "two friends at the beach" --seed 0 --save-attn
     python sample.py --model flux-schnell --refs a.png --prompt "a photo of the cat" --steps 4
     python sample.py --model ckpt/dit.safetensors --refs a.png --prompt "..."   # its preset read from its tensors
