@@ -456,7 +456,7 @@ def write_world(out, n, seed=0, split="train", subjects=(2, 3), size=32, ref_siz
 # -----------------------------------------------------------------------------
 # the world's metrics, on Hungarian-matched subjects (MultiCrafter Eq. 10 as the matching)
 #   read_subjects  each connected component of non-white pixels: its shape (nearest mask), colour (the world's
-#                  two-tone model fitted to its pixels, the fringe left out) and code (the dark tone's majority per cell)
+#                  two-tone model fitted to its pixels, the fringe left out) and code (each cell's majority tone)
 #   match          references (the record's identities) to drawn subjects, by shape agreement and colour
 #   blend alpha    where a matched subject's colour lies on the segment from its own reference's colour (0) to the
 #                  nearest other reference's (1): an "average subject" scores 0.5; leakage = share with alpha >= 0.25
