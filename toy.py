@@ -521,9 +521,9 @@ def read_subjects(image, threshold=40, min_area=12, clean_tol=CLEAN_TOL):
         px = a[sl][m].astype(np.float64) / 255                                        # (P, 3)
         rgb, tone = fit_tones(px)
         # the code: per cell of the box (split at its centre lines), are most of its pixels of a tone dark?
-        cell = _cells(*np.nonzero(m), *m.shape)
-        code = tuple(int((tone[(cell == c) & (tone >= 0)] == 1).mean() > 0.5) if ((cell == c) & (tone >= 0)).any()
-                     else 0 for c in range(CODE_CELLS ** 2))
+        cell = np.where(tone >= 0, _cells(*np.nonzero(m), *m.shape), -1)              # -1: the fringe
+        code = tuple(int((tone[cell == c] == 1).mean() > 0.5) if (cell == c).any() else 0
+                     for c in range(CODE_CELLS ** 2))
         clean = np.minimum(np.abs(px - rgb).max(1), np.abs(px - rgb * DARK).max(1)) <= clean_tol
         out.append(dict(shape=_shape_of(m), rgb=rgb, code=code, area=int(m.sum()), clean=float(clean.mean()),
                         box=(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)))
@@ -614,6 +614,8 @@ def render_boxes(rec, where="manifest", size=32, recolour=None):
         y0, x0, y1, _ = (int(round(v * size)) for v in b)
         paint(out, ident, y0, x0, y1 - y0)
     return out
+
+SANITY = ("targets", "averaging", "text-only")         # sanity_images' generators
 
 def sanity_images(records, kind, seed=0, where="manifest"):
     """The rows that prove the metrics discriminate, drawn in the records' layouts:
@@ -754,7 +756,7 @@ def world_eval(args, records):
     scored = [r for r, _ in images]
     rows = {"images": world_metrics([im for _, im in images], scored, args.manifest),
             **{k: world_metrics(sanity_images(scored, k, where=args.manifest), scored, args.manifest)
-               for k in ("targets", "averaging", "text-only")}}
+               for k in SANITY}}
     print(metrics_table(rows))
     out = args.out or os.path.join(args.images, "metrics.json")
     D.write_atomic(out, lambda f: f.write(json.dumps(dict(rows=rows, missing=missing), indent=1).encode()))

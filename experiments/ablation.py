@@ -23,10 +23,11 @@ then scored on held-out identities: test sets of 2, 3 and 4 subjects, and hard p
 toy.HARD's near / medium / far distance). Per test set: the attention share inside each subject's own mask
 (training.attention_metrics, teacher-forced at t = 0.5), and over one deterministic sample per record:
 toy.world_metrics (drawn; on the matched subjects colour error, code and shape accuracy, blend alpha, leakage;
-count accuracy) and toy.following (the record sampled again with reference 0 swapped). Beside them, the sanity rows scored by the same code (the
-targets, an averaging generator, a text-only one), and a PNG of blend alpha against the colour distance to the
-nearest other reference. The work folder keeps the data, runs, samples and scores: a rerun reuses what is
-finished (under the same settings only); processes with disjoint --seeds may share it.
+count accuracy) and toy.following (the record sampled again with reference 0 swapped). Beside them, the sanity
+rows scored by the same code (the targets, an averaging generator, a text-only one), and a PNG of blend alpha
+against the colour distance to the nearest other reference. The work folder keeps the data, runs, samples and
+scores: a rerun reuses what is finished (under the same settings only); processes with disjoint --seeds may
+share it.
 """
 import argparse
 import json
@@ -78,7 +79,6 @@ ROWS = [  # (row, how it is trained): stage multi from the base; IPPO from the +
     ("+ SCAL/MDL", ["--experts", "0", "--lambda-attn", "0", "--scal", "0.1", "--mdl", "1"]),
 ]
 IPPO_FROM = 2
-SANITY = ("targets", "averaging", "text-only")
 TESTS = {"2": dict(subjects=(2,), seed=102), "3": dict(subjects=(3,), seed=103), "4": dict(subjects=(4,), seed=104),
          **{h: dict(subjects=(2,), seed=110 + i, hard=h) for i, h in enumerate(toy.HARD)}}
 MULTI = ("2", "3", "4")                          # the sets pooled in the main table
@@ -141,7 +141,7 @@ def score_sanity(tests):
     for name, manifest in tests.items():
         records = [r for _, r in D.read_manifest(manifest)[0]]
         rows = EW.sanity_rows(records, manifest)
-        for kind in SANITY:
+        for kind in toy.SANITY:
             got = score_images(toy.sanity_images(records, kind, where=manifest), records)
             rows[kind].update(pairs=got["pairs"], n_records=len(records))
         out[name] = rows
@@ -300,10 +300,11 @@ def ablation(args):
              f"swapped).", "", "Pooled over the 2-, 3- and 4-subject test sets:", "", *head([k[1] for k in keys])]
     lines += [f"| {row} | " + " | ".join(cell(over(row, k, MULTI)) for k, _ in keys) + " |" for row, _ in ROWS]
     lines += [f"| *{kind}* | - | " + " | ".join(f"{pool([sanity[k][kind] for k in MULTI], key):.3f}"
-                                               for key, _ in keys[1:]) + " |" for kind in SANITY]
+                                               for key, _ in keys[1:]) + " |" for kind in toy.SANITY]
     hard = list(toy.HARD)
     lines += ["", "Hard pairs (two subjects of one shape; colour distance " +
-              ", ".join(f"{h} {v}" for h, v in toy.HARD.items()) + "): blend α ↓ / leakage ↓ / colour error ↓", "",
+              ", ".join(f"{h} {v}" for h, v in toy.HARD.items()) +
+              "): blend α ↓ / leakage ↓ / colour error ↓", "",
               *head(hard)]
     lines += [f"| {row} | " + " | ".join(f"{st.mean(over(row, 'alpha', [h])):.3f} / "
                                          f"{st.mean(over(row, 'leakage', [h])):.3f} / "
@@ -311,7 +312,7 @@ def ablation(args):
               for row, _ in ROWS]
     lines += [f"| *{kind}* | " + " | ".join(f"{sanity[h][kind]['alpha']:.3f} / {sanity[h][kind]['leakage']:.3f} / "
                                             f"{sanity[h][kind]['colour_err']:.3f}" for h in hard) + " |"
-              for kind in SANITY]
+              for kind in toy.SANITY]
     lines += ["", "Per number of subjects (colour error ↓ / leakage ↓ / count acc ↑, mean over seeds):", "",
               *head([f"{k} subjects" for k in MULTI])]
     lines += [f"| {row} | " + " | ".join(f"{st.mean(over(row, 'colour_err', [k])):.3f} / "

@@ -56,7 +56,7 @@ def sanity_rows(records, where):
     """The three generators of toy.sanity_images scored by the same code, swaps included."""
     swapped = [toy.swap_record(r, where=where)[0] for r in records]
     rows = {}
-    for kind in ("targets", "averaging", "text-only"):
+    for kind in toy.SANITY:
         m = toy.world_metrics(toy.sanity_images(records, kind, where=where), records, where)
         # text-only reads no reference: after a swap it draws what it drew before
         after = toy.sanity_images(records if kind == "text-only" else swapped, kind, where=where)
