@@ -87,6 +87,8 @@ class FluxConfig:
     ref_size: int = 320             # reference side (px; MultiCrafter Appendix B)
     sample_steps: int = 50          # Euler steps when sampling
     guidance: float = 3.5           # distilled guidance when sampling (schnell has no guidance input)
+    ref_guidance: float = 1.0       # classifier-free guidance on the references when sampling (1: none; denoise)
+    text_guidance: float = 1.0      # classifier-free guidance on the prompt (needs a model trained with dropout)
 
     @property
     def token_px(self):
@@ -708,6 +710,16 @@ def note_truncation(encoder, lengths, prompts):
               f"later ones are only counted", file=sys.stderr)
     encoder.truncated += len(long)
 
+@contextmanager
+def mha_fastpath(enabled):
+    # torch.backends.mha's global switch, set for a block and restored
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
 class ByteTextEncoder(nn.Module):
     """Tokenizer-free text encoder for the toy preset: UTF-8 bytes -> a small transformer.
     Returns the sequence (B, max_len, context_in_dim) and a pooled vector (B, vec_in_dim), like T5 + CLIP."""
@@ -737,7 +749,10 @@ class ByteTextEncoder(nn.Module):
     def forward(self, prompts):
         ids = self.tokenize(prompts).to(self.pos.device)                  # (B, L)
         pad = ids == 256
-        h = self.encoder(self.embed(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)   # (B, L, dim)
+        # torch's fused inference path (eval, no grad) returns NaN for a row that is all padding (the empty prompt,
+        # text guidance's); the path training runs gives it zero attention: that one, always, so both agree
+        with mha_fastpath(False):
+            h = self.encoder(self.embed(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)   # (B, L, dim)
         keep = (~pad).float()[..., None]
         pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)             # mean over real bytes
         return self.to_txt(h), self.to_vec(pooled)
@@ -1135,17 +1150,28 @@ def sde_step(x, v, t, t_next, eta, noise=None, prev=None, generator=None):
 
 @torch.no_grad()
 def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=None, ref_img_ids=None,
-            probe=None, progress=True):
+            probe=None, progress=True, ref_guidance=1.0, text_guidance=1.0, txt_null=None, y_null=None):
     """Euler from noise img (B, L, C) at timesteps[0] = 1 to a clean latent at 0; latents stay fp32.
     A probe rides along at every step, so probe.mean_map() averages over all steps and double blocks:
-    early steps show where a subject is placed, late ones its details; the mean is steadier than either."""
+    early steps show where a subject is placed, late ones its details; the mean is steadier than either.
+    Classifier-free guidance, each condition against the full velocity v (compositional, one extra forward each):
+    v + (w_ref - 1) (v - v_without_refs) + (w_text - 1) (v - v_with_txt_null); w = 1 leaves a condition alone.
+    txt_null, y_null: the empty prompt encoded (sampling_inputs(null_text=True)); the probe reads only v."""
     B, dev = img.shape[0], img.device
     img, g = img.float(), torch.full((B,), guidance, device=dev)
+    if text_guidance != 1 and txt_null is None:
+        raise ValueError("text_guidance needs txt_null and y_null (the empty prompt encoded)")
     for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), disable=not progress, desc="sampling"):
+        tt = torch.full((B,), t, device=dev)
         with autocast(dev):
-            v = model(img, img_ids, txt, txt_ids, torch.full((B,), t, device=dev), y, g, ref_img, ref_img_ids,
-                      probe=probe)                                                       # (B, L, C)
-        img = euler_step(img, v.float(), t, t_next)
+            v = model(img, img_ids, txt, txt_ids, tt, y, g, ref_img, ref_img_ids, probe=probe).float()  # (B, L, C)
+            guided = v
+            if ref_guidance != 1 and ref_img:
+                guided = guided + (ref_guidance - 1) * (v - model(img, img_ids, txt, txt_ids, tt, y, g).float())
+            if text_guidance != 1:
+                v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids).float()
+                guided = guided + (text_guidance - 1) * (v - v_null)
+        img = euler_step(img, guided, t, t_next)
     return img
 
 # -----------------------------------------------------------------------------
@@ -1168,11 +1194,14 @@ def decode_images(ae, x, height, width):
     return [Image.fromarray(a) for a in x]
 
 @torch.no_grad()
-def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu"):
+def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu",
+                    null_text=False):
     """Everything Flux.forward needs for one sample (batch 1): seeded noise, the prompt encoded, each reference
-    (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare."""
+    (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare. null_text: also the empty
+    prompt (txt_null, y_null, for denoise's text guidance), encoded with the prompt so both have one length."""
     noise = get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, seed).to(device)   # (1, z, h, w)
     ref_lat = [encode_image(ae, r, device) for r in refs]                                 # [(1, z, h_i, w_i)]
-    txt, y = text_encoder([prompt])                                                        # (1, L_txt, C), (1, C_vec)
+    txt, y = text_encoder([prompt, ""] if null_text else [prompt])                  # (1|2, L_txt, C), (1|2, C_vec)
     # text stays fp32 like the latents: autocast casts it for bf16 weights
-    return prepare(noise, ref_lat, pe, txt.float(), y.float())
+    out = prepare(noise, ref_lat, pe, txt[:1].float(), y[:1].float())
+    return dict(out, txt_null=txt[1:].float(), y_null=y[1:].float()) if null_text else out

@@ -79,6 +79,12 @@ def build_parser():
     g.add_argument("--steps", type=D.int_in(1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
     g.add_argument("--guidance", type=D.float_in(0), default=None, help="distilled guidance (default: 3.5 flux, "
                    "1 toy, which trains with 1 as UNO does; ignored by schnell)")
+    g.add_argument("--ref-guidance", type=D.float_in(0), default=None, help="classifier-free guidance on the "
+                   "references: v_none + w (v_refs - v_none), one more forward per step (default: the preset's, 1 = "
+                   "none)")
+    g.add_argument("--text-guidance", type=D.float_in(0), default=None, help="classifier-free guidance on the "
+                   "prompt against the empty one, for a model trained with prompt dropout (train_sft.py --drop-prompt; "
+                   "default: the preset's, 1 = none)")
     g.add_argument("--seed", type=D.int_in(0, MAX_SEED), default=None, help="default: a random seed (saved in "
                    "the JSON)")
     g.add_argument("--seeds", type=D.int_in(0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
@@ -266,10 +272,12 @@ def sample_one(models, run, prompt, refs, seed, png, meta, progress=True):
     # --offload: the encoders and the AE visit the GPU only while they run (T5-XXL alone is 9.5 GB in bf16)
     on = (lambda m: M.resident(m, run["device"])) if run["offload"] else (lambda m: nullcontext())
     with on(text), on(ae):
-        inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, run["pe"], run["device"])
+        inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, run["pe"], run["device"],
+                                null_text=run["text_guidance"] != 1)
     timesteps = M.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if run["save_attn"] else None
-    x = M.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress)
+    x = M.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress,
+                  ref_guidance=run["ref_guidance"], text_guidance=run["text_guidance"])
     if not torch.isfinite(x).all():                          # decoded, NaN becomes a black PNG
         raise D.InputError(f"{png}: not written: the sample is not finite (NaN/inf): {overflow_cause(flux)}")
     with on(ae):
@@ -312,6 +320,8 @@ def resolve_run(args):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=args.pe, device=device,
+                        ref_guidance=pick(args.ref_guidance, cfg.ref_guidance),
+                        text_guidance=pick(args.text_guidance, cfg.text_guidance),
                         save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
 
 def check_tokens(run, n_refs, mult):
@@ -411,8 +421,10 @@ def settings(args, run):
     # what a sample's JSON records: every argument, with what was resolved in place of the defaults
     return {**vars(args), **run, "device": str(run["device"])}
 
-SAME = ("model", "arch", "lora", "lora_scale", "steps", "guidance", "width", "height", "ref_size", "pe", "prompt",
-        "refs", "save_attn", "seed")     # what makes two samples of one name the same sample
+# what makes two samples of one name the same sample
+SAME = ("model", "arch", "lora", "lora_scale", "steps", "guidance", "ref_guidance", "text_guidance", "width", "height",
+        "ref_size", "pe", "prompt", "refs", "save_attn", "seed")
+UNSAID = {"ref_guidance": 1.0, "text_guidance": 1.0}   # what a sample's JSON written before a setting existed used
 
 def generate_set(args):
     """--manifest / --prompts: one sample per record and seed into OUT_DIR/SEED/ID.png, the models loaded once."""
@@ -469,7 +481,7 @@ def generate_set(args):
             want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"], line=job["line"])
             if os.path.exists(png):
                 have = earlier(png)
-                diff = [k for k in SAME if have.get(k) != want.get(k)]
+                diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
                 if diff:
                     raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass another "
                                        f"--out-dir, or remove it")

@@ -639,6 +639,40 @@ def test_denoise_is_euler_over_the_schedule():
     torch.testing.assert_close(out, img - v)                          # the dt's sum to -1
     assert calls == [(pytest.approx(t), 2.5) for t in ts[:-1]]
 
+def test_denoise_guides_each_condition_against_the_full_velocity():
+    # constant velocities per condition: with the references and the prompt 1.0, without the references 0.2, with
+    # the empty prompt 0.5; one Euler step from t = 1 to 0 subtracts the guided velocity once
+    txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
+    calls = []
+    def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None):
+        calls.append((ref_img is not None, txt_ is txt_null))
+        return torch.full_like(img, 0.2 if ref_img is None else 0.5 if txt_ is txt_null else 1.0)
+    img, refs = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)]
+    run = lambda **kw: denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, refs, [None],
+                               progress=False, txt_null=txt_null, **kw)
+    torch.testing.assert_close(run(), img - 1.0)                          # w = 1: no guidance, one forward
+    assert calls == [(True, False)]
+    # 1 + (2 - 1)(1 - 0.2) + (3 - 1)(1 - 0.5) = 2.8; 0.2 + 2 (1 - 0.2) = 1.8, the usual v_u + w (v_c - v_u)
+    torch.testing.assert_close(run(ref_guidance=2.0, text_guidance=3.0), img - 2.8)
+    torch.testing.assert_close(run(ref_guidance=2.0), img - 1.8)
+    torch.testing.assert_close(run(text_guidance=3.0), img - 2.0)
+    assert calls[1:4] == [(True, False), (False, False), (True, True)]
+    with pytest.raises(ValueError, match="txt_null"):
+        denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, progress=False, text_guidance=2.0)
+
+def test_sampling_inputs_encode_the_empty_prompt_as_training_saw_it():
+    # text guidance's empty prompt, encoded with the prompt (one length) at sampling (eval, no grad), is what the
+    # encoder gave it in training (a batch in train mode), finite: torch's fused inference path alone gives NaN
+    cfg = M.get_config("toy", txt_pad="longest")
+    torch.manual_seed(0)
+    text, ae = M.ByteTextEncoder(cfg).eval(), M.AutoEncoder(cfg.ae)
+    c = M.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
+    assert c["txt_null"].shape == c["txt"].shape == (1, len("two circles"), cfg.context_in_dim)
+    txt, y = text.train()(["two circles", ""])
+    for got, want in ((c["txt"], txt[:1]), (c["txt_null"], txt[1:]), (c["y"], y[:1]), (c["y_null"], y[1:])):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
 # -----------------------------------------------------------------------------
 # reference images
 
@@ -4110,6 +4144,38 @@ def test_base_stage_can_read_references(tmp_path):
         TS.step_losses(args, training.Denoiser(flux, text), training.Denoiser(flux, text), ae, batch, 0,
                        torch.Generator().manual_seed(0), "cpu")
     assert seen == [0, 1]
+
+def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_path):
+    # --drop-prompt p: each sample's prompt is "" with probability p; --drop-refs p: a step has no references with
+    # probability p; with both 0 the batch's generator stream (t, noise) is untouched
+    manifest = toy.write_world(str(tmp_path / "w"), 8, seed=0, subjects=(1,))
+    args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base", "--base-refs"])
+    args.pe = "d"
+    flux, ae, text, _, _ = training.build_models("toy", "base", "cpu", seed=0)
+    batch = D.collate([D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[i] for i in range(8)])
+    refs, prompts, ts = [], [], []
+    flux.register_forward_pre_hook(lambda m, a, kw: refs.append(bool(kw.get("ref_img"))) or ts.append(kw["timesteps"]),
+                                   with_kwargs=True)
+    text.register_forward_pre_hook(lambda m, a: prompts.extend(a[0]))
+    def steps(n, drop_prompt, drop_refs):
+        refs.clear(), prompts.clear(), ts.clear()
+        args.drop_prompt, args.drop_refs = drop_prompt, drop_refs
+        with torch.no_grad():
+            for s in range(n):
+                TS.step_losses(args, training.Denoiser(flux, text), training.Denoiser(flux, text), ae, batch, s,
+                               torch.Generator().manual_seed(s), "cpu")
+        return list(refs), list(prompts), list(ts)
+    r0, p0, t0 = steps(40, 0.0, 0.0)
+    assert all(r0) and p0 == batch["prompts"] * 40
+    r1, p1, t1 = steps(40, 0.5, 0.5)
+    # 40 steps, 320 prompts at p = 0.5: outside these bounds with probability < 1e-4
+    assert 8 <= r1.count(False) <= 32 and 120 <= p1.count("") <= 200
+    assert all(q in ("", p) for q, p in zip(p1, batch["prompts"] * 40))
+    # without dropout t is the generator's first draw, as before the option existed
+    first = [LS.sample_timesteps(8, 64, True, generator=torch.Generator().manual_seed(s)) for s in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(t0, first)) and not torch.equal(t1[0], t0[0])
+    with pytest.raises(SystemExit):
+        TS.main(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"])
 
 def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(toy_run, tmp_path, monkeypatch, capsys):
     # --wandb through a stand-in module: each log.jsonl record reaches wandb.log at its step, the run is finished;

@@ -61,6 +61,10 @@ def build_parser():
     g.add_argument("--txt-pad", default=None, choices=["max", "longest"], help="toy byte encoder: pad prompts to "
                    "128 bytes or to the batch's longest (faster); default: as the --init base was trained (its "
                    "checkpoint says; the shipped one: max), max for a new base. Recorded in the checkpoint")
+    g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="each sample's prompt replaced "
+                   "by \"\" with this probability (for --text-guidance when sampling; not with --cache)")
+    g.add_argument("--drop-refs", type=runs.float_in(0.0, 1.0), default=0.0, help="each step trained without its "
+                   "references with this probability (for --ref-guidance when sampling)")
     g.add_argument("--scal", type=runs.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
     g.add_argument("--mdl", type=runs.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
@@ -103,7 +107,15 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     flux = denoiser.flux
     # the joint sequence [txt | img | refs] (model.prepare); the base stage learns text -> image, so no references
     # unless --base-refs (a world whose prompts do not name the subjects needs a base that reads references)
-    inp = TR.encode_batch(batch, ae, device, args.pe, refs=args.stage != "base" or args.base_refs)
+    # condition dropout (--drop-prompt, --drop-refs) teaches the unconditional velocities classifier-free guidance
+    # subtracts at sampling: a sample's prompt becomes "", a step's references are left out (drawn before t and the
+    # noise, from the batch's own generator, and only when asked: runs without it keep their streams)
+    if args.drop_prompt > 0:
+        drop = (torch.rand(len(batch["prompts"]), generator=gen) < args.drop_prompt).tolist()
+        batch = dict(batch, prompts=["" if d else p for d, p in zip(drop, batch["prompts"])])
+    refs = (args.stage != "base" or args.base_refs) and not (
+        args.drop_refs > 0 and torch.rand((), generator=gen).item() < args.drop_refs)
+    inp = TR.encode_batch(batch, ae, device, args.pe, refs=refs)
     x0 = inp["img"]                                                                 # (B, L, C) clean target tokens
     B, L = x0.shape[:2]
     # rectified flow: x_t = (1 - t) x0 + t eps at logit-normal t, shifted for the image size as sampling is
@@ -111,7 +123,7 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     noise = torch.randn(x0.shape, generator=gen).to(device)                         # (B, L, C)
     # the probe rides along the same forward (no second pass): it reads each double block's q, k and keeps only
     # the per-reference attention maps over the target tokens that L_attn, SCAL and MDL need
-    use_probe = args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
+    use_probe = refs and args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
     probe = M.AttentionProbe(args.attn_blocks, rows=[p[:, :2] for p in batch["points"]] if args.scal > 0 else None,
                              direction=args.attn_direction) if use_probe else None
     cond, g = TR.conditioning(batch, denoiser, device), TR.guidance_for(flux, B, device)
@@ -148,6 +160,8 @@ def main(argv=None):
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
     if (args.data is None) == (args.cache is None):
         p.error("give one of --data (a manifest) or --cache (a `cache.py` folder)")
+    if args.cache and args.drop_prompt > 0:
+        p.error("--drop-prompt: a cache holds each prompt's embedding, with no text encoder for \"\" (use --data)")
 
     # -------------------------------------------------------------------------
     # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the

@@ -44,13 +44,17 @@ def load_toy(base, adapter=None, ref_size=None):
     return cfg, flux.eval(), text.eval(), ae
 
 @torch.no_grad()
-def sample(cfg, flux, text, ae, prompt, refs, seed, steps):
+def sample(cfg, flux, text, ae, prompt, refs, seed, steps, ref_guidance=None, text_guidance=None):
+    # one sample as sample.py draws it; the guidance scales default to the preset's
     size = cfg.image_size
+    w_ref = cfg.ref_guidance if ref_guidance is None else ref_guidance
+    w_text = cfg.text_guidance if text_guidance is None else text_guidance
     timesteps = M.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
     c = M.sampling_inputs(cfg, ae, text, prompt, [D.preprocess_ref(r, cfg.ref_size) for r in refs], size, size,
-                          seed=seed)
-    return M.decode_images(ae, M.denoise(flux, **c, timesteps=timesteps, guidance=cfg.guidance, progress=False),
-                           size, size)[0]
+                          seed=seed, null_text=w_text != 1)
+    x = M.denoise(flux, **c, timesteps=timesteps, guidance=cfg.guidance, progress=False, ref_guidance=w_ref,
+                  text_guidance=w_text)
+    return M.decode_images(ae, x, size, size)[0]
 
 def sanity_rows(records, where):
     """The three generators of toy.sanity_images scored by the same code, swaps included."""
@@ -72,14 +76,16 @@ def evaluate(args):
     root = os.path.dirname(os.path.abspath(args.manifest))
     cfg, flux, text, ae = load_toy(args.base, args.adapter, args.ref_size)
     images, after, swapped = [], [], []
+    guide = (args.ref_guidance, args.text_guidance)
     t0 = time.time()
     for i, rec in enumerate(records):
         toy.identity_of(rec["attrs"][0], f"{args.manifest}: record {rec.get('id', i)}")   # the first world: refuse
         refs = [D.load_image(os.path.join(root, p)) for p in rec["refs"]]
-        images.append(sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.steps))
+        images.append(sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.steps, *guide))
         new, ref, _ = toy.swap_record(rec, where=args.manifest)
         swapped.append(new)
-        after.append(sample(cfg, flux, text, ae, rec["prompt"], [Image.fromarray(ref)] + refs[1:], i, args.steps))
+        after.append(sample(cfg, flux, text, ae, rec["prompt"], [Image.fromarray(ref)] + refs[1:], i, args.steps,
+                            *guide))
     m = toy.world_metrics(images, records, args.manifest)
     m["following"], m["n_swaps"] = toy.following(after, records, swapped, where=args.manifest)
     rows = {"model": m, **sanity_rows(records, args.manifest)}
@@ -90,7 +96,9 @@ def evaluate(args):
             b.save(os.path.join(args.out, f"{i:06d}_swap.png"))
         D.write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(rows, indent=1).encode()))
     print(toy.metrics_table(rows, toy.METRICS + ("following",)))
-    print(f"{len(records)} records, {args.steps} sampling steps, {time.time() - t0:.0f} s", file=sys.stderr)
+    w_ref, w_text = (d if w is None else w for w, d in zip(guide, (cfg.ref_guidance, cfg.text_guidance)))
+    print(f"{len(records)} records, {args.steps} sampling steps, guidance on the references {w_ref:g}, on the prompt "
+          f"{w_text:g}, {time.time() - t0:.0f} s", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # throughput
@@ -147,6 +155,10 @@ def main(argv=None):
     e.add_argument("--ref-size", type=int, default=None, help="references' side as the base was trained (default 16)")
     e.add_argument("--n", type=int, default=100, help="records scored (the first n)")
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
+    e.add_argument("--ref-guidance", type=D.float_in(0), default=None, help="guidance on the references (default: the "
+                   "preset's; model.denoise)")
+    e.add_argument("--text-guidance", type=D.float_in(0), default=None, help="guidance on the prompt (default: the "
+                   "preset's)")
     e.add_argument("--out", default=None, help="write the samples and metrics.json here")
     s = sub.add_parser("sanity")
     s.add_argument("--manifest", required=True)
