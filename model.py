@@ -99,13 +99,14 @@ CONFIGS = {
     "flux-dev": FluxConfig(repo_id="black-forest-labs/FLUX.1-dev", flow_file="flux1-dev.safetensors"),
     "flux-schnell": FluxConfig(guidance_embed=False, max_txt_len=256, shift_schedule=False, sample_steps=4,
                                repo_id="black-forest-labs/FLUX.1-schnell", flow_file="flux1-schnell.safetensors"),
-    # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens; guidance 1
-    # when sampling, which is what it trains with (as UNO does)
+    # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens; distilled
+    # guidance 1 when sampling, which is what it trains with (as UNO does); classifier-free guidance 3 on the
+    # references and 2 on the prompt (the best of those measured on held-out singles: README, the toy world)
     "toy": FluxConfig(in_channels=48, out_channels=48, vec_in_dim=64, context_in_dim=64, hidden_size=128,
                       num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), text_encoder="bytes",
                       max_txt_len=128, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
                                                            scale_factor=1.0, shift_factor=0.0),
-                      image_size=32, ref_size=16, sample_steps=20, guidance=1.0),
+                      image_size=32, ref_size=16, sample_steps=20, guidance=1.0, ref_guidance=3.0, text_guidance=2.0),
 }
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")   # the shipped toy checkpoint
 
@@ -729,6 +730,7 @@ class ByteTextEncoder(nn.Module):
         if cfg.txt_pad not in ("max", "longest"):
             raise ValueError(f"txt_pad must be 'max' or 'longest', not {cfg.txt_pad!r}")
         self.txt_pad = cfg.txt_pad
+        self.null_prompt = False                              # trained on "" (--drop-prompt): text guidance's baseline
         self.embed = nn.Embedding(257, dim)                   # 256 byte values + padding (256)
         self.pos = nn.Parameter(torch.randn(cfg.max_txt_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
@@ -926,17 +928,31 @@ def read_header(path):
     except Exception as e:
         raise unreadable(path, e) from None
 
-def load_byte_encoder(text, path, **kw):
-    """The toy's text encoder from `path` (load_state_dict_strict's keywords), and the padding it was trained with:
-    its file's header says ("txt_pad"); a file without one was trained padded to max_len (the first toy world's)."""
+def byte_encoder_header(path):
+    """A toy text encoder file's header -> (txt_pad, null_prompt): the padding it was trained with (a file without
+    one was trained padded to max_len, the first toy world's) and whether it was trained on the empty prompt
+    (train_sft.py --drop-prompt), the baseline text guidance subtracts."""
     from safetensors import safe_open
-    load_state_dict_strict(text, path, **kw)
-    with safe_open(path, framework="pt") as f:                   # readable: load_state_dict_strict just read it
-        pad = (f.metadata() or {}).get("txt_pad", "max")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise unreadable(path, e) from None
+    pad = meta.get("txt_pad", "max")
     if pad not in ("max", "longest"):
         raise CheckpointError(f"{path}: its header's txt_pad {pad[:40]!r} is neither 'max' nor 'longest'")
-    text.txt_pad = pad
+    return pad, meta.get("null_prompt") == "trained"
+
+def load_byte_encoder(text, path, **kw):
+    """The toy's text encoder from `path` (load_state_dict_strict's keywords), with what its header says."""
+    load_state_dict_strict(text, path, **kw)
+    text.txt_pad, text.null_prompt = byte_encoder_header(path)
     return text
+
+def default_text_guidance(cfg, null_prompt):
+    # the preset's text guidance, for a text encoder trained on the empty prompt; else none: against a prompt it
+    # never saw, guidance pushes anywhere (the toy base trained without --drop-prompt drew nothing right at 2)
+    return cfg.text_guidance if null_prompt else 1.0
 
 def _some(items, n=4, sep=", "):
     # a few of many names, so a file of another architecture still gives one readable line

@@ -258,7 +258,8 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     if acfg is None:
         weights = {"flux.safetensors": ({k: v.contiguous() for k, v in flux.state_dict().items()}, None),
                    "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()},
-                                                {"txt_pad": text.txt_pad})}     # how it pads: model.load_byte_encoder
+                                                {"txt_pad": text.txt_pad,       # model.byte_encoder_header
+                                                 **({"null_prompt": "trained"} if text.null_prompt else {})})}
     else:
         weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
     state = {"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()}

@@ -316,12 +316,18 @@ def resolve_run(args):
     if args.lora:
         D.check_file(args.lora)
     own = preset == "toy" and os.path.isfile(os.path.join(toy_folder(args.model), "adapter.safetensors"))
+    # text guidance needs a text encoder that learned the empty prompt: T5 + CLIP did; a toy one says so in its header
+    encoder = os.path.join(toy_folder(args.model), "text_encoder.safetensors")
+    null_prompt = preset != "toy" or (os.path.isfile(encoder) and M.byte_encoder_header(encoder)[1])
+    if pick(args.text_guidance, 1) != 1 and not null_prompt:
+        print(f"note: --text-guidance {args.text_guidance:g}: {encoder} was not trained on the empty prompt "
+              f"(train_sft.py --drop-prompt), the baseline guidance subtracts", file=sys.stderr)
     if args.lora_scale != 1 and not (args.lora or own):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=args.pe, device=device,
                         ref_guidance=pick(args.ref_guidance, cfg.ref_guidance),
-                        text_guidance=pick(args.text_guidance, cfg.text_guidance),
+                        text_guidance=pick(args.text_guidance, M.default_text_guidance(cfg, null_prompt)),
                         save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
 
 def check_tokens(run, n_refs, mult):

@@ -4177,6 +4177,25 @@ def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_
     with pytest.raises(SystemExit):
         TS.main(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"])
 
+def test_text_guidance_defaults_to_the_presets_only_for_an_encoder_trained_on_the_empty_prompt(toy_run, tmp_path,
+                                                                                               capsys):
+    # a base trained with --drop-prompt says so in its text encoder's header; sample.py then guides on the prompt at
+    # the preset's scale, and a base trained without it gets none unless asked (and then a note)
+    root, manifest = toy_run
+    for drop in ("0", "0.5"):
+        sft(tmp_path / drop, manifest, "--stage", "base", "--steps", "1", "--ckpt-every", "1", "--drop-prompt", drop)
+    resolve = lambda *argv: S.resolve_run(S.build_parser().parse_args(["--refs", "x.png", *argv]))[1]["text_guidance"]
+    trained, untrained = (str(tmp_path / d / "ckpt-0000001") for d in ("0.5", "0"))
+    assert M.byte_encoder_header(os.path.join(trained, "text_encoder.safetensors")) == ("max", True)
+    assert M.byte_encoder_header(os.path.join(untrained, "text_encoder.safetensors")) == ("max", False)
+    assert M.get_config("toy").text_guidance != 1
+    capsys.readouterr()
+    assert resolve("--model", trained) == M.get_config("toy").text_guidance
+    assert resolve("--model", untrained) == 1 and "note:" not in capsys.readouterr().err
+    assert resolve("--model", untrained, "--text-guidance", "2") == 2
+    assert "was not trained on the empty prompt" in capsys.readouterr().err
+    assert resolve("--model", "flux-dev") == M.get_config("flux-dev").text_guidance == 1
+
 def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(toy_run, tmp_path, monkeypatch, capsys):
     # --wandb through a stand-in module: each log.jsonl record reaches wandb.log at its step, the run is finished;
     # without the package the run stops before any work, in one line

@@ -197,6 +197,8 @@ def train(args, run, cfg, ddp, rank, world, device):
                                                    args.seed)
     if args.txt_pad is not None and isinstance(text, M.ByteTextEncoder):
         text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
+    if args.drop_prompt > 0 and isinstance(text, M.ByteTextEncoder):
+        text.null_prompt = True                      # it learns "" too (saved with a base checkpoint: text guidance)
     denoiser = TR.Denoiser(flux, text).train()
     model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
     opt = TR.build_optimizer(params, args.lr, args.weight_decay, args.zero and ddp)

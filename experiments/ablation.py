@@ -65,6 +65,9 @@ g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of th
 g = parser.add_argument_group("scoring")
 g.add_argument("--test-n", type=int, default=48, help="test records per test set")
 g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
+g.add_argument("--ref-guidance", type=float, default=1.0, help="guidance on the references when sampling (default 1, "
+               "none: the tables in experiments/README.md were sampled so)")
+g.add_argument("--text-guidance", type=float, default=1.0, help="guidance on the prompt when sampling (default 1)")
 g.add_argument("--table", default=None, help="also write the markdown tables to this file")
 g.add_argument("--figure", default=None, help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
 
@@ -113,7 +116,7 @@ def score_adapter(args, adapter, tests, samples):
     """Every test set sampled (seed = record index) with its references and with reference 0 swapped, scored;
     the samples saved under `samples`/<set>/ -> {set: metrics}."""
     cfg, flux, text, ae = EW.load_toy(args.base, adapter, args.ref_size)
-    out = {}
+    guide, out = (args.ref_guidance, args.text_guidance), {}
     for name, manifest in tests.items():
         records = [r for _, r in D.read_manifest(manifest)[0]]
         root, here = os.path.dirname(manifest), os.path.join(samples, name)
@@ -124,13 +127,13 @@ def score_adapter(args, adapter, tests, samples):
         images, after, swapped = [], [], []
         for i, rec in enumerate(records):
             refs = [D.load_image(os.path.join(root, p)) for p in rec["refs"]]
-            images.append(EW.sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.eval_steps))
+            images.append(EW.sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.eval_steps, *guide))
             images[-1].save(os.path.join(here, f"{rec['id']}.png"))
             if "hard" not in rec:                # a hard pair's shapes are equal: toy.following counts no swap there
                 new, ref, _ = toy.swap_record(rec)
                 swapped.append(new)
                 after.append(EW.sample(cfg, flux, text, ae, rec["prompt"], [Image.fromarray(ref)] + refs[1:], i,
-                                       args.eval_steps))
+                                       args.eval_steps, *guide))
         m = score_images(images, records, *((after, swapped) if after else ()))
         out[name] = dict(m, share=share, n_records=len(records))
     return out
@@ -202,7 +205,9 @@ def ablation(args):
     # a work folder holds one experiment: its runs and scores are reused only under the settings that made them
     settings = dict(base=os.path.abspath(args.base), sprite=list(args.sprite), ref_size=args.ref_size, n=args.n,
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, ippo_iters=args.ippo_iters,
-                    test_n=args.test_n, eval_steps=args.eval_steps)
+                    test_n=args.test_n, eval_steps=args.eval_steps,
+                    # sampled without guidance unless asked (folders from before these settings were)
+                    **{k: getattr(args, k) for k in ("ref_guidance", "text_guidance") if getattr(args, k) != 1})
     if os.path.exists(path("settings.json")):
         made = json.load(open(path("settings.json")))
         if made != settings:

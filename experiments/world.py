@@ -48,7 +48,7 @@ def sample(cfg, flux, text, ae, prompt, refs, seed, steps, ref_guidance=None, te
     # one sample as sample.py draws it; the guidance scales default to the preset's
     size = cfg.image_size
     w_ref = cfg.ref_guidance if ref_guidance is None else ref_guidance
-    w_text = cfg.text_guidance if text_guidance is None else text_guidance
+    w_text = M.default_text_guidance(cfg, text.null_prompt) if text_guidance is None else text_guidance
     timesteps = M.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
     c = M.sampling_inputs(cfg, ae, text, prompt, [D.preprocess_ref(r, cfg.ref_size) for r in refs], size, size,
                           seed=seed, null_text=w_text != 1)
@@ -96,7 +96,8 @@ def evaluate(args):
             b.save(os.path.join(args.out, f"{i:06d}_swap.png"))
         D.write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(rows, indent=1).encode()))
     print(toy.metrics_table(rows, toy.METRICS + ("following",)))
-    w_ref, w_text = (d if w is None else w for w, d in zip(guide, (cfg.ref_guidance, cfg.text_guidance)))
+    w_ref = cfg.ref_guidance if args.ref_guidance is None else args.ref_guidance
+    w_text = M.default_text_guidance(cfg, text.null_prompt) if args.text_guidance is None else args.text_guidance
     print(f"{len(records)} records, {args.steps} sampling steps, guidance on the references {w_ref:g}, on the prompt "
           f"{w_text:g}, {time.time() - t0:.0f} s", file=sys.stderr)
 
