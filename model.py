@@ -106,7 +106,7 @@ CONFIGS = {
                       num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), text_encoder="bytes",
                       max_txt_len=128, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
                                                            scale_factor=1.0, shift_factor=0.0),
-                      image_size=32, ref_size=16, sample_steps=20, guidance=1.0, ref_guidance=3.0, text_guidance=2.0),
+                      image_size=32, ref_size=16, sample_steps=20, guidance=1.0, ref_guidance=4.0, text_guidance=2.0),
 }
 TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")   # the shipped toy checkpoint
 

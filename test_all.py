@@ -4165,14 +4165,14 @@ def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_
                 TS.step_losses(args, training.Denoiser(flux, text), training.Denoiser(flux, text), ae, batch, s,
                                torch.Generator().manual_seed(s), "cpu")
         return list(refs), list(prompts), list(ts)
-    r0, p0, t0 = steps(40, 0.0, 0.0)
-    assert all(r0) and p0 == batch["prompts"] * 40
-    r1, p1, t1 = steps(40, 0.5, 0.5)
-    # 40 steps, 320 prompts at p = 0.5: outside these bounds with probability < 1e-4
-    assert 8 <= r1.count(False) <= 32 and 120 <= p1.count("") <= 200
-    assert all(q in ("", p) for q, p in zip(p1, batch["prompts"] * 40))
+    r0, p0, t0 = steps(24, 0.0, 0.0)
+    assert all(r0) and p0 == batch["prompts"] * 24
+    r1, p1, t1 = steps(24, 0.5, 0.5)
+    # 24 steps, 192 prompts at p = 0.5: outside these bounds with probability < 1e-3
+    assert 4 <= r1.count(False) <= 20 and 70 <= p1.count("") <= 122
+    assert all(q in ("", p) for q, p in zip(p1, batch["prompts"] * 24))
     # without dropout t is the generator's first draw, as before the option existed
-    first = [LS.sample_timesteps(8, 64, True, generator=torch.Generator().manual_seed(s)) for s in range(40)]
+    first = [LS.sample_timesteps(8, 64, True, generator=torch.Generator().manual_seed(s)) for s in range(24)]
     assert all(torch.equal(a, b) for a, b in zip(t0, first)) and not torch.equal(t1[0], t0[0])
     with pytest.raises(SystemExit):
         TS.main(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"])
