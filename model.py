@@ -100,8 +100,8 @@ CONFIGS = {
     "flux-schnell": FluxConfig(guidance_embed=False, max_txt_len=256, shift_schedule=False, sample_steps=4,
                                repo_id="black-forest-labs/FLUX.1-schnell", flow_file="flux1-schnell.safetensors"),
     # trains on 2 CPU cores: 32x32 images -> 16x16x12 pixel-unshuffled "latents" -> 8x8 = 64 tokens; distilled
-    # guidance 1 when sampling, which is what it trains with (as UNO does); classifier-free guidance 3 on the
-    # references and 2 on the prompt (the best of those measured on held-out singles: README, the toy world)
+    # guidance 1 when sampling, which is what it trains with (as UNO does); classifier-free guidance 4 on the
+    # references and 2 on the prompt (chosen on validation singles: README, the toy world)
     "toy": FluxConfig(in_channels=48, out_channels=48, vec_in_dim=64, context_in_dim=64, hidden_size=128,
                       num_heads=4, depth=2, depth_single_blocks=4, axes_dim=(8, 12, 12), text_encoder="bytes",
                       max_txt_len=128, ae=AutoEncoderConfig(ch_mult=(), z_channels=12, factor=2,
@@ -949,10 +949,12 @@ def load_byte_encoder(text, path, **kw):
     text.txt_pad, text.null_prompt = byte_encoder_header(path)
     return text
 
-def default_text_guidance(cfg, null_prompt):
-    # the preset's text guidance, for a text encoder trained on the empty prompt; else none: against a prompt it
-    # never saw, guidance pushes anywhere (the toy base trained without --drop-prompt drew nothing right at 2)
-    return cfg.text_guidance if null_prompt else 1.0
+def guidance_scales(cfg, null_prompt, ref=None, text=None):
+    """The (reference, text) classifier-free guidance a sample uses: the given ones, else the preset's, its text
+    guidance only for a text encoder trained on the empty prompt: against a prompt it never saw, guidance pushes
+    anywhere (the toy base trained without --drop-prompt drew nothing right at 2)."""
+    return (cfg.ref_guidance if ref is None else ref,
+            (cfg.text_guidance if null_prompt else 1.0) if text is None else text)
 
 def _some(items, n=4, sep=", "):
     # a few of many names, so a file of another architecture still gives one readable line

@@ -324,10 +324,10 @@ def resolve_run(args):
               f"(train_sft.py --drop-prompt), the baseline guidance subtracts", file=sys.stderr)
     if args.lora_scale != 1 and not (args.lora or own):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
+    ref_guidance, text_guidance = M.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=args.pe, device=device,
-                        ref_guidance=pick(args.ref_guidance, cfg.ref_guidance),
-                        text_guidance=pick(args.text_guidance, M.default_text_guidance(cfg, null_prompt)),
+                        ref_guidance=ref_guidance, text_guidance=text_guidance,
                         save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
 
 def check_tokens(run, n_refs, mult):

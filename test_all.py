@@ -4145,7 +4145,7 @@ def test_base_stage_can_read_references(tmp_path):
                        torch.Generator().manual_seed(0), "cpu")
     assert seen == [0, 1]
 
-def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_path):
+def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_path, capsys):
     # --drop-prompt p: each sample's prompt is "" with probability p; --drop-refs p: a step has no references with
     # probability p; with both 0 the batch's generator stream (t, noise) is untouched
     manifest = toy.write_world(str(tmp_path / "w"), 8, seed=0, subjects=(1,))
@@ -4176,6 +4176,10 @@ def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_
     assert all(torch.equal(a, b) for a, b in zip(t0, first)) and not torch.equal(t1[0], t0[0])
     with pytest.raises(SystemExit):
         TS.main(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"])
+    assert "--drop-prompt: a cache holds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                  # stage multi's attention losses need every step's references
+        TS.main(["--data", manifest, "--out", str(tmp_path / "y"), "--stage", "multi", "--drop-refs", "0.1"])
+    assert "--drop-refs: not with --stage multi" in capsys.readouterr().err
 
 def test_text_guidance_defaults_to_the_presets_only_for_an_encoder_trained_on_the_empty_prompt(toy_run, tmp_path,
                                                                                                capsys):

@@ -123,7 +123,7 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     noise = torch.randn(x0.shape, generator=gen).to(device)                         # (B, L, C)
     # the probe rides along the same forward (no second pass): it reads each double block's q, k and keeps only
     # the per-reference attention maps over the target tokens that L_attn, SCAL and MDL need
-    use_probe = refs and args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
+    use_probe = args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
     probe = M.AttentionProbe(args.attn_blocks, rows=[p[:, :2] for p in batch["points"]] if args.scal > 0 else None,
                              direction=args.attn_direction) if use_probe else None
     cond, g = TR.conditioning(batch, denoiser, device), TR.guidance_for(flux, B, device)
@@ -160,6 +160,9 @@ def main(argv=None):
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
     if (args.data is None) == (args.cache is None):
         p.error("give one of --data (a manifest) or --cache (a `cache.py` folder)")
+    if args.stage == "multi" and args.drop_refs > 0:
+        # its attention losses need the references in every step (and DDP ranks must log the same terms)
+        p.error("--drop-refs: not with --stage multi (L_attn, SCAL and MDL read the references); use base or single")
     if args.cache and args.drop_prompt > 0:
         p.error("--drop-prompt: a cache holds each prompt's embedding, with no text encoder for \"\" (use --data)")
 

@@ -47,8 +47,7 @@ def load_toy(base, adapter=None, ref_size=None):
 def sample(cfg, flux, text, ae, prompt, refs, seed, steps, ref_guidance=None, text_guidance=None):
     # one sample as sample.py draws it; the guidance scales default to the preset's
     size = cfg.image_size
-    w_ref = cfg.ref_guidance if ref_guidance is None else ref_guidance
-    w_text = M.default_text_guidance(cfg, text.null_prompt) if text_guidance is None else text_guidance
+    w_ref, w_text = M.guidance_scales(cfg, text.null_prompt, ref_guidance, text_guidance)
     timesteps = M.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
     c = M.sampling_inputs(cfg, ae, text, prompt, [D.preprocess_ref(r, cfg.ref_size) for r in refs], size, size,
                           seed=seed, null_text=w_text != 1)
@@ -76,7 +75,7 @@ def evaluate(args):
     root = os.path.dirname(os.path.abspath(args.manifest))
     cfg, flux, text, ae = load_toy(args.base, args.adapter, args.ref_size)
     images, after, swapped = [], [], []
-    guide = (args.ref_guidance, args.text_guidance)
+    guide = M.guidance_scales(cfg, text.null_prompt, args.ref_guidance, args.text_guidance)
     t0 = time.time()
     for i, rec in enumerate(records):
         toy.identity_of(rec["attrs"][0], f"{args.manifest}: record {rec.get('id', i)}")   # the first world: refuse
@@ -96,10 +95,8 @@ def evaluate(args):
             b.save(os.path.join(args.out, f"{i:06d}_swap.png"))
         D.write_atomic(os.path.join(args.out, "metrics.json"), lambda f: f.write(json.dumps(rows, indent=1).encode()))
     print(toy.metrics_table(rows, toy.METRICS + ("following",)))
-    w_ref = cfg.ref_guidance if args.ref_guidance is None else args.ref_guidance
-    w_text = M.default_text_guidance(cfg, text.null_prompt) if args.text_guidance is None else args.text_guidance
-    print(f"{len(records)} records, {args.steps} sampling steps, guidance on the references {w_ref:g}, on the prompt "
-          f"{w_text:g}, {time.time() - t0:.0f} s", file=sys.stderr)
+    print(f"{len(records)} records, {args.steps} sampling steps, guidance on the references {guide[0]:g}, on the "
+          f"prompt {guide[1]:g}, {time.time() - t0:.0f} s", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # throughput
