@@ -44,7 +44,7 @@ from tqdm import tqdm
 import losses as LS
 import model as M
 import moe_lora as ML
-import toy
+import toy_named
 import training as TR
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
@@ -674,7 +674,7 @@ def rl(args):
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.01)
     ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), cfg.token_px
-    refs = [toy.render_reference(toy.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
+    refs = [toy_named.render_reference(toy_named.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
     c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
     G, w, rows = args.group, args.window, []
     flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))

@@ -914,9 +914,9 @@ def unreadable(path, e):
                                f"run code (convert it once with safetensors.torch.save_file where you trust it)")
     return CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
 
-def read_header(path):
-    """{key: (shape, dtype)} from a safetensors header, without reading the tensors. Only safetensors: a pickle
-    (.pt/.bin/.ckpt) given instead is refused here, never unpickled."""
+def read_header(path, metadata=False):
+    """{key: (shape, dtype)} from a safetensors header, without reading the tensors (and its metadata dict when
+    asked). Only safetensors: a pickle (.pt/.bin/.ckpt) given instead is refused here, never unpickled."""
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -924,7 +924,7 @@ def read_header(path):
             for k in f.keys():
                 s = f.get_slice(k)
                 out[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype()))
-            return out
+            return (out, f.metadata() or {}) if metadata else out
     except Exception as e:
         raise unreadable(path, e) from None
 
@@ -932,12 +932,7 @@ def byte_encoder_header(path):
     """A toy text encoder file's header -> (txt_pad, null_prompt): the padding it was trained with (a file without
     one was trained padded to max_len, the first toy world's) and whether it was trained on the empty prompt
     (train_sft.py --drop-prompt), the baseline text guidance subtracts."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise unreadable(path, e) from None
+    meta = read_header(path, metadata=True)[1]
     pad = meta.get("txt_pad", "max")
     if pad not in ("max", "longest"):
         raise CheckpointError(f"{path}: its header's txt_pad {pad[:40]!r} is neither 'max' nor 'longest'")

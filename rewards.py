@@ -497,9 +497,9 @@ def build_subjects(args, device):
 
 def build_reward(args, device="cpu"):
     """-> CompositeReward for args.reward: faces + CLIP + HPS, or detector + DINOv2 + CLIP + HPS (the toy world's
-    reward, --reward toy, is toy.toy_reward)."""
+    reward, --reward toy, is toy.reward_for: the world of the records)."""
     if args.reward == "toy":
-        raise ValueError("the toy reward is toy.toy_reward (toy.py sits above this file)")
+        raise ValueError("the toy reward is toy.reward_for (toy.py sits above this file)")
     subjects = build_subjects(args, device)[0]                  # first: a missing face pack fails in no time
     clip = CLIPScore(args.clip, device)
     pref = PreferenceScore(args.preference, args.preference_kind, device, args.preference_processor)

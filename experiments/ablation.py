@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data as D
+import runs
 import toy
 import training as TR
 from experiments import world as EW
@@ -62,6 +63,8 @@ g.add_argument("--steps", type=int, default=300, help="stage-multi steps of ever
 g.add_argument("--batch-size", type=int, default=16)
 g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
 g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
+g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of every stage-multi row "
+               "(keeps the empty prompt's velocity for --text-guidance; reference dropout is refused in stage multi)")
 g = parser.add_argument_group("scoring")
 g.add_argument("--test-n", type=int, default=48, help="test records per test set")
 g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
@@ -206,8 +209,9 @@ def ablation(args):
     settings = dict(base=os.path.abspath(args.base), sprite=list(args.sprite), ref_size=args.ref_size, n=args.n,
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, ippo_iters=args.ippo_iters,
                     test_n=args.test_n, eval_steps=args.eval_steps,
-                    # sampled without guidance unless asked (folders from before these settings were)
-                    **{k: getattr(args, k) for k in ("ref_guidance", "text_guidance") if getattr(args, k) != 1})
+                    # sampled without guidance and trained without dropout unless asked (older folders were)
+                    **{k: getattr(args, k) for k in ("ref_guidance", "text_guidance") if getattr(args, k) != 1},
+                    **({"drop_prompt": args.drop_prompt} if args.drop_prompt else {}))
     if os.path.exists(path("settings.json")):
         made = json.load(open(path("settings.json")))
         if made != settings:
@@ -277,7 +281,8 @@ def ablation(args):
             if how is not None:
                 adapter = run("train_sft.py", out, args.steps, seed, [
                     "--stage", "multi", *how, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                    "--lr", str(args.lr), "--ckpt-every", str(args.steps)])
+                    "--lr", str(args.lr), "--ckpt-every", str(args.steps),
+                    *(["--drop-prompt", str(args.drop_prompt)] if args.drop_prompt else [])])
             else:
                 adapter = run("train_rl.py", out, args.ippo_iters, seed, [
                     "--adapter", path("runs", f"seed{seed}", f"row{IPPO_FROM}", f"ckpt-{args.steps:07d}",

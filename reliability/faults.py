@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-import toy
+import toy_named
 import runs
 
 parser = argparse.ArgumentParser(prog="python -m reliability.faults", epilog=__doc__,
@@ -71,7 +71,7 @@ def left(out):
 def faults(args):
     """-> rows (trainer, where it was killed, what the folder held, resumed from, final adapter = uninterrupted)."""
     work, rng = args.work or tempfile.mkdtemp(prefix="faults-"), random.Random(args.seed)
-    manifest = toy.write_toy(os.path.join(work, "data"), 16, seed=0)
+    manifest = toy_named.write_toy(os.path.join(work, "data"), 16, seed=0)
     base = toy_base(os.path.join(work, "base"))[0]
     # (script, checkpoints it writes: one per step, the flag for its length, arguments)
     runs = [("train_sft.py", 6, "--steps", ["--stage", "multi", "--batch-size", "2", "--lambda-attn", "0.3"]),
