@@ -852,9 +852,9 @@ def random_toy(folder):
 
 def test_shipped_checkpoint_follows_references_that_differ_only_in_colour(tmp_path):
     """Prompt and seed fixed, single references that differ only in colour (far pairs: 0.30 mean abs RGB), 6 pairs x
-    4 seeds x 2: the drawn subject takes its own reference's colour. Measured (near / medium / far pairs): 0.88 /
-    0.96 / 1.00 for the shipped checkpoint; 0.46 / 0.52 / 0.50 for the first world's (its prompts named every
-    identity), i.e. chance, which random weights also score (asserted below)."""
+    4 seeds x 2: the drawn subject takes its own reference's colour. Measured (near / medium / far pairs): 0.98 /
+    1.00 / 1.00 for the shipped checkpoint at its default guidance; 0.46 / 0.52 / 0.50 for the first world's (its
+    prompts named every identity), i.e. chance, which random weights also score (asserted below)."""
     (tmp_path / "shipped").mkdir()
     assert follows_own_colour(tmp_path / "shipped", []) >= 0.9
     (tmp_path / "rnd").mkdir()
@@ -4313,6 +4313,23 @@ def test_ablation_pools_each_metric_by_what_it_counts():
     assert EA.pool(sets, "colour_err") == pytest.approx((0.2 + 2.4) / 8)
     b = EA.binned([(0.01, 0.2), (0.02, 0.4), (0.12, 0.1), (0.45, 1.0)])
     assert b[0] == (pytest.approx(0.3), 2) and b[2] == (0.1, 1) and b[1] == (None, 0) and b[-1] == (1.0, 1)
+
+def test_ablation_refuses_a_work_folder_made_under_other_settings(tmp_path):
+    # a folder of an earlier experiment (no guidance, no prompt dropout: its settings carry neither key) is never
+    # mixed into one trained with dropout or sampled with guidance; refused before anything is written (were it
+    # taken, the tiny run would fail fast on its missing base)
+    import experiments.ablation as EA
+    base, work, small = tmp_path / "nobase", tmp_path / "work", dict(n=1, steps=1, batch_size=1, ippo_iters=1,
+                                                                     test_n=1, eval_steps=1)
+    made = dict(base=str(base), sprite=[7, 11], ref_size=16, n=1, steps=1, batch_size=1, lr=1e-3, ippo_iters=1,
+                test_n=1, eval_steps=1)
+    work.mkdir()
+    (work / "settings.json").write_text(json.dumps(made))
+    flags = [a for k, v in small.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    for extra in (["--drop-prompt", "0.1"], ["--ref-guidance", "4"], ["--text-guidance", "2"]):
+        with pytest.raises(SystemExit, match="holds runs made with .* pass another --work"):
+            EA.ablation(EA.parser.parse_args(["--base", str(base), "--work", str(work), *flags, *extra]))
+    assert json.loads((work / "settings.json").read_text()) == made and os.listdir(work) == ["settings.json"]
 
 def follows_own_colour(tmp_path, model_args, distance=toy.HARD["far"], pairs=6, seeds=4):
     """Single references that differ only in colour, by `distance` (mean abs RGB; toy.hard_pair's colours, one
