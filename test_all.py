@@ -839,7 +839,7 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     main(["--refs", *DEMO, "--seed", "0", "--out", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "shipped0.png").read_bytes()
     print(scores)
-    assert scores["shipped"].mean() > scores["random"].mean() + 0.4         # measured: 0.83 against 0.23
+    assert scores["shipped"].mean() > scores["random"].mean() + 0.4         # measured: 0.85 against 0.21
 
 def random_toy(folder):
     # the toy architecture with random weights (seed 0), as a checkpoint folder: a generator that reads nothing
@@ -852,14 +852,15 @@ def random_toy(folder):
 
 def test_shipped_checkpoint_follows_references_that_differ_only_in_colour(tmp_path):
     """Prompt and seed fixed, single references that differ only in colour (far pairs: 0.30 mean abs RGB), 6 pairs x
-    4 seeds x 2: the drawn subject takes its own reference's colour. Measured (near / medium / far pairs): 0.98 /
-    1.00 / 1.00 for the shipped checkpoint at its default guidance; 0.46 / 0.52 / 0.50 for the first world's (its
-    prompts named every identity), i.e. chance, which random weights also score (asserted below)."""
+    3 seeds x 2, at the shipped checkpoint's defaults: the drawn subject takes its own reference's colour. Measured
+    (near / medium / far pairs, 4 seeds): 0.98 / 1.00 / 1.00 for the shipped checkpoint; 0.46 / 0.52 / 0.50 for the
+    first world's (its prompts named every identity), i.e. chance, which random weights also score (asserted below;
+    sampled in 4 steps without guidance, which a generator that reads nothing does not need)."""
     (tmp_path / "shipped").mkdir()
-    assert follows_own_colour(tmp_path / "shipped", []) >= 0.9
+    assert follows_own_colour(tmp_path / "shipped", [], seeds=3) >= 0.9
     (tmp_path / "rnd").mkdir()
     assert 0.3 <= follows_own_colour(tmp_path / "rnd", ["--model", str(random_toy(tmp_path / "random")),
-                                                        "--arch", "toy"]) <= 0.7
+                                                        "--arch", "toy", "--steps", "4", "--ref-guidance", "1"]) <= 0.7
 
 # -----------------------------------------------------------------------------
 # losses (losses.py) against hand-computed values, torch.distributions and finite differences
