@@ -831,7 +831,9 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     assert all(p.dtype == torch.float32 for p in flux.parameters())                 # stored fp16, runs fp32 on CPU
     rnd = random_toy(tmp_path / "random")
     refs, multi_id, scores = [D.load_image(p) for p in DEMO], R.MultiIDReward(toy.WorldSubjects()), {}
-    for name, model in (("shipped", []), ("random", ["--model", str(rnd), "--arch", "toy"])):
+    # random weights read nothing: sampled in 4 steps without guidance, they only set the floor
+    for name, model in (("shipped", []), ("random", ["--model", str(rnd), "--arch", "toy", "--steps", "4",
+                                                     "--ref-guidance", "1"])):
         for seed in range(6):
             main(["--refs", *DEMO, "--seed", str(seed), "--out", str(tmp_path / f"{name}{seed}.png"), *model])
         scores[name] = multi_id([Image.open(tmp_path / f"{name}{k}.png") for k in range(6)], refs)["score"]
@@ -839,7 +841,7 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     main(["--refs", *DEMO, "--seed", "0", "--out", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "shipped0.png").read_bytes()
     print(scores)
-    assert scores["shipped"].mean() > scores["random"].mean() + 0.4         # measured: 0.85 against 0.21
+    assert scores["shipped"].mean() > scores["random"].mean() + 0.4         # measured: 0.85 against 0.23
 
 def random_toy(folder):
     # the toy architecture with random weights (seed 0), as a checkpoint folder: a generator that reads nothing
