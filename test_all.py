@@ -23,7 +23,7 @@ import curate as C
 import data as D
 import model as M
 import toy
-import toy_named
+import toy_named as TN
 from data import InputError, load_image, preprocess_ref
 from model import denoise, euler_step, get_schedule, sde_step
 from sample import main
@@ -1122,7 +1122,7 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def toy_manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    return toy_named.write_toy(str(out), 12, seed=0, subjects=(2, 3))
+    return TN.write_toy(str(out), 12, seed=0, subjects=(2, 3))
 
 # -----------------------------------------------------------------------------
 # the toy world
@@ -1132,16 +1132,16 @@ def all_files(folder):
             for d, _, files in os.walk(folder) for f in files}
 
 def test_toy_is_deterministic(tmp_path):
-    a, b, c, short = (toy_named.write_toy(str(tmp_path / k), n, seed=s) for k, n, s in
+    a, b, c, short = (TN.write_toy(str(tmp_path / k), n, seed=s) for k, n, s in
                       (("a", 6, 3), ("b", 6, 3), ("c", 6, 4), ("short", 3, 3)))
     assert all_files(tmp_path / "a") == all_files(tmp_path / "b")                  # same seed: same bytes
     assert open(a, "rb").read() != open(c, "rb").read()                            # another seed: another world
     assert read_jsonl(short) == read_jsonl(a)[:3]                                  # records do not depend on n
 
 def test_toy_world_has_enough_similar_attributes():
-    assert len(toy_named.SHAPES) >= 6 and len(toy_named.COLOURS) >= 8 and len(toy_named.PATTERNS) >= 4
-    renders = {toy_named.render_reference(s).tobytes() for s in toy_named.SPRITES}
-    assert len(renders) == len(toy_named.SPRITES) == len(toy_named.SHAPES) * len(toy_named.COLOURS) * len(toy_named.PATTERNS)   # all distinct
+    assert len(TN.SHAPES) >= 6 and len(TN.COLOURS) >= 8 and len(TN.PATTERNS) >= 4
+    renders = {TN.render_reference(s).tobytes() for s in TN.SPRITES}
+    assert len(renders) == len(TN.SPRITES) == len(TN.SHAPES) * len(TN.COLOURS) * len(TN.PATTERNS)   # all distinct
 
 def test_toy_masks_are_exact(toy_manifest):
     ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
@@ -1151,7 +1151,7 @@ def test_toy_masks_are_exact(toy_manifest):
         masks = [np.asarray(Image.open(os.path.join(root, m))) / 255 for m in rec["masks"]]
         for m, attrs in zip(masks, rec["attrs"]):
             assert set(np.unique(m)) <= {0.0, 1.0}
-            assert m.sum() == toy_named.render_sprite(toy_named.Sprite(**attrs), toy_named.sprite_px(16))[1].sum()   # the sprite's pixels
+            assert m.sum() == TN.render_sprite(TN.Sprite(**attrs), TN.sprite_px(16))[1].sum()   # the sprite's pixels
         union = np.sum(masks, 0)
         assert union.max() == 1                                                      # disjoint
         assert (target[union == 0] == 255).all() and (target[union == 1] != 255).any(-1).all()
@@ -1178,7 +1178,7 @@ def test_toy_prompt_names_each_subject(toy_manifest):
         assert len(rec["attrs"]) == len(rec["refs"]) in (2, 3)
         for a in rec["attrs"]:
             assert f"{a['colour']} {a['pattern']} {a['shape']}" in rec["prompt"]
-    assert toy_named.describe(["red striped circle", "orange dotted square"]) == \
+    assert TN.describe(["red striped circle", "orange dotted square"]) == \
         "a red striped circle and an orange dotted square"
 
 def test_toy_cli_subject_counts(tmp_path, capsys):
@@ -1204,7 +1204,7 @@ def test_dataset_items(toy_manifest):
         assert it["target"].shape == (3, 32, 32) and it["refs"].shape == (N, 3, 16, 16)
         assert it["target"].min() >= -1 and it["target"].max() <= 1 and it["prompt"] == recs[i]["prompt"]
         assert it["masks"].shape == (N, 64) and len(it["points"]) == N
-        ref0 = torch.from_numpy(np.array(toy_named.render_reference(toy_named.Sprite(**recs[i]["attrs"][0])))).permute(2, 0, 1)
+        ref0 = torch.from_numpy(np.array(TN.render_reference(TN.Sprite(**recs[i]["attrs"][0])))).permute(2, 0, 1)
         assert torch.allclose(it["refs"][0], ref0 / 127.5 - 1)
         for k, p in enumerate(it["points"]):
             assert p.dtype == torch.long and p.shape[1] == 2 and len(p) > 0
@@ -1544,7 +1544,7 @@ import training
 def toy_run(tmp_path_factory):
     """A toy data set and a random toy base in the folder format stage base writes (and sample.py reads)."""
     root = tmp_path_factory.mktemp("toyrun")
-    manifest = toy_named.write_toy(str(root / "data"), 16, seed=0, subjects=(2, 3))
+    manifest = TN.write_toy(str(root / "data"), 16, seed=0, subjects=(2, 3))
     cfg = M.get_config("toy")
     torch.manual_seed(0)
     (root / "base").mkdir()
@@ -1772,19 +1772,19 @@ def test_zero_detections_score_zero():
     assert out["score"].tolist() == [0.0, 0.0] and out["matches"] == [[], []]
 
 def test_toy_scorers_hand_values():
-    subjects, text, aes = toy_named.ToySubjects(16), toy_named.ToyTextScore(toy_named.ToySubjects(16)), toy_named.ToyAesthetic()
+    subjects, text, aes = TN.ToySubjects(16), TN.ToyTextScore(TN.ToySubjects(16)), TN.ToyAesthetic()
     for i in range(30):                              # clean targets: every subject found and named right
-        target, _, sprites, rec = toy_named.toy_example(0, i)
+        target, _, sprites, rec = TN.toy_example(0, i)
         assert sorted(map(str, subjects.classify(subjects.subjects(target)))) == sorted(map(str, sprites))
         assert text([target], [rec["prompt"]])[0] == 1.0 and aes([target])[0] == 1.0
-    assert toy_named.parse_toy_prompt("a red striped circle and an orange dotted square") == \
+    assert TN.parse_toy_prompt("a red striped circle and an orange dotted square") == \
         [("red", "striped", "circle"), ("orange", "dotted", "square")]
     # draw a red striped circle and a blue solid square; the prompt names a red striped circle and a green
     # solid square (1 attribute of 3 wrong): (1 + 2/3) / 2. A third, unnamed subject divides by 3 instead.
     img = np.full((32, 32, 3), 255, np.uint8)
-    for (y, x), s in (((2, 2), toy_named.Sprite("circle", "red", "striped")), ((18, 18), toy_named.Sprite("square", "blue", "solid")),
-                      ((2, 18), toy_named.Sprite("cross", "pink", "dotted"))):
-        rgb, m = toy_named.render_sprite(s, 12)
+    for (y, x), s in (((2, 2), TN.Sprite("circle", "red", "striped")), ((18, 18), TN.Sprite("square", "blue", "solid")),
+                      ((2, 18), TN.Sprite("cross", "pink", "dotted"))):
+        rgb, m = TN.render_sprite(s, 12)
         img[y:y + 12, x:x + 12][m] = rgb[m]
     prompt = "a red striped circle and a green solid square"
     two = img.copy()
@@ -1796,7 +1796,8 @@ def test_toy_scorers_hand_values():
     mud.reshape(-1, 3)[:100] = (128, 128, 128)
     assert aes([two])[0] == 1.0 and aes([mud])[0] == pytest.approx(1 - 100 / 1024)
     # identity: the right sprites score 1; the same shapes in other colours score less
-    refs = [toy_named.render_reference(toy_named.Sprite("circle", "red", "striped")), toy_named.render_reference(toy_named.Sprite("square", "blue", "solid"))]
+    refs = [TN.render_reference(TN.Sprite("circle", "red", "striped")),
+            TN.render_reference(TN.Sprite("square", "blue", "solid"))]
     mid = R.MultiIDReward(subjects)
     recolour = two.copy()
     recolour[(two == (220, 40, 40)).all(-1)] = (40, 170, 60)            # the red circle turned green
@@ -2075,15 +2076,15 @@ def test_reward_args_and_toy_reward():
     args = p.parse_args([])
     assert args.reward == "toy" and R.reward_weights(args) == R.WEIGHTS["object"]
     assert R.reward_weights(p.parse_args(["--reward", "human", "--w-id", "2"])) == dict(text=1.4, aes=0.7, id=2.0)
-    reward = toy_named.toy_reward(16, R.reward_weights(p.parse_args(["--w-aes", "0"])))
-    target, _, sprites, rec = toy_named.toy_example(0, 0)
-    refs = [toy_named.render_reference(s) for s in sprites]
+    reward = TN.toy_reward(16, R.reward_weights(p.parse_args(["--w-aes", "0"])))
+    target, _, sprites, rec = TN.toy_example(0, 0)
+    refs = [TN.render_reference(s) for s in sprites]
     out = reward([Image.fromarray(target)], rec["prompt"], refs, rec["captions"])
     assert out["id"][0] == pytest.approx(1.0) and out["text"][0] == pytest.approx(1.0)
     assert out["total"][0] == pytest.approx(1.4 * 1.0 + 1.0 * 1.0)
 
 def test_eval_cli_toy(tmp_path, capsys):
-    manifest = toy_named.write_toy(str(tmp_path / "toy"), 4, seed=0)
+    manifest = TN.write_toy(str(tmp_path / "toy"), 4, seed=0)
     recs = [json.loads(line) for line in open(manifest)]
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -2109,10 +2110,10 @@ def test_object_reward_and_eval_wiring(tmp_path, flo_dir, dino_dir, clip_dir):
     p = argparse.ArgumentParser()
     R.add_reward_args(p)
     reward = R.build_reward(p.parse_args(flags))
-    target, _, sprites, rec = toy_named.toy_example(0, 1)
-    out = reward([Image.fromarray(target)], rec["prompt"], [toy_named.render_reference(s) for s in sprites], rec["captions"])
+    target, _, sprites, rec = TN.toy_example(0, 1)
+    out = reward([Image.fromarray(target)], rec["prompt"], [TN.render_reference(s) for s in sprites], rec["captions"])
     assert out["total"][0] == pytest.approx(1.4 * out["text"][0] + 0.7 * out["aes"][0] + 1.0 * out["id"][0])
-    manifest = toy_named.write_toy(str(tmp_path / "toy"), 1, seed=0)
+    manifest = TN.write_toy(str(tmp_path / "toy"), 1, seed=0)
     shutil.copy(tmp_path / "toy" / "images" / "000000.png", tmp_path / "toy000000.png")
     assert R.main(["eval", "--manifest", manifest, "--images", str(tmp_path)] + flags) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -2185,7 +2186,7 @@ def rl_setup():
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.1)
     ae, text = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg)
-    refs = [toy_named.render_reference(toy_named.SPRITES[3]), toy_named.render_reference(toy_named.SPRITES[77])]
+    refs = [TN.render_reference(TN.SPRITES[3]), TN.render_reference(TN.SPRITES[77])]
     c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
     return flux, c, get_schedule(6, 64)
 
@@ -2260,7 +2261,7 @@ def test_kl_to_the_base_model_matches_torch_distributions(rl_setup):
 
 def test_prompt_dataset_reads_rl_records(tmp_path):
     # RL records need no target; a bad one is skipped with the others kept; references come preprocessed
-    toy_named.render_reference(toy_named.SPRITES[0], 20).save(tmp_path / "a.png")
+    TN.render_reference(TN.SPRITES[0], 20).save(tmp_path / "a.png")
     Image.new("RGB", (30, 10), "red").save(tmp_path / "b.png")
     lines = [{"prompt": "a thing", "refs": ["a.png", "b.png"], "captions": ["x", "y"]},
              {"prompt": "gone", "refs": ["missing.png"]}, {"prompt": "", "refs": ["a.png"]}]
@@ -2377,14 +2378,14 @@ def test_ippo_learns_an_easy_reward(toy_run, tmp_path, monkeypatch):
 # world's detector + embedder standing in for insightface, injected detectors and feature extractors, and the
 # tiny random transformers models above for the real code paths
 
-SPR = {k: toy_named.Sprite(*v) for k, v in dict(A=("circle", "red", "solid"), B=("square", "blue", "striped"),
+SPR = {k: TN.Sprite(*v) for k, v in dict(A=("circle", "red", "solid"), B=("square", "blue", "striped"),
                                          C=("triangle", "green", "checked"), F=("hexagon", "purple", "solid")).items()}
-PX = toy_named.sprite_px(32)                                          # 24 px sprites: ToySubjects(32) sees them as they are
+PX = TN.sprite_px(32)                                          # 24 px sprites: ToySubjects(32) sees them as they are
 
 class ToyFaceApp:
     """insightface's app interface over the toy world's detector: every sprite is a face, its ink the embedding."""
     def __init__(self):
-        self.toy = toy_named.ToySubjects(32)
+        self.toy = TN.ToySubjects(32)
 
     def get(self, bgr):
         rgb = np.ascontiguousarray(bgr[..., ::-1])
@@ -2398,7 +2399,7 @@ def scene(placed, W=96, H=64):
     """[(sprite key, x, y)] -> (H, W, 3) uint8 on white, and each sprite's exact box (x0, y0, x1, y1)."""
     a, boxes = np.full((H, W, 3), 255, np.uint8), []
     for k, x, y in placed:
-        rgb, m = toy_named.render_sprite(SPR[k], PX)
+        rgb, m = TN.render_sprite(SPR[k], PX)
         a[y:y + PX, x:x + PX][m] = rgb[m]
         ys, xs = np.nonzero(m)
         boxes.append((x + xs.min(), y + ys.min(), x + xs.max() + 1, y + ys.max() + 1))
@@ -2413,7 +2414,7 @@ def write_clip(path, frames):
 
 def identity(img):
     # the toy classifier's verdict on the largest sprite of an image: the independent check of who is where
-    subjects = toy_named.ToySubjects(32)
+    subjects = TN.ToySubjects(32)
     return subjects.classify(subjects.subjects(np.asarray(img))[:1])[0]
 
 def masked(target, mask):
@@ -2526,7 +2527,7 @@ def test_curate_real_models_without_weights_are_one_line_errors(tmp_path, capsys
 
 def toy_detector(image, phrases):
     # phrase grounding for the toy world: each phrase's boxes are the sprites the toy classifier names so
-    subjects = toy_named.ToySubjects(16)
+    subjects = TN.ToySubjects(16)
     a = np.asarray(image)
     found = [((x0, y0, x1, y1), subjects.classify(subjects.subjects(c)[:1])[0].caption)
              for (y0, x0, y1, x1), c in subjects.detect(a)]
@@ -3113,7 +3114,7 @@ def test_sample_lora_scale_zero_is_the_base_and_one_is_the_default(tmp_path, cap
                                         "--out", str(tmp_path / "x.png"))
 
 def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_path, capsys):
-    manifest = toy_named.write_toy(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
+    manifest = TN.write_toy(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
     recs = [json.loads(l) for l in open(manifest)]
     plain = dict(recs[0], prompt="a pink checked cross")
     del plain["id"]
@@ -3928,7 +3929,7 @@ def test_trainer_flags_out_of_range_are_one_line_errors_before_any_work(toy_run,
 def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, capsys):
     root, manifest = toy_run
     folders, _ = two_step_run
-    other = toy_named.write_toy(str(tmp_path / "other"), 4, seed=1)
+    other = TN.write_toy(str(tmp_path / "other"), 4, seed=1)
     out = tmp_path / "run"
     shutil.copytree(folders / "cut", out, symlinks=True)
     before = sorted(os.listdir(out))
@@ -4093,7 +4094,7 @@ def test_world_cli_and_old_folders_give_one_line_errors(tmp_path, capsys):
     m = json.loads((gen / "metrics.json").read_text())["rows"]
     assert m["images"]["colour_err"] < 0.01 and m["images"]["texture_acc"] == 1
     assert m["averaging"]["alpha"] == pytest.approx(0.5, abs=2 * 0.5 / 255 / toy.DARK)   # up to 8-bit rounding
-    old = toy_named.write_toy(str(tmp_path / "old"), 2, seed=0)                  # the first world's folder
+    old = TN.write_toy(str(tmp_path / "old"), 2, seed=0)                  # the first world's folder
     capsys.readouterr()
     assert EW.main(["sanity", "--manifest", old]) == 2
     err = capsys.readouterr().err.strip()
@@ -4303,9 +4304,9 @@ def test_world_reward_hand_values():
 
 def test_toy_reward_follows_the_world_of_the_records(tmp_path):
     new = read_jsonl(toy.write_world(str(tmp_path / "w"), 2))
-    old = read_jsonl(toy_named.write_toy(str(tmp_path / "o"), 2))
+    old = read_jsonl(TN.write_toy(str(tmp_path / "o"), 2))
     assert toy.reward_for(new).multi_id.embedder.__class__ is toy.WorldSubjects
-    assert toy.reward_for(old).multi_id.embedder.__class__ is toy_named.ToySubjects
+    assert toy.reward_for(old).multi_id.embedder.__class__ is TN.ToySubjects
 
 def test_ablation_pools_each_metric_by_what_it_counts():
     import experiments.ablation as EA

@@ -63,8 +63,9 @@ g.add_argument("--steps", type=int, default=300, help="stage-multi steps of ever
 g.add_argument("--batch-size", type=int, default=16)
 g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
 g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
-g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of every stage-multi row "
-               "(keeps the empty prompt's velocity for --text-guidance; reference dropout is refused in stage multi)")
+g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of "
+               "every stage-multi row (keeps the empty prompt's velocity for --text-guidance; reference dropout is "
+               "refused in stage multi)")
 g = parser.add_argument_group("scoring")
 g.add_argument("--test-n", type=int, default=48, help="test records per test set")
 g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
