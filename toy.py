@@ -30,7 +30,7 @@ import toy_named as N
 # -----------------------------------------------------------------------------
 # the world that tests customization: the references carry what the prompt cannot name
 #
-# The first world (toy_named.py, kept for comparison; assets/toy is trained on this one) named every identity in
+# The first world (toy_named.py, kept for comparison; assets/toy is trained on the one below) named every identity in
 # full in its prompt and gave each one reference identical to its rendering: text alone was enough, so a model
 # learned to ignore its references. Here an identity is a continuous colour, a two-tone cell code and a shape;
 # the prompt names only the shapes and their count; a reference is another view (another scale, position and
@@ -422,7 +422,8 @@ def following(after, records, swapped, slot=0, where="manifest"):
     return (float(np.mean(hits)) if hits else float("nan")), len(hits)
 
 # -----------------------------------------------------------------------------
-# the world's reward (Eq. 9 for IPPO): the same three terms as toy_reward, read by this world's detector
+# the world's reward (Eq. 9 for IPPO): the same three terms as toy_named.toy_reward, read by this world's
+# detector
 #   text  the named shapes against the drawn ones (Hungarian on shape, over max(named, drawn): as ToyTextScore)
 #   aes   the share of clean pixels: white background, or within tol of the light or dark tone of the subject read
 #   id    Eq. 10 over references and drawn subjects, embedded so that cosine ~ agreement in shape, code and colour
