@@ -1209,12 +1209,17 @@ def decode_images(ae, x, height, width):
 @torch.no_grad()
 def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu",
                     null_text=False):
-    """Everything Flux.forward needs for one sample (batch 1): seeded noise, the prompt encoded, each reference
-    (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare. null_text: also the empty
-    prompt (txt_null, y_null, for denoise's text guidance), encoded with the prompt so both have one length."""
-    noise = get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, seed).to(device)   # (1, z, h, w)
-    ref_lat = [encode_image(ae, r, device) for r in refs]                                 # [(1, z, h_i, w_i)]
+    """Everything Flux.forward needs for one prompt and its references: seeded noise, the prompt encoded, each
+    reference (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare. seed: an int (batch
+    1) or a list of B seeds, each sample's noise drawn as that seed alone draws it (the prompt and references are
+    encoded once and shared). null_text: also the empty prompt (txt_null, y_null, for denoise's text guidance),
+    encoded with the prompt so both have one length."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    B = len(seeds)
+    noise = torch.cat([get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, s) for s in seeds])
+    ref_lat = [encode_image(ae, r, device).expand(B, -1, -1, -1) for r in refs]          # [(B, z, h_i, w_i)]
     txt, y = text_encoder([prompt, ""] if null_text else [prompt])                  # (1|2, L_txt, C), (1|2, C_vec)
     # text stays fp32 like the latents: autocast casts it for bf16 weights
-    out = prepare(noise, ref_lat, pe, txt[:1].float(), y[:1].float())
-    return dict(out, txt_null=txt[1:].float(), y_null=y[1:].float()) if null_text else out
+    batch = lambda a: a.float().expand(B, *a.shape[1:])
+    out = prepare(noise.to(device), ref_lat, pe, batch(txt[:1]), batch(y[:1]))           # noise (B, z, h, w)
+    return dict(out, txt_null=batch(txt[1:]), y_null=batch(y[1:])) if null_text else out

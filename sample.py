@@ -26,7 +26,7 @@ ever beside its own JSON and attention maps). A sample that is not finite (NaN o
 The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
 src/flux/sampling.py); reading and preprocessing the reference images in data.py.
 """
-import argparse, json, math, os, re, secrets, sys, tempfile
+import argparse, itertools, json, math, os, re, secrets, sys, tempfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -89,6 +89,8 @@ def build_parser():
                    "the JSON)")
     g.add_argument("--seeds", type=D.int_in(0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
                    "(default 0): one folder each")
+    g.add_argument("--batch-size", type=D.int_in(1, 256), default=None, help="a test set: up to N seeds of a record "
+                   "denoised as one batch (default 1; throughput; equal to one at a time up to float rounding)")
     g.add_argument("--width", type=D.int_in(1), default=None, help="default: 512 flux, 32 toy")
     g.add_argument("--height", type=D.int_in(1), default=None)
     g = p.add_argument_group("output")
@@ -129,7 +131,7 @@ def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offl
     checkpoint is a folder (assets/toy for --model toy) holding flux.safetensors and text_encoder.safetensors,
     and the adapter it samples with, adapter.safetensors, if it has one (`lora` replaces it). FLUX: ae, t5, clip
     name where those weights are (model.flux_weights), every missing one listed at once before anything loads.
-    offload: everything but the DiT's small parts stays in CPU memory (sample_one moves the encoders and the AE in
+    offload: everything but the DiT's small parts stays in CPU memory (sample_batch moves the encoders and the AE in
     while they run; the DiT's blocks are streamed); fp8: the DiT's block weights stored in fp8."""
     dtype = M.weight_dtype(device)
     preset = name if name in M.CONFIGS else arch
@@ -264,34 +266,41 @@ def write_set(files):
     for path in [*list(files)[1:], png]:
         os.replace(tmps[path], path)
 
-def sample_one(models, run, prompt, refs, seed, png, meta, progress=True):
-    """One sample (refs: preprocessed PIL images) -> png, its JSON (meta + what was resolved) and, with --save-attn,
-    one overlay per reference, written as one set. A sample that is not finite is refused before anything is written."""
+def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
+    """One prompt and its references (preprocessed PIL images), one sample per seed, denoised as one batch ->
+    per seed its png, its JSON (meta + what was resolved) and, with --save-attn, one overlay per reference, each
+    written as one set. A sample that is not finite is refused after the others of its batch are written."""
     flux, ae, text = models
     cfg, W, H = flux.cfg, run["width"], run["height"]
     # --offload: the encoders and the AE visit the GPU only while they run (T5-XXL alone is 9.5 GB in bf16)
     on = (lambda m: M.resident(m, run["device"])) if run["offload"] else (lambda m: nullcontext())
     with on(text), on(ae):
-        inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, seed, run["pe"], run["device"],
+        inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, list(seeds), run["pe"], run["device"],
                                 null_text=run["text_guidance"] != 1)
     timesteps = M.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if run["save_attn"] else None
     x = M.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress,
-                  ref_guidance=run["ref_guidance"], text_guidance=run["text_guidance"])
-    if not torch.isfinite(x).all():                          # decoded, NaN becomes a black PNG
+                  ref_guidance=run["ref_guidance"], text_guidance=run["text_guidance"])          # (B, L, C)
+    finite = torch.isfinite(x).flatten(1).all(1)                             # decoded, NaN becomes a black PNG
+    maps = probe.mean_map().cpu() if probe is not None else None                     # (B, N_refs, H/2f * W/2f)
+    written = []
+    for b, (seed, png, meta) in enumerate(zip(seeds, pngs, metas)):
+        if not finite[b]:
+            continue
+        with on(ae):                        # one at a time: the AE's peak memory stays that of one image
+            image, stem = M.decode_images(ae, x[b:b + 1], H, W)[0], os.path.splitext(png)[0]
+        files = {png: lambda fh, im=image: im.save(fh, format="PNG")}
+        if maps is not None:
+            for i, over in enumerate(attention_overlays(image, maps[b], H // cfg.token_px, W // cfg.token_px)):
+                files[f"{stem}_attn{i}.png"] = lambda fh, im=over: im.save(fh, format="PNG")
+        meta = dict(meta, prompt=prompt, seed=seed, ref_sizes=[r.size for r in refs], files=list(files))
+        files[stem + ".json"] = lambda fh, m=meta: fh.write(json.dumps(m, indent=2).encode())
+        write_set(files)
+        written += list(files)
+    if not finite.all():
+        png = pngs[int((~finite).nonzero()[0])]
         raise D.InputError(f"{png}: not written: the sample is not finite (NaN/inf): {overflow_cause(flux)}")
-    with on(ae):
-        image = M.decode_images(ae, x, H, W)[0]
-    stem = os.path.splitext(png)[0]
-    files = {png: lambda fh: image.save(fh, format="PNG")}
-    if probe is not None:
-        maps = probe.mean_map()[0].cpu()                                                   # (N_refs, H/2f * W/2f)
-        for i, over in enumerate(attention_overlays(image, maps, H // cfg.token_px, W // cfg.token_px)):
-            files[f"{stem}_attn{i}.png"] = lambda fh, im=over: im.save(fh, format="PNG")
-    meta = dict(meta, prompt=prompt, seed=seed, ref_sizes=[r.size for r in refs], files=list(files))
-    files[stem + ".json"] = lambda fh: fh.write(json.dumps(meta, indent=2).encode())
-    write_set(files)
-    return list(files)
+    return written
 
 # -----------------------------------------------------------------------------
 # settings and inputs, all checked before any weights load
@@ -394,6 +403,7 @@ def generate(args):
     if args.manifest or args.prompts:
         return generate_set(args)
     for flag, what in (("seeds", "--seeds: one sample takes --seed (--seeds is for --manifest/--prompts)"),
+                       ("batch_size", "--batch-size: batches a test set's seeds (--manifest/--prompts)"),
                        ("out_dir", "--out-dir: for --manifest/--prompts (one sample takes --out)")):
         if getattr(args, flag) is not None:
             raise D.InputError(what)
@@ -419,7 +429,7 @@ def generate(args):
     if note:
         print(note, file=sys.stderr)
     meta = dict(settings(args, run), out=out, weights=weights, refs=args.refs)
-    files = sample_one((flux, ae, text), run, prompt, refs, seed, out, meta)
+    files = sample_batch((flux, ae, text), run, prompt, refs, [seed], [out], [meta])
     print(f"wrote {', '.join(files)} (seed {seed})", file=sys.stderr)
     return 0
 
@@ -500,21 +510,29 @@ def generate_set(args):
     (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
     photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
     written, failed, loaded = 0, set(), None
-    for job, seed, png, want in tqdm(todo, desc="samples", disable=not todo):
-        if args.manifest and loaded != job["line"]:                     # a record's references, once for its seeds
-            first, loaded = loaded is None, job["line"]
-            try:
-                images, refs = load_refs(job["refs"], run, mult)
-            except D.InputError as e:                                   # checking read only their headers
-                images = refs = None
-                failed.add(job["line"])
-                tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
-            if refs and preset == "toy" and first:      # the first record's: 0.1 s a check, and a set's are alike
-                photos = not_sprites(zip(job["refs"], images))
-        if refs is None:
-            continue
-        sample_one((flux, ae, text), run, job["prompt"], refs, seed, png, dict(want, weights=weights), progress=False)
-        written += 1
+    # a record's seeds, up to --batch-size of them, are one batch (todo lists each record's seeds together)
+    n = args.batch_size or 1
+    batches = [list(group) for _, group in itertools.groupby(todo, key=lambda t: id(t[0]))]
+    batches = [g[i:i + n] for g in batches for i in range(0, len(g), n)]
+    with tqdm(total=len(todo), desc="samples", disable=not todo) as bar:    # closed (a newline) before any error
+        for batch in batches:
+            job = batch[0][0]
+            if args.manifest and loaded != job["line"]:                     # a record's references, once for its seeds
+                first, loaded = loaded is None, job["line"]
+                try:
+                    images, refs = load_refs(job["refs"], run, mult)
+                except D.InputError as e:                                   # checking read only their headers
+                    images = refs = None
+                    failed.add(job["line"])
+                    tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
+                if refs and preset == "toy" and first:      # the first record's: 0.1 s a check, and a set's are alike
+                    photos = not_sprites(zip(job["refs"], images))
+            if refs is not None:
+                _, seeds_b, pngs, wants = zip(*batch)
+                sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
+                             [dict(w, weights=weights) for w in wants], progress=False)
+                written += len(batch)
+            bar.update(len(batch))
     note = toy_note(run, photos) if preset == "toy" else None
     if note:
         print(note, file=sys.stderr)
@@ -554,7 +572,7 @@ def main(argv=None):
         sys.exit(2)
     except (torch.OutOfMemoryError, MemoryError):
         print(f"error: out of {'GPU ' if torch.cuda.is_available() else ''}memory: lower --width/--height/--ref-size "
-              f"or pass fewer references", file=sys.stderr)
+              f"or --batch-size, or pass fewer references", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:       # every sample on disk is whole (write_set): the same command continues a set
         print("interrupted: the samples written so far are whole; the same command continues a test set",
