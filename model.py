@@ -1214,7 +1214,7 @@ def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe
     1) or a list of B seeds, each sample's noise drawn as that seed alone draws it (the prompt and references are
     encoded once and shared). null_text: also the empty prompt (txt_null, y_null, for denoise's text guidance),
     encoded with the prompt so both have one length."""
-    seeds = [seed] if isinstance(seed, int) else list(seed)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]                 # an int: batch 1
     B = len(seeds)
     noise = torch.cat([get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, s) for s in seeds])
     ref_lat = [encode_image(ae, r, device).expand(B, -1, -1, -1) for r in refs]          # [(B, z, h_i, w_i)]
