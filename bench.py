@@ -471,8 +471,10 @@ class FlashLike(torch.autograd.Function):
         q, k, v = ctx.saved_tensors[:3]
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-def flash_like_attention(q, k, v):
+def flash_like_attention(q, k, v, mask=None):
     # model.attention's contract, (B, L, H, D) -> (B, L, H*D), through FlashLike on (B, H, L, D) views as SDPA gets
+    # (no mask: only the oracle of experiments/ sets one)
+    assert mask is None, "flash_like_attention takes no mask"
     return FlashLike.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(2)
 
 def saved_bytes(model, fn):

@@ -243,14 +243,15 @@ def use_flash(q):
     # flash-attention 2 runs on CUDA in half precision with head dims up to 256; everything else takes SDPA
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
-def attention(q, k, v):
+def attention(q, k, v, mask=None):
     """The one attention of every DiT block (swap it here): q, k, v (B, L, H, D) -> (B, L, H*D). flash-attention
     when installed and the inputs suit it (it takes this layout as is), else SDPA with its own flash /
     memory-efficient kernels. SDPA gets (B, H, L, D) views: its output comes back laid out as (B, L, H, D) and the
-    flatten needs no copy. The probe never goes through here: it gets q and k from the blocks directly."""
-    if use_flash(q):
+    flatten needs no copy. The probe never goes through here: it gets q and k from the blocks directly.
+    mask: None, or (B, 1, L_q, L_k) bool, True where a query may attend (only the Separation oracle sets one)."""
+    if mask is None and use_flash(q):
         return flash_attn_func(q, k, v).flatten(2)
-    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return x.transpose(1, 2).flatten(2)
 
 def heads(x, num_heads):
@@ -261,10 +262,32 @@ def fp32(x):
     # at least fp32 (keeps fp64 in tests): softmaxes, norms and log-probs never run in bf16
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
+def block_names(cfg):
+    """The DiT's blocks by name, in the order they run: d0 .. (double-stream), s0 .. (single-stream)."""
+    return [f"d{i}" for i in range(cfg.depth)] + [f"s{i}" for i in range(cfg.depth_single_blocks)]
+
+def select_blocks(words, cfg):
+    """Block words (--attn-blocks, --oracle-blocks) -> block names, checked against the model. None: every double
+    block (the paper's choice); a word is 'double', 'single', 'all', a name ('d0', 's3') or a bare integer (a
+    double block's index)."""
+    names = block_names(cfg)
+    if words is None:
+        return [n for n in names if n[0] == "d"]
+    out = []
+    for w in map(str, words):
+        got = {"double": [n for n in names if n[0] == "d"], "single": [n for n in names if n[0] == "s"],
+               "all": names}.get(w, [f"d{w}" if w.isdigit() else w])
+        if not got or got[0] not in names:
+            raise ValueError(f"block {w!r}: this model's blocks are {', '.join(names)} (or double, single, all)")
+        out += [n for n in got if n not in out]
+    return out
+
 class AttentionProbe:
     """Per reference, where its tokens look in the generated image (MultiCrafter Eq. 4, MOSAIC's A_ref->tgt).
 
-    In each selected double block, for reference i with queries q_i (N_i tokens) and the target image's
+    blocks: the block names it reads (block_names; a bare integer is a double block), None: every double block
+    (the paper supervises those). In a single-stream block the joint sequence is the same [txt | img | refs], so
+    both directions read it there too. In each selected block, for reference i with queries q_i (N_i tokens) and the target image's
     keys k_img (M tokens):   m_i = mean over heads and over the N_i queries of softmax(q_i k_img^T / sqrt(d))
     a distribution over the M target tokens (the softmax runs over target keys only, not the whole
     sequence). The (B, heads, N_i, M) scores exist one head chunk at a time and are recomputed in backward
@@ -286,19 +309,21 @@ class AttentionProbe:
             raise ValueError(f"probe direction must be 'ref2img' or 'img2ref', not {direction!r}")
         if rows is not None and direction != "ref2img":
             raise ValueError("probe rows (SCAL's correspondences) are reference queries: direction 'ref2img' only")
-        self.blocks = None if blocks is None else set(blocks)
+        self.blocks = None if blocks is None else {f"d{b}" if isinstance(b, int) else b for b in blocks}
         self.rows, self.head_chunk, self.direction = rows, head_chunk, direction
-        self.maps = []      # per probed block: (B, N_refs, M)
-        self.logps = []     # per probed block: [ (P_i, M) per reference ]
+        self.clear()
 
     def clear(self):
-        self.maps, self.logps = [], []
+        self.maps = []      # per probed block: (B, N_refs, M)
+        self.names = []     # the block each map came from
+        self.logps = []     # per probed block: [ (P_i, M) per reference ]
 
-    def at(self, block_index):
-        return self if self.blocks is None or block_index in self.blocks else None
+    def at(self, name):
+        return self if (name[0] == "d" if self.blocks is None else name in self.blocks) else None
 
-    def __call__(self, q, k, spans):
-        # q, k: (B, H, L, Dh) post-QK-norm, post-RoPE, the joint sequence [txt | img | refs]
+    def __call__(self, q, k, spans, name=""):
+        # q, k: (B, H, L, Dh) post-QK-norm, post-RoPE, the joint sequence [txt | img | refs]; name: the block
+        self.names.append(name)
         k_img = k[:, :, spans.img[0]:spans.img[1]]                                  # (B, H, M, Dh)
         run = (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)) \
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) else (lambda f, *a: f(*a))
@@ -347,6 +372,53 @@ class AttentionProbe:
         n = len(self.logps)
         return [torch.logsumexp(torch.stack(per_block), 0) - math.log(n) for per_block in zip(*self.logps)]
 
+def owners(masks, valid=None):
+    """Subject masks on the token grid (B, N, M), shares in [0, 1] -> (B, M) long: each target token's dominant
+    subject, -1 where no (valid) subject covers it."""
+    if valid is not None:
+        masks = masks * valid[:, :, None]
+    share, who = masks.max(1)
+    return torch.where(share > 0, who, torch.full_like(who, -1))
+
+class Separation:
+    """Oracle separation: an experiment tool that gives the model perfectly separated attention in chosen blocks,
+    the upper bound of what separating attention can buy (never a training default). owner (B, M): each target
+    token's subject (owners(masks), from the ground-truth masks), -1 for none. In the selected blocks:
+      img2ref  target tokens of subject i see no key of another reference (the path that carries leakage)
+      ref2img  reference i's queries see no target token of another subject (the map L_attn asks for)
+    Text and unowned tokens are never hidden, so no row is empty; with one reference nothing is hidden and the
+    forward is the plain one, bit for bit. The (B, 1, L, L) mask is built once per forward."""
+    def __init__(self, owner, blocks=None, directions=("img2ref",)):
+        if not set(directions) <= {"img2ref", "ref2img"} or not directions:
+            raise ValueError(f"oracle directions are img2ref and/or ref2img, not {directions!r}")
+        self.owner, self.directions = owner, tuple(directions)
+        self.blocks = None if blocks is None else set(blocks)
+        self._spans, self._mask = None, None
+
+    def at(self, name, spans):
+        # the attention mask of block `name` in the forward whose sequence `spans` describes, or None
+        if self.blocks is not None and name not in self.blocks or not spans.refs:
+            return None
+        if spans is not self._spans:
+            self._spans, self._mask = spans, self.mask(spans)
+        return self._mask
+
+    def mask(self, spans):
+        B, L, dev = self.owner.shape[0], spans.refs[-1][1], self.owner.device
+        subject = torch.full((B, L), -1, dtype=torch.long, device=dev)    # whose token it is (-1: text, unowned)
+        kind = torch.zeros(L, dtype=torch.long, device=dev)               # 0 text, 1 target, 2 reference
+        subject[:, spans.img[0]:spans.img[1]], kind[spans.img[0]:spans.img[1]] = self.owner, 1
+        for i, (s, e) in enumerate(spans.refs):
+            subject[:, s:e], kind[s:e] = i, 2
+        sq, sk = subject[:, :, None], subject[:, None, :]                  # (B, L, 1) queries, (B, 1, L) keys
+        other = (sq >= 0) & (sk >= 0) & (sq != sk)
+        hide = torch.zeros(B, L, L, dtype=torch.bool, device=dev)
+        if "img2ref" in self.directions:
+            hide |= other & (kind[:, None] == 1) & (kind[None, :] == 2)
+        if "ref2img" in self.directions:
+            hide |= other & (kind[:, None] == 2) & (kind[None, :] == 1)
+        return ~hide[:, None] if hide.any() else None                      # (B, 1, L, L), True: may attend
+
 # -----------------------------------------------------------------------------
 # transformer blocks
 
@@ -377,12 +449,13 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
         self.img_mlp, self.txt_mlp = mlp(dim, hidden), mlp(dim, hidden)
 
-    def forward(self, img, txt, vec, pe, probe=None, spans=None):
-        # img (B, L_img + L_refs, D): target tokens then reference tokens; txt (B, L_txt, D)
+    def forward(self, img, txt, vec, pe, name="", probe=None, spans=None, mask=None):
+        # img (B, L_img + L_refs, D): target tokens then reference tokens; txt (B, L_txt, D); name: the block's
+        # (the probe records it); mask: the oracle's attention mask, or None
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
         txt_attn, img_attn = self.attend(modulate(img, i_shift1, i_scale1), modulate(txt, t_shift1, t_scale1),
-                                         pe, probe, spans)
+                                         pe, name, probe, spans, mask)
         # x + gate * f(x) as one addcmul: one pass over the stream instead of two
         img = torch.addcmul(img, i_gate1, self.img_attn.proj(img_attn))
         img = torch.addcmul(img, i_gate2, self.img_mlp(modulate(img, i_shift2, i_scale2)))
@@ -390,7 +463,7 @@ class DoubleStreamBlock(nn.Module):
         txt = torch.addcmul(txt, t_gate2, self.txt_mlp(modulate(txt, t_shift2, t_scale2)))
         return img, txt
 
-    def attend(self, img, txt, pe, probe, spans):
+    def attend(self, img, txt, pe, name, probe, spans, mask):
         # joint attention over [txt | img] -> the (txt, img) parts of its output. A method of its own so that q, k, v
         # are freed when it returns, before the MLPs run (lower peak memory without autograd)
         img_q, img_k, img_v = self.img_attn.qkv_heads(img)
@@ -399,8 +472,8 @@ class DoubleStreamBlock(nn.Module):
         k = apply_rope(torch.cat([txt_k, img_k], dim=1), pe)
         v = torch.cat([txt_v, img_v], dim=1)
         if probe is not None:                       # a side computation; the attention below is unchanged
-            probe(q.transpose(1, 2), k.transpose(1, 2), spans)         # the probe takes (B, H, L, Dh)
-        return attention(q, k, v).split([txt.shape[1], img.shape[1]], dim=1)   # split: backward is one cat
+            probe(q.transpose(1, 2), k.transpose(1, 2), spans, name)   # the probe takes (B, H, L, Dh)
+        return attention(q, k, v, mask).split([txt.shape[1], img.shape[1]], dim=1)   # split: backward is one cat
 
 class SingleStreamBlock(nn.Module):
     """One stream over [txt | img | refs]: attention and MLP in parallel, from one fused input projection."""
@@ -412,24 +485,27 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, double=False)
 
-    def forward(self, x, vec, pe, keep=slice(None)):
+    def forward(self, x, vec, pe, keep=slice(None), name="", probe=None, spans=None, mask=None):
         # keep: the tokens whose output is needed (the last block only needs the target's: queries, MLP and
-        # linear2 run for those alone, keys and values for all)
+        # linear2 run for those alone, keys and values for all); a probe or an oracle mask needs every query
         shift, scale, gate = self.modulation(vec)
-        attn, act = self.attn_and_mlp(self.linear1(modulate(x, shift, scale)), pe, keep)
+        attn, act = self.attn_and_mlp(self.linear1(modulate(x, shift, scale)), pe, keep, name, probe, spans, mask)
         return torch.addcmul(x[:, keep], gate, self.linear2(torch.cat([attn, act], dim=-1)))
 
-    def attn_and_mlp(self, y, pe, keep):
+    def attn_and_mlp(self, y, pe, keep, name, probe, spans, mask):
         # linear1's output y -> (attention output, GELU(mlp_in)); a method so that y is freed before linear2's cat
         D = (y.shape[-1] - self.mlp_hidden) // 3
         q, k, v, h = y.split([D, D, D, self.mlp_hidden], dim=-1)      # one split: backward is one cat
-        return self.attend(q[:, keep], k, v, pe, keep), F.gelu(h[:, keep], approximate="tanh")
+        return self.attend(q[:, keep], k, v, pe, keep, name, probe, spans, mask), \
+            F.gelu(h[:, keep], approximate="tanh")
 
-    def attend(self, q, k, v, pe, keep):
+    def attend(self, q, k, v, pe, keep, name, probe, spans, mask):
         q, k, v = (heads(t, self.num_heads) for t in (q, k, v))        # (B, L, H, Dh)
         q = apply_rope(self.norm.query_norm(q).to(v.dtype), pe[:, keep])
         k = apply_rope(self.norm.key_norm(k).to(v.dtype), pe)
-        return attention(q, k, v)
+        if probe is not None:                       # as in the double blocks: a side computation
+            probe(q.transpose(1, 2), k.transpose(1, 2), spans, name)
+        return attention(q, k, v, mask)
 
 class LastLayer(nn.Module):
     def __init__(self, dim, out_channels):
@@ -469,12 +545,13 @@ class Flux(nn.Module):
         return block(*args)
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None,
-                ref_img=None, ref_img_ids=None, probe=None):
+                ref_img=None, ref_img_ids=None, probe=None, oracle=None):
         """
         img (B, L_img, C) packed noisy latent, img_ids (B, L_img, 3); txt (B, L_txt, C_txt), txt_ids (B, L_txt, 3);
         timesteps (B,) in [0, 1]; y (B, vec_in_dim) pooled text; guidance (B,) for guidance-distilled models;
         ref_img: list of packed reference latents (B, L_ref_i, C) with ref_img_ids [(B, L_ref_i, 3)] (UNO);
-        probe: an AttentionProbe; the double blocks it selects hand it their q, k. Returns (B, L_img, out_channels).
+        probe: an AttentionProbe; the blocks it selects hand it their q, k. oracle: a Separation (experiments
+        only): the attention mask it gives each selected block. Returns (B, L_img, out_channels).
         """
         if (ref_img is None) != (ref_img_ids is None):
             raise ValueError("ref_img and ref_img_ids go together")
@@ -495,20 +572,23 @@ class Flux(nn.Module):
         pe = rope(torch.cat([txt_ids, img_ids] + ref_img_ids, dim=1), self.cfg.axes_dim, self.cfg.theta)
 
         spans = None
-        if probe is not None:
+        if probe is not None or oracle is not None:
             start, refs = L_txt + L_img, []
             for r in ref_img:
                 refs.append((start, start + r.shape[1]))
                 start += r.shape[1]
             spans = Spans(txt=L_txt, img=(L_txt, L_txt + L_img), refs=refs)
+        hooks = lambda name: (name, probe and probe.at(name), spans, oracle and oracle.at(name, spans))
         for i, block in enumerate(self.double_blocks):
-            img, txt = self._run(block, img, txt, vec, pe, probe and probe.at(i), spans)
+            img, txt = self._run(block, img, txt, vec, pe, *hooks(f"d{i}"))
         x = torch.cat([txt, img], dim=1)                                         # (B, L, D)
         del txt, img                                # freed now: lower peak memory in the single blocks
         keep = slice(L_txt, L_txt + L_img)          # the returned tokens: the last single block computes only those
-        for i, block in enumerate(self.single_blocks, 1):
-            x = self._run(block, x, vec, pe, keep if i == len(self.single_blocks) else slice(None))
-        return self.final_layer(x if len(self.single_blocks) else x[:, keep], vec)
+        for i, block in enumerate(self.single_blocks):
+            name, p, _, m = hooks(f"s{i}")
+            trim = i == len(self.single_blocks) - 1 and p is None and m is None
+            x = self._run(block, x, vec, pe, keep if trim else slice(None), name, p, spans, m)
+        return self.final_layer(x if x.shape[1] == L_img else x[:, keep], vec)
 
 # -----------------------------------------------------------------------------
 # latent packing and position ids
@@ -1163,13 +1243,15 @@ def sde_step(x, v, t, t_next, eta, noise=None, prev=None, generator=None):
 
 @torch.no_grad()
 def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=None, ref_img_ids=None,
-            probe=None, progress=True, ref_guidance=1.0, text_guidance=1.0, txt_null=None, y_null=None):
+            probe=None, progress=True, ref_guidance=1.0, text_guidance=1.0, txt_null=None, y_null=None,
+            oracle=None):
     """Euler from noise img (B, L, C) at timesteps[0] = 1 to a clean latent at 0; latents stay fp32.
     A probe rides along at every step, so probe.mean_map() averages over all steps and double blocks:
     early steps show where a subject is placed, late ones its details; the mean is steadier than either.
     Classifier-free guidance, each condition against the full velocity v (compositional, one extra forward each):
     v + (w_ref - 1) (v - v_without_refs) + (w_text - 1) (v - v_with_txt_null); w = 1 leaves a condition alone.
-    txt_null, y_null: the empty prompt encoded (sampling_inputs(null_text=True)); the probe reads only v."""
+    txt_null, y_null: the empty prompt encoded (sampling_inputs(null_text=True)); the probe reads only v.
+    oracle: a Separation in every forward that has references (experiments only)."""
     B, dev = img.shape[0], img.device
     img, g = img.float(), torch.full((B,), guidance, device=dev)
     if text_guidance != 1 and txt_null is None:
@@ -1177,12 +1259,14 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
     for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), disable=not progress, desc="sampling"):
         tt = torch.full((B,), t, device=dev)
         with autocast(dev):
-            v = model(img, img_ids, txt, txt_ids, tt, y, g, ref_img, ref_img_ids, probe=probe).float()  # (B, L, C)
+            v = model(img, img_ids, txt, txt_ids, tt, y, g, ref_img, ref_img_ids, probe=probe,
+                      oracle=oracle).float()                                            # (B, L, C)
             guided = v
             if ref_guidance != 1 and ref_img:
                 guided = guided + (ref_guidance - 1) * (v - model(img, img_ids, txt, txt_ids, tt, y, g).float())
             if text_guidance != 1:
-                v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids).float()
+                v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids,
+                               oracle=oracle).float()
                 guided = guided + (text_guidance - 1) * (v - v_null)
         img = euler_step(img, guided, t, t_next)
     return img

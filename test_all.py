@@ -432,7 +432,8 @@ def test_attention_hook_is_the_one_swap_point_and_flash_takes_cuda_half_only(mon
     probe = M.AttentionProbe()
     plain = f(*args, **refs, probe=probe)
     calls = []
-    def naive(q, k, v):              # (B, L, H, D): softmax(q k^T / sqrt(D)) v by hand, then heads flattened
+    def naive(q, k, v, mask=None):   # (B, L, H, D): softmax(q k^T / sqrt(D)) v by hand, then heads flattened
+        assert mask is None
         calls.append(q.shape)
         w = (torch.einsum("blhd,bmhd->bhlm", q, k) / q.shape[-1] ** 0.5).softmax(-1)
         return torch.einsum("bhlm,bmhd->blhd", w, v).flatten(2)
@@ -441,7 +442,7 @@ def test_attention_hook_is_the_one_swap_point_and_flash_takes_cuda_half_only(mon
     torch.testing.assert_close(f(*args, **refs, probe=probe2), plain, rtol=1e-5, atol=1e-6)
     assert len(calls) == cfg.depth + cfg.depth_single_blocks
     torch.testing.assert_close(probe2.mean_map(), probe.mean_map())
-    monkeypatch.setattr(M, "attention", lambda q, k, v: torch.zeros_like(q).flatten(2))
+    monkeypatch.setattr(M, "attention", lambda q, k, v, mask=None: torch.zeros_like(q).flatten(2))
     assert not torch.allclose(f(*args, **refs), plain)
     # flash-attention is taken only where it runs (CUDA, fp16/bf16, head dim <= 256), whatever is installed
     monkeypatch.setattr(M, "flash_attn_func", lambda q, k, v: pytest.fail("flash called on CPU"))

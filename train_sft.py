@@ -51,7 +51,9 @@ def build_parser():
     g = p.add_argument_group("losses")
     g.add_argument("--stage", default="multi", choices=["base", "single", "multi"])
     g.add_argument("--lambda-attn", type=runs.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
-    g.add_argument("--attn-blocks", type=runs.count, nargs="*", default=None, help="double blocks probed (default all)")
+    g.add_argument("--attn-blocks", nargs="*", default=None, metavar="BLOCK", help="blocks L_attn (and the eval) "
+                   "probes: double (the paper's, default), single, all, or names (d0 s3; an integer is a double "
+                   "block)")
     g.add_argument("--attn-direction", default="ref2img", choices=["ref2img", "img2ref"],
                    help="L_attn's maps: ref2img = each reference's queries over the target's keys (the paper, Eq. 4); "
                    "img2ref = each target token's attention mass on each reference's keys (the path by which a "
@@ -121,7 +123,7 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     # rectified flow: x_t = (1 - t) x0 + t eps at logit-normal t, shifted for the image size as sampling is
     t = LS.sample_timesteps(B, L, flux.cfg.shift_schedule, generator=gen).to(device)    # (B,)
     noise = torch.randn(x0.shape, generator=gen).to(device)                         # (B, L, C)
-    # the probe rides along the same forward (no second pass): it reads each double block's q, k and keeps only
+    # the probe rides along the same forward (no second pass): it reads each chosen block's q, k and keeps only
     # the per-reference attention maps over the target tokens that L_attn, SCAL and MDL need
     use_probe = args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
     probe = M.AttentionProbe(args.attn_blocks, rows=[p[:, :2] for p in batch["points"]] if args.scal > 0 else None,
@@ -171,6 +173,10 @@ def main(argv=None):
     # run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
     cfg = M.get_config(args.preset)
+    try:
+        args.attn_blocks = M.select_blocks(args.attn_blocks, cfg)           # names, checked against the model
+    except ValueError as e:
+        p.error(f"--attn-blocks: {e}")
     args.size = runs.resolved(args.size, cfg.image_size)
     args.ref_size = runs.resolved(args.ref_size, cfg.ref_size)
     # the toy base learns from scratch (a high lr); adapters on a frozen base take small steps (paper: 3e-5)
