@@ -632,7 +632,7 @@ def test_sde_eta0_is_euler():
 def test_denoise_is_euler_over_the_schedule():
     calls = []
     v = torch.randn(1, 4, 48)
-    def fake_model(img, img_ids, txt, txt_ids, t, y, guidance, ref_img, ref_img_ids, probe=None):
+    def fake_model(img, img_ids, txt, txt_ids, t, y, guidance, ref_img, ref_img_ids, probe=None, oracle=None):
         calls.append((t.item(), guidance.item()))
         return v
     img = torch.randn(1, 4, 48)
@@ -646,7 +646,8 @@ def test_denoise_guides_each_condition_against_the_full_velocity():
     # the empty prompt 0.5; one Euler step from t = 1 to 0 subtracts the guided velocity once
     txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
     calls = []
-    def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None):
+    def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None,
+                   oracle=None):
         calls.append((ref_img is not None, txt_ is txt_null))
         return torch.full_like(img, 0.2 if ref_img is None else 0.5 if txt_ is txt_null else 1.0)
     img, refs = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)]
@@ -1617,6 +1618,41 @@ def test_multi_stage_logs_every_loss_term_and_saves_an_adapter(toy_run, tmp_path
     f = M.Flux(M.get_config("toy"))
     acfg = ML.load_adapter(f, str(tmp_path / "m" / "latest" / "adapter.safetensors"))
     assert acfg["rank"] == 4 and acfg["n_experts"] == 4
+
+
+def test_attention_selectivity_tells_separation_from_foreground_and_swaps():
+    # 2 records x 2 subjects on 8 tokens: subject 0 on tokens 0-1, subject 1 on tokens 4-6 (areas 2 and 3)
+    masks = torch.zeros(2, 2, 8)
+    masks[:, 0, :2], masks[:, 1, 4:7] = 1.0, 1.0
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    own = masks / masks.sum(-1, keepdim=True)                             # each map uniform on its own subject
+    fg = (masks.sum(1, keepdim=True) / 5).expand(-1, 2, -1)             # every map on the foreground, per token alike
+    swapped = own.flip(1)
+    stats = lambda m, d="ref2img": training.attention_stats(m, masks, valid, d)
+    assert torch.all(stats(own)["selectivity"] > 1e6)                     # perfect: no mass on the other subject
+    torch.testing.assert_close(stats(fg)["selectivity"], torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(stats(fg)["own"], torch.tensor([0.4, 0.6, 0.4, 0.6], dtype=torch.float64))
+    assert torch.all(stats(swapped)["selectivity"] < 1e-6)
+    torch.testing.assert_close(stats(torch.full((2, 2, 8), 1 / 8))["selectivity"], torch.ones(4, dtype=torch.float64))
+    # hand values: map 0 puts 0.3 on its own 2 tokens, 0.6 on the other 3: (0.3 / 2) / (0.6 / 3) = 0.75
+    m = own.clone()
+    m[0, 0] = torch.tensor([0.15, 0.15, 0.1, 0.0, 0.2, 0.2, 0.2, 0.0])
+    assert stats(m)["selectivity"][0].item() == pytest.approx(0.75)
+    # img2ref: token j's mass on each reference. Subject 0's tokens put 0.3 on reference 0 and 0.1 on reference 1:
+    # mass on references 0.4, wrong share 0.25; subject 1's read only their own: wrong 0
+    img = torch.zeros(2, 2, 8)
+    img[:, 0, :2], img[:, 1, :2], img[:, 1, 4:7] = 0.3, 0.1, 0.5
+    s = stats(img, "img2ref")
+    torch.testing.assert_close(s["ref_mass"], torch.tensor([0.4, 0.5, 0.4, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(s["wrong"], torch.tensor([0.25, 0.0, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(s["chance"], torch.full((4,), 0.5, dtype=torch.float64))
+    # a record whose second subject is padding has no other subject: only its own share counts
+    one = valid.clone()
+    one[1, 1] = False
+    s = training.attention_stats(own, masks, one, "ref2img")
+    assert len(s["own"]) == 3 and len(s["selectivity"]) == 2
+    # pooled: selectivity's mean is geometric (x4 and /4 average to 1)
+    assert training.summarize_stats({"selectivity": [torch.tensor([4.0, 0.25])]})["selectivity"] == pytest.approx(1)
 
 def test_resume_is_exact(toy_run, tmp_path):
     root, manifest = toy_run
@@ -4065,6 +4101,32 @@ def test_world_reader_reads_blurred_noisy_sprites_by_their_tones():
     # the median of the light pixels (the reader before this one) read 0.14 here, the fringe's near-white
     assert np.mean(errs) < 0.04 and np.max(errs) < 0.12 and np.mean(codes) >= 0.85
 
+def test_colour_error_split_separates_pull_from_shrinkage():
+    own = np.array([[0.2, 0.4, 0.6], [0.7, 0.3, 0.3], [0.5, 0.8, 0.2]])
+    other = np.array([[0.6, 0.4, 0.2], [0.2, 0.2, 0.6], [0.3, 0.3, 0.7]])
+    grey = np.full((3, 3), 0.5)
+    split = lambda drawn: toy.split_error(drawn - own, other - own, grey - own)
+    assert split(own) == pytest.approx((0, 0), abs=1e-12)                            # faithful
+    assert split((own + other) / 2) == pytest.approx((0.5, 0), abs=1e-12)            # pure averaging
+    assert split(own + 0.3 * (grey - own)) == pytest.approx((0, 0.3), abs=1e-12)     # pure shrinkage
+    assert split(own + 0.2 * (other - own) + 0.1 * (grey - own)) == pytest.approx((0.2, 0.1), abs=1e-12)
+    # error orthogonal to both directions counts as neither (each row's cross product with its two directions)
+    assert split(own + 0.1 * np.cross(other - own, grey - own)) == pytest.approx((0, 0), abs=1e-12)
+    assert all(math.isnan(v) for v in toy.split_error(own[:1] - own[:1], own[:1], own[:1]))   # one row: undetermined
+
+def test_world_metrics_split_and_both_drawn_on_the_sanity_rows(tmp_path):
+    two, _ = world(tmp_path, "two", 30, seed=3, split="test", subjects=(2, 3))
+    rows = {k: toy.world_metrics(toy.sanity_images(two, k), two) for k in toy.SANITY}
+    assert abs(rows["targets"]["pull"]) < 0.01 and abs(rows["targets"]["shrink"]) < 0.01
+    assert rows["averaging"]["pull"] == pytest.approx(0.5, abs=0.01) and abs(rows["averaging"]["shrink"]) < 0.01
+    # shrinkage toward grey: blend alpha reads it as blending (well above 0), the split does not
+    assert rows["shrinking"]["pull"] == pytest.approx(0, abs=0.01)
+    assert rows["shrinking"]["shrink"] == pytest.approx(toy.SHRINK, abs=0.01) and rows["shrinking"]["alpha"] > 0.2
+    assert rows["text-only"]["shrink"] > 0.6 and abs(rows["text-only"]["pull"]) < 0.15    # random colours
+    assert all(rows[k]["all_drawn"] == 1 for k in toy.SANITY)
+    blank = [np.full((32, 32, 3), 255, np.uint8)] * len(two)
+    assert toy.world_metrics(blank, two)["all_drawn"] == 0
+
 def test_world_metrics_hand_values():
     A = toy.Identity("square", (0.2, 0.4, 0.6), (1, 0, 0, 0))
     B = toy.Identity("square", (0.6, 0.4, 0.2), (0, 1, 1, 1))
@@ -4141,6 +4203,116 @@ def test_probe_img2ref_matches_naive_attention_values_and_gradients():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     with pytest.raises(ValueError):
         M.AttentionProbe(direction="img2ref", rows=[torch.zeros(1, 2, dtype=torch.long)])
+
+def probed_model_inputs(seed=4, n_refs=2):
+    # a tiny model with 2 double and 3 single blocks, and a batch of 2 with n_refs references
+    cfg = tiny_cfg(depth=2, depth_single_blocks=3)
+    f = randomize(M.Flux(cfg), seed=seed)
+    torch.manual_seed(seed)
+    B = 2
+    args = (M.pack(torch.randn(B, 16, 6, 6)), M.grid_ids(3, 3, batch=B), torch.randn(B, 5, 48), torch.zeros(B, 5, 3),
+            torch.rand(B), torch.randn(B, 32), torch.full((B,), 3.5))
+    sides = [(2, 2), (1, 2), (2, 1)][:n_refs]
+    refs = dict(ref_img=[M.pack(torch.randn(B, 16, 2 * h, 2 * w)) for h, w in sides],
+                ref_img_ids=M.ref_ids((3, 3), sides, batch=B))
+    return cfg, f, args, refs
+
+@pytest.mark.parametrize("direction", ["ref2img", "img2ref"])
+def test_probe_in_single_blocks_matches_naive_attention_values_and_gradients(monkeypatch, direction):
+    # every block's q and k captured where the model attends (the last single block included: a probe there needs
+    # every query); the probe's maps in the single blocks equal the naive full-attention ones, and so do their
+    # gradients with respect to the single blocks' weights
+    cfg, f, args, refs = probed_model_inputs()
+    plain = f(*args, **refs)
+    seen, real = [], M.attention
+    def capture(q, k, v, mask=None):
+        seen.append((q.transpose(1, 2), k.transpose(1, 2)))
+        return real(q, k, v, mask)
+    monkeypatch.setattr(M, "attention", capture)
+    probe = M.AttentionProbe(blocks=M.select_blocks(["single"], cfg), direction=direction, head_chunk=3)
+    out = f(*args, **refs, probe=probe)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)     # the probe changes nothing it returns
+    assert probe.names == ["s0", "s1", "s2"] and len(seen) == 5
+    L_txt, L_img = 5, 9
+    start, spans_refs = L_txt + L_img, []
+    for r in refs["ref_img"]:
+        spans_refs.append((start, start + r.shape[1]))
+        start += r.shape[1]
+    spans = M.Spans(txt=L_txt, img=(L_txt, L_txt + L_img), refs=spans_refs)
+    naive = naive_ref_maps if direction == "ref2img" else naive_img_maps
+    w = torch.randn(2, 2, L_img)
+    for (q, k), ours in zip(seen[2:], probe.maps):
+        want = naive(q, k, spans)
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+        weight = f.single_blocks[0].linear1.weight
+        g_ours, = torch.autograd.grad((ours * w).sum(), weight, retain_graph=True)
+        g_want, = torch.autograd.grad((want * w).sum(), weight, retain_graph=True)
+        torch.testing.assert_close(g_ours, g_want, rtol=1e-4, atol=1e-7)
+        assert g_ours.abs().sum() > 0
+
+def test_block_words_name_blocks_and_refuse_unknown_ones():
+    cfg = tiny_cfg(depth=2, depth_single_blocks=3)
+    assert M.block_names(cfg) == ["d0", "d1", "s0", "s1", "s2"]
+    assert M.select_blocks(None, cfg) == ["d0", "d1"]                 # the paper's default: every double block
+    assert M.select_blocks(["single"], cfg) == ["s0", "s1", "s2"] and M.select_blocks(["all"], cfg)[-1] == "s2"
+    assert M.select_blocks([1, "s0", "d1"], cfg) == ["d1", "s0"]        # an integer is a double block; no repeats
+    for bad in (["s3"], ["d2"], ["-1"], ["7"], ["singles"]):
+        with pytest.raises(ValueError, match="d0, d1, s0, s1, s2"):
+            M.select_blocks(bad, cfg)
+
+def naive_masked_attention(q, k, v, allowed):
+    # (B, L, H, D) by hand, with a boolean (B, L, L) mask: softmax over the allowed keys only
+    s = torch.einsum("blhd,bmhd->bhlm", q, k) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.einsum("bhlm,bmhd->blhd", s.softmax(-1), v).flatten(2)
+
+def test_oracle_separation_hides_exactly_the_other_subjects_and_equals_naive_masked_attention(monkeypatch):
+    cfg, f, args, refs = probed_model_inputs(n_refs=2)
+    masks = torch.zeros(2, 2, 9)
+    masks[:, 0, :3], masks[:, 1, 4:6] = 1.0, 1.0
+    masks[1, 0, 4], masks[1, 1, 4] = 0.6, 0.3          # token 4 of sample 1: mostly subject 0
+    owner = M.owners(masks)
+    assert owner[0].tolist() == [0, 0, 0, -1, 1, 1, -1, -1, -1] and owner[1, 4] == 0
+    L_txt, L_img, (n1, n2) = 5, 9, (r.shape[1] for r in refs["ref_img"])
+    L = L_txt + L_img + n1 + n2
+    # who each token is: (kind, subject); the rule written out by hand, token by token
+    def who(b, j):
+        if j < L_txt:
+            return "txt", -1
+        if j < L_txt + L_img:
+            return "img", int(owner[b, j - L_txt])
+        return "ref", 0 if j < L_txt + L_img + n1 else 1
+    for directions in (("img2ref",), ("ref2img",), ("img2ref", "ref2img")):
+        allowed = torch.ones(2, L, L, dtype=torch.bool)
+        for b in range(2):
+            for i in range(L):
+                for j in range(L):
+                    (kq, sq), (kk, sk) = who(b, i), who(b, j)
+                    hide = sq >= 0 and sk >= 0 and sq != sk and (
+                        ("img2ref" in directions and kq == "img" and kk == "ref") or
+                        ("ref2img" in directions and kq == "ref" and kk == "img"))
+                    allowed[b, i, j] = not hide
+        oracle = M.Separation(owner, M.select_blocks(["all"], cfg), directions)
+        ours = f(*args, **refs, oracle=oracle)
+        # the plain forward's last single block computes the target's queries only: their rows of the mask
+        rows = lambda q: allowed if q.shape[1] == L else allowed[:, L_txt:L_txt + L_img]
+        monkeypatch.setattr(M, "attention", lambda q, k, v, mask=None: naive_masked_attention(q, k, v, rows(q)))
+        want = f(*args, **refs)
+        monkeypatch.undo()
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+        assert (ours - f(*args, **refs)).abs().max() > 1e-6               # it does change the output
+    # only the chosen blocks: an oracle on no block at all is the plain forward
+    assert torch.equal(f(*args, **refs, oracle=M.Separation(owner, [], ("img2ref",))), f(*args, **refs))
+
+def test_oracle_with_one_reference_changes_nothing_bit_for_bit():
+    cfg, f, args, refs = probed_model_inputs(n_refs=1)
+    masks = torch.zeros(2, 1, 9)
+    masks[:, 0, 2:5] = 1.0
+    for directions in (("img2ref",), ("ref2img",), ("img2ref", "ref2img")):
+        oracle = M.Separation(M.owners(masks), M.select_blocks(["all"], cfg), directions)
+        assert torch.equal(f(*args, **refs, oracle=oracle), f(*args, **refs))
+    with pytest.raises(ValueError):
+        M.Separation(M.owners(masks), None, ("both",))
 
 def test_byte_encoder_pads_to_the_longest_prompt_when_asked():
     assert M.get_config("toy").txt_pad == "max"          # what a checkpoint whose header does not say pads to

@@ -311,9 +311,30 @@ def blend_alpha(c, own, others):
     d = b - own
     return float(np.clip((np.asarray(c) - own) @ d / max(d @ d, 1e-12), 0, 1))
 
+GREY = (0.5, 0.5, 0.5)        # the mean identity colour (each channel uniform in CHANNEL): where shrinkage goes
+
+def split_error(err, toward_other, toward_mean):
+    """The colour error split into its two directions, least squares pooled over rows (n, 3) each:
+        err ~ pull * (other - own) + shrink * (mean - own)
+    pull is leakage proper (0.5: the average of the two subjects), shrink the fidelity loss toward the mean colour
+    (1: grey) that blend alpha also counts as blending; error in any other direction adds to neither on average.
+    -> (pull, shrink); nan when the two directions do not determine them (fewer than 2 rows, or collinear)."""
+    e, u, w = (np.asarray(a, np.float64).reshape(-1, 3) for a in (err, toward_other, toward_mean))
+    A = np.array([[(u * u).sum(), (u * w).sum()], [(u * w).sum(), (w * w).sum()]])
+    if len(e) < 2 or np.linalg.det(A) <= 1e-9 * max(np.trace(A) ** 2, 1e-30):
+        return float("nan"), float("nan")
+    pull, shrink = np.linalg.solve(A, [(u * e).sum(), (w * e).sum()])
+    return float(pull), float(shrink)
+
+def nearest_other(idents, i):
+    # the other reference whose colour is nearest subject i's (what blend alpha and the split measure compare with)
+    return min((o for k, o in enumerate(idents) if k != i), key=lambda o: colour_distance(o.rgb, idents[i].rgb),
+               default=None)
+
 def score_image(image, idents):
     """One image against its record's identities -> dict(count_ok, subjects: per reference, None where no drawn
-    subject was matched to it, else its matched subject's colour_err, code_ok, shape_ok and alpha)."""
+    subject was matched to it, else its matched subject's colour_err, code_ok, shape_ok, alpha and (multi-subject)
+    split: its colour error and the two directions split_error takes)."""
     drawn = read_subjects(image)
     pairs = dict(match(idents, drawn)) if drawn else {}
     rows = []
@@ -321,31 +342,41 @@ def score_image(image, idents):
         d = drawn[pairs[i]] if i in pairs else None
         rows.append(d and dict(colour_err=colour_distance(d["rgb"], r.rgb), code_ok=float(d["code"] == tuple(r.code)),
                                shape_ok=float(d["shape"] == r.shape),
-                               alpha=blend_alpha(d["rgb"], r.rgb, [o.rgb for k, o in enumerate(idents) if k != i])))
+                               alpha=blend_alpha(d["rgb"], r.rgb, [o.rgb for k, o in enumerate(idents) if k != i]),
+                               split=len(idents) > 1 and [np.subtract(d["rgb"], r.rgb).tolist(),
+                                                          np.subtract(nearest_other(idents, i).rgb, r.rgb).tolist(),
+                                                          np.subtract(GREY, r.rgb).tolist()]))
     return dict(count_ok=float(len(drawn) == len(idents)), subjects=rows)
 
 def world_metrics(images, records, where="manifest"):
     """Images (one per record) -> the world's metrics (MultiCrafter Eq. 10's matching, then): drawn, the share of
     references matched to a drawn subject; on the matched subjects, colour error (mean abs RGB in [0, 1]), texture
     (code exactly right; chance 1/14) and shape accuracy (chance 1/4), blend alpha (multi-subject records) and
-    leakage (the share of those with alpha >= LEAK_ALPHA); subject count accuracy per image."""
-    refs, counts = [], []
+    leakage (the share of those with alpha >= LEAK_ALPHA); subject count accuracy per image; all_drawn, the share
+    of images where every reference was matched (on a hard pair: both subjects drawn, not one omitted); pull and
+    shrink, the colour error split (split_error) into the pull toward the nearest other reference and the
+    shrinkage toward the mean colour (multi-subject records), which blend alpha mixes."""
+    refs, counts, complete = [], [], []
     for k, (im, rec) in enumerate(zip(images, records)):
         idents = [identity_of(a, f"{where}: record {rec.get('id', k)}") for a in rec["attrs"]]
         s = score_image(im, idents)
         refs += s["subjects"]
         counts.append(s["count_ok"])
+        complete.append(float(all(r is not None for r in s["subjects"])))
     subs = [r for r in refs if r is not None]
     alphas = [r["alpha"] for r in subs if r["alpha"] is not None]
+    pull, shrink = split_error(*(np.array([r["split"][j] for r in subs if r["split"]]).reshape(-1, 3)
+                                 for j in range(3)))
     mean = lambda key: float(np.mean([r[key] for r in subs])) if subs else float("nan")
     return dict(drawn=len(subs) / len(refs) if refs else float("nan"), colour_err=mean("colour_err"),
                 texture_acc=mean("code_ok"), shape_acc=mean("shape_ok"),
                 count_acc=float(np.mean(counts)) if counts else float("nan"),
                 alpha=float(np.mean(alphas)) if alphas else float("nan"),
                 leakage=float(np.mean([a >= LEAK_ALPHA for a in alphas])) if alphas else float("nan"),
-                n_refs=len(refs), n_subjects=len(subs), n_alpha=len(alphas))
+                all_drawn=float(np.mean(complete)) if complete else float("nan"), pull=pull, shrink=shrink,
+                n_refs=len(refs), n_subjects=len(subs), n_alpha=len(alphas), n_records=len(complete))
 
-METRICS = ("drawn", "colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage")
+METRICS = ("drawn", "colour_err", "texture_acc", "shape_acc", "count_acc", "alpha", "leakage", "pull", "shrink")
 
 def metrics_table(rows, keys=METRICS):
     """{row name: world_metrics} -> a markdown table of `keys`."""
@@ -377,12 +408,16 @@ def render_boxes(rec, where="manifest", size=32, recolour=None):
         paint(out, ident, y0, x0, y1 - y0)
     return out
 
-SANITY = ("targets", "averaging", "text-only")         # sanity_images' generators
+SANITY = ("targets", "averaging", "shrinking", "text-only")         # sanity_images' generators
+SHRINK = 0.5                   # the shrinking generator's step toward the mean colour
 
 def sanity_images(records, kind, seed=0, where="manifest"):
     """The rows that prove the metrics discriminate, drawn in the records' layouts:
     targets    the records' own subjects (alpha ~ 0, following 1)
-    averaging  each subject recoloured to the mean of its colour and its nearest other reference's (alpha ~ 0.5)
+    averaging  each subject recoloured to the mean of its colour and its nearest other reference's (alpha ~ 0.5,
+               pull 0.5, shrink 0)
+    shrinking  each subject's colour moved SHRINK of the way toward the mean colour GREY (pull 0, shrink SHRINK):
+               a fidelity loss, no leakage
     text-only  what a generator that reads only the prompt draws: each subject the named shape with a colour and
                code drawn from (seed, record, subject) alone, whatever the references (following ~ chance)"""
     out = []
@@ -391,10 +426,12 @@ def sanity_images(records, kind, seed=0, where="manifest"):
         if kind == "targets":
             out.append(render_boxes(rec, where))
         elif kind == "averaging":
-            near = lambda i: min((o for k, o in enumerate(idents) if k != i),
-                                 key=lambda o: colour_distance(o.rgb, idents[i].rgb), default=idents[i])
+            near = lambda i: nearest_other(idents, i) or idents[i]
             out.append(render_boxes(rec, where, recolour=[(np.asarray(r.rgb) + near(i).rgb) / 2
                                                           for i, r in enumerate(idents)]))
+        elif kind == "shrinking":
+            out.append(render_boxes(rec, where, recolour=[np.asarray(r.rgb) + SHRINK * np.subtract(GREY, r.rgb)
+                                                          for r in idents]))
         elif kind == "text-only":
             rng = np.random.default_rng([seed, n])
             blind = dict(rec, attrs=[Identity(r.shape, tuple(_colour(rng)), _code(rng)).attrs() for r in idents])

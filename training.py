@@ -183,35 +183,90 @@ def guidance_for(flux, B, device):
     # UNO trains with guidance 1; models without a guidance input (schnell) take none
     return torch.full((B,), 1.0, device=device) if flux.cfg.guidance_embed else None
 
+def attention_stats(maps, masks, valid, direction):
+    """Where a block's attention maps put each subject, against the subjects' masks on the token grid.
+    maps, masks (B, N, M); valid (B, N) (padded subjects are False). Per valid subject i (own: of any record;
+    the rest: of records with >= 2 subjects):
+      own, other   map i's mass inside subject i's mask, and inside the union of the other subjects' masks
+      selectivity  (own / own area) / (other / other area): 1 when the map cannot tell its subject from the others
+                   (uniform, or on every subject alike: foreground), > 1 separated, < 1 swapped
+    and for direction img2ref (maps[:, i, j]: target token j's attention mass on reference i), over the tokens
+    inside subject i's mask:
+      ref_mass     their attention mass on all references together
+      wrong        the share of that mass on the other references (chance: (N - 1) / N): the path of leakage
+    -> {stat: (S,) tensor over those subjects}."""
+    maps, masks, valid = maps.double(), masks.double(), valid.bool()
+    N = masks.shape[1]
+    other_mask = (masks * valid[:, :, None]).sum(1, keepdim=True) - masks                  # (B, N, M)
+    other_mask = other_mask.clamp(0, 1)
+    own, other = (maps * masks).sum(-1), (maps * other_mask).sum(-1)                      # (B, N)
+    area, other_area = masks.sum(-1), other_mask.sum(-1)
+    keep = valid & (valid.sum(1, keepdim=True) >= 2) & (area > 0) & (other_area > 0)
+    tiny = 1e-12                                  # a map with no mass anywhere in the masks counts as 1, not 0/0
+    out = dict(own=own[valid & (area > 0)], other=other[keep],
+               selectivity=((own + tiny) / area / ((other + tiny) / other_area))[keep])
+    if direction == "img2ref":
+        refs = maps * valid[:, :, None]                                                     # (B, N, M)
+        total = torch.einsum("bim,bkm->bi", masks, refs)                                    # (B, N): mass on all refs
+        mine = torch.einsum("bim,bim->bi", masks, refs)                                     # on its own reference
+        out["ref_mass"] = (total / area.clamp_min(tiny))[keep]
+        out["wrong"] = (1 - mine / total.clamp_min(tiny))[keep]
+        n_valid = valid.sum(1, keepdim=True).double()
+        out["chance"] = ((n_valid - 1) / n_valid).expand(-1, N)[keep]
+    return out
+
+def summarize_stats(per_subject):
+    """{stat: [(S,) tensors]} pooled -> {stat: mean}, selectivity as a geometric mean (a ratio: 2 and 1/2 are
+    equally far from 1)."""
+    out = {}
+    for k, parts in per_subject.items():
+        v = torch.cat(parts)
+        out[k] = float("nan") if not len(v) else \
+            (v.log().mean().exp() if k == "selectivity" else v.mean()).item()
+    return out
+
 @torch.no_grad()
-def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=None, pe="d", t_eval=0.5, max_batches=8):
-    """Held-out Dice and attention share (mass of each subject's map inside its own mask, and inside the other
-    subjects' masks) at a fixed noise level, with the flow-matching loss: did L_attn localize attention where it
-    should? Teacher-forced on the dataset's targets (no sampling)."""
+def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=None, pe="d", t_eval=0.5, max_batches=8,
+                      per_block=False):
+    """Held-out, teacher-forced (the dataset's targets noised to t_eval, no sampling) at a fixed noise level:
+    val_dice, val_share_own / val_share_other / val_selectivity of the maps L_attn is trained on (the reference ->
+    image maps averaged over attn_blocks, see attention_stats) and the flow-matching loss val_diff. Did L_attn
+    separate the subjects' attention, or only move it onto the foreground (own and other shares up together,
+    selectivity ~1)? per_block: also, for every block and both probe directions, val_{direction}_{block}_{stat}
+    (own, other, selectivity; img2ref also ref_mass, wrong and its chance)."""
     was_training = denoiser.training
     denoiser.eval()
-    sums, n = {"dice": 0.0, "share_own": 0.0, "share_other": 0.0, "diff": 0.0}, 0
+    blocks = M.block_names(denoiser.flux.cfg)
+    sums, n, stats = {"dice": 0.0, "diff": 0.0}, 0, {}
     gen = torch.Generator().manual_seed(1234)
     for idx in D.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
         batch = D.collate([dataset[i] for i in idx])
         inp = encode_batch(batch, ae, device, pe)
         x0 = inp["img"]
-        B, N = batch["masks"].shape[:2]
+        B = x0.shape[0]
+        masks, valid = batch["masks"].to(device).float(), batch["mask_valid"].to(device)   # (B, N, M), (B, N)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        probe = M.AttentionProbe(attn_blocks)
-        with M.autocast(device):
-            pred = denoiser(conditioning(batch, denoiser, device), dict(inp, img=(1 - t_eval) * x0 + t_eval * noise),
-                            torch.full((B,), t_eval, device=device), guidance_for(denoiser.flux, B, device), probe)
-        maps, masks = probe.mean_map().float(), batch["masks"].to(device)        # (B, N, L_img) each
-        own = (maps * masks).sum(-1)                                                    # (B, N)
-        other = (maps * (masks.sum(1, keepdim=True) - masks).clamp(0, 1)).sum(-1)
-        sums["dice"] += LS.dice_loss(maps, masks, batch["mask_valid"].to(device)).item() * B
-        sums["share_own"] += own.mean(1).sum().item()
-        sums["share_other"] += other.mean(1).sum().item()
-        sums["diff"] += (pred.float() - (noise - x0)).pow(2).mean().item() * B
+        x_t, tt = (1 - t_eval) * x0 + t_eval * noise, torch.full((B,), t_eval, device=device)
+        for direction in ("ref2img", "img2ref") if per_block else ("ref2img",):
+            probe = M.AttentionProbe(blocks if per_block else attn_blocks, direction=direction)
+            with M.autocast(device):
+                pred = denoiser(conditioning(batch, denoiser, device), dict(inp, img=x_t), tt,
+                                guidance_for(denoiser.flux, B, device), probe)
+            if direction == "ref2img":                  # the loss's own maps: the mean over attn_blocks
+                chosen = set(M.select_blocks(attn_blocks, denoiser.flux.cfg))
+                maps = torch.stack([m for m, b in zip(probe.maps, probe.names) if b in chosen]).mean(0).float()
+                sums["dice"] += LS.dice_loss(maps, masks, valid).item() * B
+                sums["diff"] += (pred.float() - (noise - x0)).pow(2).mean().item() * B
+                for k, v in attention_stats(maps, masks, valid, direction).items():
+                    stats.setdefault(f"share_{k}" if k in ("own", "other") else k, []).append(v)
+            if per_block:
+                for m, b in zip(probe.maps, probe.names):
+                    for k, v in attention_stats(m.float(), masks, valid, direction).items():
+                        stats.setdefault(f"{direction}_{b}_{k}", []).append(v)
         n += B
     denoiser.train(was_training)
-    return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    return {**{f"val_{k}": v / max(n, 1) for k, v in sums.items()},
+            **{f"val_{k}": v for k, v in summarize_stats(stats).items()}}
 
 # -----------------------------------------------------------------------------
 # IPPO's rollout and the policy's log-probabilities (train_rl.py's stage 3; bench.py measures them too)
