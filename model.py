@@ -1024,6 +1024,11 @@ def load_byte_encoder(text, path, **kw):
     text.txt_pad, text.null_prompt = byte_encoder_header(path)
     return text
 
+def learned_empty_prompt(preset, toy_folder):
+    # text guidance needs a text encoder that learned "": T5 + CLIP did; a toy one says so in its file's header
+    encoder = os.path.join(toy_folder or "", "text_encoder.safetensors")
+    return preset != "toy" or (toy_folder is not None and os.path.isfile(encoder) and byte_encoder_header(encoder)[1])
+
 def guidance_scales(cfg, null_prompt, ref=None, text=None):
     """The (reference, text) classifier-free guidance a sample uses: the given ones, else the preset's, its text
     guidance only for a text encoder trained on the empty prompt: against a prompt it never saw, guidance pushes
@@ -1261,15 +1266,24 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
         with autocast(dev):
             v = model(img, img_ids, txt, txt_ids, tt, y, g, ref_img, ref_img_ids, probe=probe,
                       oracle=oracle).float()                                            # (B, L, C)
-            guided = v
-            if ref_guidance != 1 and ref_img:
-                guided = guided + (ref_guidance - 1) * (v - model(img, img_ids, txt, txt_ids, tt, y, g).float())
-            if text_guidance != 1:
-                v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids,
-                               oracle=oracle).float()
-                guided = guided + (text_guidance - 1) * (v - v_null)
-        img = euler_step(img, guided, t, t_next)
+            v_no_refs = model(img, img_ids, txt, txt_ids, tt, y, g).float() \
+                if ref_guidance != 1 and ref_img else None
+            v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids,
+                           oracle=oracle).float() if text_guidance != 1 else None
+        img = euler_step(img, guide(v, ref_guidance, v_no_refs, text_guidance, v_null), t, t_next)
     return img
+
+def guide(v, ref_guidance=1.0, v_no_refs=None, text_guidance=1.0, v_null=None):
+    """Classifier-free guidance, each condition against the full velocity v (compositional):
+    v + (w_ref - 1) (v - v_without_refs) + (w_text - 1) (v - v_with_the_empty_prompt); a velocity left None (its
+    scale 1, or no references) adds nothing. Sampling (denoise) and IPPO's policy (training.velocity) both guide
+    through here."""
+    out = v
+    if v_no_refs is not None:
+        out = out + (ref_guidance - 1) * (v - v_no_refs)
+    if v_null is not None:
+        out = out + (text_guidance - 1) * (v - v_null)
+    return out
 
 # -----------------------------------------------------------------------------
 # pictures <-> latents, and one sample's inputs

@@ -325,10 +325,9 @@ def resolve_run(args):
     if args.lora:
         D.check_file(args.lora)
     own = preset == "toy" and os.path.isfile(os.path.join(toy_folder(args.model), "adapter.safetensors"))
-    # text guidance needs a text encoder that learned the empty prompt: T5 + CLIP did; a toy one says so in its header
-    encoder = os.path.join(toy_folder(args.model), "text_encoder.safetensors")
-    null_prompt = preset != "toy" or (os.path.isfile(encoder) and M.byte_encoder_header(encoder)[1])
+    null_prompt = M.learned_empty_prompt(preset, toy_folder(args.model))
     if pick(args.text_guidance, 1) != 1 and not null_prompt:
+        encoder = os.path.join(toy_folder(args.model), "text_encoder.safetensors")
         print(f"note: --text-guidance {args.text_guidance:g}: {encoder} was not trained on the empty prompt "
               f"(train_sft.py --drop-prompt), the baseline guidance subtracts", file=sys.stderr)
     if args.lora_scale != 1 and not (args.lora or own):

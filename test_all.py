@@ -2247,6 +2247,29 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     hook.remove()
     assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
 
+def test_guided_policy_is_the_sampler_users_run(rl_setup):
+    # IPPO with guidance: each velocity is model.guide's combination of three forwards (by hand below), and the
+    # rollout's deterministic prefix is exactly what denoise samples with the same guidance
+    flux, c0, ts = rl_setup
+    cfg, ae, text = flux.cfg, M.AutoEncoder(flux.cfg.ae), M.ByteTextEncoder(flux.cfg)
+    refs = [TN.render_reference(TN.SPRITES[3]), TN.render_reference(TN.SPRITES[77])]
+    c = dict(M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
+    x, g, t = c["img"], torch.full((1,), 3.5), torch.full((1,), 0.6)
+    base = (x, c["img_ids"])
+    v_c = flux(*base, c["txt"], c["txt_ids"], t, c["y"], g, c["ref_img"], c["ref_img_ids"])
+    v_n = flux(*base, c["txt"], c["txt_ids"], t, c["y"], g)
+    v_t = flux(*base, c["txt_null"], c["txt_ids"], t, c["y_null"], g, c["ref_img"], c["ref_img_ids"])
+    torch.testing.assert_close(training.velocity(flux, x, c, 0.6, 3.5), v_c + 2 * (v_c - v_n) + (v_c - v_t))
+    rows = []
+    hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    _, tr, n = training.rollout(flux, c, 2, ts, range(5, 6), 0.7, 3.5, torch.Generator().manual_seed(1))
+    hook.remove()
+    assert len(rows) == 3 * 6 and n == sum(rows) == 3 * (5 + 2) == 3 * 7
+    want = denoise(flux, **{k: v for k, v in c.items() if k != "scales"}, timesteps=ts[:6], guidance=3.5,
+                   progress=False, ref_guidance=3.0, text_guidance=2.0)
+    torch.testing.assert_close(tr["x"][:, 0], want.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
+    assert training.forwards_per_velocity(c) == 3 and training.forwards_per_velocity(c0) == 1
+
 def test_policy_gradient_through_the_model_equals_the_reinforce_form(rl_setup):
     # with theta = theta_old, grad GSPO = -(1/G) sum_i A_i (1/w) sum_t grad log N(x_t+1; mu_theta(x_t), std^2),
     # the log-density written independently with torch.distributions
@@ -2305,8 +2328,10 @@ def test_prompt_dataset_reads_rl_records(tmp_path):
     assert item["refs"][1].getpixel((8, 0)) == (255, 255, 255) and item["refs"][1].getpixel((8, 8))[0] > 200
 
 def rl(out, manifest, base, *extra):
+    # unguided unless a test asks (the toy preset's default guides, 3 forwards a velocity: guidance is tested apart)
     TR.main(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps", "4",
-             "--window", "2", "--tau", "1", "--stride", "1", "--group", "4", "--lr", "1e-2", *extra])
+             "--window", "2", "--tau", "1", "--stride", "1", "--group", "4", "--lr", "1e-2",
+             "--ref-guidance", "1", "--text-guidance", "1", *extra])
 
 def test_train_rl_end_to_end_logs_moves_the_window_and_resumes_exactly(toy_run, tmp_path):
     root, manifest = toy_run

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses as LS
+import model as M
 import moe_lora as ML
 import toy
 import runs
@@ -68,6 +69,11 @@ def build_parser():
     g.add_argument("--guidance", type=runs.weight, default=None,
                    help="distilled guidance (default: the preset's sampling "
                    "guidance, 3.5 flux, 1 toy)")
+    g.add_argument("--ref-guidance", type=runs.weight, default=None, help="classifier-free guidance on the "
+                   "references in rollouts, the policy's log-probs and validation, as sample.py guides (default: "
+                   "the preset's, toy 4, flux 1): IPPO then optimizes the sampler that is scored")
+    g.add_argument("--text-guidance", type=runs.weight, default=None, help="guidance on the prompt, likewise "
+                   "(default: the preset's, toy 2 for a base trained on the empty prompt, else 1)")
     g.add_argument("--clip-low", type=runs.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
     g.add_argument("--clip-high", type=runs.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
     g.add_argument("--adv-clip", type=runs.positive_float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
@@ -126,8 +132,9 @@ def evaluate(flux, ae, text, dataset, reward, args, device):
         rec, images = dataset[i], []
         for k in range(args.val_seeds):
             c = sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
-                                  10_000 * k + i, args.pe, device)
-            x = denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False)
+                                10_000 * k + i, args.pe, device, null_text=args.text_guidance != 1)
+            x = denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False,
+                        ref_guidance=args.ref_guidance, text_guidance=args.text_guidance)
             images += decode_images(ae, x, args.size, args.size)
         terms = reward(images, rec["prompt"], rec["refs"], rec["captions"])
         for k, v in terms.items():
@@ -165,6 +172,9 @@ def main(argv=None):
     mult = cfg.token_px
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
+    args.ref_guidance, args.text_guidance = M.guidance_scales(
+        cfg, M.learned_empty_prompt(args.preset, args.init if args.preset == "toy" else None), args.ref_guidance,
+        args.text_guidance)
     G, n_mini = args.group, args.minibatches
     args.micro_batch = runs.resolved(args.micro_batch, G // n_mini)
     if args.size % mult or args.ref_size % mult:
@@ -240,7 +250,8 @@ def train(args, run, cfg, ddp, rank, world, device):
                 item = dataset[record_of(len(dataset), args.seed, k)]
                 seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
                 c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
-                                    device)
+                                    device, null_text=args.text_guidance != 1)
+                c["scales"] = (args.ref_guidance, args.text_guidance)     # TR.velocity guides with these
                 x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
                                          torch.Generator().manual_seed(seed + 1))
                 rows_rollout += rows
@@ -292,7 +303,8 @@ def train(args, run, cfg, ddp, rank, world, device):
                    "clip_frac": float(np.mean(clipped)), "loss": float(np.mean(gather(losses, ddp))),
                    **({"kl": float(np.mean(gather(kls, ddp)))} if kls else {}),
                    "grad_norm": float(np.mean(gnorms)), "skipped": bad.total,
-                   "dit_rollout": sum(gather([rows_rollout], ddp)), "dit_update": world * P * G * args.window,
+                   "dit_rollout": sum(gather([rows_rollout], ddp)),
+                   "dit_update": world * P * G * args.window * TR.forwards_per_velocity(groups[0]["c"]),
                    "sec": time.time() - t0}
             if master:
                 bar.set_postfix(reward=f"{rec['r_total']:.3f}", clip=f"{rec['clip_frac']:.2f}")
