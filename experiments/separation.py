@@ -77,7 +77,11 @@ ROWS += [(f"e3-{k}", f"2-4 subjects: {lab}", "train24", 4, flags) for k, lab, fl
     ("diff", "L_diff", ["--lambda-attn", "0"]),
     ("double-0.3", "L_attn double λ 0.3", ["--lambda-attn", "0.3", "--attn-blocks", "double"]),
     ("single-0.3", "L_attn single λ 0.3", ["--lambda-attn", "0.3", "--attn-blocks", "single"])]]
-DATA = {"train": (1, 2, 3, 4), "train24": (2, 3, 4)}
+# IPPO (train_rl.py, guided as the rows are scored) from a row's adapter on hard pairs: does the Multi-ID reward,
+# which scores a missing subject 0, stop the omission of one of two alike subjects? (key, label, from row, iters)
+IPPO_ROWS = [("ippo-diff", "L_diff + IPPO (hard pairs)", "diff", 20)]
+DATA = {"train": dict(subjects=(1, 2, 3, 4)), "train24": dict(subjects=(2, 3, 4)),
+        "hardtrain": dict(subjects=(2,), hard="medium", n=600, seed=5)}     # IPPO's prompts: medium hard pairs
 # E1's oracle variants: (blocks, directions)
 ORACLES = {"none": None, "img2ref double": ("double", ("img2ref",)), "img2ref single": ("single", ("img2ref",)),
            "ref2img double": ("double", ("ref2img",)), "ref2img single": ("single", ("ref2img",)),
@@ -278,7 +282,7 @@ def main(argv=None):
             except OSError:
                 pass                                        # written meanwhile by another process: the same bytes
         return os.path.join(folder, "manifest.jsonl")
-    train = {k: data(k, args.n, seed=0, subjects=v) for k, v in DATA.items()}
+    train = {k: data(k, **{"n": args.n, "seed": 0, **v}) for k, v in DATA.items()}
     sets = {k: TestSet(data(f"test{k}", args.test_n, split="test", **t), 16) for k, t in TESTS.items()}
     rows = [r for r in ROWS if args.rows is None or r[0] in args.rows]
 
@@ -293,16 +297,17 @@ def main(argv=None):
             before = json.load(open(f))["seconds"] if os.path.exists(f) else 0.0
             D.write_atomic(f, lambda h: h.write(json.dumps({"seconds": before + time.time() - t0}).encode()))
 
-    def trained(seed, key, data_key, steps, flags):
-        # the row's run (train_sft.py as a subprocess), skipped when its final checkpoint exists
+    def trained(seed, key, data_key, steps, flags, script="train_sft.py"):
+        # the row's run (train_sft.py or train_rl.py as a subprocess), skipped when its final checkpoint exists
         out = path("runs", f"seed{seed}", key)
         if not os.path.isdir(os.path.join(out, f"ckpt-{steps:07d}")) and args.no_train:
             return None
         if not os.path.isdir(os.path.join(out, f"ckpt-{steps:07d}")):
-            cmd = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--init", os.path.abspath(args.base),
-                   "--data", train[data_key], "--out", out, "--seed", str(seed), "--ref-size", "16",
-                   "--stage", "multi", "--experts", "0", "--steps", str(steps), "--batch-size", "16", "--lr", "1e-3",
-                   "--drop-prompt", "0.1", "--ckpt-every", str(args.steps), "--keep", "8", *flags,
+            how = ["--stage", "multi", "--experts", "0", "--steps", str(steps), "--batch-size", "16", "--lr", "1e-3",
+                   "--drop-prompt", "0.1", "--ckpt-every", str(args.steps), "--keep", "8"] \
+                if script == "train_sft.py" else ["--iters", str(steps), "--ckpt-every", str(steps)]
+            cmd = [sys.executable, os.path.join(ROOT, script), "--init", os.path.abspath(args.base),
+                   "--data", train[data_key], "--out", out, "--seed", str(seed), "--ref-size", "16", *how, *flags,
                    *(["--resume"] if os.path.isdir(os.path.join(out, "latest")) else [])]
             print("  " + " ".join(cmd[1:]), flush=True)
             timed(f"train_seed{seed}_{key}", lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
@@ -331,6 +336,18 @@ def main(argv=None):
                 oracle[key, seed] = scored(f"oracle_seed{seed}_{key}", lambda: score_oracles(args, ckpt(args.steps),
                                                                                              sets))
             print(f"  seed {seed} {key}: trained and scored", flush=True)
+        for key, label, start, iters in IPPO_ROWS:
+            if args.rows is not None and key not in args.rows or (start, args.steps, seed) not in scores:
+                continue
+            adapter = path("runs", f"seed{seed}", start, f"ckpt-{args.steps:07d}", "adapter.safetensors")
+            ckpt = trained(seed, key, "hardtrain", iters, [
+                "--adapter", adapter, "--group", "16", "--prompts", "4", "--steps", "8", "--tau", "1000",
+                "--lr", "3e-4", "--ref-guidance", str(args.ref_guidance), "--text-guidance", str(args.text_guidance)],
+                script="train_rl.py")
+            if ckpt is not None:
+                scores[key, args.steps, seed] = scored(f"seed{seed}_{key}", lambda: score_adapter(args, ckpt(iters),
+                                                                                                  sets))
+                print(f"  seed {seed} {key}: trained and scored", flush=True)
     sanity = scored("sanity", lambda: {k: {kind: toy.world_metrics(toy.sanity_images(ts.records, kind), ts.records)
                                             for kind in toy.SANITY} for k, ts in sets.items()} | {
         "multi": {kind: pooled([sets[k] for k in MULTI], [toy.sanity_images(sets[k].records, kind) for k in MULTI])
@@ -366,6 +383,8 @@ def tables(args, rows, scores, oracle, sanity, t_start, work):
              f"prompt. Attention teacher-forced at t = 0.5."]
     row_steps = [(key, label, step) for key, label, _, mult, _ in rows
                  for step in sorted({args.steps, args.steps * mult})]
+    row_steps += [(key, label, args.steps) for key, label, _, _ in IPPO_ROWS
+                  if any((key, args.steps, s) in scores for s in seeds)]
     got = lambda key, step, fn: [fn(scores[key, step, s]) for s in seeds if (key, step, s) in scores]
     label_of = lambda key, label, step: label + (f" ({step} steps)" if key.startswith("e3-") else "")
     # ---- E1: the oracle ----
