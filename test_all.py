@@ -1652,7 +1652,9 @@ def test_attention_selectivity_tells_separation_from_foreground_and_swaps():
     s = training.attention_stats(own, masks, one, "ref2img")
     assert len(s["own"]) == 3 and len(s["selectivity"]) == 2
     # pooled: selectivity's mean is geometric (x4 and /4 average to 1)
-    assert training.summarize_stats({"selectivity": [torch.tensor([4.0, 0.25])]})["selectivity"] == pytest.approx(1)
+    for key in ("selectivity", "ref2img_d1_selectivity"):                # the per-block ones too
+        assert training.summarize_stats({key: [torch.tensor([4.0, 0.25])]})[key] == pytest.approx(1)
+    assert training.summarize_stats({"ref2img_d1_own": [torch.tensor([4.0, 0.25])]})["ref2img_d1_own"] == 2.125
 
 def test_resume_is_exact(toy_run, tmp_path):
     root, manifest = toy_run

@@ -222,7 +222,7 @@ def summarize_stats(per_subject):
     for k, parts in per_subject.items():
         v = torch.cat(parts)
         out[k] = float("nan") if not len(v) else \
-            (v.log().mean().exp() if k == "selectivity" else v.mean()).item()
+            (v.log().mean().exp() if k.endswith("selectivity") else v.mean()).item()
     return out
 
 @torch.no_grad()

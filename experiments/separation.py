@@ -175,9 +175,11 @@ def subject_rows(ts, images):
                             s["split"]])
     return out
 
-def score_adapter(args, adapter, sets):
-    """-> dict(attention: per t {stat: value} teacher-forced on the multi-subject sets, samples: per set and pooled
-    'multi' world_metrics, subjects: subject_rows of every set)."""
+ATTENTION_VERSION = 2       # scores whose attention part is older are recomputed (1: per-block means arithmetic)
+
+def score_attention(args, adapter, sets):
+    """Per t, {stat: value} teacher-forced on the multi-subject sets (training.attention_metrics, per block),
+    each set's value pooled as a geometric mean for selectivities, else an arithmetic one."""
     cfg, flux, text, ae = EW.load_toy(args.base, adapter, 16)
     den = TR.Denoiser(flux, text)
     attention = {}
@@ -186,11 +188,18 @@ def score_adapter(args, adapter, sets):
                for k in MULTI]
         attention[str(t)] = {k: (math.exp(st.mean(math.log(p[k]) for p in per)) if k.endswith("selectivity")
                                  else st.mean(p[k] for p in per)) for k in per[0]}
+    return attention
+
+def score_adapter(args, adapter, sets):
+    """-> dict(attention: score_attention, samples: per set and pooled 'multi' world_metrics, subjects:
+    subject_rows of every set)."""
+    cfg, flux, text, ae = EW.load_toy(args.base, adapter, 16)
+    attention = score_attention(args, adapter, sets)
     guide = (args.ref_guidance, args.text_guidance)
     images = {k: sample_set(cfg, flux, text, ae, ts, args.eval_steps, guide) for k, ts in sets.items()}
     samples = {k: toy.world_metrics(images[k], ts.records) for k, ts in sets.items()}
     samples["multi"] = pooled([sets[k] for k in MULTI], [images[k] for k in MULTI])
-    return dict(attention=attention, samples=samples,
+    return dict(attention=attention, attention_version=ATTENTION_VERSION, samples=samples,
                 subjects=[r for k, ts in sets.items() for r in subject_rows(ts, images[k])])
 
 def score_oracles(args, adapter, sets):
@@ -313,13 +322,19 @@ def main(argv=None):
             timed(f"train_seed{seed}_{key}", lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
         return lambda step: os.path.join(out, f"ckpt-{step:07d}", "adapter.safetensors")
 
-    def scored(name, fn):
+    def scored(name, fn, adapter=None):
+        # a score file, computed once (atomically); an adapter's whose attention part is older, recomputed there
         file = path("scores", f"{name}.json")
         if not os.path.exists(file):
             got = timed(f"score_{name}", fn)
             os.makedirs(path("scores"), exist_ok=True)
             D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
-        return json.load(open(file))
+        got = json.load(open(file))
+        if adapter is not None and got.get("attention_version") != ATTENTION_VERSION:
+            got.update(attention=timed(f"score_{name}", lambda: score_attention(args, adapter, sets)),
+                       attention_version=ATTENTION_VERSION)
+            D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
+        return got
 
     # ---- train and score every row and seed; E3's rows at their first and last checkpoint ----
     scores, oracle = {}, {}
@@ -331,7 +346,7 @@ def main(argv=None):
                 continue
             for step in sorted({args.steps, args.steps * mult}):
                 scores[key, step, seed] = scored(f"seed{seed}_{key}_{step}",
-                                                 lambda: score_adapter(args, ckpt(step), sets))
+                                                 lambda: score_adapter(args, ckpt(step), sets), ckpt(step))
             if key in ORACLE_ROWS and not args.no_oracle:
                 oracle[key, seed] = scored(f"oracle_seed{seed}_{key}", lambda: score_oracles(args, ckpt(args.steps),
                                                                                              sets))
@@ -346,7 +361,7 @@ def main(argv=None):
                 script="train_rl.py")
             if ckpt is not None:
                 scores[key, args.steps, seed] = scored(f"seed{seed}_{key}", lambda: score_adapter(args, ckpt(iters),
-                                                                                                  sets))
+                                                                                                  sets), ckpt(iters))
                 print(f"  seed {seed} {key}: trained and scored", flush=True)
     sanity = scored("sanity", lambda: {k: {kind: toy.world_metrics(toy.sanity_images(ts.records, kind), ts.records)
                                             for kind in toy.SANITY} for k, ts in sets.items()} | {
