@@ -21,7 +21,6 @@ tokens: exactly what our model computes. Measured for each: forward (no_grad) an
 (backward w.r.t. all parameters of loss = mean(out^2)), model FLOPs (torch's FlopCounterMode), model FLOP
 utilization against this machine's fp32 matmul speed measured in the same run, and peak memory.
 """
-import argparse
 import ctypes
 import gc
 import importlib.util
@@ -41,14 +40,14 @@ from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode   # torch internals, as in count_flops
 from tqdm import tqdm
 
+import data as D
 import losses as LS
 import model as M
 import moe_lora as ML
 import toy_named
 import training as TR
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+parser = D.Parser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
 sub = parser.add_subparsers(dest="cmd", required=True)
 p = sub.add_parser("dit", help="our Flux DiT vs diffusers' FluxTransformer2DModel (time, FLOP utilization, memory)")
 p.add_argument("--hidden", type=int, default=512)

@@ -4,12 +4,14 @@ the VAE in GPU memory (`train_sft.py --cache DIR` instead of --data).
 
     python cache.py --manifest data/toy/manifest.jsonl --out data/toy_cache --model toy --checkpoint assets/toy
     python cache.py --manifest my/manifest.jsonl --out my/cache --model flux-dev --size 512 --ref-size 320
+    python cache.py --manifest my/manifest.jsonl --out my/cache --model flux-dev \\
+        --ae weights/ae.safetensors --t5 weights/t5 --clip-text weights/clip    # local copies of FLUX's encoders
 
 DIR holds safetensors shards of --shard-size records and index.json (the settings, and per record its shard, prompt,
 bucket); every file is written under a temporary name and renamed. CachedDataset reads it back with the keys of a
 ManifestDataset item (the pixels replaced by latents), every shard's header checked before the first step.
 """
-import argparse, json, os, re, sys
+import json, os, re, sys
 
 import torch
 from tqdm import tqdm
@@ -17,9 +19,10 @@ from tqdm import tqdm
 import data as D
 import model as M
 
-def load_encoders(model, checkpoint=None, device="cpu"):
+def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
     """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a checkpoint folder
-    (default assets/toy) holding text_encoder.safetensors; --checkpoint for FLUX is the AE file/folder/repo."""
+    (default assets/toy) holding text_encoder.safetensors; for FLUX, checkpoint is the AE (file, folder or repo id)
+    and t5, clip the text encoders (model.flux_weights: else the environment, else the official repos)."""
     cfg, device = M.get_config(model), torch.device(device)
     dtype = M.weight_dtype(device)
     if model == "toy":
@@ -27,16 +30,16 @@ def load_encoders(model, checkpoint=None, device="cpu"):
         M.load_byte_encoder(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
         return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
     ae = M.load_ae(cfg, checkpoint, device, dtype)
-    return M.T5CLIPEncoder(cfg.max_txt_len, dtype=dtype).to(device), ae, cfg
+    return M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype=dtype).to(device), ae, cfg
 
 @torch.no_grad()
 def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
-                shard_size=256, device=None):
+                shard_size=256, device=None, t5=None, clip=None):
     """`python cache.py`: per record txt (L, C), y (C_vec,), latent (z, h, w), ref_latents (N, z, r, r),
     masks, mask_valid and points, in safetensors shards of shard_size records, then index.json (settings, and
     per record its shard, prompt, bucket). Every file is written to a temporary name and renamed."""
     device = torch.device(device) if device else M.default_device()
-    text, ae, cfg = load_encoders(model, checkpoint, device)          # bad weights fail before any work
+    text, ae, cfg = load_encoders(model, checkpoint, device, t5, clip)    # bad weights fail before any work
     size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
     ds = D.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
     os.makedirs(out, exist_ok=True)
@@ -130,11 +133,16 @@ class CachedDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="toy", choices=sorted(M.CONFIGS))
-    p.add_argument("--checkpoint", default=None, help="toy: folder with text_encoder.safetensors; flux: the AE")
+    p.add_argument("--checkpoint", default=None, help="toy: the folder with text_encoder.safetensors (default "
+                   "assets/toy)")
+    p.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
+    p.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
+    p.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
+                   "MULTICRAFTER_CLIP)")
     p.add_argument("--size", type=int, default=None, help="square target side (default: the preset's, 32 toy, 512 flux)")
     p.add_argument("--buckets", nargs="+", default=None, help="aspect buckets HxW instead of --size, e.g. 512x512")
     p.add_argument("--ref-size", type=int, default=None, help="default: the preset's, 16 toy, 320 flux")
@@ -142,13 +150,22 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     try:
-        buckets = None
-        if args.buckets:
-            if not all(re.fullmatch(r"\d+x\d+", b) for b in args.buckets):
-                raise D.InputError(f"--buckets {' '.join(args.buckets)}: write each as HxW, e.g. 384x640")
-            buckets = [tuple(map(int, b.split("x"))) for b in args.buckets]
-        write_cache(args.manifest, args.out, args.model, args.checkpoint, args.size, args.ref_size, buckets,
-                    max(1, args.shard_size), args.device)
+        # the pre-flight: the manifest, the flags and every weight, all named at once before any work
+        pf = D.Preflight()
+        pf.file("--manifest", args.manifest)
+        pf.need(not args.buckets or all(re.fullmatch(r"\d+x\d+", b) for b in args.buckets),
+                f"--buckets {' '.join(args.buckets or [])}: write each as HxW, e.g. 384x640")
+        if args.model == "toy":
+            pf.need(not (args.ae or args.t5 or args.clip_text), "--ae, --t5, --clip-text: FLUX's weights; the toy's "
+                    "text encoder is --checkpoint")
+            pf.folder("--checkpoint", args.checkpoint, ["text_encoder.safetensors"])
+        else:
+            pf.need(not args.checkpoint, "--checkpoint: the toy's; FLUX's AE is --ae")
+            pf.weights(M.flux_weights(args.model, ("ae", "t5", "clip"), ae=args.ae, t5=args.t5, clip=args.clip_text))
+        pf.check()
+        buckets = [tuple(map(int, b.split("x"))) for b in args.buckets] if args.buckets else None
+        write_cache(args.manifest, args.out, args.model, args.checkpoint if args.model == "toy" else args.ae,
+                    args.size, args.ref_size, buckets, max(1, args.shard_size), args.device, args.t5, args.clip_text)
     except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ so missing weights stop the run at once with rewards.RewardModelError, one line.
 dropped for a named reason, counted, and listed in OUT/summary.json; nothing crashes. Each writes OUT/manifest.jsonl
 in data.py's format (`python data.py check OUT/manifest.jsonl` reads it).
 """
-import argparse, json, math, os, re, shutil, sys
+import json, math, os, re, shutil, sys
 
 import numpy as np
 import torch
@@ -461,7 +461,7 @@ def run(args):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("faces", help="your videos or photo pairs -> a manifest (faces, identities, masks)")
     src = v.add_mutually_exclusive_group(required=True)

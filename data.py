@@ -21,7 +21,7 @@ center-cropped, references resized to ref_size on their longer side and centered
 share of every packed token inside the subject (token order of model.pack), correspondences as (reference
 token, target token) pairs. One packed token is token_px (FluxConfig.token_px) pixels on a side: 16 FLUX, 4 toy.
 """
-import argparse, json, math, os, re, stat, sys, tempfile, warnings
+import argparse, copy, difflib, json, math, os, re, stat, sys, tempfile, warnings
 
 import numpy as np
 import torch
@@ -37,9 +37,36 @@ class DataError(ValueError):
 
 F32_MAX = torch.finfo(torch.float32).max
 
+class Help(argparse.RawDescriptionHelpFormatter):
+    """--help as every script prints it: the description as written, and each option with its default (a flag whose
+    help already speaks of its default, or whose default is unset, None or False, says nothing more)."""
+    def _format_action(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in (action.help or ""):
+            action = copy.copy(action)
+            action.help = (action.help + " " if action.help else "") + "(default: %(default)s)"
+        return super()._format_action(action)
+
 class Parser(argparse.ArgumentParser):
-    """argparse, its errors on one line like every other bad input (no usage block): `error: argument --lr: ...`."""
+    """The command line of every script: --help shows each option's default (Help); an error is one line like every
+    other bad input (no usage block), `error: argument --lr: ...`, and a flag the parser does not know gets the
+    nearest one it does: `unrecognized arguments: ... (did you mean ...?)`."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **dict(kwargs, formatter_class=Help))
+
+    def flags(self):
+        # every option string of this parser and of its subcommands' parsers
+        subs = [p for a in self._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+        return set(self._option_string_actions).union(*(p.flags() for p in subs if isinstance(p, Parser)))
+
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            known = sorted(self.flags())
+            near = [difflib.get_close_matches(w.split("=")[0], known, 1, 0.6)
+                    for w in message.split(":", 1)[1].split() if w.startswith("--")]
+            hints = sorted({n[0] for n in near if n})
+            if hints:
+                message += f" (did you mean {' or '.join(hints)}?)"
         self.exit(2, f"error: {message} ({self.prog} --help)\n")
 
 def int_in(lo, hi=None):
@@ -91,6 +118,52 @@ def check_file(path):
         raise InputError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: empty file")
+
+class Preflight:
+    """What a command checks before any work (reading a manifest, loading a model, making a run folder): every path
+    it was given exists and is what it must be, every weight it will load is on this machine, its flags agree. The
+    problems are collected, then check() raises one InputError naming them all, so one attempt shows everything to
+    fix. Nothing is read here but names, folder listings and the local Hugging Face cache."""
+    def __init__(self):
+        self.problems = []
+
+    def need(self, ok, problem):
+        if not ok:
+            self.problems.append(problem)
+        return bool(ok)
+
+    def file(self, flag, path, inside=None):
+        """path (None: not given) must be a file; a folder holding `inside` is named as the file probably meant."""
+        if path is None or os.path.isfile(path):
+            return True
+        if os.path.isdir(path):
+            meant = os.path.join(path, inside) if inside else None
+            hint = f" (pass {flag} {meant})" if meant and os.path.isfile(meant) else ""
+            return self.need(False, f"{flag} {path}: a folder, not a file{hint}")
+        return self.need(False, f"{flag} {path}: no such file")
+
+    def folder(self, flag, path, holds=()):
+        """path (None: not given) must be a folder holding the files `holds`."""
+        if path is None:
+            return True
+        if not os.path.isdir(path):
+            return self.need(False, f"{flag} {path}: " + ("a file, not a folder" if os.path.exists(path) else
+                                                          "no such folder"))
+        lack = [f for f in holds if not os.path.isfile(os.path.join(path, f))]
+        return self.need(not lack, f"{flag} {path}: no {' or '.join(lack)} in it")
+
+    def weights(self, weights):
+        """[model.Weight]: each on this machine, or (one problem) every missing one with its download command."""
+        try:
+            M.check_weights(weights)
+        except M.CheckpointError as e:
+            self.problems.append(str(e))
+
+    def check(self):
+        if len(self.problems) == 1:
+            raise InputError(self.problems[0])
+        if self.problems:
+            raise InputError(f"{len(self.problems)} problems, found before any work: " + " | ".join(self.problems))
 
 def read_image(path, decode):
     """The one way a user's image file is opened (sample.py --refs, data.py check, training): decode(im) -> result.
@@ -668,7 +741,7 @@ def main(argv=None):
     if argv and argv[0] in MOVED:                       # the commands that left this file
         print(f"error: `data.py {argv[0]}` is now `{MOVED[argv[0]]}` (same options)", file=sys.stderr)
         return 2
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="report every bad record; exit 1 if any")
     c.add_argument("manifest")

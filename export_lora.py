@@ -2,7 +2,7 @@
 Export a trained adapter (train_sft.py / train_rl.py's adapter.safetensors) to the diffusers/PEFT FLUX LoRA layout,
 so that diffusers loads it: FluxPipeline.load_lora_weights(FILE) or FluxTransformer2DModel.load_lora_adapter(FILE).
 
-    python export_lora.py runs/multi/latest/adapter.safetensors out/lora_diffusers.safetensors
+    python export_lora.py runs/multi/latest/adapter.safetensors out/lora_diffusers.safetensors    # --arch: read
     python export_lora.py runs/rl/best.safetensors out/lora.safetensors --moe skip    # MoE-LoRA left out, listed
     python export_lora.py runs/rl/best.safetensors out/lora.safetensors --moe mean    # MoE-LoRA approximated
 
@@ -10,9 +10,11 @@ Plain LoRA exports exactly (moe_lora.export_diffusers). MoE-LoRA routes each tok
 diffusers equivalent: by default the export refuses and names those layers; --moe skip writes the plain part and
 lists the skipped layers in the file's header and here; --moe mean writes each MoE-LoRA as the routing-averaged LoRA
 (an approximation, moe_lora.moe_as_lora: uniform over experts, as the routing counts are not saved with an adapter).
-No base weights are needed: the model is built on the meta device, only the adapter tensors are real.
+No base weights are needed: the model is built on the meta device, only the adapter tensors are real. The
+architecture the adapter was trained on is the one whose layers its tensors fit (toy, or FLUX.1: dev and schnell
+have the same layers), unless --arch says it.
 """
-import argparse, json, os, sys
+import json, os, sys
 
 import torch
 
@@ -21,15 +23,17 @@ import model as M
 import moe_lora as ML
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     p.add_argument("adapter", help="a multicrafter adapter .safetensors (its config is in the header)")
     p.add_argument("out", help="the diffusers LoRA .safetensors to write")
-    p.add_argument("--arch", default="flux-dev", choices=sorted(M.CONFIGS), help="the architecture it was trained on")
+    p.add_argument("--arch", default=None, choices=sorted(M.CONFIGS), help="the architecture it was trained on "
+                   "(default: the one its tensors fit)")
     p.add_argument("--moe", default="refuse", choices=["refuse", "skip", "mean"], help="what to do with MoE-LoRA layers")
     return p
 
 def adapter_model(arch, path):
-    """A meta-device DiT carrying the file's adapters, their tensors real (on the CPU) and loaded strictly."""
+    """A meta-device DiT carrying the file's adapters, their tensors real (on the CPU) and loaded strictly. arch
+    None: the first preset (flux-dev, flux-schnell, toy) whose layers the tensors fit."""
     meta, sd = ML.read_adapter(path)
     if "multicrafter_adapter" not in meta:
         raise M.CheckpointError(f"{path}: not a multicrafter adapter (UNO's dit_lora files load with sample.py --lora)")
@@ -39,9 +43,18 @@ def adapter_model(arch, path):
         cfg = None
     if not isinstance(cfg, dict):
         raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
-    with torch.device("meta"):
-        flux = M.Flux(M.get_config(arch))
-    ML.configure(flux, path, sd, **cfg)             # the header checked against the tensors first
+    for name in [arch] if arch else sorted(M.CONFIGS):
+        with torch.device("meta"):
+            flux = M.Flux(M.get_config(name))
+        try:
+            ML.configure(flux, path, sd, **cfg)     # the header checked against the tensors first
+            break
+        except M.CheckpointError:
+            if arch:
+                raise
+    else:
+        raise M.CheckpointError(f"{path}: its adapters fit none of the architectures {', '.join(sorted(M.CONFIGS))} "
+                                f"(pass --arch to see what differs)")
     for _, m in ML.adapters(flux):                 # the adapters' own layers and buffers onto the CPU; the base stays
         for name, child in m.named_children():
             if name != "base":

@@ -10,7 +10,7 @@ each, against "step" (train_sft.py) or "iter" (train_rl.py); lists (expert_load)
 --smooth N draws a trailing mean over N points (the raw curve stays, faint). A missing file or a line that is not
 a JSON object is one error naming file:line (exit status 2); nothing is written then.
 """
-import argparse, json, math, os, sys
+import json, math, os, sys
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -21,7 +21,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 X_KEYS = ("step", "iter")                  # train_sft.py logs by optimizer step, train_rl.py by iteration
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     p.add_argument("runs", nargs="+", help="run folders (holding log.jsonl) or log.jsonl files")
     p.add_argument("--out", default=None, help="PNG to write (default: curves.png beside the first run's log)")
     p.add_argument("--keys", nargs="+", default=None, help="metrics to draw (default: every numeric one)")

@@ -23,7 +23,7 @@ The scorers (`--reward human|object`; every model a local folder or a Hugging Fa
   CLIP-I, DINO-I    the same subjects (faces or detected objects) embedded with CLIP resp. DINOv2, Hungarian-matched
 
     python rewards.py eval --manifest M.jsonl --images DIR --reward object --out metrics.json
-    python toy.py eval --manifest data/toy_val/manifest.jsonl --images samples/      # the toy world's scorers
+    python toy.py eval --manifest data/toy_val/manifest.jsonl --images samples/0     # the toy world's scorers
 
 eval scores one generated image per manifest record: DIR/<id>.png when the record has an "id", else
 DIR/<i:06d>.png with i the record's 0-based position among the manifest's records. Missing or unreadable
@@ -147,23 +147,40 @@ def cached_repo(repo):
             return os.path.dirname(hit)
     return None
 
-def reward_models(args):
-    """[(what, folder or repo id, flag)]: every transformers model build_reward loads for these flags."""
+def reward_models(args, metrics=False):
+    """[(what, folder or repo id, flag)]: every transformers model build_reward (metrics: build_metrics, which adds
+    DINOv2 for DINO-I) loads for these flags."""
     if args.reward == "toy":
         return []
     kind = PREFERENCE[args.preference_kind]
-    out = [("CLIP", args.clip, "clip"), (kind["name"], args.preference or kind["repo"], "preference"),
-           (f"{kind['name']} processor", args.preference_processor or kind["processor"], "preference-processor")]
+    preference = args.preference or kind["repo"]
+    out = [("CLIP", args.clip, "clip"), (kind["name"], preference, "preference")]
+    if not has_processor(preference):                    # ClipScorer takes a folder's own processor first
+        out += [(f"{kind['name']} processor", args.preference_processor or kind["processor"], "preference-processor")]
     if args.reward == "object":
-        out += [(args.detector_kind, args.detector or DETECTORS[args.detector_kind], "detector"),
-                ("DINOv2", args.dinov2, "dinov2")] + ([("SAM2", args.sam2, "sam2")] if args.sam2 else [])
+        out += [(args.detector_kind, args.detector or DETECTORS[args.detector_kind], "detector")]
+    if args.reward == "object" or metrics:
+        out += [("DINOv2", args.dinov2, "dinov2")]
+    if args.reward == "object" and args.sam2:
+        out += [("SAM2", args.sam2, "sam2")]
     return out
 
-def check_reward_models(args):
+def has_processor(folder):
+    return any(os.path.isfile(os.path.join(os.path.expanduser(folder), f))
+               for f in ("preprocessor_config.json", "processor_config.json"))
+
+def check_reward_models(args, metrics=False):
     """Before any work: every reward model of these flags on this machine (a folder, or a repo id in the hub cache),
     or one RewardModelError listing each missing one with its download command. Instant, offline."""
+    missing = missing_reward_models(args, metrics)
+    if missing:
+        raise RewardModelError(f"{len(missing)} reward model(s) missing: " + " | ".join(missing))
+
+def missing_reward_models(args, metrics=False):
+    """check_reward_models' findings: [each missing model with how to get it] (a command's pre-flight lists them
+    with its other problems)."""
     missing = []
-    for what, path, flag in reward_models(args):
+    for what, path, flag in reward_models(args, metrics):
         p = os.path.expanduser(path)
         if os.path.exists(p) or p.startswith((".", "/")) or p.count("/") != 1:        # a folder, not a repo id
             if not os.path.isdir(p):
@@ -175,8 +192,7 @@ def check_reward_models(args):
             face_pack_folder(args.face_pack, args.face_root)
         except RewardModelError as e:
             missing.append(str(e))
-    if missing:
-        raise RewardModelError(f"{len(missing)} reward model(s) missing: " + " | ".join(missing))
+    return missing
 
 def load_model(cls, path, what, flag, repo, device):
     return load_pretrained(cls, path, what, flag, repo, dtype=DTYPE).to(device).eval().requires_grad_(False)
@@ -195,9 +211,7 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor   # imported here: the toy world needs no transformers
         self.device, self.logit_norm = torch.device(device), logit_norm
         self.model = load_model(CLIPModel, path, what, flag, repo, self.device)
-        folder = os.path.expanduser(path)
-        if processor is None or any(os.path.isfile(os.path.join(folder, f))
-                                    for f in ("preprocessor_config.json", "processor_config.json")):
+        if processor is None or has_processor(path):
             self.processor = load_pretrained(CLIPProcessor, path, f"{what} processor", flag, repo)
         else:
             self.processor = load_pretrained(CLIPProcessor, processor, f"{what} processor", f"{flag}-processor")
@@ -595,24 +609,33 @@ def size_notes(rows):
     return [dict(line=r["line"], image=r["image"], size=r["size"], expected=common) for r in rows
             if r["size"] != common]
 
-def eval_parser(description):
+def add_eval_args(e):
     # the options of `rewards.py eval` (and of `toy.py eval`, which reads the same layout)
-    e = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--manifest", required=True)
-    e.add_argument("--images", required=True, help="folder of generated images: <id>.png or <record index:06d>.png")
+    e.add_argument("--images", required=True, help="folder of generated images: <id>.png or <record index:06d>.png "
+                   "(sample.py writes a seed's into OUT_DIR/SEED)")
     e.add_argument("--out", default=None, help="metrics JSON (default IMAGES/metrics.json)")
     e.add_argument("--device", default=None, help="default: cuda if available")
     add_reward_args(e)
     return e
 
+def eval_parser(description):
+    return add_eval_args(D.Parser(description=description))
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["eval"]:
-        print("usage: rewards.py eval --manifest M.jsonl --images DIR [options] (rewards.py eval --help)",
-              file=sys.stderr)
-        return 2
-    args = eval_parser(__doc__).parse_args(argv[1:])
+    p = D.Parser(description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="eval")
+    add_eval_args(sub.add_parser("eval", help="the paper's metrics over a manifest and a folder of generated images",
+                                 description=__doc__))
+    args = p.parse_args(argv)
     try:
+        # the pre-flight: the manifest, the images' folder and every model, all named at once before any work
+        pf = D.Preflight()
+        pf.file("--manifest", args.manifest)
+        pf.folder("--images", args.images)
+        pf.need(args.reward != "toy", "--reward toy: score toy images with `python toy.py eval` (same options)")
+        pf.problems += missing_reward_models(args, metrics=True)
+        pf.check()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate(args, build_metrics(args, device))
     except (D.DataError, InputError, RewardModelError, OSError) as e:   # user mistakes: one line, no traceback

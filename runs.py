@@ -344,15 +344,16 @@ def compare_args(saved, now, may_change, per_step, saved_world, world, where):
     now = json.loads(json.dumps(now))                        # as args.json holds it (tuples -> lists)
     changed = [k for k in now if k not in ("out", "resume", "fresh") and saved.get(k, "(unset)") != now[k]]
     say = lambda ks: ", ".join(f"{flag(k)} {saved.get(k, '(unset)')} -> {now[k]}" for k in ks)
-    refused = [k for k in changed if k not in may_change]
-    if saved.get(per_step, 0) * saved_world != now[per_step] * world:
+    refused = [say([k]) for k in changed if k not in may_change]
+    total = saved.get(per_step, 0) * saved_world                         # micro-batches (prompts) per step
+    if total != now[per_step] * world:
+        fix = f"pass {flag(per_step)} {total // world}" if total % world == 0 else \
+            f"run on a number of ranks that divides {total}"
         refused.append(f"the global batch ({saved_world} rank(s) x {flag(per_step)} {saved.get(per_step)} -> "
-                       f"{world} x {now[per_step]})")
+                       f"{world} x {now[per_step]}: {fix})")
     if refused:
-        raise RunFolderError(f"{where}: resuming needs the settings it was saved with: "
-                             f"{say(k for k in refused if k in now)}" +
-                             "".join(f", {k}" for k in refused if k not in now) +
-                             " (change them back, or use another --out or --fresh)")
+        raise RunFolderError(f"{where}: resuming needs the settings it was saved with: {', '.join(refused)} "
+                             f"(change them back, or use another --out or --fresh)")
     noted = [k for k in changed if k in may_change]
     return f"note: resuming {where} with {say(noted)}" if noted else None
 
@@ -373,6 +374,7 @@ class Run:
         self.may_change, self.per_step = may_change, per_step
         self.ddp, self.master, self.world, self.device = ddp, rank == 0, world, device
         self.fd, self.signum, self.handlers = None, 0, {}
+        self.made = None                    # the outermost folder this run created, while it holds nothing
         self.last = None                    # (step, path) of this run's newest checkpoint, on every rank
         self.resume_from = None             # the checkpoint to resume (a path), or None: start at step 0
 
@@ -402,6 +404,29 @@ class Run:
         if self.fd is not None:
             os.close(self.fd)                      # the lock goes with it
             self.fd = None
+        if self.made:                              # a start that failed before writing anything leaves nothing
+            self._unmake()
+        self.made = None
+
+    def _unmake(self):
+        """Remove the folders this run created, if they hold nothing but the lock and an empty log: OUT, then each
+        parent it made, while empty (another run may have made its own folder beside ours meanwhile)."""
+        out = os.path.abspath(self.out)
+        log = os.path.join(out, "log.jsonl")
+        try:
+            if set(os.listdir(out)) - {".lock", "log.jsonl"} or os.path.isfile(log) and os.path.getsize(log):
+                return
+            for name in (".lock", "log.jsonl"):
+                if os.path.isfile(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+            folder = out
+            while True:
+                os.rmdir(folder)                               # fails (and stops) on a folder not empty
+                if folder == self.made:
+                    return
+                folder = os.path.dirname(folder)
+        except OSError:
+            return
 
     def _agree(self, value):
         # rank 0's value on every rank (a collective: the other ranks wait for rank 0 here)
@@ -414,6 +439,10 @@ class Run:
     def _open(self):
         """Rank 0: lock the folder, tidy it, decide -> ("ok", the checkpoint to resume or None)."""
         out, args = self.out, self.args
+        made = os.path.abspath(out)
+        while not os.path.lexists(os.path.dirname(made)):
+            made = os.path.dirname(made)
+        self.made = None if os.path.lexists(made) else made
         os.makedirs(out, exist_ok=True)
         self.fd = lock(out)
         for name in os.listdir(out):

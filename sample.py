@@ -26,7 +26,7 @@ ever beside its own JSON and attention maps). A sample that is not finite (NaN o
 The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
 src/flux/sampling.py); reading and preprocessing the reference images in data.py.
 """
-import argparse, itertools, json, math, os, re, secrets, sys, tempfile
+import itertools, json, math, os, re, secrets, sys, tempfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -46,7 +46,7 @@ MAX_TOKENS = 16384        # image + reference tokens of one sample (2048x2048 px
 MAX_PROMPTS_BYTES = 16 << 20
 
 def build_parser():
-    p = D.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = D.Parser(description=__doc__)
     g = p.add_argument_group("inputs (one sample: --refs [--prompt]; a test set: --manifest, or --prompts with --refs)")
     g.add_argument("--refs", nargs="+", default=None, help="reference images, one per subject")
     g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references' shapes "
@@ -338,6 +338,35 @@ def resolve_run(args):
                         ref_guidance=ref_guidance, text_guidance=text_guidance,
                         save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
 
+def preflight(args, single):
+    """Everything checked before any image is read or any weight loaded, all named at once (data.Preflight): the
+    user's own paths first (--model, --refs, --lora, the test set's file), so a typo in --model is named as a typo,
+    not taken for a FLUX model without a prompt; then the sizes the flags make and, for FLUX, the prompt and every
+    weight. -> resolve_run's (preset, settings)."""
+    pf = D.Preflight()
+    model_ok = args.model in M.CONFIGS or not M.looks_local(args.model) or \
+        pf.need(os.path.exists(os.path.expanduser(args.model)), f"--model {args.model}: no such file or folder (a "
+                f"preset: {', '.join(sorted(M.CONFIGS))}; or a DiT .safetensors, or a toy checkpoint folder)")
+    for r in args.refs or []:
+        pf.file("--refs", r)
+    pf.file("--lora", args.lora, inside="adapter.safetensors")
+    pf.file("--manifest", args.manifest)
+    pf.file("--prompts", args.prompts)
+    if not model_ok:
+        pf.check()
+    preset, run = resolve_run(args)                  # a --model file's preset is read from its header
+    if args.refs:
+        try:
+            check_tokens(run, len(args.refs), M.get_config(preset).token_px)
+        except D.InputError as e:
+            pf.need(False, str(e))
+    if preset != "toy":
+        pf.need(not single or args.prompt is not None, f"--prompt is required for {preset}")
+        pf.weights(M.flux_weights(preset, dit=None if args.model in M.CONFIGS else args.model, ae=args.ae, t5=args.t5,
+                                  clip=args.clip_text))
+    pf.check()
+    return preset, run
+
 def check_tokens(run, n_refs, mult):
     # the sequence's length decides memory: refused before a reference is resized or a latent allocated
     W, H, r = run["width"], run["height"], run["ref_size"]
@@ -408,11 +437,9 @@ def generate(args):
             raise D.InputError(what)
     if not args.refs:
         raise D.InputError("--refs (or --manifest, or --prompts with --refs) is required")
-    preset, run = resolve_run(args)
+    preset, run = preflight(args, single=True)
     seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
     out = args.out or "out.png"
-    if args.prompt is None and preset != "toy":
-        raise D.InputError(f"--prompt is required for {preset}")
     if args.prompt is not None and not D.utf8(args.prompt):
         raise D.InputError("--prompt: not valid UTF-8 text (the shell passed bytes in another encoding)")
     if not out.lower().endswith(".png") or os.path.isdir(out):
@@ -451,7 +478,7 @@ def generate_set(args):
         raise D.InputError("a test set is --manifest M.jsonl, or --prompts P.txt with --refs")
     if not args.out_dir:
         raise D.InputError("--out-dir is required with --manifest/--prompts")
-    preset, run = resolve_run(args)
+    preset, run = preflight(args, single=False)
     mult, seeds = M.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
     # every record checked first; a bad one is a finding (source:line: field: why), not the end of the run
     jobs, bad, names = [], [], {}

@@ -1501,6 +1501,7 @@ def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys
     with pytest.raises(D.DataError, match="cache shard without '1/points0': rebuild"):
         cache.CachedDataset(str(out))
     capsys.readouterr()
+    save_file(M.Flux(cfg).state_dict(), str(ckpt / "flux.safetensors"))     # a whole base: the cache is what fails
     assert TS.cli(["--cache", str(out), "--stage", "multi", "--init", str(ckpt), "--out", str(tmp_path / "r"),
                   "--steps", "1"]) == 2
     err = capsys.readouterr().err
@@ -4024,7 +4025,7 @@ def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, ca
                         (["--data", manifest, "--batch-size", "2", "--rank", "8", "--seed", "1"],
                          ["--seed 0 -> 1", "--rank 4 -> 8"]),
                         (["--data", manifest, "--batch-size", "2", "--grad-accum", "2"],
-                         ["the global batch (1 rank(s) x --grad-accum 1 -> 1 x 2)"])]:
+                         ["the global batch (1 rank(s) x --grad-accum 1 -> 1 x 2: pass --grad-accum 1)"])]:
         capsys.readouterr()
         assert TS.cli(common() + argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -4399,11 +4400,10 @@ def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_
     # without dropout t is the generator's first draw, as before the option existed
     first = [LS.sample_timesteps(8, 64, True, generator=torch.Generator().manual_seed(s)) for s in range(24)]
     assert all(torch.equal(a, b) for a, b in zip(t0, first)) and not torch.equal(t1[0], t0[0])
-    with pytest.raises(SystemExit):
-        TS.main(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"])
+    assert TS.cli(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"]) == 2
     assert "--drop-prompt: a cache holds" in capsys.readouterr().err
-    with pytest.raises(SystemExit):                  # stage multi's attention losses need every step's references
-        TS.main(["--data", manifest, "--out", str(tmp_path / "y"), "--stage", "multi", "--drop-refs", "0.1"])
+    # stage multi's attention losses need every step's references
+    assert TS.cli(["--data", manifest, "--out", str(tmp_path / "y"), "--stage", "multi", "--drop-refs", "0.1"]) == 2
     assert "--drop-refs: not with --stage multi" in capsys.readouterr().err
 
 def test_text_guidance_defaults_to_the_presets_only_for_an_encoder_trained_on_the_empty_prompt(toy_run, tmp_path,
@@ -4579,3 +4579,320 @@ def follows_own_colour(tmp_path, model_args, distance=toy.HARD["far"], pairs=6, 
             hits.append(bool(drawn) and toy.colour_distance(drawn[0]["rgb"], own) <
                         toy.colour_distance(drawn[0]["rgb"], other))
     return float(np.mean(hits))
+
+# -----------------------------------------------------------------------------
+# a user's path through the commands: one pre-flight per command that names every problem before any work,
+# messages whose flags exist, the user's own typo named first, help with defaults, runs that say what they made
+# (and failed starts that leave nothing), and the README's own commands
+
+import ast
+import importlib
+import shlex
+
+import cache as CA
+import export_lora as EL
+
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch):
+    """An offline machine with an empty Hugging Face cache and no MULTICRAFTER_* variables."""
+    import huggingface_hub.constants as HC
+    monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for env in M.WEIGHT_ENV.values():
+        monkeypatch.delenv(env, raising=False)
+    return tmp_path
+
+def test_preflight_names_every_problem_before_reading_any_data(no_weights, monkeypatch, capsys):
+    tmp = no_weights
+    monkeypatch.setattr(D, "read_manifest", lambda *a, **k: pytest.fail("data read before the pre-flight"))
+    manifest = tmp / "m.jsonl"
+    manifest.write_text("{}\n")
+    out = tmp / "runs" / "x"
+    # train_sft.py on FLUX: the four weights, the missing held-out set and the mistyped adapter, in one line
+    with pytest.raises(D.InputError) as e:
+        TS.main(["--preset", "flux-dev", "--stage", "multi", "--data", str(manifest), "--val-data",
+                 str(tmp / "val.jsonl"), "--adapter", str(tmp / "adaptr.safetensors"), "--out", str(out)])
+    msg = str(e.value)
+    for part in ("3 problems", "4 of 4 weights missing", "flux1-dev.safetensors", "ae.safetensors", "T5-XXL",
+                 "CLIP-L", "val.jsonl: no such file", "adaptr.safetensors: no such file"):
+        assert part in msg, (part, msg)
+    # train_rl.py: the FLUX weights and the reward models, together
+    with pytest.raises(D.InputError) as e:
+        TR.main(["--preset", "flux-dev", "--reward", "human", "--face-root", str(tmp), "--data", str(manifest),
+                 "--out", str(out)])
+    msg = str(e.value)
+    assert "4 of 4 weights missing" in msg and "HPS" in msg and "face models" in msg and "CLIP (" in msg, msg
+    # rewards.py eval: every model its metrics load (DINOv2 for DINO-I too) and the images' folder
+    assert R.main(["eval", "--manifest", str(manifest), "--images", str(tmp / "samples"), "--reward", "human",
+                   "--face-root", str(tmp)]) == 2
+    err = capsys.readouterr().err
+    for part in ("CLIP (", "HPS (", "DINOv2 (", "face models", "samples: no such folder"):
+        assert part in err, (part, err)
+    # cache.py: the AE, T5 and CLIP at once
+    assert CA.main(["--manifest", str(manifest), "--out", str(tmp / "c"), "--model", "flux-dev"]) == 2
+    assert "3 of 3 weights missing" in capsys.readouterr().err
+    assert not (tmp / "runs").exists() and not (tmp / "c").exists()
+
+def script_parser(name, first=None):
+    """The argparse parser of a script ("sample.py") or module ("experiments.world"), caught as its main parses
+    (first: the subcommand, for a main that picks its parser by it)."""
+    mod = importlib.import_module(name.removesuffix(".py"))
+    if isinstance(getattr(mod, "parser", None), argparse.ArgumentParser):
+        return mod.parser
+    caught = []
+
+    class Caught(Exception):
+        pass
+
+    def catch(self, args=None, namespace=None):
+        caught.append(self)
+        raise Caught
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", catch)
+        with pytest.raises(Caught):
+            mod.main([first] if first else [])
+    return caught[0]
+
+def option_strings(parser):
+    subs = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    return set(parser._option_string_actions).union(*map(option_strings, subs))
+
+SCRIPTS = ("sample.py", "train_sft.py", "train_rl.py", "cache.py", "export_lora.py", "rewards.py", "toy.py",
+           "data.py", "curate.py", "plot_log.py", "bench.py")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+
+def flags_said(text, script):
+    """(script, --flag) for every flag a message names, each for the script named before it on its line (else
+    `script`): "use train_sft.py --drop-prompt" is train_sft.py's flag."""
+    out = []
+    for line in text.splitlines():
+        current = script
+        for m in re.finditer(r"\b(\w+\.py|torchrun|hf)\b|" + FLAG.pattern, line):
+            if m.group(1):                                     # torchrun's and hf's own flags are theirs
+                current = m.group(1) if m.group(1) in SCRIPTS else None if m.group(1) in ("torchrun", "hf") else \
+                    current
+            elif current:
+                out.append((current, m.group(0)))
+    return out
+
+def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, monkeypatch, capsys):
+    known = {s: option_strings(script_parser(s)) for s in SCRIPTS}
+    known["toy.py"] |= option_strings(script_parser("toy.py", "eval"))       # toy.py eval: rewards.py eval's
+    # libraries with a command line of their own (and bench.py, which reports on the trainers) speak to every
+    # script that uses them: any script's flag will do for their strings (the run below checks what each says)
+    anyone = set().union(*known.values())
+    speaks = {s: anyone if s in ("rewards.py", "toy.py", "data.py", "bench.py") else known[s] for s in SCRIPTS}
+    # every string of every script: its messages, help texts and examples
+    bad = []
+    for script in SCRIPTS:
+        tree = ast.parse(open(script).read())
+        parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):        # an f-string: its text, each {expression} as written
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
+                               for v in node.values)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in parts:
+                text = node.value
+            else:
+                continue
+            bad += [f"{script}: {text[:100]!r} names {flag}, not a {where} flag"
+                    for where, flag in flags_said(text, script)
+                    if flag not in (speaks[script] if where == script else known[where])]
+    assert not bad, "\n".join(bad)
+    # what each command says on an offline machine without weights (the messages the libraries compose for it)
+    tmp, manifest = no_weights, no_weights / "m.jsonl"
+    manifest.write_text("{}\n")
+    said = {}
+    for script, run in [("sample.py", lambda: S.main(["--model", "flux-dev", "--refs", DEMO[0]])),
+                        ("train_sft.py", lambda: TS.cli(["--preset", "flux-dev", "--data", str(manifest),
+                                                         "--out", str(tmp / "o")])),
+                        ("train_rl.py", lambda: TR.cli(["--preset", "flux-dev", "--reward", "object", "--data",
+                                                        str(manifest), "--out", str(tmp / "o")])),
+                        ("cache.py", lambda: CA.main(["--manifest", str(manifest), "--out", str(tmp / "c"),
+                                                      "--model", "flux-dev"])),
+                        ("rewards.py", lambda: R.main(["eval", "--manifest", str(manifest), "--images", str(tmp),
+                                                       "--reward", "human", "--face-root", str(tmp)]))]:
+        try:
+            run()
+        except SystemExit:
+            pass
+        said[script] = capsys.readouterr().err
+        assert "error:" in said[script], script
+        for where, flag in flags_said(said[script], script):
+            assert flag in known[where], f"{script} says {flag}, which {where} does not accept: {said[script]}"
+    assert "--ae" in said["cache.py"] and "--t5" in said["train_sft.py"]
+    # a resume refused for the global batch says which flag restores it
+    with pytest.raises(runs.RunFolderError) as e:
+        runs.compare_args({"grad_accum": 1, "lr": 1}, {"grad_accum": 1, "lr": 1}, set(), "grad_accum", 2, 1, "ckpt")
+    assert "pass --grad-accum 2" in str(e.value) and ": ," not in str(e.value)
+    # the README's export of a toy adapter: its architecture is read from its tensors
+    flux = M.Flux(M.get_config("toy"))
+    ML.save_adapter(flux, str(tmp / "a.safetensors"), ML.inject(flux, rank=4, n_experts=1, moe_targets=[]))
+    assert EL.main([str(tmp / "a.safetensors"), str(tmp / "lora.safetensors")]) == 0, capsys.readouterr().err
+
+def test_a_mistyped_path_is_named_as_the_users_own_mistake_first(no_weights, toy_run, capsys):
+    tmp, (root, manifest) = no_weights, toy_run
+    for extra in ([], ["--prompt", "two circles"]):          # not "--prompt is required", not a FLUX download
+        with pytest.raises(SystemExit):
+            S.main(["--model", "assets/tyo", "--refs", *DEMO, "--out", str(tmp / "x.png"), *extra])
+        err = capsys.readouterr().err
+        assert err.startswith("error: --model assets/tyo: no such file or folder") and "weights missing" not in err
+    # the trainers: a mistyped --init is named, with the mistyped data, before the manifest is read
+    assert TS.cli(["--init", "assets/tyo", "--data", manifest + "l", "--out", str(tmp / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--init assets/tyo: no such folder" in err and "manifest.jsonll: no such file" in err
+    assert TS.cli(["--data", manifest, "--out", str(tmp / "o")]) == 2            # the toy's adapters need a base
+    assert "--init assets/toy" in capsys.readouterr().err and not (tmp / "o").exists()
+
+@pytest.mark.parametrize("script, argv", [(s, ["--help"]) for s in SCRIPTS if s != "bench.py"] +
+                         [("toy.py", ["eval", "--help"]), ("rewards.py", ["eval", "--help"]),
+                          ("data.py", ["check", "--help"]), ("curate.py", ["faces", "--help"])])
+def test_every_scripts_help_exits_0_and_shows_the_defaults(script, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script.removesuffix(".py")).main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage:" in out
+    if (script, argv[0]) not in [("rewards.py", "--help"), ("data.py", "--help"), ("curate.py", "--help"),
+                                 ("data.py", "check")]:            # subcommand lists; `check` has no default
+        assert "(default: " in out, out
+    if script == "train_sft.py":                          # a 20-step run learns its warm-up is 50 steps long
+        assert re.search(r"--warmup WARMUP\s+\(default: 50\)", out), out
+    with pytest.raises(SystemExit) as e:
+        script_parser("bench.py").parse_args(["memory", "--help"])
+    assert e.value.code == 0 and "(default: 512)" in capsys.readouterr().out
+
+def test_a_mistyped_flag_gets_the_nearest_one(capsys):
+    for run, argv, want in [(TS.main, ["--data", "m", "--out", "o", "--lamda-attn", "0.3"], "--lambda-attn"),
+                            (S.main, ["--refs", "a.png", "--seeed", "1"], "--seed"),
+                            (importlib.import_module("curate").main, ["faces", "--videos", "v", "--out", "o",
+                                                                      "--treshold", "0.3"], "--threshold")]:
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"(did you mean {want}?)" in err and err.count("\n") == 1, err
+
+def test_a_finished_run_says_what_it_made_and_the_command_samples_it(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    out = tmp_path / "multi"
+    assert TS.cli(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--steps", "2",
+                   "--batch-size", "2", "--rank", "4", "--warmup", "1"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    adapter = out / "ckpt-0000002" / "adapter.safetensors"
+    assert last.startswith(f"done, step 2: the adapter at {adapter}; sample it with: python sample.py "), last
+    argv = shlex.split(last.split("sample it with: ")[1])[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "s.png")           # as printed, written here
+    S.main(argv + ["--steps", "2"])
+    assert json.loads((tmp_path / "s.json").read_text())["lora"] == str(adapter)
+
+def test_a_start_that_fails_leaves_no_run_folder(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    base = ["--data", manifest, "--init", str(root / "base"), "--rank", "4"]
+    # refused by the pre-flight: nothing made, not even the parent folder
+    assert TS.cli(["--data", manifest + "x", "--out", str(tmp_path / "runs" / "a")]) == 2
+    # refused inside the run (fewer records than one batch), after the run folder was opened
+    assert TS.cli(base + ["--out", str(tmp_path / "runs" / "b"), "--batch-size", "64"]) == 2
+    assert "fewer usable records than one batch" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    # a folder that was there before stays, and so does a run that wrote a checkpoint
+    (tmp_path / "mine").mkdir()
+    assert TS.cli(base + ["--out", str(tmp_path / "mine"), "--batch-size", "64"]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+def test_under_torchrun_an_error_is_printed_once_and_left_in_the_error_file(tmp_path, monkeypatch, capsys):
+    def bad(argv):
+        raise D.InputError("--data x: no such file")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error{rank}.json"))
+        assert training.cli(bad) == 2
+        assert capsys.readouterr().err == ("error: --data x: no such file\n" if rank == "0" else "")
+        said = json.loads((tmp_path / f"error{rank}.json").read_text())["message"]
+        assert said["message"] == "error: --data x: no such file"          # what torchrun's summary shows
+
+def sh_commands(text, docstring=False):
+    """The commands of a text's ```sh blocks (a docstring's: its indented example lines), continuation lines joined,
+    comments dropped, split at && -> [argv]."""
+    if docstring:
+        lines, more = [], False
+        for line in text.splitlines():
+            if more or re.match(r"\s+(python|torchrun|OMP_NUM_THREADS=)", line):
+                lines.append(line)
+                more = line.rstrip().endswith("\\")
+        blocks = ["\n".join(lines)]
+    else:
+        blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    out = []
+    for block in blocks:
+        block = re.sub(r'python -c "(?:[^"\\]|\\.)*"', "python -c CODE", block)     # a program, not a command
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            cmd, line = [], re.sub(r"(?<=\s)\.\.\.(?=\s|$)", " ABRIDGED ", line)   # an example's unquoted " ..."
+            for token in shlex.split(line, comments=True) + ["&&"]:
+                if token != "&&":
+                    cmd.append(token)
+                elif cmd:
+                    out.append(cmd)
+                    cmd = []
+    return out
+
+def script_argv(argv):
+    """A command -> (script or module, its arguments), or None if it runs no project script."""
+    while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):                    # OMP_NUM_THREADS=1 ...
+        argv = argv[1:]
+    if argv[:1] == ["torchrun"]:
+        argv = ["python"] + argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):]
+    if argv[:2] == ["python", "-m"] and argv[2].startswith(("experiments.", "reliability.")):
+        return argv[2], argv[3:]
+    if argv[:1] == ["python"] and len(argv) > 1 and argv[1] in SCRIPTS:
+        return argv[1], argv[2:]
+    return None
+
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir("docs"))
+
+def test_every_command_of_the_readme_and_docs_parses_as_written():
+    n = 0
+    sources = [(f, open(f).read(), False) for f in DOCS] + \
+        [(s, importlib.import_module(s.removesuffix(".py")).__doc__ or "", True) for s in SCRIPTS]
+    for where, text, docstring in sources:
+        for argv in sh_commands(text, docstring):
+            found = script_argv(argv)
+            if found is None:
+                continue
+            script, args = found
+            parser = script_parser(script, args[0] if args and not args[0].startswith("-") else None)
+            if script == "toy.py" and args[:1] == ["eval"]:       # toy.py eval hands the rest to its own parser
+                args = args[1:]
+            if "ABRIDGED" in args:                                # "...": its flags exist, the rest is elided
+                assert set(a.split("=")[0] for a in args if a.startswith("--")) <= option_strings(parser), argv
+            else:
+                try:
+                    parser.parse_args(args)
+                except SystemExit:
+                    pytest.fail(f"{where}: {shlex.join(argv)}")
+            for a in args:                                    # what a fresh clone holds is there
+                assert not a.startswith("assets/") or os.path.exists(a), f"{where}: {a}"
+            n += 1
+    assert n >= 40
+
+def test_the_readmes_recipes_hold_out_their_sets_and_name_what_eval_prints():
+    text = open("README.md").read()
+    outs = {}
+    for f in DOCS:
+        for argv in sh_commands(open(f).read()):
+            found = script_argv(argv)
+            if not found:
+                continue
+            script, args = found
+            opt = lambda k: args[args.index(k) + 1] if k in args else None
+            name = os.path.basename(os.path.normpath(opt("--out") or ""))
+            if script == "toy.py" and args[:1] != ["eval"] and re.search(r"val|test", name):
+                assert opt("--split") in ("val", "test"), f"{f}: {shlex.join(argv)} draws training identities"
+            if script == "sample.py" and opt("--out-dir"):
+                outs[f] = outs.get(f, set()) | {opt("--out-dir")}
+            if script in ("toy.py", "rewards.py") and args[:1] == ["eval"]:     # a seed folder of a test set
+                images = opt("--images")
+                assert re.fullmatch(r".+/\d+", images) and os.path.dirname(images) in outs.get(f, {""}), \
+                    f"{f}: {shlex.join(argv)}"
+    # the README names the columns and rows `toy.py eval` prints, and no others
+    paragraph = text[text.index("`toy.py eval` prints"):].split("\n\n")[0]
+    names = {w for w in re.findall(r"`([a-z_-]+)`", paragraph)}
+    assert names == set(toy.METRICS) | {"images", *toy.SANITY}, names ^ (set(toy.METRICS) | {"images", *toy.SANITY})

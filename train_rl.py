@@ -19,9 +19,9 @@ One iteration m:
         --data data/toy/manifest.jsonl --val-data data/toy_val/manifest.jsonl --out runs/rl --iters 200
     torchrun --nproc_per_node=2 train_rl.py ...                       # DDP: each rank rolls out its own prompts
     torchrun --nproc_per_node=16 train_rl.py --preset flux-dev --adapter multi/adapter.safetensors \\
-        --data rl.jsonl --reward human --steps 16 --window 2 --tau 50 --stride 1 --group 12 --grad-checkpoint
+        --data rl.jsonl --reward human --steps 16 --window 2 --tau 50 --stride 1 --group 12 --grad-checkpoint \\
+        --out runs/flux_rl
 """
-import argparse
 import json
 import os
 import sys
@@ -39,12 +39,13 @@ import moe_lora as ML
 import toy
 import runs
 import training as TR
+import data as D
 from data import InputError, PromptDataset
 from model import decode_images, denoise, get_config, get_schedule, sampling_inputs
-from rewards import RewardModelError, add_reward_args, build_reward, check_reward_models, reward_weights
+from rewards import RewardModelError, add_reward_args, build_reward, missing_reward_models, reward_weights
 
 def build_parser():
-    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
     g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps; "
@@ -162,30 +163,40 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
-    check_reward_models(args)                        # every missing reward model listed at once, offline, instantly
-
-    # -------------------------------------------------------------------------
-    # set-up: ranks and device, the preset's defaults, every shape check that needs no model (fail in seconds), then
-    # the run folder (locked, checked, the checkpoint to resume chosen) before any work
-    ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
     cfg = get_config(args.preset)
-    mult = cfg.token_px
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
     args.ref_guidance, args.text_guidance = M.guidance_scales(
         cfg, M.learned_empty_prompt(args.preset, args.init if args.preset == "toy" else None), args.ref_guidance,
         args.text_guidance)
-    G, n_mini = args.group, args.minibatches
-    args.micro_batch = runs.resolved(args.micro_batch, G // n_mini)
-    if args.size % mult or args.ref_size % mult:
-        raise InputError(f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
-    if G % n_mini:
-        raise InputError(f"--group {G} must be divisible by --minibatches {n_mini}")
-    if (G // n_mini) % args.micro_batch:
-        raise InputError(f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
-    window_start(1, args.steps, args.window, args.tau, args.stride)          # validates w and T now
+    args.micro_batch = runs.resolved(args.micro_batch, args.group // args.minibatches)
+    preflight(args, cfg)
+
+    # -------------------------------------------------------------------------
+    # set-up: ranks and device, then the run folder (locked, checked, the checkpoint to resume chosen) before any work
+    ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
     with runs.Run(args, argv, "train_rl.py", MAY_CHANGE, "prompts", ddp, rank, world, device) as run:
         train(args, run, cfg, ddp, rank, world, device)
+        if rank == 0:
+            TR.summary(args, run, unit="iteration")
+
+def preflight(args, cfg):
+    """Everything this run can check before reading its prompts, loading a model or making its run folder: the
+    data, the base and adapter, every FLUX weight and reward model, and the flags against each other, all named at
+    once (offline and instant: nothing is downloaded)."""
+    pf = D.Preflight()
+    pf.file("--data", args.data)
+    pf.file("--val-data", args.val_data)
+    mult, G, n_mini = cfg.token_px, args.group, args.minibatches
+    pf.need(args.size % mult == 0 and args.ref_size % mult == 0,
+            f"--size {args.size} and --ref-size {args.ref_size} must be multiples of {mult}")
+    if pf.need(G % n_mini == 0, f"--group {G} must be divisible by --minibatches {n_mini}"):
+        pf.need((G // n_mini) % args.micro_batch == 0,
+                f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
+    pf.need(args.window <= args.steps, f"--window {args.window} must be between 1 and --steps {args.steps}")
+    TR.check_model_args(pf, args, "rl")
+    pf.problems += missing_reward_models(args)
+    pf.check()
 
 def train(args, run, cfg, ddp, rank, world, device):
     master = rank == 0                    # rank 0 alone writes logs, checkpoints and runs the held-out evaluation
@@ -201,7 +212,7 @@ def train(args, run, cfg, ddp, rank, world, device):
         build_reward(args, device)
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
                                                    TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,
-                                                   seed=args.seed)
+                                                   seed=args.seed, ae=args.ae, t5=args.t5, clip=args.clip_text)
     # DDP wraps the window's log-prob computation: that is the forward whose gradients the ranks share
     policy = TR.WindowPolicy(flux).train()
     model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy

@@ -7,14 +7,13 @@ Supervised training, MultiCrafter stages 1-2 (and the toy world's stage 0).
   stage multi   frozen base + adapters (LoRA + MoE-LoRA), L = L_diff + lambda L_attn  (+ alpha SCAL + beta MDL,
                 + balance), MultiCrafter Eq. 5-6 / MOSAIC
 
-    python toy.py --out data/toy --n 2000 && python toy.py --out data/toy_val --n 200 --seed 1
+    python toy.py --out data/toy --n 2000 && python toy.py --out data/toy_val --n 200 --split val --seed 1
     python train_sft.py --stage base --data data/toy/manifest.jsonl --out runs/base --steps 3000
     python train_sft.py --stage multi --init runs/base/latest --data data/toy/manifest.jsonl --out runs/multi
     torchrun --nproc_per_node=2 train_sft.py --stage multi ...               # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node=8 train_sft.py --preset flux-dev --stage multi --data my/manifest.jsonl \\
-        --size 512 --ref-size 320 --rank 512 --lr 3e-5 --lr-end 1e-5 --grad-checkpoint --zero
+        --size 512 --ref-size 320 --rank 512 --lr 3e-5 --lr-end 1e-5 --grad-checkpoint --zero --out runs/flux
 """
-import argparse
 import json
 import sys
 import time
@@ -33,7 +32,7 @@ import runs
 import training as TR
 
 def build_parser():
-    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
     g.add_argument("--cache", default=None, help="instead of --data: a `cache.py` folder (text embeddings and "
@@ -64,9 +63,9 @@ def build_parser():
                    "128 bytes or to the batch's longest (faster); default: as the --init base was trained (its "
                    "checkpoint says; the shipped one: max), max for a new base. Recorded in the checkpoint")
     g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="each sample's prompt replaced "
-                   "by \"\" with this probability (for --text-guidance when sampling; not with --cache)")
+                   "by \"\" with this probability (not with --cache; for sample.py --text-guidance)")
     g.add_argument("--drop-refs", type=runs.float_in(0.0, 1.0), default=0.0, help="each step trained without its "
-                   "references with this probability (for --ref-guidance when sampling)")
+                   "references with this probability (for sample.py --ref-guidance)")
     g.add_argument("--scal", type=runs.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
     g.add_argument("--mdl", type=runs.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
@@ -160,23 +159,18 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
-    if (args.data is None) == (args.cache is None):
-        p.error("give one of --data (a manifest) or --cache (a `cache.py` folder)")
-    if args.stage == "multi" and args.drop_refs > 0:
-        # its attention losses need the references in every step (and DDP ranks must log the same terms)
-        p.error("--drop-refs: not with --stage multi (L_attn, SCAL and MDL read the references); use base or single")
-    if args.cache and args.drop_prompt > 0:
-        p.error("--drop-prompt: a cache holds each prompt's embedding, with no text encoder for \"\" (use --data)")
+    cfg = M.get_config(args.preset)
+    try:
+        M.select_blocks(args.attn_blocks, cfg)                           # names, checked against the model
+    except ValueError as e:
+        p.error(f"argument --attn-blocks: {e}")
+    preflight(args, cfg)
 
     # -------------------------------------------------------------------------
     # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the
     # run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
-    cfg = M.get_config(args.preset)
-    try:
-        args.attn_blocks = M.select_blocks(args.attn_blocks, cfg)           # names, checked against the model
-    except ValueError as e:
-        p.error(f"argument --attn-blocks: {e}")
+    args.attn_blocks = M.select_blocks(args.attn_blocks, cfg)           # names (checked above)
     args.size = runs.resolved(args.size, cfg.image_size)
     args.ref_size = runs.resolved(args.ref_size, cfg.ref_size)
     # the toy base learns from scratch (a high lr); adapters on a frozen base take small steps (paper: 3e-5)
@@ -184,6 +178,25 @@ def main(argv=None):
     args.lr_end = runs.resolved(args.lr_end, args.lr / 3)
     with runs.Run(args, argv, "train_sft.py", MAY_CHANGE, "grad_accum", ddp, rank, world, device) as run:
         train(args, run, cfg, ddp, rank, world, device)
+        if rank == 0:
+            TR.summary(args, run)
+
+def preflight(args, cfg):
+    """Everything this run can check before reading its data, loading a model or making its run folder: the data,
+    the base and adapter, every FLUX weight, and the flags against each other, all named at once."""
+    pf = D.Preflight()
+    if pf.need((args.data is None) != (args.cache is None), "give one of --data (a manifest) or --cache (a "
+               "`cache.py` folder)"):
+        pf.file("--data", args.data)
+        pf.folder("--cache", args.cache, ["index.json"])
+        (pf.folder if args.cache else pf.file)("--val-data", args.val_data)
+    # stage multi's attention losses need the references in every step (and DDP ranks must log the same terms)
+    pf.need(not (args.stage == "multi" and args.drop_refs > 0), "--drop-refs: not with --stage multi (L_attn, SCAL "
+            "and MDL read the references); use base or single")
+    pf.need(not (args.cache and args.drop_prompt > 0), "--drop-prompt: a cache holds each prompt's embedding, with "
+            "no text encoder for \"\" (use --data)")
+    TR.check_model_args(pf, args, args.stage, cached=args.cache is not None)
+    pf.check()
 
 def train(args, run, cfg, ddp, rank, world, device):
     master = rank == 0                    # rank 0 alone writes logs and checkpoints
@@ -203,7 +216,7 @@ def train(args, run, cfg, ddp, rank, world, device):
     # training forward (Denoiser) so only trainable parameters are synchronized
     flux, ae, text, params, acfg = TR.build_models(args.preset, args.stage, device, args.init, args.adapter,
                                                    TR.adapter_spec(args), args.cache is not None, args.grad_checkpoint,
-                                                   args.seed)
+                                                   args.seed, args.ae, args.t5, args.clip_text)
     if args.txt_pad is not None and isinstance(text, M.ByteTextEncoder):
         text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
     if args.drop_prompt > 0 and isinstance(text, M.ByteTextEncoder):

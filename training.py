@@ -8,7 +8,9 @@ line. Neither trainer imports the other; both import this.
 import datetime
 import json
 import os
+import shlex
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,10 @@ def add_model_args(p):
     g.add_argument("--init", default=None, help="toy: a checkpoint folder (flux/text_encoder.safetensors); "
                    "flux: a DiT .safetensors or repo id (default: the preset's official repo)")
     g.add_argument("--adapter", default=None, help="start from this adapter (e.g. stage single's, for multi)")
+    g.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
+    g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
+    g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
+                   "MULTICRAFTER_CLIP)")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
                    "with the same)")
@@ -40,6 +46,24 @@ def add_model_args(p):
     g.add_argument("--gate", default="st", choices=["st", "switch", "paper"])
     g.add_argument("--lora-targets", nargs="*", default=list(ML.DEFAULT_LORA))
     g.add_argument("--moe-targets", nargs="*", default=list(ML.DEFAULT_MOE))
+
+def check_model_args(pf, args, stage, cached=False):
+    """The model flags' part of a trainer's pre-flight (data.Preflight): the base (--init) and the adapter to start
+    from exist, and every FLUX weight the run will load is on this machine (T5, CLIP and the AE not with a cache)."""
+    pf.file("--adapter", args.adapter, inside="adapter.safetensors")
+    if args.preset == "toy":
+        if args.init is None:
+            pf.need(stage == "base", "--init: adapters train on a trained toy base: pass --init assets/toy (the "
+                    "shipped one) or a --stage base run's checkpoint folder (OUT/latest)")
+        else:
+            pf.folder("--init", args.init, ["flux.safetensors", "text_encoder.safetensors"])
+        pf.need(not (args.ae or args.t5 or args.clip_text), "--ae, --t5, --clip-text: FLUX's weights (the toy's "
+                "encoders are in its --init folder)")
+        return
+    pf.need(stage != "base", "--stage base trains the toy preset only (FLUX is the base at full scale)")
+    parts = ("dit",) if cached else ("dit", "ae", "t5", "clip")
+    pf.weights(M.flux_weights(args.preset, parts, dit=args.init, ae=args.ae, t5=args.t5, clip=args.clip_text,
+                              dit_flag="--init"))
 
 def adapter_spec(args):
     """The adapter flags -> moe_lora.inject's keyword arguments. --experts 0: plain LoRA on the FFN targets too."""
@@ -88,12 +112,13 @@ class BadSteps:
 # models and optimizer
 
 def build_models(preset, stage, device, init=None, adapter=None, spec=None, cached=False, grad_checkpoint=False,
-                 seed=0):
+                 seed=0, ae=None, t5=None, clip=None):
     """-> (flux, ae, text encoder, trainable params, adapter config or None).
     stage "base" trains the whole toy DiT + text encoder from a random init (seeded: the same on every rank); any
     other stage freezes the base (a toy checkpoint folder, or FLUX from init / the preset's repo) and trains
     adapters: loaded from `adapter`, else injected as `spec` (adapter_spec) says. cached: the batches carry text
-    embeddings and latents (cache.py), so no AE or text encoder is loaded."""
+    embeddings and latents (cache.py), so no AE or text encoder is loaded. ae, t5, clip: where FLUX's are
+    (model.flux_weights)."""
     cfg = M.get_config(preset)
     if cached and stage == "base":
         raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
@@ -111,12 +136,12 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
         if stage == "base":
             raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
         # every FLUX weight this run needs, found or listed as missing at once, before the 24 GB of the first loads
-        M.check_weights(M.flux_weights(cfg, ("dit",) if cached else ("dit", "ae", "t5", "clip"), dit=init,
-                                       dit_flag="--init"))
+        M.check_weights(M.flux_weights(cfg, ("dit",) if cached else ("dit", "ae", "t5", "clip"), dit=init, ae=ae,
+                                       t5=t5, clip=clip, dit_flag="--init"))
         flux = M.load_flux(cfg, init, device, wdtype)
         # with a cache the 9 GB T5 and the VAE are never loaded
-        ae = None if cached else M.load_ae(cfg, device=device, dtype=wdtype)
-        text = None if cached else M.T5CLIPEncoder(cfg.max_txt_len, dtype=wdtype)
+        ae = None if cached else M.load_ae(cfg, ae, device=device, dtype=wdtype)
+        text = None if cached else M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype=wdtype)
     if cached:                                                # the toy's encoders are unused too
         ae = text = None
     flux = flux.to(device)
@@ -382,18 +407,53 @@ class Log:
 # -----------------------------------------------------------------------------
 # the command line
 
+DEMO_REFS = ("assets/orange_circle.png", "assets/blue_square.png")        # the README's quick start pair
+
+def summary(args, run, unit="step"):
+    """A run's last line (rank 0): what it made and the command that samples it (the toy: with the demo
+    references; FLUX: with placeholders for yours)."""
+    if run.last is None:
+        return
+    step, ckpt = run.last
+    if getattr(args, "stage", None) == "base":
+        made, model = f"the toy base at {ckpt}", ["--model", ckpt]
+    else:
+        adapter, best = os.path.join(ckpt, "adapter.safetensors"), os.path.join(args.out, "best.safetensors")
+        lora = best if os.path.isfile(best) else adapter
+        made = f"the adapter at {adapter}" + (f" (best held-out reward: {best})" if lora == best else "")
+        model = ["--model", args.init or args.preset, "--lora", lora]
+    model += ["--pe", args.pe] if args.pe != "d" else []
+    model += [a for f in ("ae", "t5", "clip_text") if getattr(args, f) for a in (runs.flag(f), getattr(args, f))]
+    refs = ["--refs", *DEMO_REFS] if args.preset == "toy" else ["--refs", "REF1.png", "REF2.png", "--prompt", "PROMPT"]
+    out = os.path.join("out", os.path.basename(os.path.normpath(args.out)) + ".png")
+    print0(f"done, {unit} {step}: {made}; sample it with: "
+           f"{shlex.join(['python', 'sample.py', *model, *refs, '--out', out])}")
+
 USER_ERRORS = (M.CheckpointError, D.DataError, D.InputError, TrainingError, runs.RunFolderError)
 
 def cli(main, argv=None, errors=USER_ERRORS):
     """main(argv) as the command line runs it: a user's mistake (bad data, bad weights, a diverged run, a used run
     folder) is one line on stderr and exit status 2, never a traceback; a run stopped by a signal says how to resume
-    and exits with 128 + the signal. -> exit status."""
+    and exits with 128 + the signal. -> exit status.
+    Under torchrun every rank reaches the same verdict (the pre-flight sees the same files; later decisions are
+    rank 0's, broadcast): rank 0 prints the line, and every rank leaves it in torchrun's error file, which the
+    launcher's failure summary shows in place of "To enable traceback see: ...". """
     try:
         main(argv)
     except errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except runs.Stopped as e:
-        print0(e)
+        say(str(e))
         return e.status
     return 0
+
+def say(line):
+    # the one line a command ends with, once per job: on rank 0 (or without torchrun), and in torchrun's error file
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+        with open(error_file, "w") as f:
+            json.dump({"message": record}, f)
