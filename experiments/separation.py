@@ -401,7 +401,11 @@ def tables(args, rows, scores, oracle, sanity, t_start, work):
     row_steps += [(key, label, args.steps) for key, label, _, _ in IPPO_ROWS
                   if any((key, args.steps, s) in scores for s in seeds)]
     got = lambda key, step, fn: [fn(scores[key, step, s]) for s in seeds if (key, step, s) in scores]
-    label_of = lambda key, label, step: label + (f" ({step} steps)" if key.startswith("e3-") else "")
+    def label_of(key, label, step):
+        # the row's name, its length for E3, and how many seeds it has when fewer than asked
+        n = len(got(key, step, lambda s: 1))
+        return label + (f" ({step} steps)" if key.startswith("e3-") else "") + \
+            (f" [{n} seed{'s' * (n > 1)}]" if n < len(seeds) else "")
     # ---- E1: the oracle ----
     if oracle:
         lines += ["", "### E1: oracle separation (no training)", "",
