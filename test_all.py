@@ -3741,6 +3741,8 @@ def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
 # -----------------------------------------------------------------------------
 # run folders (issue: run folders that cannot lose work)
 
+import hashlib
+
 from safetensors.torch import load_file
 
 def adapter_of(folder):
@@ -3810,7 +3812,7 @@ def test_rotation_removes_only_older_checkpoints(tmp_path):
     assert sorted(os.listdir(out)) == ["ckpt-0000002", "ckpt-0000003", "ckpt-0000009", "latest"]
     assert os.readlink(tmp_path / "latest") == "ckpt-0000003"
     assert json.loads((tmp_path / "ckpt-0000003" / "checkpoint.json").read_text()) == \
-        {"step": 3, "world": 1, "files": {"x.bin": 3}}
+        {"step": 3, "world": 1, "files": {"x.bin": 3}, "sha256": {"x.bin": hashlib.sha256(b"xxx").hexdigest()}}
 
 def test_a_second_trainer_on_the_same_out_is_refused_naming_the_holder(toy_run, tmp_path, capsys):
     root, manifest = toy_run
@@ -3907,6 +3909,73 @@ def test_non_finite_weights_are_never_saved(toy_run, tmp_path, capsys, monkeypat
                         rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
     assert all(torch.isfinite(v).all() for v in adapter_of(out / "latest").values())
+
+def flip_bit(path, name):
+    """One flipped bit in a checkpoint file, its size kept: in adapter.safetensors the exponent's top bit of the
+    largest weight (0.01 becomes ~3e36, finite), in args.json the seed (0 -> 1), elsewhere a bit mid-file."""
+    data = bytearray(path.read_bytes())
+    if name.endswith(".safetensors"):
+        n = int.from_bytes(data[:8], "little")
+        head = {k: v for k, v in json.loads(data[8:8 + n]).items() if k != "__metadata__"}
+        key = max(head, key=lambda k: load_file(str(path))[k].abs().max())
+        at = 8 + n + head[key]["data_offsets"][0] + 4 * int(load_file(str(path))[key].abs().flatten().argmax()) + 3
+        data[at] ^= 0x40
+    elif name == "args.json":
+        data[data.index(b'"seed": 0') + 8] ^= 1
+    else:
+        data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+@pytest.mark.parametrize("name", ["adapter.safetensors", "train_state.pt", "args.json"])
+def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(toy_run, two_step_run, tmp_path, capsys,
+                                                                          name):
+    # a flipped bit keeps the file's size: the marker's sha256 tells it, and --resume takes checkpoint 1 instead
+    root, manifest = toy_run
+    folders, want = two_step_run
+    out = tmp_path / "run"
+    shutil.copytree(folders / "cut", out, symlinks=True)
+    flip_bit(out / "ckpt-0000002" / name, name)
+    capsys.readouterr()
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"note: skipping checkpoint 2: {out / 'ckpt-0000002' / name}: its content is not what its checkpoint " \
+           f"recorded (sha256 differs" in err and "resumed from step 1 " in err
+    assert same_adapter(adapter_of(out / "latest"), want)
+    assert runs.verify(str(out / "ckpt-0000002")) is None                 # step 2 ran again, its checkpoint rewritten
+
+def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_path, capsys, monkeypatch):
+    root, manifest = toy_run
+    folders, want = two_step_run
+    # checkpoint 2 holds a flipped exponent bit and a marker that agrees (as a run that saved it would write)
+    out = tmp_path / "run"
+    shutil.copytree(folders / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
+    ckpt = out / "ckpt-0000002"
+    flip_bit(ckpt / "adapter.safetensors", "adapter.safetensors")
+    marker = json.loads((ckpt / "checkpoint.json").read_text())
+    marker["sha256"]["adapter.safetensors"] = hashlib.sha256((ckpt / "adapter.safetensors").read_bytes()).hexdigest()
+    (ckpt / "checkpoint.json").write_text(json.dumps(marker))
+    capsys.readouterr()
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(rf"error: {re.escape(str(ckpt / 'adapter.safetensors'))}: \S+ holds "
+                                          rf"\S+, beyond any trained weight .*; {re.escape(str(out))} holds no "
+                                          rf"complete checkpoint to resume from", err[0]), err
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000002", "latest", "log.jsonl"]        # nothing removed
+    # a run whose weights become absurd (finite) does not save them, and its last checkpoint stays
+    out = tmp_path / "diverged"
+    real, calls = torch.optim.AdamW.step, [0]
+    def flip_at_step_2(self, *a, **k):
+        calls[0] += 1
+        real(self, *a, **k)
+        if calls[0] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = -1.9e37
+    monkeypatch.setattr(torch.optim.AdamW, "step", flip_at_step_2)
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: step 2: \S+ holds -1\.9e\+37, beyond any trained weight .*: not saved; "
+                        rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
 
 @pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(toy_run, tmp_path, capsys, monkeypatch,
