@@ -31,14 +31,17 @@ def load_encoders(model, checkpoint=None, device="cpu"):
 
 @torch.no_grad()
 def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
-                shard_size=256, device=None):
+                shard_size=256, device=None, force=False):
     """`python cache.py`: per record txt (L, C), y (C_vec,), latent (z, h, w), ref_latents (N, z, r, r),
     masks, mask_valid and points, in safetensors shards of shard_size records, then index.json (settings, and
-    per record its shard, prompt, bucket). Every file is written to a temporary name and renamed."""
+    per record its shard, prompt, bucket). Every file is written to a temporary name and renamed. out must not
+    hold what it reads (data.check_output; force: --force)."""
     device = torch.device(device) if device else M.default_device()
     text, ae, cfg = load_encoders(model, checkpoint, device)          # bad weights fail before any work
     size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
     ds = D.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
+    D.check_output([out], [manifest, checkpoint] + [p for r in ds.records for p in
+                                                    [r["target"], *r["refs"], *(r["masks"] or [])]], force)
     os.makedirs(out, exist_ok=True)
     from safetensors.torch import save
     records, tensors = [], {}
@@ -140,6 +143,7 @@ def main(argv=None):
     p.add_argument("--ref-size", type=int, default=None, help="default: the preset's, 16 toy, 320 flux")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--device", default=None)
+    D.add_force(p)
     args = p.parse_args(argv)
     try:
         buckets = None
@@ -148,7 +152,7 @@ def main(argv=None):
                 raise D.InputError(f"--buckets {' '.join(args.buckets)}: write each as HxW, e.g. 384x640")
             buckets = [tuple(map(int, b.split("x"))) for b in args.buckets]
         write_cache(args.manifest, args.out, args.model, args.checkpoint, args.size, args.ref_size, buckets,
-                    max(1, args.shard_size), args.device)
+                    max(1, args.shard_size), args.device, args.force)
     except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ def build_parser():
     p.add_argument("out", help="the diffusers LoRA .safetensors to write")
     p.add_argument("--arch", default="flux-dev", choices=sorted(M.CONFIGS), help="the architecture it was trained on")
     p.add_argument("--moe", default="refuse", choices=["refuse", "skip", "mean"], help="what to do with MoE-LoRA layers")
+    D.add_force(p)
     return p
 
 def adapter_model(arch, path):
@@ -57,6 +58,7 @@ def main(argv=None):
         D.check_file(args.adapter)
         if not args.out.endswith(".safetensors"):
             raise D.InputError(f"{args.out}: the output must be a .safetensors file")
+        D.check_output([args.out], [args.adapter], args.force)        # never what it reads, nor a run's
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         sd, skipped = ML.export_diffusers(adapter_model(args.arch, args.adapter), args.out, moe=args.moe)
     except (D.InputError, M.CheckpointError, ValueError) as e:   # ValueError: MoE-LoRA refused, or an unmappable layer

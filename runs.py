@@ -74,6 +74,7 @@ def add_run_args(p, ckpt_every, eval_every):
     g.add_argument("--seed", type=int_in(0, 2 ** 32 - 1), default=0)
     g.add_argument("--ckpt-every", type=positive, default=ckpt_every)
     g.add_argument("--keep", type=positive, default=2, help="checkpoints kept")
+    D.add_force(g)
     g.add_argument("--eval-every", type=positive, default=eval_every)
     g.add_argument("--device", default=None)
     g.add_argument("--dist-timeout", type=positive_float, default=600, help="seconds a rank waits for the others in "
@@ -98,10 +99,11 @@ class Stopped(Exception):
         self.status = 128 + signum
 
 CKPT = re.compile(r"ckpt-(\d+)$")
-MARKER = "checkpoint.json"          # written last into a checkpoint: its step, its ranks, each file's size and sha256
+MARKER = D.CHECKPOINT_MARKER       # written last into a checkpoint: its step, its ranks, each file's size and sha256
 PREVIOUS = "previous"               # the run --fresh moved aside, until the new run's first checkpoint
 MOVING = "previous.part"            # ... while it is being moved
-RUN_ENTRIES = ("latest", "log.jsonl", "best.safetensors")    # with ckpt-*: what makes a folder hold a run
+RUN_ENTRIES = D.RUN_FILES           # with ckpt-*: what makes a folder hold a run
+INPUTS = ("data", "cache", "val_data", "init", "adapter")   # the flags naming what a trainer reads: never in OUT
 GARBAGE = (".tmp-ckpt-", ".old-", ".latest.tmp")           # a killed write's leftovers: removed on opening
 
 def checkpoint_hook(stage, step):
@@ -359,9 +361,9 @@ def load_checkpoint(path, flux, text, acfg, opt):
 # the run folder: one run, one writer, never lost
 
 def lock(out):
-    """OUT/.lock, held for the life of this process (flock: the kernel lets go when the process ends, however it
+    """OUT/.lock (D.RUN_LOCK), held for the life of this process (flock: the kernel lets go when the process ends, however it
     ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError naming it."""
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(os.path.join(out, D.RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -399,7 +401,7 @@ def compare_args(saved, now, may_change, per_step, saved_world, world, where):
     procedure): a RunFolderError naming each. per_step: the flag that, times the ranks, is the global number of
     micro-batches (or prompts) per step; the ranks may change where that product does not."""
     now = json.loads(json.dumps(now))                        # as args.json holds it (tuples -> lists)
-    changed = [k for k in now if k not in ("out", "resume", "fresh") and saved.get(k, "(unset)") != now[k]]
+    changed = [k for k in now if k not in ("out", "resume", "fresh", "force") and saved.get(k, "(unset)") != now[k]]
     say = lambda ks: ", ".join(f"{flag(k)} {saved.get(k, '(unset)')} -> {now[k]}" for k in ks)
     refused = [k for k in changed if k not in may_change]
     if saved.get(per_step, 0) * saved_world != now[per_step] * world:
@@ -417,6 +419,7 @@ class Run:
     """The folder --out holds one run, for the life of a trainer (a context manager):
     - one writer: rank 0 holds OUT/.lock (lock); the other ranks never touch the folder but to read the checkpoint
       rank 0 chose (every decision is rank 0's, broadcast);
+    - an OUT that is or holds one of the run's inputs (INPUTS) or lies in a checkpoint is refused (data.check_output);
     - a folder holding a run (ckpt-*, latest, log.jsonl, best.safetensors) is refused without --resume or --fresh;
       --fresh moves that run to OUT/previous/ (write_checkpoint removes it once the new run has a checkpoint, so a
       kill in between loses nothing);
@@ -437,9 +440,9 @@ class Run:
     def __enter__(self):
         try:
             verdict = self._open() if self.master else None
-        except (OSError, RunFolderError) as e:
-            verdict = ("error", str(e) if isinstance(e, RunFolderError) else
-                       f"{self.out}: cannot use it as the run folder ({e.strerror or e})")
+        except (OSError, RunFolderError, D.InputError) as e:
+            verdict = ("error", f"{self.out}: cannot use it as the run folder ({e.strerror or e})"
+                       if isinstance(e, OSError) else str(e))
         except BaseException:
             self.__exit__()
             raise
@@ -472,6 +475,7 @@ class Run:
     def _open(self):
         """Rank 0: lock the folder, tidy it, decide -> ("ok", the checkpoint to resume or None)."""
         out, args = self.out, self.args
+        D.check_output([out], [getattr(args, k, None) for k in INPUTS], args.force)
         os.makedirs(out, exist_ok=True)
         self.fd = lock(out)
         for name in os.listdir(out):

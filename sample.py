@@ -97,6 +97,7 @@ def build_parser():
     g.add_argument("--out", default=None, help="one sample's PNG (default out.png)")
     g.add_argument("--out-dir", default=None, help="a test set's folder: OUT_DIR/SEED/ID.png")
     g.add_argument("--save-attn", action="store_true", help="also write one attention overlay per reference")
+    D.add_force(g)
     return p
 
 # -----------------------------------------------------------------------------
@@ -422,6 +423,9 @@ def generate(args):
     images, refs = load_refs(args.refs, run, mult)
     prompt = args.prompt if args.prompt is not None else toy.default_prompt(images, args.refs)
     note = toy_note(run, not_sprites(zip(args.refs, images))) if preset == "toy" else None
+    stem = os.path.splitext(out)[0]
+    D.check_output([out, stem + ".json", *(f"{stem}_attn{i}.png" for i in range(len(refs) * args.save_attn))],
+                   read_paths(args, args.refs), args.force)
     check_writable(os.path.dirname(os.path.abspath(out)))
 
     # 2. the models, the sample, its files
@@ -432,6 +436,10 @@ def generate(args):
     files = sample_batch((flux, ae, text), run, prompt, refs, [seed], [out], [meta])
     print(f"wrote {', '.join(files)} (seed {seed})", file=sys.stderr)
     return 0
+
+def read_paths(args, refs):
+    # every file or folder sampling reads (data.check_output keeps the outputs off them)
+    return [args.manifest, args.prompts, *refs, toy_folder(args.model), args.lora, args.ae, args.t5, args.clip_text]
 
 def settings(args, run):
     # what a sample's JSON records: every argument, with what was resolved in place of the defaults
@@ -487,6 +495,8 @@ def generate_set(args):
         kept.append(job)
     for line, why in sorted(bad):
         print(f"{source}:{line}: {why}", file=sys.stderr)
+
+    D.check_output([args.out_dir], read_paths(args, [r for job in kept for r in job["refs"]]), args.force)
 
     # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
     meta = settings(args, run)

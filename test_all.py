@@ -1429,6 +1429,53 @@ def test_paths_cannot_escape_the_root(tmp_path):
     assert D.resolve(str(root), "sub/in.png") == str(root / "sub" / "in.png")
     assert D.resolve(str(root), "in_link.png")                              # a link that stays inside is fine
 
+def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
+    # data.check_output, the one rule of every command that writes: by real path, links followed; --force overrides
+    import export_lora
+    import moe_lora as ML
+    import runs
+    import train_sft
+    torch.manual_seed(0)
+    flux = M.Flux(M.get_config("toy"))
+    acfg = ML.inject(flux, rank=4, n_experts=2)
+    adapter = tmp_path / "adapter.safetensors"
+    ML.save_adapter(flux, str(adapter), acfg)
+    os.symlink(adapter, tmp_path / "link.safetensors")
+    manifest = TN.write_toy(str(tmp_path / "data"), 2, seed=0)
+    data = os.path.dirname(manifest)
+    ref = os.path.join(data, json.loads(open(manifest).readline())["refs"][0])
+    world = toy.write_world(str(tmp_path / "world"), 1)
+    run = tmp_path / "run"                                   # someone's run: a checkpoint, its lock
+    run.mkdir()
+    (run / ".lock").write_text("")
+    runs.write_checkpoint(str(run), 1, {"adapter.safetensors": lambda f: f.write(adapter.read_bytes())}, 1, 2)
+    exit_status = lambda fn, argv: fn(argv) if fn is not main else pytest.raises(SystemExit, main, argv).value.code
+    cases = [  # (command, its arguments, the file it must leave alone)
+        (export_lora.main, [str(adapter), str(adapter), "--arch", "toy", "--moe", "mean"], adapter),
+        (export_lora.main, [str(adapter), str(tmp_path / "link.safetensors"), "--arch", "toy", "--moe", "mean"],
+         adapter),
+        (export_lora.main, [str(adapter), str(run / "latest" / "adapter.safetensors"), "--arch", "toy"],
+         run / "ckpt-0000001" / "adapter.safetensors"),
+        (main, ["--refs", ref, "--steps", "1", "--out", ref], ref),
+        (main, ["--manifest", manifest, "--steps", "1", "--out-dir", data], manifest),
+        (cache.main, ["--manifest", manifest, "--out", data, "--device", "cpu"], manifest),
+        (toy.main, ["eval", "--manifest", manifest, "--images", data, "--out", manifest], manifest),   # rewards'
+        (toy.main, ["eval", "--manifest", world, "--images", data, "--out", world], world),   # the world's own
+        (toy.main, ["--out", str(run / "latest"), "--n", "1"], run / "ckpt-0000001" / "checkpoint.json"),
+        (C.main, ["objects", "--manifest", manifest, "--out", data], manifest),
+        (train_sft.cli, ["--data", manifest, "--adapter", str(run / "latest" / "adapter.safetensors"), "--out",
+                         str(run), "--fresh", "--steps", "1"], run / "ckpt-0000001" / "adapter.safetensors"),
+    ]
+    for fn, argv, kept in cases:
+        before = open(kept, "rb").read()
+        capsys.readouterr()
+        assert exit_status(fn, argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "refused, writing there would destroy" in err[0], (argv, err)
+        assert open(kept, "rb").read() == before and sorted(os.listdir(run)) == [".lock", "ckpt-0000001", "latest"]
+    assert export_lora.main(cases[0][1] + ["--force"]) == 0                  # told explicitly
+    assert "multicrafter_moe_export" in M.read_header(str(adapter), metadata=True)[1]
+
 def test_uno_json_list(tmp_path, capsys):
     solid_png(tmp_path / "t.png", (40, 32))
     solid_png(tmp_path / "a.png", (16, 16))
