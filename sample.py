@@ -26,8 +26,8 @@ ever beside its own JSON and attention maps). A sample that is not finite (NaN o
 The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
 src/flux/sampling.py); reading and preprocessing the reference images in data.py.
 """
-import argparse, itertools, json, math, os, re, secrets, sys, tempfile
-from contextlib import nullcontext
+import argparse, fcntl, itertools, json, math, os, re, secrets, sys, tempfile
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -236,6 +236,23 @@ def check_writable(folder):
         os.unlink(tmp)
     except OSError as e:
         raise D.InputError(f"{folder}: cannot write there ({e.strerror or e})") from None
+
+@contextmanager
+def only_writer(folder):
+    """The test set `folder` (made if missing) for this process alone while the block runs: flock on the folder
+    itself (nothing is written into the set; the kernel lets go however the process ends). Held: one InputError."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise D.InputError(f"{folder}: another sample.py is writing this set: refused, their samples would mix (wait "
+                           f"for it to end, or pass another --out-dir)") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 def write_set(files):
     """files {path: write(fh)}, the PNG first: every file written under a temporary name, then renamed, the PNG
@@ -498,51 +515,54 @@ def generate_set(args):
 
     D.check_output([args.out_dir], read_paths(args, [r for job in kept for r in job["refs"]]), args.force)
 
-    # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
-    meta = settings(args, run)
-    todo = []
-    for job in kept:
-        for seed in seeds:
-            png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
-            want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"], line=job["line"])
-            if os.path.exists(png):
-                have = earlier(png)
-                diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
-                if diff:
-                    raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass another "
-                                       f"--out-dir, or remove it")
-                continue
-            todo.append((job, seed, png, want))
+    # one sample.py at a time writes the set, from its check of what is there to its last sample: two runs with
+    # other settings are refused, never mixed
     check_writable(args.out_dir)
-    skipped = len(kept) * len(seeds) - len(todo)
+    with only_writer(args.out_dir):
+        # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
+        meta = settings(args, run)
+        todo = []
+        for job in kept:
+            for seed in seeds:
+                png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
+                want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"], line=job["line"])
+                if os.path.exists(png):
+                    have = earlier(png)
+                    diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
+                    if diff:
+                        raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass "
+                                           f"another --out-dir, or remove it")
+                    continue
+                todo.append((job, seed, png, want))
+        skipped = len(kept) * len(seeds) - len(todo)
 
-    # the models once (if anything is left to do), then every sample not there yet
-    (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
-    photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
-    written, failed, loaded = 0, set(), None
-    # a record's seeds, up to --batch-size of them, are one batch (todo lists each record's seeds together)
-    n = args.batch_size or 1
-    batches = [list(group) for _, group in itertools.groupby(todo, key=lambda t: id(t[0]))]
-    batches = [g[i:i + n] for g in batches for i in range(0, len(g), n)]
-    with tqdm(total=len(todo), desc="samples", disable=not todo) as bar:    # closed (a newline) before any error
-        for batch in batches:
-            job = batch[0][0]
-            if args.manifest and loaded != job["line"]:                     # a record's references, once for its seeds
-                first, loaded = loaded is None, job["line"]
-                try:
-                    images, refs = load_refs(job["refs"], run, mult)
-                except D.InputError as e:                                   # checking read only their headers
-                    images = refs = None
-                    failed.add(job["line"])
-                    tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
-                if refs and preset == "toy" and first:      # the first record's: 0.1 s a check, and a set's are alike
-                    photos = not_sprites(zip(job["refs"], images))
-            if refs is not None:
-                _, seeds_b, pngs, wants = zip(*batch)
-                sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
-                             [dict(w, weights=weights) for w in wants], progress=False)
-                written += len(batch)
-            bar.update(len(batch))
+        # the models once (if anything is left to do), then every sample not there yet
+        (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
+        photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
+        written, failed, loaded = 0, set(), None
+        # a record's seeds, up to --batch-size of them, are one batch (todo lists each record's seeds together)
+        n = args.batch_size or 1
+        batches = [list(group) for _, group in itertools.groupby(todo, key=lambda t: id(t[0]))]
+        batches = [g[i:i + n] for g in batches for i in range(0, len(g), n)]
+        with tqdm(total=len(todo), desc="samples", disable=not todo) as bar:   # closed (a newline) before an error
+            for batch in batches:
+                job = batch[0][0]
+                if args.manifest and loaded != job["line"]:           # a record's references, once for its seeds
+                    first, loaded = loaded is None, job["line"]
+                    try:
+                        images, refs = load_refs(job["refs"], run, mult)
+                    except D.InputError as e:                         # checking read only their headers
+                        images = refs = None
+                        failed.add(job["line"])
+                        tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
+                    if refs and preset == "toy" and first:   # the first record's: 0.1 s a check; a set's are alike
+                        photos = not_sprites(zip(job["refs"], images))
+                if refs is not None:
+                    _, seeds_b, pngs, wants = zip(*batch)
+                    sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
+                                 [dict(w, weights=weights) for w in wants], progress=False)
+                    written += len(batch)
+                bar.update(len(batch))
     note = toy_note(run, photos) if preset == "toy" else None
     if note:
         print(note, file=sys.stderr)

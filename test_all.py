@@ -3315,6 +3315,29 @@ def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatc
     err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
     assert f"more than {S.MAX_TOKENS}" in err and os.listdir(tmp_path) == []
 
+def test_two_samplers_on_one_set_are_refused_never_mixed(tmp_path, capsys, monkeypatch):
+    manifest = TN.write_toy(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
+    out = tmp_path / "set"
+    common = ["--manifest", manifest, "--out-dir", str(out), "--seeds", "0", "1"]
+    real, second = S.write_set, []
+    def meanwhile(files):                 # another sampler, other settings, starts as the first writes its first sample
+        if not second:
+            second.append("started")
+            try:
+                second.append(main(common + ["--steps", "3"]))
+            except SystemExit as e:
+                second.append(e.code)
+            second.append(capsys.readouterr().err)
+        return real(files)
+    monkeypatch.setattr(S, "write_set", meanwhile)
+    assert main(common + ["--steps", "2"]) == 0
+    _, status, err = second
+    assert status == 2 and err.strip().endswith(f"error: {out}: another sample.py is writing this set: refused, "
+                                                f"their samples would mix (wait for it to end, or pass another "
+                                                f"--out-dir)"), err
+    assert sorted({json.loads(p.read_text())["steps"] for p in out.glob("*/*.json")}) == [2]
+    assert len(list(out.glob("*/*.png"))) == 4 and sorted(os.listdir(out)) == ["0", "1"]     # nothing else in the set
+
 def test_sample_checks_out_first_and_writes_a_sample_as_one_set(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     with monkeypatch.context() as mp:
