@@ -176,7 +176,7 @@ def main(argv=None):
     try:
         args.attn_blocks = M.select_blocks(args.attn_blocks, cfg)           # names, checked against the model
     except ValueError as e:
-        p.error(f"--attn-blocks: {e}")
+        p.error(f"argument --attn-blocks: {e}")
     args.size = runs.resolved(args.size, cfg.image_size)
     args.ref_size = runs.resolved(args.ref_size, cfg.ref_size)
     # the toy base learns from scratch (a high lr); adapters on a frozen base take small steps (paper: 3e-5)
