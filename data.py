@@ -653,7 +653,8 @@ class PromptDataset(ManifestDataset):
 
 def collate(items):
     """Items of one bucket key -> a batch: tensors stacked (target (B, 3, H, W), refs (B, N, 3, R, R), masks
-    (B, N, T), mask_valid (B, N), and txt/y/latent/ref_latents from a CachedDataset), prompts [str], index (B,),
+    (B, N, T), mask_valid (B, N), and txt/y/latent/ref_latents from a CachedDataset), prompts [str], index and
+    a cache's txt_len (B,),
     points per reference a LongTensor (P, 3) of (batch index, reference token, target token): [:, :2] are
     AttentionProbe's rows, [:, 2] scal_loss's targets."""
     keys = {(tuple(it["bucket"]), it["masks"].shape[0]) for it in items}
@@ -666,7 +667,7 @@ def collate(items):
                       for per_ref in zip(*(it["points"] for it in items))]
         elif k == "prompt":
             out["prompts"] = [it[k] for it in items]
-        elif k == "index":
+        elif k in ("index", "txt_len"):
             out[k] = torch.tensor([it[k] for it in items])
         elif k == "bucket":
             out[k] = tuple(v)

@@ -1757,6 +1757,50 @@ def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_pa
     with pytest.raises(ValueError, match="cannot read precomputed"):
         TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "x"), "--stage", "base"])
 
+def test_a_cache_of_prompts_padded_to_the_longest_batches_and_trains_as_the_manifest(toy_run, tmp_path):
+    # a toy base whose encoder pads to the batch's longest prompt: each cached prompt is stored whole, and a batch
+    # takes its longest prompt's positions, pads included, as --data's encoder does
+    root, manifest = toy_run
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(root / "base" / "flux.safetensors", base)
+    save_file(load_file(str(root / "base" / "text_encoder.safetensors")), str(base / "text_encoder.safetensors"),
+              metadata={"txt_pad": "longest"})
+    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(base), device="cpu")
+    common = ["--stage", "multi", "--init", str(base), "--steps", "2", "--lr", "1e-2"]
+    sft(tmp_path / "pix", manifest, *common)
+    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size", "2",
+             "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
+    for a, b in zip(read_log(tmp_path / "pix"), read_log(tmp_path / "lat"), strict=True):
+        assert abs(a["diff"] - b["diff"]) < 1e-5 and abs(a["dice"] - b["dice"]) < 1e-5
+
+def test_cached_tensors_are_checked_against_the_model_before_the_first_step(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    folder = tmp_path / "cache"
+    cache.write_cache(manifest, str(folder), model="toy", checkpoint=str(root / "base"), device="cpu")
+    shard = folder / "shard_00000.safetensors"
+    good, index = load_file(str(shard)), (folder / "index.json").read_text()
+    cfg = M.get_config("toy")
+    for key, value, said in (("0/latent", torch.zeros(16, 16, 16), "0/latent is (16, 16, 16) torch.float32 where "
+                              "the model takes (12, 16, 16) float"),              # another AE's latents
+                             ("1/mask_valid", torch.ones(n := len(good["1/mask_valid"])), f"1/mask_valid is ({n},) "
+                              f"torch.float32 where the model takes ({n},) torch.bool"),
+                             ("2/txt", torch.zeros(27, 64), "2/txt is (27, 64) torch.float32 where the model takes "
+                              "(128, 64) float")):                                 # a prompt stored cut (older cache)
+        save_file({**good, key: value}, str(shard))
+        with pytest.raises(D.DataError) as e:
+            cache.CachedDataset(str(folder), cfg=cfg)
+        assert str(e.value) == f"{shard}: {said} (a cache of another model, size or version): rebuild it with " \
+                               f"`python cache.py`"
+        capsys.readouterr()
+        assert TS.cli(["--cache", str(folder), "--stage", "multi", "--init", str(root / "base"), "--batch-size", "2",
+                       "--out", str(tmp_path / f"run-{key[0]}"), "--steps", "1"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {e.value}"]
+    save_file(good, str(shard))
+    (folder / "index.json").write_text(index.replace('"txt_len": 128', '"txt_len": 129', 1))
+    with pytest.raises(D.DataError, match="txt_len 129, outside 1..128"):
+        cache.CachedDataset(str(folder), cfg=cfg)
+
 def test_gradient_checkpointing_changes_nothing_but_memory():
     cfg = tiny_cfg()
     f = randomize(M.Flux(cfg), seed=9)
@@ -4046,6 +4090,29 @@ def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_p
     assert re.fullmatch(rf"error: step 2: \S+ holds -1\.9e\+37, beyond any trained weight .*: not saved; "
                         rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
+
+@pytest.mark.parametrize("trainer", ["sft", "rl"])
+def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(toy_run, tmp_path, capsys, monkeypatch,
+                                                                             trainer):
+    root, manifest = toy_run
+    go = (lambda out, base: sft_cli(out, manifest, *multi(root, "--steps", "2"), "--init", str(base))) \
+        if trainer == "sft" else (lambda out, base: rl_cli(out, manifest, base, "--iters", "2"))
+    base = tmp_path / "nan-base"
+    shutil.copytree(root / "base", base)
+    sd = load_file(str(base / "flux.safetensors"))
+    sd["final_layer.linear.weight"][0, 0] = float("nan")
+    save_file(sd, str(base / "flux.safetensors"))
+    capsys.readouterr()
+    assert go(tmp_path / "a", base) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {base}: weight final_layer.linear.weight is not "
+                                                            f"finite: this base cannot be trained on"]
+    assert sorted(os.listdir(tmp_path / "a")) == [".lock"]                    # no step, no checkpoint
+    # every update skipped (non-finite gradients, fewer than --max-bad-steps): not a success
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    assert go(tmp_path / "b", root / "base") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: all \d updates of this run were skipped \(non-finite gradients\): nothing was "
+                        r"trained; checkpoint 2 intact \(.*\) holds the weights it started from .*", err), err
 
 @pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(toy_run, tmp_path, capsys, monkeypatch,

@@ -302,6 +302,7 @@ def train(args, run, cfg, ddp, rank, world, device):
             # a checkpoint when due or when a signal asks to stop (all ranks: rank 0 writes, the others wait)
             run.step_done(m, m % args.ckpt_every == 0 or m == args.iters, flux, text, acfg, opt, consumed)
     log.close()
+    bad.trained_any()
     if ddp:
         dist.destroy_process_group()
 
