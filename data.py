@@ -196,17 +196,62 @@ def add_force(p):
     p.add_argument("--force", action="store_true", help="write even where an output is one of the inputs, holds "
                    "one, or is part of a training run (refused by default: data.check_output)")
 
-def write_atomic(path, write):
-    # write a temp file in the same folder, then rename: readers never see half a file
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+# a temporary file is named for the process writing it, so whoever opens its folder later can tell a dead
+# writer's leftover from a live one's: ours .tmp-PID-*, model.save_safetensors' NAME.tmpPID
+TEMPORARY = re.compile(r"\.tmp-(\d+)-|.+\.tmp(\d+)$")
+
+def fsync_dir(path):
+    # a rename is on the disk once its folder is
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def write_temporary(folder, write):
+    """write(file) into a new temporary file in `folder`, flushed to the disk (fsync), readable like any file the
+    user makes -> its path. A failure removes it."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+def write_atomic(path, write):
+    """The protocol of every single file we write (the checkpoint protocol's, for one file): a temporary in the same
+    folder, fsynced, renamed over path, the folder fsynced: readers never see half a file, a crash never leaves a
+    torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = write_temporary(folder, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    fsync_dir(folder)
+
+def clean_temporaries(folder):
+    """Remove the temporaries (TEMPORARY) that writers no longer running left in `folder` (killed mid-write); a live
+    writer's stay. Called when a command opens a folder it writes."""
+    for name in os.listdir(folder):
+        m, path = TEMPORARY.match(name), os.path.join(folder, name)
+        if m and os.path.isfile(path) and not alive(int(m.group(1) or m.group(2))):
+            os.remove(path)
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)                                       # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                   # another user's process
+        pass
+    return True
 
 # -----------------------------------------------------------------------------
 # reading manifests and validating records

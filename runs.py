@@ -150,14 +150,6 @@ def write_file(path, produce):
         os.fsync(f.fileno())
     return os.path.getsize(path), sink.sha.hexdigest()
 
-def fsync_dir(path):
-    # a rename is on the disk once its folder is
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 # AdamW moves a weight by about lr <= MAX_LR a step, and a trained weight stays far below this; one flipped exponent
 # bit multiplies a weight by up to 2^128 (0.01 -> 3e36): finite, so only a bound on the magnitude tells it
 MAX_WEIGHT = 1e6
@@ -266,7 +258,7 @@ def point_latest(out, name, step):
         os.remove(link)
     os.symlink(name, link)
     os.replace(link, latest)
-    fsync_dir(out)
+    D.fsync_dir(out)
 
 def write_checkpoint(out, step, files, world, keep):
     """The protocol: OUT/.tmp-ckpt-STEP gets every file ({name: produce(file)}, each fsynced) and last the marker,
@@ -285,7 +277,7 @@ def write_checkpoint(out, step, files, world, keep):
             checkpoint_hook(file, step)
         marker = json.dumps({"step": step, "world": world, "files": sizes, "sha256": digests}).encode()
         write_file(os.path.join(tmp, MARKER), lambda f: f.write(marker))
-        fsync_dir(tmp)
+        D.fsync_dir(tmp)
         checkpoint_hook("marker", step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +286,7 @@ def write_checkpoint(out, step, files, world, keep):
         remove(final)                # resumed from before it): ours replaces it
         checkpoint_hook("aside", step)
     os.replace(tmp, final)
-    fsync_dir(out)
+    D.fsync_dir(out)
     checkpoint_hook("renamed", step)
     point_latest(out, name, step)
     checkpoint_hook("latest", step)
@@ -481,6 +473,7 @@ class Run:
         for name in os.listdir(out):
             if name.startswith(GARBAGE):
                 discard(os.path.join(out, name))
+        D.clean_temporaries(out)                             # e.g. best.safetensors' of a run killed writing it
         if os.path.isdir(os.path.join(out, MOVING)):          # a --fresh that was killed while moving: finish it
             self._move_aside()
         found = checkpoints(out)
@@ -543,7 +536,7 @@ class Run:
         for n in entries:
             os.replace(os.path.join(out, n), os.path.join(part, n))
         os.replace(part, prev)
-        fsync_dir(out)
+        D.fsync_dir(out)
         print0(f"note: --fresh: the run that was in {out} is now in {prev} (removed at this run's first checkpoint)")
 
     # ---- saving ----

@@ -240,7 +240,8 @@ def check_writable(folder):
 @contextmanager
 def only_writer(folder):
     """The test set `folder` (made if missing) for this process alone while the block runs: flock on the folder
-    itself (nothing is written into the set; the kernel lets go however the process ends). Held: one InputError."""
+    itself (nothing is written into the set; the kernel lets go however the process ends). Held: one InputError.
+    The temporaries a killed sampler left in its seed folders are removed."""
     os.makedirs(folder, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -249,6 +250,9 @@ def only_writer(folder):
         os.close(fd)
         raise D.InputError(f"{folder}: another sample.py is writing this set: refused, their samples would mix (wait "
                            f"for it to end, or pass another --out-dir)") from None
+    for seed in os.scandir(folder):
+        if seed.is_dir():
+            D.clean_temporaries(seed.path)
     try:
         yield
     finally:
@@ -265,10 +269,7 @@ def write_set(files):
     tmps = {}
     try:
         for path, write in files.items():
-            fd, tmps[path] = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.chmod(tmps[path], 0o644)
+            tmps[path] = D.write_temporary(folder, write)               # each fsynced
     except BaseException as e:                               # a full disk, Ctrl-C: no temporary stays behind
         for t in tmps.values():
             os.unlink(t)
@@ -283,6 +284,7 @@ def write_set(files):
             os.unlink(f)
     for path in [*list(files)[1:], png]:
         os.replace(tmps[path], path)
+    D.fsync_dir(folder)
 
 def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
     """One prompt and its references (preprocessed PIL images), one sample per seed, denoised as one batch ->

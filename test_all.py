@@ -4114,6 +4114,23 @@ def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(to
     assert re.fullmatch(r"error: all \d updates of this run were skipped \(non-finite gradients\): nothing was "
                         r"trained; checkpoint 2 intact \(.*\) holds the weights it started from .*", err), err
 
+def test_a_torn_best_adapter_blocks_no_resume_and_dead_writers_temporaries_go(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    out = tmp_path / "rl"
+    val = ["--val-data", manifest, "--val-n", "1", "--val-seeds", "1"]
+    assert rl_cli(out, manifest, root / "base", "--iters", "1", *val) == 0
+    best = out / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:1000])                          # an interrupted copy
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(dead.stdout)                                           # a writer killed mid-write, gone since
+    for name in (f"best.safetensors.tmp{dead}", f".tmp-{dead}-x1", f".tmp-{os.getpid()}-live"):
+        (out / name).write_bytes(b"half")
+    capsys.readouterr()
+    assert rl_cli(out, manifest, root / "base", "--iters", "2", *val, "--resume") == 0
+    assert f"note: {best} is not a best adapter we wrote (" in capsys.readouterr().err
+    assert M.read_header(str(best), metadata=True)[1]["iter"] == "2"
+    assert sorted(n for n in os.listdir(out) if "tmp" in n) == [f".tmp-{os.getpid()}-live"]   # a live one's stays
+
 @pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(toy_run, tmp_path, capsys, monkeypatch,
                                                                              errno_, said):
