@@ -162,8 +162,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from safetensors import safe_open
         r = self.records[i]
-        with safe_open(os.path.join(self.folder, r["shard"]), framework="pt") as f:
-            get = lambda name: f.get_tensor(f"{r['key']}/{name}")
+        shard = os.path.join(self.folder, r["shard"])
+        with D.file_errors(shard, "read the cache shard", D.DataError), safe_open(shard, framework="pt") as f:
+            get = lambda name: f.get_tensor(f"{r['key']}/{name}")              # (changed since it was checked)
             item = {k: get(k) for k in self.FIELDS}
             item["points"] = [get(f"points{j}") for j in range(r["n_refs"])]
         item.update(prompt=r["prompt"], index=i, bucket=tuple(r["bucket"]),
@@ -196,7 +197,7 @@ def main(argv=None):
             buckets = [tuple(map(int, b.split("x"))) for b in args.buckets]
         write_cache(args.manifest, args.out, args.model, args.checkpoint, args.size, args.ref_size, buckets,
                     max(1, args.shard_size), args.device, args.force)
-    except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
+    except (D.DataError, D.InputError, M.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -497,7 +497,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (D.DataError, D.InputError, OSError, R.RewardModelError) as e:   # user mistakes: one line
+    except (D.DataError, D.InputError, *D.FILE_ERRORS, R.RewardModelError) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 

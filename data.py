@@ -21,11 +21,13 @@ center-cropped, references resized to ref_size on their longer side and centered
 share of every packed token inside the subject (token order of model.pack), correspondences as (reference
 token, target token) pairs. One packed token is token_px (FluxConfig.token_px) pixels on a side: 16 FLUX, 4 toy.
 """
-import argparse, json, math, os, re, stat, sys, tempfile, warnings
+import argparse, json, math, os, pickle, re, stat, sys, tempfile, warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 
 import model as M
 
@@ -196,6 +198,32 @@ def add_force(p):
     p.add_argument("--force", action="store_true", help="write even where an output is one of the inputs, holds "
                    "one, or is part of a training run (refused by default: data.check_output)")
 
+# what writing or reading a file raises besides our own errors: the OS (a full disk, no permission, a missing file),
+# safetensors (a torn, foreign or unwritable file), pickle (a refused or torn one); each becomes one line (file_errors)
+FILE_ERRORS = (OSError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+def file_problem(e):
+    """What went wrong with a file, on one line: the OS's words (safetensors wraps them: "IoError(Os { ...
+    message: "No space left on device" })"), a pickle refused for the code it would run, else the first line."""
+    text = str(e).strip()
+    said = re.search(r'message: "([^"]+)"', text)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if said:
+        return said.group(1)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:    # torch.load weights_only
+        return "a pickle that would construct objects or run code: refused unread"
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+@contextmanager
+def file_errors(path, doing, error=InputError):
+    """The one error path for writes and loads: a FILE_ERRORS exception inside the block becomes one `error` naming
+    the file: "PATH: cannot DOING (what went wrong)"."""
+    try:
+        yield
+    except FILE_ERRORS as e:
+        raise error(f"{path}: cannot {doing} ({file_problem(e)})") from None
+
 # a temporary file is named for the process writing it, so whoever opens its folder later can tell a dead
 # writer's leftover from a live one's: ours .tmp-PID-*, model.save_safetensors' NAME.tmpPID
 TEMPORARY = re.compile(r"\.tmp-(\d+)-|.+\.tmp(\d+)$")
@@ -228,13 +256,14 @@ def write_atomic(path, write):
     folder, fsynced, renamed over path, the folder fsynced: readers never see half a file, a crash never leaves a
     torn one."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = write_temporary(folder, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+    with file_errors(path, "write"):
+        tmp = write_temporary(folder, write)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        fsync_dir(folder)
 
 def clean_temporaries(folder):
     """Remove the temporaries (TEMPORARY) that writers no longer running left in `folder` (killed mid-write); a live
@@ -764,7 +793,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         return check(args.manifest, deep=not args.quick)
-    except (DataError, InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
+    except (DataError, InputError, M.CheckpointError, *FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -133,9 +133,8 @@ def load_pretrained(cls, path, what, flag, repo=None, **kw):
         raise RewardModelError(f"{what}: {path} is not in the Hugging Face cache; `hf download {path}` (or {how})")
     try:
         return cls.from_pretrained(where, local_files_only=True, **kw)
-    except (OSError, ValueError, ImportError) as e:   # no such repo/file, offline cache miss, a missing backend
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RewardModelError(f"{what}: cannot load {path} ({why}); {how}") from None
+    except (*D.FILE_ERRORS, ValueError, ImportError) as e:   # no such file, offline cache miss, a missing backend,
+        raise RewardModelError(f"{what}: cannot load {path} ({D.file_problem(e)}); {how}") from None   # a pickle
 
 def cached_repo(repo):
     """The local snapshot folder of a Hugging Face repo in the hub cache, or None; no network (a processor-only repo
@@ -622,7 +621,7 @@ def main(argv=None):
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate(args, build_metrics(args, device))
-    except (D.DataError, InputError, RewardModelError, OSError) as e:   # user mistakes: one line, no traceback
+    except (D.DataError, InputError, RewardModelError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 

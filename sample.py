@@ -273,8 +273,8 @@ def write_set(files):
     except BaseException as e:                               # a full disk, Ctrl-C: no temporary stays behind
         for t in tmps.values():
             os.unlink(t)
-        if isinstance(e, OSError):
-            raise D.InputError(f"{path}: cannot write ({e.strerror or e}); nothing of this sample written") from None
+        if isinstance(e, D.FILE_ERRORS):
+            raise D.InputError(f"{path}: cannot write ({D.file_problem(e)}); nothing of this sample written") from None
         raise
     new = set(map(os.path.abspath, files))
     stale = [os.path.join(folder, f) for f in os.listdir(folder)
@@ -599,7 +599,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         status = generate(args)
-    except (D.InputError, D.DataError, M.CheckpointError, OSError) as e:   # user mistakes: one line, no traceback
+    except (D.InputError, D.DataError, M.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (torch.OutOfMemoryError, MemoryError):

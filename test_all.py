@@ -1992,6 +1992,18 @@ def test_missing_weights_one_line_error(tmp_path):
         msg = str(e.value)
         assert "\n" not in msg and "CLIP" in msg and path in msg and "hf download openai/clip-vit-large-patch14" in msg
 
+def test_a_reward_model_holding_a_pickle_that_runs_code_is_one_line(clip_dir, tmp_path):
+    from transformers import CLIPModel
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_dir, folder)
+    os.remove(folder / "model.safetensors")
+    torch.save({"x": B.Opens(str(tmp_path / "ran"))}, folder / "pytorch_model.bin")   # unpickled, it makes a file
+    with pytest.raises(R.RewardModelError) as e:
+        R.load_pretrained(CLIPModel, str(folder), "CLIP", "clip")
+    assert str(e.value).startswith(f"CLIP: cannot load {folder} (a pickle that would construct objects or run code: "
+                                   f"refused unread); get it with") and "\n" not in str(e.value)
+    assert not (tmp_path / "ran").exists()
+
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
@@ -3818,6 +3830,32 @@ def test_export_lora_cli_rebuilds_the_adapter_without_base_weights(tmp_path, cap
     got = load_file(str(out))
     assert got["transformer.transformer_blocks.0.ff.net.2.lora_A.weight"].shape == (8, 512)
     assert export_lora.main([str(tmp_path / "nope.safetensors"), str(out)]) == 2
+
+def test_a_full_disk_is_one_line_naming_the_file_in_every_writer(tmp_path, capsys, monkeypatch, toy_manifest):
+    import export_lora
+    import moe_lora as ML
+    import safetensors.torch
+    from safetensors import SafetensorError
+    flux = M.Flux(M.get_config("toy"))
+    ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"), ML.inject(flux, rank=4, n_experts=2))
+    def full(*a, **k):                                         # what safetensors raises onto a full disk
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+    out = tmp_path / "x" / "lora.safetensors"
+    with monkeypatch.context() as mp:
+        mp.setattr(safetensors.torch, "save_file", full)
+        assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe",
+                                 "mean"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {out}: cannot write (No space left on device)"]
+    assert os.listdir(tmp_path / "x") == []                                # no temporary left
+    # the disk fills as data.write_atomic flushes (fsync reports it): cache.py's shards, as every such file
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", fsync_full)
+    assert cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'c' / 'shard_00000.safetensors'}: cannot write (No space left on device)"
+    assert os.listdir(tmp_path / "c") == []
 
 def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
     # safetensors >= 0.7 writes 0600: a checkpoint hidden from the group that shares the run folder

@@ -366,15 +366,18 @@ class Log:
     """One JSON record a line in OUT/log.jsonl, flushed at once (a killed run loses no line); on other ranks nothing.
     With wandb, every numeric field of each record too, at the record's step (or IPPO iteration)."""
     def __init__(self, out, master, wandb=None, config=None, project=None):
-        self.file = open(os.path.join(out, "log.jsonl"), "a") if master else None
+        self.path = os.path.join(out, "log.jsonl")
+        with D.file_errors(self.path, "open the run's log", TrainingError):
+            self.file = open(self.path, "a") if master else None
         self.wandb = wandb.init(project=project, name=os.path.basename(os.path.abspath(out)), config=config,
                                 dir=out) if master and wandb else None
 
     def write(self, rec):
         if self.file is None:
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        with D.file_errors(self.path, "write the run's log", TrainingError):     # a full disk: one line
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
         if self.wandb is not None:
             at = rec.get("step", rec.get("iter"))
             self.wandb.log({k: v for k, v in rec.items() if k not in ("step", "iter") and isinstance(v, (int, float))},
@@ -397,6 +400,9 @@ def cli(main, argv=None, errors=USER_ERRORS):
         main(argv)
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except D.FILE_ERRORS as e:         # a file no check foresaw (the files we write and load say which: file_errors)
+        print(f"error: {getattr(e, 'filename', None) or 'a file'}: {D.file_problem(e)}", file=sys.stderr)
         return 2
     except runs.Stopped as e:
         print0(e)
