@@ -41,8 +41,8 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
     text, ae, cfg = load_encoders(model, checkpoint, device)          # bad weights fail before any work
     size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
     ds = D.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
-    D.check_output([out], [manifest, checkpoint] + [p for r in ds.records for p in
-                                                    [r["target"], *r["refs"], *(r["masks"] or [])]], force)
+    reads = [p for r in ds.records for p in [r["target"], *r["refs"], *(r["masks"] or [])]]
+    D.check_output([out], [manifest, checkpoint, *reads], force)
     os.makedirs(out, exist_ok=True)
     # every prompt's embedding at the encoder's full length, padding positions included (they attend to their own
     # prompt only): a batch then takes the first txt_len of its longest prompt, as a toy encoder padding to the

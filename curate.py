@@ -441,7 +441,8 @@ def run(args):
     elif not (0 <= args.ref_at <= 1 and 0 <= args.target_at <= 1 and args.min_subjects >= 1):
         raise D.InputError("--ref-at and --target-at are shares of a clip, in [0, 1]; --min-subjects is at least 1")
     # OUT never holds what it reads: a manifest's folder as OUT would lose the manifest to the new one
-    D.check_output([args.out], [getattr(args, k, None) for k in ("manifest", "videos", "pairs")], args.force)
+    reads = [getattr(args, k, None) for k in ("manifest", "videos", "pairs")]
+    D.check_output([args.out], reads, args.force)
     masker = R.Sam2Masker(args.sam2, device).masks if getattr(args, "sam2", None) else None
     if args.cmd == "faces":
         folder = args.videos or args.pairs

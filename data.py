@@ -159,11 +159,11 @@ def preprocess_ref(img, ref_size):
 # what a training run owns (runs.py writes them): no other command writes over them
 CHECKPOINT_MARKER = "checkpoint.json"       # written last into each checkpoint folder
 RUN_LOCK = ".lock"                          # a run folder's lock file, held by its trainer
-RUN_FILES = ("latest", "log.jsonl", "best.safetensors")     # a run folder's own entries beside its ckpt-* folders
+RUN_FILES = ("latest", "log.jsonl", "best.safetensors")     # a run folder's own entries beside its ckpt-*
 
 def run_work(real):
-    """The training run's work that the real path `real` is part of -> what it is, or None: a checkpoint folder
-    (it holds CHECKPOINT_MARKER) or anything inside one, or a run folder's own entry."""
+    """The training run's work that the real path `real` is part of -> what it is, or None: a checkpoint
+    folder (it holds CHECKPOINT_MARKER) or anything inside one, or a run folder's own entry."""
     folders = [real]                                          # real, its folder, ... up to /
     while os.path.dirname(folders[-1]) != folders[-1]:
         folders.append(os.path.dirname(folders[-1]))
@@ -176,27 +176,27 @@ def run_work(real):
     return None
 
 def check_output(outs, inputs, force=False):
-    """The one rule of every command that writes, before any work: each of `outs` (a file it writes, or a folder it
-    writes into) is refused when it is one of `inputs` (files or folders it reads), holds one, or is part of a
-    training run's work (run_work), all compared by real path, so a link to an input is that input. force: the user
-    said so (--force). -> one InputError naming the output and what it would destroy."""
+    """The one rule of every command that writes, before any work: each of `outs` (a file it writes, or a
+    folder it writes into) is refused when it is one of `inputs` (files or folders it reads), holds one, or is
+    part of a training run's work (run_work), all compared by real path, so a link to an input is that input.
+    force: the user said so (--force). -> one InputError naming the output and what it would destroy."""
     if force:
         return
-    read = [(i, os.path.realpath(i)) for i in inputs if i and os.path.exists(i)]     # a repo id is not a path
+    read = [(i, os.path.realpath(i)) for i in inputs if i and os.path.exists(i)]   # a repo id: not a path
     for out in outs:
         real = os.path.realpath(out)
         for i, r in read:
             if os.path.commonpath([real, r]) == real:
-                raise InputError(f"{out}: {'is' if r == real else 'holds'} {i}, which this command reads: refused, "
-                                 f"writing there would destroy it (give another output, or --force)")
+                raise InputError(f"{out}: {'is' if r == real else 'holds'} {i}, which this command reads: "
+                                 f"refused, writing there would destroy it (give another output, or --force)")
         work = run_work(real)
         if work:
-            raise InputError(f"{out}: part of a training run's {work}: refused, writing there would destroy its work "
-                             f"(give another output, or --force)")
+            raise InputError(f"{out}: part of a training run's {work}: refused, writing there would destroy "
+                             f"its work (give another output, or --force)")
 
 def add_force(p):
-    p.add_argument("--force", action="store_true", help="write even where an output is one of the inputs, holds "
-                   "one, or is part of a training run (refused by default: data.check_output)")
+    p.add_argument("--force", action="store_true", help="write even where an output is one of the inputs, "
+                   "holds one, or is part of a training run (refused by default: data.check_output)")
 
 # what writing or reading a file raises besides our own errors: the OS (a full disk, no permission, a missing file),
 # safetensors (a torn, foreign or unwritable file), pickle (a refused or torn one); each becomes one line (file_errors)

@@ -546,8 +546,9 @@ def evaluate(args, metrics):
     named = {}                                                   # image file name -> the line that has it
     checked = D.validate_all(records, root, deep=False)
     out = args.out or os.path.join(args.images, "metrics.json")
-    D.check_output([out], [args.manifest] + [p for i, (_, rec, _) in enumerate(checked) if rec for p in
-                                             [os.path.join(args.images, image_name(rec, i)), *rec["refs"]]], args.force)
+    reads = [p for i, (_, rec, _) in enumerate(checked) if rec
+             for p in [os.path.join(args.images, image_name(rec, i)), *rec["refs"]]]
+    D.check_output([out], [args.manifest, *reads], args.force)
     for i, (line, rec, why) in enumerate(tqdm(checked, desc="eval", disable=len(records) < 2)):
         if rec is None:
             bad.append(dict(line=line, why="; ".join(f"{f}: {w}" for f, w in why)))

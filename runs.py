@@ -99,7 +99,7 @@ class Stopped(Exception):
         self.status = 128 + signum
 
 CKPT = re.compile(r"ckpt-(\d+)$")
-MARKER = D.CHECKPOINT_MARKER       # written last into a checkpoint: its step, its ranks, each file's size and sha256
+MARKER = D.CHECKPOINT_MARKER       # written last into a checkpoint: its step, ranks, each file's size and sha256
 PREVIOUS = "previous"               # the run --fresh moved aside, until the new run's first checkpoint
 MOVING = "previous.part"            # ... while it is being moved
 RUN_ENTRIES = D.RUN_FILES           # with ckpt-*: what makes a folder hold a run
@@ -206,8 +206,12 @@ def verify(path):
         return f"{os.path.join(path, MARKER)}: unreadable"
     for name, want in digests.items():
         file = os.path.join(path, name)
-        if sha256_of(file) != want:
-            return f"{file}: its content is not what its checkpoint recorded (sha256 differs: a corrupted disk or copy)"
+        try:
+            if sha256_of(file) != want:
+                return f"{file}: its content is not what its checkpoint recorded (sha256 differs: a corrupted disk " \
+                       f"or copy)"
+        except OSError as e:
+            return f"{file}: unreadable ({e.strerror})"
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             file = os.path.join(path, name)
@@ -302,10 +306,9 @@ def write_checkpoint(out, step, files, world, keep):
 
 def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     """What ckpt-STEP holds -> ({file: produce(file)}, first_bad's (name, why) of a weight or optimizer state that
-    must not be saved, or None): the weights (the
-    whole toy model in the base stage, in sample.py's toy-folder format; else the adapter), the optimizer state with
-    the data position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the ranks, and the
-    arguments."""
+    must not be saved, or None): the weights (the whole toy model in the base stage, in sample.py's toy-folder
+    format; else the adapter), the optimizer state with the data position `consumed` (global micro-batches for
+    train_sft, prompts for train_rl) and the ranks, and the arguments."""
     if acfg is None:
         weights = {"flux.safetensors": ({k: v.contiguous() for k, v in flux.state_dict().items()}, None),
                    "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()},
@@ -316,7 +319,8 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     state = {"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()}
     moments = [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
                for k, v in s.items()]
-    bad = first_bad(((k, v) for sd, _ in weights.values() for k, v in sd.items()), MAX_WEIGHT) or first_bad(moments)
+    tensors = [(k, v) for sd, _ in weights.values() for k, v in sd.items()]
+    bad = first_bad(tensors, MAX_WEIGHT) or first_bad(moments)
     files = {f: (lambda f, sd=sd, meta=meta: f.write(save_safetensors(sd, metadata=meta)))
              for f, (sd, meta) in weights.items()}
     files["train_state.pt"] = lambda f: torch.save(state, f)
@@ -353,8 +357,8 @@ def load_checkpoint(path, flux, text, acfg, opt):
 # the run folder: one run, one writer, never lost
 
 def lock(out):
-    """OUT/.lock (D.RUN_LOCK), held for the life of this process (flock: the kernel lets go when the process ends, however it
-    ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError naming it."""
+    """OUT/.lock (D.RUN_LOCK), held for the life of this process (flock: the kernel lets go when the process ends,
+    however it ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError."""
     fd = os.open(os.path.join(out, D.RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -411,7 +415,8 @@ class Run:
     """The folder --out holds one run, for the life of a trainer (a context manager):
     - one writer: rank 0 holds OUT/.lock (lock); the other ranks never touch the folder but to read the checkpoint
       rank 0 chose (every decision is rank 0's, broadcast);
-    - an OUT that is or holds one of the run's inputs (INPUTS) or lies in a checkpoint is refused (data.check_output);
+    - an OUT that is or holds one of the run's inputs (INPUTS) or lies in a checkpoint is refused
+      (data.check_output);
     - a folder holding a run (ckpt-*, latest, log.jsonl, best.safetensors) is refused without --resume or --fresh;
       --fresh moves that run to OUT/previous/ (write_checkpoint removes it once the new run has a checkpoint, so a
       kill in between loses nothing);

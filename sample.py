@@ -239,17 +239,17 @@ def check_writable(folder):
 
 @contextmanager
 def only_writer(folder):
-    """The test set `folder` (made if missing) for this process alone while the block runs: flock on the folder
-    itself (nothing is written into the set; the kernel lets go however the process ends). Held: one InputError.
-    The temporaries a killed sampler left in its seed folders are removed."""
+    """The test set `folder` (made if missing) for this process alone while the block runs: flock on the
+    folder itself (nothing is written into the set; the kernel lets go however the process ends). Held: one
+    InputError. The temporaries a killed sampler left in its seed folders are removed."""
     os.makedirs(folder, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise D.InputError(f"{folder}: another sample.py is writing this set: refused, their samples would mix (wait "
-                           f"for it to end, or pass another --out-dir)") from None
+        raise D.InputError(f"{folder}: another sample.py is writing this set: refused, their samples would "
+                           f"mix (wait for it to end, or pass another --out-dir)") from None
     for seed in os.scandir(folder):
         if seed.is_dir():
             D.clean_temporaries(seed.path)
@@ -517,8 +517,8 @@ def generate_set(args):
 
     D.check_output([args.out_dir], read_paths(args, [r for job in kept for r in job["refs"]]), args.force)
 
-    # one sample.py at a time writes the set, from its check of what is there to its last sample: two runs with
-    # other settings are refused, never mixed
+    # one sample.py at a time writes the set, from its check of what is there to its last sample: two runs
+    # with other settings are refused, never mixed
     check_writable(args.out_dir)
     with only_writer(args.out_dir):
         # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
@@ -527,7 +527,8 @@ def generate_set(args):
         for job in kept:
             for seed in seeds:
                 png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
-                want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"], line=job["line"])
+                want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"],
+                            line=job["line"])
                 if os.path.exists(png):
                     have = earlier(png)
                     diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]

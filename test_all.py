@@ -3897,6 +3897,8 @@ import hashlib
 
 from safetensors.torch import load_file
 
+from reliability.faults import flip_bit
+
 def adapter_of(folder):
     return load_file(os.path.join(folder, "adapter.safetensors"))
 
@@ -4062,22 +4064,6 @@ def test_non_finite_weights_are_never_saved(toy_run, tmp_path, capsys, monkeypat
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
     assert all(torch.isfinite(v).all() for v in adapter_of(out / "latest").values())
 
-def flip_bit(path, name):
-    """One flipped bit in a checkpoint file, its size kept: in adapter.safetensors the exponent's top bit of the
-    largest weight (0.01 becomes ~3e36, finite), in args.json the seed (0 -> 1), elsewhere a bit mid-file."""
-    data = bytearray(path.read_bytes())
-    if name.endswith(".safetensors"):
-        n = int.from_bytes(data[:8], "little")
-        head = {k: v for k, v in json.loads(data[8:8 + n]).items() if k != "__metadata__"}
-        key = max(head, key=lambda k: load_file(str(path))[k].abs().max())
-        at = 8 + n + head[key]["data_offsets"][0] + 4 * int(load_file(str(path))[key].abs().flatten().argmax()) + 3
-        data[at] ^= 0x40
-    elif name == "args.json":
-        data[data.index(b'"seed": 0') + 8] ^= 1
-    else:
-        data[len(data) // 2] ^= 1
-    path.write_bytes(bytes(data))
-
 @pytest.mark.parametrize("name", ["adapter.safetensors", "train_state.pt", "args.json"])
 def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(toy_run, two_step_run, tmp_path, capsys,
                                                                           name):
@@ -4086,7 +4072,7 @@ def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(toy_r
     folders, want = two_step_run
     out = tmp_path / "run"
     shutil.copytree(folders / "cut", out, symlinks=True)
-    flip_bit(out / "ckpt-0000002" / name, name)
+    flip_bit(str(out / "ckpt-0000002" / name))
     capsys.readouterr()
     assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume") == 0
     err = capsys.readouterr().err
@@ -4102,7 +4088,7 @@ def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_p
     out = tmp_path / "run"
     shutil.copytree(folders / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
     ckpt = out / "ckpt-0000002"
-    flip_bit(ckpt / "adapter.safetensors", "adapter.safetensors")
+    flip_bit(str(ckpt / "adapter.safetensors"))
     marker = json.loads((ckpt / "checkpoint.json").read_text())
     marker["sha256"]["adapter.safetensors"] = hashlib.sha256((ckpt / "adapter.safetensors").read_bytes()).hexdigest()
     (ckpt / "checkpoint.json").write_text(json.dumps(marker))
