@@ -9,7 +9,8 @@ the VAE in GPU memory (`train_sft.py --cache DIR` instead of --data).
 
 DIR holds safetensors shards of --shard-size records and index.json (the settings, and per record its shard, prompt,
 bucket); every file is written under a temporary name and renamed. CachedDataset reads it back with the keys of a
-ManifestDataset item (the pixels replaced by latents), every shard's header checked before the first step.
+ManifestDataset item (the pixels replaced by latents), every shard's header checked before the first step: each
+record's tensors there, their shapes and dtypes, against what the model takes (CachedDataset.check).
 """
 import json, os, re, sys
 
@@ -34,21 +35,30 @@ def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
 
 @torch.no_grad()
 def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
-                shard_size=256, device=None, t5=None, clip=None):
+                shard_size=256, device=None, t5=None, clip=None, force=False):
     """`python cache.py`: per record txt (L, C), y (C_vec,), latent (z, h, w), ref_latents (N, z, r, r),
     masks, mask_valid and points, in safetensors shards of shard_size records, then index.json (settings, and
-    per record its shard, prompt, bucket). Every file is written to a temporary name and renamed."""
+    per record its shard, prompt, bucket). Every file is written to a temporary name and renamed. out must not
+    hold what it reads (data.check_output; force: --force)."""
     device = torch.device(device) if device else M.default_device()
     text, ae, cfg = load_encoders(model, checkpoint, device, t5, clip)    # bad weights fail before any work
     size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
     ds = D.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
+    reads = [p for r in ds.records for p in [r["target"], *r["refs"], *(r["masks"] or [])]]
+    D.check_output([out], [manifest, checkpoint, *reads], force)
     os.makedirs(out, exist_ok=True)
+    # every prompt's embedding at the encoder's full length, padding positions included (they attend to their own
+    # prompt only): a batch then takes the first txt_len of its longest prompt, as a toy encoder padding to the
+    # batch's longest does with --data (training.conditioning); T5 always pads to max_len
+    longest = getattr(text, "txt_pad", "max") == "longest"
+    if longest:
+        text.txt_pad = "max"
     from safetensors.torch import save
     records, tensors = [], {}
     for i in tqdm(range(len(ds)), desc="cache", disable=len(ds) < 2):
         item, key = ds[i], str(i % shard_size)
         with M.autocast(device):
-            txt, y = text([item["prompt"]])                                                # (1, L, C), (1, C_vec)
+            txt, y = text([item["prompt"]])                                      # (1, max_len, C), (1, C_vec)
             latent = ae.encode(item["target"][None].to(device, M.param_dtype(ae)))[0]       # (z, h, w)
             ref_latents = ae.encode(item["refs"].to(device, M.param_dtype(ae)))             # (N, z, r, r)
         tensors.update({f"{key}/txt": txt[0], f"{key}/y": y[0], f"{key}/latent": latent.float(),
@@ -56,8 +66,10 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
                         f"{key}/mask_valid": item["mask_valid"]})
         tensors.update({f"{key}/points{j}": p for j, p in enumerate(item["points"])})
         shard = f"shard_{i // shard_size:05d}.safetensors"
+        n = len(item["prompt"].encode("utf-8"))        # its length alone (model.ByteTextEncoder.tokenize), or all
         records.append(dict(shard=shard, key=key, source=item["index"], prompt=item["prompt"],
-                            bucket=list(item["bucket"]), n_refs=len(item["refs"])))
+                            bucket=list(item["bucket"]), n_refs=len(item["refs"]),
+                            txt_len=max(1, min(n, txt.shape[1])) if longest else txt.shape[1]))
         if (i + 1) % shard_size == 0 or i + 1 == len(ds):
             blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
             D.write_atomic(os.path.join(out, shard), lambda f: f.write(blob))
@@ -69,42 +81,75 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
     return out
 
 class CachedDataset(torch.utils.data.Dataset):
-    """A cache folder as a dataset: the keys of D.ManifestDataset's items (but the pixels) plus txt (L, C),
-    y (C_vec,), latent (z, h, w) and ref_latents (N, z, r, r). pixels=True also reads target and refs from the
-    original manifest (for rewards or pictures; the latents replace them for training)."""
-    def __init__(self, folder, pixels=False):
+    """A cache folder as a dataset: the keys of D.ManifestDataset's items (but the pixels) plus txt (max_len, C),
+    txt_len (the positions a batch keeps at least), y (C_vec,), latent (z, h, w) and ref_latents (N, z, r, r).
+    pixels=True also reads target and refs from the original manifest (for rewards or pictures; the latents replace
+    them for training). cfg: every record's tensors are checked against that model's (check), from the headers."""
+    def __init__(self, folder, pixels=False, cfg=None):
         self.folder = folder
         try:
             with open(os.path.join(folder, "index.json"), "rb") as f:
                 self.index = D.parse_json(f.read().decode("utf-8"))         # what manifests get: nothing raises
         except (OSError, ValueError) as e:
             raise D.DataError(f"{folder}: not a cache folder ({e})") from None
+        ints = lambda *v: all(type(x) is int for x in v)
         record = lambda r: isinstance(r, dict) and isinstance(r.get("key"), str) and isinstance(r.get("prompt"), str) \
-            and isinstance(r.get("n_refs"), int) and re.fullmatch(r"shard_\d{5,}\.safetensors", str(r.get("shard"))) \
-            and isinstance(r.get("bucket"), list)
-        needs = ("records",) + (("manifest", "size", "ref_size", "token_px", "buckets") if pixels else ())
-        if not (isinstance(self.index, dict) and all(k in self.index for k in needs) and
-                isinstance(self.index["records"], list) and all(map(record, self.index["records"]))):
+            and ints(r.get("n_refs"), r.get("txt_len", 1)) and isinstance(r.get("bucket"), list) \
+            and len(r["bucket"]) == 2 and ints(*r["bucket"]) \
+            and re.fullmatch(r"shard_\d{5,}\.safetensors", str(r.get("shard")))
+        needs = ("records", "ref_size") + (("manifest", "size", "token_px", "buckets") if pixels else ())
+        if not (isinstance(self.index, dict) and all(k in self.index for k in needs) and ints(self.index["ref_size"])
+                and isinstance(self.index["records"], list) and all(map(record, self.index["records"]))):
             raise D.DataError(f"{folder}: index.json is not a cache index (written by `cache.py`): rebuild it")
         self.records = self.index["records"]
         # every shard's header read now (no tensors): a missing, truncated or foreign shard stops the run before
         # its first step with one line, not hours in with a traceback
-        have = set()                                                      # (shard, tensor name)
+        self.have = {}                                                  # (shard, tensor name) -> (shape, dtype)
         for shard in sorted({r["shard"] for r in self.records}):
             try:
-                have.update((shard, k) for k in M.read_header(os.path.join(folder, shard)))
+                self.have.update(((shard, k), v) for k, v in M.read_header(os.path.join(folder, shard)).items())
             except M.CheckpointError as e:
                 raise D.DataError(f"cache shard {e}") from None
-        lost = [(r, n) for r in self.records for n in self.names(r) if (r["shard"], n) not in have]
+        lost = [(r, n) for r in self.records for n in self.names(r) if (r["shard"], n) not in self.have]
         if lost:
             (r, n), more = lost[0], len(lost) - 1
             raise D.DataError(f"{os.path.join(folder, r['shard'])}: cache shard without {n!r}"
                             f"{f' (and {more} more)' if more else ''}: rebuild the cache with `python cache.py`")
+        if cfg is not None:
+            self.check(cfg)
         self.source = None if not pixels else D.ManifestDataset(
             self.index["manifest"], self.index["size"], self.index["ref_size"], self.index["token_px"],
             self.index["buckets"])
 
     FIELDS = ("txt", "y", "latent", "ref_latents", "masks", "mask_valid")
+
+    def expected(self, r, cfg):
+        """{tensor name: (shape, what dtype)} that the model `cfg` takes for record r (None: any size there): a packed
+        token is token_px pixels, 2 x 2 latent pixels of in_channels / 4 channels."""
+        (H, W), N, tp, z = r["bucket"], r["n_refs"], cfg.token_px, cfg.in_channels // 4
+        side = 2 * self.index["ref_size"] // tp
+        want = dict(txt=((cfg.max_txt_len, cfg.context_in_dim), "float"), y=((cfg.vec_in_dim,), "float"),
+                    latent=((z, 2 * H // tp, 2 * W // tp), "float"), ref_latents=((N, z, side, side), "float"),
+                    masks=((N, (H // tp) * (W // tp)), "float"), mask_valid=((N,), torch.bool))
+        return {**{f"{r['key']}/{k}": v for k, v in want.items()},
+                **{f"{r['key']}/points{j}": ((None, 2), torch.int64) for j in range(N)}}
+
+    def check(self, cfg):
+        """Every record's tensors (shapes and dtypes, from the shard headers) against what the model `cfg` takes, and
+        its txt_len: one DataError naming the first that differs (a cache of another model or size, a foreign or
+        older shard), before the first step rather than in a collate hours in."""
+        for r in self.records:
+            shard = os.path.join(self.folder, r["shard"])
+            for name, (shape, dtype) in self.expected(r, cfg).items():
+                have, kind = self.have[(r["shard"], name)]
+                fits = len(have) == len(shape) and all(w is None or w == h for w, h in zip(shape, have))
+                if not fits or not (kind.is_floating_point if dtype == "float" else kind == dtype):
+                    raise D.DataError(f"{shard}: {name} is {tuple(have)} {kind} where the model takes "
+                                      f"{tuple(shape)} {dtype} (a cache of another model, size or version): rebuild "
+                                      f"it with `python cache.py`")
+            if not 1 <= r.get("txt_len", cfg.max_txt_len) <= cfg.max_txt_len:
+                raise D.DataError(f"{os.path.join(self.folder, 'index.json')}: record {r['key']} of {r['shard']} "
+                                  f"has txt_len {r['txt_len']}, outside 1..{cfg.max_txt_len}: rebuild the cache")
 
     @classmethod
     def names(cls, r):
@@ -120,11 +165,13 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from safetensors import safe_open
         r = self.records[i]
-        with safe_open(os.path.join(self.folder, r["shard"]), framework="pt") as f:
-            get = lambda name: f.get_tensor(f"{r['key']}/{name}")
+        shard = os.path.join(self.folder, r["shard"])
+        with D.file_errors(shard, "read the cache shard", D.DataError), safe_open(shard, framework="pt") as f:
+            get = lambda name: f.get_tensor(f"{r['key']}/{name}")              # (changed since it was checked)
             item = {k: get(k) for k in self.FIELDS}
             item["points"] = [get(f"points{j}") for j in range(r["n_refs"])]
-        item.update(prompt=r["prompt"], index=i, bucket=tuple(r["bucket"]))
+        item.update(prompt=r["prompt"], index=i, bucket=tuple(r["bucket"]),
+                    txt_len=r.get("txt_len", len(item["txt"])))
         if self.source is not None:
             src = self.source[r["source"]]
             item.update(target=src["target"], refs=src["refs"])
@@ -148,6 +195,7 @@ def main(argv=None):
     p.add_argument("--ref-size", type=int, default=None, help="default: the preset's, 16 toy, 320 flux")
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--device", default=None)
+    D.add_force(p)
     args = p.parse_args(argv)
     try:
         # the pre-flight: the manifest, the flags and every weight, all named at once before any work
@@ -165,8 +213,8 @@ def main(argv=None):
         pf.check()
         buckets = [tuple(map(int, b.split("x"))) for b in args.buckets] if args.buckets else None
         write_cache(args.manifest, args.out, args.model, args.checkpoint if args.model == "toy" else args.ae,
-                    args.size, args.ref_size, buckets, max(1, args.shard_size), args.device, args.t5, args.clip_text)
-    except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
+                    args.size, args.ref_size, buckets, max(1, args.shard_size), args.device, args.t5, args.clip_text, args.force)
+    except (D.DataError, D.InputError, M.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -440,6 +440,9 @@ def run(args):
         D.check_file(args.manifest)                            # before any model loads
     elif not (0 <= args.ref_at <= 1 and 0 <= args.target_at <= 1 and args.min_subjects >= 1):
         raise D.InputError("--ref-at and --target-at are shares of a clip, in [0, 1]; --min-subjects is at least 1")
+    # OUT never holds what it reads: a manifest's folder as OUT would lose the manifest to the new one
+    reads = [getattr(args, k, None) for k in ("manifest", "videos", "pairs")]
+    D.check_output([args.out], reads, args.force)
     masker = R.Sam2Masker(args.sam2, device).masks if getattr(args, "sam2", None) else None
     if args.cmd == "faces":
         folder = args.videos or args.pairs
@@ -489,12 +492,13 @@ def main(argv=None):
     cr.add_argument("--patch-side", type=int, default=224, help="images go to DINOv2 at this side (14 px patches)")
     for q in (v, o, cr):
         q.add_argument("--device", default=None, help="default: cuda if available")
+        D.add_force(q)
     for q in (v, o):
         q.add_argument("--sam2", default=None, help="SAM2 folder or repo id: masks from it (default: boxes)")
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (D.DataError, D.InputError, OSError, R.RewardModelError) as e:   # user mistakes: one line
+    except (D.DataError, D.InputError, *D.FILE_ERRORS, R.RewardModelError) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 

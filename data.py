@@ -21,11 +21,13 @@ center-cropped, references resized to ref_size on their longer side and centered
 share of every packed token inside the subject (token order of model.pack), correspondences as (reference
 token, target token) pairs. One packed token is token_px (FluxConfig.token_px) pixels on a side: 16 FLUX, 4 toy.
 """
-import argparse, copy, difflib, json, math, os, re, stat, sys, tempfile, warnings
+import argparse, copy, difflib, json, math, os, pickle, re, stat, sys, tempfile, warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError
 
 import model as M
 
@@ -227,17 +229,131 @@ def preprocess_ref(img, ref_size):
     out.paste(img if img.size == (rw, rh) else img.resize((rw, rh), Image.LANCZOS), (left, top))
     return out
 
-def write_atomic(path, write):
-    # write a temp file in the same folder, then rename: readers never see half a file
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+# what a training run owns (runs.py writes them): no other command writes over them
+CHECKPOINT_MARKER = "checkpoint.json"       # written last into each checkpoint folder
+RUN_LOCK = ".lock"                          # a run folder's lock file, held by its trainer
+RUN_FILES = ("latest", "log.jsonl", "best.safetensors")     # a run folder's own entries beside its ckpt-*
+
+def run_work(real):
+    """The training run's work that the real path `real` is part of -> what it is, or None: a checkpoint
+    folder (it holds CHECKPOINT_MARKER) or anything inside one, or a run folder's own entry."""
+    folders = [real]                                          # real, its folder, ... up to /
+    while os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    checkpoint = next((f for f in folders if os.path.isfile(os.path.join(f, CHECKPOINT_MARKER))), None)
+    if checkpoint:
+        return f"checkpoint {checkpoint}"
+    parent = os.path.dirname(real)
+    if os.path.basename(real) in RUN_FILES and os.path.isfile(os.path.join(parent, RUN_LOCK)):
+        return f"run folder {parent}"
+    return None
+
+def check_output(outs, inputs, force=False):
+    """The one rule of every command that writes, before any work: each of `outs` (a file it writes, or a
+    folder it writes into) is refused when it is one of `inputs` (files or folders it reads), holds one, or is
+    part of a training run's work (run_work), all compared by real path, so a link to an input is that input.
+    force: the user said so (--force). -> one InputError naming the output and what it would destroy."""
+    if force:
+        return
+    read = [(i, os.path.realpath(i)) for i in inputs if i and os.path.exists(i)]   # a repo id: not a path
+    for out in outs:
+        real = os.path.realpath(out)
+        for i, r in read:
+            if os.path.commonpath([real, r]) == real:
+                raise InputError(f"{out}: {'is' if r == real else 'holds'} {i}, which this command reads: "
+                                 f"refused, writing there would destroy it (give another output, or --force)")
+        work = run_work(real)
+        if work:
+            raise InputError(f"{out}: part of a training run's {work}: refused, writing there would destroy "
+                             f"its work (give another output, or --force)")
+
+def add_force(p):
+    p.add_argument("--force", action="store_true", help="write even where an output is one of the inputs, "
+                   "holds one, or is part of a training run (refused by default: data.check_output)")
+
+# what writing or reading a file raises besides our own errors: the OS (a full disk, no permission, a missing file),
+# safetensors (a torn, foreign or unwritable file), pickle (a refused or torn one); each becomes one line (file_errors)
+FILE_ERRORS = (OSError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+def file_problem(e):
+    """What went wrong with a file, on one line: the OS's words (safetensors wraps them: "IoError(Os { ...
+    message: "No space left on device" })"), a pickle refused for the code it would run, else the first line."""
+    text = str(e).strip()
+    said = re.search(r'message: "([^"]+)"', text)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if said:
+        return said.group(1)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:    # torch.load weights_only
+        return "a pickle that would construct objects or run code: refused unread"
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+@contextmanager
+def file_errors(path, doing, error=InputError):
+    """The one error path for writes and loads: a FILE_ERRORS exception inside the block becomes one `error` naming
+    the file: "PATH: cannot DOING (what went wrong)"."""
+    try:
+        yield
+    except FILE_ERRORS as e:
+        raise error(f"{path}: cannot {doing} ({file_problem(e)})") from None
+
+# a temporary file is named for the process writing it, so whoever opens its folder later can tell a dead
+# writer's leftover from a live one's: ours .tmp-PID-*, model.save_safetensors' NAME.tmpPID
+TEMPORARY = re.compile(r"\.tmp-(\d+)-|.+\.tmp(\d+)$")
+
+def fsync_dir(path):
+    # a rename is on the disk once its folder is
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+def write_temporary(folder, write):
+    """write(file) into a new temporary file in `folder`, flushed to the disk (fsync), readable like any file the
+    user makes -> its path. A failure removes it."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    return tmp
+
+def write_atomic(path, write):
+    """The protocol of every single file we write (the checkpoint protocol's, for one file): a temporary in the same
+    folder, fsynced, renamed over path, the folder fsynced: readers never see half a file, a crash never leaves a
+    torn one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with file_errors(path, "write"):
+        tmp = write_temporary(folder, write)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        fsync_dir(folder)
+
+def clean_temporaries(folder):
+    """Remove the temporaries (TEMPORARY) that writers no longer running left in `folder` (killed mid-write); a live
+    writer's stay. Called when a command opens a folder it writes."""
+    for name in os.listdir(folder):
+        m, path = TEMPORARY.match(name), os.path.join(folder, name)
+        if m and os.path.isfile(path) and not alive(int(m.group(1) or m.group(2))):
+            os.remove(path)
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)                                       # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                                   # another user's process
+        pass
+    return True
 
 # -----------------------------------------------------------------------------
 # reading manifests and validating records
@@ -684,7 +800,8 @@ class PromptDataset(ManifestDataset):
 
 def collate(items):
     """Items of one bucket key -> a batch: tensors stacked (target (B, 3, H, W), refs (B, N, 3, R, R), masks
-    (B, N, T), mask_valid (B, N), and txt/y/latent/ref_latents from a CachedDataset), prompts [str], index (B,),
+    (B, N, T), mask_valid (B, N), and txt/y/latent/ref_latents from a CachedDataset), prompts [str], index and
+    a cache's txt_len (B,),
     points per reference a LongTensor (P, 3) of (batch index, reference token, target token): [:, :2] are
     AttentionProbe's rows, [:, 2] scal_loss's targets."""
     keys = {(tuple(it["bucket"]), it["masks"].shape[0]) for it in items}
@@ -697,7 +814,7 @@ def collate(items):
                       for per_ref in zip(*(it["points"] for it in items))]
         elif k == "prompt":
             out["prompts"] = [it[k] for it in items]
-        elif k == "index":
+        elif k in ("index", "txt_len"):
             out[k] = torch.tensor([it[k] for it in items])
         elif k == "bucket":
             out[k] = tuple(v)
@@ -749,7 +866,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         return check(args.manifest, deep=not args.quick)
-    except (DataError, InputError, M.CheckpointError, OSError) as e:   # user mistakes: one line
+    except (DataError, InputError, M.CheckpointError, *FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

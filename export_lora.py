@@ -29,6 +29,7 @@ def build_parser():
     p.add_argument("--arch", default=None, choices=sorted(M.CONFIGS), help="the architecture it was trained on "
                    "(default: the one its tensors fit)")
     p.add_argument("--moe", default="refuse", choices=["refuse", "skip", "mean"], help="what to do with MoE-LoRA layers")
+    D.add_force(p)
     return p
 
 def adapter_model(arch, path):
@@ -70,8 +71,11 @@ def main(argv=None):
         D.check_file(args.adapter)
         if not args.out.endswith(".safetensors"):
             raise D.InputError(f"{args.out}: the output must be a .safetensors file")
+        D.check_output([args.out], [args.adapter], args.force)        # never what it reads, nor a run's
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        sd, skipped = ML.export_diffusers(adapter_model(args.arch, args.adapter), args.out, moe=args.moe)
+        model = adapter_model(args.arch, args.adapter)
+        with D.file_errors(args.out, "write"):                        # a full disk: one line, no temporary left
+            sd, skipped = ML.export_diffusers(model, args.out, moe=args.moe)
     except (D.InputError, M.CheckpointError, ValueError) as e:   # ValueError: MoE-LoRA refused, or an unmappable layer
         print(f"error: {e}", file=sys.stderr)
         return 2

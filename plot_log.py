@@ -27,6 +27,7 @@ def build_parser():
     p.add_argument("--keys", nargs="+", default=None, help="metrics to draw (default: every numeric one)")
     p.add_argument("--smooth", type=int, default=1, help="trailing mean over this many points (1: none)")
     p.add_argument("--panel", type=int, nargs=2, default=(360, 220), metavar=("W", "H"), help="panel size (px)")
+    D.add_force(p)
     return p
 
 # -----------------------------------------------------------------------------
@@ -134,6 +135,7 @@ def main(argv=None):
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "curves.png")
         if not out.lower().endswith(".png"):
             raise D.InputError(f"{out}: the output must be a .png file")
+        D.check_output([out], paths, args.force)
         D.write_atomic(out, lambda f: img.save(f, format="PNG"))
     except D.InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -133,9 +133,8 @@ def load_pretrained(cls, path, what, flag, repo=None, **kw):
         raise RewardModelError(f"{what}: {path} is not in the Hugging Face cache; `hf download {path}` (or {how})")
     try:
         return cls.from_pretrained(where, local_files_only=True, **kw)
-    except (OSError, ValueError, ImportError) as e:   # no such repo/file, offline cache miss, a missing backend
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise RewardModelError(f"{what}: cannot load {path} ({why}); {how}") from None
+    except (*D.FILE_ERRORS, ValueError, ImportError) as e:   # no such file, offline cache miss, a missing backend,
+        raise RewardModelError(f"{what}: cannot load {path} ({D.file_problem(e)}); {how}") from None   # a pickle
 
 def cached_repo(repo):
     """The local snapshot folder of a Hugging Face repo in the hub cache, or None; no network (a processor-only repo
@@ -543,6 +542,10 @@ def build_metrics(args, device="cpu"):
         return out
     return metrics
 
+def image_name(rec, i):
+    # the generated image of the i-th record: its id, else its position (sample.py --out-dir writes them so)
+    return f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png"
+
 def evaluate(args, metrics):
     """Score DIR/<id>.png (or <i:06d>.png) of each manifest record with metrics (build_metrics', or the toy's):
     a table on stdout, every record's scores in the JSON. -> exit status (1 when nothing could be scored).
@@ -556,6 +559,10 @@ def evaluate(args, metrics):
     rows, missing, bad = [], [], [dict(line=line, why=why) for line, _, why in problems]
     named = {}                                                   # image file name -> the line that has it
     checked = D.validate_all(records, root, deep=False)
+    out = args.out or os.path.join(args.images, "metrics.json")
+    reads = [p for i, (_, rec, _) in enumerate(checked) if rec
+             for p in [os.path.join(args.images, image_name(rec, i)), *rec["refs"]]]
+    D.check_output([out], [args.manifest, *reads], args.force)
     for i, (line, rec, why) in enumerate(tqdm(checked, desc="eval", disable=len(records) < 2)):
         if rec is None:
             bad.append(dict(line=line, why="; ".join(f"{f}: {w}" for f, w in why)))
@@ -563,7 +570,7 @@ def evaluate(args, metrics):
         if args.reward == "object" and not rec.get("captions"):
             bad.append(dict(line=line, why="captions: the object reward finds subjects by their captions"))
             continue
-        name = f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png"
+        name = image_name(rec, i)
         if name in named:
             bad.append(dict(line=line, why=f"id: its image {name} is already line {named[name]}'s"))
             continue
@@ -586,7 +593,6 @@ def evaluate(args, metrics):
     names = [k for k in rows[0] if k not in ("line", "id", "image", "size")] if rows else []
     mean = {k: float(np.mean([r[k] for r in rows])) for k in names}
     std = {k: float(np.std([r[k] for r in rows])) for k in names}
-    out = args.out or os.path.join(args.images, "metrics.json")
     report = dict(manifest=args.manifest, images=args.images, reward=args.reward, n=len(rows), mean=mean, std=std,
                   missing=missing, bad=bad, notes=notes, records=rows)
     write_atomic(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
@@ -616,6 +622,7 @@ def add_eval_args(e):
                    "(sample.py writes a seed's into OUT_DIR/SEED)")
     e.add_argument("--out", default=None, help="metrics JSON (default IMAGES/metrics.json)")
     e.add_argument("--device", default=None, help="default: cuda if available")
+    D.add_force(e)
     add_reward_args(e)
     return e
 
@@ -638,7 +645,7 @@ def main(argv=None):
         pf.check()
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate(args, build_metrics(args, device))
-    except (D.DataError, InputError, RewardModelError, OSError) as e:   # user mistakes: one line, no traceback
+    except (D.DataError, InputError, RewardModelError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -4,15 +4,19 @@ Run folders: the folder --out holds one run, and no kill, signal, full disk or s
   Run               one run's folder for the life of the process: a lock (one writer), a used folder refused unless
                     --resume or --fresh, resume from the newest *complete* checkpoint whatever `latest` says, the
                     saved args.json compared with the new ones, SIGTERM / Ctrl-C saving at the next step boundary
-  write_checkpoint  the checkpoint protocol: files into .tmp-ckpt-N (each fsynced), a completion marker, rename,
-                    swap `latest`, rotate older checkpoints; checkpoint_hook runs between stages (the fault harness
-                    kills the process there: python -m reliability.faults)
+  write_checkpoint  the checkpoint protocol: files into .tmp-ckpt-N (each fsynced and hashed on its way to the disk),
+                    a completion marker with each file's size and sha256, rename, swap `latest`, rotate older
+                    checkpoints; checkpoint_hook runs between stages (the fault harness kills the process there:
+                    python -m reliability.faults)
+  verify            on --resume: a checkpoint whose content is not what was written (a flipped bit keeps its size)
+                    or whose weights no training makes is passed over for the one before it
   argparse types    every count, size and rate checked before any work (one line, exit status 2)
 
 Both trainers use it through training.py; nothing here knows what is trained.
 """
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -26,6 +30,7 @@ import threading
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 import data as D
@@ -69,6 +74,7 @@ def add_run_args(p, ckpt_every, eval_every):
     g.add_argument("--seed", type=int_in(0, 2 ** 32 - 1), default=0)
     g.add_argument("--ckpt-every", type=positive, default=ckpt_every)
     g.add_argument("--keep", type=positive, default=2, help="checkpoints kept")
+    D.add_force(g)
     g.add_argument("--eval-every", type=positive, default=eval_every)
     g.add_argument("--device", default=None)
     g.add_argument("--dist-timeout", type=positive_float, default=600, help="seconds a rank waits for the others in "
@@ -93,10 +99,11 @@ class Stopped(Exception):
         self.status = 128 + signum
 
 CKPT = re.compile(r"ckpt-(\d+)$")
-MARKER = "checkpoint.json"          # written last into a checkpoint: its step, its ranks, each file's size
+MARKER = D.CHECKPOINT_MARKER       # written last into a checkpoint: its step, ranks, each file's size and sha256
 PREVIOUS = "previous"               # the run --fresh moved aside, until the new run's first checkpoint
 MOVING = "previous.part"            # ... while it is being moved
-RUN_ENTRIES = ("latest", "log.jsonl", "best.safetensors")    # with ckpt-*: what makes a folder hold a run
+RUN_ENTRIES = D.RUN_FILES           # with ckpt-*: what makes a folder hold a run
+INPUTS = ("data", "cache", "val_data", "init", "adapter")   # the flags naming what a trainer reads: never in OUT
 GARBAGE = (".tmp-ckpt-", ".old-", ".latest.tmp")           # a killed write's leftovers: removed on opening
 
 def checkpoint_hook(stage, step):
@@ -111,9 +118,10 @@ def write_bytes(f, data):
     f.write(data)
 
 class _Sink:
-    # the file torch.save writes to: it keeps the OSError a write raised (torch reports any as "unexpected pos")
+    # the file torch.save writes to: it keeps the OSError a write raised (torch reports any as "unexpected pos"),
+    # and hashes the bytes on their way to the disk (no second read of a file that may be gigabytes)
     def __init__(self, f):
-        self.f, self.error = f, None
+        self.f, self.error, self.sha = f, None, hashlib.sha256()
 
     def write(self, b):
         try:
@@ -121,14 +129,15 @@ class _Sink:
         except OSError as e:
             self.error = self.error or e
             raise
+        self.sha.update(b)
         return len(b)
 
     def flush(self):
         self.f.flush()
 
 def write_file(path, produce):
-    """produce(file) writes path's content, then it is flushed to the disk (fsync). -> its size in bytes. A failed
-    write is its OSError (ENOSPC: the disk is full), whoever wrote."""
+    """produce(file) writes path's content, then it is flushed to the disk (fsync). -> (its size in bytes, the sha256
+    of what was written). A failed write is its OSError (ENOSPC: the disk is full), whoever wrote."""
     with open(path, "wb") as f:
         sink = _Sink(f)
         try:
@@ -139,15 +148,24 @@ def write_file(path, produce):
             raise
         f.flush()
         os.fsync(f.fileno())
-    return os.path.getsize(path)
+    return os.path.getsize(path), sink.sha.hexdigest()
 
-def fsync_dir(path):
-    # a rename is on the disk once its folder is
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# AdamW moves a weight by about lr <= MAX_LR a step, and a trained weight stays far below this; one flipped exponent
+# bit multiplies a weight by up to 2^128 (0.01 -> 3e36): finite, so only a bound on the magnitude tells it
+MAX_WEIGHT = 1e6
+
+def first_bad(named, limit=None):
+    """The first floating tensor of `named` ((name, tensor) pairs) holding a NaN or an inf, or (given a limit) a
+    value of larger magnitude -> (name, what is wrong), or None."""
+    for n, t in named:
+        if not (torch.is_tensor(t) and t.is_floating_point()):
+            continue
+        if not torch.isfinite(t).all():
+            return n, "is not finite"
+        if limit is not None and t.numel() and t.abs().max() > limit:
+            v = t.flatten()[t.abs().flatten().argmax()].item()
+            return n, f"holds {v:.3g}, beyond any trained weight (|w| <= {limit:g}: a flipped bit?)"
+    return None
 
 def incomplete(path):
     """Why the checkpoint folder `path` is not whole (no marker, a file missing or of another size than the marker
@@ -165,6 +183,45 @@ def incomplete(path):
         if have != size:
             return f"{file}: " + ("missing" if have is None else f"{have} bytes where its checkpoint recorded "
                                                                 f"{size} (an interrupted copy?)")
+    return None
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+def verify(path):
+    """Why the complete checkpoint folder `path` cannot be trusted, or None: a file whose content is not what was
+    written (its sha256 differs from the marker's: a flipped bit keeps the size, so `incomplete` cannot see it), or a
+    weights file holding a value no training makes (first_bad: NaN, inf, or a flipped exponent bit's 1e37). Reads
+    every file once (sha256 runs at ~1.6 GB/s on one core here). A marker written before digests were recorded has
+    its weights checked only."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            digests = json.load(f).get("sha256", {})
+        assert isinstance(digests, dict)
+    except (OSError, ValueError, AssertionError):
+        return f"{os.path.join(path, MARKER)}: unreadable"
+    for name, want in digests.items():
+        file = os.path.join(path, name)
+        try:
+            if sha256_of(file) != want:
+                return f"{file}: its content is not what its checkpoint recorded (sha256 differs: a corrupted disk " \
+                       f"or copy)"
+        except OSError as e:
+            return f"{file}: unreadable ({e.strerror})"
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            file = os.path.join(path, name)
+            try:
+                with safe_open(file, framework="pt") as f:
+                    bad = first_bad(((k, f.get_tensor(k)) for k in f.keys()), MAX_WEIGHT)
+            except Exception as e:                           # safetensors raises its own types
+                return str(M.unreadable(file, e))
+            if bad:
+                return f"{file}: {' '.join(bad)}"
     return None
 
 def checkpoints(out):
@@ -205,7 +262,7 @@ def point_latest(out, name, step):
         os.remove(link)
     os.symlink(name, link)
     os.replace(link, latest)
-    fsync_dir(out)
+    D.fsync_dir(out)
 
 def write_checkpoint(out, step, files, world, keep):
     """The protocol: OUT/.tmp-ckpt-STEP gets every file ({name: produce(file)}, each fsynced) and last the marker,
@@ -218,13 +275,13 @@ def write_checkpoint(out, step, files, world, keep):
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        sizes = {}
+        sizes, digests = {}, {}
         for file, produce in files.items():
-            sizes[file] = write_file(os.path.join(tmp, file), produce)
+            sizes[file], digests[file] = write_file(os.path.join(tmp, file), produce)
             checkpoint_hook(file, step)
-        marker = json.dumps({"step": step, "world": world, "files": sizes}).encode()
+        marker = json.dumps({"step": step, "world": world, "files": sizes, "sha256": digests}).encode()
         write_file(os.path.join(tmp, MARKER), lambda f: f.write(marker))
-        fsync_dir(tmp)
+        D.fsync_dir(tmp)
         checkpoint_hook("marker", step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,11 +290,13 @@ def write_checkpoint(out, step, files, world, keep):
         remove(final)                # resumed from before it): ours replaces it
         checkpoint_hook("aside", step)
     os.replace(tmp, final)
-    fsync_dir(out)
+    D.fsync_dir(out)
     checkpoint_hook("renamed", step)
     point_latest(out, name, step)
     checkpoint_hook("latest", step)
-    # rotation: only checkpoints older than this one (never a higher-numbered one, whoever wrote it)
+    # rotation: only checkpoints older than this one (never a higher-numbered one, whoever wrote it). This one is
+    # verified: its digests were taken as it was written and Run.save refused weights that first_bad names, so the
+    # newest verified checkpoint is never the one rotation removes
     for _, path, _ in [c for c in checkpoints(out) if c[0] < step][keep - 1:]:
         remove(path)
     checkpoint_hook("rotated", step)
@@ -245,16 +304,11 @@ def write_checkpoint(out, step, files, world, keep):
     checkpoint_hook("previous", step)
     checkpoint_hook("done", step)
 
-def first_non_finite(named):
-    # the name of the first floating tensor holding a NaN or an inf, or None
-    return next((n for n, t in named if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()),
-                None)
-
 def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
-    """What ckpt-STEP holds -> ({file: produce(file)}, the name of a non-finite tensor or None): the weights (the
-    whole toy model in the base stage, in sample.py's toy-folder format; else the adapter), the optimizer state with
-    the data position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the ranks, and the
-    arguments."""
+    """What ckpt-STEP holds -> ({file: produce(file)}, first_bad's (name, why) of a weight or optimizer state that
+    must not be saved, or None): the weights (the whole toy model in the base stage, in sample.py's toy-folder
+    format; else the adapter), the optimizer state with the data position `consumed` (global micro-batches for
+    train_sft, prompts for train_rl) and the ranks, and the arguments."""
     if acfg is None:
         weights = {"flux.safetensors": ({k: v.contiguous() for k, v in flux.state_dict().items()}, None),
                    "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()},
@@ -263,14 +317,15 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     else:
         weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
     state = {"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()}
-    named = [(k, v) for sd, _ in weights.values() for k, v in sd.items()] + \
-        [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
-         for k, v in s.items()]
+    moments = [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
+               for k, v in s.items()]
+    tensors = [(k, v) for sd, _ in weights.values() for k, v in sd.items()]
+    bad = first_bad(tensors, MAX_WEIGHT) or first_bad(moments)
     files = {f: (lambda f, sd=sd, meta=meta: f.write(save_safetensors(sd, metadata=meta)))
              for f, (sd, meta) in weights.items()}
     files["train_state.pt"] = lambda f: torch.save(state, f)
     files["args.json"] = lambda f: f.write(json.dumps(vars(args), indent=2).encode())
-    return files, first_non_finite(named)
+    return files, bad
 
 def load_checkpoint(path, flux, text, acfg, opt):
     """A checkpoint folder into the models and the optimizer -> (step, consumed, ranks that saved it). A checkpoint
@@ -302,9 +357,9 @@ def load_checkpoint(path, flux, text, acfg, opt):
 # the run folder: one run, one writer, never lost
 
 def lock(out):
-    """OUT/.lock, held for the life of this process (flock: the kernel lets go when the process ends, however it
-    ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError naming it."""
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    """OUT/.lock (D.RUN_LOCK), held for the life of this process (flock: the kernel lets go when the process ends,
+    however it ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError."""
+    fd = os.open(os.path.join(out, D.RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -342,7 +397,7 @@ def compare_args(saved, now, may_change, per_step, saved_world, world, where):
     procedure): a RunFolderError naming each. per_step: the flag that, times the ranks, is the global number of
     micro-batches (or prompts) per step; the ranks may change where that product does not."""
     now = json.loads(json.dumps(now))                        # as args.json holds it (tuples -> lists)
-    changed = [k for k in now if k not in ("out", "resume", "fresh") and saved.get(k, "(unset)") != now[k]]
+    changed = [k for k in now if k not in ("out", "resume", "fresh", "force") and saved.get(k, "(unset)") != now[k]]
     say = lambda ks: ", ".join(f"{flag(k)} {saved.get(k, '(unset)')} -> {now[k]}" for k in ks)
     refused = [say([k]) for k in changed if k not in may_change]
     total = saved.get(per_step, 0) * saved_world                         # micro-batches (prompts) per step
@@ -361,12 +416,15 @@ class Run:
     """The folder --out holds one run, for the life of a trainer (a context manager):
     - one writer: rank 0 holds OUT/.lock (lock); the other ranks never touch the folder but to read the checkpoint
       rank 0 chose (every decision is rank 0's, broadcast);
+    - an OUT that is or holds one of the run's inputs (INPUTS) or lies in a checkpoint is refused
+      (data.check_output);
     - a folder holding a run (ckpt-*, latest, log.jsonl, best.safetensors) is refused without --resume or --fresh;
       --fresh moves that run to OUT/previous/ (write_checkpoint removes it once the new run has a checkpoint, so a
       kill in between loses nothing);
-    - --resume takes the newest complete checkpoint (whatever `latest` says), after comparing its args.json;
-    - save(): non-finite weights are never written, a failed write (a full disk) is one line and leaves the last
-      checkpoint intact;
+    - --resume takes the newest complete checkpoint that verify() trusts (whatever `latest` says; one it does not is
+      a note, and the one before it is taken), after comparing its args.json;
+    - save(): non-finite or absurd weights (first_bad) are never written, a failed write (a full disk) is one line and
+      leaves the last checkpoint intact;
     - SIGTERM / SIGINT set a flag; at the next step boundary (step_done) the run saves and stops (Stopped)."""
 
     def __init__(self, args, argv, script, may_change, per_step, ddp, rank, world, device):
@@ -381,9 +439,9 @@ class Run:
     def __enter__(self):
         try:
             verdict = self._open() if self.master else None
-        except (OSError, RunFolderError) as e:
-            verdict = ("error", str(e) if isinstance(e, RunFolderError) else
-                       f"{self.out}: cannot use it as the run folder ({e.strerror or e})")
+        except (OSError, RunFolderError, D.InputError) as e:
+            verdict = ("error", f"{self.out}: cannot use it as the run folder ({e.strerror or e})"
+                       if isinstance(e, OSError) else str(e))
         except BaseException:
             self.__exit__()
             raise
@@ -443,27 +501,34 @@ class Run:
         while not os.path.lexists(os.path.dirname(made)):
             made = os.path.dirname(made)
         self.made = None if os.path.lexists(made) else made
+        D.check_output([out], [getattr(args, k, None) for k in INPUTS], args.force)
         os.makedirs(out, exist_ok=True)
         self.fd = lock(out)
         for name in os.listdir(out):
             if name.startswith(GARBAGE):
                 discard(os.path.join(out, name))
+        D.clean_temporaries(out)                             # e.g. best.safetensors' of a run killed writing it
         if os.path.isdir(os.path.join(out, MOVING)):          # a --fresh that was killed while moving: finish it
             self._move_aside()
         found = checkpoints(out)
         done = [(s, p) for s, p, why in found if why is None]
         holds = found or any(os.path.lexists(os.path.join(out, n)) for n in RUN_ENTRIES)
         if args.resume:
-            if not done:
-                if found:
-                    raise RunFolderError(f"{found[0][2]}; {out} holds no complete checkpoint to resume from")
+            if not found:
                 print0(f"note: {out} holds no checkpoint yet: starting at step 0")
                 trim_log(os.path.join(out, "log.jsonl"), -1)
                 return ("ok", None)
-            step, path = done[0]
-            for s, _, why in found:
-                if why and s > step:
-                    print0(f"note: skipping an incomplete checkpoint: {why}")
+            # newest first, the first one whole and verified; each passed over is a note (its step runs again)
+            passed = []
+            for step, path, why in found:
+                why = why or verify(path)
+                if why is None:
+                    break
+                passed.append((step, why))
+            else:
+                raise RunFolderError(f"{passed[0][1]}; {out} holds no complete checkpoint to resume from")
+            for s, why in passed:
+                print0(f"note: skipping checkpoint {s}: {why}")
             with open(os.path.join(path, MARKER)) as f:
                 saved_world = json.load(f).get("world", 1)
             try:
@@ -505,7 +570,7 @@ class Run:
         for n in entries:
             os.replace(os.path.join(out, n), os.path.join(part, n))
         os.replace(part, prev)
-        fsync_dir(out)
+        D.fsync_dir(out)
         print0(f"note: --fresh: the run that was in {out} is now in {prev} (removed at this run's first checkpoint)")
 
     # ---- saving ----
@@ -519,7 +584,7 @@ class Run:
         if self.master:
             files, bad = checkpoint_files(step, flux, text, acfg, opt, self.args, consumed, self.world)
             if bad:
-                error = (f"step {step}: {bad} is not finite (the run diverged: try a lower --lr): not saved; "
+                error = (f"step {step}: {bad[0]} {bad[1]} (the run diverged: try a lower --lr): not saved; "
                          f"{self.intact()}")
             else:
                 try:

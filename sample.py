@@ -26,8 +26,8 @@ ever beside its own JSON and attention maps). A sample that is not finite (NaN o
 The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
 src/flux/sampling.py); reading and preprocessing the reference images in data.py.
 """
-import itertools, json, math, os, re, secrets, sys, tempfile
-from contextlib import nullcontext
+import fcntl, itertools, json, math, os, re, secrets, sys, tempfile
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -97,6 +97,7 @@ def build_parser():
     g.add_argument("--out", default=None, help="one sample's PNG (default out.png)")
     g.add_argument("--out-dir", default=None, help="a test set's folder: OUT_DIR/SEED/ID.png")
     g.add_argument("--save-attn", action="store_true", help="also write one attention overlay per reference")
+    D.add_force(g)
     return p
 
 # -----------------------------------------------------------------------------
@@ -236,6 +237,27 @@ def check_writable(folder):
     except OSError as e:
         raise D.InputError(f"{folder}: cannot write there ({e.strerror or e})") from None
 
+@contextmanager
+def only_writer(folder):
+    """The test set `folder` (made if missing) for this process alone while the block runs: flock on the
+    folder itself (nothing is written into the set; the kernel lets go however the process ends). Held: one
+    InputError. The temporaries a killed sampler left in its seed folders are removed."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise D.InputError(f"{folder}: another sample.py is writing this set: refused, their samples would "
+                           f"mix (wait for it to end, or pass another --out-dir)") from None
+    for seed in os.scandir(folder):
+        if seed.is_dir():
+            D.clean_temporaries(seed.path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
 def write_set(files):
     """files {path: write(fh)}, the PNG first: every file written under a temporary name, then renamed, the PNG
     last and an earlier one removed first, so a PNG stands only beside its own JSON and attention maps (a kill
@@ -247,15 +269,12 @@ def write_set(files):
     tmps = {}
     try:
         for path, write in files.items():
-            fd, tmps[path] = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.chmod(tmps[path], 0o644)
+            tmps[path] = D.write_temporary(folder, write)               # each fsynced
     except BaseException as e:                               # a full disk, Ctrl-C: no temporary stays behind
         for t in tmps.values():
             os.unlink(t)
-        if isinstance(e, OSError):
-            raise D.InputError(f"{path}: cannot write ({e.strerror or e}); nothing of this sample written") from None
+        if isinstance(e, D.FILE_ERRORS):
+            raise D.InputError(f"{path}: cannot write ({D.file_problem(e)}); nothing of this sample written") from None
         raise
     new = set(map(os.path.abspath, files))
     stale = [os.path.join(folder, f) for f in os.listdir(folder)
@@ -265,6 +284,7 @@ def write_set(files):
             os.unlink(f)
     for path in [*list(files)[1:], png]:
         os.replace(tmps[path], path)
+    D.fsync_dir(folder)
 
 def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
     """One prompt and its references (preprocessed PIL images), one sample per seed, denoised as one batch ->
@@ -448,6 +468,9 @@ def generate(args):
     images, refs = load_refs(args.refs, run, mult)
     prompt = args.prompt if args.prompt is not None else toy.default_prompt(images, args.refs)
     note = toy_note(run, not_sprites(zip(args.refs, images))) if preset == "toy" else None
+    stem = os.path.splitext(out)[0]
+    D.check_output([out, stem + ".json", *(f"{stem}_attn{i}.png" for i in range(len(refs) * args.save_attn))],
+                   read_paths(args, args.refs), args.force)
     check_writable(os.path.dirname(os.path.abspath(out)))
 
     # 2. the models, the sample, its files
@@ -458,6 +481,10 @@ def generate(args):
     files = sample_batch((flux, ae, text), run, prompt, refs, [seed], [out], [meta])
     print(f"wrote {', '.join(files)} (seed {seed})", file=sys.stderr)
     return 0
+
+def read_paths(args, refs):
+    # every file or folder sampling reads (data.check_output keeps the outputs off them)
+    return [args.manifest, args.prompts, *refs, toy_folder(args.model), args.lora, args.ae, args.t5, args.clip_text]
 
 def settings(args, run):
     # what a sample's JSON records: every argument, with what was resolved in place of the defaults
@@ -514,51 +541,57 @@ def generate_set(args):
     for line, why in sorted(bad):
         print(f"{source}:{line}: {why}", file=sys.stderr)
 
-    # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
-    meta = settings(args, run)
-    todo = []
-    for job in kept:
-        for seed in seeds:
-            png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
-            want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"], line=job["line"])
-            if os.path.exists(png):
-                have = earlier(png)
-                diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
-                if diff:
-                    raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass another "
-                                       f"--out-dir, or remove it")
-                continue
-            todo.append((job, seed, png, want))
-    check_writable(args.out_dir)
-    skipped = len(kept) * len(seeds) - len(todo)
+    D.check_output([args.out_dir], read_paths(args, [r for job in kept for r in job["refs"]]), args.force)
 
-    # the models once (if anything is left to do), then every sample not there yet
-    (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
-    photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
-    written, failed, loaded = 0, set(), None
-    # a record's seeds, up to --batch-size of them, are one batch (todo lists each record's seeds together)
-    n = args.batch_size or 1
-    batches = [list(group) for _, group in itertools.groupby(todo, key=lambda t: id(t[0]))]
-    batches = [g[i:i + n] for g in batches for i in range(0, len(g), n)]
-    with tqdm(total=len(todo), desc="samples", disable=not todo) as bar:    # closed (a newline) before any error
-        for batch in batches:
-            job = batch[0][0]
-            if args.manifest and loaded != job["line"]:                     # a record's references, once for its seeds
-                first, loaded = loaded is None, job["line"]
-                try:
-                    images, refs = load_refs(job["refs"], run, mult)
-                except D.InputError as e:                                   # checking read only their headers
-                    images = refs = None
-                    failed.add(job["line"])
-                    tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
-                if refs and preset == "toy" and first:      # the first record's: 0.1 s a check, and a set's are alike
-                    photos = not_sprites(zip(job["refs"], images))
-            if refs is not None:
-                _, seeds_b, pngs, wants = zip(*batch)
-                sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
-                             [dict(w, weights=weights) for w in wants], progress=False)
-                written += len(batch)
-            bar.update(len(batch))
+    # one sample.py at a time writes the set, from its check of what is there to its last sample: two runs
+    # with other settings are refused, never mixed
+    check_writable(args.out_dir)
+    with only_writer(args.out_dir):
+        # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
+        meta = settings(args, run)
+        todo = []
+        for job in kept:
+            for seed in seeds:
+                png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
+                want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"],
+                            line=job["line"])
+                if os.path.exists(png):
+                    have = earlier(png)
+                    diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
+                    if diff:
+                        raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass "
+                                           f"another --out-dir, or remove it")
+                    continue
+                todo.append((job, seed, png, want))
+        skipped = len(kept) * len(seeds) - len(todo)
+
+        # the models once (if anything is left to do), then every sample not there yet
+        (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
+        photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
+        written, failed, loaded = 0, set(), None
+        # a record's seeds, up to --batch-size of them, are one batch (todo lists each record's seeds together)
+        n = args.batch_size or 1
+        batches = [list(group) for _, group in itertools.groupby(todo, key=lambda t: id(t[0]))]
+        batches = [g[i:i + n] for g in batches for i in range(0, len(g), n)]
+        with tqdm(total=len(todo), desc="samples", disable=not todo) as bar:   # closed (a newline) before an error
+            for batch in batches:
+                job = batch[0][0]
+                if args.manifest and loaded != job["line"]:           # a record's references, once for its seeds
+                    first, loaded = loaded is None, job["line"]
+                    try:
+                        images, refs = load_refs(job["refs"], run, mult)
+                    except D.InputError as e:                         # checking read only their headers
+                        images = refs = None
+                        failed.add(job["line"])
+                        tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
+                    if refs and preset == "toy" and first:   # the first record's: 0.1 s a check; a set's are alike
+                        photos = not_sprites(zip(job["refs"], images))
+                if refs is not None:
+                    _, seeds_b, pngs, wants = zip(*batch)
+                    sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
+                                 [dict(w, weights=weights) for w in wants], progress=False)
+                    written += len(batch)
+                bar.update(len(batch))
     note = toy_note(run, photos) if preset == "toy" else None
     if note:
         print(note, file=sys.stderr)
@@ -593,7 +626,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         status = generate(args)
-    except (D.InputError, D.DataError, M.CheckpointError, OSError) as e:   # user mistakes: one line, no traceback
+    except (D.InputError, D.DataError, M.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (torch.OutOfMemoryError, MemoryError):

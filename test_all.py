@@ -1429,6 +1429,53 @@ def test_paths_cannot_escape_the_root(tmp_path):
     assert D.resolve(str(root), "sub/in.png") == str(root / "sub" / "in.png")
     assert D.resolve(str(root), "in_link.png")                              # a link that stays inside is fine
 
+def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
+    # data.check_output, the one rule of every command that writes: by real path, links followed; --force overrides
+    import export_lora
+    import moe_lora as ML
+    import runs
+    import train_sft
+    torch.manual_seed(0)
+    flux = M.Flux(M.get_config("toy"))
+    acfg = ML.inject(flux, rank=4, n_experts=2)
+    adapter = tmp_path / "adapter.safetensors"
+    ML.save_adapter(flux, str(adapter), acfg)
+    os.symlink(adapter, tmp_path / "link.safetensors")
+    manifest = TN.write_toy(str(tmp_path / "data"), 2, seed=0)
+    data = os.path.dirname(manifest)
+    ref = os.path.join(data, json.loads(open(manifest).readline())["refs"][0])
+    world = toy.write_world(str(tmp_path / "world"), 1)
+    run = tmp_path / "run"                                   # someone's run: a checkpoint, its lock
+    run.mkdir()
+    (run / ".lock").write_text("")
+    runs.write_checkpoint(str(run), 1, {"adapter.safetensors": lambda f: f.write(adapter.read_bytes())}, 1, 2)
+    exit_status = lambda fn, argv: fn(argv) if fn is not main else pytest.raises(SystemExit, main, argv).value.code
+    cases = [  # (command, its arguments, the file it must leave alone)
+        (export_lora.main, [str(adapter), str(adapter), "--arch", "toy", "--moe", "mean"], adapter),
+        (export_lora.main, [str(adapter), str(tmp_path / "link.safetensors"), "--arch", "toy", "--moe", "mean"],
+         adapter),
+        (export_lora.main, [str(adapter), str(run / "latest" / "adapter.safetensors"), "--arch", "toy"],
+         run / "ckpt-0000001" / "adapter.safetensors"),
+        (main, ["--refs", ref, "--steps", "1", "--out", ref], ref),
+        (main, ["--manifest", manifest, "--steps", "1", "--out-dir", data], manifest),
+        (cache.main, ["--manifest", manifest, "--out", data, "--device", "cpu"], manifest),
+        (toy.main, ["eval", "--manifest", manifest, "--images", data, "--out", manifest], manifest),   # rewards'
+        (toy.main, ["eval", "--manifest", world, "--images", data, "--out", world], world),   # the world's own
+        (toy.main, ["--out", str(run / "latest"), "--n", "1"], run / "ckpt-0000001" / "checkpoint.json"),
+        (C.main, ["objects", "--manifest", manifest, "--out", data], manifest),
+        (train_sft.cli, ["--data", manifest, "--adapter", str(run / "latest" / "adapter.safetensors"), "--out",
+                         str(run), "--fresh", "--steps", "1"], run / "ckpt-0000001" / "adapter.safetensors"),
+    ]
+    for fn, argv, kept in cases:
+        before = open(kept, "rb").read()
+        capsys.readouterr()
+        assert exit_status(fn, argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "refused, writing there would destroy" in err[0], (argv, err)
+        assert open(kept, "rb").read() == before and sorted(os.listdir(run)) == [".lock", "ckpt-0000001", "latest"]
+    assert export_lora.main(cases[0][1] + ["--force"]) == 0                  # told explicitly
+    assert "multicrafter_moe_export" in M.read_header(str(adapter), metadata=True)[1]
+
 def test_uno_json_list(tmp_path, capsys):
     solid_png(tmp_path / "t.png", (40, 32))
     solid_png(tmp_path / "a.png", (16, 16))
@@ -1713,6 +1760,50 @@ def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_pa
     with pytest.raises(ValueError, match="cannot read precomputed"):
         TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "x"), "--stage", "base"])
 
+def test_a_cache_of_prompts_padded_to_the_longest_batches_and_trains_as_the_manifest(toy_run, tmp_path):
+    # a toy base whose encoder pads to the batch's longest prompt: each cached prompt is stored whole, and a batch
+    # takes its longest prompt's positions, pads included, as --data's encoder does
+    root, manifest = toy_run
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(root / "base" / "flux.safetensors", base)
+    save_file(load_file(str(root / "base" / "text_encoder.safetensors")), str(base / "text_encoder.safetensors"),
+              metadata={"txt_pad": "longest"})
+    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(base), device="cpu")
+    common = ["--stage", "multi", "--init", str(base), "--steps", "2", "--lr", "1e-2"]
+    sft(tmp_path / "pix", manifest, *common)
+    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size", "2",
+             "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
+    for a, b in zip(read_log(tmp_path / "pix"), read_log(tmp_path / "lat"), strict=True):
+        assert abs(a["diff"] - b["diff"]) < 1e-5 and abs(a["dice"] - b["dice"]) < 1e-5
+
+def test_cached_tensors_are_checked_against_the_model_before_the_first_step(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    folder = tmp_path / "cache"
+    cache.write_cache(manifest, str(folder), model="toy", checkpoint=str(root / "base"), device="cpu")
+    shard = folder / "shard_00000.safetensors"
+    good, index = load_file(str(shard)), (folder / "index.json").read_text()
+    cfg = M.get_config("toy")
+    for key, value, said in (("0/latent", torch.zeros(16, 16, 16), "0/latent is (16, 16, 16) torch.float32 where "
+                              "the model takes (12, 16, 16) float"),              # another AE's latents
+                             ("1/mask_valid", torch.ones(n := len(good["1/mask_valid"])), f"1/mask_valid is ({n},) "
+                              f"torch.float32 where the model takes ({n},) torch.bool"),
+                             ("2/txt", torch.zeros(27, 64), "2/txt is (27, 64) torch.float32 where the model takes "
+                              "(128, 64) float")):                                 # a prompt stored cut (older cache)
+        save_file({**good, key: value}, str(shard))
+        with pytest.raises(D.DataError) as e:
+            cache.CachedDataset(str(folder), cfg=cfg)
+        assert str(e.value) == f"{shard}: {said} (a cache of another model, size or version): rebuild it with " \
+                               f"`python cache.py`"
+        capsys.readouterr()
+        assert TS.cli(["--cache", str(folder), "--stage", "multi", "--init", str(root / "base"), "--batch-size", "2",
+                       "--out", str(tmp_path / f"run-{key[0]}"), "--steps", "1"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {e.value}"]
+    save_file(good, str(shard))
+    (folder / "index.json").write_text(index.replace('"txt_len": 128', '"txt_len": 129', 1))
+    with pytest.raises(D.DataError, match="txt_len 129, outside 1..128"):
+        cache.CachedDataset(str(folder), cfg=cfg)
+
 def test_gradient_checkpointing_changes_nothing_but_memory():
     cfg = tiny_cfg()
     f = randomize(M.Flux(cfg), seed=9)
@@ -1903,6 +1994,18 @@ def test_missing_weights_one_line_error(tmp_path):
             R.CLIPScore(path)
         msg = str(e.value)
         assert "\n" not in msg and "CLIP" in msg and path in msg and "hf download openai/clip-vit-large-patch14" in msg
+
+def test_a_reward_model_holding_a_pickle_that_runs_code_is_one_line(clip_dir, tmp_path):
+    from transformers import CLIPModel
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_dir, folder)
+    os.remove(folder / "model.safetensors")
+    torch.save({"x": B.Opens(str(tmp_path / "ran"))}, folder / "pytorch_model.bin")   # unpickled, it makes a file
+    with pytest.raises(R.RewardModelError) as e:
+        R.load_pretrained(CLIPModel, str(folder), "CLIP", "clip")
+    assert str(e.value).startswith(f"CLIP: cannot load {folder} (a pickle that would construct objects or run code: "
+                                   f"refused unread); get it with") and "\n" not in str(e.value)
+    assert not (tmp_path / "ran").exists()
 
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
@@ -3296,6 +3399,29 @@ def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatc
     err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
     assert f"more than {S.MAX_TOKENS}" in err and os.listdir(tmp_path) == []
 
+def test_two_samplers_on_one_set_are_refused_never_mixed(tmp_path, capsys, monkeypatch):
+    manifest = TN.write_toy(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
+    out = tmp_path / "set"
+    common = ["--manifest", manifest, "--out-dir", str(out), "--seeds", "0", "1"]
+    real, second = S.write_set, []
+    def meanwhile(files):                 # another sampler, other settings, starts as the first writes its first sample
+        if not second:
+            second.append("started")
+            try:
+                second.append(main(common + ["--steps", "3"]))
+            except SystemExit as e:
+                second.append(e.code)
+            second.append(capsys.readouterr().err)
+        return real(files)
+    monkeypatch.setattr(S, "write_set", meanwhile)
+    assert main(common + ["--steps", "2"]) == 0
+    _, status, err = second
+    assert status == 2 and err.strip().endswith(f"error: {out}: another sample.py is writing this set: refused, "
+                                                f"their samples would mix (wait for it to end, or pass another "
+                                                f"--out-dir)"), err
+    assert sorted({json.loads(p.read_text())["steps"] for p in out.glob("*/*.json")}) == [2]
+    assert len(list(out.glob("*/*.png"))) == 4 and sorted(os.listdir(out)) == ["0", "1"]     # nothing else in the set
+
 def test_sample_checks_out_first_and_writes_a_sample_as_one_set(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     with monkeypatch.context() as mp:
@@ -3733,6 +3859,32 @@ def test_export_lora_cli_rebuilds_the_adapter_without_base_weights(tmp_path, cap
     assert got["transformer.transformer_blocks.0.ff.net.2.lora_A.weight"].shape == (8, 512)
     assert export_lora.main([str(tmp_path / "nope.safetensors"), str(out)]) == 2
 
+def test_a_full_disk_is_one_line_naming_the_file_in_every_writer(tmp_path, capsys, monkeypatch, toy_manifest):
+    import export_lora
+    import moe_lora as ML
+    import safetensors.torch
+    from safetensors import SafetensorError
+    flux = M.Flux(M.get_config("toy"))
+    ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"), ML.inject(flux, rank=4, n_experts=2))
+    def full(*a, **k):                                         # what safetensors raises onto a full disk
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+    out = tmp_path / "x" / "lora.safetensors"
+    with monkeypatch.context() as mp:
+        mp.setattr(safetensors.torch, "save_file", full)
+        assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe",
+                                 "mean"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {out}: cannot write (No space left on device)"]
+    assert os.listdir(tmp_path / "x") == []                                # no temporary left
+    # the disk fills as data.write_atomic flushes (fsync reports it): cache.py's shards, as every such file
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", fsync_full)
+    assert cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"error: {tmp_path / 'c' / 'shard_00000.safetensors'}: cannot write (No space left on device)"
+    assert os.listdir(tmp_path / "c") == []
+
 def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
     # safetensors >= 0.7 writes 0600: a checkpoint hidden from the group that shares the run folder
     import moe_lora as ML
@@ -3769,7 +3921,11 @@ def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
 # -----------------------------------------------------------------------------
 # run folders (issue: run folders that cannot lose work)
 
+import hashlib
+
 from safetensors.torch import load_file
+
+from reliability.faults import flip_bit
 
 def adapter_of(folder):
     return load_file(os.path.join(folder, "adapter.safetensors"))
@@ -3838,7 +3994,7 @@ def test_rotation_removes_only_older_checkpoints(tmp_path):
     assert sorted(os.listdir(out)) == ["ckpt-0000002", "ckpt-0000003", "ckpt-0000009", "latest"]
     assert os.readlink(tmp_path / "latest") == "ckpt-0000003"
     assert json.loads((tmp_path / "ckpt-0000003" / "checkpoint.json").read_text()) == \
-        {"step": 3, "world": 1, "files": {"x.bin": 3}}
+        {"step": 3, "world": 1, "files": {"x.bin": 3}, "sha256": {"x.bin": hashlib.sha256(b"xxx").hexdigest()}}
 
 def test_a_second_trainer_on_the_same_out_is_refused_naming_the_holder(toy_run, tmp_path, capsys):
     root, manifest = toy_run
@@ -3935,6 +4091,97 @@ def test_non_finite_weights_are_never_saved(toy_run, tmp_path, capsys, monkeypat
                         rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
     assert all(torch.isfinite(v).all() for v in adapter_of(out / "latest").values())
+
+@pytest.mark.parametrize("name", ["adapter.safetensors", "train_state.pt", "args.json"])
+def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(toy_run, two_step_run, tmp_path, capsys,
+                                                                          name):
+    # a flipped bit keeps the file's size: the marker's sha256 tells it, and --resume takes checkpoint 1 instead
+    root, manifest = toy_run
+    folders, want = two_step_run
+    out = tmp_path / "run"
+    shutil.copytree(folders / "cut", out, symlinks=True)
+    flip_bit(str(out / "ckpt-0000002" / name))
+    capsys.readouterr()
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"note: skipping checkpoint 2: {out / 'ckpt-0000002' / name}: its content is not what its checkpoint " \
+           f"recorded (sha256 differs" in err and "resumed from step 1 " in err
+    assert same_adapter(adapter_of(out / "latest"), want)
+    assert runs.verify(str(out / "ckpt-0000002")) is None                 # step 2 ran again, its checkpoint rewritten
+
+def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_path, capsys, monkeypatch):
+    root, manifest = toy_run
+    folders, want = two_step_run
+    # checkpoint 2 holds a flipped exponent bit and a marker that agrees (as a run that saved it would write)
+    out = tmp_path / "run"
+    shutil.copytree(folders / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
+    ckpt = out / "ckpt-0000002"
+    flip_bit(str(ckpt / "adapter.safetensors"))
+    marker = json.loads((ckpt / "checkpoint.json").read_text())
+    marker["sha256"]["adapter.safetensors"] = hashlib.sha256((ckpt / "adapter.safetensors").read_bytes()).hexdigest()
+    (ckpt / "checkpoint.json").write_text(json.dumps(marker))
+    capsys.readouterr()
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(rf"error: {re.escape(str(ckpt / 'adapter.safetensors'))}: \S+ holds "
+                                          rf"\S+, beyond any trained weight .*; {re.escape(str(out))} holds no "
+                                          rf"complete checkpoint to resume from", err[0]), err
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000002", "latest", "log.jsonl"]        # nothing removed
+    # a run whose weights become absurd (finite) does not save them, and its last checkpoint stays
+    out = tmp_path / "diverged"
+    real, calls = torch.optim.AdamW.step, [0]
+    def flip_at_step_2(self, *a, **k):
+        calls[0] += 1
+        real(self, *a, **k)
+        if calls[0] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = -1.9e37
+    monkeypatch.setattr(torch.optim.AdamW, "step", flip_at_step_2)
+    assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: step 2: \S+ holds -1\.9e\+37, beyond any trained weight .*: not saved; "
+                        rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
+
+@pytest.mark.parametrize("trainer", ["sft", "rl"])
+def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(toy_run, tmp_path, capsys, monkeypatch,
+                                                                             trainer):
+    root, manifest = toy_run
+    go = (lambda out, base: sft_cli(out, manifest, *multi(root, "--steps", "2"), "--init", str(base))) \
+        if trainer == "sft" else (lambda out, base: rl_cli(out, manifest, base, "--iters", "2"))
+    base = tmp_path / "nan-base"
+    shutil.copytree(root / "base", base)
+    sd = load_file(str(base / "flux.safetensors"))
+    sd["final_layer.linear.weight"][0, 0] = float("nan")
+    save_file(sd, str(base / "flux.safetensors"))
+    capsys.readouterr()
+    assert go(tmp_path / "a", base) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {base}: weight final_layer.linear.weight is not "
+                                                            f"finite: this base cannot be trained on"]
+    assert sorted(os.listdir(tmp_path / "a")) == [".lock"]                    # no step, no checkpoint
+    # every update skipped (non-finite gradients, fewer than --max-bad-steps): not a success
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    assert go(tmp_path / "b", root / "base") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: all \d updates of this run were skipped \(non-finite gradients\): nothing was "
+                        r"trained; checkpoint 2 intact \(.*\) holds the weights it started from .*", err), err
+
+def test_a_torn_best_adapter_blocks_no_resume_and_dead_writers_temporaries_go(toy_run, tmp_path, capsys):
+    root, manifest = toy_run
+    out = tmp_path / "rl"
+    val = ["--val-data", manifest, "--val-n", "1", "--val-seeds", "1"]
+    assert rl_cli(out, manifest, root / "base", "--iters", "1", *val) == 0
+    best = out / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:1000])                          # an interrupted copy
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(dead.stdout)                                           # a writer killed mid-write, gone since
+    for name in (f"best.safetensors.tmp{dead}", f".tmp-{dead}-x1", f".tmp-{os.getpid()}-live"):
+        (out / name).write_bytes(b"half")
+    capsys.readouterr()
+    assert rl_cli(out, manifest, root / "base", "--iters", "2", *val, "--resume") == 0
+    assert f"note: {best} is not a best adapter we wrote (" in capsys.readouterr().err
+    assert M.read_header(str(best), metadata=True)[1]["iter"] == "2"
+    assert sorted(n for n in os.listdir(out) if "tmp" in n) == [f".tmp-{os.getpid()}-live"]   # a live one's stays
 
 @pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(toy_run, tmp_path, capsys, monkeypatch,

@@ -545,8 +545,10 @@ def world_eval(args, records):
     """`toy.py eval` on this world's manifest: DIR/<id>.png per record scored by world_metrics, beside the sanity
     rows drawn for the same records; the table on stdout, the numbers in --out (default IMAGES/metrics.json)."""
     images, missing = [], []
-    for i, rec in enumerate(records):
-        path = os.path.join(args.images, f"{rec['id']}.png" if rec.get("id") is not None else f"{i:06d}.png")
+    out = args.out or os.path.join(args.images, "metrics.json")
+    paths = [os.path.join(args.images, R.image_name(rec, i)) for i, rec in enumerate(records)]
+    D.check_output([out], [args.manifest, *paths], args.force)
+    for rec, path in zip(records, paths):
         try:
             images.append((rec, D.load_image(path)))
         except D.InputError as e:
@@ -558,7 +560,6 @@ def world_eval(args, records):
             **{k: world_metrics(sanity_images(scored, k, where=args.manifest), scored, args.manifest)
                for k in SANITY}}
     print(metrics_table(rows))
-    out = args.out or os.path.join(args.images, "metrics.json")
     D.write_atomic(out, lambda f: f.write(json.dumps(dict(rows=rows, missing=missing), indent=1).encode()))
     print(f"scored {len(images)} records; {len(missing)} images missing or unreadable; wrote {out}", file=sys.stderr)
     return 0
@@ -598,8 +599,10 @@ def main(argv=None):
                    "colours differ by %s (mean abs RGB)" % ", ".join(f"{k} {v}" for k, v in HARD.items()))
     p.add_argument("--sprite", type=D.int_in(1, MAX_SIDE), nargs=2, default=list(TARGET_PX), metavar=("LO", "HI"),
                    help="sprite side in targets (px, uniform); views in references are scaled apart from it")
+    D.add_force(p)
     args = p.parse_args(argv)
     try:
+        D.check_output([args.out], [], args.force)                   # never into a training run's checkpoint
         write_world(args.out, args.n, args.seed, args.split, args.subjects, args.size, args.ref_size, args.identities,
                     args.hard, tuple(args.sprite))
     except (D.InputError, OSError) as e:

@@ -23,6 +23,7 @@ One iteration m:
         --out runs/flux_rl
 """
 import json
+import math
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 import losses as LS
@@ -40,8 +42,8 @@ import toy
 import runs
 import training as TR
 import data as D
-from data import InputError, PromptDataset
-from model import decode_images, denoise, get_config, get_schedule, sampling_inputs
+from data import InputError, PromptDataset, write_atomic
+from model import CheckpointError, decode_images, denoise, get_config, get_schedule, read_header, sampling_inputs
 from rewards import RewardModelError, add_reward_args, build_reward, missing_reward_models, reward_weights
 
 def build_parser():
@@ -146,6 +148,17 @@ def evaluate(flux, ae, text, dataset, reward, args, device):
 
 # -----------------------------------------------------------------------------
 
+def best_reward(path):
+    """The held-out reward of OUT/best.safetensors, from its header; -inf without one. Nothing depends on that file:
+    an unreadable one (a copy cut short) is a note, and the next validation's adapter replaces it."""
+    if not os.path.exists(path):
+        return -math.inf
+    try:
+        return float(read_header(path, metadata=True)[1]["val_total"])
+    except (CheckpointError, KeyError, ValueError) as e:
+        TR.print0(f"note: {path} is not a best adapter we wrote ({str(e)[:200]}): the next validation replaces it")
+        return -math.inf
+
 def gather(values, ddp):
     # every rank's list of numbers -> one list (the logs cover all ranks' groups)
     if not ddp:
@@ -233,13 +246,14 @@ def train(args, run, cfg, ddp, rank, world, device):
         log.write(rec)
     def validate(m):
         # the held-out reward; the adapter with the best so far is also kept as OUT/best.safetensors (its header
-        # holds the iteration and the reward, so a resumed run compares against it)
+        # holds the iteration and the reward, so a resumed run compares against it), written as a checkpoint's files
         rec = {"iter": m, **evaluate(flux, ae, text, val, reward, args, device)}
         write(rec)
         best = os.path.join(args.out, "best.safetensors")
-        if os.path.exists(best) and float(ML.read_adapter(best)[0].get("val_total", "-inf")) >= rec["val_total"]:
+        if best_reward(best) >= rec["val_total"]:
             return
-        ML.save_adapter(flux, best, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
+        sd, meta = ML.adapter_file(flux, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
+        write_atomic(best, lambda f: f.write(save_safetensors(sd, metadata=meta)))
     if val is not None and step == 0:
         validate(0)
 
@@ -325,6 +339,7 @@ def train(args, run, cfg, ddp, rank, world, device):
             # a checkpoint when due or when a signal asks to stop (all ranks: rank 0 writes, the others wait)
             run.step_done(m, m % args.ckpt_every == 0 or m == args.iters, flux, text, acfg, opt, consumed)
     log.close()
+    bad.trained_any()
     if ddp:
         dist.destroy_process_group()
 

@@ -203,7 +203,8 @@ def train(args, run, cfg, ddp, rank, world, device):
 
     # -------------------------------------------------------------------------
     # data: a manifest read from the image files, or a cache of latents and text embeddings (no VAE / T5 needed)
-    load = (lambda p: cache.CachedDataset(p)) if args.cache else \
+    # a cache's tensors are checked against this model's shapes now (their headers), not in a collate hours in
+    load = (lambda p: cache.CachedDataset(p, cfg=cfg)) if args.cache else \
         (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=cfg.token_px,
                                      buckets=D.uno_buckets(args.size, cfg.token_px) if args.aspect_buckets else None))
     dataset = load(args.cache or args.data)
@@ -322,6 +323,7 @@ def train(args, run, cfg, ddp, rank, world, device):
             # ahead of a checkpoint it may need) ----
             run.step_done(step, step % args.ckpt_every == 0 or step == args.steps, flux, text, acfg, opt, consumed)
     log.close()
+    bad.trained_any()
     if ddp:
         dist.destroy_process_group()
 

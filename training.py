@@ -93,11 +93,13 @@ def setup_dist(device_arg, timeout_s):
 
 class BadSteps:
     """Skips an update whose gradient norm is NaN or inf (every rank sees the same, all-reduced norm) and counts
-    it; `limit` of them in a row stop the run with a TrainingError, its last checkpoint untouched."""
+    it; `limit` of them in a row stop the run with a TrainingError, its last checkpoint untouched; a run whose every
+    update was skipped ends with one too (trained_any), not as a success."""
     def __init__(self, limit, run):
-        self.limit, self.total, self.in_row, self.run = limit, 0, 0, run
+        self.limit, self.total, self.in_row, self.seen, self.run = limit, 0, 0, 0, run
 
     def ok(self, grad_norm, where):
+        self.seen += 1
         if torch.isfinite(grad_norm):
             self.in_row = 0
             return True
@@ -107,6 +109,13 @@ class BadSteps:
             raise TrainingError(f"{where}: {self.in_row} non-finite gradients in a row (--max-bad-steps): stopped; "
                                 f"{self.run.intact()} (try a lower --lr, or check the data, then --resume)")
         return False
+
+    def trained_any(self):
+        # the end of a run: one whose every update was skipped changed nothing, whatever its checkpoints say
+        if self.seen and self.total == self.seen:
+            raise TrainingError(f"all {self.seen} updates of this run were skipped (non-finite gradients): nothing "
+                                f"was trained; {self.run.intact()} holds the weights it started from (check the data "
+                                f"and the base, or try a lower --lr)")
 
 # -----------------------------------------------------------------------------
 # models and optimizer
@@ -150,9 +159,16 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     flux.grad_checkpoint = grad_checkpoint
     if stage == "base":
         return flux, ae, text, list(flux.parameters()) + list(text.parameters()), None
+    # a frozen base holding a NaN or an inf makes every step NaN, skipped: refused before the first, as sample.py does
+    bad = runs.first_bad([*flux.named_parameters(), *(text.named_parameters() if text is not None else ())])
+    if bad:
+        raise M.CheckpointError(f"{init or cfg.repo_id}: weight {bad[0]} {bad[1]}: this base cannot be trained on")
     if text is not None:
         text.requires_grad_(False)
     acfg = ML.load_adapter(flux, adapter) if adapter else ML.inject(flux, **spec)
+    bad = adapter and runs.first_bad(ML.adapter_state_dict(flux).items(), runs.MAX_WEIGHT)
+    if bad:
+        raise M.CheckpointError(f"{adapter}: {bad[0]} {bad[1]}: this adapter cannot be trained on")
     flux.to(device)                                           # new adapter tensors onto the device, fp32
     return flux, ae, text, [p for p in flux.parameters() if p.requires_grad], acfg
 
@@ -184,10 +200,12 @@ class Denoiser(torch.nn.Module):
                          probe=probe)
 
 def conditioning(batch, denoiser, device):
-    # what Denoiser.forward takes as cond: prompts, or a cache's text embeddings
+    # what Denoiser.forward takes as cond: prompts, or a cache's text embeddings cut to the batch's longest prompt
+    # (cache.py stores each one whole), as the text encoder pads a batch
     if denoiser.text is not None:
         return batch["prompts"]
-    return batch["txt"].to(device).float(), batch["y"].to(device).float()
+    txt = batch["txt"][:, :int(batch["txt_len"].max())]
+    return txt.to(device).float(), batch["y"].to(device).float()
 
 @torch.no_grad()
 def encode_batch(batch, ae, device, pe="d", refs=True):
@@ -386,15 +404,18 @@ class Log:
     """One JSON record a line in OUT/log.jsonl, flushed at once (a killed run loses no line); on other ranks nothing.
     With wandb, every numeric field of each record too, at the record's step (or IPPO iteration)."""
     def __init__(self, out, master, wandb=None, config=None, project=None):
-        self.file = open(os.path.join(out, "log.jsonl"), "a") if master else None
+        self.path = os.path.join(out, "log.jsonl")
+        with D.file_errors(self.path, "open the run's log", TrainingError):
+            self.file = open(self.path, "a") if master else None
         self.wandb = wandb.init(project=project, name=os.path.basename(os.path.abspath(out)), config=config,
                                 dir=out) if master and wandb else None
 
     def write(self, rec):
         if self.file is None:
             return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        with D.file_errors(self.path, "write the run's log", TrainingError):     # a full disk: one line
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
         if self.wandb is not None:
             at = rec.get("step", rec.get("iter"))
             self.wandb.log({k: v for k, v in rec.items() if k not in ("step", "iter") and isinstance(v, (int, float))},
@@ -442,6 +463,9 @@ def cli(main, argv=None, errors=USER_ERRORS):
         main(argv)
     except errors as e:
         say(f"error: {e}")
+        return 2
+    except D.FILE_ERRORS as e:         # a file no check foresaw (the files we write and load say which: file_errors)
+        print(f"error: {getattr(e, 'filename', None) or 'a file'}: {D.file_problem(e)}", file=sys.stderr)
         return 2
     except runs.Stopped as e:
         say(str(e))
