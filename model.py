@@ -1253,8 +1253,7 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
     """Euler from noise img (B, L, C) at timesteps[0] = 1 to a clean latent at 0; latents stay fp32.
     A probe rides along at every step, so probe.mean_map() averages over all steps and double blocks:
     early steps show where a subject is placed, late ones its details; the mean is steadier than either.
-    Classifier-free guidance, each condition against the full velocity v (compositional, one extra forward each):
-    v + (w_ref - 1) (v - v_without_refs) + (w_text - 1) (v - v_with_txt_null); w = 1 leaves a condition alone.
+    Classifier-free guidance on the references and on the prompt (guided_velocity; w = 1 leaves a condition alone).
     txt_null, y_null: the empty prompt encoded (sampling_inputs(null_text=True)); the probe reads only v.
     oracle: a Separation in every forward that has references (experiments only)."""
     B, dev = img.shape[0], img.device
@@ -1262,16 +1261,35 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
     if text_guidance != 1 and txt_null is None:
         raise ValueError("text_guidance needs txt_null and y_null (the empty prompt encoded)")
     for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), disable=not progress, desc="sampling"):
-        tt = torch.full((B,), t, device=dev)
         with autocast(dev):
-            v = model(img, img_ids, txt, txt_ids, tt, y, g, ref_img, ref_img_ids, probe=probe,
-                      oracle=oracle).float()                                            # (B, L, C)
-            v_no_refs = model(img, img_ids, txt, txt_ids, tt, y, g).float() \
-                if ref_guidance != 1 and ref_img else None
-            v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids,
-                           oracle=oracle).float() if text_guidance != 1 else None
-        img = euler_step(img, guide(v, ref_guidance, v_no_refs, text_guidance, v_null), t, t_next)
+            v = guided_velocity(model, img, img_ids, txt, txt_ids, torch.full((B,), t, device=dev), y, g, ref_img,
+                                ref_img_ids, ref_guidance, text_guidance, txt_null, y_null, probe, oracle)
+        img = euler_step(img, v, t, t_next)
     return img
+
+# the conditional and the empty-prompt forwards as one batch of 2B rows (False: two forwards; bench.py guidance)
+BATCH_GUIDANCE = True
+
+def guided_velocity(model, img, img_ids, txt, txt_ids, t, y, g, ref_img=None, ref_img_ids=None, ref_guidance=1.0,
+                    text_guidance=1.0, txt_null=None, y_null=None, probe=None, oracle=None):
+    """The guided velocity (guide) at img (B, L, C) -> fp32 (B, L, C), for denoise and IPPO's policy alike: the
+    conditional forward (the probe reads it, the oracle masks it), one without references if w_ref != 1, one with
+    the empty prompt if w_text != 1. The empty prompt is encoded with the prompt (one length), so its forward has the
+    conditional one's shapes: both run as one batch of 2B rows (the same rows, half the calls), unless a probe or an
+    oracle must see the conditional rows alone."""
+    refs = dict(ref_img=ref_img, ref_img_ids=ref_img_ids)
+    v_null = None
+    if text_guidance != 1 and BATCH_GUIDANCE and probe is None and oracle is None:
+        two = lambda a, b: torch.cat([a, b])
+        refs2 = {k: [two(r, r) for r in v] if v else v for k, v in refs.items()}
+        v, v_null = model(two(img, img), two(img_ids, img_ids), two(txt, txt_null), two(txt_ids, txt_ids), two(t, t),
+                          two(y, y_null), two(g, g), **refs2).float().chunk(2)
+    else:
+        v = model(img, img_ids, txt, txt_ids, t, y, g, **refs, probe=probe, oracle=oracle).float()
+        if text_guidance != 1:
+            v_null = model(img, img_ids, txt_null, txt_ids, t, y_null, g, **refs, oracle=oracle).float()
+    v_no_refs = model(img, img_ids, txt, txt_ids, t, y, g).float() if ref_guidance != 1 and ref_img else None
+    return guide(v, ref_guidance, v_no_refs, text_guidance, v_null)
 
 def guide(v, ref_guidance=1.0, v_no_refs=None, text_guidance=1.0, v_null=None):
     """Classifier-free guidance, each condition against the full velocity v (compositional):

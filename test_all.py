@@ -641,25 +641,31 @@ def test_denoise_is_euler_over_the_schedule():
     torch.testing.assert_close(out, img - v)                          # the dt's sum to -1
     assert calls == [(pytest.approx(t), 2.5) for t in ts[:-1]]
 
-def test_denoise_guides_each_condition_against_the_full_velocity():
+@pytest.mark.parametrize("batched", [False, True])
+def test_denoise_guides_each_condition_against_the_full_velocity(batched, monkeypatch):
     # constant velocities per condition: with the references and the prompt 1.0, without the references 0.2, with
-    # the empty prompt 0.5; one Euler step from t = 1 to 0 subtracts the guided velocity once
+    # the empty prompt 0.5 (read per row: batched, the prompt and the empty prompt are one forward of 2B rows); one
+    # Euler step from t = 1 to 0 subtracts the guided velocity once
+    monkeypatch.setattr(M, "BATCH_GUIDANCE", batched)
     txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
     calls = []
     def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None,
                    oracle=None):
-        calls.append((ref_img is not None, txt_ is txt_null))
-        return torch.full_like(img, 0.2 if ref_img is None else 0.5 if txt_ is txt_null else 1.0)
-    img, refs = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)]
-    run = lambda **kw: denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, refs, [None],
-                               progress=False, txt_null=txt_null, **kw)
+        null = txt_[:, 0, 0] == 1                                              # (rows,)
+        calls.append((ref_img is not None, tuple(null.tolist())))
+        v = torch.where(null, 0.5, 1.0) if ref_img is not None else torch.full(null.shape, 0.2)
+        return v[:, None, None].expand_as(img)
+    img, refs, ids = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)], torch.zeros(1, 4, 3)
+    run = lambda **kw: denoise(fake_model, img, ids, txt, ids, torch.zeros(1, 8), [1.0, 0.0], 1.0, refs, [ids[:, :2]],
+                               progress=False, txt_null=txt_null, y_null=torch.zeros(1, 8), **kw)
     torch.testing.assert_close(run(), img - 1.0)                          # w = 1: no guidance, one forward
-    assert calls == [(True, False)]
+    assert calls == [(True, (False,))]
     # 1 + (2 - 1)(1 - 0.2) + (3 - 1)(1 - 0.5) = 2.8; 0.2 + 2 (1 - 0.2) = 1.8, the usual v_u + w (v_c - v_u)
     torch.testing.assert_close(run(ref_guidance=2.0, text_guidance=3.0), img - 2.8)
     torch.testing.assert_close(run(ref_guidance=2.0), img - 1.8)
     torch.testing.assert_close(run(text_guidance=3.0), img - 2.0)
-    assert calls[1:4] == [(True, False), (False, False), (True, True)]
+    with_null = [(True, (False, True))] if batched else [(True, (False,)), (True, (True,))]
+    assert calls[1:] == with_null + [(False, (False,))] + [(True, (False,)), (False, (False,))] + with_null
     with pytest.raises(ValueError, match="txt_null"):
         denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, progress=False, text_guidance=2.0)
 
@@ -2248,7 +2254,7 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
 
 def test_guided_policy_is_the_sampler_users_run(rl_setup):
-    # IPPO with guidance: each velocity is model.guide's combination of three forwards (by hand below), and the
+    # IPPO with guidance: each velocity is model.guide's combination of three velocities (by hand below), and the
     # rollout's deterministic prefix is exactly what denoise samples with the same guidance
     flux, c0, ts = rl_setup
     cfg, ae, text = flux.cfg, M.AutoEncoder(flux.cfg.ae), M.ByteTextEncoder(flux.cfg)
@@ -2264,7 +2270,8 @@ def test_guided_policy_is_the_sampler_users_run(rl_setup):
     hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     _, tr, n = training.rollout(flux, c, 2, ts, range(5, 6), 0.7, 3.5, torch.Generator().manual_seed(1))
     hook.remove()
-    assert len(rows) == 3 * 6 and n == sum(rows) == 3 * (5 + 2) == 3 * 7
+    # per step two forwards (the prompt's and the empty prompt's rows batched, then no references), three rows a sample
+    assert len(rows) == 2 * 6 and n == sum(rows) == 3 * (5 + 2) == 3 * 7
     want = denoise(flux, **{k: v for k, v in c.items() if k != "scales"}, timesteps=ts[:6], guidance=3.5,
                    progress=False, ref_guidance=3.0, text_guidance=2.0)
     torch.testing.assert_close(tr["x"][:, 0], want.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
@@ -3750,6 +3757,26 @@ def test_bench_measurements_print_no_profiler_noise():
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
     assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
+
+def test_batched_guidance_equals_two_forwards(monkeypatch):
+    # the prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE): the same samples and the same
+    # IPPO policy velocities as two forwards, up to float rounding (GEMMs blocked by batch size; the guidance
+    # multiplies a difference by up to 5 a step), on the shipped toy at its guidance (4 / 2)
+    flux, ae, text, _ = S.load_models("toy", "toy", torch.device("cpu"))
+    refs = [preprocess_ref(load_image(p), 16) for p in DEMO]
+    c = M.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
+    c1 = dict({k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}, scales=(4.0, 2.0))
+    x = torch.randn(3, *c["img"].shape[1:])
+    def both():
+        with torch.no_grad():
+            return (denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0,
+                            text_guidance=2.0), training.velocity(flux, x, c1, 0.6, 1.0))
+    batched = both()
+    monkeypatch.setattr(M, "BATCH_GUIDANCE", False)
+    for a, b in zip(batched, both()):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
+    plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0)
+    assert (plain - batched[0]).abs().max() > 0.01                 # the text guidance acts
 
 def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
     # the low-VRAM options through the command line, on the shipped toy: --offload moves weights, never changes them

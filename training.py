@@ -275,26 +275,23 @@ def expand(z, B):
     return z.expand(B, *z.shape[1:])
 
 def forwards_per_velocity(c):
-    # DiT forwards one guided velocity costs: the conditional one, + one without references, + one with ""
+    # DiT rows per sample one guided velocity costs: the conditional one, + one without references, + one with ""
+    # (the last rides in the conditional forward's batch: model.guided_velocity)
     w_ref, w_text = c.get("scales", (1.0, 1.0))
     return 1 + (w_ref != 1 and bool(c["ref_img"])) + (w_text != 1)
 
 def velocity(flux, x, c, t, guidance):
     """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded), guided
-    as sample.py guides (model.guide) by c's "scales" (reference, text) when it has them: the policy IPPO samples
-    and scores is then the sampler users run (the empty prompt comes from sampling_inputs(null_text=True))."""
+    as sample.py guides (model.guided_velocity) by c's "scales" (reference, text) when it has them: the policy IPPO
+    samples and scores is then the sampler users run (the empty prompt comes from sampling_inputs(null_text=True))."""
     B, dev = x.shape[0], x.device
     w_ref, w_text = c.get("scales", (1.0, 1.0))
-    run = lambda txt, y, refs=True: flux(
-        x, expand(c["img_ids"], B), expand(txt, B), expand(c["txt_ids"], B), torch.full((B,), t, device=dev),
-        expand(y, B), torch.full((B,), guidance, device=dev),
-        [expand(r, B) for r in c["ref_img"]] if refs else None,
-        [expand(r, B) for r in c["ref_img_ids"]] if refs else None).float()
+    e = lambda z: expand(z, B)
+    null = (e(c["txt_null"]), e(c["y_null"])) if w_text != 1 else (None, None)
     with M.autocast(dev):
-        v = run(c["txt"], c["y"])
-        v_no_refs = run(c["txt"], c["y"], refs=False) if w_ref != 1 and c["ref_img"] else None
-        v_null = run(c["txt_null"], c["y_null"]) if w_text != 1 else None
-    return M.guide(v, w_ref, v_no_refs, w_text, v_null)
+        return M.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]), torch.full((B,), t, device=dev),
+                                 e(c["y"]), torch.full((B,), guidance, device=dev), [e(r) for r in c["ref_img"]],
+                                 [e(r) for r in c["ref_img_ids"]], w_ref, w_text, *null)
 
 @torch.no_grad()
 def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
