@@ -537,23 +537,32 @@ def meta_sdpa(q, k, v, *args, **kwargs):
     # the AE's attention as a fused kernel computes it: the output, no (L, L) scores (meta SDPA would keep them)
     return torch.empty_like(q)
 
-def memory(args):
-    cfg = M.get_config(args.preset)
+def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch.bfloat16, foreach=True):
+    """What one GPU holds to train adapters on a frozen DiT (batch per GPU, size px targets, refs of ref_size px,
+    cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every piece alone
+    (budget_columns sums them per parallel layout). dtype: the frozen weights' and activations' (bf16 autocast on
+    GPU); adapters, their gradients and AdamW's states are fp32. foreach: AdamW's multi-tensor step (torch's default on
+    CUDA) computes sqrt of all second moments into one temporary; the CPU's per-parameter loop only of the largest."""
     with torch.device("meta"):
         flux = M.Flux(cfg)
-        ML.inject(flux, rank=args.rank, n_experts=args.experts)
+        ML.inject(flux, rank=rank, n_experts=experts)
+    trainable = [p for p in flux.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in flux.parameters() if not p.requires_grad)
-    adapter = sum(p.numel() for p in flux.parameters() if p.requires_grad)
-    # activations: under bf16 autocast every matmul output is bf16, so run the meta model in bf16
-    flux.to(torch.bfloat16)
-    G, R, Lt, B = args.size // 16, args.ref_size // 16, cfg.max_txt_len, args.batch
-    bf = dict(device="meta", dtype=torch.bfloat16)
+    adapter = sum(p.numel() for p in trainable)
+    def unit(m):        # (frozen, adapter) bytes of one FSDP unit as it trains
+        return sum(p.numel() * (4 if p.requires_grad else dtype.itemsize) for p in m.parameters())
+    blocks = (*flux.double_blocks, *flux.single_blocks)
+    largest = max(blocks, key=unit)
+    # activations: under autocast every matmul output is in dtype, so run the meta model in dtype
+    flux.to(dtype)
+    G, R, Lt, B = size // cfg.token_px, ref_size // cfg.token_px, cfg.max_txt_len, batch
+    meta = dict(device="meta", dtype=dtype)
     def forward():
-        flux(torch.randn(B, G * G, cfg.in_channels, **bf), M.grid_ids(G, G, batch=B, device="meta"),
-             torch.randn(B, Lt, cfg.context_in_dim, **bf), torch.zeros(B, Lt, 3, device="meta"), torch.rand(B, **bf),
-             torch.randn(B, cfg.vec_in_dim, **bf), torch.ones(B, **bf),
-             [torch.randn(B, R * R, cfg.in_channels, **bf) for _ in range(args.refs)],
-             M.ref_ids((G, G), [(R, R)] * args.refs, batch=B, device="meta"), probe=M.AttentionProbe())
+        flux(torch.randn(B, G * G, cfg.in_channels, **meta), M.grid_ids(G, G, batch=B, device="meta"),
+             torch.randn(B, Lt, cfg.context_in_dim, **meta), torch.zeros(B, Lt, 3, device="meta"), torch.rand(B, **meta),
+             torch.randn(B, cfg.vec_in_dim, **meta), torch.ones(B, **meta),
+             [torch.randn(B, R * R, cfg.in_channels, **meta) for _ in range(refs)],
+             M.ref_ids((G, G), [(R, R)] * refs, batch=B, device="meta"), probe=M.AttentionProbe())
     attention = M.attention           # the blocks look the hook up at call time: swapping it reaches all of them
     M.attention = flash_like_attention
     try:
@@ -561,30 +570,49 @@ def memory(args):
         flux.grad_checkpoint = True
         act_ckpt = saved_bytes(flux, forward)
         # backward then recomputes one block at a time: add the largest block's own activations
-        L = G * G + args.refs * R * R + Lt
-        x = torch.randn(B, L, cfg.hidden_size, **bf, requires_grad=True)
+        L = G * G + refs * R * R + Lt
+        x = torch.randn(B, L, cfg.hidden_size, **meta, requires_grad=True)
         pe = M.rope(torch.zeros(B, L, 3, device="meta"), cfg.axes_dim, cfg.theta)
-        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, torch.randn(B, cfg.hidden_size, **bf), pe))
+        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, torch.randn(B, cfg.hidden_size, **meta), pe))
     finally:
         M.attention = attention
+    return dict(frozen=frozen * dtype.itemsize, adapters=adapter * 4, grads=adapter * 4, adam=adapter * 8,
+                adam_temp=(adapter if foreach else max(p.numel() for p in trainable)) * 4, act=act, act_ckpt=act_ckpt,
+                block=unit(largest), block_grads=sum(p.numel() for p in largest.parameters() if p.requires_grad) * 4,
+                root=unit(flux) - sum(map(unit, blocks)), frozen_params=frozen, adapter_params=adapter)
+
+def budget_columns(b, gpus=8):
+    """training_budget's pieces -> {layout: {row: bytes per GPU}} for one GPU and `gpus` of them: DDP (replicated),
+    + ZeRO-1 (--zero: AdamW states sharded), FSDP (--fsdp: weights, gradients and states sharded; each rank gathers
+    the unit that computes: the root's, and two blocks at once, the next one prefetched, with one block's gradients
+    before they are reduce-scattered). The activations and the optimizer's temporary are never alive together."""
+    out = {}
+    for name, shard, states in (("1 GPU", 1, 1), (f"{gpus} GPUs", 1, 1), (f"{gpus} + ZeRO", 1, gpus),
+                                (f"{gpus} + FSDP", gpus, gpus)):
+        gathered = b["root"] + 2 * b["block"] + b["block_grads"] if shard > 1 else 0
+        rows = {"frozen DiT": b["frozen"] / shard, "adapters (fp32)": b["adapters"] / shard,
+                "adapter gradients (fp32)": b["grads"] / shard, "AdamW states (fp32 x 2)": b["adam"] / states,
+                "AdamW step temporary (fp32)": b["adam_temp"] / states, "FSDP units gathered": gathered,
+                "activations": b["act"], "activations, --grad-checkpoint": b["act_ckpt"]}
+        base = sum(rows[k] for k in list(rows)[:4])
+        rows["total"] = base + max(b["act"] + gathered, rows["AdamW step temporary (fp32)"])
+        rows["total, --grad-checkpoint"] = base + max(b["act_ckpt"] + gathered, rows["AdamW step temporary (fp32)"])
+        out[name] = rows
+    return out
+
+def memory(args):
+    cfg = M.get_config(args.preset)
+    b = training_budget(cfg, args.rank, args.experts, args.size, args.ref_size, args.refs, args.batch)
+    cols = budget_columns(b)
     GiB = 2 ** 30
-    fixed = {"frozen DiT (bf16)": frozen * 2, "adapters (fp32)": adapter * 4, "adapter gradients (fp32)": adapter * 4}
-    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
-          f"MoE-LoRA {args.experts} experts); batch {B} per GPU: {args.size}px target ({G * G} tokens), {args.refs} "
-          f"refs of {args.ref_size}px ({R * R} tokens each), {Lt} text tokens; activations as bf16 autocast with "
-          f"flash attention keeps them; T5/CLIP/VAE not resident (python cache.py)")
-    print(f"{'GiB per GPU':42s}{'1 GPU':>9s}{'8 GPUs':>9s}{'8 + ZeRO':>10s}")
-    for k, v in fixed.items():
-        print(f"  {k:40s}{v / GiB:9.1f}{v / GiB:9.1f}{v / GiB:10.1f}")
-    adam = adapter * 8                                          # AdamW: two fp32 moments per parameter
-    print(f"  {'AdamW states (fp32 x 2)':40s}{adam / GiB:9.1f}{adam / GiB:9.1f}{adam / 8 / GiB:10.1f}")
-    for label, a in (("activations", act), ("activations, --grad-checkpoint", act_ckpt)):
-        print(f"  {label:40s}{a / GiB:9.1f}{a / GiB:9.1f}{a / GiB:10.1f}")
-    base = sum(fixed.values())
-    for label, a in (("total", act), ("total, --grad-checkpoint", act_ckpt)):
-        print(f"  {label:40s}{(base + adam + a) / GiB:9.1f}{(base + adam + a) / GiB:9.1f}"
-              f"{(base + adam / 8 + a) / GiB:10.1f}")
-    return {"frozen_params": frozen, "adapter_params": adapter, "activation_bytes": act, "activation_bytes_ckpt": act_ckpt,
+    print(f"{args.preset}: {b['frozen_params'] / 1e9:.2f}B frozen + {b['adapter_params'] / 1e9:.3f}B adapter "
+          f"parameters (LoRA rank {args.rank}, MoE-LoRA {args.experts} experts); batch {args.batch} per GPU: "
+          f"{args.size}px target, {args.refs} refs of {args.ref_size}px, {cfg.max_txt_len} text tokens; activations "
+          f"as bf16 autocast with flash attention keeps them; T5/CLIP/VAE not resident (python cache.py)")
+    print(f"{'GiB per GPU':42s}" + "".join(f"{c:>10s}" for c in cols))
+    for row in next(iter(cols.values())):
+        print(f"  {row:40s}" + "".join(f"{cols[c][row] / GiB:10.1f}" for c in cols))
+    return {"budget": b, "columns_GiB": {c: {k: v / GiB for k, v in r.items()} for c, r in cols.items()},
             "inference_GiB": inference_memory(args)}
 
 # inference: peak GPU memory when sampling, for each of model.py's low-VRAM options, from shapes on the meta device

@@ -3758,6 +3758,29 @@ def test_bench_measurements_print_no_profiler_noise():
     assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
     assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
 
+def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
+    # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards AdamW's states, FSDP
+    # the weights, gradients and states, and each rank then holds the units that compute (the root, two blocks and
+    # one block's gradients)
+    import bench as BN
+    cfg = tiny_cfg(max_txt_len=16)
+    b = BN.training_budget(cfg, 8, 4, 64, 32, 2, 1)
+    flux = M.Flux(cfg)
+    ML.inject(flux, rank=8, n_experts=4)
+    assert b["frozen_params"] + b["adapter_params"] == sum(p.numel() for p in flux.parameters())
+    assert b["adapter_params"] == sum(p.numel() for p in flux.parameters() if p.requires_grad) > 0
+    cols = BN.budget_columns(b, gpus=8)
+    one, ddp, zero, fsdp = cols["1 GPU"], cols["8 GPUs"], cols["8 + ZeRO"], cols["8 + FSDP"]
+    assert one == ddp
+    for row in ("frozen DiT", "adapters (fp32)", "adapter gradients (fp32)"):
+        assert zero[row] == one[row] and fsdp[row] == one[row] / 8
+    for row in ("AdamW states (fp32 x 2)", "AdamW step temporary (fp32)"):
+        assert zero[row] == fsdp[row] == one[row] / 8
+    assert fsdp["FSDP units gathered"] == b["root"] + 2 * b["block"] + b["block_grads"] > 0 == one["FSDP units gathered"]
+    as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())   # bf16 base
+    block = max((*flux.double_blocks, *flux.single_blocks), key=as_trained)
+    assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
+
 def test_batched_guidance_equals_two_forwards(monkeypatch):
     # the prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE): the same samples and the same
     # IPPO policy velocities as two forwards, up to float rounding (GEMMs blocked by batch size; the guidance
