@@ -138,6 +138,29 @@ def param_dtype(m):
     return next(m.parameters(), torch.empty(0)).dtype      # the toy AE has no parameters: fp32
 
 # -----------------------------------------------------------------------------
+# tensors FSDP shards (training.shard): each rank holds one piece of a DTensor; files hold whole tensors
+
+def sharded(module):
+    # whether FSDP shards this module's parameters (its weights are then DTensors)
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+def whole(t):
+    """A tensor in one piece: an FSDP-sharded DTensor gathered from every rank (a collective: every rank calls it for
+    the same tensors in the same order), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def placed_like(param, value):
+    """A whole tensor (a file's) laid out as `param` is: this rank's piece where FSDP shards param and value has its
+    shape (every rank holds the whole value, so no communication), else value itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor) or not torch.is_tensor(value) or value.shape != param.shape:
+        return value
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+# -----------------------------------------------------------------------------
 # small pieces
 
 def timestep_embedding(t, dim, max_period=10_000, time_factor=1000.0):
@@ -1088,7 +1111,7 @@ def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=(
     except Exception as e:
         raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
     sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=assign)
+    model.load_state_dict({k: placed_like(want[k], v) for k, v in sd.items()}, strict=True, assign=assign)
     return model
 
 def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):

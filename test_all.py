@@ -1672,36 +1672,62 @@ def test_resume_is_exact(toy_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)          # bitwise on CPU
     assert [r["diff"] for r in read_log(tmp_path / "full")] == [r["diff"] for r in read_log(tmp_path / "cut")]
 
-def test_torchrun_two_ranks_equal_one_process_and_a_zero_run_resumes_exactly(toy_run, tmp_path):
-    # one process accumulating 2 micro-batches is the reference; 2 ranks equal it, with and without --zero; a --zero
-    # run cut after step 2 and resumed equals the uncut one bit for bit (its sharded optimizer states are
-    # consolidated on save and re-sharded on resume)
+def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(toy_run, tmp_path, capsys, monkeypatch):
+    # one process accumulating 2 micro-batches is the reference; 2 ranks equal it: DDP, --zero, and --fsdp with
+    # --grad-checkpoint (and its evaluation on every rank). Resumed from another run's step-2 checkpoint (its step-4
+    # one removed): --zero from --zero bit for bit (its sharded optimizer states consolidated on save, re-sharded on
+    # resume); one process from the FSDP run's and FSDP on 2 ranks from the one process's, as the reference does:
+    # FSDP saves whole tensors, the format one process saves
     root, manifest = toy_run
     common = ["train_sft.py", "--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
               "--batch-size", "2", "--log-every", "1", "--warmup", "1", "--lambda-attn", "0.3", "--lr", "1e-2",
-              "--ckpt-every", "2"]
+              "--ckpt-every", "2", "--steps", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    def run(*a, ranks=2):
+    def run(out, *a, ranks=2):
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
-        r = subprocess.run([sys.executable, *launch, *common, *a], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, *launch, *common, "--out", str(tmp_path / out), *a], env=env,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    run("--steps", "4", "--grad-accum", "2", "--out", str(tmp_path / "one"), ranks=1)
-    run("--steps", "4", "--out", str(tmp_path / "two"))
-    run("--steps", "4", "--zero", "--out", str(tmp_path / "zero"))
-    run("--steps", "2", "--zero", "--out", str(tmp_path / "cut"))
-    run("--steps", "4", "--zero", "--out", str(tmp_path / "cut"), "--resume")
+    def cut(src, dst):                       # a copy of a run as its step-2 checkpoint left it
+        shutil.copytree(tmp_path / src, tmp_path / dst, symlinks=True)
+        shutil.rmtree(tmp_path / dst / "ckpt-0000004")
+    run("one", "--grad-accum", "2", ranks=1)
+    run("two")
+    run("zero", "--zero")
+    run("fsdp", "--fsdp", "--grad-checkpoint", "--val-data", manifest, "--eval-every", "4")
+    for src, dst, flags, ranks in (("zero", "zero_cut", ["--zero"], 2), ("fsdp", "from_fsdp", ["--grad-accum", "2"], 1),
+                                   ("one", "to_fsdp", ["--fsdp"], 2)):
+        cut(src, dst)
+        run(dst, *flags, "--resume", ranks=ranks)
     from safetensors.torch import load_file
     adapter = lambda run: load_file(str(tmp_path / run / "latest" / "adapter.safetensors"))
     want = adapter("one")
-    for other in ("two", "zero"):
-        log, got = read_log(tmp_path / other), adapter(other)
-        assert len(log) == 4
+    for other in ("two", "zero", "fsdp", "from_fsdp", "to_fsdp"):
+        log, got = [r for r in read_log(tmp_path / other) if "diff" in r], adapter(other)
+        assert len(log) == 4, other
         for r1, r2 in zip(read_log(tmp_path / "one"), log):
-            assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5
+            assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5, other
+        assert got.keys() == want.keys(), other
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
-    full, cut = adapter("zero"), adapter("cut")
-    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    full, resumed = adapter("zero"), adapter("zero_cut")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    # the FSDP run's optimizer states are whole too: AdamW's moments as one process holds them
+    state = lambda run: torch.load(tmp_path / run / "latest" / "train_state.pt", weights_only=True)["optimizer"]
+    one, fsdp = state("one"), state("fsdp")
+    assert one["state"].keys() == fsdp["state"].keys()
+    for i, s in one["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fsdp["state"][i][k], s[k], atol=1e-6, rtol=1e-3)
+    assert any("val_dice" in r for r in read_log(tmp_path / "fsdp"))            # evaluated on every rank, logged once
+    # --fsdp needs the ranks torchrun starts; --zero is part of it
+    with pytest.raises(SystemExit):
+        TS.main(common[1:] + ["--out", str(tmp_path / "bad"), "--fsdp"])
+    assert "launch with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        TS.main(common[1:] + ["--out", str(tmp_path / "bad"), "--fsdp", "--zero"])
+    assert "--fsdp already shards the optimizer states" in capsys.readouterr().err
 
 def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_path):
     # cache.py precomputes text embeddings and latents; training on them must see the same numbers
@@ -2383,15 +2409,23 @@ def test_train_rl_torchrun_two_ranks_equals_one_process(toy_run, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True, text=True, timeout=300)
     one = run(*common, "--prompts", "2", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"))
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common]
+    two = run(*torchrun, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-2000:]
-    for r1, r2 in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
-        assert r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6) and r1["dit_rollout"] == r2["dit_rollout"]
+    # FSDP: rollouts, updates and the held-out evaluation on every rank (each forward gathers the shards)
+    fsdp = run(*torchrun, "--fsdp", "--val-data", manifest, "--val-n", "1", "--val-seeds", "1", "--eval-every", "2",
+               "--out", str(tmp_path / "fsdp"))
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "two" / "latest" / "adapter.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    for other in ("two", "fsdp"):
+        for r1, r2 in zip(read_log(tmp_path / "one"), [r for r in read_log(tmp_path / other) if "r_total" in r]):
+            assert r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6) and r1["dit_rollout"] == r2["dit_rollout"]
+        b = load_file(str(tmp_path / other / "latest" / "adapter.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    best = load_file(str(tmp_path / "fsdp" / "best.safetensors"))          # gathered whole from the shards
+    assert {k: v.shape for k, v in best.items()} == {k: v.shape for k, v in a.items()}
 
 def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, tmp_path, monkeypatch):
     root, manifest = toy_run

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,8 @@ def add_model_args(p):
                    "flux: a DiT .safetensors or repo id (default: the preset's official repo)")
     g.add_argument("--adapter", default=None, help="start from this adapter (e.g. stage single's, for multi)")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
+    g.add_argument("--fsdp", action="store_true", help="torchrun: shard the base, the adapters, their gradients and "
+                   "optimizer states across the ranks (FSDP2, one unit per DiT block; checkpoints saved whole)")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
                    "with the same)")
     g = p.add_argument_group("adapters")
@@ -66,6 +69,40 @@ def setup_dist(device_arg, timeout_s):
         rank, world = 0, 1
         device = torch.device(device_arg) if device_arg else M.default_device()
     return ddp, rank, world, device
+
+def check_parallel_args(p, args):
+    # --fsdp shards across the ranks torchrun starts
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards the model across ranks: launch with torchrun (--nproc_per_node=1 is fine)")
+
+def shard(root, flux):
+    """FSDP2 (--fsdp): every DiT block its own unit, then `root` for all else under it (the embedders, the final
+    layer, a trained text encoder). Each unit's parameters, frozen base and adapters alike, are sharded across the
+    ranks and gathered only while the unit computes; its gradients are reduce-scattered, so an optimizer built on the
+    parameters afterwards (new ones: DTensors) holds its shard of the states. Every rank must run the same forwards:
+    each one gathers with the others. -> root"""
+    from torch.distributed.fsdp import fully_shard
+    for block in (*flux.double_blocks, *flux.single_blocks):
+        fully_shard(block)
+    return fully_shard(root)
+
+@contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+def no_sync(model, last):
+    """Gradient accumulation: DDP and FSDP reduce the gradients across ranks in every backward, but only the last
+    micro-batch's needs to; the others accumulate on their rank. -> a context for one micro-batch's backward."""
+    from torch.distributed.fsdp import FSDPModule
+    if last:
+        return nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return _fsdp_no_sync(model) if isinstance(model, FSDPModule) else nullcontext()
 
 class BadSteps:
     """Skips an update whose gradient norm is NaN or inf (every rank sees the same, all-reduced norm) and counts
