@@ -3835,6 +3835,30 @@ def test_batched_guidance_equals_two_forwards(monkeypatch):
     plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0)
     assert (plain - batched[0]).abs().max() > 0.01                 # the text guidance acts
 
+def test_compile_changes_nothing_but_speed(toy_run, tmp_path, monkeypatch):
+    # --compile in the trainer and the sampler: the same losses, adapters and samples. The backend is aot_eager:
+    # dynamo's capture of our blocks and AOTAutograd's graphs, what inductor compiles, without the minutes of C++
+    # compiling inductor takes on this CPU (bench.py compile measures inductor itself)
+    monkeypatch.setattr(M, "COMPILE_BACKEND", "aot_eager")
+    root, manifest = toy_run
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--lr", "1e-2", "--grad-checkpoint"]
+    try:
+        sft(tmp_path / "eager", manifest, *common)
+        sft(tmp_path / "compiled", manifest, *common, "--compile")
+        run = lambda name, *flags: main(["--refs", *DEMO, "--seed", "3", "--steps", "3", "--out",
+                                         str(tmp_path / name), *flags])
+        run("eager.png")
+        run("compiled.png", "--compile")
+    finally:
+        torch._dynamo.reset()                   # compiled code of this test's models: dropped
+    for r1, r2 in zip(read_log(tmp_path / "eager"), read_log(tmp_path / "compiled"), strict=True):
+        assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5
+    a, b = (adapter_of(tmp_path / r / "latest") for r in ("eager", "compiled"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    eager, compiled = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("eager.png", "compiled.png"))
+    assert np.abs(eager - compiled).max() <= 1 and json.loads((tmp_path / "compiled.json").read_text())["compile"]
+
 def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
     # the low-VRAM options through the command line, on the shipped toy: --offload moves weights, never changes them
     run = lambda name, *flags: main(["--refs", *DEMO, "--seed", "3", "--steps", "3", "--out", str(tmp_path / name),

@@ -101,7 +101,7 @@ MAY_CHANGE = {"wandb", "lr", "weight_decay", "grad_clip", "max_bad_steps", "mini
               "clip_high", "adv_clip", "kl", "w_text", "w_aes", "w_id", "clip", "preference", "preference_kind",
               "preference_processor", "face_pack", "face_root", "detector", "detector_kind", "dinov2", "sam2", "iters",
               "ckpt_every", "keep", "eval_every", "val_data", "val_n", "val_seeds", "device", "dist_timeout",
-              "grad_checkpoint", "prompts", "fsdp"}
+              "grad_checkpoint", "prompts", "fsdp", "compile"}
 
 # -----------------------------------------------------------------------------
 # the window schedule (Algorithm 1, lines 1 and 21-22) and the data order: pure functions of the iteration,
@@ -203,6 +203,8 @@ def train(args, run, cfg, ddp, rank, world, device):
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
                                                    TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,
                                                    seed=args.seed)
+    if args.compile:
+        M.compile_blocks(flux)
     if args.fsdp:          # sharded, rooted at the DiT itself: rollouts and validation call it directly
         TR.shard(flux, flux)
         params = [p for p in flux.parameters() if p.requires_grad]          # FSDP's new, sharded parameters

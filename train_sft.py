@@ -98,7 +98,7 @@ def build_parser():
 MAY_CHANGE = {"wandb", "lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks",
               "attn_direction", "scal",
               "mdl", "mdl_kind", "mdl_warmup", "balance", "steps", "ckpt_every", "keep", "eval_every", "log_every",
-              "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum", "fsdp"}
+              "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum", "fsdp", "compile"}
 
 # -----------------------------------------------------------------------------
 # one micro-step: every loss term
@@ -211,6 +211,8 @@ def train(args, run, cfg, ddp, rank, world, device):
         text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
     if args.drop_prompt > 0 and isinstance(text, M.ByteTextEncoder):
         text.null_prompt = True                      # it learns "" too (saved with a base checkpoint: text guidance)
+    if args.compile:
+        M.compile_blocks(flux)
     denoiser = TR.Denoiser(flux, text).train()
     if args.fsdp:          # sharded: the root holds the text encoder too (trained in stage base)
         model = TR.shard(denoiser, flux)

@@ -33,6 +33,7 @@ def add_model_args(p):
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
     g.add_argument("--fsdp", action="store_true", help="torchrun: shard the base, the adapters, their gradients and "
                    "optimizer states across the ranks (FSDP2, one unit per DiT block; checkpoints saved whole)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first steps compile)")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
                    "with the same)")
     g = p.add_argument_group("adapters")
