@@ -3792,6 +3792,45 @@ def test_bench_measurements_print_no_profiler_noise():
     assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
     assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
 
+def test_bench_gpu_tiny_runs_every_gpu_check_on_the_cpu(tmp_path, capsys):
+    # `bench.py gpu` is what a GPU session runs in one call; --tiny is the same code at tiny shapes on the CPU
+    import bench as BN
+    res = BN.gpu(BN.parser.parse_args(["gpu", "--tiny", "--json", str(tmp_path / "gpu.json")]))
+    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(res))
+    cases = res["dit"]["cases"]
+    assert list(cases) == ["64px + 1 ref", "64px + 4 ref", "128px + 1 ref"]
+    for r in cases.values():                     # our DiT against diffusers' in bf16, forward and input gradients
+        assert r["rel_diff_out"] < 2e-2 and r["rel_diff_grad"] < 4e-2
+        for m in (r["ours"], r["diffusers"]):
+            assert 0 < m["fwd_flops"] < m["train_flops"] and m["train_peak_bytes"] > 0
+    att = res["attention"]                       # the CPU has SDPA's flash and math kernels, not CUDA's
+    assert att["flash_attn_installed"] is False
+    assert att["FLASH_ATTENTION"]["rel_err"] < 1e-2 and att["MATH"]["rel_err"] < 1e-2
+    assert "unavailable" in att["EFFICIENT_ATTENTION"] and "unavailable" in att["CUDNN_ATTENTION"]
+    sft = res["sft"]                             # the measured peak of paper-like steps against the estimate
+    assert 0.85 < sft["peak_bytes"] / sft["estimate_bytes"] < 1.2
+    assert all(res["sampling"][k] > 0 for k in ("resident_s", "fp8_s", "offload_s"))
+    table = capsys.readouterr().out
+    assert table.count("DiT forward") == 6 and "flash-attn" in table and "SDPA's own kernels" in table
+    assert "SFT step peak memory" in table and table.count("s per 128px image") == 3
+
+def test_bench_gpu_rows_say_what_was_skipped_or_ran_out_of_memory(monkeypatch):
+    # without diffusers the DiT rows time ours alone and say why; a section out of device memory is one row
+    import bench as BN
+    def no_diffusers(cfg, state):
+        raise ImportError("No module named 'diffusers'")
+    monkeypatch.setattr(BN, "diffusers_flux", no_diffusers)
+    S = dict(BN.TINY_SHAPES, refs=(1,))
+    dit = BN.dit_section(BN.tiny_config(), S, torch.device("cpu"), 0)
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    res = {"matmul_bf16_flops_per_s": 1e9, "shapes": S, "dit": dit, "attention": {}, "sft": {},
+           "sampling": BN.guarded(oom, None, S, torch.device("cpu"), 0)}
+    rows = BN.gpu_rows(res)
+    assert [r[0] for r in rows] == [f"DiT {m}, {case} + 1 ref" for case in ("64px", "128px")
+                                    for m in ("forward", "forward+backward")] + ["sampling"]
+    assert all("diffusers: not installed here" in r[4] for r in rows[:4]) and rows[4][1] == "out of memory"
+
 def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
     # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards AdamW's states, FSDP
     # the weights, gradients and states, and each rank then holds the units that compute (the root, two blocks and
@@ -3810,7 +3849,8 @@ def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
         assert zero[row] == one[row] and fsdp[row] == one[row] / 8
     for row in ("AdamW states (fp32 x 2)", "AdamW step temporary (fp32)"):
         assert zero[row] == fsdp[row] == one[row] / 8
-    assert fsdp["FSDP units gathered"] == b["root"] + 2 * b["block"] + b["block_grads"] > 0 == one["FSDP units gathered"]
+    gathered = fsdp["FSDP units gathered"]
+    assert gathered == b["root"] + 2 * b["block"] + b["block_grads"] > 0 == one["FSDP units gathered"]
     as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())   # bf16 base
     block = max((*flux.double_blocks, *flux.single_blocks), key=as_trained)
     assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)

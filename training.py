@@ -327,9 +327,9 @@ def velocity(flux, x, c, t, guidance):
     e = lambda z: expand(z, B)
     null = (e(c["txt_null"]), e(c["y_null"])) if w_text != 1 else (None, None)
     with M.autocast(dev):
-        return M.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]), torch.full((B,), t, device=dev),
-                                 e(c["y"]), torch.full((B,), guidance, device=dev), [e(r) for r in c["ref_img"]],
-                                 [e(r) for r in c["ref_img_ids"]], w_ref, w_text, *null)
+        return M.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]),
+                                 torch.full((B,), t, device=dev), e(c["y"]), torch.full((B,), guidance, device=dev),
+                                 [e(r) for r in c["ref_img"]], [e(r) for r in c["ref_img_ids"]], w_ref, w_text, *null)
 
 @torch.no_grad()
 def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
