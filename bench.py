@@ -9,6 +9,21 @@ Performance measurements, each printed as a side-by-side ratio measured in one r
     python bench.py moe                          # MoE-LoRA top-1 of 4 vs one LoRA of the same rank
     python bench.py memory                       # per-GPU memory budget for flux-dev at the paper's settings
     python bench.py rl                           # one IPPO iteration: DiT evaluations, peak memory T = 8 vs 16
+    python bench.py guidance                     # prompt + empty prompt as one batched forward vs two (toy)
+    python bench.py compile                      # --compile (torch.compile of the blocks) vs eager (toy)
+    python bench.py gpu --json $OUT/gpu.json     # a GPU session's one call, est. 3-5 min on an H100
+    python bench.py gpu --tiny                   # the same code on the CPU at tiny shapes (the suite runs it)
+
+`gpu`: random weights at flux-dev's shapes in bf16, nothing downloaded: our DiT against diffusers' (forward and
+forward+backward into the inputs, 512px with 1 and 4 references of 320px and 1024px with one; MFU against the bf16
+matmul speed measured in the run), every attention kernel through model.attention (flash-attn where installed, else
+SDPA's own: flash, memory-efficient, cuDNN, math; each against fp32 math), the peak memory of two paper-scale SFT
+steps (rank 512, MoE-LoRA, gradient checkpointing) against `memory`'s estimate, and seconds per 1024px image at 28
+steps resident, --offload and --fp8. One table, and the JSON. It needs torch, transformers, safetensors; diffusers
+only for its rows (without it they say so). A GPU machine without diffusers takes its wheel carried along:
+    python -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1     # here, once
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site \
+        python3 bench.py gpu --json $OUT/gpu.json                                       # there
 
 Performance only: the toy ablation is experiments/ablation.py, the fault and bad-input harnesses are in
 reliability/ (each folder's README says how to run them).
@@ -30,6 +45,7 @@ import os
 import statistics
 import time
 import weakref
+from contextlib import contextmanager
 
 # the profiler peak_memory runs prints its stages ("STAGE: ... Completed Stage", "USDT: profiler_start") to stderr
 # for every measurement; level 6 is above them all. Set before torch loads its profiler; KINETO_LOG_LEVEL overrides
@@ -82,6 +98,20 @@ p.add_argument("--size", type=int, default=512)
 p.add_argument("--ref-size", type=int, default=320)
 p.add_argument("--refs", type=int, default=2)
 p.add_argument("--batch", type=int, default=1)
+p = sub.add_parser("guidance", help="the prompt and the empty prompt as one batched forward vs two (shipped toy)")
+p.add_argument("--batch", type=int, default=1, help="samples denoised together")
+p.add_argument("--group", type=int, default=4, help="IPPO group size of the policy's forward+backward")
+p.add_argument("--reps", type=int, default=6)
+p.add_argument("--seed", type=int, default=0)
+p = sub.add_parser("compile", help="--compile (torch.compile of the DiT blocks) vs eager (shipped toy)")
+p.add_argument("--batch", type=int, default=16, help="training batch")
+p.add_argument("--reps", type=int, default=6)
+p.add_argument("--seed", type=int, default=0)
+p = sub.add_parser("gpu", help="the GPU checks in one run: DiT vs diffusers in bf16, attention kernels, paper-scale "
+                   "SFT memory against its estimate, seconds per image resident / --fp8 / --offload")
+p.add_argument("--tiny", action="store_true", help="the same code on the CPU at tiny shapes (the test suite runs it)")
+p.add_argument("--json", default=os.path.join("out", "bench_gpu.json"), help="where the results go")
+p.add_argument("--seed", type=int, default=0)
 p = sub.add_parser("rl", help="one IPPO iteration: DiT evaluations and peak memory at T = 8 vs T = 16")
 p.add_argument("--group", type=int, default=4, help="samples per prompt G")
 p.add_argument("--window", type=int, default=2, help="SDE window w")
@@ -536,23 +566,32 @@ def meta_sdpa(q, k, v, *args, **kwargs):
     # the AE's attention as a fused kernel computes it: the output, no (L, L) scores (meta SDPA would keep them)
     return torch.empty_like(q)
 
-def memory(args):
-    cfg = M.get_config(args.preset)
+def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch.bfloat16, foreach=True):
+    """What one GPU holds to train adapters on a frozen DiT (batch per GPU, size px targets, refs of ref_size px,
+    cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every piece alone
+    (budget_columns sums them per parallel layout). dtype: the frozen weights' and activations' (bf16 autocast on
+    GPU); adapters, their gradients and AdamW's states are fp32. foreach: AdamW's multi-tensor step (torch's default on
+    CUDA) computes sqrt of all second moments into one temporary; the CPU's per-parameter loop only of the largest."""
     with torch.device("meta"):
         flux = M.Flux(cfg)
-        ML.inject(flux, rank=args.rank, n_experts=args.experts)
+        ML.inject(flux, rank=rank, n_experts=experts)
+    trainable = [p for p in flux.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in flux.parameters() if not p.requires_grad)
-    adapter = sum(p.numel() for p in flux.parameters() if p.requires_grad)
-    # activations: under bf16 autocast every matmul output is bf16, so run the meta model in bf16
-    flux.to(torch.bfloat16)
-    G, R, Lt, B = args.size // 16, args.ref_size // 16, cfg.max_txt_len, args.batch
-    bf = dict(device="meta", dtype=torch.bfloat16)
+    adapter = sum(p.numel() for p in trainable)
+    def unit(m):        # (frozen, adapter) bytes of one FSDP unit as it trains
+        return sum(p.numel() * (4 if p.requires_grad else dtype.itemsize) for p in m.parameters())
+    blocks = (*flux.double_blocks, *flux.single_blocks)
+    largest = max(blocks, key=unit)
+    # activations: under autocast every matmul output is in dtype, so run the meta model in dtype
+    flux.to(dtype)
+    G, R, Lt, B = size // cfg.token_px, ref_size // cfg.token_px, cfg.max_txt_len, batch
+    meta = dict(device="meta", dtype=dtype)
     def forward():
-        flux(torch.randn(B, G * G, cfg.in_channels, **bf), M.grid_ids(G, G, batch=B, device="meta"),
-             torch.randn(B, Lt, cfg.context_in_dim, **bf), torch.zeros(B, Lt, 3, device="meta"), torch.rand(B, **bf),
-             torch.randn(B, cfg.vec_in_dim, **bf), torch.ones(B, **bf),
-             [torch.randn(B, R * R, cfg.in_channels, **bf) for _ in range(args.refs)],
-             M.ref_ids((G, G), [(R, R)] * args.refs, batch=B, device="meta"), probe=M.AttentionProbe())
+        flux(torch.randn(B, G * G, cfg.in_channels, **meta), M.grid_ids(G, G, batch=B, device="meta"),
+             torch.randn(B, Lt, cfg.context_in_dim, **meta), torch.zeros(B, Lt, 3, device="meta"),
+             torch.rand(B, **meta), torch.randn(B, cfg.vec_in_dim, **meta), torch.ones(B, **meta),
+             [torch.randn(B, R * R, cfg.in_channels, **meta) for _ in range(refs)],
+             M.ref_ids((G, G), [(R, R)] * refs, batch=B, device="meta"), probe=M.AttentionProbe())
     attention = M.attention           # the blocks look the hook up at call time: swapping it reaches all of them
     M.attention = flash_like_attention
     try:
@@ -560,30 +599,49 @@ def memory(args):
         flux.grad_checkpoint = True
         act_ckpt = saved_bytes(flux, forward)
         # backward then recomputes one block at a time: add the largest block's own activations
-        L = G * G + args.refs * R * R + Lt
-        x = torch.randn(B, L, cfg.hidden_size, **bf, requires_grad=True)
+        L = G * G + refs * R * R + Lt
+        x = torch.randn(B, L, cfg.hidden_size, **meta, requires_grad=True)
         pe = M.rope(torch.zeros(B, L, 3, device="meta"), cfg.axes_dim, cfg.theta)
-        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, torch.randn(B, cfg.hidden_size, **bf), pe))
+        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, torch.randn(B, cfg.hidden_size, **meta), pe))
     finally:
         M.attention = attention
+    return dict(frozen=frozen * dtype.itemsize, adapters=adapter * 4, grads=adapter * 4, adam=adapter * 8,
+                adam_temp=(adapter if foreach else max(p.numel() for p in trainable)) * 4, act=act, act_ckpt=act_ckpt,
+                block=unit(largest), block_grads=sum(p.numel() for p in largest.parameters() if p.requires_grad) * 4,
+                root=unit(flux) - sum(map(unit, blocks)), frozen_params=frozen, adapter_params=adapter)
+
+def budget_columns(b, gpus=8):
+    """training_budget's pieces -> {layout: {row: bytes per GPU}} for one GPU and `gpus` of them: DDP (replicated),
+    + ZeRO-1 (--zero: AdamW states sharded), FSDP (--fsdp: weights, gradients and states sharded; each rank gathers
+    the unit that computes: the root's, and two blocks at once, the next one prefetched, with one block's gradients
+    before they are reduce-scattered). The activations and the optimizer's temporary are never alive together."""
+    out = {}
+    for name, shard, states in (("1 GPU", 1, 1), (f"{gpus} GPUs", 1, 1), (f"{gpus} + ZeRO", 1, gpus),
+                                (f"{gpus} + FSDP", gpus, gpus)):
+        gathered = b["root"] + 2 * b["block"] + b["block_grads"] if shard > 1 else 0
+        rows = {"frozen DiT": b["frozen"] / shard, "adapters (fp32)": b["adapters"] / shard,
+                "adapter gradients (fp32)": b["grads"] / shard, "AdamW states (fp32 x 2)": b["adam"] / states,
+                "AdamW step temporary (fp32)": b["adam_temp"] / states, "FSDP units gathered": gathered,
+                "activations": b["act"], "activations, --grad-checkpoint": b["act_ckpt"]}
+        base = sum(rows[k] for k in list(rows)[:4])
+        rows["total"] = base + max(b["act"] + gathered, rows["AdamW step temporary (fp32)"])
+        rows["total, --grad-checkpoint"] = base + max(b["act_ckpt"] + gathered, rows["AdamW step temporary (fp32)"])
+        out[name] = rows
+    return out
+
+def memory(args):
+    cfg = M.get_config(args.preset)
+    b = training_budget(cfg, args.rank, args.experts, args.size, args.ref_size, args.refs, args.batch)
+    cols = budget_columns(b)
     GiB = 2 ** 30
-    fixed = {"frozen DiT (bf16)": frozen * 2, "adapters (fp32)": adapter * 4, "adapter gradients (fp32)": adapter * 4}
-    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
-          f"MoE-LoRA {args.experts} experts); batch {B} per GPU: {args.size}px target ({G * G} tokens), {args.refs} "
-          f"refs of {args.ref_size}px ({R * R} tokens each), {Lt} text tokens; activations as bf16 autocast with "
-          f"flash attention keeps them; T5/CLIP/VAE not resident (python cache.py)")
-    print(f"{'GiB per GPU':42s}{'1 GPU':>9s}{'8 GPUs':>9s}{'8 + ZeRO':>10s}")
-    for k, v in fixed.items():
-        print(f"  {k:40s}{v / GiB:9.1f}{v / GiB:9.1f}{v / GiB:10.1f}")
-    adam = adapter * 8                                          # AdamW: two fp32 moments per parameter
-    print(f"  {'AdamW states (fp32 x 2)':40s}{adam / GiB:9.1f}{adam / GiB:9.1f}{adam / 8 / GiB:10.1f}")
-    for label, a in (("activations", act), ("activations, --grad-checkpoint", act_ckpt)):
-        print(f"  {label:40s}{a / GiB:9.1f}{a / GiB:9.1f}{a / GiB:10.1f}")
-    base = sum(fixed.values())
-    for label, a in (("total", act), ("total, --grad-checkpoint", act_ckpt)):
-        print(f"  {label:40s}{(base + adam + a) / GiB:9.1f}{(base + adam + a) / GiB:9.1f}"
-              f"{(base + adam / 8 + a) / GiB:10.1f}")
-    return {"frozen_params": frozen, "adapter_params": adapter, "activation_bytes": act, "activation_bytes_ckpt": act_ckpt,
+    print(f"{args.preset}: {b['frozen_params'] / 1e9:.2f}B frozen + {b['adapter_params'] / 1e9:.3f}B adapter "
+          f"parameters (LoRA rank {args.rank}, MoE-LoRA {args.experts} experts); batch {args.batch} per GPU: "
+          f"{args.size}px target, {args.refs} refs of {args.ref_size}px, {cfg.max_txt_len} text tokens; activations "
+          f"as bf16 autocast with flash attention keeps them; T5/CLIP/VAE not resident (python cache.py)")
+    print(f"{'GiB per GPU':42s}" + "".join(f"{c:>10s}" for c in cols))
+    for row in next(iter(cols.values())):
+        print(f"  {row:40s}" + "".join(f"{cols[c][row] / GiB:10.1f}" for c in cols))
+    return {"budget": b, "columns_GiB": {c: {k: v / GiB for k, v in r.items()} for c, r in cols.items()},
             "inference_GiB": inference_memory(args)}
 
 # inference: peak GPU memory when sampling, for each of model.py's low-VRAM options, from shapes on the meta device
@@ -706,6 +764,448 @@ def rl(args):
     return res
 
 
+# -----------------------------------------------------------------------------
+# guidance, compile: two speed-ups measured side by side on the shipped toy (CPU, fp32)
+
+def shipped_toy():
+    """The shipped toy as sample.py loads it (assets/toy: base, text encoder, adapter) and the demo's references."""
+    cfg = M.get_config("toy")
+    flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
+    M.load_state_dict_strict(flux, os.path.join(M.TOY_DIR, "flux.safetensors"))
+    M.load_byte_encoder(text, os.path.join(M.TOY_DIR, "text_encoder.safetensors"))
+    ML.load_adapter(flux, os.path.join(M.TOY_DIR, "adapter.safetensors"))
+    assets = os.path.dirname(M.TOY_DIR)
+    refs = [D.preprocess_ref(D.load_image(os.path.join(assets, f)), cfg.ref_size)
+            for f in ("orange_circle.png", "blue_square.png")]
+    return cfg, flux.eval(), M.AutoEncoder(cfg.ae), text.eval(), refs
+
+def guidance(args):
+    """Sampling with the toy's guidance (4 on the references, 2 on the prompt: three DiT evaluations a step), the
+    prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE) against two forwards; and IPPO's
+    policy (training.velocity, forward + backward of a group), likewise. Timed interleaved; the outputs compared."""
+    torch.manual_seed(args.seed)
+    cfg, flux, ae, text, refs = shipped_toy()
+    c = M.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size,
+                          list(range(args.batch)), null_text=True)
+    ts = M.get_schedule(cfg.sample_steps, c["img"].shape[1])
+    c1 = {k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}      # IPPO's batch-1 condition
+    c1["scales"] = (cfg.ref_guidance, cfg.text_guidance)
+    x = torch.randn(args.group, *c["img"].shape[1:])
+    def with_batching(on, fn):
+        def run():
+            M.BATCH_GUIDANCE = on
+            try:
+                return fn()
+            finally:
+                M.BATCH_GUIDANCE = True
+        return run
+    sample = lambda: M.denoise(flux, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+                               ref_guidance=cfg.ref_guidance, text_guidance=cfg.text_guidance)
+    def policy():
+        flux.zero_grad(set_to_none=True)
+        v = TR.velocity(flux, x, c1, 0.6, cfg.guidance)
+        v.square().mean().backward()
+        return v.detach()
+    res = {}
+    for name, fn in (("sampling", sample), ("policy", policy)):
+        fns = [with_batching(True, fn), with_batching(False, fn)]
+        outs = [f() for f in fns]                                    # warm-up, and the outputs compared
+        times, _ = interleaved_times(fns, args.reps)
+        res[name] = {"batched_s": median(times[0]), "two_forwards_s": median(times[1]),
+                     "ratio": median(times[0]) / median(times[1]),
+                     "max_abs_diff": (outs[0] - outs[1]).abs().max().item()}
+    print(f"batched guidance on the shipped toy, fp32, {torch.get_num_threads()} threads; {args.reps} interleaved runs")
+    print(f"  sampling, batch {args.batch}, {cfg.sample_steps} steps: batched {res['sampling']['batched_s']:.3f} s, "
+          f"two forwards {res['sampling']['two_forwards_s']:.3f} s, ratio {res['sampling']['ratio']:.3f}; latents "
+          f"max |diff| {res['sampling']['max_abs_diff']:.1e}")
+    print(f"  IPPO policy forward+backward, group {args.group}: batched {res['policy']['batched_s'] * 1e3:.1f} ms, "
+          f"two forwards {res['policy']['two_forwards_s'] * 1e3:.1f} ms, ratio {res['policy']['ratio']:.3f}; "
+          f"velocity max |diff| {res['policy']['max_abs_diff']:.1e}")
+    return res
+
+def compile_bench(args):
+    """--compile (model.compile_blocks, inductor) against eager on the shipped toy: a training step (train_sft's
+    stage multi shape: forward with the probe and Dice, backward into the adapters, batch args.batch) and one
+    sample (the toy's guided 20 steps). The first compiled call, which compiles, is timed apart; then both are timed
+    interleaved, and their losses and samples compared."""
+    import copy
+    torch.manual_seed(args.seed)
+    cfg, flux, ae, text, refs = shipped_toy()
+    compiled = M.compile_blocks(copy.deepcopy(flux))
+    B, G, R = args.batch, cfg.image_size // cfg.token_px, cfg.ref_size // cfg.token_px
+    z = cfg.ae.z_channels
+    with torch.no_grad():
+        txt, y = text(["a circle and a square"] * B)
+    inp = M.prepare(torch.randn(B, z, 2 * G, 2 * G), [torch.randn(B, z, 2 * R, 2 * R) for _ in range(2)], "d", txt, y)
+    t, noise, masks = torch.rand(B), torch.randn_like(inp["img"]), (torch.rand(B, 2, G * G) > 0.7).float()
+    def train_step(f):
+        def run():
+            f.zero_grad(set_to_none=True)
+            probe = M.AttentionProbe()
+            loss = LS.flow_matching_loss(lambda x_t, tt: f(**dict(inp, img=x_t), timesteps=tt, guidance=torch.ones(B),
+                                                           probe=probe), inp["img"], t, noise)
+            loss = loss + 0.3 * LS.dice_loss(probe.mean_map(), masks)
+            loss.backward()
+            return loss.detach()
+        return run
+    c = M.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size, 0,
+                          null_text=True)
+    ts = M.get_schedule(cfg.sample_steps, c["img"].shape[1])
+    sample = lambda f: lambda: M.denoise(f, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+                                         ref_guidance=cfg.ref_guidance, text_guidance=cfg.text_guidance)
+    res = {"backend": M.COMPILE_BACKEND}
+    for name, make in (("train_step", train_step), ("sampling", sample)):
+        eager, comp = make(flux), make(compiled)
+        first = timed(comp)                                            # compiles (forward, and backward if any)
+        outs = [eager(), comp()]
+        times, _ = interleaved_times([eager, comp], args.reps)
+        res[name] = {"compile_s": first, "eager_s": median(times[0]), "compiled_s": median(times[1]),
+                     "ratio": median(times[1]) / median(times[0]),
+                     "max_abs_diff": (outs[0] - outs[1]).abs().max().item()}
+    print(f"--compile ({M.COMPILE_BACKEND}) against eager on the shipped toy, fp32, {torch.get_num_threads()} threads, "
+          f"{args.reps} interleaved runs")
+    for name, label in (("train_step", f"SFT step, batch {B}, probe + Dice"),
+                        ("sampling", "one sample, 20 guided steps")):
+        r = res[name]
+        print(f"  {label}: eager {r['eager_s'] * 1e3:.0f} ms, compiled {r['compiled_s'] * 1e3:.0f} ms, ratio "
+              f"{r['ratio']:.3f} (first call compiling: {r['compile_s']:.0f} s); max |diff| {r['max_abs_diff']:.1e}")
+    return res
+
+# -----------------------------------------------------------------------------
+# gpu: the checks a GPU session runs in one call (an estimated 3-5 minutes on one H100, most of it sampling): random
+# weights at flux-dev's shapes, nothing downloaded. --tiny runs the same code on the CPU at tiny shapes (as the suite
+# does)
+
+GPU_SHAPES = dict(small=512, large=1024, ref=320, refs=(1, 4), steps=28, rank=512, reps=5, train_reps=3,
+                  matmul=8192)
+TINY_SHAPES = dict(small=64, large=128, ref=32, refs=(1, 4), steps=2, rank=8, reps=1, train_reps=1, matmul=256)
+
+def tiny_config():
+    # flux-dev's roles at a width a CPU runs in milliseconds (its text, pooled and latent widths kept)
+    return M.get_config("flux-dev", hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=1,
+                        depth_single_blocks=2, max_txt_len=16, ae=M.AutoEncoderConfig(ch=32))
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+def device_times(fn, reps, device, warmup=None):
+    """Seconds of each of `reps` calls of fn after one warm-up call (warmup, or fn itself), the device synchronized
+    around each (GPU kernels run asynchronously)."""
+    (warmup or fn)()
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+def allocated(device, *modules):
+    # bytes alive now: the CUDA allocator's count; on the CPU torch keeps none, so the given modules' tensors
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else sum(map(nbytes, modules))
+
+def peak_above(fn, device):
+    """Peak bytes one call of fn allocates above what was alive before it: the CUDA allocator's high-water mark, or
+    on the CPU the profiler's count (peak_memory)."""
+    if device.type != "cuda":
+        return peak_memory(fn)["tensors"]
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device) - before
+
+def release(device):
+    # what the last row held, back to the device before the next row measures its peak
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+def matmul_peak(device, dtype, n, reps=10):
+    """The device's measured matmul FLOP/s in dtype: the best of `reps` square n x n products (2 n^3 FLOPs each)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / min(device_times(lambda: a @ b, reps, device))
+
+def random_flux(cfg, device, dtype, seed):
+    """Our DiT at cfg's shapes with random weights, made in place on device in dtype (flux-dev: 24 GB of bf16, never an
+    fp32 copy): weights N(0, 0.02), biases N(0, 0.1), RMSNorm scales around 1."""
+    with torch.device("meta"):
+        flux = M.Flux(cfg).to(dtype)
+    flux = flux.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in flux.named_parameters():
+            p.normal_(0, 0.02 if p.ndim > 1 else 0.1, generator=g)
+            if name.endswith(".scale"):
+                p.add_(1)
+    return flux.eval()
+
+def joint_inputs(cfg, size, ref_size, n_refs, device, dtype, seed):
+    """One sample's joint sequence (model.prepare), random: a size px target, n_refs references of ref_size px,
+    cfg.max_txt_len text tokens; t and distilled guidance. Values in dtype, position ids in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    z, f = cfg.ae.z_channels, cfg.ae.factor
+    rnd = lambda *shape: torch.randn(*shape, generator=g)
+    inp = M.prepare(rnd(1, z, size // f, size // f), [rnd(1, z, ref_size // f, ref_size // f) for _ in range(n_refs)],
+                    "d", rnd(1, cfg.max_txt_len, cfg.context_in_dim), rnd(1, cfg.vec_in_dim))
+    inp.update(timesteps=torch.rand(1, generator=g), guidance=torch.full((1,), cfg.guidance))
+    cast = lambda k, v: v.to(device, torch.float32 if k.endswith("ids") else dtype)
+    return {k: [cast(k, r) for r in v] if isinstance(v, list) else cast(k, v) for k, v in inp.items()}
+
+def diffusers_flux(cfg, state):
+    """diffusers' FluxTransformer2DModel holding our state dict (diffusers' own converter), made on the meta device
+    and given the converted tensors themselves (assign): no second copy of the weights."""
+    from diffusers import FluxTransformer2DModel          # optional, as in `dit`
+    with torch.device("meta"):
+        theirs = FluxTransformer2DModel(
+            patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim)
+    theirs.load_state_dict(bfl_to_diffusers_converter()(state), strict=True, assign=True)
+    assert not state, f"keys diffusers did not consume: {list(state)[:4]}"
+    return theirs.eval().requires_grad_(False)
+
+def through_diffusers(theirs):
+    # UNO's sequence through diffusers: the references appended to the image tokens, the output sliced to the target
+    def call(i):
+        L = i["img"].shape[1]
+        return theirs(hidden_states=torch.cat([i["img"], *i["ref_img"]], 1), encoder_hidden_states=i["txt"],
+                      pooled_projections=i["y"], timestep=i["timesteps"], guidance=i["guidance"],
+                      img_ids=torch.cat([i["img_ids"], *i["ref_img_ids"]], 1)[0], txt_ids=i["txt_ids"][0],
+                      return_dict=False)[0][:, :L]
+    return call
+
+def time_dit(call, inp, S, device):
+    """Forward (no grad) and forward+backward of one model on one input: the backward reaches the inputs only (frozen
+    weights: what adapter training's backward through the base costs). -> measurements, output and input gradients."""
+    leaves = [inp["img"], *inp["ref_img"], inp["txt"]]
+    for x in leaves:
+        x.requires_grad_(True)
+    def fwd():
+        with torch.no_grad():
+            return call(inp)
+    def train():
+        for x in leaves:
+            x.grad = None
+        call(inp).float().square().mean().backward()
+    r = {"fwd_s": device_times(fwd, S["reps"], device), "train_s": device_times(train, S["train_reps"], device),
+         "fwd_flops": count_flops(fwd), "train_flops": count_flops(train)}
+    r["train_peak_bytes"] = peak_above(train, device)
+    return r, fwd().float(), [x.grad.float() for x in leaves]
+
+def dit_section(cfg, S, device, seed):
+    """Ours against diffusers in bf16 on each case, the models one after the other (both at once would hold the
+    weights twice: 48 GB for flux-dev): ours, then its state dict converted for diffusers, then diffusers."""
+    cases = [(f"{S['small']}px + {n} ref", S["small"], n) for n in S["refs"]] + \
+        [(f"{S['large']}px + 1 ref", S["large"], 1)]
+    inputs = {name: joint_inputs(cfg, size, S["ref"], n, device, torch.bfloat16, seed) for name, size, n in cases}
+    flux = random_flux(cfg, device, torch.bfloat16, seed).requires_grad_(False)
+    ours = {name: time_dit(lambda i: flux(**i), inp, S, device) for name, inp in inputs.items()}
+    try:
+        theirs_model = diffusers_flux(cfg, dict(flux.state_dict()))
+    except ImportError as e:
+        return {"cases": {name: {"ours": r} for name, (r, _, _) in ours.items()},
+                "skipped": f"diffusers: not installed here ({e}); carry its wheel to compare"}
+    del flux
+    release(device)
+    out = {}
+    for name, inp in inputs.items():
+        r, y, grads = time_dit(through_diffusers(theirs_model), inp, S, device)
+        (mine, y0, grads0) = ours[name]
+        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+        out[name] = {"ours": mine, "diffusers": r, "rel_diff_out": rel(y0, y),
+                     "rel_diff_grad": max(rel(a, b) for a, b in zip(grads0, grads))}
+    return {"cases": out}
+
+@contextmanager
+def attention_kernel(name):
+    """model.attention through one kernel: "flash-attn" (the package, which model.attention prefers where it is
+    installed), or one of SDPA's backends with flash-attn set aside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if name == "flash-attn":
+        yield
+        return
+    flash, M.flash_attn_func = M.flash_attn_func, None
+    try:
+        with sdpa_kernel(getattr(SDPBackend, name)):
+            yield
+    finally:
+        M.flash_attn_func = flash
+
+def attention_section(cfg, S, device, seed):
+    """Every attention kernel through model.attention on the joint sequence of the large case: each output against
+    SDPA's math kernel in fp32, the time of forward and of forward+backward. A kernel this device or build lacks
+    says why."""
+    tok = lambda px: (px // cfg.token_px) ** 2
+    L, H = cfg.max_txt_len + tok(S["large"]) + tok(S["ref"]), cfg.num_heads
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, L, H, cfg.hidden_size // H, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    with torch.no_grad(), attention_kernel("MATH"):
+        want = M.attention(q.float(), k.float(), v.float())
+    names = (["flash-attn"] if M.flash_attn_func is not None else []) + \
+        ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+    out = {"shape": [1, L, H, cfg.hidden_size // H], "flash_attn_installed": M.flash_attn_func is not None}
+    for name in names:
+        def fwd():
+            with torch.no_grad():
+                return M.attention(q, k, v)
+        def train():
+            q.grad = k.grad = v.grad = None
+            M.attention(q, k, v).float().square().mean().backward()
+        try:
+            with attention_kernel(name):
+                err = ((fwd().float() - want).abs().max() / want.abs().max()).item()
+                out[name] = {"rel_err": err, "fwd_s": device_times(fwd, S["reps"], device),
+                             "train_s": device_times(train, S["train_reps"], device)}
+        except RuntimeError as e:                 # no such kernel for this device, dtype or shape
+            out[name] = {"unavailable": str(e).strip().split(". ")[0][:120]}
+    return out
+
+def sft_section(cfg, S, device, seed):
+    """The real peak memory of paper-scale SFT steps (LoRA rank S["rank"], MoE-LoRA of 4 experts, gradient
+    checkpointing, the attention probe with Dice, AdamW as the trainers build it) against training_budget's estimate
+    at the same settings. Two steps: the second holds AdamW's states while its activations live."""
+    size, ref, refs = S["small"], S["ref"], 2
+    dtype = M.weight_dtype(device)
+    flux = random_flux(cfg, device, dtype, seed)
+    ML.inject(flux, rank=S["rank"], n_experts=4)
+    flux.to(device).train()
+    for _, m in ML.adapters(flux):           # a trained adapter's update, not a fresh one's zeros
+        torch.nn.init.normal_(m.up.weight, std=1e-3)
+    flux.grad_checkpoint = True
+    params = [p for p in flux.parameters() if p.requires_grad]
+    opt = TR.build_optimizer(params, 3e-5, 1e-2)
+    inp = joint_inputs(cfg, size, ref, refs, device, torch.float32, seed)
+    x0, g = inp.pop("img"), torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    masks = (torch.rand(1, refs, x0.shape[1], generator=g) > 0.7).float().to(device)        # (B, N, L_img)
+    def step():
+        probe = M.AttentionProbe()
+        with M.autocast(device):
+            loss = LS.flow_matching_loss(lambda x_t, t: flux(img=x_t, **dict(inp, timesteps=t), probe=probe), x0,
+                                         inp["timesteps"], noise)
+        (loss + 0.3 * LS.dice_loss(probe.mean_map(), masks)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    resident = allocated(device, flux)
+    times = []
+    peak = resident + peak_above(lambda: times.extend(device_times(step, 1, device)), device)
+    b = training_budget(cfg, S["rank"], 4, size, ref, refs, 1, dtype, foreach=device.type == "cuda")
+    est = budget_columns(b)["1 GPU"]["total, --grad-checkpoint"]
+    return {"settings": dict(size=size, ref_size=ref, refs=refs, rank=S["rank"], experts=4, grad_checkpoint=True,
+                             dtype=str(dtype)), "step_s": times[0], "peak_bytes": peak, "estimate_bytes": est,
+            "budget": b}
+
+def sampling_section(cfg, S, device, seed):
+    """Seconds per image at the large size with one reference, S["steps"] Euler steps of distilled guidance (one DiT
+    forward each) and the AE's decoding: every block resident, then streamed (--offload's stream_blocks), then
+    stored in fp8 (--fp8's store_fp8). The prompt's embeddings are random (T5/CLIP are not run)."""
+    dtype = M.weight_dtype(device)
+    flux = random_flux(cfg, device, dtype, seed)
+    torch.manual_seed(seed)
+    ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
+    c = joint_inputs(cfg, S["large"], S["ref"], 1, device, torch.float32, seed)
+    c.pop("timesteps"), c.pop("guidance")
+    ts = M.get_schedule(S["steps"], c["img"].shape[1])
+    image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
+                                                                progress=False), S["large"], S["large"])
+    out = {"steps": S["steps"], "resident_s": device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]}
+    handles = M.stream_blocks(flux, device)
+    out["offload_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+    for h in handles:
+        h.remove()
+    M.store_fp8(flux.to(device))
+    out["fp8_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+    return out
+
+def guarded(section, *args):
+    # a section that runs out of device memory is a row that says so; the other sections still run
+    try:
+        return section(*args)
+    except torch.OutOfMemoryError as e:
+        return {"out_of_memory": str(e).splitlines()[0][:200]}
+    finally:
+        release(args[2])
+
+def gpu(args):
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU (--tiny runs the same code on the CPU at tiny shapes)")
+    cfg, S = (tiny_config(), TINY_SHAPES) if args.tiny else (M.get_config("flux-dev"), GPU_SHAPES)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--tiny)"
+    t0 = time.perf_counter()
+    res = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "shapes": S,
+           "matmul_bf16_flops_per_s": matmul_peak(device, torch.bfloat16, S["matmul"])}
+    for key, section in (("dit", dit_section), ("attention", attention_section), ("sft", sft_section),
+                         ("sampling", sampling_section)):
+        print(f"{key} ...", flush=True)
+        res[key] = guarded(section, cfg, S, device, args.seed)
+    res["wall_s"] = time.perf_counter() - t0
+    print_gpu_table(res)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.json}")
+    return res
+
+def gpu_rows(res):
+    """The table's rows (what, value, against, ratio, note) from gpu's results; a section that ran out of memory is
+    one row saying so."""
+    peak, rows, ms = res["matmul_bf16_flops_per_s"], [], lambda ts: f"{median(ts) * 1e3:.1f} ms"
+    for case, r in res["dit"].get("cases", {}).items():
+        for mode, label in (("fwd", "forward"), ("train", "forward+backward")):
+            mine, theirs = r["ours"], r.get("diffusers")
+            mfu = lambda m: f"{m[f'{mode}_flops'] / median(m[f'{mode}_s']) / peak:.0%}"
+            if theirs is None:
+                rows.append((f"DiT {label}, {case}", ms(mine[f"{mode}_s"]), "", "",
+                             f"MFU {mfu(mine)}; {res['dit']['skipped']}"))
+                continue
+            note = f"MFU {mfu(mine)} / {mfu(theirs)}; " + (
+                f"rel. diff out {r['rel_diff_out']:.1e}, input grads {r['rel_diff_grad']:.1e}" if mode == "fwd" else
+                f"peak {mine['train_peak_bytes'] / 2 ** 30:.2f} / {theirs['train_peak_bytes'] / 2 ** 30:.2f} GiB")
+            rows.append((f"DiT {label}, {case}", ms(mine[f"{mode}_s"]), f"diffusers {ms(theirs[f'{mode}_s'])}",
+                         f"{median(mine[f'{mode}_s']) / median(theirs[f'{mode}_s']):.3f}", note))
+    att = res["attention"]
+    base = att.get("MATH", {}).get("train_s")
+    if att.get("flash_attn_installed") is False:
+        rows.append(("attention flash-attn", "not installed", "", "", "SDPA's own kernels compared instead"))
+    for name, r in att.items():
+        if isinstance(r, dict) and "unavailable" in r:
+            rows.append((f"attention {name}", "unavailable", "", "", r["unavailable"]))
+        elif isinstance(r, dict):
+            rows.append((f"attention {name}, fwd+bwd", ms(r["train_s"]), f"math {ms(base)}" if base else "",
+                         f"{median(r['train_s']) / median(base):.3f}" if base else "",
+                         f"fwd {ms(r['fwd_s'])}; rel. err {r['rel_err']:.1e} against fp32 math"))
+    sft = res["sft"]
+    if "peak_bytes" in sft:
+        st = sft["settings"]
+        rows.append(("SFT step peak memory (GiB)", f"{sft['peak_bytes'] / 2 ** 30:.2f}",
+                     f"estimate {sft['estimate_bytes'] / 2 ** 30:.2f}",
+                     f"{sft['peak_bytes'] / sft['estimate_bytes']:.3f}",
+                     f"rank {st['rank']}, MoE-LoRA x{st['experts']}, ckpt, {st['size']}px + {st['refs']} refs; "
+                     f"{sft['step_s']:.2f} s a step"))
+    smp = res["sampling"]
+    for key, label in (("resident_s", "resident"), ("fp8_s", "--fp8"), ("offload_s", "--offload")):
+        if key in smp:
+            rows.append((f"s per {res['shapes']['large']}px image, {smp['steps']} steps, {label}", f"{smp[key]:.2f}",
+                         f"resident {smp['resident_s']:.2f}", f"{smp[key] / smp['resident_s']:.3f}",
+                         "DiT + AE decode; T5/CLIP not run"))
+    return rows + [(section, "out of memory", "", "", res[section]["out_of_memory"])
+                   for section in ("dit", "attention", "sft", "sampling") if "out_of_memory" in res[section]]
+
+def print_gpu_table(res):
+    print(f"\nbench.py gpu: {res['device']}, torch {res['torch']}, bf16 matmul "
+          f"{res['matmul_bf16_flops_per_s'] / 1e12:.1f} TFLOP/s ({res['shapes']['matmul']}^3), {res['wall_s']:.0f} s")
+    print(f"{'':48s}{'value':>14s}  {'against':>22s}{'ratio':>8s}  note")
+    for what, value, against, ratio, note in gpu_rows(res):
+        print(f"{what:48s}{value:>14s}  {against:>22s}{ratio:>8s}  {note}")
+
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl}[args.cmd](args)
+    {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl, "gpu": gpu, "guidance": guidance,
+     "compile": compile_bench}[args.cmd](args)

@@ -138,6 +138,29 @@ def param_dtype(m):
     return next(m.parameters(), torch.empty(0)).dtype      # the toy AE has no parameters: fp32
 
 # -----------------------------------------------------------------------------
+# tensors FSDP shards (training.shard): each rank holds one piece of a DTensor; files hold whole tensors
+
+def sharded(module):
+    # whether FSDP shards this module's parameters (its weights are then DTensors)
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+def whole(t):
+    """A tensor in one piece: an FSDP-sharded DTensor gathered from every rank (a collective: every rank calls it for
+    the same tensors in the same order), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+def placed_like(param, value):
+    """A whole tensor (a file's) laid out as `param` is: this rank's piece where FSDP shards param and value has its
+    shape (every rank holds the whole value, so no communication), else value itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor) or not torch.is_tensor(value) or value.shape != param.shape:
+        return value
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+# -----------------------------------------------------------------------------
 # small pieces
 
 def timestep_embedding(t, dim, max_period=10_000, time_factor=1000.0):
@@ -1088,7 +1111,7 @@ def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=(
     except Exception as e:
         raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
     sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=assign)
+    model.load_state_dict({k: placed_like(want[k], v) for k, v in sd.items()}, strict=True, assign=assign)
     return model
 
 def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
@@ -1190,6 +1213,17 @@ def store_fp8(flux):
                 setattr(parent, child, Fp8Linear.from_linear(mod))
     return flux
 
+COMPILE_BACKEND = "inductor"     # torch.compile's backend for compile_blocks (the suite uses aot_eager: seconds)
+
+def compile_blocks(flux):
+    """torch.compile the forward of every double and single block (--compile). The modules stay as they are (state
+    dict keys, adapters) and their hooks run outside the compiled code (FSDP's gathering, stream_blocks' copies,
+    gradient checkpointing around the call); blocks of one kind share their compiled code, made by the first
+    forward (and backward). -> flux."""
+    for block in (*flux.double_blocks, *flux.single_blocks):
+        block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
+    return flux
+
 # -----------------------------------------------------------------------------
 # the flow: timestep schedule (t = 1 is pure noise, t = 0 the data), noise, one ODE / SDE step, the sampling loop
 
@@ -1253,8 +1287,7 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
     """Euler from noise img (B, L, C) at timesteps[0] = 1 to a clean latent at 0; latents stay fp32.
     A probe rides along at every step, so probe.mean_map() averages over all steps and double blocks:
     early steps show where a subject is placed, late ones its details; the mean is steadier than either.
-    Classifier-free guidance, each condition against the full velocity v (compositional, one extra forward each):
-    v + (w_ref - 1) (v - v_without_refs) + (w_text - 1) (v - v_with_txt_null); w = 1 leaves a condition alone.
+    Classifier-free guidance on the references and on the prompt (guided_velocity; w = 1 leaves a condition alone).
     txt_null, y_null: the empty prompt encoded (sampling_inputs(null_text=True)); the probe reads only v.
     oracle: a Separation in every forward that has references (experiments only)."""
     B, dev = img.shape[0], img.device
@@ -1262,16 +1295,35 @@ def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=N
     if text_guidance != 1 and txt_null is None:
         raise ValueError("text_guidance needs txt_null and y_null (the empty prompt encoded)")
     for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), disable=not progress, desc="sampling"):
-        tt = torch.full((B,), t, device=dev)
         with autocast(dev):
-            v = model(img, img_ids, txt, txt_ids, tt, y, g, ref_img, ref_img_ids, probe=probe,
-                      oracle=oracle).float()                                            # (B, L, C)
-            v_no_refs = model(img, img_ids, txt, txt_ids, tt, y, g).float() \
-                if ref_guidance != 1 and ref_img else None
-            v_null = model(img, img_ids, txt_null, txt_ids, tt, y_null, g, ref_img, ref_img_ids,
-                           oracle=oracle).float() if text_guidance != 1 else None
-        img = euler_step(img, guide(v, ref_guidance, v_no_refs, text_guidance, v_null), t, t_next)
+            v = guided_velocity(model, img, img_ids, txt, txt_ids, torch.full((B,), t, device=dev), y, g, ref_img,
+                                ref_img_ids, ref_guidance, text_guidance, txt_null, y_null, probe, oracle)
+        img = euler_step(img, v, t, t_next)
     return img
+
+# the conditional and the empty-prompt forwards as one batch of 2B rows (False: two forwards; bench.py guidance)
+BATCH_GUIDANCE = True
+
+def guided_velocity(model, img, img_ids, txt, txt_ids, t, y, g, ref_img=None, ref_img_ids=None, ref_guidance=1.0,
+                    text_guidance=1.0, txt_null=None, y_null=None, probe=None, oracle=None):
+    """The guided velocity (guide) at img (B, L, C) -> fp32 (B, L, C), for denoise and IPPO's policy alike: the
+    conditional forward (the probe reads it, the oracle masks it), one without references if w_ref != 1, one with
+    the empty prompt if w_text != 1. The empty prompt is encoded with the prompt (one length), so its forward has the
+    conditional one's shapes: both run as one batch of 2B rows (the same rows, half the calls), unless a probe or an
+    oracle must see the conditional rows alone."""
+    refs = dict(ref_img=ref_img, ref_img_ids=ref_img_ids)
+    v_null = None
+    if text_guidance != 1 and BATCH_GUIDANCE and probe is None and oracle is None:
+        two = lambda a, b: torch.cat([a, b])
+        refs2 = {k: [two(r, r) for r in v] if v else v for k, v in refs.items()}
+        v, v_null = model(two(img, img), two(img_ids, img_ids), two(txt, txt_null), two(txt_ids, txt_ids), two(t, t),
+                          two(y, y_null), two(g, g), **refs2).float().chunk(2)
+    else:
+        v = model(img, img_ids, txt, txt_ids, t, y, g, **refs, probe=probe, oracle=oracle).float()
+        if text_guidance != 1:
+            v_null = model(img, img_ids, txt_null, txt_ids, t, y_null, g, **refs, oracle=oracle).float()
+    v_no_refs = model(img, img_ids, txt, txt_ids, t, y, g).float() if ref_guidance != 1 and ref_img else None
+    return guide(v, ref_guidance, v_no_refs, text_guidance, v_null)
 
 def guide(v, ref_guidance=1.0, v_no_refs=None, text_guidance=1.0, v_null=None):
     """Classifier-free guidance, each condition against the full velocity v (compositional):

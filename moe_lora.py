@@ -283,8 +283,9 @@ def set_strength(model, s):
         m.strength = float(s)
 
 def adapter_file(model, cfg, extra_meta=None):
-    """What an adapter file holds -> (its tensors on the CPU, its header: the config and extra_meta)."""
-    sd = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    """What an adapter file holds -> (its tensors on the CPU, its header: the config and extra_meta). An FSDP-sharded
+    model's tensors are gathered whole (model.whole: every rank calls this)."""
+    sd = {k: M.whole(v).detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     return sd, {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
 
 def save_adapter(model, path, cfg, extra_meta=None):
@@ -339,7 +340,7 @@ def load_strict(model, sd, path):
     M.note_cast(path, stored, next(iter(want.values())).dtype)
     with torch.no_grad():
         for k, v in sd.items():
-            want[k].copy_(v)
+            want[k].copy_(M.placed_like(want[k], v))           # FSDP: this rank's shard of the file's tensor
 
 # UNO processor names -> the Linear they adapt (bytedance/UNO uno/flux/modules/layers.py)
 UNO_NAMES = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",

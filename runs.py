@@ -308,15 +308,19 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     """What ckpt-STEP holds -> ({file: produce(file)}, first_bad's (name, why) of a weight or optimizer state that
     must not be saved, or None): the weights (the whole toy model in the base stage, in sample.py's toy-folder
     format; else the adapter), the optimizer state with the data position `consumed` (global micro-batches for
-    train_sft, prompts for train_rl) and the ranks, and the arguments."""
+    train_sft, prompts for train_rl) and the ranks, and the arguments. Every tensor whole (model.whole): an FSDP
+    run's checkpoint is a one-process run's, so either resumes the other on any number of ranks; gathering the
+    shards is a collective (every rank calls this then)."""
     if acfg is None:
-        weights = {"flux.safetensors": ({k: v.contiguous() for k, v in flux.state_dict().items()}, None),
-                   "text_encoder.safetensors": ({k: v.contiguous() for k, v in text.state_dict().items()},
+        weights = {"flux.safetensors": ({k: M.whole(v).contiguous() for k, v in flux.state_dict().items()}, None),
+                   "text_encoder.safetensors": ({k: M.whole(v).contiguous() for k, v in text.state_dict().items()},
                                                 {"txt_pad": text.txt_pad,       # model.byte_encoder_header
                                                  **({"null_prompt": "trained"} if text.null_prompt else {})})}
     else:
         weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
-    state = {"step": step, "consumed": consumed, "world": world, "optimizer": opt.state_dict()}
+    optimizer = opt.state_dict()
+    optimizer["state"] = {i: {k: M.whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+    state = {"step": step, "consumed": consumed, "world": world, "optimizer": optimizer}
     moments = [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
                for k, v in s.items()]
     tensors = [(k, v) for sd, _ in weights.values() for k, v in sd.items()]
@@ -344,6 +348,9 @@ def load_checkpoint(path, flux, text, acfg, opt):
         raise M.CheckpointError(f"{file}: no such file")
     try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
         state = torch.load(file, map_location="cpu", weights_only=True)
+        params = [p for g in opt.param_groups for p in g["params"]]         # the saved state's integer keys index these
+        state["optimizer"]["state"] = {i: {k: M.placed_like(params[i], v) for k, v in s.items()}
+                                       for i, s in state["optimizer"]["state"].items()}                # FSDP: its shard
         opt.load_state_dict(state["optimizer"])
         return state["step"], state["consumed"], state["world"]
     except pickle.UnpicklingError:
@@ -580,9 +587,13 @@ class Run:
         are not written; a failed write leaves the last checkpoint: both a TrainingError on every rank."""
         if hasattr(opt, "consolidate_state_dict"):
             opt.consolidate_state_dict(to=0)                 # ZeRO: gather the sharded optimizer state first
+        # FSDP shards the weights and the optimizer state: every rank builds the checkpoint then (gathering), rank 0
+        # alone writes it
+        made = checkpoint_files(step, flux, text, acfg, opt, self.args, consumed, self.world) \
+            if self.master or M.sharded(flux) else None
         error = None
         if self.master:
-            files, bad = checkpoint_files(step, flux, text, acfg, opt, self.args, consumed, self.world)
+            files, bad = made
             if bad:
                 error = (f"step {step}: {bad[0]} {bad[1]} (the run diverged: try a lower --lr): not saved; "
                          f"{self.intact()}")

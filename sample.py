@@ -70,6 +70,8 @@ def build_parser():
     g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
                    "MULTICRAFTER_CLIP)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first step compiles; "
+                   "pays off over many steps and samples)")
     g = p.add_argument_group("low VRAM (same samples: --offload bit for bit, --fp8 within its rounding)")
     g.add_argument("--offload", action="store_true", help="text encoders and AE on the GPU only while they run, the "
                    "DiT's blocks streamed to it one at a time")
@@ -202,6 +204,8 @@ def ready_models(args, preset, run):
     flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora, args.ae, args.t5,
                                           args.clip_text, args.offload, args.fp8)
     ML.set_strength(flux, args.lora_scale)
+    if args.compile:
+        M.compile_blocks(flux)
     why = not_finite(flux)
     if why:
         raise D.InputError(f"nothing sampled: {why}")

@@ -641,25 +641,31 @@ def test_denoise_is_euler_over_the_schedule():
     torch.testing.assert_close(out, img - v)                          # the dt's sum to -1
     assert calls == [(pytest.approx(t), 2.5) for t in ts[:-1]]
 
-def test_denoise_guides_each_condition_against_the_full_velocity():
+@pytest.mark.parametrize("batched", [False, True])
+def test_denoise_guides_each_condition_against_the_full_velocity(batched, monkeypatch):
     # constant velocities per condition: with the references and the prompt 1.0, without the references 0.2, with
-    # the empty prompt 0.5; one Euler step from t = 1 to 0 subtracts the guided velocity once
+    # the empty prompt 0.5 (read per row: batched, the prompt and the empty prompt are one forward of 2B rows); one
+    # Euler step from t = 1 to 0 subtracts the guided velocity once
+    monkeypatch.setattr(M, "BATCH_GUIDANCE", batched)
     txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
     calls = []
     def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None,
                    oracle=None):
-        calls.append((ref_img is not None, txt_ is txt_null))
-        return torch.full_like(img, 0.2 if ref_img is None else 0.5 if txt_ is txt_null else 1.0)
-    img, refs = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)]
-    run = lambda **kw: denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, refs, [None],
-                               progress=False, txt_null=txt_null, **kw)
+        null = txt_[:, 0, 0] == 1                                              # (rows,)
+        calls.append((ref_img is not None, tuple(null.tolist())))
+        v = torch.where(null, 0.5, 1.0) if ref_img is not None else torch.full(null.shape, 0.2)
+        return v[:, None, None].expand_as(img)
+    img, refs, ids = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)], torch.zeros(1, 4, 3)
+    run = lambda **kw: denoise(fake_model, img, ids, txt, ids, torch.zeros(1, 8), [1.0, 0.0], 1.0, refs, [ids[:, :2]],
+                               progress=False, txt_null=txt_null, y_null=torch.zeros(1, 8), **kw)
     torch.testing.assert_close(run(), img - 1.0)                          # w = 1: no guidance, one forward
-    assert calls == [(True, False)]
+    assert calls == [(True, (False,))]
     # 1 + (2 - 1)(1 - 0.2) + (3 - 1)(1 - 0.5) = 2.8; 0.2 + 2 (1 - 0.2) = 1.8, the usual v_u + w (v_c - v_u)
     torch.testing.assert_close(run(ref_guidance=2.0, text_guidance=3.0), img - 2.8)
     torch.testing.assert_close(run(ref_guidance=2.0), img - 1.8)
     torch.testing.assert_close(run(text_guidance=3.0), img - 2.0)
-    assert calls[1:4] == [(True, False), (False, False), (True, True)]
+    with_null = [(True, (False, True))] if batched else [(True, (False,)), (True, (True,))]
+    assert calls[1:] == with_null + [(False, (False,))] + [(True, (False,)), (False, (False,))] + with_null
     with pytest.raises(ValueError, match="txt_null"):
         denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, progress=False, text_guidance=2.0)
 
@@ -1716,36 +1722,62 @@ def test_resume_is_exact(toy_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)          # bitwise on CPU
     assert [r["diff"] for r in read_log(tmp_path / "full")] == [r["diff"] for r in read_log(tmp_path / "cut")]
 
-def test_torchrun_two_ranks_equal_one_process_and_a_zero_run_resumes_exactly(toy_run, tmp_path):
-    # one process accumulating 2 micro-batches is the reference; 2 ranks equal it, with and without --zero; a --zero
-    # run cut after step 2 and resumed equals the uncut one bit for bit (its sharded optimizer states are
-    # consolidated on save and re-sharded on resume)
+def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(toy_run, tmp_path, capsys, monkeypatch):
+    # one process accumulating 2 micro-batches is the reference; 2 ranks equal it: DDP, --zero, and --fsdp with
+    # --grad-checkpoint (and its evaluation on every rank). Resumed from another run's step-2 checkpoint (its step-4
+    # one removed): --zero from --zero bit for bit (its sharded optimizer states consolidated on save, re-sharded on
+    # resume); one process from the FSDP run's and FSDP on 2 ranks from the one process's, as the reference does:
+    # FSDP saves whole tensors, the format one process saves
     root, manifest = toy_run
     common = ["train_sft.py", "--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
               "--batch-size", "2", "--log-every", "1", "--warmup", "1", "--lambda-attn", "0.3", "--lr", "1e-2",
-              "--ckpt-every", "2"]
+              "--ckpt-every", "2", "--steps", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    def run(*a, ranks=2):
+    def run(out, *a, ranks=2):
         launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
-        r = subprocess.run([sys.executable, *launch, *common, *a], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, *launch, *common, "--out", str(tmp_path / out), *a], env=env,
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    run("--steps", "4", "--grad-accum", "2", "--out", str(tmp_path / "one"), ranks=1)
-    run("--steps", "4", "--out", str(tmp_path / "two"))
-    run("--steps", "4", "--zero", "--out", str(tmp_path / "zero"))
-    run("--steps", "2", "--zero", "--out", str(tmp_path / "cut"))
-    run("--steps", "4", "--zero", "--out", str(tmp_path / "cut"), "--resume")
+    def cut(src, dst):                       # a copy of a run as its step-2 checkpoint left it
+        shutil.copytree(tmp_path / src, tmp_path / dst, symlinks=True)
+        shutil.rmtree(tmp_path / dst / "ckpt-0000004")
+    run("one", "--grad-accum", "2", ranks=1)
+    run("two")
+    run("zero", "--zero")
+    run("fsdp", "--fsdp", "--grad-checkpoint", "--val-data", manifest, "--eval-every", "4")
+    for src, dst, flags, ranks in (("zero", "zero_cut", ["--zero"], 2), ("fsdp", "from_fsdp", ["--grad-accum", "2"], 1),
+                                   ("one", "to_fsdp", ["--fsdp"], 2)):
+        cut(src, dst)
+        run(dst, *flags, "--resume", ranks=ranks)
     from safetensors.torch import load_file
     adapter = lambda run: load_file(str(tmp_path / run / "latest" / "adapter.safetensors"))
     want = adapter("one")
-    for other in ("two", "zero"):
-        log, got = read_log(tmp_path / other), adapter(other)
-        assert len(log) == 4
+    for other in ("two", "zero", "fsdp", "from_fsdp", "to_fsdp"):
+        log, got = [r for r in read_log(tmp_path / other) if "diff" in r], adapter(other)
+        assert len(log) == 4, other
         for r1, r2 in zip(read_log(tmp_path / "one"), log):
-            assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5
+            assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5, other
+        assert got.keys() == want.keys(), other
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
-    full, cut = adapter("zero"), adapter("cut")
-    assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
+    full, resumed = adapter("zero"), adapter("zero_cut")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    # the FSDP run's optimizer states are whole too: AdamW's moments as one process holds them
+    state = lambda run: torch.load(tmp_path / run / "latest" / "train_state.pt", weights_only=True)["optimizer"]
+    one, fsdp = state("one"), state("fsdp")
+    assert one["state"].keys() == fsdp["state"].keys()
+    for i, s in one["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fsdp["state"][i][k], s[k], atol=1e-6, rtol=1e-3)
+    assert any("val_dice" in r for r in read_log(tmp_path / "fsdp"))            # evaluated on every rank, logged once
+    # --fsdp needs the ranks torchrun starts; --zero is part of it
+    with pytest.raises(SystemExit):
+        TS.main(common[1:] + ["--out", str(tmp_path / "bad"), "--fsdp"])
+    assert "launch with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        TS.main(common[1:] + ["--out", str(tmp_path / "bad"), "--fsdp", "--zero"])
+    assert "--fsdp already shards the optimizer states" in capsys.readouterr().err
 
 def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_path):
     # cache.py precomputes text embeddings and latents; training on them must see the same numbers
@@ -2354,7 +2386,7 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
 
 def test_guided_policy_is_the_sampler_users_run(rl_setup):
-    # IPPO with guidance: each velocity is model.guide's combination of three forwards (by hand below), and the
+    # IPPO with guidance: each velocity is model.guide's combination of three velocities (by hand below), and the
     # rollout's deterministic prefix is exactly what denoise samples with the same guidance
     flux, c0, ts = rl_setup
     cfg, ae, text = flux.cfg, M.AutoEncoder(flux.cfg.ae), M.ByteTextEncoder(flux.cfg)
@@ -2370,7 +2402,8 @@ def test_guided_policy_is_the_sampler_users_run(rl_setup):
     hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     _, tr, n = training.rollout(flux, c, 2, ts, range(5, 6), 0.7, 3.5, torch.Generator().manual_seed(1))
     hook.remove()
-    assert len(rows) == 3 * 6 and n == sum(rows) == 3 * (5 + 2) == 3 * 7
+    # per step two forwards (the prompt's and the empty prompt's rows batched, then no references), three rows a sample
+    assert len(rows) == 2 * 6 and n == sum(rows) == 3 * (5 + 2) == 3 * 7
     want = denoise(flux, **{k: v for k, v in c.items() if k != "scales"}, timesteps=ts[:6], guidance=3.5,
                    progress=False, ref_guidance=3.0, text_guidance=2.0)
     torch.testing.assert_close(tr["x"][:, 0], want.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
@@ -2482,15 +2515,23 @@ def test_train_rl_torchrun_two_ranks_equals_one_process(toy_run, tmp_path):
     run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True, text=True, timeout=300)
     one = run(*common, "--prompts", "2", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"))
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common]
+    two = run(*torchrun, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-2000:]
-    for r1, r2 in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two")):
-        assert r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6) and r1["dit_rollout"] == r2["dit_rollout"]
+    # FSDP: rollouts, updates and the held-out evaluation on every rank (each forward gathers the shards)
+    fsdp = run(*torchrun, "--fsdp", "--val-data", manifest, "--val-n", "1", "--val-seeds", "1", "--eval-every", "2",
+               "--out", str(tmp_path / "fsdp"))
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "two" / "latest" / "adapter.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    for other in ("two", "fsdp"):
+        for r1, r2 in zip(read_log(tmp_path / "one"), [r for r in read_log(tmp_path / other) if "r_total" in r]):
+            assert r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6) and r1["dit_rollout"] == r2["dit_rollout"]
+        b = load_file(str(tmp_path / other / "latest" / "adapter.safetensors"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    best = load_file(str(tmp_path / "fsdp" / "best.safetensors"))          # gathered whole from the shards
+    assert {k: v.shape for k, v in best.items()} == {k: v.shape for k, v in a.items()}
 
 def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, tmp_path, monkeypatch):
     root, manifest = toy_run
@@ -3905,6 +3946,113 @@ def test_bench_measurements_print_no_profiler_noise():
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
     assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
+
+def test_bench_gpu_tiny_runs_every_gpu_check_on_the_cpu(tmp_path, capsys):
+    # `bench.py gpu` is what a GPU session runs in one call; --tiny is the same code at tiny shapes on the CPU
+    import bench as BN
+    res = BN.gpu(BN.parser.parse_args(["gpu", "--tiny", "--json", str(tmp_path / "gpu.json")]))
+    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(res))
+    cases = res["dit"]["cases"]
+    assert list(cases) == ["64px + 1 ref", "64px + 4 ref", "128px + 1 ref"]
+    for r in cases.values():                     # our DiT against diffusers' in bf16, forward and input gradients
+        assert r["rel_diff_out"] < 2e-2 and r["rel_diff_grad"] < 4e-2
+        for m in (r["ours"], r["diffusers"]):
+            assert 0 < m["fwd_flops"] < m["train_flops"] and m["train_peak_bytes"] > 0
+    att = res["attention"]                       # the CPU has SDPA's flash and math kernels, not CUDA's
+    assert att["flash_attn_installed"] is False
+    assert att["FLASH_ATTENTION"]["rel_err"] < 1e-2 and att["MATH"]["rel_err"] < 1e-2
+    assert "unavailable" in att["EFFICIENT_ATTENTION"] and "unavailable" in att["CUDNN_ATTENTION"]
+    sft = res["sft"]                             # the measured peak of paper-like steps against the estimate
+    assert 0.85 < sft["peak_bytes"] / sft["estimate_bytes"] < 1.2
+    assert all(res["sampling"][k] > 0 for k in ("resident_s", "fp8_s", "offload_s"))
+    table = capsys.readouterr().out
+    assert table.count("DiT forward") == 6 and "flash-attn" in table and "SDPA's own kernels" in table
+    assert "SFT step peak memory" in table and table.count("s per 128px image") == 3
+
+def test_bench_gpu_rows_say_what_was_skipped_or_ran_out_of_memory(monkeypatch):
+    # without diffusers the DiT rows time ours alone and say why; a section out of device memory is one row
+    import bench as BN
+    def no_diffusers(cfg, state):
+        raise ImportError("No module named 'diffusers'")
+    monkeypatch.setattr(BN, "diffusers_flux", no_diffusers)
+    S = dict(BN.TINY_SHAPES, refs=(1,))
+    dit = BN.dit_section(BN.tiny_config(), S, torch.device("cpu"), 0)
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    res = {"matmul_bf16_flops_per_s": 1e9, "shapes": S, "dit": dit, "attention": {}, "sft": {},
+           "sampling": BN.guarded(oom, None, S, torch.device("cpu"), 0)}
+    rows = BN.gpu_rows(res)
+    assert [r[0] for r in rows] == [f"DiT {m}, {case} + 1 ref" for case in ("64px", "128px")
+                                    for m in ("forward", "forward+backward")] + ["sampling"]
+    assert all("diffusers: not installed here" in r[4] for r in rows[:4]) and rows[4][1] == "out of memory"
+
+def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
+    # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards AdamW's states, FSDP
+    # the weights, gradients and states, and each rank then holds the units that compute (the root, two blocks and
+    # one block's gradients)
+    import bench as BN
+    cfg = tiny_cfg(max_txt_len=16)
+    b = BN.training_budget(cfg, 8, 4, 64, 32, 2, 1)
+    flux = M.Flux(cfg)
+    ML.inject(flux, rank=8, n_experts=4)
+    assert b["frozen_params"] + b["adapter_params"] == sum(p.numel() for p in flux.parameters())
+    assert b["adapter_params"] == sum(p.numel() for p in flux.parameters() if p.requires_grad) > 0
+    cols = BN.budget_columns(b, gpus=8)
+    one, ddp, zero, fsdp = cols["1 GPU"], cols["8 GPUs"], cols["8 + ZeRO"], cols["8 + FSDP"]
+    assert one == ddp
+    for row in ("frozen DiT", "adapters (fp32)", "adapter gradients (fp32)"):
+        assert zero[row] == one[row] and fsdp[row] == one[row] / 8
+    for row in ("AdamW states (fp32 x 2)", "AdamW step temporary (fp32)"):
+        assert zero[row] == fsdp[row] == one[row] / 8
+    gathered = fsdp["FSDP units gathered"]
+    assert gathered == b["root"] + 2 * b["block"] + b["block_grads"] > 0 == one["FSDP units gathered"]
+    as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())   # bf16 base
+    block = max((*flux.double_blocks, *flux.single_blocks), key=as_trained)
+    assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
+
+def test_batched_guidance_equals_two_forwards(monkeypatch):
+    # the prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE): the same samples and the same
+    # IPPO policy velocities as two forwards, up to float rounding (GEMMs blocked by batch size; the guidance
+    # multiplies a difference by up to 5 a step), on the shipped toy at its guidance (4 / 2)
+    flux, ae, text, _ = S.load_models("toy", "toy", torch.device("cpu"))
+    refs = [preprocess_ref(load_image(p), 16) for p in DEMO]
+    c = M.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
+    c1 = dict({k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}, scales=(4.0, 2.0))
+    x = torch.randn(3, *c["img"].shape[1:])
+    def both():
+        with torch.no_grad():
+            return (denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0,
+                            text_guidance=2.0), training.velocity(flux, x, c1, 0.6, 1.0))
+    batched = both()
+    monkeypatch.setattr(M, "BATCH_GUIDANCE", False)
+    for a, b in zip(batched, both()):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
+    plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0)
+    assert (plain - batched[0]).abs().max() > 0.01                 # the text guidance acts
+
+def test_compile_changes_nothing_but_speed(toy_run, tmp_path, monkeypatch):
+    # --compile in the trainer and the sampler: the same losses, adapters and samples. The backend is aot_eager:
+    # dynamo's capture of our blocks and AOTAutograd's graphs, what inductor compiles, without the minutes of C++
+    # compiling inductor takes on this CPU (bench.py compile measures inductor itself)
+    monkeypatch.setattr(M, "COMPILE_BACKEND", "aot_eager")
+    root, manifest = toy_run
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--lr", "1e-2", "--grad-checkpoint"]
+    try:
+        sft(tmp_path / "eager", manifest, *common)
+        sft(tmp_path / "compiled", manifest, *common, "--compile")
+        run = lambda name, *flags: main(["--refs", *DEMO, "--seed", "3", "--steps", "3", "--out",
+                                         str(tmp_path / name), *flags])
+        run("eager.png")
+        run("compiled.png", "--compile")
+    finally:
+        torch._dynamo.reset()                   # compiled code of this test's models: dropped
+    for r1, r2 in zip(read_log(tmp_path / "eager"), read_log(tmp_path / "compiled"), strict=True):
+        assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5
+    a, b = (adapter_of(tmp_path / r / "latest") for r in ("eager", "compiled"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    eager, compiled = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("eager.png", "compiled.png"))
+    assert np.abs(eager - compiled).max() <= 1 and json.loads((tmp_path / "compiled.json").read_text())["compile"]
 
 def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
     # the low-VRAM options through the command line, on the shipped toy: --offload moves weights, never changes them

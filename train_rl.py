@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -105,7 +104,7 @@ MAY_CHANGE = {"wandb", "lr", "weight_decay", "grad_clip", "max_bad_steps", "mini
               "clip_high", "adv_clip", "kl", "w_text", "w_aes", "w_id", "clip", "preference", "preference_kind",
               "preference_processor", "face_pack", "face_root", "detector", "detector_kind", "dinov2", "sam2", "iters",
               "ckpt_every", "keep", "eval_every", "val_data", "val_n", "val_seeds", "device", "dist_timeout",
-              "grad_checkpoint", "prompts"}
+              "grad_checkpoint", "prompts", "fsdp", "compile"}
 
 # -----------------------------------------------------------------------------
 # the window schedule (Algorithm 1, lines 1 and 21-22) and the data order: pure functions of the iteration,
@@ -176,6 +175,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
+    TR.check_parallel_args(p, args)
     cfg = get_config(args.preset)
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
@@ -220,15 +220,21 @@ def train(args, run, cfg, ddp, rank, world, device):
     # -------------------------------------------------------------------------
     # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
     dataset = PromptDataset(args.data, args.ref_size)
-    val = PromptDataset(args.val_data, args.ref_size) if args.val_data and master else None
+    # the held-out evaluation runs on rank 0 (FSDP: on every rank, each gathering the shards with the others)
+    val = PromptDataset(args.val_data, args.ref_size) if args.val_data and (master or args.fsdp) else None
     reward = toy.reward_for(dataset.records, args.toy_ref_size, reward_weights(args)) if args.reward == "toy" else \
         build_reward(args, device)
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
                                                    TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,
                                                    seed=args.seed, ae=args.ae, t5=args.t5, clip=args.clip_text)
+    if args.compile:
+        M.compile_blocks(flux)
+    if args.fsdp:          # sharded, rooted at the DiT itself: rollouts and validation call it directly
+        TR.shard(flux, flux)
+        params = [p for p in flux.parameters() if p.requires_grad]          # FSDP's new, sharded parameters
     # DDP wraps the window's log-prob computation: that is the forward whose gradients the ranks share
     policy = TR.WindowPolicy(flux).train()
-    model = torch.nn.parallel.DistributedDataParallel(policy) if ddp else policy
+    model = torch.nn.parallel.DistributedDataParallel(policy) if ddp and not args.fsdp else policy
     opt = TR.build_optimizer(params, args.lr, args.weight_decay)
     # the run's position: iterations done and prompts consumed; the window, the prompt order and every noise are
     # pure functions of them, so a resumed run needs nothing else
@@ -250,10 +256,13 @@ def train(args, run, cfg, ddp, rank, world, device):
         rec = {"iter": m, **evaluate(flux, ae, text, val, reward, args, device)}
         write(rec)
         best = os.path.join(args.out, "best.safetensors")
-        if best_reward(best) >= rec["val_total"]:
-            return
-        sd, meta = ML.adapter_file(flux, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
-        write_atomic(best, lambda f: f.write(save_safetensors(sd, metadata=meta)))
+        better = [master and best_reward(best) < rec["val_total"]]
+        if args.fsdp:
+            dist.broadcast_object_list(better, src=0)            # rank 0's file decides: every rank gathers
+        if better[0]:
+            sd, meta = ML.adapter_file(flux, acfg, {"iter": str(m), "val_total": repr(rec["val_total"])})
+            if master:
+                write_atomic(best, lambda f: f.write(save_safetensors(sd, metadata=meta)))
     if val is not None and step == 0:
         validate(0)
 
@@ -298,8 +307,8 @@ def train(args, run, cfg, ddp, rank, world, device):
                 chunks = [(p, slice(a, a + b)) for p in range(P) for a in range(q * share, (q + 1) * share, b)]
                 for i, (p, sl) in enumerate(chunks):
                     gr = groups[p]
-                    sync = nullcontext() if not ddp or i == len(chunks) - 1 else model.no_sync()
-                    with sync:
+                    # (FSDP: the sharded root, flux, is what reduces)
+                    with TR.no_sync(flux if args.fsdp else model, last=i == len(chunks) - 1):
                         logp, mean, std = model(gr["c"], gr["x"][sl], gr["x_next"][sl], steps, args.eta, args.guidance)
                         loss, s, cut = LS.gspo_loss(logp, gr["old_logp"][sl], adv[p, sl], args.clip_low, args.clip_high)
                         if args.kl > 0:
@@ -311,7 +320,7 @@ def train(args, run, cfg, ddp, rank, world, device):
                     ratios += s.tolist()
                     clipped += cut.tolist()
                     losses.append(loss.item())
-                gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+                gnorm = M.whole(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))   # FSDP: a DTensor
                 if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
                     opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -13,11 +13,11 @@ Supervised training, MultiCrafter stages 1-2 (and the toy world's stage 0).
     torchrun --nproc_per_node=2 train_sft.py --stage multi ...               # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node=8 train_sft.py --preset flux-dev --stage multi --data my/manifest.jsonl \\
         --size 512 --ref-size 320 --rank 512 --lr 3e-5 --lr-end 1e-5 --grad-checkpoint --zero --out runs/flux
+    torchrun --nproc_per_node=8 train_sft.py ... --grad-checkpoint --fsdp   # everything sharded: ~11 GiB a GPU
 """
 import json
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,7 @@ def build_parser():
 MAY_CHANGE = {"wandb", "lr", "lr_end", "warmup", "weight_decay", "clip", "max_bad_steps", "lambda_attn", "attn_blocks",
               "attn_direction", "scal",
               "mdl", "mdl_kind", "mdl_warmup", "balance", "steps", "ckpt_every", "keep", "eval_every", "log_every",
-              "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum"}
+              "val_data", "device", "dist_timeout", "grad_checkpoint", "zero", "grad_accum", "fsdp", "compile"}
 
 # -----------------------------------------------------------------------------
 # one micro-step: every loss term
@@ -165,6 +165,9 @@ def main(argv=None):
     except ValueError as e:
         p.error(f"argument --attn-blocks: {e}")
     preflight(args, cfg)
+    TR.check_parallel_args(p, args)
+    if args.fsdp and args.zero:
+        p.error("--zero: --fsdp already shards the optimizer states (give one of them)")
 
     # -------------------------------------------------------------------------
     # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the
@@ -222,8 +225,14 @@ def train(args, run, cfg, ddp, rank, world, device):
         text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
     if args.drop_prompt > 0 and isinstance(text, M.ByteTextEncoder):
         text.null_prompt = True                      # it learns "" too (saved with a base checkpoint: text guidance)
+    if args.compile:
+        M.compile_blocks(flux)
     denoiser = TR.Denoiser(flux, text).train()
-    model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
+    if args.fsdp:          # sharded: the root holds the text encoder too (trained in stage base)
+        model = TR.shard(denoiser, flux)
+        params = [p for p in denoiser.parameters() if p.requires_grad]      # FSDP's new, sharded parameters
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(denoiser) if ddp else denoiser
     opt = TR.build_optimizer(params, args.lr, args.weight_decay, args.zero and ddp)
     # the run's whole position is two numbers: optimizer steps taken and global micro-batches consumed. With the
     # data order and the noise both functions of them (below), a resumed run continues exactly where it stopped,
@@ -273,9 +282,7 @@ def train(args, run, cfg, ddp, rank, world, device):
                 # t and the noise are drawn from a generator seeded by b alone: the same sample gets the same noise
                 # whichever rank or resumed process draws it
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)
-                # DDP all-reduces gradients in backward; only the last micro-batch needs to (no_sync on the others)
-                sync = nullcontext() if (not ddp or a == args.grad_accum - 1) else model.no_sync()
-                with sync:
+                with TR.no_sync(model, last=a == args.grad_accum - 1):
                     loss, terms = step_losses(args, model, denoiser, ae, batch, step, gen, device)
                     (loss / args.grad_accum).backward()
                 for k, v in terms.items():
@@ -283,7 +290,7 @@ def train(args, run, cfg, ddp, rank, world, device):
             consumed += micro_per_step
 
             # ---- clip, then update unless the gradient is NaN/inf (a skipped step is counted; many in a row stop) ----
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            gnorm = M.whole(torch.nn.utils.clip_grad_norm_(params, args.clip))      # FSDP: a replicated DTensor
             if bad.ok(gnorm, f"step {step + 1}"):
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -313,7 +320,8 @@ def train(args, run, cfg, ddp, rank, world, device):
 
             # ---- held-out attention metrics: does L_attn put each subject's attention inside its own mask? ----
             due = step % args.eval_every == 0 or step == args.steps
-            if val is not None and master and due and args.stage != "base":
+            # (FSDP: every rank runs the evaluation's forwards, each gathers the shards with the others)
+            if val is not None and (master or args.fsdp) and due and args.stage != "base":
                 rec = {"step": step, **TR.attention_metrics(denoiser, ae, val, device, args.batch_size,
                                                             args.attn_blocks, args.pe)}
                 TR.print0(json.dumps(rec))

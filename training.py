@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,9 @@ def add_model_args(p):
     g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
                    "MULTICRAFTER_CLIP)")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
+    g.add_argument("--fsdp", action="store_true", help="torchrun: shard the base, the adapters, their gradients and "
+                   "optimizer states across the ranks (FSDP2, one unit per DiT block; checkpoints saved whole)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first steps compile)")
     g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
                    "with the same)")
     g = p.add_argument_group("adapters")
@@ -90,6 +94,40 @@ def setup_dist(device_arg, timeout_s):
         rank, world = 0, 1
         device = torch.device(device_arg) if device_arg else M.default_device()
     return ddp, rank, world, device
+
+def check_parallel_args(p, args):
+    # --fsdp shards across the ranks torchrun starts
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards the model across ranks: launch with torchrun (--nproc_per_node=1 is fine)")
+
+def shard(root, flux):
+    """FSDP2 (--fsdp): every DiT block its own unit, then `root` for all else under it (the embedders, the final
+    layer, a trained text encoder). Each unit's parameters, frozen base and adapters alike, are sharded across the
+    ranks and gathered only while the unit computes; its gradients are reduce-scattered, so an optimizer built on the
+    parameters afterwards (new ones: DTensors) holds its shard of the states. Every rank must run the same forwards:
+    each one gathers with the others. -> root"""
+    from torch.distributed.fsdp import fully_shard
+    for block in (*flux.double_blocks, *flux.single_blocks):
+        fully_shard(block)
+    return fully_shard(root)
+
+@contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+def no_sync(model, last):
+    """Gradient accumulation: DDP and FSDP reduce the gradients across ranks in every backward, but only the last
+    micro-batch's needs to; the others accumulate on their rank. -> a context for one micro-batch's backward."""
+    from torch.distributed.fsdp import FSDPModule
+    if last:
+        return nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return _fsdp_no_sync(model) if isinstance(model, FSDPModule) else nullcontext()
 
 class BadSteps:
     """Skips an update whose gradient norm is NaN or inf (every rank sees the same, all-reduced norm) and counts
@@ -318,26 +356,23 @@ def expand(z, B):
     return z.expand(B, *z.shape[1:])
 
 def forwards_per_velocity(c):
-    # DiT forwards one guided velocity costs: the conditional one, + one without references, + one with ""
+    # DiT rows per sample one guided velocity costs: the conditional one, + one without references, + one with ""
+    # (the last rides in the conditional forward's batch: model.guided_velocity)
     w_ref, w_text = c.get("scales", (1.0, 1.0))
     return 1 + (w_ref != 1 and bool(c["ref_img"])) + (w_text != 1)
 
 def velocity(flux, x, c, t, guidance):
     """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded), guided
-    as sample.py guides (model.guide) by c's "scales" (reference, text) when it has them: the policy IPPO samples
-    and scores is then the sampler users run (the empty prompt comes from sampling_inputs(null_text=True))."""
+    as sample.py guides (model.guided_velocity) by c's "scales" (reference, text) when it has them: the policy IPPO
+    samples and scores is then the sampler users run (the empty prompt comes from sampling_inputs(null_text=True))."""
     B, dev = x.shape[0], x.device
     w_ref, w_text = c.get("scales", (1.0, 1.0))
-    run = lambda txt, y, refs=True: flux(
-        x, expand(c["img_ids"], B), expand(txt, B), expand(c["txt_ids"], B), torch.full((B,), t, device=dev),
-        expand(y, B), torch.full((B,), guidance, device=dev),
-        [expand(r, B) for r in c["ref_img"]] if refs else None,
-        [expand(r, B) for r in c["ref_img_ids"]] if refs else None).float()
+    e = lambda z: expand(z, B)
+    null = (e(c["txt_null"]), e(c["y_null"])) if w_text != 1 else (None, None)
     with M.autocast(dev):
-        v = run(c["txt"], c["y"])
-        v_no_refs = run(c["txt"], c["y"], refs=False) if w_ref != 1 and c["ref_img"] else None
-        v_null = run(c["txt_null"], c["y_null"]) if w_text != 1 else None
-    return M.guide(v, w_ref, v_no_refs, w_text, v_null)
+        return M.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]),
+                                 torch.full((B,), t, device=dev), e(c["y"]), torch.full((B,), guidance, device=dev),
+                                 [e(r) for r in c["ref_img"]], [e(r) for r in c["ref_img_ids"]], w_ref, w_text, *null)
 
 @torch.no_grad()
 def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
