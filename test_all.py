@@ -1469,8 +1469,9 @@ def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
         (toy.main, ["eval", "--manifest", world, "--images", data, "--out", world], world),   # the world's own
         (toy.main, ["--out", str(run / "latest"), "--n", "1"], run / "ckpt-0000001" / "checkpoint.json"),
         (C.main, ["objects", "--manifest", manifest, "--out", data], manifest),
-        (train_sft.cli, ["--data", manifest, "--adapter", str(run / "latest" / "adapter.safetensors"), "--out",
-                         str(run), "--fresh", "--steps", "1"], run / "ckpt-0000001" / "adapter.safetensors"),
+        (train_sft.cli, ["--data", manifest, "--init", "assets/toy", "--adapter",
+                         str(run / "latest" / "adapter.safetensors"), "--out", str(run), "--fresh", "--steps", "1"],
+         run / "ckpt-0000001" / "adapter.safetensors"),
     ]
     for fn, argv, kept in cases:
         before = open(kept, "rb").read()
