@@ -4307,7 +4307,7 @@ def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(to
     assert go(tmp_path / "a", base) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {base}: weight final_layer.linear.weight is not "
                                                             f"finite: this base cannot be trained on"]
-    assert sorted(os.listdir(tmp_path / "a")) == [".lock"]                    # no step, no checkpoint
+    assert not (tmp_path / "a").exists()                  # refused before its first step: no run folder left
     # every update skipped (non-finite gradients, fewer than --max-bad-steps): not a success
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
     assert go(tmp_path / "b", root / "base") == 2
@@ -5063,10 +5063,10 @@ def flags_said(text, script):
     out = []
     for line in text.splitlines():
         current = script
-        for m in re.finditer(r"\b(\w+\.py|torchrun|hf)\b|" + FLAG.pattern, line):
-            if m.group(1):                                     # torchrun's and hf's own flags are theirs
-                current = m.group(1) if m.group(1) in SCRIPTS else None if m.group(1) in ("torchrun", "hf") else \
-                    current
+        for m in re.finditer(r"\b(\w+\.py|torchrun|hf|pip)\b|" + FLAG.pattern, line):
+            if m.group(1):                                     # torchrun's, hf's and pip's own flags are theirs
+                current = m.group(1) if m.group(1) in SCRIPTS else None if m.group(1) in ("torchrun", "hf", "pip") \
+                    else current
             elif current:
                 out.append((current, m.group(0)))
     return out
