@@ -318,6 +318,7 @@ def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=Non
     was_training = denoiser.training
     denoiser.eval()
     blocks = M.block_names(denoiser.flux.cfg)
+    chosen = set(M.select_blocks(attn_blocks, denoiser.flux.cfg))     # L_attn's blocks: the loss's own maps
     sums, n, stats = {"dice": 0.0, "diff": 0.0}, 0, {}
     gen = torch.Generator().manual_seed(1234)
     for idx in D.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
@@ -334,7 +335,6 @@ def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=Non
                 pred = denoiser(conditioning(batch, denoiser, device), dict(inp, img=x_t), tt,
                                 guidance_for(denoiser.flux, B, device), probe)
             if direction == "ref2img":                  # the loss's own maps: the mean over attn_blocks
-                chosen = set(M.select_blocks(attn_blocks, denoiser.flux.cfg))
                 maps = torch.stack([m for m, b in zip(probe.maps, probe.names) if b in chosen]).mean(0).float()
                 sums["dice"] += LS.dice_loss(maps, masks, valid).item() * B
                 sums["diff"] += (pred.float() - (noise - x0)).pow(2).mean().item() * B

@@ -177,10 +177,9 @@ def subject_rows(ts, images):
 
 ATTENTION_VERSION = 2       # scores whose attention part is older are recomputed (1: per-block means arithmetic)
 
-def score_attention(args, adapter, sets):
+def score_attention(flux, text, ae, sets):
     """Per t, {stat: value} teacher-forced on the multi-subject sets (training.attention_metrics, per block),
     each set's value pooled as a geometric mean for selectivities, else an arithmetic one."""
-    cfg, flux, text, ae = EW.load_toy(args.base, adapter, 16)
     den = TR.Denoiser(flux, text)
     attention = {}
     for t in (0.3, 0.5, 0.7):
@@ -194,7 +193,7 @@ def score_adapter(args, adapter, sets):
     """-> dict(attention: score_attention, samples: per set and pooled 'multi' world_metrics, subjects:
     subject_rows of every set)."""
     cfg, flux, text, ae = EW.load_toy(args.base, adapter, 16)
-    attention = score_attention(args, adapter, sets)
+    attention = score_attention(flux, text, ae, sets)
     guide = (args.ref_guidance, args.text_guidance)
     images = {k: sample_set(cfg, flux, text, ae, ts, args.eval_steps, guide) for k, ts in sets.items()}
     samples = {k: toy.world_metrics(images[k], ts.records) for k, ts in sets.items()}
@@ -331,7 +330,8 @@ def main(argv=None):
             D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
         got = json.load(open(file))
         if adapter is not None and got.get("attention_version") != ATTENTION_VERSION:
-            got.update(attention=timed(f"score_{name}", lambda: score_attention(args, adapter, sets)),
+            got.update(attention=timed(f"score_{name}", lambda: score_attention(
+                *EW.load_toy(args.base, adapter, 16)[1:], sets)),
                        attention_version=ATTENTION_VERSION)
             D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
         return got
