@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics as st
 import subprocess
 import sys
@@ -287,8 +288,8 @@ def main(argv=None):
             toy.write_world(tmp, n, size=32, ref_size=16, **kw)
             try:
                 os.rename(tmp, folder)
-            except OSError:
-                pass                                        # written meanwhile by another process: the same bytes
+            except OSError:                                 # written meanwhile by another process: the same bytes
+                shutil.rmtree(tmp)
         return os.path.join(folder, "manifest.jsonl")
     train = {k: data(k, **{"n": args.n, "seed": 0, **v}) for k, v in DATA.items()}
     sets = {k: TestSet(data(f"test{k}", args.test_n, split="test", **t), 16) for k, t in TESTS.items()}
