@@ -404,7 +404,10 @@ def compare_args(saved, now, may_change, per_step, saved_world, world, where):
     procedure): a RunFolderError naming each. per_step: the flag that, times the ranks, is the global number of
     micro-batches (or prompts) per step; the ranks may change where that product does not."""
     now = json.loads(json.dumps(now))                        # as args.json holds it (tuples -> lists)
-    changed = [k for k in now if k not in ("out", "resume", "fresh", "force") and saved.get(k, "(unset)") != now[k]]
+    # a flag the checkpoint predates (added to the trainer since) is the same run while it is left off
+    predates = lambda k: k not in saved and now[k] in (None, False)
+    changed = [k for k in now if k not in ("out", "resume", "fresh", "force") and not predates(k)
+               and saved.get(k, "(unset)") != now[k]]
     say = lambda ks: ", ".join(f"{flag(k)} {saved.get(k, '(unset)')} -> {now[k]}" for k in ks)
     refused = [say([k]) for k in changed if k not in may_change]
     total = saved.get(per_step, 0) * saved_world                         # micro-batches (prompts) per step

@@ -5121,6 +5121,12 @@ def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, mo
     with pytest.raises(runs.RunFolderError) as e:
         runs.compare_args({"grad_accum": 1, "lr": 1}, {"grad_accum": 1, "lr": 1}, set(), "grad_accum", 2, 1, "ckpt")
     assert "pass --grad-accum 2" in str(e.value) and ": ," not in str(e.value)
+    # a flag added since the checkpoint was saved is the same run while it is off, and refused once it is on
+    assert runs.compare_args({"lr": 1, "grad_accum": 1}, {"lr": 1, "grad_accum": 1, "ae": None, "fp8": False},
+                             set(), "grad_accum", 1, 1, "ckpt") is None
+    with pytest.raises(runs.RunFolderError, match=r"--ae \(unset\) -> x\.safetensors"):
+        runs.compare_args({"lr": 1, "grad_accum": 1}, {"lr": 1, "grad_accum": 1, "ae": "x.safetensors"},
+                          set(), "grad_accum", 1, 1, "ckpt")
     # the README's export of a toy adapter: its architecture is read from its tensors
     flux = M.Flux(M.get_config("toy"))
     ML.save_adapter(flux, str(tmp / "a.safetensors"), ML.inject(flux, rank=4, n_experts=1, moe_targets=[]))
