@@ -1,6 +1,7 @@
 """
 Export a trained adapter (train_sft.py / train_rl.py's adapter.safetensors) to the diffusers/PEFT FLUX LoRA layout,
-so that diffusers loads it: FluxPipeline.load_lora_weights(FILE) or FluxTransformer2DModel.load_lora_adapter(FILE).
+so that diffusers loads it: FluxPipeline.load_lora_weights(FILE) or FluxTransformer2DModel.load_lora_adapter(FILE)
+(--arch klein-base-4b and the other FLUX.2 presets: Flux2KleinPipeline / Flux2Transformer2DModel's layout).
 
     python export_lora.py runs/multi/latest/adapter.safetensors out/lora_diffusers.safetensors
     python export_lora.py runs/rl/best.safetensors out/lora.safetensors --moe skip    # MoE-LoRA left out, listed
@@ -17,6 +18,7 @@ import argparse, json, os, sys
 import torch
 
 import data as D
+import flux2 as F2
 import model as M
 import moe_lora as ML
 
@@ -24,7 +26,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="a multicrafter adapter .safetensors (its config is in the header)")
     p.add_argument("out", help="the diffusers LoRA .safetensors to write")
-    p.add_argument("--arch", default="flux-dev", choices=sorted(M.CONFIGS), help="the architecture it was trained on")
+    p.add_argument("--arch", default="flux-dev", choices=F2.presets(), help="the architecture it was trained on "
+                   "(a FLUX.2 preset writes diffusers' FLUX.2 layout, for Flux2Transformer2DModel)")
     p.add_argument("--moe", default="refuse", choices=["refuse", "skip", "mean"], help="what to do with MoE-LoRA layers")
     return p
 
@@ -40,7 +43,7 @@ def adapter_model(arch, path):
     if not isinstance(cfg, dict):
         raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
     with torch.device("meta"):
-        flux = M.Flux(M.get_config(arch))
+        flux = F2.dit(F2.get_config(arch))
     ML.configure(flux, path, sd, **cfg)             # the header checked against the tensors first
     for _, m in ML.adapters(flux):                 # the adapters' own layers and buffers onto the CPU; the base stays
         for name, child in m.named_children():

@@ -524,7 +524,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # below), no file imports a command-line script, and no own module is imported inside a function
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "moe_lora", "losses", "data", "cache", "rewards", "toy", "curate", "runs", "training"]
+    order = ["model", "flux2", "moe_lora", "losses", "data", "cache", "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -40,7 +41,7 @@ import toy
 import runs
 import training as TR
 from data import InputError, PromptDataset
-from model import decode_images, denoise, get_config, get_schedule, sampling_inputs
+from model import decode_images
 from rewards import RewardModelError, add_reward_args, build_reward, check_reward_models, reward_weights
 
 def build_parser():
@@ -127,14 +128,14 @@ def record_of(n, seed, k):
 def evaluate(flux, ae, text, dataset, reward, args, device):
     """Mean of every reward term over the first val_n records x val_seeds fixed seeds (Euler, no SDE)."""
     flux.eval()
-    sums, n = {}, 0
+    sums, n, fam = {}, 0, F2.family(flux.cfg)          # fam: the model family's sequence layout and sampler
     for i in tqdm(range(min(args.val_n, len(dataset))), desc="validation", leave=False):
         rec, images = dataset[i], []
         for k in range(args.val_seeds):
-            c = sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
-                                10_000 * k + i, args.pe, device, null_text=args.text_guidance != 1)
-            x = denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False,
-                        ref_guidance=args.ref_guidance, text_guidance=args.text_guidance)
+            c = fam.sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
+                                    10_000 * k + i, args.pe, device, null_text=args.text_guidance != 1)
+            x = fam.denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False,
+                            ref_guidance=args.ref_guidance, text_guidance=args.text_guidance)
             images += decode_images(ae, x, args.size, args.size)
         terms = reward(images, rec["prompt"], rec["refs"], rec["captions"])
         for k, v in terms.items():
@@ -168,7 +169,10 @@ def main(argv=None):
     # set-up: ranks and device, the preset's defaults, every shape check that needs no model (fail in seconds), then
     # the run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
-    cfg = get_config(args.preset)
+    cfg = F2.get_config(args.preset)
+    if args.pe == "t" and not F2.is_flux2(cfg):
+        raise InputError(f"--pe t: FLUX.2's reference positions; {args.preset} takes UNO's d, h, w or o")
+    args.pe = runs.resolved(args.pe, F2.default_pe(cfg))
     mult = cfg.token_px
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
@@ -191,7 +195,8 @@ def train(args, run, cfg, ddp, rank, world, device):
     master = rank == 0                    # rank 0 alone writes logs, checkpoints and runs the held-out evaluation
     G, P, n_mini = args.group, args.prompts, args.minibatches
     # the T-step schedule every rollout follows; the window picks which of its steps are stochastic
-    args.timesteps = get_schedule(args.steps, (args.size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
+    args.timesteps = F2.family(cfg).get_schedule(args.steps, (args.size // cfg.token_px) ** 2,
+                                                 shift=cfg.shift_schedule)
 
     # -------------------------------------------------------------------------
     # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
@@ -249,8 +254,8 @@ def train(args, run, cfg, ddp, rank, world, device):
                 k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
                 item = dataset[record_of(len(dataset), args.seed, k)]
                 seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
-                c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
-                                    device, null_text=args.text_guidance != 1)
+                c = F2.family(cfg).sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size,
+                                                   seed, args.pe, device, null_text=args.text_guidance != 1)
                 c["scales"] = (args.ref_guidance, args.text_guidance)     # TR.velocity guides with these
                 x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
                                          torch.Generator().manual_seed(seed + 1))

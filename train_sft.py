@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import cache
 import data as D
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -117,11 +118,11 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
         batch = dict(batch, prompts=["" if d else p for d, p in zip(drop, batch["prompts"])])
     refs = (args.stage != "base" or args.base_refs) and not (
         args.drop_refs > 0 and torch.rand((), generator=gen).item() < args.drop_refs)
-    inp = TR.encode_batch(batch, ae, device, args.pe, refs=refs)
+    inp = TR.encode_batch(batch, ae, device, args.pe, refs=refs, cfg=flux.cfg)
     x0 = inp["img"]                                                                 # (B, L, C) clean target tokens
     B, L = x0.shape[:2]
     # rectified flow: x_t = (1 - t) x0 + t eps at logit-normal t, shifted for the image size as sampling is
-    t = LS.sample_timesteps(B, L, flux.cfg.shift_schedule, generator=gen).to(device)    # (B,)
+    t = LS.sample_timesteps(B, L, flux.cfg.shift_schedule, generator=gen, mu=F2.train_mu(flux.cfg, L)).to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)                         # (B, L, C)
     # the probe rides along the same forward (no second pass): it reads each chosen block's q, k and keeps only
     # the per-reference attention maps over the target tokens that L_attn, SCAL and MDL need
@@ -172,7 +173,10 @@ def main(argv=None):
     # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the
     # run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
-    cfg = M.get_config(args.preset)
+    cfg = F2.get_config(args.preset)
+    if args.pe == "t" and not F2.is_flux2(cfg):
+        p.error(f"argument --pe: t is FLUX.2's reference positions; {args.preset} takes UNO's d, h, w or o")
+    args.pe = runs.resolved(args.pe, F2.default_pe(cfg))
     try:
         args.attn_blocks = M.select_blocks(args.attn_blocks, cfg)           # names, checked against the model
     except ValueError as e:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -25,13 +26,13 @@ from runs import TrainingError, print0
 
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="toy", choices=sorted(M.CONFIGS))
+    g.add_argument("--preset", default="toy", choices=F2.presets())
     g.add_argument("--init", default=None, help="toy: a checkpoint folder (flux/text_encoder.safetensors); "
                    "flux: a DiT .safetensors or repo id (default: the preset's official repo)")
     g.add_argument("--adapter", default=None, help="start from this adapter (e.g. stage single's, for multi)")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
-    g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
-                   "with the same)")
+    g.add_argument("--pe", default=None, choices=["t", "d", "h", "w", "o"], help="reference positions: UNO's "
+                   "offsets d/h/w/o (FLUX.1's default d) or FLUX.2's own t axis (its default); sample with the same")
     g = p.add_argument_group("adapters")
     g.add_argument("--rank", type=runs.positive, default=16, help="LoRA rank (paper: 512)")
     g.add_argument("--alpha", type=runs.positive_float, default=None, help="LoRA alpha (default: rank, i.e. scale 1)")
@@ -94,7 +95,7 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     other stage freezes the base (a toy checkpoint folder, or FLUX from init / the preset's repo) and trains
     adapters: loaded from `adapter`, else injected as `spec` (adapter_spec) says. cached: the batches carry text
     embeddings and latents (cache.py), so no AE or text encoder is loaded."""
-    cfg = M.get_config(preset)
+    cfg = F2.get_config(preset)
     if cached and stage == "base":
         raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
     wdtype = M.weight_dtype(device)                          # frozen weights
@@ -107,6 +108,12 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
         elif stage != "base":
             raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
         ae = M.AutoEncoder(cfg.ae)
+    elif F2.is_flux2(cfg):
+        if stage == "base":
+            raise D.InputError("--stage base trains the toy preset only (FLUX.2 is the base at full scale)")
+        # the weights are found or listed as missing at once (flux2.load_models); a cache needs no AE or text model
+        flux, ae, text = F2.load_models(cfg, init, device=device, dtype=wdtype, dit_flag="--init",
+                                        parts=("dit",) if cached else ("dit", "ae", "text"))
     else:
         if stage == "base":
             raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
@@ -155,8 +162,8 @@ class Denoiser(torch.nn.Module):
         # cond: the prompts, or (txt, y) precomputed by `cache.py` (then there is no text encoder);
         # inp: model.prepare's image side of the sequence, its img the noisy target x_t
         txt, y = self.text(cond) if self.text is not None else cond               # (B, L_txt, C), (B, C_vec)
-        return self.flux(**inp, txt=txt, txt_ids=M.text_ids(txt), y=y, timesteps=timesteps, guidance=guidance,
-                         probe=probe)
+        return self.flux(**inp, txt=txt, txt_ids=F2.family(self.flux.cfg).text_ids(txt), y=y, timesteps=timesteps,
+                         guidance=guidance, probe=probe)
 
 def conditioning(batch, denoiser, device):
     # what Denoiser.forward takes as cond: prompts, or a cache's text embeddings
@@ -165,9 +172,10 @@ def conditioning(batch, denoiser, device):
     return batch["txt"].to(device).float(), batch["y"].to(device).float()
 
 @torch.no_grad()
-def encode_batch(batch, ae, device, pe="d", refs=True):
-    """A batch's target and references (or a cache's latents) -> model.prepare's image side of the joint sequence:
-    img (B, L, C) the packed clean target x0, its ids, the packed references and their UNO ids (none: refs=False)."""
+def encode_batch(batch, ae, device, pe="d", refs=True, cfg=None):
+    """A batch's target and references (or a cache's latents) -> prepare's image side of the joint sequence (the
+    family of cfg, the DiT's config: FLUX.1's by default): img (B, L, C) the packed clean target x0, its ids, the
+    packed references and their ids (none: refs=False)."""
     if ae is None:
         x0, B, N = batch["latent"].to(device).float(), *batch["ref_latents"].shape[:2]
         ref_lat = batch["ref_latents"].to(device).flatten(0, 1).float()
@@ -177,7 +185,7 @@ def encode_batch(batch, ae, device, pe="d", refs=True):
             B, N = batch["refs"].shape[:2]
             ref_lat = ae.encode(batch["refs"].to(device).flatten(0, 1)).float()   # (B*N, z, r, r)
     ref_lat = ref_lat.unflatten(0, (B, N))
-    return M.prepare(x0, [ref_lat[:, i] for i in range(N)] if refs else [], pe)
+    return F2.family(cfg).prepare(x0, [ref_lat[:, i] for i in range(N)] if refs else [], pe)
 
 def guidance_for(flux, B, device):
     # UNO trains with guidance 1; models without a guidance input (schnell) take none
@@ -241,7 +249,7 @@ def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=Non
     gen = torch.Generator().manual_seed(1234)
     for idx in D.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
         batch = D.collate([dataset[i] for i in idx])
-        inp = encode_batch(batch, ae, device, pe)
+        inp = encode_batch(batch, ae, device, pe, cfg=denoiser.flux.cfg)
         x0 = inp["img"]
         B = x0.shape[0]
         masks, valid = batch["masks"].to(device).float(), batch["mask_valid"].to(device)   # (B, N, M), (B, N)
