@@ -15,13 +15,18 @@ import torch
 from tqdm import tqdm
 
 import data as D
+import flux2 as F2
 import model as M
 
 def load_encoders(model, checkpoint=None, device="cpu"):
     """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a checkpoint folder
-    (default assets/toy) holding text_encoder.safetensors; --checkpoint for FLUX is the AE file/folder/repo."""
-    cfg, device = M.get_config(model), torch.device(device)
+    (default assets/toy) holding text_encoder.safetensors; --checkpoint for FLUX is the AE file/folder/repo (FLUX.2's
+    text model: $MULTICRAFTER_TEXT or the preset's)."""
+    cfg, device = F2.get_config(model), torch.device(device)
     dtype = M.weight_dtype(device)
+    if F2.is_flux2(cfg):
+        _, ae, text = F2.load_models(cfg, ae=checkpoint, device=device, dtype=dtype, parts=("ae", "text"))
+        return text, ae, cfg
     if model == "toy":
         text = M.ByteTextEncoder(cfg)
         M.load_byte_encoder(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
@@ -133,7 +138,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default="toy", choices=sorted(M.CONFIGS))
+    p.add_argument("--model", default="toy", choices=F2.presets())
     p.add_argument("--checkpoint", default=None, help="toy: folder with text_encoder.safetensors; flux: the AE")
     p.add_argument("--size", type=int, default=None, help="square target side (default: the preset's, 32 toy, 512 flux)")
     p.add_argument("--buckets", nargs="+", default=None, help="aspect buckets HxW instead of --size, e.g. 512x512")

@@ -4945,6 +4945,11 @@ def test_flux2_trains_all_three_stages_and_samples(klein_tiny, tmp_path):
              "--adapter", str(tmp_path / "single" / "latest" / "adapter.safetensors"), "--out", str(tmp_path / "multi")])
     log = read_log(tmp_path / "multi")
     assert {"diff", "dice"} <= set(log[-1]) and all(math.isfinite(r["dice"]) for r in log)
+    # from a cache: the text model's hidden states and the AE's latents precomputed, neither loaded to train
+    cache.write_cache(manifest, str(tmp_path / "cache"), "klein-tiny", device="cpu")
+    TS.main([*common[:4], "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--rank", "4", "--stage",
+             "single", "--steps", "1", "--out", str(tmp_path / "cached")])
+    assert math.isfinite(read_log(tmp_path / "cached")[-1]["diff"])
     adapter = tmp_path / "multi" / "latest" / "adapter.safetensors"
     TR.main(["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--adapter", str(adapter),
              "--out", str(tmp_path / "rl"), "--steps", "3", "--window", "1", "--group", "2", "--iters", "1",
@@ -4958,5 +4963,9 @@ def test_flux2_trains_all_three_stages_and_samples(klein_tiny, tmp_path):
     meta = json.loads((tmp_path / "s.json").read_text())
     assert Image.open(tmp_path / "s.png").size == (32, 32) and meta["pe"] == "t" and meta["arch"] == "klein-tiny"
     assert (tmp_path / "s_attn1.png").exists()
+    # a test set, two seeds as one batch, with the low-VRAM options (fp8 block weights, blocks streamed)
+    main(["--model", str(dit), "--arch", "klein-tiny", "--manifest", manifest, "--out-dir", str(tmp_path / "set"),
+          "--seeds", "0", "1", "--batch-size", "2", "--steps", "2", "--offload", "--fp8"])
+    assert len(list((tmp_path / "set").glob("*/*.png"))) == 2 * 4
     assert export_lora.main([str(adapter), str(tmp_path / "d.safetensors"), "--arch", "klein-tiny", "--moe",
                              "skip"]) == 0
