@@ -725,14 +725,16 @@ def rl(args):
 def flux2_call(cfg, B, G, R, n_refs, **bf):
     # the DiT's inputs for a G x G token target, n_refs R x R references and max_txt_len text tokens
     txt = torch.randn(B, cfg.max_txt_len, cfg.context_in_dim, **bf)
-    return dict(img=torch.randn(B, G * G, cfg.in_channels, **bf), img_ids=F2.grid_ids(G, G, batch=B, device=bf["device"]),
+    return dict(img=torch.randn(B, G * G, cfg.in_channels, **bf),
+                img_ids=F2.grid_ids(G, G, batch=B, device=bf["device"]),
                 txt=txt, txt_ids=F2.text_ids(txt), timesteps=torch.rand(B, **bf), y=None,
                 guidance=torch.ones(B, **bf) if cfg.guidance_embed else None,
                 ref_img=[torch.randn(B, R * R, cfg.in_channels, **bf) for _ in range(n_refs)],
                 ref_img_ids=F2.ref_ids((G, G), [(R, R)] * n_refs, batch=B, device=bf["device"]))
 
 # the text models' parameter counts (their model cards)
-TEXT_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9, "mistralai/Mistral-Small-3.2-24B-Instruct-2506": 24.0e9}
+TEXT_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9,
+               "mistralai/Mistral-Small-3.2-24B-Instruct-2506": 24.0e9}
 
 def flux2_memory(args):
     """One GPU training FLUX.2 adapters (stages 1-2, L_attn's probe on): the frozen DiT in bf16, the adapters, their
@@ -766,9 +768,9 @@ def flux2_memory(args):
     finally:
         M.attention = attention
     fixed = frozen * 2 + adapter * 4 * 4                    # bf16 DiT; fp32 adapters, gradients, AdamW's 2 moments
-    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
-          f"MoE-LoRA {args.experts} experts), batch {B}, {args.refs} references of {args.ref_size} px ({R * R} tokens "
-          f"each), {cfg.max_txt_len} text tokens. GiB on one GPU (a GPU fits at most 92% of its size):")
+    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank "
+          f"{args.rank}, MoE-LoRA {args.experts} experts), batch {B}, {args.refs} references of {args.ref_size} px "
+          f"({R * R} tokens each), {cfg.max_txt_len} text tokens. GiB on one GPU (a GPU fits at most 92% of its size):")
     print(f"  {'':48s}{'512 px':>8s}{'1024 px':>9s}   fits 24/48/80 GB at 512 | 1024")
     rows = {}
     for resident, ckpt in ((False, False), (False, True), (True, True)):

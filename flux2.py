@@ -327,10 +327,10 @@ class Flux2(nn.Module):
         ref_img, ref_img_ids = list(ref_img or []), list(ref_img_ids or [])
         if kv is not None and not self.cfg.ref_kv:
             raise ValueError("reference K/V caching needs a model trained for it (a ref_kv preset: klein-9b-kv)")
-        if kv is not None and (probe is not None or oracle is not None):
-            raise ValueError("the probe and the oracle read every block's reference queries: not with cached K/V")
         if self.cfg.ref_kv and ref_img and kv is None:
-            kv = RefKV()                # uncached: the references still see only each other, their K/V kept for nothing
+            kv = RefKV()                # uncached: references still see only each other; this K/V is dropped
+        if kv is not None and (probe is not None or oracle is not None):
+            raise ValueError("the probe and the oracle assume joint attention: not on a ref_kv model's references")
         if kv is not None:
             if kv.filled() == bool(ref_img):
                 raise ValueError("a filled RefKV stands in for the references: pass one or the other")

@@ -33,6 +33,9 @@ DEFAULT_LORA = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
                 "double_blocks.*.txt_attn.qkv", "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1")
 DEFAULT_MOE = ("double_blocks.*.img_mlp.2", "single_blocks.*.linear2")
 UNO_LORA = DEFAULT_LORA + ("single_blocks.*.linear2",)
+# FLUX.2 keeps these names (BFL's keys), so the defaults name the same layers there; it has no per-block modulation
+# to adapt (one for all double blocks, one for all single blocks), and its linear1's rows past q|k|v hold the SwiGLU's
+# two halves (lora_rows leaves them to the base, as in FLUX.1)
 
 def autocasting(x):
     return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
@@ -366,8 +369,8 @@ def load_uno_lora(model, path, sd=None):
     return cfg
 
 # -----------------------------------------------------------------------------
-# export to diffusers: the PEFT FLUX LoRA layout (FluxPipeline.load_lora_weights, FluxTransformer2DModel.load_lora_adapter;
-# FLUX.2's tables, for Flux2Transformer2DModel, are in flux2.py)
+# export to diffusers: the PEFT FLUX LoRA layout (FluxPipeline.load_lora_weights,
+# FluxTransformer2DModel.load_lora_adapter; FLUX.2's tables, for Flux2Transformer2DModel, are in flux2.py)
 
 # our Linear (inside block i) -> diffusers' Linears it becomes, each with the rows of ours it takes (in units of the
 # hidden size D; "mlp" = the single block's MLP rows of linear1, from 3D to the end)
