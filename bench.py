@@ -24,6 +24,8 @@ only for its rows (without it they say so). A GPU machine without diffusers take
     python -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1     # here, once
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site \
         python3 bench.py gpu --json $OUT/gpu.json                                       # there
+    python bench.py memory --preset klein-base-4b --size 1024     # FLUX.2: which options fit 24 / 48 / 80 GB
+    python bench.py kv                           # FLUX.2 references' K/V kept (klein-9B-KV) vs recomputed: time
 
 Performance only: the toy ablation is experiments/ablation.py, the fault and bad-input harnesses are in
 reliability/ (each folder's README says how to run them).
@@ -57,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode   # torch internals, 
 from tqdm import tqdm
 
 import data as D
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -111,6 +114,13 @@ p = sub.add_parser("gpu", help="the GPU checks in one run: DiT vs diffusers in b
                    "SFT memory against its estimate, seconds per image resident / --fp8 / --offload")
 p.add_argument("--tiny", action="store_true", help="the same code on the CPU at tiny shapes (the test suite runs it)")
 p.add_argument("--json", default=os.path.join("out", "bench_gpu.json"), help="where the results go")
+p.add_argument("--seed", type=int, default=0)
+p = sub.add_parser("kv", help="FLUX.2 sampling with the references' K/V kept (klein-9B-KV) vs recomputed each step")
+p.add_argument("--hidden", type=int, default=256, help="DiT width (heads of 64)")
+p.add_argument("--grid", type=int, default=16, help="target token grid side")
+p.add_argument("--ref-grid", type=int, default=16, help="reference token grid side")
+p.add_argument("--steps", type=int, default=4, help="sampling steps (klein's distilled models: 4)")
+p.add_argument("--reps", type=int, default=5)
 p.add_argument("--seed", type=int, default=0)
 p = sub.add_parser("rl", help="one IPPO iteration: DiT evaluations and peak memory at T = 8 vs T = 16")
 p.add_argument("--group", type=int, default=4, help="samples per prompt G")
@@ -630,6 +640,8 @@ def budget_columns(b, gpus=8):
     return out
 
 def memory(args):
+    if args.preset in F2.CONFIGS:
+        return flux2_memory(args)
     cfg = M.get_config(args.preset)
     b = training_budget(cfg, args.rank, args.experts, args.size, args.ref_size, args.refs, args.batch)
     cols = budget_columns(b)
@@ -1205,7 +1217,99 @@ def print_gpu_table(res):
         print(f"{what:48s}{value:>14s}  {against:>22s}{ratio:>8s}  {note}")
 
 
+# -----------------------------------------------------------------------------
+# FLUX.2: the training memory budget on one GPU; sampling with the references' K/V kept
+
+def flux2_call(cfg, B, G, R, n_refs, **bf):
+    # the DiT's inputs for a G x G token target, n_refs R x R references and max_txt_len text tokens
+    txt = torch.randn(B, cfg.max_txt_len, cfg.context_in_dim, **bf)
+    return dict(img=torch.randn(B, G * G, cfg.in_channels, **bf),
+                img_ids=F2.grid_ids(G, G, batch=B, device=bf["device"]),
+                txt=txt, txt_ids=F2.text_ids(txt), timesteps=torch.rand(B, **bf), y=None,
+                guidance=torch.ones(B, **bf) if cfg.guidance_embed else None,
+                ref_img=[torch.randn(B, R * R, cfg.in_channels, **bf) for _ in range(n_refs)],
+                ref_img_ids=F2.ref_ids((G, G), [(R, R)] * n_refs, batch=B, device=bf["device"]))
+
+# the text models' parameter counts (their model cards)
+TEXT_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9,
+               "mistralai/Mistral-Small-3.2-24B-Instruct-2506": 24.0e9}
+
+def flux2_memory(args):
+    """One GPU training FLUX.2 adapters (stages 1-2, L_attn's probe on): the frozen DiT in bf16, the adapters, their
+    gradients and AdamW states in fp32, and the activations autograd keeps (bf16 autocast, attention as flash keeps
+    it), with and without --grad-checkpoint, at 512 and 1024 px; the text model and the AE either not resident
+    (train_sft.py --cache: cache.py computed their outputs) or resident in bf16."""
+    cfg, bf, GiB = F2.get_config(args.preset), dict(device="meta", dtype=torch.bfloat16), 2 ** 30
+    with torch.device("meta"):
+        flux = F2.Flux2(cfg)
+        ML.inject(flux, rank=args.rank, n_experts=args.experts)
+        encoders = 2 * (TEXT_PARAMS[cfg.text_repo] + sum(p.numel() for p in F2.AutoEncoder(cfg.ae).parameters()))
+    frozen = sum(p.numel() for p in flux.parameters() if not p.requires_grad)
+    adapter = sum(p.numel() for p in flux.parameters() if p.requires_grad)
+    flux.to(torch.bfloat16)
+    R, B = args.ref_size // cfg.token_px, args.batch
+    attention = M.attention
+    M.attention = flash_like_attention
+    act = {}
+    try:
+        for size in (512, 1024):
+            G = size // cfg.token_px
+            call = lambda: flux(**flux2_call(cfg, B, G, R, args.refs, **bf), probe=M.AttentionProbe())
+            flux.grad_checkpoint = False
+            act[size, False] = saved_bytes(flux, call)
+            flux.grad_checkpoint = True
+            L = G * G + args.refs * R * R + cfg.max_txt_len        # backward recomputes one block at a time
+            x = torch.randn(B, L, cfg.hidden_size, **bf, requires_grad=True)
+            pe = M.rope(torch.zeros(B, L, 4, device="meta"), cfg.axes_dim, cfg.theta)
+            mod = torch.randn(B, 1, 3 * cfg.hidden_size, **bf)
+            act[size, True] = saved_bytes(flux, call) + saved_bytes(flux, lambda: flux.single_blocks[0](x, mod, pe))
+    finally:
+        M.attention = attention
+    fixed = frozen * 2 + adapter * 4 * 4                    # bf16 DiT; fp32 adapters, gradients, AdamW's 2 moments
+    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank "
+          f"{args.rank}, MoE-LoRA {args.experts} experts), batch {B}, {args.refs} references of {args.ref_size} px "
+          f"({R * R} tokens each), {cfg.max_txt_len} text tokens. GiB on one GPU (a GPU fits at most 92% of its size):")
+    print(f"  {'':48s}{'512 px':>8s}{'1024 px':>9s}   fits 24/48/80 GB at 512 | 1024")
+    rows = {}
+    for resident, ckpt in ((False, False), (False, True), (True, True)):
+        name = ("text model + AE resident" if resident else "--cache (no text model, no AE)") + \
+            (", --grad-checkpoint" if ckpt else "")
+        tot = {s: (fixed + act[s, ckpt] + resident * encoders) / GiB for s in (512, 1024)}
+        fits = " | ".join("/".join("y" if tot[s] <= 0.92 * gb * 1e9 / GiB else "-" for gb in (24, 48, 80))
+                          for s in (512, 1024))
+        rows[name] = tot
+        print(f"  {name:48s}{tot[512]:8.1f}{tot[1024]:9.1f}   {fits}")
+    return {"frozen_params": frozen, "adapter_params": adapter, "encoders_GiB": encoders / GiB,
+            "activation_GiB": {f"{s}px{'_ckpt' if c else ''}": a / GiB for (s, c), a in act.items()}, "totals": rows}
+
+def kv(args):
+    """Sampling time of a klein-9B-KV-shaped model (references see only themselves at t = 0) at tiny scale: the
+    references' K/V computed once (flux2.denoise) against every step (model.denoise on the same model: equal
+    outputs), with 2 and 4 references, fp32 on this machine's CPU."""
+    torch.manual_seed(args.seed)
+    cfg = F2.Flux2Config(in_channels=64, context_in_dim=64, hidden_size=args.hidden, num_heads=args.hidden // 64,
+                         depth=2, depth_single_blocks=8, axes_dim=(16, 16, 16, 16), ref_kv=True, max_txt_len=32)
+    flux = F2.Flux2(cfg).eval()
+    G, R, res = args.grid, args.ref_grid, {}
+    ts = F2.get_schedule(args.steps, G * G)
+    print(f"klein-9B-KV-shaped DiT, hidden {args.hidden}, 2 + 8 blocks, {G * G} target tokens, references of "
+          f"{R * R} tokens, {args.steps} steps, fp32 CPU, {args.reps} interleaved repetitions")
+    for n in (2, 4):
+        inp = flux2_call(cfg, 1, G, R, n, device="cpu", dtype=torch.float32)
+        inp.pop("guidance")
+        c = dict(inp, timesteps=ts, guidance=1.0, progress=False)
+        with torch.no_grad():
+            gap = (F2.denoise(flux, **c) - M.denoise(flux, **c)).abs().max().item()
+            (t_cached, t_every), _ = interleaved_times([lambda: F2.denoise(flux, **c), lambda: M.denoise(flux, **c)],
+                                                       args.reps)
+        res[f"{n}_refs"] = dict(cached_s=median(t_cached), every_step_s=median(t_every),
+                                ratio=median(t_every) / median(t_cached), max_abs_diff=gap)
+        print(f"  {n} references: every step {median(t_every):.3f} s, kept {median(t_cached):.3f} s: "
+              f"{res[f'{n}_refs']['ratio']:.2f}x faster (outputs differ by {gap:.1e})")
+    return res
+
+
 if __name__ == "__main__":
     args = parser.parse_args()
     {"dit": dit, "sft": sft, "moe": moe, "memory": memory, "rl": rl, "gpu": gpu, "guidance": guidance,
-     "compile": compile_bench}[args.cmd](args)
+     "compile": compile_bench, "kv": kv}[args.cmd](args)

@@ -18,14 +18,19 @@ import torch
 from tqdm import tqdm
 
 import data as D
+import flux2 as F2
 import model as M
 
 def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
     """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a checkpoint folder
     (default assets/toy) holding text_encoder.safetensors; for FLUX, checkpoint is the AE (file, folder or repo id)
-    and t5, clip the text encoders (model.flux_weights: else the environment, else the official repos)."""
-    cfg, device = M.get_config(model), torch.device(device)
+    and t5, clip the text encoders (model.flux_weights: else the environment, else the official repos); FLUX.2's
+    text model comes from $MULTICRAFTER_TEXT or the preset's repo."""
+    cfg, device = F2.get_config(model), torch.device(device)
     dtype = M.weight_dtype(device)
+    if F2.is_flux2(cfg):
+        _, ae, text = F2.load_models(cfg, ae=checkpoint, device=device, dtype=dtype, parts=("ae", "text"))
+        return text, ae, cfg
     if model == "toy":
         text = M.ByteTextEncoder(cfg)
         M.load_byte_encoder(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
@@ -183,7 +188,7 @@ def main(argv=None):
     p = D.Parser(description=__doc__)
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default="toy", choices=sorted(M.CONFIGS))
+    p.add_argument("--model", default="toy", choices=F2.presets())
     p.add_argument("--checkpoint", default=None, help="toy: the folder with text_encoder.safetensors (default "
                    "assets/toy)")
     p.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")

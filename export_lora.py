@@ -1,6 +1,7 @@
 """
 Export a trained adapter (train_sft.py / train_rl.py's adapter.safetensors) to the diffusers/PEFT FLUX LoRA layout,
-so that diffusers loads it: FluxPipeline.load_lora_weights(FILE) or FluxTransformer2DModel.load_lora_adapter(FILE).
+so that diffusers loads it: FluxPipeline.load_lora_weights(FILE) or FluxTransformer2DModel.load_lora_adapter(FILE)
+(--arch klein-base-4b and the other FLUX.2 presets: Flux2KleinPipeline / Flux2Transformer2DModel's layout).
 
     python export_lora.py runs/multi/latest/adapter.safetensors out/lora_diffusers.safetensors    # --arch: read
     python export_lora.py runs/rl/best.safetensors out/lora.safetensors --moe skip    # MoE-LoRA left out, listed
@@ -19,6 +20,7 @@ import json, os, sys
 import torch
 
 import data as D
+import flux2 as F2
 import model as M
 import moe_lora as ML
 
@@ -26,8 +28,8 @@ def build_parser():
     p = D.Parser(description=__doc__)
     p.add_argument("adapter", help="a multicrafter adapter .safetensors (its config is in the header)")
     p.add_argument("out", help="the diffusers LoRA .safetensors to write")
-    p.add_argument("--arch", default=None, choices=sorted(M.CONFIGS), help="the architecture it was trained on "
-                   "(default: the one its tensors fit)")
+    p.add_argument("--arch", default=None, choices=F2.presets(), help="the architecture it was trained on "
+                   "(default: the one its tensors fit; a FLUX.2 preset writes diffusers' FLUX.2 layout)")
     p.add_argument("--moe", default="refuse", choices=["refuse", "skip", "mean"], help="what to do with MoE-LoRA layers")
     D.add_force(p)
     return p
@@ -44,9 +46,9 @@ def adapter_model(arch, path):
         cfg = None
     if not isinstance(cfg, dict):
         raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
-    for name in [arch] if arch else sorted(M.CONFIGS):
+    for name in [arch] if arch else F2.presets():
         with torch.device("meta"):
-            flux = M.Flux(M.get_config(name))
+            flux = F2.dit(F2.get_config(name))
         try:
             ML.configure(flux, path, sd, **cfg)     # the header checked against the tensors first
             break
@@ -54,7 +56,7 @@ def adapter_model(arch, path):
             if arch:
                 raise
     else:
-        raise M.CheckpointError(f"{path}: its adapters fit none of the architectures {', '.join(sorted(M.CONFIGS))} "
+        raise M.CheckpointError(f"{path}: its adapters fit none of the architectures {', '.join(F2.presets())} "
                                 f"(pass --arch to see what differs)")
     for _, m in ML.adapters(flux):                 # the adapters' own layers and buffers onto the CPU; the base stays
         for name, child in m.named_children():

@@ -17,14 +17,14 @@ import torch
 
 from model import fp32, get_lin_function, time_shift
 
-def sample_timesteps(batch, image_seq_len, shift=True, generator=None, device="cpu"):
+def sample_timesteps(batch, image_seq_len, shift=True, generator=None, device="cpu", mu=None):
     """Logit-normal t (sigmoid of a standard normal: most samples mid-way, few at the ends; SD3/FLUX), pushed
     through the same resolution-dependent shift as the sampling schedule, so training sees the noise levels
-    sampling visits. shift=False for schnell-like models."""
+    sampling visits. shift=False for schnell-like models. mu: the shift's (default FLUX.1's, linear in
+    image_seq_len; FLUX.2's: flux2.train_mu)."""
     t = torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
     if shift:
-        mu = get_lin_function()(image_seq_len)
-        t = time_shift(mu, 1.0, t)
+        t = time_shift(get_lin_function()(image_seq_len) if mu is None else mu, 1.0, t)
     return t
 
 def flow_matching_loss(model_fn, x0, t, noise):

@@ -898,7 +898,9 @@ class T5CLIPEncoder(nn.Module):
 
 WEIGHT_ENV = {"dit": "MULTICRAFTER_DIT", "ae": "MULTICRAFTER_AE", "t5": "MULTICRAFTER_T5", "clip": "MULTICRAFTER_CLIP"}
 T5_REPO, CLIP_TEXT_REPO = "google/t5-v1_1-xxl", "openai/clip-vit-large-patch14"
-GATED = {"black-forest-labs/FLUX.1-dev"}      # licence to accept first; FLUX.1-schnell (Apache-2.0) is not gated
+# licence to accept first; FLUX.1-schnell and FLUX.2 [klein] 4B (Apache-2.0) are not gated
+GATED = {"black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-9B",
+         "black-forest-labs/FLUX.2-klein-base-9B", "black-forest-labs/FLUX.2-klein-9B-kv"}
 
 @dataclass(frozen=True)
 class Weight:
@@ -1358,12 +1360,12 @@ def decode_images(ae, x, height, width):
 
 @torch.no_grad()
 def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu",
-                    null_text=False):
+                    null_text=False, layout=None):
     """Everything Flux.forward needs for one prompt and its references: seeded noise, the prompt encoded, each
     reference (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare. seed: an int (batch
     1) or a list of B seeds, each sample's noise drawn as that seed alone draws it (the prompt and references are
     encoded once and shared). null_text: also the empty prompt (txt_null, y_null, for denoise's text guidance),
-    encoded with the prompt so both have one length."""
+    encoded with the prompt so both have one length. layout: the family's prepare (default: this module's)."""
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]                 # an int: batch 1
     B = len(seeds)
     noise = torch.cat([get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, s) for s in seeds])
@@ -1371,5 +1373,5 @@ def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe
     txt, y = text_encoder([prompt, ""] if null_text else [prompt])                  # (1|2, L_txt, C), (1|2, C_vec)
     # text stays fp32 like the latents: autocast casts it for bf16 weights
     batch = lambda a: a.float().expand(B, *a.shape[1:])
-    out = prepare(noise.to(device), ref_lat, pe, batch(txt[:1]), batch(y[:1]))           # noise (B, z, h, w)
+    out = (layout or prepare)(noise.to(device), ref_lat, pe, batch(txt[:1]), batch(y[:1]))   # noise (B, z, h, w)
     return dict(out, txt_null=batch(txt[1:]), y_null=batch(y[1:])) if null_text else out

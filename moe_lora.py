@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flux2 as F2
 import model as M
 
 # UNO's layout (bytedance/UNO set_lora): attention in/out projections of both streams, single-block
@@ -32,6 +33,9 @@ DEFAULT_LORA = ("double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
                 "double_blocks.*.txt_attn.qkv", "double_blocks.*.txt_attn.proj", "single_blocks.*.linear1")
 DEFAULT_MOE = ("double_blocks.*.img_mlp.2", "single_blocks.*.linear2")
 UNO_LORA = DEFAULT_LORA + ("single_blocks.*.linear2",)
+# FLUX.2 keeps these names (BFL's keys), so the defaults name the same layers there; it has no per-block modulation
+# to adapt (one for all double blocks, one for all single blocks), and its linear1's rows past q|k|v hold the SwiGLU's
+# two halves (lora_rows leaves them to the base, as in FLUX.1)
 
 def autocasting(x):
     return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
@@ -366,7 +370,8 @@ def load_uno_lora(model, path, sd=None):
     return cfg
 
 # -----------------------------------------------------------------------------
-# export to diffusers: the PEFT FLUX LoRA layout (FluxPipeline.load_lora_weights, FluxTransformer2DModel.load_lora_adapter)
+# export to diffusers: the PEFT FLUX LoRA layout (FluxPipeline.load_lora_weights,
+# FluxTransformer2DModel.load_lora_adapter; FLUX.2's tables, for Flux2Transformer2DModel, are in flux2.py)
 
 # our Linear (inside block i) -> diffusers' Linears it becomes, each with the rows of ours it takes (in units of the
 # hidden size D; "mlp" = the single block's MLP rows of linear1, from 3D to the end)
@@ -379,11 +384,13 @@ DIFFUSERS_DOUBLE = {"img_attn.qkv": [("attn.to_q", 0), ("attn.to_k", 1), ("attn.
 DIFFUSERS_SINGLE = {"linear1": [("attn.to_q", 0), ("attn.to_k", 1), ("attn.to_v", 2), ("proj_mlp", "mlp")],
                     "linear2": [("proj_out", None)], "modulation.lin": [("norm.linear", None)]}
 
-def _diffusers_targets(name):
+def _diffusers_targets(name, cfg):
     # "double_blocks.3.img_attn.qkv" -> ("transformer_blocks.3", its entries); None where diffusers has no such layer
     kind, i, rest = (name.split(".", 2) + ["", ""])[:3]
-    table = {"double_blocks": ("transformer_blocks", DIFFUSERS_DOUBLE),
-             "single_blocks": ("single_transformer_blocks", DIFFUSERS_SINGLE)}.get(kind)
+    double, single = (F2.DIFFUSERS_DOUBLE, F2.DIFFUSERS_SINGLE) if F2.is_flux2(cfg) else \
+        (DIFFUSERS_DOUBLE, DIFFUSERS_SINGLE)
+    table = {"double_blocks": ("transformer_blocks", double),
+             "single_blocks": ("single_transformer_blocks", single)}.get(kind)
     if table is None or rest not in table[1]:
         return None
     return f"{table[0]}.{i}", table[1][rest]
@@ -398,8 +405,9 @@ def moe_as_lora(m):
     return m.down.weight.float(), m.scale * m.up.weight.float() * per_col[None]
 
 def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
-    """The model's plain LoRAs as a diffusers/PEFT FLUX LoRA state dict ({prefix}.{diffusers layer}.lora_A/B.weight):
-    the scale alpha/r folded into lora_B, a fused q|k|v LoRA split into to_q/to_k/to_v sharing lora_A (exact).
+    """The model's plain LoRAs as a diffusers/PEFT FLUX (or FLUX.2) LoRA state dict ({prefix}.{diffusers
+    layer}.lora_A/B.weight): the scale alpha/r folded into lora_B, a fused q|k|v LoRA split into to_q/to_k/to_v
+    sharing lora_A (exact).
     MoE-LoRA routes per token and has no diffusers equivalent: moe="refuse" raises, naming the layers; "skip" leaves
     them out, and the file's header lists them (nothing dropped unsaid); "mean" exports moe_as_lora's approximation.
     path: also write it as safetensors (atomically). -> (state dict, names of the skipped MoE-LoRA layers)."""
@@ -418,7 +426,7 @@ def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
             A, B, rows = *moe_as_lora(m), (0, m.base.out_features)
         else:
             A, B, rows = m.down.weight.float(), m.scale * m.up.weight.float(), m.rows
-        where = _diffusers_targets(name)
+        where = _diffusers_targets(name, model.cfg)
         if where is None:
             raise ValueError(f"{name}: no diffusers FLUX layer to export this adapter to")
         block, entries = where
@@ -428,11 +436,10 @@ def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
             a, b = max(lo, rows[0]), min(hi, rows[1])
             if a >= b:                    # the LoRA does not reach these rows (a single block's q|k|v-only LoRA)
                 continue
-            if (a, b) != (lo, hi):
-                raise ValueError(f"{name}: its LoRA covers rows {rows}, part of diffusers' {target}: no PEFT layout")
             key = f"{prefix}.{block}.{target}"
             sd[f"{key}.lora_A.weight"] = A.clone()                     # a copy each: q, k, v share ours
-            sd[f"{key}.lora_B.weight"] = B[a - rows[0]:b - rows[0]].clone()                # (rows of target, r)
+            # (rows of target, r): zero where our LoRA does not reach (FLUX.2's fused linear1: its MLP rows), exact
+            sd[f"{key}.lora_B.weight"] = F.pad(B[a - rows[0]:b - rows[0]], (0, 0, a - lo, hi - b))
     skipped = moes if moe == "skip" else []
     if path is not None:
         M.save_safetensors(sd, path, {"format": "pt", "multicrafter_skipped_moe": json.dumps(skipped),

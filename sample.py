@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
+import flux2 as F2
 import model as M
 import moe_lora as ML
 import toy
@@ -55,11 +56,13 @@ def build_parser():
     g.add_argument("--prompts", default=None, help="a text file, one prompt a line, all with --refs")
     g.add_argument("--ref-size", type=D.int_in(1), default=None, help="long side of each reference (px); default: "
                    "the preset's, 320 flux, 16 toy")
-    g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets")
+    g.add_argument("--pe", default=None, choices=["t", "d", "h", "w", "o"], help="reference positions: UNO's "
+                   "offsets d/h/w/o (FLUX.1's default d) or FLUX.2's own t axis (its default)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="toy", help="toy | flux-dev | flux-schnell | PATH: a DiT .safetensors or a toy "
-                   "checkpoint folder (flux.safetensors + text_encoder.safetensors)")
-    g.add_argument("--arch", default=None, choices=sorted(M.CONFIGS), help="architecture of a --model PATH "
+    g.add_argument("--model", default="toy", help="toy | flux-dev | flux-schnell | klein-base-4b (FLUX.2, and its "
+                   "other presets) | PATH: a DiT .safetensors or a toy checkpoint folder (flux.safetensors + "
+                   "text_encoder.safetensors)")
+    g.add_argument("--arch", default=None, choices=F2.presets(), help="architecture of a --model PATH "
                    "(default: the preset its tensors fit)")
     g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors "
                    "(replaces a toy folder's own adapter.safetensors)")
@@ -69,6 +72,8 @@ def build_parser():
     g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
     g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
                    "MULTICRAFTER_CLIP)")
+    g.add_argument("--text-model", default=None, help="FLUX.2: the text model's folder or repo id (Qwen3 for klein; "
+                   "env MULTICRAFTER_TEXT)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first step compiles; "
                    "pays off over many steps and samples)")
@@ -122,25 +127,30 @@ def detect_arch(path):
     if not os.path.isfile(file):
         return None
     have = {k.removeprefix("model.diffusion_model."): shape for k, (shape, _) in M.read_header(file).items()}
-    for name, cfg in M.CONFIGS.items():
+    for name in F2.presets():
         with torch.device("meta"):                       # shapes only: a flux-dev DiT costs nothing here
-            want = {k: tuple(v.shape) for k, v in M.Flux(cfg).state_dict().items()}
+            want = {k: tuple(v.shape) for k, v in F2.dit(F2.get_config(name)).state_dict().items()}
         if want == have:
             return name
     return "toy" if folder else "flux-dev"               # fits none: the strict loader names what differs
 
-def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offload=False, fp8=False):
+def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offload=False, fp8=False,
+                text_model=None):
     """--model, --arch, --lora -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy
     checkpoint is a folder (assets/toy for --model toy) holding flux.safetensors and text_encoder.safetensors,
     and the adapter it samples with, adapter.safetensors, if it has one (`lora` replaces it). FLUX: ae, t5, clip
-    name where those weights are (model.flux_weights), every missing one listed at once before anything loads.
+    name where those weights are (model.flux_weights), every missing one listed at once before anything loads;
+    FLUX.2: ae, text_model (flux2.load_models).
     offload: everything but the DiT's small parts stays in CPU memory (sample_batch moves the encoders and the AE in
     while they run; the DiT's blocks are streamed); fp8: the DiT's block weights stored in fp8."""
     dtype = M.weight_dtype(device)
-    preset = name if name in M.CONFIGS else arch
-    cfg = M.get_config(preset)
+    preset = name if name in F2.presets() else arch
+    cfg = F2.get_config(preset)
     home = "cpu" if offload or fp8 else device          # fp8 is converted in CPU memory: bf16 never has to fit the GPU
-    if preset != "toy":
+    if F2.is_flux2(cfg):
+        flux, ae, text = F2.load_models(cfg, None if name in F2.presets() else name, ae, text_model, home, dtype)
+        weights = name
+    elif preset != "toy":
         dit = None if name in M.CONFIGS else name
         M.check_weights(M.flux_weights(cfg, dit=dit, ae=ae, t5=t5, clip=clip))
         flux = M.load_flux(cfg, dit, home, dtype)
@@ -202,7 +212,7 @@ def ready_models(args, preset, run):
     """The models, the adapter at --lora-scale -> ((flux, ae, text), where the weights came from); refused when they
     cannot give a finite sample."""
     flux, ae, text, weights = load_models(args.model, preset, run["device"], args.lora, args.ae, args.t5,
-                                          args.clip_text, args.offload, args.fp8)
+                                          args.clip_text, args.offload, args.fp8, args.text_model)
     ML.set_strength(flux, args.lora_scale)
     if args.compile:
         M.compile_blocks(flux)
@@ -296,14 +306,15 @@ def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
     written as one set. A sample that is not finite is refused after the others of its batch are written."""
     flux, ae, text = models
     cfg, W, H = flux.cfg, run["width"], run["height"]
+    fam = F2.family(cfg)                         # the model family's sequence layout, schedule and sampler
     # --offload: the encoders and the AE visit the GPU only while they run (T5-XXL alone is 9.5 GB in bf16)
     on = (lambda m: M.resident(m, run["device"])) if run["offload"] else (lambda m: nullcontext())
     with on(text), on(ae):
-        inp = M.sampling_inputs(cfg, ae, text, prompt, refs, W, H, list(seeds), run["pe"], run["device"],
-                                null_text=run["text_guidance"] != 1)
-    timesteps = M.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
+        inp = fam.sampling_inputs(cfg, ae, text, prompt, refs, W, H, list(seeds), run["pe"], run["device"],
+                                  null_text=run["text_guidance"] != 1)
+    timesteps = fam.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
     probe = M.AttentionProbe() if run["save_attn"] else None
-    x = M.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress,
+    x = fam.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress,
                   ref_guidance=run["ref_guidance"], text_guidance=run["text_guidance"])          # (B, L, C)
     finite = torch.isfinite(x).flatten(1).all(1)                             # decoded, NaN becomes a black PNG
     maps = probe.mean_map().cpu() if probe is not None else None                     # (B, N_refs, H/2f * W/2f)
@@ -331,10 +342,12 @@ def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
 
 def resolve_run(args):
     """The flags -> (preset, the resolved settings every sample shares). Nothing is loaded or written."""
-    if args.model not in M.CONFIGS and args.arch is None:    # the JSON records what was detected
+    if args.model not in F2.presets() and args.arch is None:    # the JSON records what was detected
         args.arch = detect_arch(args.model) or "flux-dev"
-    preset = args.model if args.model in M.CONFIGS else args.arch
-    cfg = M.get_config(preset)
+    preset = args.model if args.model in F2.presets() else args.arch
+    cfg = F2.get_config(preset)
+    if args.pe == "t" and not F2.is_flux2(cfg):
+        raise D.InputError(f"--pe t: FLUX.2's reference positions; {preset} takes UNO's d, h, w or o")
     mult = cfg.token_px
     pick = lambda value, default: default if value is None else value      # 0 is a value, not "unset"
     W, H = (pick(args.width, cfg.image_size) // mult * mult, pick(args.height, cfg.image_size) // mult * mult)  # BFL rounds down
@@ -358,7 +371,7 @@ def resolve_run(args):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
     ref_guidance, text_guidance = M.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
-                        guidance=pick(args.guidance, cfg.guidance), pe=args.pe, device=device,
+                        guidance=pick(args.guidance, cfg.guidance), pe=pick(args.pe, F2.default_pe(cfg)), device=device,
                         ref_guidance=ref_guidance, text_guidance=text_guidance,
                         save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
 
@@ -368,9 +381,9 @@ def preflight(args, single):
     not taken for a FLUX model without a prompt; then the sizes the flags make and, for FLUX, the prompt and every
     weight. -> resolve_run's (preset, settings)."""
     pf = D.Preflight()
-    model_ok = args.model in M.CONFIGS or not M.looks_local(args.model) or \
+    model_ok = args.model in F2.presets() or not M.looks_local(args.model) or \
         pf.need(os.path.exists(os.path.expanduser(args.model)), f"--model {args.model}: no such file or folder (a "
-                f"preset: {', '.join(sorted(M.CONFIGS))}; or a DiT .safetensors, or a toy checkpoint folder)")
+                f"preset: {', '.join(F2.presets())}; or a DiT .safetensors, or a toy checkpoint folder)")
     for r in args.refs or []:
         pf.file("--refs", r)
     pf.file("--lora", args.lora, inside="adapter.safetensors")
@@ -381,13 +394,15 @@ def preflight(args, single):
     preset, run = resolve_run(args)                  # a --model file's preset is read from its header
     if args.refs:
         try:
-            check_tokens(run, len(args.refs), M.get_config(preset).token_px)
+            check_tokens(run, len(args.refs), F2.get_config(preset).token_px)
         except D.InputError as e:
             pf.need(False, str(e))
     if preset != "toy":
         pf.need(not single or args.prompt is not None, f"--prompt is required for {preset}")
-        pf.weights(M.flux_weights(preset, dit=None if args.model in M.CONFIGS else args.model, ae=args.ae, t5=args.t5,
-                                  clip=args.clip_text))
+        dit = None if args.model in F2.presets() else args.model
+        cfg = F2.get_config(preset)
+        pf.weights(F2.weights(cfg, dit=dit, ae=args.ae, text=args.text_model) if F2.is_flux2(cfg)
+                   else M.flux_weights(cfg, dit=dit, ae=args.ae, t5=args.t5, clip=args.clip_text))
     pf.check()
     return preset, run
 
@@ -468,7 +483,7 @@ def generate(args):
         raise D.InputError("--prompt: not valid UTF-8 text (the shell passed bytes in another encoding)")
     if not out.lower().endswith(".png") or os.path.isdir(out):
         raise D.InputError(f"{out}: the output must be a .png file")
-    mult = M.get_config(preset).token_px
+    mult = F2.get_config(preset).token_px
     images, refs = load_refs(args.refs, run, mult)
     prompt = args.prompt if args.prompt is not None else toy.default_prompt(images, args.refs)
     note = toy_note(run, not_sprites(zip(args.refs, images))) if preset == "toy" else None
@@ -510,7 +525,7 @@ def generate_set(args):
     if not args.out_dir:
         raise D.InputError("--out-dir is required with --manifest/--prompts")
     preset, run = preflight(args, single=False)
-    mult, seeds = M.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
+    mult, seeds = F2.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
     # every record checked first; a bad one is a finding (source:line: field: why), not the end of the run
     jobs, bad, names = [], [], {}
     if args.manifest:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import cache
 import curate as C
 import data as D
+import flux2 as F2
 import model as M
 import toy
 import toy_named as TN
@@ -524,7 +525,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # below), no file imports a command-line script, and no own module is imported inside a function
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "moe_lora", "losses", "data", "cache", "rewards", "toy", "curate", "runs", "training"]
+    order = ["model", "flux2", "moe_lora", "losses", "data", "cache", "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
@@ -5298,3 +5299,393 @@ def test_the_readmes_recipes_hold_out_their_sets_and_name_what_eval_prints():
     paragraph = text[text.index("`toy.py eval` prints"):].split("\n\n")[0]
     names = {w for w in re.findall(r"`([a-z_-]+)`", paragraph)}
     assert names == set(toy.METRICS) | {"images", *toy.SANITY}, names ^ (set(toy.METRICS) | {"images", *toy.SANITY})
+
+# FLUX.2 (flux2.py) against diffusers' Flux2Transformer2DModel, AutoencoderKLFlux2 and the klein pipelines
+
+def tiny_flux2(**kw):
+    base = dict(in_channels=16, context_in_dim=24, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
+                axes_dim=(4, 4, 4, 4), text_layers=(1, 2, 3), max_txt_len=12,
+                ae=M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2,
+                                       scale_factor=1.0, shift_factor=0.0),
+                image_size=32, ref_size=16, sample_steps=4)
+    base.update(kw)
+    return F2.Flux2Config(**base)
+
+def flux2_to_diffusers(cfg, ours, kv=False):
+    """diffusers' Flux2Transformer2DModel holding our weights, converted by diffusers' own BFL->diffusers converter
+    (kv: with the KV pipeline's attention processors)."""
+    pytest.importorskip("diffusers")
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
+                                                                 Flux2KVParallelSelfAttnProcessor)
+    ref = Flux2Transformer2DModel(in_channels=cfg.in_channels, num_layers=cfg.depth,
+                                  num_single_layers=cfg.depth_single_blocks,
+                                  attention_head_dim=cfg.hidden_size // cfg.num_heads, num_attention_heads=cfg.num_heads,
+                                  joint_attention_dim=cfg.context_in_dim, axes_dims_rope=tuple(cfg.axes_dim),
+                                  guidance_embeds=cfg.guidance_embed).eval()
+    sd = dict(ours.state_dict())
+    ref.load_state_dict(convert(sd), strict=True)
+    assert not sd, f"keys diffusers' converter does not know: {sorted(sd)}"
+    if kv:
+        for b in ref.transformer_blocks:
+            b.attn.set_processor(Flux2KVAttnProcessor())
+        for b in ref.single_transformer_blocks:
+            b.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return ref
+
+def flux2_inputs(cfg, B=2, hw=(8, 6), refs=((4, 4),), L=5, pe="t", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = cfg.in_channels // 4
+    txt = torch.randn(B, L, cfg.context_in_dim, generator=g)
+    inp = F2.prepare(torch.randn(B, z, *hw, generator=g), [torch.randn(B, z, *r, generator=g) for r in refs], pe,
+                     txt, txt.new_zeros(B, 0))
+    return dict(inp, timesteps=torch.rand(B, generator=g),
+                guidance=torch.full((B,), 4.0) if cfg.guidance_embed else None)
+
+def diffusers_call(ref, inp, **kw):
+    # diffusers knows no references apart: [img | refs] as one image sequence with concatenated ids, sliced to img
+    out = ref(hidden_states=torch.cat([inp["img"]] + inp["ref_img"], 1), encoder_hidden_states=inp["txt"],
+              timestep=inp["timesteps"], img_ids=torch.cat([inp["img_ids"]] + inp["ref_img_ids"], 1)[0],
+              txt_ids=inp["txt_ids"][0], guidance=inp["guidance"], return_dict=False, **kw)[0]
+    return out[:, :inp["img"].shape[1]]
+
+@pytest.mark.parametrize("over,refs,pe", [(dict(), [], "t"), (dict(guidance_embed=True, depth=1), [(4, 4)], "t"),
+                                          (dict(depth_single_blocks=3), [(4, 6), (2, 2), (6, 4)], "d")])
+def test_flux2_matches_diffusers(over, refs, pe):
+    cfg = tiny_flux2(**over)
+    ours = randomize(F2.Flux2(cfg).eval())
+    ref = flux2_to_diffusers(cfg, ours)
+    inp = flux2_inputs(cfg, refs=refs, pe=pe)
+    with torch.no_grad():
+        mine, theirs = ours(**inp), diffusers_call(ref, inp)
+    assert mine.shape == inp["img"].shape and (mine - theirs).abs().max().item() < 1e-4
+    # backward too: every parameter's gradient, mapped to diffusers' names by its converter
+    w = torch.randn(mine.shape)
+    (ours(**inp) * w).sum().backward()
+    (diffusers_call(ref, inp) * w).sum().backward()
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    grads = convert({n: p.grad for n, p in ours.named_parameters()})
+    for n, p in ref.named_parameters():
+        assert (grads[n] - p.grad).abs().max().item() < 1e-4 * max(1.0, p.grad.abs().max().item()), n
+
+def test_flux2_reference_kv_matches_the_kv_pipeline_and_the_uncached_path():
+    # klein-9B-KV: references see only each other at t = 0. diffusers' "extract" forward ([txt | refs | img]) and
+    # "cached" forward are the oracle; our uncached path (references every step) equals the cached one
+    cfg = tiny_flux2(ref_kv=True, guidance_embed=True)
+    ours = randomize(F2.Flux2(cfg).eval())
+    ref = flux2_to_diffusers(cfg, ours, kv=True)
+    inp = flux2_inputs(cfg, refs=[(4, 4), (2, 6)])
+    n_ref = sum(r.shape[1] for r in inp["ref_img"])
+    kv = F2.RefKV()
+    with torch.no_grad():
+        mine = ours(**inp, kv=kv)
+        out = ref(hidden_states=torch.cat(inp["ref_img"] + [inp["img"]], 1), encoder_hidden_states=inp["txt"],
+                  timestep=inp["timesteps"], img_ids=torch.cat(inp["ref_img_ids"] + [inp["img_ids"]], 1)[0],
+                  txt_ids=inp["txt_ids"][0], guidance=inp["guidance"], kv_cache_mode="extract",
+                  num_ref_tokens=n_ref, ref_fixed_timestep=0.0)
+        assert (mine - out.sample).abs().max().item() < 1e-4
+        assert (ours(**inp) - mine).abs().max().item() < 1e-6                # uncached: the same computation
+        later = dict(inp, img=torch.randn_like(inp["img"]), timesteps=torch.rand(2))
+        no_refs = {k: v for k, v in later.items() if k not in ("ref_img", "ref_img_ids")}
+        cached = ours(**no_refs, kv=kv)
+        theirs = ref(hidden_states=later["img"], encoder_hidden_states=inp["txt"], timestep=later["timesteps"],
+                     img_ids=inp["img_ids"][0], txt_ids=inp["txt_ids"][0], guidance=inp["guidance"],
+                     kv_cache=out.kv_cache, kv_cache_mode="cached").sample
+        assert (cached - theirs).abs().max().item() < 1e-4
+        assert (cached - ours(**later)).abs().max().item() < 1e-5
+        # the sampler: references' K/V once (flux2.denoise) == every step, with guidance's extra forwards
+        common = dict(txt_null=inp["txt"] * 0.5, y_null=inp["y"], timesteps=F2.get_schedule(4, 12), guidance=4.0,
+                      progress=False, ref_guidance=2.0, text_guidance=3.0)
+        args = {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "y", "ref_img", "ref_img_ids")}
+        calls = []
+        hook = ours.register_forward_hook(                        # how many references each forward was given
+            lambda m, a, kw, o: calls.append(len((a[7] if len(a) > 7 else kw.get("ref_img")) or [])), with_kwargs=True)
+        fast = F2.denoise(ours, **args, **common)
+        hook.remove()
+        slow = M.denoise(ours, **args, **common)
+    assert (fast - slow).abs().max().item() < 1e-5
+    assert calls[:3] == [2, 0, 0] and calls.count(2) == 1              # the references ran once, in 12 forwards
+    with pytest.raises(ValueError, match="a model trained for it"):
+        F2.Flux2(tiny_flux2())(**inp, kv=F2.RefKV())
+
+def test_flux2_full_size_presets_have_bfl_keys_and_diffusers_shapes():
+    pytest.importorskip("diffusers")
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    params = {}
+    for name in ("klein-4b", "klein-9b", "flux2-dev"):
+        cfg = F2.get_config(name)
+        with torch.device("meta"):
+            ours = F2.Flux2(cfg)
+            theirs = Flux2Transformer2DModel(num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+                                             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+                                             guidance_embeds=cfg.guidance_embed).state_dict()
+        sd = ours.state_dict()
+        params[name] = sum(p.numel() for p in ours.parameters())
+        converted = convert(dict(sd))
+        assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+        assert not any(k.endswith(".bias") for k in sd)                      # no biases anywhere
+    # BFL's names and shapes at klein-4B, written out from black-forest-labs/flux2 src/flux2/model.py
+    with torch.device("meta"):
+        sd = F2.Flux2(F2.get_config("klein-base-4b")).state_dict()
+    for k, shape in {"img_in.weight": (3072, 128), "txt_in.weight": (3072, 7680), "time_in.in_layer.weight": (3072, 256),
+                     "double_stream_modulation_img.lin.weight": (18432, 3072),
+                     "single_stream_modulation.lin.weight": (9216, 3072),
+                     "double_blocks.4.img_attn.qkv.weight": (9216, 3072), "double_blocks.0.img_mlp.0.weight": (18432, 3072),
+                     "double_blocks.0.txt_mlp.2.weight": (3072, 9216), "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
+                     "single_blocks.19.linear1.weight": (27648, 3072), "single_blocks.0.linear2.weight": (3072, 12288),
+                     "final_layer.adaLN_modulation.1.weight": (6144, 3072), "final_layer.linear.weight": (128, 3072)
+                     }.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert not any(k.startswith("guidance_in") for k in sd) and len(sd) == 5 * 12 + 20 * 4 + 9
+    # 3.88B in all for klein-4B; 3.68B / 8.72B / 31.4B in the blocks (field_and_users.md §2.2, derived from BFL's code)
+    assert params == {"klein-4b": 3_875_544_576, "klein-9b": 9_078_581_248, "flux2-dev": 32_223_281_152}
+
+def flux2_vae_config(block_out, layers, z):
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(block_out),
+                up_block_types=["UpDecoderBlock2D"] * len(block_out), block_out_channels=block_out,
+                layers_per_block=layers, latent_channels=z, norm_num_groups=32, sample_size=32)
+
+def flux2_ae_to_diffusers(ours, cfg):
+    # BFL's ae.safetensors names -> AutoencoderKLFlux2: diffusers' LDM VAE converter for the FLUX.1 part, its (post-)
+    # quant convolutions moved out of the encoder / decoder, the batch-norm statistics as they are
+    from diffusers import AutoencoderKLFlux2
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    sd = {k.replace("encoder.quant_conv", "quant_conv").replace("decoder.post_quant_conv", "post_quant_conv"): v
+          for k, v in ours.state_dict().items()}
+    converted = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if not k.startswith("bn.")}, cfg)
+    vae = AutoencoderKLFlux2(**cfg).eval()
+    vae.load_state_dict({**converted, **{k: v for k, v in sd.items() if k.startswith("bn.")}}, strict=True)
+    return vae
+
+def test_flux2_autoencoder_matches_diffusers():
+    pytest.importorskip("diffusers")
+    from diffusers import Flux2KleinPipeline as P
+    p = tiny_flux2().ae
+    ours = randomize(F2.AutoEncoder(p).eval(), seed=3)
+    g = torch.Generator().manual_seed(4)
+    ours.bn.running_mean.copy_(torch.randn(16, generator=g) * 0.3)
+    ours.bn.running_var.copy_(torch.rand(16, generator=g) + 0.5)
+    vae = flux2_ae_to_diffusers(ours, flux2_vae_config([32, 64], 1, 4))
+    x = torch.rand(2, 3, 24, 40) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)                                                           # (2, 4, 12, 20)
+        mean, std = vae.bn.running_mean.view(1, -1, 1, 1), (vae.bn.running_var.view(1, -1, 1, 1) + 1e-4).sqrt()
+        theirs = (P._patchify_latents(vae.encode(x).latent_dist.mode()) - mean) / std   # (2, 16, 6, 10)
+        assert z.shape == (2, 4, 12, 20) and (F2.patchify(z) - theirs).abs().max().item() < 1e-4
+        # the DiT's tokens are the pipeline's: model.pack of our latent == its patchify + pack
+        torch.testing.assert_close(M.pack(z), P._pack_latents(theirs), atol=1e-4, rtol=0)
+        back = vae.decode(P._unpatchify_latents(theirs * std + mean)).sample
+        assert (ours.decode(z) - back).abs().max().item() < 1e-4
+
+def make_tiny_qwen3(root):
+    # a word-level tokenizer with a chat template, and a random 3-layer Qwen3, saved like a Hugging Face repo
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "think", "a", "red", "cat", "dog",
+             "on", "grass", "two", "friends"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant "
+                          "{% if enable_thinking is defined and not enable_thinking %}think think {% endif %}{% endif %}")
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(words), hidden_size=8, intermediate_size=16, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64)
+                     ).save_pretrained(root)
+    fast.save_pretrained(root)
+    return root
+
+def test_flux2_prompt_encoding_matches_the_klein_pipeline(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from diffusers import Flux2KleinPipeline
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = str(make_tiny_qwen3(tmp_path / "qwen"))
+    cfg = tiny_flux2()
+    enc = F2.TextEncoder(cfg, folder, dtype=torch.float32)
+    prompts = ["a red cat on grass", "two friends"]
+    txt, y = enc(prompts)
+    theirs = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+        AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), prompts,
+        max_sequence_length=cfg.max_txt_len, hidden_states_layers=cfg.text_layers)
+    assert txt.shape == (2, 12, 24) == theirs.shape and y.shape == (2, 0)
+    torch.testing.assert_close(txt, theirs, atol=1e-6, rtol=0)
+    assert not torch.allclose(txt[0], txt[1])
+    enc(["a red cat " * 5])                                       # 15 words + the chat's: cut to 12, with a warning
+    assert enc.truncated == 1 and "cut to the text encoder's 12" in capsys.readouterr().err
+    with pytest.raises(M.CheckpointError, match=r"the text model Qwen3-4B \(.*nope: no such file or folder"):
+        F2.TextEncoder(cfg, str(tmp_path / "nope"))
+
+@pytest.mark.parametrize("steps,seq", [(4, 1024), (50, 4096), (28, 6000)])
+def test_flux2_schedule_and_positions_match_diffusers(steps, seq):
+    pytest.importorskip("diffusers")
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline as P
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+    assert F2.empirical_mu(seq, steps) == pytest.approx(compute_empirical_mu(seq, steps), abs=1e-12)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(seq, steps))
+    np.testing.assert_allclose(F2.get_schedule(steps, seq), sched.sigmas.numpy(), atol=1e-6, rtol=0)
+    # positions: (t, h, w, l) as the pipeline builds them; references at t = 10, 20, ...
+    z = torch.randn(2, 4, 6, 10)
+    out = F2.prepare(z, [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 6)], "t", torch.randn(2, 7, 3))
+    torch.testing.assert_close(out["img_ids"], P._prepare_latent_ids(P._patchify_latents(z)).float())
+    theirs = P._prepare_image_ids([P._patchify_latents(torch.randn(1, 4, 4, 4)),
+                                   P._patchify_latents(torch.randn(1, 4, 2, 6))])
+    torch.testing.assert_close(torch.cat(out["ref_img_ids"], 1), theirs.float().expand(2, -1, -1))
+    torch.testing.assert_close(out["txt_ids"], P._prepare_text_ids(torch.randn(2, 7, 3)).float())
+    uno = F2.prepare(z, [torch.randn(2, 4, 4, 4)], "d")["ref_img_ids"][0][0]     # UNO's offsets, on h and w
+    assert uno[0].tolist() == [0, 3, 5, 0] and uno[-1].tolist() == [0, 4, 6, 0]
+
+def write_flux2_weights(root, cfg, seed=5):
+    """A DiT file and an AE file with BFL's names and a tiny Qwen3 folder -> their paths."""
+    torch.manual_seed(seed)
+    dit = {k: v.contiguous() for k, v in randomize(F2.Flux2(cfg), seed=seed).state_dict().items()}
+    save_file(dit, str(root / "flux2.safetensors"))
+    save_file(dict(F2.AutoEncoder(cfg.ae).state_dict()), str(root / "ae.safetensors"))
+    return root / "flux2.safetensors", root / "ae.safetensors", make_tiny_qwen3(root / "qwen")
+
+def test_flux2_loading_is_strict_with_one_line_errors(tmp_path):
+    cfg = tiny_flux2()
+    dit, ae, _ = write_flux2_weights(tmp_path, cfg)
+    f = F2.load_flux(cfg, str(dit), dtype=torch.float32)
+    from safetensors.torch import load_file
+    assert all(torch.equal(f.state_dict()[k], v) for k, v in load_file(str(dit)).items())
+    sd = load_file(str(dit))
+    sd["double_blocks.0.img_attn.qkv.bias"] = torch.zeros(192)           # a FLUX.1-style bias: not FLUX.2's
+    del sd["single_stream_modulation.lin.weight"]
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(M.CheckpointError, match=r"missing keys: single_stream_modulation.lin.weight \| unexpected "
+                                                r"keys: double_blocks.0.img_attn.qkv.bias"):
+        F2.load_flux(cfg, str(tmp_path / "bad.safetensors"))
+    # BFL's BatchNorm2d keeps a step counter some copies of ae.safetensors have: taken or not, never needed
+    a = F2.load_ae(cfg, str(ae))
+    sd = load_file(str(ae))
+    sd["bn.num_batches_tracked"] = torch.tensor(7)
+    save_file(sd, str(tmp_path / "ae_bn.safetensors"))
+    b = F2.load_ae(cfg, str(tmp_path / "ae_bn.safetensors"))
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(a.encode(x), b.encode(x))
+    del sd["bn.running_var"]
+    save_file(sd, str(tmp_path / "ae_bad.safetensors"))
+    with pytest.raises(M.CheckpointError, match="missing keys: bn.running_var"):
+        F2.load_ae(cfg, str(tmp_path / "ae_bad.safetensors"))
+
+def test_flux2_offline_sample_lists_every_missing_weight_at_once(tmp_path, monkeypatch, capsys):
+    for var in ("MULTICRAFTER_DIT", "MULTICRAFTER_AE", "MULTICRAFTER_TEXT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "b.png")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "klein-base-4b", "--refs", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--prompt",
+              "two friends", "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "3 of 3 weights missing" in err
+    for line in ("hf download black-forest-labs/FLUX.2-klein-base-4B flux-2-klein-base-4b.safetensors",
+                 "gated: accept the licence on https://huggingface.co/black-forest-labs/FLUX.2-dev",
+                 "hf download black-forest-labs/FLUX.2-dev ae.safetensors", "hf download Qwen/Qwen3-4B`",
+                 "--text-model / MULTICRAFTER_TEXT"):
+        assert line in err, line
+    assert not (tmp_path / "o.png").exists()
+
+def test_flux2_probe_reads_the_attention_in_any_block_both_directions(monkeypatch):
+    # the probe gets the q, k the block attends with (model.attention, the one hook, sees the same): its img2ref map
+    # is the attention mass each target token puts on each reference, its ref2img rows are distributions
+    cfg = tiny_flux2()
+    flux = randomize(F2.Flux2(cfg).eval())
+    inp = flux2_inputs(cfg, refs=[(4, 4), (2, 2)])
+    seen, attention = {}, M.attention
+    def spy(q, k, v, mask=None):
+        seen.setdefault("qk", []).append((q, k))
+        return attention(q, k, v, mask)
+    monkeypatch.setattr(M, "attention", spy)
+    with torch.no_grad():
+        plain = flux(**inp)
+        for direction in ("img2ref", "ref2img"):
+            seen.clear()
+            probe = M.AttentionProbe(["d1", "s0"], direction=direction)
+            torch.testing.assert_close(flux(**inp, probe=probe), plain, atol=0, rtol=0)
+            assert probe.names == ["d1", "s0"] and probe.maps[0].shape == (2, 2, 12)
+            if direction == "ref2img":
+                torch.testing.assert_close(probe.maps[1].sum(-1), torch.ones(2, 2))
+                continue
+            q, k = seen["qk"][2]                                   # s0's attention: the third of the forward
+            L_txt, L_img = inp["txt"].shape[1], inp["img"].shape[1]
+            p = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+            img_rows = p[:, :, L_txt:L_txt + L_img]                                    # (B, H, M, L)
+            want = torch.stack([img_rows[..., a:b].sum(-1) for a, b in [(17, 21), (21, 22)]], 1).mean(2)
+            torch.testing.assert_close(probe.maps[1], want, atol=1e-5, rtol=0)
+
+def test_flux2_lora_export_loads_into_diffusers(tmp_path):
+    pytest.importorskip("peft")
+    cfg = tiny_flux2()
+    ours = randomize(F2.Flux2(cfg).eval())
+    ref = flux2_to_diffusers(cfg, ours)
+    # every layer kind the FLUX.2 table maps; the single blocks' linear1 LoRA on its q|k|v rows (UNO's), one on all
+    ML.inject(ours, lora_targets=ML.DEFAULT_LORA + ("double_blocks.*.img_mlp.0", "double_blocks.*.txt_mlp.2",
+                                                    "single_blocks.*.linear2"), moe_targets=(), rank=4, alpha=2)
+    ours.single_blocks[1].linear1 = ML.LoRALinear(ours.single_blocks[1].linear1.base, rank=3)
+    torch.manual_seed(1)
+    for _, m in ML.adapters(ours):
+        torch.nn.init.normal_(m.up.weight, std=3.0)
+    sd, _ = ML.export_diffusers(ours, tmp_path / "lora.safetensors")
+    assert "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight" in sd
+    assert sd["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight"][3 * 64:].abs().sum() == 0
+    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="ours")
+    inp = flux2_inputs(cfg, refs=[(4, 4)])
+    with torch.no_grad():
+        mine, theirs = ours(**inp), diffusers_call(ref, inp)
+        with ML.disabled(ours):
+            base = ours(**inp)
+    assert (mine - base).abs().max() > 1e-2 and (mine - theirs).abs().max().item() < 1e-4
+
+@pytest.fixture
+def klein_tiny(tmp_path_factory, monkeypatch):
+    """A tiny FLUX.2 preset ("klein-tiny": 32 px images, 16 px references, as the toy world's) with weights in BFL's
+    files (DiT, AE) and a Qwen3 folder, found through the environment; a toy world to train it on."""
+    root = tmp_path_factory.mktemp("klein")
+    cfg = tiny_flux2(in_channels=16, context_in_dim=24)
+    dit, ae, qwen = write_flux2_weights(root, cfg)
+    monkeypatch.setitem(F2.CONFIGS, "klein-tiny", cfg)
+    monkeypatch.setenv("MULTICRAFTER_AE", str(ae))
+    monkeypatch.setenv("MULTICRAFTER_TEXT", str(qwen))
+    return root, dit, toy.write_world(str(root / "data"), 4, seed=0, subjects=(2,))
+
+def test_flux2_trains_all_three_stages_and_samples(klein_tiny, tmp_path):
+    import export_lora
+    root, dit, manifest = klein_tiny
+    common = ["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--batch-size", "2", "--rank", "4",
+              "--warmup", "1", "--log-every", "1"]
+    TS.main([*common, "--stage", "single", "--steps", "1", "--experts", "0", "--out", str(tmp_path / "single")])
+    TS.main([*common, "--stage", "multi", "--steps", "2", "--attn-blocks", "all", "--attn-direction", "img2ref",
+             "--adapter", str(tmp_path / "single" / "latest" / "adapter.safetensors"), "--out", str(tmp_path / "multi")])
+    log = read_log(tmp_path / "multi")
+    assert {"diff", "dice"} <= set(log[-1]) and all(math.isfinite(r["dice"]) for r in log)
+    # from a cache: the text model's hidden states and the AE's latents precomputed, neither loaded to train
+    cache.write_cache(manifest, str(tmp_path / "cache"), "klein-tiny", device="cpu")
+    TS.main([*common[:4], "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--rank", "4", "--stage",
+             "single", "--steps", "1", "--out", str(tmp_path / "cached")])
+    assert math.isfinite(read_log(tmp_path / "cached")[-1]["diff"])
+    adapter = tmp_path / "multi" / "latest" / "adapter.safetensors"
+    TR.main(["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--adapter", str(adapter),
+             "--out", str(tmp_path / "rl"), "--steps", "3", "--window", "1", "--group", "2", "--iters", "1",
+             "--text-guidance", "2"])
+    rec = read_log(tmp_path / "rl")[-1]
+    assert rec["iter"] == 1 and math.isfinite(rec["loss"]) and rec["dit_update"] == 2 * 1 * 2      # G w, 2 forwards
+    refs = [str(root / "data" / r) for r in json.loads(open(manifest).readline())["refs"]]
+    main(["--model", str(dit), "--arch", "klein-tiny", "--refs", *refs, "--prompt", "two friends", "--steps", "2",
+          "--seed", "0", "--lora", str(tmp_path / "rl" / "latest" / "adapter.safetensors"), "--save-attn",
+          "--out", str(tmp_path / "s.png")])
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert Image.open(tmp_path / "s.png").size == (32, 32) and meta["pe"] == "t" and meta["arch"] == "klein-tiny"
+    assert (tmp_path / "s_attn1.png").exists()
+    # a test set, two seeds as one batch, with the low-VRAM options (fp8 block weights, blocks streamed)
+    main(["--model", str(dit), "--arch", "klein-tiny", "--manifest", manifest, "--out-dir", str(tmp_path / "set"),
+          "--seeds", "0", "1", "--batch-size", "2", "--steps", "2", "--offload", "--fp8"])
+    assert len(list((tmp_path / "set").glob("*/*.png"))) == 2 * 4
+    assert export_lora.main([str(adapter), str(tmp_path / "d.safetensors"), "--arch", "klein-tiny", "--moe",
+                             "skip"]) == 0

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -42,7 +43,7 @@ import runs
 import training as TR
 import data as D
 from data import InputError, PromptDataset, write_atomic
-from model import CheckpointError, decode_images, denoise, get_config, get_schedule, read_header, sampling_inputs
+from model import CheckpointError, decode_images, read_header
 from rewards import RewardModelError, add_reward_args, build_reward, missing_reward_models, reward_weights
 
 def build_parser():
@@ -129,14 +130,14 @@ def record_of(n, seed, k):
 def evaluate(flux, ae, text, dataset, reward, args, device):
     """Mean of every reward term over the first val_n records x val_seeds fixed seeds (Euler, no SDE)."""
     flux.eval()
-    sums, n = {}, 0
+    sums, n, fam = {}, 0, F2.family(flux.cfg)          # fam: the model family's sequence layout and sampler
     for i in tqdm(range(min(args.val_n, len(dataset))), desc="validation", leave=False):
         rec, images = dataset[i], []
         for k in range(args.val_seeds):
-            c = sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
-                                10_000 * k + i, args.pe, device, null_text=args.text_guidance != 1)
-            x = denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False,
-                        ref_guidance=args.ref_guidance, text_guidance=args.text_guidance)
+            c = fam.sampling_inputs(flux.cfg, ae, text, rec["prompt"], rec["refs"], args.size, args.size,
+                                    10_000 * k + i, args.pe, device, null_text=args.text_guidance != 1)
+            x = fam.denoise(flux, **c, timesteps=args.timesteps, guidance=args.guidance, progress=False,
+                            ref_guidance=args.ref_guidance, text_guidance=args.text_guidance)
             images += decode_images(ae, x, args.size, args.size)
         terms = reward(images, rec["prompt"], rec["refs"], rec["captions"])
         for k, v in terms.items():
@@ -176,7 +177,8 @@ def main(argv=None):
     runs.check_adapter_args(p, args)
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
     TR.check_parallel_args(p, args)
-    cfg = get_config(args.preset)
+    cfg = F2.get_config(args.preset)
+    args.pe = runs.resolved(args.pe, F2.default_pe(cfg))
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
     args.ref_guidance, args.text_guidance = M.guidance_scales(
@@ -207,6 +209,8 @@ def preflight(args, cfg):
         pf.need((G // n_mini) % args.micro_batch == 0,
                 f"--micro-batch {args.micro_batch} must divide a group's minibatch share {G // n_mini}")
     pf.need(args.window <= args.steps, f"--window {args.window} must be between 1 and --steps {args.steps}")
+    pf.need(args.pe != "t" or F2.is_flux2(cfg), f"--pe t: FLUX.2's reference positions; {args.preset} takes "
+            f"UNO's d, h, w or o")
     TR.check_model_args(pf, args, "rl")
     pf.problems += missing_reward_models(args)
     pf.check()
@@ -215,7 +219,8 @@ def train(args, run, cfg, ddp, rank, world, device):
     master = rank == 0                    # rank 0 alone writes logs, checkpoints and runs the held-out evaluation
     G, P, n_mini = args.group, args.prompts, args.minibatches
     # the T-step schedule every rollout follows; the window picks which of its steps are stochastic
-    args.timesteps = get_schedule(args.steps, (args.size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
+    args.timesteps = F2.family(cfg).get_schedule(args.steps, (args.size // cfg.token_px) ** 2,
+                                                 shift=cfg.shift_schedule)
 
     # -------------------------------------------------------------------------
     # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
@@ -226,7 +231,8 @@ def train(args, run, cfg, ddp, rank, world, device):
         build_reward(args, device)
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
                                                    TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,
-                                                   seed=args.seed, ae=args.ae, t5=args.t5, clip=args.clip_text)
+                                                   seed=args.seed, ae=args.ae, t5=args.t5, clip=args.clip_text,
+                                                     text_model=args.text_model)
     if args.compile:
         M.compile_blocks(flux)
     if args.fsdp:          # sharded, rooted at the DiT itself: rollouts and validation call it directly
@@ -283,8 +289,8 @@ def train(args, run, cfg, ddp, rank, world, device):
                 k = consumed + rank * P + j                          # the run's k-th prompt: same on 1 or N ranks
                 item = dataset[record_of(len(dataset), args.seed, k)]
                 seed = args.seed * 1_000_003 + 2 * k                 # the initial noise; seed + 1 the SDE noise
-                c = sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size, seed, args.pe,
-                                    device, null_text=args.text_guidance != 1)
+                c = F2.family(cfg).sampling_inputs(cfg, ae, text, item["prompt"], item["refs"], args.size, args.size,
+                                                   seed, args.pe, device, null_text=args.text_guidance != 1)
                 c["scales"] = (args.ref_guidance, args.text_guidance)     # TR.velocity guides with these
                 x0, traj, rows = TR.rollout(flux, c, G, args.timesteps, window, args.eta, args.guidance,
                                          torch.Generator().manual_seed(seed + 1))

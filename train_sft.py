@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import cache
 import data as D
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -116,11 +117,11 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
         batch = dict(batch, prompts=["" if d else p for d, p in zip(drop, batch["prompts"])])
     refs = (args.stage != "base" or args.base_refs) and not (
         args.drop_refs > 0 and torch.rand((), generator=gen).item() < args.drop_refs)
-    inp = TR.encode_batch(batch, ae, device, args.pe, refs=refs)
+    inp = TR.encode_batch(batch, ae, device, args.pe, refs=refs, cfg=flux.cfg)
     x0 = inp["img"]                                                                 # (B, L, C) clean target tokens
     B, L = x0.shape[:2]
     # rectified flow: x_t = (1 - t) x0 + t eps at logit-normal t, shifted for the image size as sampling is
-    t = LS.sample_timesteps(B, L, flux.cfg.shift_schedule, generator=gen).to(device)    # (B,)
+    t = LS.sample_timesteps(B, L, flux.cfg.shift_schedule, generator=gen, mu=F2.train_mu(flux.cfg, L)).to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)                         # (B, L, C)
     # the probe rides along the same forward (no second pass): it reads each chosen block's q, k and keeps only
     # the per-reference attention maps over the target tokens that L_attn, SCAL and MDL need
@@ -159,11 +160,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs.check_adapter_args(p, args)
     TR.wandb_module(args.wandb)                      # a missing optional package stops here, before any work
-    cfg = M.get_config(args.preset)
+    cfg = F2.get_config(args.preset)
     try:
         M.select_blocks(args.attn_blocks, cfg)                           # names, checked against the model
     except ValueError as e:
         p.error(f"argument --attn-blocks: {e}")
+    if args.pe == "t" and not F2.is_flux2(cfg):
+        p.error(f"argument --pe: t is FLUX.2's reference positions; {args.preset} takes UNO's d, h, w or o")
     preflight(args, cfg)
     TR.check_parallel_args(p, args)
     if args.fsdp and args.zero:
@@ -173,6 +176,7 @@ def main(argv=None):
     # set-up: ranks and device first (every later choice may depend on them), then the preset's defaults, then the
     # run folder (locked, checked, the checkpoint to resume chosen) before any work
     ddp, rank, world, device = TR.setup_dist(args.device, args.dist_timeout)
+    args.pe = runs.resolved(args.pe, F2.default_pe(cfg))
     args.attn_blocks = M.select_blocks(args.attn_blocks, cfg)           # names (checked above)
     args.size = runs.resolved(args.size, cfg.image_size)
     args.ref_size = runs.resolved(args.ref_size, cfg.ref_size)
@@ -220,7 +224,7 @@ def train(args, run, cfg, ddp, rank, world, device):
     # training forward (Denoiser) so only trainable parameters are synchronized
     flux, ae, text, params, acfg = TR.build_models(args.preset, args.stage, device, args.init, args.adapter,
                                                    TR.adapter_spec(args), args.cache is not None, args.grad_checkpoint,
-                                                   args.seed, args.ae, args.t5, args.clip_text)
+                                                   args.seed, args.ae, args.t5, args.clip_text, args.text_model)
     if args.txt_pad is not None and isinstance(text, M.ByteTextEncoder):
         text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
     if args.drop_prompt > 0 and isinstance(text, M.ByteTextEncoder):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -28,7 +29,7 @@ from runs import TrainingError, print0
 
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="toy", choices=sorted(M.CONFIGS))
+    g.add_argument("--preset", default="toy", choices=F2.presets())
     g.add_argument("--init", default=None, help="toy: a checkpoint folder (flux/text_encoder.safetensors); "
                    "flux: a DiT .safetensors or repo id (default: the preset's official repo)")
     g.add_argument("--adapter", default=None, help="start from this adapter (e.g. stage single's, for multi)")
@@ -36,12 +37,14 @@ def add_model_args(p):
     g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
     g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo id (env "
                    "MULTICRAFTER_CLIP)")
+    g.add_argument("--text-model", default=None, help="FLUX.2: the text model's folder or repo id (Qwen3 for klein; "
+                   "env MULTICRAFTER_TEXT)")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward")
     g.add_argument("--fsdp", action="store_true", help="torchrun: shard the base, the adapters, their gradients and "
                    "optimizer states across the ranks (FSDP2, one unit per DiT block; checkpoints saved whole)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the first steps compile)")
-    g.add_argument("--pe", default="d", choices=["d", "h", "w", "o"], help="UNO reference position offsets (sample "
-                   "with the same)")
+    g.add_argument("--pe", default=None, choices=["t", "d", "h", "w", "o"], help="reference positions: UNO's "
+                   "offsets d/h/w/o (FLUX.1's default d) or FLUX.2's own t axis (its default); sample with the same")
     g = p.add_argument_group("adapters")
     g.add_argument("--rank", type=runs.positive, default=16, help="LoRA rank (paper: 512)")
     g.add_argument("--alpha", type=runs.positive_float, default=None, help="LoRA alpha (default: rank, i.e. scale 1)")
@@ -61,12 +64,17 @@ def check_model_args(pf, args, stage, cached=False):
                     "shipped one) or a --stage base run's checkpoint folder (OUT/latest)")
         else:
             pf.folder("--init", args.init, ["flux.safetensors", "text_encoder.safetensors"])
-        pf.need(not (args.ae or args.t5 or args.clip_text), "--ae, --t5, --clip-text: FLUX's weights (the toy's "
-                "encoders are in its --init folder)")
+        pf.need(not (args.ae or args.t5 or args.clip_text or args.text_model), "--ae, --t5, --clip-text, "
+                "--text-model: FLUX's weights (the toy's encoders are in its --init folder)")
         return
     pf.need(stage != "base", "--stage base trains the toy preset only (FLUX is the base at full scale)")
+    cfg = F2.get_config(args.preset)
+    if F2.is_flux2(cfg):
+        pf.weights(F2.weights(cfg, ("dit",) if cached else ("dit", "ae", "text"), dit=args.init, ae=args.ae,
+                              text=args.text_model, dit_flag="--init"))
+        return
     parts = ("dit",) if cached else ("dit", "ae", "t5", "clip")
-    pf.weights(M.flux_weights(args.preset, parts, dit=args.init, ae=args.ae, t5=args.t5, clip=args.clip_text,
+    pf.weights(M.flux_weights(cfg, parts, dit=args.init, ae=args.ae, t5=args.t5, clip=args.clip_text,
                               dit_flag="--init"))
 
 def adapter_spec(args):
@@ -159,14 +167,14 @@ class BadSteps:
 # models and optimizer
 
 def build_models(preset, stage, device, init=None, adapter=None, spec=None, cached=False, grad_checkpoint=False,
-                 seed=0, ae=None, t5=None, clip=None):
+                 seed=0, ae=None, t5=None, clip=None, text_model=None):
     """-> (flux, ae, text encoder, trainable params, adapter config or None).
     stage "base" trains the whole toy DiT + text encoder from a random init (seeded: the same on every rank); any
     other stage freezes the base (a toy checkpoint folder, or FLUX from init / the preset's repo) and trains
     adapters: loaded from `adapter`, else injected as `spec` (adapter_spec) says. cached: the batches carry text
     embeddings and latents (cache.py), so no AE or text encoder is loaded. ae, t5, clip: where FLUX's are
-    (model.flux_weights)."""
-    cfg = M.get_config(preset)
+    (model.flux_weights); ae, text_model: FLUX.2's (flux2.weights)."""
+    cfg = F2.get_config(preset)
     if cached and stage == "base":
         raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
     wdtype = M.weight_dtype(device)                          # frozen weights
@@ -179,6 +187,12 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
         elif stage != "base":
             raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
         ae = M.AutoEncoder(cfg.ae)
+    elif F2.is_flux2(cfg):
+        if stage == "base":
+            raise D.InputError("--stage base trains the toy preset only (FLUX.2 is the base at full scale)")
+        # the weights are found or listed as missing at once (flux2.load_models); a cache needs no AE or text model
+        flux, ae, text = F2.load_models(cfg, init, ae, text_model, device=device, dtype=wdtype, dit_flag="--init",
+                                        parts=("dit",) if cached else ("dit", "ae", "text"))
     else:
         if stage == "base":
             raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
@@ -234,8 +248,8 @@ class Denoiser(torch.nn.Module):
         # cond: the prompts, or (txt, y) precomputed by `cache.py` (then there is no text encoder);
         # inp: model.prepare's image side of the sequence, its img the noisy target x_t
         txt, y = self.text(cond) if self.text is not None else cond               # (B, L_txt, C), (B, C_vec)
-        return self.flux(**inp, txt=txt, txt_ids=M.text_ids(txt), y=y, timesteps=timesteps, guidance=guidance,
-                         probe=probe)
+        return self.flux(**inp, txt=txt, txt_ids=F2.family(self.flux.cfg).text_ids(txt), y=y, timesteps=timesteps,
+                         guidance=guidance, probe=probe)
 
 def conditioning(batch, denoiser, device):
     # what Denoiser.forward takes as cond: prompts, or a cache's text embeddings cut to the batch's longest prompt
@@ -246,9 +260,10 @@ def conditioning(batch, denoiser, device):
     return txt.to(device).float(), batch["y"].to(device).float()
 
 @torch.no_grad()
-def encode_batch(batch, ae, device, pe="d", refs=True):
-    """A batch's target and references (or a cache's latents) -> model.prepare's image side of the joint sequence:
-    img (B, L, C) the packed clean target x0, its ids, the packed references and their UNO ids (none: refs=False)."""
+def encode_batch(batch, ae, device, pe="d", refs=True, cfg=None):
+    """A batch's target and references (or a cache's latents) -> prepare's image side of the joint sequence (the
+    family of cfg, the DiT's config: FLUX.1's by default): img (B, L, C) the packed clean target x0, its ids, the
+    packed references and their ids (none: refs=False)."""
     if ae is None:
         x0, B, N = batch["latent"].to(device).float(), *batch["ref_latents"].shape[:2]
         ref_lat = batch["ref_latents"].to(device).flatten(0, 1).float()
@@ -258,7 +273,7 @@ def encode_batch(batch, ae, device, pe="d", refs=True):
             B, N = batch["refs"].shape[:2]
             ref_lat = ae.encode(batch["refs"].to(device).flatten(0, 1)).float()   # (B*N, z, r, r)
     ref_lat = ref_lat.unflatten(0, (B, N))
-    return M.prepare(x0, [ref_lat[:, i] for i in range(N)] if refs else [], pe)
+    return F2.family(cfg).prepare(x0, [ref_lat[:, i] for i in range(N)] if refs else [], pe)
 
 def guidance_for(flux, B, device):
     # UNO trains with guidance 1; models without a guidance input (schnell) take none
@@ -323,7 +338,7 @@ def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=Non
     gen = torch.Generator().manual_seed(1234)
     for idx in D.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
         batch = D.collate([dataset[i] for i in idx])
-        inp = encode_batch(batch, ae, device, pe)
+        inp = encode_batch(batch, ae, device, pe, cfg=denoiser.flux.cfg)
         x0 = inp["img"]
         B = x0.shape[0]
         masks, valid = batch["masks"].to(device).float(), batch["mask_valid"].to(device)   # (B, N, M), (B, N)
@@ -478,8 +493,8 @@ def summary(args, run, unit="step"):
         lora = best if os.path.isfile(best) else adapter
         made = f"the adapter at {adapter}" + (f" (best held-out reward: {best})" if lora == best else "")
         model = ["--model", args.init or args.preset, "--lora", lora]
-    model += ["--pe", args.pe] if args.pe != "d" else []
-    model += [a for f in ("ae", "t5", "clip_text") if getattr(args, f) for a in (runs.flag(f), getattr(args, f))]
+    model += ["--pe", args.pe] if args.pe != F2.default_pe(F2.get_config(args.preset)) else []
+    model += [a for f in ("ae", "t5", "clip_text", "text_model") if getattr(args, f) for a in (runs.flag(f), getattr(args, f))]
     refs = ["--refs", *DEMO_REFS] if args.preset == "toy" else ["--refs", "REF1.png", "REF2.png", "--prompt", "PROMPT"]
     out = os.path.join("out", os.path.basename(os.path.normpath(args.out)) + ".png")
     print0(f"done, {unit} {step}: {made}; sample it with: "
