@@ -78,9 +78,12 @@ ROWS += [(f"e3-{k}", f"2-4 subjects: {lab}", "train24", 4, flags) for k, lab, fl
     ("diff", "L_diff", ["--lambda-attn", "0"]),
     ("double-0.3", "L_attn double λ 0.3", ["--lambda-attn", "0.3", "--attn-blocks", "double"]),
     ("single-0.3", "L_attn single λ 0.3", ["--lambda-attn", "0.3", "--attn-blocks", "single"])]]
-# IPPO (train_rl.py, guided as the rows are scored) from a row's adapter on hard pairs: does the Multi-ID reward,
-# which scores a missing subject 0, stop the omission of one of two alike subjects? (key, label, from row, iters)
-IPPO_ROWS = [("ippo-diff", "L_diff + IPPO (hard pairs)", "diff", 20)]
+# Rows that continue a row's adapter on hard pairs (key, label, from row, script, steps). IPPO (train_rl.py, guided as
+# the rows are scored): does the Multi-ID reward, which scores a missing subject 0, stop the omission of one of two
+# alike subjects? Its control: SFT on the same pairs with their ground truth, as many images as IPPO's rollouts
+# (20 iterations x 4 prompts x 16 = 1,280 = 80 steps x 16): is it the reward, or only more hard pairs?
+FROM_ROWS = [("ippo-diff", "L_diff + IPPO (hard pairs)", "diff", "train_rl.py", 20),
+             ("sft-hard-diff", "L_diff + SFT on the same pairs", "diff", "train_sft.py", 80)]
 DATA = {"train": dict(subjects=(1, 2, 3, 4)), "train24": dict(subjects=(2, 3, 4)),
         "hardtrain": dict(subjects=(2,), hard="medium", n=600, seed=5)}     # IPPO's prompts: medium hard pairs
 # E1's oracle variants: (blocks, directions)
@@ -352,14 +355,15 @@ def main(argv=None):
                 oracle[key, seed] = scored(f"oracle_seed{seed}_{key}", lambda: score_oracles(args, ckpt(args.steps),
                                                                                              sets))
             print(f"  seed {seed} {key}: trained and scored", flush=True)
-        for key, label, start, iters in IPPO_ROWS:
+        for key, label, start, script, iters in FROM_ROWS:
             if args.rows is not None and key not in args.rows or (start, args.steps, seed) not in scores:
                 continue
             adapter = path("runs", f"seed{seed}", start, f"ckpt-{args.steps:07d}", "adapter.safetensors")
-            ckpt = trained(seed, key, "hardtrain", iters, [
-                "--adapter", adapter, "--group", "16", "--prompts", "4", "--steps", "8", "--tau", "1000",
-                "--lr", "3e-4", "--ref-guidance", str(args.ref_guidance), "--text-guidance", str(args.text_guidance)],
-                script="train_rl.py")
+            flags = ["--adapter", adapter] + ([
+                "--group", "16", "--prompts", "4", "--steps", "8", "--tau", "1000", "--lr", "3e-4",
+                "--ref-guidance", str(args.ref_guidance), "--text-guidance", str(args.text_guidance)]
+                if script == "train_rl.py" else ["--lambda-attn", "0"])
+            ckpt = trained(seed, key, "hardtrain", iters, flags, script=script)
             if ckpt is not None:
                 scores[key, args.steps, seed] = scored(f"seed{seed}_{key}", lambda: score_adapter(args, ckpt(iters),
                                                                                                   sets), ckpt(iters))
@@ -399,7 +403,7 @@ def tables(args, rows, scores, oracle, sanity, t_start, work):
              f"prompt. Attention teacher-forced at t = 0.5."]
     row_steps = [(key, label, step) for key, label, _, mult, _ in rows
                  for step in sorted({args.steps, args.steps * mult})]
-    row_steps += [(key, label, args.steps) for key, label, _, _ in IPPO_ROWS
+    row_steps += [(key, label, args.steps) for key, label, *_ in FROM_ROWS
                   if any((key, args.steps, s) in scores for s in seeds)]
     got = lambda key, step, fn: [fn(scores[key, step, s]) for s in seeds if (key, step, s) in scores]
     def label_of(key, label, step):
