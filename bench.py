@@ -65,6 +65,7 @@ import model as M
 import moe_lora as ML
 import toy_named
 import training as TR
+import weights as WT
 
 parser = D.Parser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
 sub = parser.add_subparsers(dest="cmd", required=True)
@@ -671,13 +672,13 @@ def inference_memory(args):
     """Peak GPU memory of one sample (batch 1): the weights on the GPU in each phase (text encoding, reference encoding,
     the denoising loop, decoding) plus that phase's peak of live tensors (LiveBytes, attention as fused kernels keep
     it), the largest phase being the peak. Options: everything resident; the text encoders and the AE on the GPU only
-    while they run, the DiT too (M.resident: text encoding, references, denoising, decoding in turn); the DiT in fp8 (M.store_fp8); its blocks streamed one at a time (M.stream_blocks);
+    while they run, the DiT too (WT.resident: text encoding, references, denoising, decoding in turn); the DiT in fp8 (WT.store_fp8); its blocks streamed one at a time (WT.stream_blocks);
     both; both with T5/CLIP run on the CPU."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     cfg, bf, GiB = M.get_config(args.preset), torch.bfloat16, 2 ** 30
     with torch.device("meta"):
         flux = M.Flux(cfg).to(bf).eval()
-        flux8 = M.store_fp8(M.Flux(cfg).to(bf).eval())
+        flux8 = WT.store_fp8(M.Flux(cfg).to(bf).eval())
         ae = M.AutoEncoder(cfg.ae).to(bf).eval()
         t5 = T5EncoderModel(T5Config(**T5_XXL)).to(bf).eval()
         clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(bf).eval()
@@ -707,7 +708,7 @@ def inference_memory(args):
         torch.nn.functional.scaled_dot_product_attention, M.attention = sdpa, attention
     text, aeb = nbytes(t5) + nbytes(clip), nbytes(ae)
     def phases(dit, kind, c, text_on_gpu=True):
-        # each model on the GPU only while it runs (M.resident): text encoding, then the references through the AE, then
+        # each model on the GPU only while it runs (WT.resident): text encoding, then the references through the AE, then
         # the denoising loop, then decoding; the peak is the largest phase's weights + live tensors
         return max(text + text_act if text_on_gpu else 0, aeb + max(ae_act["ref"], ae_act[c[0]]), dit + act[(kind, c)])
     options = {
@@ -782,11 +783,9 @@ def rl(args):
 def shipped_toy():
     """The shipped toy as sample.py loads it (assets/toy: base, text encoder, adapter) and the demo's references."""
     cfg = M.get_config("toy")
-    flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
-    M.load_state_dict_strict(flux, os.path.join(M.TOY_DIR, "flux.safetensors"))
-    M.load_byte_encoder(text, os.path.join(M.TOY_DIR, "text_encoder.safetensors"))
-    ML.load_adapter(flux, os.path.join(M.TOY_DIR, "adapter.safetensors"))
-    assets = os.path.dirname(M.TOY_DIR)
+    flux, text, adapter = WT.load_toy(WT.TOY_DIR, cfg)
+    ML.load_adapter(flux, adapter)
+    assets = os.path.dirname(WT.TOY_DIR)
     refs = [D.preprocess_ref(D.load_image(os.path.join(assets, f)), cfg.ref_size)
             for f in ("orange_circle.png", "blue_square.png")]
     return cfg, flux.eval(), M.AutoEncoder(cfg.ae), text.eval(), refs
@@ -1126,11 +1125,11 @@ def sampling_section(cfg, S, device, seed):
     image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
                                                                 progress=False), S["large"], S["large"])
     out = {"steps": S["steps"], "resident_s": device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]}
-    handles = M.stream_blocks(flux, device)
+    handles = WT.stream_blocks(flux, device)
     out["offload_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
     for h in handles:
         h.remove()
-    M.store_fp8(flux.to(device))
+    WT.store_fp8(flux.to(device))
     out["fp8_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
     return out
 

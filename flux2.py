@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import model as M
+import weights as WT
 
 # -----------------------------------------------------------------------------
 # config
@@ -503,7 +504,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Mistral3ForConditionalGeneration
         self.cfg, self.max_len, self.truncated = cfg, cfg.max_txt_len, 0
-        folder = M.check_weights(weights(cfg, ("text",), text=path))[0]
+        folder = WT.check_weights(weights(cfg, ("text",), text=path))[0]
         try:
             if cfg.text_encoder == "mistral3":
                 self.tok = AutoProcessor.from_pretrained(folder)
@@ -512,7 +513,7 @@ class TextEncoder(nn.Module):
                 self.tok = AutoTokenizer.from_pretrained(folder)
                 self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except OSError as e:
-            raise M.CheckpointError(f"could not load the text model: {str(e).splitlines()[0]}") from None
+            raise WT.CheckpointError(f"could not load the text model: {str(e).splitlines()[0]}") from None
         self.lm.eval().requires_grad_(False)
 
     def chat(self, prompt):
@@ -576,14 +577,14 @@ def denoise(model, *args, **kw):
     return M.denoise(CachedRefs(model) if model.cfg.ref_kv else model, *args, **kw)
 
 # -----------------------------------------------------------------------------
-# weights: where each comes from (model.Weight, model.check_weights: every missing one listed with its download line)
+# weights: where each comes from, on weights.py's machinery (Weight, check_weights, strict loading)
 
 WEIGHT_ENV = {"dit": "MULTICRAFTER_DIT", "ae": "MULTICRAFTER_AE", "text": "MULTICRAFTER_TEXT"}
 WEIGHT_FLAGS = {"ae": "--ae", "text": "--text-model"}
 
 def weights(cfg, parts=("dit", "ae", "text"), dit=None, ae=None, text=None, dit_flag="--model"):
     """The weights a FLUX.2 command needs, each from its flag's value (the keyword), else its environment variable,
-    else the preset's repo. -> [model.Weight] in the order of parts."""
+    else the preset's repo. -> [weights.Weight] in the order of parts."""
     given = dict(dit=dit, ae=ae, text=text)
     default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"), ae=(cfg.ae_repo, cfg.ae_file, "the AutoEncoder"),
                    text=(cfg.text_repo, None, f"the text model {cfg.text_repo.split('/')[-1]}"))
@@ -591,30 +592,30 @@ def weights(cfg, parts=("dit", "ae", "text"), dit=None, ae=None, text=None, dit_
     for part in parts:
         repo, file, what = default[part]
         source = given[part] or os.environ.get(WEIGHT_ENV[part]) or repo
-        out.append(M.Weight(what, source, file, WEIGHT_FLAGS.get(part, dit_flag), WEIGHT_ENV[part]))
+        out.append(WT.Weight(what, source, file, WEIGHT_FLAGS.get(part, dit_flag), WEIGHT_ENV[part]))
     return out
 
 def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
     """The DiT from `path` (file, folder or repo id; default: $MULTICRAFTER_DIT, else the preset's repo)."""
-    path = M.check_weights(weights(cfg, ("dit",), dit=path))[0]
+    path = WT.check_weights(weights(cfg, ("dit",), dit=path))[0]
     with torch.device("meta"):
         model = Flux2(cfg)
-    return M.load_state_dict_strict(model, path, device, dtype).eval()
+    return WT.load_state_dict_strict(model, path, device, dtype).eval()
 
 def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
     """The AutoEncoder from `path` (default: $MULTICRAFTER_AE, else BFL's ae.safetensors)."""
-    path = M.check_weights(weights(cfg, ("ae",), ae=path))[0]
+    path = WT.check_weights(weights(cfg, ("ae",), ae=path))[0]
     with torch.device("meta"):
         ae = AutoEncoder(cfg.ae)
-    if "bn.num_batches_tracked" in M.read_header(path):      # BatchNorm2d's step counter: kept by some copies, unused
+    if "bn.num_batches_tracked" in WT.read_header(path):      # BatchNorm2d's step counter: kept by some copies, unused
         ae.bn.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device="meta"))
-    return M.load_state_dict_strict(ae, path, device, dtype).eval()
+    return WT.load_state_dict_strict(ae, path, device, dtype).eval()
 
 def load_models(cfg, dit=None, ae=None, text=None, device="cpu", dtype=torch.bfloat16, parts=("dit", "ae", "text"),
                 dit_flag="--model"):
     """The DiT, AE and text encoder a command needs (parts), every missing weight listed at once before the first
     loads. -> (flux, ae, text encoder), None for a part not asked for."""
-    M.check_weights(weights(cfg, parts, dit, ae, text, dit_flag))
+    WT.check_weights(weights(cfg, parts, dit, ae, text, dit_flag))
     return (load_flux(cfg, dit, device, dtype) if "dit" in parts else None,
             load_ae(cfg, ae, device, dtype) if "ae" in parts else None,
             TextEncoder(cfg, text, dtype).to(device) if "text" in parts else None)

@@ -31,17 +31,16 @@ import model as M
 import moe_lora as ML
 import toy
 import training as TR
+import weights as WT
 
 def load_toy(base, adapter=None, ref_size=None):
-    # a toy checkpoint folder (+ an adapter) in fp32; the byte encoder pads as its header says it was trained;
-    # ref_size: the references' side the model was trained with (default: the preset's)
+    # a toy checkpoint folder (weights.load_toy) + an adapter; ref_size: the references' side the
+    # model was trained with (default: the preset's)
     cfg = M.get_config("toy", **({"ref_size": ref_size} if ref_size else {}))
-    flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
-    M.load_state_dict_strict(flux, os.path.join(base, "flux.safetensors"))
-    M.load_byte_encoder(text, os.path.join(base, "text_encoder.safetensors"))
+    flux, text, _ = WT.load_toy(base, cfg)
     if adapter:
         ML.load_adapter(flux, adapter)
-    return cfg, flux.eval(), text.eval(), ae
+    return cfg, flux.eval(), text.eval(), M.AutoEncoder(cfg.ae)
 
 @torch.no_grad()
 def sample(cfg, flux, text, ae, prompt, refs, seed, steps, ref_guidance=None, text_guidance=None):
@@ -175,7 +174,7 @@ def main(argv=None):
             print(toy.metrics_table(sanity_rows(records, args.manifest), toy.METRICS + ("following",)))
         else:
             speed(args)
-    except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:
+    except (D.DataError, D.InputError, WT.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
