@@ -63,6 +63,7 @@ import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
+import sampling as SM
 import toy_named
 import training as TR
 import weights as WT
@@ -657,7 +658,8 @@ def memory(args):
     return {"budget": b, "columns_GiB": {c: {k: v / GiB for k, v in r.items()} for c, r in cols.items()},
             "inference_GiB": inference_memory(args)}
 
-# inference: peak GPU memory when sampling, for each of model.py's low-VRAM options, from shapes on the meta device
+# inference: peak GPU memory when sampling, for each of weights.py's low-VRAM options, from shapes
+# on the meta device
 
 # google/t5-v1_1-xxl's encoder and openai/clip-vit-large-patch14's text model, from their config.json files
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -747,13 +749,13 @@ def rl(args):
         torch.nn.init.normal_(m.up.weight, std=0.01)
     ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), cfg.token_px
     refs = [toy_named.render_reference(toy_named.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
-    c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
+    c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
     G, w, rows = args.group, args.window, []
     flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     adv = torch.linspace(-1, 1, G)
 
     def iteration(T, l):
-        ts, window = M.get_schedule(T, args.grid ** 2), range(l, l + w)
+        ts, window = SM.get_schedule(T, args.grid ** 2), range(l, l + w)
         _, tr, _ = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(0))
         n_rollout = len(rows)
         logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], [(ts[i], ts[i + 1]) for i in window], 0.7, 3.5)
@@ -792,25 +794,25 @@ def shipped_toy():
 
 def guidance(args):
     """Sampling with the toy's guidance (4 on the references, 2 on the prompt: three DiT evaluations a step), the
-    prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE) against two forwards; and IPPO's
+    prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE) against two forwards; and IPPO's
     policy (training.velocity, forward + backward of a group), likewise. Timed interleaved; the outputs compared."""
     torch.manual_seed(args.seed)
     cfg, flux, ae, text, refs = shipped_toy()
-    c = M.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size,
+    c = SM.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size,
                           list(range(args.batch)), null_text=True)
-    ts = M.get_schedule(cfg.sample_steps, c["img"].shape[1])
+    ts = SM.get_schedule(cfg.sample_steps, c["img"].shape[1])
     c1 = {k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}      # IPPO's batch-1 condition
     c1["scales"] = (cfg.ref_guidance, cfg.text_guidance)
     x = torch.randn(args.group, *c["img"].shape[1:])
     def with_batching(on, fn):
         def run():
-            M.BATCH_GUIDANCE = on
+            SM.BATCH_GUIDANCE = on
             try:
                 return fn()
             finally:
-                M.BATCH_GUIDANCE = True
+                SM.BATCH_GUIDANCE = True
         return run
-    sample = lambda: M.denoise(flux, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+    sample = lambda: SM.denoise(flux, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
                                ref_guidance=cfg.ref_guidance, text_guidance=cfg.text_guidance)
     def policy():
         flux.zero_grad(set_to_none=True)
@@ -859,10 +861,10 @@ def compile_bench(args):
             loss.backward()
             return loss.detach()
         return run
-    c = M.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size, 0,
+    c = SM.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size, 0,
                           null_text=True)
-    ts = M.get_schedule(cfg.sample_steps, c["img"].shape[1])
-    sample = lambda f: lambda: M.denoise(f, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+    ts = SM.get_schedule(cfg.sample_steps, c["img"].shape[1])
+    sample = lambda f: lambda: SM.denoise(f, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
                                          ref_guidance=cfg.ref_guidance, text_guidance=cfg.text_guidance)
     res = {"backend": M.COMPILE_BACKEND}
     for name, make in (("train_step", train_step), ("sampling", sample)):
@@ -1121,8 +1123,8 @@ def sampling_section(cfg, S, device, seed):
     ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
     c = joint_inputs(cfg, S["large"], S["ref"], 1, device, torch.float32, seed)
     c.pop("timesteps"), c.pop("guidance")
-    ts = M.get_schedule(S["steps"], c["img"].shape[1])
-    image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
+    ts = SM.get_schedule(S["steps"], c["img"].shape[1])
+    image = lambda steps: lambda: SM.decode_images(ae, SM.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
                                                                 progress=False), S["large"], S["large"])
     out = {"steps": S["steps"], "resident_s": device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]}
     handles = WT.stream_blocks(flux, device)
@@ -1283,7 +1285,7 @@ def flux2_memory(args):
 
 def kv(args):
     """Sampling time of a klein-9B-KV-shaped model (references see only themselves at t = 0) at tiny scale: the
-    references' K/V computed once (flux2.denoise) against every step (model.denoise on the same model: equal
+    references' K/V computed once (flux2.denoise) against every step (sampling.denoise on the same model: equal
     outputs), with 2 and 4 references, fp32 on this machine's CPU."""
     torch.manual_seed(args.seed)
     cfg = F2.Flux2Config(in_channels=64, context_in_dim=64, hidden_size=args.hidden, num_heads=args.hidden // 64,
@@ -1298,8 +1300,8 @@ def kv(args):
         inp.pop("guidance")
         c = dict(inp, timesteps=ts, guidance=1.0, progress=False)
         with torch.no_grad():
-            gap = (F2.denoise(flux, **c) - M.denoise(flux, **c)).abs().max().item()
-            (t_cached, t_every), _ = interleaved_times([lambda: F2.denoise(flux, **c), lambda: M.denoise(flux, **c)],
+            gap = (F2.denoise(flux, **c) - SM.denoise(flux, **c)).abs().max().item()
+            (t_cached, t_every), _ = interleaved_times([lambda: F2.denoise(flux, **c), lambda: SM.denoise(flux, **c)],
                                                        args.reps)
         res[f"{n}_refs"] = dict(cached_s=median(t_cached), every_step_s=median(t_every),
                                 ratio=median(t_every) / median(t_cached), max_abs_diff=gap)

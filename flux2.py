@@ -13,12 +13,12 @@ What differs from FLUX.1 (black-forest-labs/flux2 src/flux2/model.py; diffusers'
   - its own schedule: an empirical mu from the image's token count and the number of steps
   - klein-9B-KV: references attend only to themselves at a fixed t = 0, so their K/V are computed once per sample
 
-Forward, prepare, sampling_inputs and denoise keep model.py's signatures (a pooled `y` is accepted and unused), so
-the trainers and the sampler call either family the same way; `family(cfg)` says which module holds a config's.
+Forward and prepare keep model.py's signatures, get_schedule, sampling_inputs and denoise
+sampling.py's (a pooled `y` is accepted and unused), so the trainers and the sampler call either
+family the same way, through `family(cfg)`.
 State-dict keys are BFL's (flux-2-klein-base-4b.safetensors, ae.safetensors), loaded strictly.
 """
 import os
-import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import model as M
+import sampling as SM
 import weights as WT
 
 # -----------------------------------------------------------------------------
@@ -119,11 +120,6 @@ def get_config(name, **overrides):
 
 def is_flux2(cfg):
     return isinstance(cfg, Flux2Config)
-
-def family(cfg):
-    """The module holding what differs between the families for cfg: this one for FLUX.2, model for FLUX.1 and the
-    toy. Both have prepare, text_ids, sampling_inputs, get_schedule and denoise with the same signatures."""
-    return sys.modules[__name__] if is_flux2(cfg) else M
 
 def dit(cfg):
     """An untrained DiT of cfg's family (on the current default device: meta for shapes only)."""
@@ -375,7 +371,7 @@ class Flux2(nn.Module):
         return self.final_layer(x if x.shape[1] == L_img else x[:, keep], vec)
 
 class CachedRefs:
-    """A ref_kv model for sampling (what model.denoise calls): the first call given references fills a RefKV, every
+    """A ref_kv model for sampling (what sampling.denoise calls): the first call given references fills a RefKV, every
     later call given references reads it instead (their K/V do not depend on the step, the noisy image or the
     prompt); calls without references run as they are."""
     def __init__(self, flux):
@@ -556,7 +552,7 @@ def get_schedule(num_steps, image_seq_len, shift=True):
     """num_steps + 1 timesteps from 1 to 0 (python floats, computed in fp32 like BFL)."""
     timesteps = torch.linspace(1, 0, num_steps + 1)
     if shift:
-        timesteps = M.time_shift(empirical_mu(image_seq_len, num_steps), 1.0, timesteps)
+        timesteps = SM.time_shift(empirical_mu(image_seq_len, num_steps), 1.0, timesteps)
     return timesteps.tolist()
 
 def train_mu(cfg, image_seq_len):
@@ -565,16 +561,37 @@ def train_mu(cfg, image_seq_len):
     return empirical_mu(image_seq_len, cfg.sample_steps) if is_flux2(cfg) else None
 
 # -----------------------------------------------------------------------------
-# sampling: model.py's, with this family's joint sequence and the references' K/V kept where the model allows
+# sampling: sampling.py's, with this family's joint sequence and, where the model allows, the
+# references' K/V kept
 
 def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="t", device="cpu", null_text=False):
-    """model.sampling_inputs, the sequence laid out by this module's prepare."""
-    return M.sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe, device, null_text,
-                             layout=prepare)
+    """sampling.sampling_inputs, the sequence laid out by this module's prepare."""
+    return SM.sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe, device, null_text,
+                              layout=prepare)
 
 def denoise(model, *args, **kw):
-    """model.denoise; a ref_kv model computes its references' K/V once (CachedRefs) instead of at every step."""
-    return M.denoise(CachedRefs(model) if model.cfg.ref_kv else model, *args, **kw)
+    """sampling.denoise; a ref_kv model computes its references' K/V once (CachedRefs), not at
+    every step."""
+    return SM.denoise(CachedRefs(model) if model.cfg.ref_kv else model, *args, **kw)
+
+# -----------------------------------------------------------------------------
+# the family: what differs between FLUX.1 and FLUX.2 for the trainers and the sampler
+
+@dataclass(frozen=True)
+class Family:
+    # each with the signature of model.py's (prepare, text_ids) or sampling.py's (the rest)
+    prepare: object
+    text_ids: object
+    get_schedule: object
+    sampling_inputs: object
+    denoise: object
+
+def family(cfg):
+    """cfg's family: this module's functions for FLUX.2; model.py's joint sequence and sampling.py's
+    sampler for FLUX.1 and the toy (looked up at each call, as a module's attributes are)."""
+    if is_flux2(cfg):
+        return Family(prepare, text_ids, get_schedule, sampling_inputs, denoise)
+    return Family(M.prepare, M.text_ids, SM.get_schedule, SM.sampling_inputs, SM.denoise)
 
 # -----------------------------------------------------------------------------
 # weights: where each comes from, on weights.py's machinery (Weight, check_weights, strict loading)

@@ -23,8 +23,9 @@ refused); a bad record is reported as manifest:line: field: why and skipped (exi
 
 A sample's files are written as one set: all under temporary names, then renamed, its PNG last (a PNG is only
 ever beside its own JSON and attention maps). A sample that is not finite (NaN or inf) is refused, naming why.
-The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
-src/flux/sampling.py); reading and preprocessing the reference images in data.py.
+The schedule, noise and Euler loop live in sampling.py (as black-forest-labs/flux keeps them in
+src/flux/sampling.py), the joint sequence in model.py, where the weights come from in weights.py;
+reading and preprocessing the reference images in data.py.
 """
 import fcntl, itertools, json, math, os, re, secrets, sys, tempfile
 from contextlib import contextmanager, nullcontext
@@ -39,6 +40,7 @@ import data as D
 import flux2 as F2
 import model as M
 import moe_lora as ML
+import sampling as SM
 import toy
 import weights as WT
 
@@ -312,7 +314,7 @@ def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
         if not finite[b]:
             continue
         with on(ae):                        # one at a time: the AE's peak memory stays that of one image
-            image, stem = M.decode_images(ae, x[b:b + 1], H, W)[0], os.path.splitext(png)[0]
+            image, stem = SM.decode_images(ae, x[b:b + 1], H, W)[0], os.path.splitext(png)[0]
         files = {png: lambda fh, im=image: im.save(fh, format="PNG")}
         if maps is not None:
             for i, over in enumerate(attention_overlays(image, maps[b], H // cfg.token_px, W // cfg.token_px)):
@@ -358,7 +360,7 @@ def resolve_run(args):
               f"(train_sft.py --drop-prompt), the baseline guidance subtracts", file=sys.stderr)
     if args.lora_scale != 1 and not (args.lora or own):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
-    ref_guidance, text_guidance = M.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
+    ref_guidance, text_guidance = SM.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=pick(args.pe, F2.default_pe(cfg)), device=device,
                         ref_guidance=ref_guidance, text_guidance=text_guidance,

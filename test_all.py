@@ -23,11 +23,12 @@ import curate as C
 import data as D
 import flux2 as F2
 import model as M
+import sampling as SM
 import toy
 import toy_named as TN
 import weights as WT
 from data import InputError, load_image, preprocess_ref
-from model import denoise, euler_step, get_schedule, sde_step
+from sampling import denoise, euler_step, get_schedule, sde_step
 from sample import main
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -527,8 +528,8 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # below), no file imports a command-line script, and no own module is imported inside a function
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "weights", "flux2", "moe_lora", "losses", "data", "cache", "rewards", "toy",
-             "curate", "runs", "training"]
+    order = ["model", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "cache",
+             "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
@@ -592,7 +593,7 @@ def test_schedule_hand_values():
 # SDE step (Flow-GRPO)
 
 def flow_grpo_reference(x, v, sigmas, i, eta):
-    # Flow-GRPO's sde_step_with_logprob algebra, written independently of model.sde_step
+    # Flow-GRPO's sde_step_with_logprob algebra, written independently of sampling.sde_step
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     dt = sigma_next - sigma
     std_dev_t = math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma))) * eta
@@ -650,7 +651,7 @@ def test_denoise_guides_each_condition_against_the_full_velocity(batched, monkey
     # constant velocities per condition: with the references and the prompt 1.0, without the references 0.2, with
     # the empty prompt 0.5 (read per row: batched, the prompt and the empty prompt are one forward of 2B rows); one
     # Euler step from t = 1 to 0 subtracts the guided velocity once
-    monkeypatch.setattr(M, "BATCH_GUIDANCE", batched)
+    monkeypatch.setattr(SM, "BATCH_GUIDANCE", batched)
     txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
     calls = []
     def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None,
@@ -679,7 +680,7 @@ def test_sampling_inputs_encode_the_empty_prompt_as_training_saw_it():
     cfg = M.get_config("toy", txt_pad="longest")
     torch.manual_seed(0)
     text, ae = M.ByteTextEncoder(cfg).eval(), M.AutoEncoder(cfg.ae)
-    c = M.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
+    c = SM.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
     assert c["txt_null"].shape == c["txt"].shape == (1, len("two circles"), cfg.context_in_dim)
     txt, y = text.train()(["two circles", ""])
     for got, want in ((c["txt"], txt[:1]), (c["txt_null"], txt[1:]), (c["y"], y[:1]), (c["y_null"], y[1:])):
@@ -731,7 +732,7 @@ def test_preprocess_ref():
 def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
     refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
-    inp = M.sampling_inputs(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
+    inp = SM.sampling_inputs(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
     assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64) and inp["y"].shape == (1, 64)
     assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
     ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
@@ -2361,7 +2362,7 @@ def rl_setup():
         torch.nn.init.normal_(m.up.weight, std=0.1)
     ae, text = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg)
     refs = [TN.render_reference(TN.SPRITES[3]), TN.render_reference(TN.SPRITES[77])]
-    c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
+    c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
     return flux, c, get_schedule(6, 64)
 
 @pytest.mark.parametrize("l", [0, 2, 4])
@@ -2391,12 +2392,12 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
 
 def test_guided_policy_is_the_sampler_users_run(rl_setup):
-    # IPPO with guidance: each velocity is model.guide's combination of three velocities (by hand below), and the
+    # IPPO with guidance: each velocity is sampling.guide's combination of three velocities (by hand below), and the
     # rollout's deterministic prefix is exactly what denoise samples with the same guidance
     flux, c0, ts = rl_setup
     cfg, ae, text = flux.cfg, M.AutoEncoder(flux.cfg.ae), M.ByteTextEncoder(flux.cfg)
     refs = [TN.render_reference(TN.SPRITES[3]), TN.render_reference(TN.SPRITES[77])]
-    c = dict(M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
+    c = dict(SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
     x, g, t = c["img"], torch.full((1,), 3.5), torch.full((1,), 0.6)
     base = (x, c["img_ids"])
     v_c = flux(*base, c["txt"], c["txt_ids"], t, c["y"], g, c["ref_img"], c["ref_img_ids"])
@@ -3384,11 +3385,11 @@ def test_batched_seeds_equal_one_at_a_time_and_a_non_finite_one_loses_only_itsel
             assert meta["seed"] == int(seed) and meta["id"] == n and meta["batch_size"] == 2
     main(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "3"])          # the same samples: all skipped
     assert "wrote 0 samples" in capsys.readouterr().err
-    real = M.denoise
+    real = SM.denoise
     def second_is_nan(*a, **k):
         x = real(*a, **k)
         return torch.cat([x[:1], torch.full_like(x[1:2], float("nan")), x[2:]]) if len(x) > 1 else x
-    monkeypatch.setattr(M, "denoise", second_is_nan)
+    monkeypatch.setattr(SM, "denoise", second_is_nan)
     err = sample_fails(capsys, *common, "--out-dir", str(tmp_path / "nan"), "--batch-size", "3")
     assert f"{tmp_path / 'nan' / '4' / names[0]}.png: not written: the sample is not finite" in err
     assert sorted(os.listdir(tmp_path / "nan" / "0")) == [f"{names[0]}.json", f"{names[0]}.png"]
@@ -3439,7 +3440,7 @@ def test_sample_flags_out_of_range_are_usage_errors(tmp_path, capsys, monkeypatc
 def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatch, flags):
     def allocated(*a, **k):
         raise AssertionError("allocated before the size was checked")
-    for mod, name in ((D, "preprocess_ref"), (M, "get_noise"), (S, "load_models")):
+    for mod, name in ((D, "preprocess_ref"), (SM, "get_noise"), (S, "load_models")):
         monkeypatch.setattr(mod, name, allocated)
     extra = [DEMO[0]] * (8 if "1024" in flags else 1)                 # 8 references of 1024 px: 32768 tokens
     err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
@@ -3523,8 +3524,8 @@ def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    real = M.denoise
-    monkeypatch.setattr(M, "denoise", interrupted)
+    real = SM.denoise
+    monkeypatch.setattr(SM, "denoise", interrupted)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(batch)
@@ -3533,7 +3534,7 @@ def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_
     assert [l.split(": ", 1)[0] for l in err.splitlines() if l.startswith(str(manifest))] == \
         [f"{manifest}:{n}" for n in (3, 4, 5)]                   # each a finding; none overwrites another's sample
     assert sorted(os.listdir(tmp_path / "s" / "0")) == ["7.json", "7.png"]
-    monkeypatch.setattr(M, "denoise", real)
+    monkeypatch.setattr(SM, "denoise", real)
     with pytest.raises(SystemExit) as e:
         main(batch)
     assert e.value.code == 1 and "wrote 2 samples" in capsys.readouterr().err
@@ -4016,12 +4017,12 @@ def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
     assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
 
 def test_batched_guidance_equals_two_forwards(monkeypatch):
-    # the prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE): the same samples and the same
+    # the prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE): the same samples and the same
     # IPPO policy velocities as two forwards, up to float rounding (GEMMs blocked by batch size; the guidance
     # multiplies a difference by up to 5 a step), on the shipped toy at its guidance (4 / 2)
     flux, ae, text, _ = S.load_models("toy", "toy", torch.device("cpu"))
     refs = [preprocess_ref(load_image(p), 16) for p in DEMO]
-    c = M.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
+    c = SM.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
     c1 = dict({k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}, scales=(4.0, 2.0))
     x = torch.randn(3, *c["img"].shape[1:])
     def both():
@@ -4029,7 +4030,7 @@ def test_batched_guidance_equals_two_forwards(monkeypatch):
             return (denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0,
                             text_guidance=2.0), training.velocity(flux, x, c1, 0.6, 1.0))
     batched = both()
-    monkeypatch.setattr(M, "BATCH_GUIDANCE", False)
+    monkeypatch.setattr(SM, "BATCH_GUIDANCE", False)
     for a, b in zip(batched, both()):
         torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
     plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0)
@@ -5406,7 +5407,7 @@ def test_flux2_reference_kv_matches_the_kv_pipeline_and_the_uncached_path():
             lambda m, a, kw, o: calls.append(len((a[7] if len(a) > 7 else kw.get("ref_img")) or [])), with_kwargs=True)
         fast = F2.denoise(ours, **args, **common)
         hook.remove()
-        slow = M.denoise(ours, **args, **common)
+        slow = SM.denoise(ours, **args, **common)
     assert (fast - slow).abs().max().item() < 1e-5
     assert calls[:3] == [2, 0, 0] and calls.count(2) == 1              # the references ran once, in 12 forwards
     with pytest.raises(ValueError, match="a model trained for it"):

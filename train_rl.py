@@ -42,9 +42,10 @@ import toy
 import runs
 import training as TR
 import data as D
+import sampling as SM
 import weights as WT
 from data import InputError, PromptDataset, write_atomic
-from model import decode_images
+from sampling import decode_images
 from weights import CheckpointError, read_header
 from rewards import RewardModelError, add_reward_args, build_reward, missing_reward_models, reward_weights
 
@@ -183,7 +184,7 @@ def main(argv=None):
     args.pe = runs.resolved(args.pe, F2.default_pe(cfg))
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
-    args.ref_guidance, args.text_guidance = M.guidance_scales(
+    args.ref_guidance, args.text_guidance = SM.guidance_scales(
         cfg, WT.learned_empty_prompt(args.preset, args.init if args.preset == "toy" else None), args.ref_guidance,
         args.text_guidance)
     args.micro_batch = runs.resolved(args.micro_batch, args.group // args.minibatches)

@@ -22,6 +22,7 @@ import losses as LS
 import model as M
 import moe_lora as ML
 import runs
+import sampling as SM
 import weights as WT
 from runs import TrainingError, print0
 
@@ -370,26 +371,26 @@ def expand(z, B):
 
 def forwards_per_velocity(c):
     # DiT rows per sample one guided velocity costs: the conditional one, + one without references, + one with ""
-    # (the last rides in the conditional forward's batch: model.guided_velocity)
+    # (the last rides in the conditional forward's batch: sampling.guided_velocity)
     w_ref, w_text = c.get("scales", (1.0, 1.0))
     return 1 + (w_ref != 1 and bool(c["ref_img"])) + (w_text != 1)
 
 def velocity(flux, x, c, t, guidance):
     """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded), guided
-    as sample.py guides (model.guided_velocity) by c's "scales" (reference, text) when it has them: the policy IPPO
+    as sample.py guides (sampling.guided_velocity) by c's "scales" (reference, text) when it has them: the policy IPPO
     samples and scores is then the sampler users run (the empty prompt comes from sampling_inputs(null_text=True))."""
     B, dev = x.shape[0], x.device
     w_ref, w_text = c.get("scales", (1.0, 1.0))
     e = lambda z: expand(z, B)
     null = (e(c["txt_null"]), e(c["y_null"])) if w_text != 1 else (None, None)
     with M.autocast(dev):
-        return M.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]),
+        return SM.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]),
                                  torch.full((B,), t, device=dev), e(c["y"]), torch.full((B,), guidance, device=dev),
                                  [e(r) for r in c["ref_img"]], [e(r) for r in c["ref_img_ids"]], w_ref, w_text, *null)
 
 @torch.no_grad()
 def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
-    """One group (Algorithm 1, lines 6-15). c: model.sampling_inputs' output (its img is the group's one noise).
+    """One group (Algorithm 1, lines 6-15). c: sampling.sampling_inputs' output (its img is the group's one noise).
     -> final latents (G, L, C), window record dict(x, x_next (G, w, L, C), old_logp (G, w)), DiT rows used."""
     x, rows, xs, nxt, lps = c["img"].float(), 0, [], [], []
     for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
@@ -398,12 +399,12 @@ def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
         v = velocity(flux, x, c, t, guidance)
         rows += x.shape[0] * forwards_per_velocity(c)
         if i in window:                                               # SDE step: pi_old's sample and log-prob
-            x_next, lp, _, _ = M.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
+            x_next, lp, _, _ = SM.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
             xs.append(x)
             nxt.append(x_next)
             lps.append(lp)
         else:                                                         # ODE step (Euler), deterministic
-            x_next = M.euler_step(x, v, t, t_next)
+            x_next = SM.euler_step(x, v, t, t_next)
         x = x_next
     return x, dict(x=torch.stack(xs, 1), x_next=torch.stack(nxt, 1), old_logp=torch.stack(lps, 1)), rows
 
@@ -416,7 +417,7 @@ class WindowPolicy(torch.nn.Module):
 
     def forward(self, c, x, x_next, steps, eta, guidance):
         # x, x_next (B, w, L, C); steps: the window's [(t, t_next)] -> logp (B, w), mean (B, w, L, C), std [w]
-        out = [M.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
+        out = [SM.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
                for j, (t, t_next) in enumerate(steps)]
         return torch.stack([o[1] for o in out], 1), torch.stack([o[2] for o in out], 1), [o[3] for o in out]
 
@@ -425,7 +426,7 @@ def kl_to_base(flux, c, x, x_next, mean, std, steps, eta, guidance):
     Gaussians with the step's std, so per element KL = (mu_theta - mu_base)^2 / (2 std^2) exactly (Flow-GRPO
     uses the same form without the step's dt in std). pi_base: the same model with its adapters off."""
     with torch.no_grad(), ML.disabled(flux):
-        base = torch.stack([M.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
+        base = torch.stack([SM.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
                                        prev=x_next[:, j])[2] for j, (t, t_next) in enumerate(steps)], 1)
     kl = [((mean[:, j] - base[:, j]) ** 2 / (2 * std[j] ** 2)).flatten(1).mean(1) for j in range(len(steps))]
     return torch.stack(kl, 1).mean(1)
