@@ -574,10 +574,6 @@ def live_peak(fn):
         fn()
     return m.peak
 
-def meta_sdpa(q, k, v, *args, **kwargs):
-    # the AE's attention as a fused kernel computes it: the output, no (L, L) scores (meta SDPA would keep them)
-    return torch.empty_like(q)
-
 def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch.bfloat16, foreach=True):
     """What one GPU holds to train adapters on a frozen DiT (batch per GPU, size px targets, refs of ref_size px,
     cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every piece alone
@@ -690,8 +686,8 @@ def inference_memory(args):
     meta = dict(device="meta", dtype=bf)
     ids = lambda n: torch.zeros(1, n, dtype=torch.long, device="meta")
     text_act = live_peak(lambda: (t5(input_ids=ids(cfg.max_txt_len)), clip(input_ids=ids(77))))
-    sdpa, attention = torch.nn.functional.scaled_dot_product_attention, M.attention
-    torch.nn.functional.scaled_dot_product_attention, M.attention = meta_sdpa, flash_like_attention
+    attention = M.attention           # the DiT's and the AE's attention, as fused kernels keep it
+    M.attention = flash_like_attention
     try:
         ae_act = {s: live_peak(lambda: ae.decode(torch.randn(1, cfg.ae.z_channels, s // 8, s // 8, **meta)))
                   for s in (512, 1024)}
@@ -707,7 +703,7 @@ def inference_memory(args):
         cols = [(s, n) for s in (512, 1024) for n in (1, 2, 3, 4)]
         act = {(k, c): dit_act(f, *c) for k, f in (("bf16", flux), ("fp8", flux8)) for c in cols}
     finally:
-        torch.nn.functional.scaled_dot_product_attention, M.attention = sdpa, attention
+        M.attention = attention
     text, aeb = nbytes(t5) + nbytes(clip), nbytes(ae)
     def phases(dit, kind, c, text_on_gpu=True):
         # each model on the GPU only while it runs (WT.resident): text encoding, then the references through the AE, then

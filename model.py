@@ -223,17 +223,18 @@ def apply_rope(x, pe):
     return torch.view_as_real(xc * pe).flatten(-2).type_as(x)
 
 # -----------------------------------------------------------------------------
-# the attention hook: the one attention of every block
+# the attention hook: the one attention of every block (and of the AE)
 
 def use_flash(q):
     # flash-attention 2 runs on CUDA in half precision with head dims up to 256; everything else takes SDPA
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 def attention(q, k, v, mask=None):
-    """The one attention of every DiT block (swap it here): q, k, v (B, L, H, D) -> (B, L, H*D). flash-attention
-    when installed and the inputs suit it (it takes this layout as is), else SDPA with its own flash /
-    memory-efficient kernels. SDPA gets (B, H, L, D) views: its output comes back laid out as (B, L, H, D) and the
-    flatten needs no copy. The probe never goes through here: it gets q and k from the blocks directly.
+    """The one attention of every DiT block and of the AE (swap it here): q, k, v (B, L, H, D) ->
+    (B, L, H*D). flash-attention when installed and the inputs suit it (it takes this layout as is),
+    else SDPA with its own flash / memory-efficient kernels. SDPA gets (B, H, L, D) views: its output
+    comes back laid out as (B, L, H, D) and the flatten needs no copy. The probe never goes through
+    here: it gets q and k from the blocks directly.
     mask: None, or (B, 1, L_q, L_k) bool, True where a query may attend (only the Separation oracle sets one)."""
     if mask is None and use_flash(q):
         return flash_attn_func(q, k, v).flatten(2)
@@ -673,8 +674,10 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, hw, C)
-        a = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, h, w)
+        # (B, hw, 1, C) each: one head of width C
+        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, :, None] for m in (self.q, self.k, self.v))
+        # through the one attention hook, so that swapping it (bench.py memory) reaches the AE's too
+        a = attention(q, k, v).transpose(1, 2).reshape(B, C, h, w)
         return x + self.proj_out(a)
 
 class Downsample(nn.Module):
