@@ -63,8 +63,10 @@ import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
+import sampling as SM
 import toy_named
 import training as TR
+import weights as WT
 
 parser = D.Parser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
 sub = parser.add_subparsers(dest="cmd", required=True)
@@ -572,10 +574,6 @@ def live_peak(fn):
         fn()
     return m.peak
 
-def meta_sdpa(q, k, v, *args, **kwargs):
-    # the AE's attention as a fused kernel computes it: the output, no (L, L) scores (meta SDPA would keep them)
-    return torch.empty_like(q)
-
 def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch.bfloat16, foreach=True):
     """What one GPU holds to train adapters on a frozen DiT (batch per GPU, size px targets, refs of ref_size px,
     cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every piece alone
@@ -656,7 +654,8 @@ def memory(args):
     return {"budget": b, "columns_GiB": {c: {k: v / GiB for k, v in r.items()} for c, r in cols.items()},
             "inference_GiB": inference_memory(args)}
 
-# inference: peak GPU memory when sampling, for each of model.py's low-VRAM options, from shapes on the meta device
+# inference: peak GPU memory when sampling, for each of weights.py's low-VRAM options, from shapes
+# on the meta device
 
 # google/t5-v1_1-xxl's encoder and openai/clip-vit-large-patch14's text model, from their config.json files
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -671,13 +670,13 @@ def inference_memory(args):
     """Peak GPU memory of one sample (batch 1): the weights on the GPU in each phase (text encoding, reference encoding,
     the denoising loop, decoding) plus that phase's peak of live tensors (LiveBytes, attention as fused kernels keep
     it), the largest phase being the peak. Options: everything resident; the text encoders and the AE on the GPU only
-    while they run, the DiT too (M.resident: text encoding, references, denoising, decoding in turn); the DiT in fp8 (M.store_fp8); its blocks streamed one at a time (M.stream_blocks);
+    while they run, the DiT too (WT.resident: text encoding, references, denoising, decoding in turn); the DiT in fp8 (WT.store_fp8); its blocks streamed one at a time (WT.stream_blocks);
     both; both with T5/CLIP run on the CPU."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     cfg, bf, GiB = M.get_config(args.preset), torch.bfloat16, 2 ** 30
     with torch.device("meta"):
         flux = M.Flux(cfg).to(bf).eval()
-        flux8 = M.store_fp8(M.Flux(cfg).to(bf).eval())
+        flux8 = WT.store_fp8(M.Flux(cfg).to(bf).eval())
         ae = M.AutoEncoder(cfg.ae).to(bf).eval()
         t5 = T5EncoderModel(T5Config(**T5_XXL)).to(bf).eval()
         clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(bf).eval()
@@ -687,8 +686,8 @@ def inference_memory(args):
     meta = dict(device="meta", dtype=bf)
     ids = lambda n: torch.zeros(1, n, dtype=torch.long, device="meta")
     text_act = live_peak(lambda: (t5(input_ids=ids(cfg.max_txt_len)), clip(input_ids=ids(77))))
-    sdpa, attention = torch.nn.functional.scaled_dot_product_attention, M.attention
-    torch.nn.functional.scaled_dot_product_attention, M.attention = meta_sdpa, flash_like_attention
+    attention = M.attention           # the DiT's and the AE's attention, as fused kernels keep it
+    M.attention = flash_like_attention
     try:
         ae_act = {s: live_peak(lambda: ae.decode(torch.randn(1, cfg.ae.z_channels, s // 8, s // 8, **meta)))
                   for s in (512, 1024)}
@@ -704,10 +703,10 @@ def inference_memory(args):
         cols = [(s, n) for s in (512, 1024) for n in (1, 2, 3, 4)]
         act = {(k, c): dit_act(f, *c) for k, f in (("bf16", flux), ("fp8", flux8)) for c in cols}
     finally:
-        torch.nn.functional.scaled_dot_product_attention, M.attention = sdpa, attention
+        M.attention = attention
     text, aeb = nbytes(t5) + nbytes(clip), nbytes(ae)
     def phases(dit, kind, c, text_on_gpu=True):
-        # each model on the GPU only while it runs (M.resident): text encoding, then the references through the AE, then
+        # each model on the GPU only while it runs (WT.resident): text encoding, then the references through the AE, then
         # the denoising loop, then decoding; the peak is the largest phase's weights + live tensors
         return max(text + text_act if text_on_gpu else 0, aeb + max(ae_act["ref"], ae_act[c[0]]), dit + act[(kind, c)])
     options = {
@@ -746,13 +745,13 @@ def rl(args):
         torch.nn.init.normal_(m.up.weight, std=0.01)
     ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), cfg.token_px
     refs = [toy_named.render_reference(toy_named.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
-    c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
+    c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
     G, w, rows = args.group, args.window, []
     flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     adv = torch.linspace(-1, 1, G)
 
     def iteration(T, l):
-        ts, window = M.get_schedule(T, args.grid ** 2), range(l, l + w)
+        ts, window = SM.get_schedule(T, args.grid ** 2), range(l, l + w)
         _, tr, _ = TR.rollout(flux, c, G, ts, window, 0.7, 3.5, torch.Generator().manual_seed(0))
         n_rollout = len(rows)
         logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], [(ts[i], ts[i + 1]) for i in window], 0.7, 3.5)
@@ -782,36 +781,34 @@ def rl(args):
 def shipped_toy():
     """The shipped toy as sample.py loads it (assets/toy: base, text encoder, adapter) and the demo's references."""
     cfg = M.get_config("toy")
-    flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
-    M.load_state_dict_strict(flux, os.path.join(M.TOY_DIR, "flux.safetensors"))
-    M.load_byte_encoder(text, os.path.join(M.TOY_DIR, "text_encoder.safetensors"))
-    ML.load_adapter(flux, os.path.join(M.TOY_DIR, "adapter.safetensors"))
-    assets = os.path.dirname(M.TOY_DIR)
+    flux, text, adapter = WT.load_toy(WT.TOY_DIR, cfg)
+    ML.load_adapter(flux, adapter)
+    assets = os.path.dirname(WT.TOY_DIR)
     refs = [D.preprocess_ref(D.load_image(os.path.join(assets, f)), cfg.ref_size)
             for f in ("orange_circle.png", "blue_square.png")]
     return cfg, flux.eval(), M.AutoEncoder(cfg.ae), text.eval(), refs
 
 def guidance(args):
     """Sampling with the toy's guidance (4 on the references, 2 on the prompt: three DiT evaluations a step), the
-    prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE) against two forwards; and IPPO's
+    prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE) against two forwards; and IPPO's
     policy (training.velocity, forward + backward of a group), likewise. Timed interleaved; the outputs compared."""
     torch.manual_seed(args.seed)
     cfg, flux, ae, text, refs = shipped_toy()
-    c = M.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size,
+    c = SM.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size,
                           list(range(args.batch)), null_text=True)
-    ts = M.get_schedule(cfg.sample_steps, c["img"].shape[1])
+    ts = SM.get_schedule(cfg.sample_steps, c["img"].shape[1])
     c1 = {k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}      # IPPO's batch-1 condition
     c1["scales"] = (cfg.ref_guidance, cfg.text_guidance)
     x = torch.randn(args.group, *c["img"].shape[1:])
     def with_batching(on, fn):
         def run():
-            M.BATCH_GUIDANCE = on
+            SM.BATCH_GUIDANCE = on
             try:
                 return fn()
             finally:
-                M.BATCH_GUIDANCE = True
+                SM.BATCH_GUIDANCE = True
         return run
-    sample = lambda: M.denoise(flux, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+    sample = lambda: SM.denoise(flux, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
                                ref_guidance=cfg.ref_guidance, text_guidance=cfg.text_guidance)
     def policy():
         flux.zero_grad(set_to_none=True)
@@ -860,10 +857,10 @@ def compile_bench(args):
             loss.backward()
             return loss.detach()
         return run
-    c = M.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size, 0,
+    c = SM.sampling_inputs(cfg, ae, text, "a circle and a square", refs, cfg.image_size, cfg.image_size, 0,
                           null_text=True)
-    ts = M.get_schedule(cfg.sample_steps, c["img"].shape[1])
-    sample = lambda f: lambda: M.denoise(f, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+    ts = SM.get_schedule(cfg.sample_steps, c["img"].shape[1])
+    sample = lambda f: lambda: SM.denoise(f, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
                                          ref_guidance=cfg.ref_guidance, text_guidance=cfg.text_guidance)
     res = {"backend": M.COMPILE_BACKEND}
     for name, make in (("train_step", train_step), ("sampling", sample)):
@@ -1122,15 +1119,15 @@ def sampling_section(cfg, S, device, seed):
     ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
     c = joint_inputs(cfg, S["large"], S["ref"], 1, device, torch.float32, seed)
     c.pop("timesteps"), c.pop("guidance")
-    ts = M.get_schedule(S["steps"], c["img"].shape[1])
-    image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
+    ts = SM.get_schedule(S["steps"], c["img"].shape[1])
+    image = lambda steps: lambda: SM.decode_images(ae, SM.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
                                                                 progress=False), S["large"], S["large"])
     out = {"steps": S["steps"], "resident_s": device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]}
-    handles = M.stream_blocks(flux, device)
+    handles = WT.stream_blocks(flux, device)
     out["offload_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
     for h in handles:
         h.remove()
-    M.store_fp8(flux.to(device))
+    WT.store_fp8(flux.to(device))
     out["fp8_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
     return out
 
@@ -1284,7 +1281,7 @@ def flux2_memory(args):
 
 def kv(args):
     """Sampling time of a klein-9B-KV-shaped model (references see only themselves at t = 0) at tiny scale: the
-    references' K/V computed once (flux2.denoise) against every step (model.denoise on the same model: equal
+    references' K/V computed once (flux2.denoise) against every step (sampling.denoise on the same model: equal
     outputs), with 2 and 4 references, fp32 on this machine's CPU."""
     torch.manual_seed(args.seed)
     cfg = F2.Flux2Config(in_channels=64, context_in_dim=64, hidden_size=args.hidden, num_heads=args.hidden // 64,
@@ -1299,8 +1296,8 @@ def kv(args):
         inp.pop("guidance")
         c = dict(inp, timesteps=ts, guidance=1.0, progress=False)
         with torch.no_grad():
-            gap = (F2.denoise(flux, **c) - M.denoise(flux, **c)).abs().max().item()
-            (t_cached, t_every), _ = interleaved_times([lambda: F2.denoise(flux, **c), lambda: M.denoise(flux, **c)],
+            gap = (F2.denoise(flux, **c) - SM.denoise(flux, **c)).abs().max().item()
+            (t_cached, t_every), _ = interleaved_times([lambda: F2.denoise(flux, **c), lambda: SM.denoise(flux, **c)],
                                                        args.reps)
         res[f"{n}_refs"] = dict(cached_s=median(t_cached), every_step_s=median(t_every),
                                 ratio=median(t_every) / median(t_cached), max_abs_diff=gap)

@@ -20,11 +20,12 @@ from tqdm import tqdm
 import data as D
 import flux2 as F2
 import model as M
+import weights as WT
 
 def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
     """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a checkpoint folder
     (default assets/toy) holding text_encoder.safetensors; for FLUX, checkpoint is the AE (file, folder or repo id)
-    and t5, clip the text encoders (model.flux_weights: else the environment, else the official repos); FLUX.2's
+    and t5, clip the text encoders (weights.flux_weights: else the environment, else the official repos); FLUX.2's
     text model comes from $MULTICRAFTER_TEXT or the preset's repo."""
     cfg, device = F2.get_config(model), torch.device(device)
     dtype = M.weight_dtype(device)
@@ -33,10 +34,11 @@ def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
         return text, ae, cfg
     if model == "toy":
         text = M.ByteTextEncoder(cfg)
-        M.load_byte_encoder(text, M.resolve_file(checkpoint or M.TOY_DIR, "text_encoder.safetensors"))
-        return text.to(device).eval(), M.load_ae(cfg, device=device), cfg
-    ae = M.load_ae(cfg, checkpoint, device, dtype)
-    return M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype=dtype).to(device), ae, cfg
+        WT.load_byte_encoder(text, WT.resolve_file(checkpoint or WT.TOY_DIR, WT.TOY_TEXT))
+        return text.to(device).eval(), WT.load_ae(cfg, device=device), cfg
+    _, ae, text = WT.load_models(cfg, ae=checkpoint, t5=t5, clip=clip, device=device, dtype=dtype,
+                                 parts=("ae", "t5", "clip"))
+    return text, ae, cfg
 
 @torch.no_grad()
 def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
@@ -112,8 +114,8 @@ class CachedDataset(torch.utils.data.Dataset):
         self.have = {}                                                  # (shard, tensor name) -> (shape, dtype)
         for shard in sorted({r["shard"] for r in self.records}):
             try:
-                self.have.update(((shard, k), v) for k, v in M.read_header(os.path.join(folder, shard)).items())
-            except M.CheckpointError as e:
+                self.have.update(((shard, k), v) for k, v in WT.read_header(os.path.join(folder, shard)).items())
+            except WT.CheckpointError as e:
                 raise D.DataError(f"cache shard {e}") from None
         lost = [(r, n) for r in self.records for n in self.names(r) if (r["shard"], n) not in self.have]
         if lost:
@@ -211,15 +213,15 @@ def main(argv=None):
         if args.model == "toy":
             pf.need(not (args.ae or args.t5 or args.clip_text), "--ae, --t5, --clip-text: FLUX's weights; the toy's "
                     "text encoder is --checkpoint")
-            pf.folder("--checkpoint", args.checkpoint, ["text_encoder.safetensors"])
+            pf.folder("--checkpoint", args.checkpoint, [WT.TOY_TEXT])
         else:
             pf.need(not args.checkpoint, "--checkpoint: the toy's; FLUX's AE is --ae")
-            pf.weights(M.flux_weights(args.model, ("ae", "t5", "clip"), ae=args.ae, t5=args.t5, clip=args.clip_text))
+            pf.weights(WT.flux_weights(args.model, ("ae", "t5", "clip"), ae=args.ae, t5=args.t5, clip=args.clip_text))
         pf.check()
         buckets = [tuple(map(int, b.split("x"))) for b in args.buckets] if args.buckets else None
         write_cache(args.manifest, args.out, args.model, args.checkpoint if args.model == "toy" else args.ae,
                     args.size, args.ref_size, buckets, max(1, args.shard_size), args.device, args.t5, args.clip_text, args.force)
-    except (D.DataError, D.InputError, M.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
+    except (D.DataError, D.InputError, WT.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

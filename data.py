@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors import SafetensorError
 
-import model as M
+import weights as WT
 
 class DataError(ValueError):
     """A bad manifest or record: the message says which and why."""
@@ -155,10 +155,10 @@ class Preflight:
         return self.need(not lack, f"{flag} {path}: no {' or '.join(lack)} in it")
 
     def weights(self, weights):
-        """[model.Weight]: each on this machine, or (one problem) every missing one with its download command."""
+        """[weights.Weight]: each on this machine, or (one problem) every missing one with its download command."""
         try:
-            M.check_weights(weights)
-        except M.CheckpointError as e:
+            WT.check_weights(weights)
+        except WT.CheckpointError as e:
             self.problems.append(str(e))
 
     def check(self):
@@ -298,7 +298,7 @@ def file_errors(path, doing, error=InputError):
         raise error(f"{path}: cannot {doing} ({file_problem(e)})") from None
 
 # a temporary file is named for the process writing it, so whoever opens its folder later can tell a dead
-# writer's leftover from a live one's: ours .tmp-PID-*, model.save_safetensors' NAME.tmpPID
+# writer's leftover from a live one's: ours .tmp-PID-*, weights.save_safetensors' NAME.tmpPID
 TEMPORARY = re.compile(r"\.tmp-(\d+)-|.+\.tmp(\d+)$")
 
 def fsync_dir(path):
@@ -866,7 +866,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         return check(args.manifest, deep=not args.quick)
-    except (DataError, InputError, M.CheckpointError, *FILE_ERRORS) as e:   # user mistakes: one line
+    except (DataError, InputError, WT.CheckpointError, *FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

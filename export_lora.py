@@ -21,8 +21,8 @@ import torch
 
 import data as D
 import flux2 as F2
-import model as M
 import moe_lora as ML
+import weights as WT
 
 def build_parser():
     p = D.Parser(description=__doc__)
@@ -39,24 +39,24 @@ def adapter_model(arch, path):
     None: the first preset (flux-dev, flux-schnell, toy) whose layers the tensors fit."""
     meta, sd = ML.read_adapter(path)
     if "multicrafter_adapter" not in meta:
-        raise M.CheckpointError(f"{path}: not a multicrafter adapter (UNO's dit_lora files load with sample.py --lora)")
+        raise WT.CheckpointError(f"{path}: not a multicrafter adapter (UNO's dit_lora files load with sample.py --lora)")
     try:
         cfg = json.loads(meta["multicrafter_adapter"])
     except (ValueError, RecursionError):
         cfg = None
     if not isinstance(cfg, dict):
-        raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
+        raise WT.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
     for name in [arch] if arch else F2.presets():
         with torch.device("meta"):
             flux = F2.dit(F2.get_config(name))
         try:
             ML.configure(flux, path, sd, **cfg)     # the header checked against the tensors first
             break
-        except M.CheckpointError:
+        except WT.CheckpointError:
             if arch:
                 raise
     else:
-        raise M.CheckpointError(f"{path}: its adapters fit none of the architectures {', '.join(F2.presets())} "
+        raise WT.CheckpointError(f"{path}: its adapters fit none of the architectures {', '.join(F2.presets())} "
                                 f"(pass --arch to see what differs)")
     for _, m in ML.adapters(flux):                 # the adapters' own layers and buffers onto the CPU; the base stays
         for name, child in m.named_children():
@@ -78,7 +78,7 @@ def main(argv=None):
         model = adapter_model(args.arch, args.adapter)
         with D.file_errors(args.out, "write"):                        # a full disk: one line, no temporary left
             sd, skipped = ML.export_diffusers(model, args.out, moe=args.moe)
-    except (D.InputError, M.CheckpointError, ValueError) as e:   # ValueError: MoE-LoRA refused, or an unmappable layer
+    except (D.InputError, WT.CheckpointError, ValueError) as e:   # ValueError: MoE-LoRA refused, or an unmappable layer
         print(f"error: {e}", file=sys.stderr)
         return 2
     note = f"; {len(skipped)} MoE-LoRA layers left out (listed in its header): {', '.join(skipped)}" if skipped else ""

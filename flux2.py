@@ -13,12 +13,12 @@ What differs from FLUX.1 (black-forest-labs/flux2 src/flux2/model.py; diffusers'
   - its own schedule: an empirical mu from the image's token count and the number of steps
   - klein-9B-KV: references attend only to themselves at a fixed t = 0, so their K/V are computed once per sample
 
-Forward, prepare, sampling_inputs and denoise keep model.py's signatures (a pooled `y` is accepted and unused), so
-the trainers and the sampler call either family the same way; `family(cfg)` says which module holds a config's.
+Forward and prepare keep model.py's signatures, get_schedule, sampling_inputs and denoise
+sampling.py's (a pooled `y` is accepted and unused), so the trainers and the sampler call either
+family the same way, through `family(cfg)`.
 State-dict keys are BFL's (flux-2-klein-base-4b.safetensors, ae.safetensors), loaded strictly.
 """
 import os
-import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import model as M
+import sampling as SM
+import weights as WT
 
 # -----------------------------------------------------------------------------
 # config
@@ -118,11 +120,6 @@ def get_config(name, **overrides):
 
 def is_flux2(cfg):
     return isinstance(cfg, Flux2Config)
-
-def family(cfg):
-    """The module holding what differs between the families for cfg: this one for FLUX.2, model for FLUX.1 and the
-    toy. Both have prepare, text_ids, sampling_inputs, get_schedule and denoise with the same signatures."""
-    return sys.modules[__name__] if is_flux2(cfg) else M
 
 def dit(cfg):
     """An untrained DiT of cfg's family (on the current default device: meta for shapes only)."""
@@ -374,7 +371,7 @@ class Flux2(nn.Module):
         return self.final_layer(x if x.shape[1] == L_img else x[:, keep], vec)
 
 class CachedRefs:
-    """A ref_kv model for sampling (what model.denoise calls): the first call given references fills a RefKV, every
+    """A ref_kv model for sampling (what sampling.denoise calls): the first call given references fills a RefKV, every
     later call given references reads it instead (their K/V do not depend on the step, the noisy image or the
     prompt); calls without references run as they are."""
     def __init__(self, flux):
@@ -503,7 +500,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Mistral3ForConditionalGeneration
         self.cfg, self.max_len, self.truncated = cfg, cfg.max_txt_len, 0
-        folder = M.check_weights(weights(cfg, ("text",), text=path))[0]
+        folder = WT.check_weights(weights(cfg, ("text",), text=path))[0]
         try:
             if cfg.text_encoder == "mistral3":
                 self.tok = AutoProcessor.from_pretrained(folder)
@@ -512,7 +509,7 @@ class TextEncoder(nn.Module):
                 self.tok = AutoTokenizer.from_pretrained(folder)
                 self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except OSError as e:
-            raise M.CheckpointError(f"could not load the text model: {str(e).splitlines()[0]}") from None
+            raise WT.CheckpointError(f"could not load the text model: {str(e).splitlines()[0]}") from None
         self.lm.eval().requires_grad_(False)
 
     def chat(self, prompt):
@@ -555,7 +552,7 @@ def get_schedule(num_steps, image_seq_len, shift=True):
     """num_steps + 1 timesteps from 1 to 0 (python floats, computed in fp32 like BFL)."""
     timesteps = torch.linspace(1, 0, num_steps + 1)
     if shift:
-        timesteps = M.time_shift(empirical_mu(image_seq_len, num_steps), 1.0, timesteps)
+        timesteps = SM.time_shift(empirical_mu(image_seq_len, num_steps), 1.0, timesteps)
     return timesteps.tolist()
 
 def train_mu(cfg, image_seq_len):
@@ -564,26 +561,47 @@ def train_mu(cfg, image_seq_len):
     return empirical_mu(image_seq_len, cfg.sample_steps) if is_flux2(cfg) else None
 
 # -----------------------------------------------------------------------------
-# sampling: model.py's, with this family's joint sequence and the references' K/V kept where the model allows
+# sampling: sampling.py's, with this family's joint sequence and, where the model allows, the
+# references' K/V kept
 
 def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="t", device="cpu", null_text=False):
-    """model.sampling_inputs, the sequence laid out by this module's prepare."""
-    return M.sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe, device, null_text,
-                             layout=prepare)
+    """sampling.sampling_inputs, the sequence laid out by this module's prepare."""
+    return SM.sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe, device, null_text,
+                              layout=prepare)
 
 def denoise(model, *args, **kw):
-    """model.denoise; a ref_kv model computes its references' K/V once (CachedRefs) instead of at every step."""
-    return M.denoise(CachedRefs(model) if model.cfg.ref_kv else model, *args, **kw)
+    """sampling.denoise; a ref_kv model computes its references' K/V once (CachedRefs), not at
+    every step."""
+    return SM.denoise(CachedRefs(model) if model.cfg.ref_kv else model, *args, **kw)
 
 # -----------------------------------------------------------------------------
-# weights: where each comes from (model.Weight, model.check_weights: every missing one listed with its download line)
+# the family: what differs between FLUX.1 and FLUX.2 for the trainers and the sampler
+
+@dataclass(frozen=True)
+class Family:
+    # each with the signature of model.py's (prepare, text_ids) or sampling.py's (the rest)
+    prepare: object
+    text_ids: object
+    get_schedule: object
+    sampling_inputs: object
+    denoise: object
+
+def family(cfg):
+    """cfg's family: this module's functions for FLUX.2; model.py's joint sequence and sampling.py's
+    sampler for FLUX.1 and the toy (looked up at each call, as a module's attributes are)."""
+    if is_flux2(cfg):
+        return Family(prepare, text_ids, get_schedule, sampling_inputs, denoise)
+    return Family(M.prepare, M.text_ids, SM.get_schedule, SM.sampling_inputs, SM.denoise)
+
+# -----------------------------------------------------------------------------
+# weights: where each comes from, on weights.py's machinery (Weight, check_weights, strict loading)
 
 WEIGHT_ENV = {"dit": "MULTICRAFTER_DIT", "ae": "MULTICRAFTER_AE", "text": "MULTICRAFTER_TEXT"}
 WEIGHT_FLAGS = {"ae": "--ae", "text": "--text-model"}
 
 def weights(cfg, parts=("dit", "ae", "text"), dit=None, ae=None, text=None, dit_flag="--model"):
     """The weights a FLUX.2 command needs, each from its flag's value (the keyword), else its environment variable,
-    else the preset's repo. -> [model.Weight] in the order of parts."""
+    else the preset's repo. -> [weights.Weight] in the order of parts."""
     given = dict(dit=dit, ae=ae, text=text)
     default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"), ae=(cfg.ae_repo, cfg.ae_file, "the AutoEncoder"),
                    text=(cfg.text_repo, None, f"the text model {cfg.text_repo.split('/')[-1]}"))
@@ -591,30 +609,30 @@ def weights(cfg, parts=("dit", "ae", "text"), dit=None, ae=None, text=None, dit_
     for part in parts:
         repo, file, what = default[part]
         source = given[part] or os.environ.get(WEIGHT_ENV[part]) or repo
-        out.append(M.Weight(what, source, file, WEIGHT_FLAGS.get(part, dit_flag), WEIGHT_ENV[part]))
+        out.append(WT.Weight(what, source, file, WEIGHT_FLAGS.get(part, dit_flag), WEIGHT_ENV[part]))
     return out
 
 def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
     """The DiT from `path` (file, folder or repo id; default: $MULTICRAFTER_DIT, else the preset's repo)."""
-    path = M.check_weights(weights(cfg, ("dit",), dit=path))[0]
+    path = WT.check_weights(weights(cfg, ("dit",), dit=path))[0]
     with torch.device("meta"):
         model = Flux2(cfg)
-    return M.load_state_dict_strict(model, path, device, dtype).eval()
+    return WT.load_state_dict_strict(model, path, device, dtype).eval()
 
 def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
     """The AutoEncoder from `path` (default: $MULTICRAFTER_AE, else BFL's ae.safetensors)."""
-    path = M.check_weights(weights(cfg, ("ae",), ae=path))[0]
+    path = WT.check_weights(weights(cfg, ("ae",), ae=path))[0]
     with torch.device("meta"):
         ae = AutoEncoder(cfg.ae)
-    if "bn.num_batches_tracked" in M.read_header(path):      # BatchNorm2d's step counter: kept by some copies, unused
+    if "bn.num_batches_tracked" in WT.read_header(path):      # BatchNorm2d's step counter: kept by some copies, unused
         ae.bn.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device="meta"))
-    return M.load_state_dict_strict(ae, path, device, dtype).eval()
+    return WT.load_state_dict_strict(ae, path, device, dtype).eval()
 
 def load_models(cfg, dit=None, ae=None, text=None, device="cpu", dtype=torch.bfloat16, parts=("dit", "ae", "text"),
                 dit_flag="--model"):
     """The DiT, AE and text encoder a command needs (parts), every missing weight listed at once before the first
     loads. -> (flux, ae, text encoder), None for a part not asked for."""
-    M.check_weights(weights(cfg, parts, dit, ae, text, dit_flag))
+    WT.check_weights(weights(cfg, parts, dit, ae, text, dit_flag))
     return (load_flux(cfg, dit, device, dtype) if "dit" in parts else None,
             load_ae(cfg, ae, device, dtype) if "ae" in parts else None,
             TextEncoder(cfg, text, dtype).to(device) if "text" in parts else None)

@@ -15,7 +15,8 @@ tokens (rows sum to 1), `logps` per reference (P_i, M) log-probabilities of sele
 
 import torch
 
-from model import fp32, get_lin_function, time_shift
+from model import fp32
+from sampling import get_lin_function, time_shift
 
 def sample_timesteps(batch, image_seq_len, shift=True, generator=None, device="cpu", mu=None):
     """Logit-normal t (sigmoid of a standard normal: most samples mid-way, few at the ends; SD3/FLUX), pushed

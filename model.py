@@ -1,35 +1,29 @@
 """
-FLUX.1 written from scratch in plain PyTorch, with UNO-style reference images and an attention probe.
+The networks: FLUX.1 written from scratch in plain PyTorch, with UNO-style references and a probe.
 
-Everything a sampler or a trainer needs to turn (noise, prompt, reference images) into an image:
-  - FluxConfig + presets ("flux-dev", "flux-schnell", "toy")
-  - the DiT (Flux): RoPE over 3 axes, QK-RMSNorm, adaLN modulation, double/single stream blocks
-  - the FLUX AutoEncoder (and the parameter-free pixel-unshuffle stand-in used by the toy preset)
-  - text conditioning: T5-XXL + CLIP-L through transformers, or a tiny byte-level encoder for the toy
-  - latent packing (2x2 patches), position ids with UNO's diagonal offsets for references, and `prepare`: the one
-    place the joint sequence [txt | img | ref_1 ... ref_N] is built, for sampling and training alike
-  - loaders that read the official safetensors (local file or Hugging Face repo id) strictly
-  - the flow: timestep schedule (resolution-dependent shift), noise, the Euler ODE step, Flow-GRPO's SDE step
-    with its log-probability, and the denoising loop (black-forest-labs/flux src/flux/sampling.py)
+  - FluxConfig + presets ("flux-dev", "flux-schnell", "toy"), and the one place for device and dtype
+  - the DiT (Flux): RoPE over 3 axes, QK-RMSNorm, adaLN modulation, double/single stream blocks, all
+    attending through one hook (`attention`), and the attention probe the blocks hand their q, k
+  - latent packing (2x2 patches), position ids with UNO's diagonal offsets for references, and
+    `prepare`: the one place the joint sequence [txt | img | ref_1 ... ref_N] is built
+  - the FLUX AutoEncoder (and the parameter-free pixel-unshuffle stand-in of the toy preset)
+  - text conditioning: T5-XXL + CLIP-L through transformers, or a tiny byte-level encoder (toy)
 
 State-dict keys and shapes equal the official flux1-dev/flux1-schnell/ae safetensors files, so the
-checkpoints load unchanged. The model knows nothing about losses: the attention probe is a callback
-that double blocks hand their post-norm, post-RoPE q/k (losses.py decides what to do with them).
+checkpoints load unchanged: weights.py finds and loads them (a network never sees a path), and
+sampling.py steps from noise to an image (BFL's util.py and sampling.py). The model knows nothing
+about losses: the attention probe is a callback that double blocks hand their post-norm, post-RoPE
+q/k (losses.py decides what to do with them).
 """
-import glob
 import math
-import os
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from PIL import Image
-from tqdm import tqdm
 
 try:   # flash-attention 2, when installed (pip install flash-attn): the attention hook uses it on CUDA in bf16/fp16
     from flash_attn import flash_attn_func
@@ -108,16 +102,11 @@ CONFIGS = {
                                                            scale_factor=1.0, shift_factor=0.0),
                       image_size=32, ref_size=16, sample_steps=20, guidance=1.0, ref_guidance=4.0, text_guidance=2.0),
 }
-TOY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")   # the shipped toy checkpoint
 
 def get_config(name, **overrides):
     if name not in CONFIGS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(CONFIGS)}")
     return replace(CONFIGS[name], **overrides)
-
-class CheckpointError(ValueError):
-    """Weights that cannot be loaded (absent, corrupt, another architecture): the message names the file
-    and what is wrong, and says how to get the right one."""
 
 # -----------------------------------------------------------------------------
 # device and dtype: the one place that decides
@@ -137,28 +126,9 @@ def weight_dtype(device):
 def param_dtype(m):
     return next(m.parameters(), torch.empty(0)).dtype      # the toy AE has no parameters: fp32
 
-# -----------------------------------------------------------------------------
-# tensors FSDP shards (training.shard): each rank holds one piece of a DTensor; files hold whole tensors
-
-def sharded(module):
-    # whether FSDP shards this module's parameters (its weights are then DTensors)
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-def whole(t):
-    """A tensor in one piece: an FSDP-sharded DTensor gathered from every rank (a collective: every rank calls it for
-    the same tensors in the same order), any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-def placed_like(param, value):
-    """A whole tensor (a file's) laid out as `param` is: this rank's piece where FSDP shards param and value has its
-    shape (every rank holds the whole value, so no communication), else value itself."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if not isinstance(param, DTensor) or not torch.is_tensor(value) or value.shape != param.shape:
-        return value
-    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                             src_data_rank=None)
+def fp32(x):
+    # at least fp32 (keeps fp64 in tests): softmaxes, norms and log-probs never run in bf16
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 # -----------------------------------------------------------------------------
 # small pieces
@@ -183,14 +153,6 @@ class MLPEmbedder(nn.Module):
     def forward(self, x):
         return self.out_layer(F.silu(self.in_layer(x)))
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))   # "scale", not "weight": official key name
-
-    def forward(self, x):
-        return RMSNormFn.apply(x, self.scale)
-
 class RMSNormFn(torch.autograd.Function):
     """x * rsqrt(mean(x^2) + 1e-6) * scale, the statistics in (at least) fp32 whatever the input dtype, cast back
     before the scale as in the official code. Autograd through those ops would keep the normalized x alive until
@@ -212,6 +174,14 @@ class RMSNormFn(torch.autograd.Function):
         gsr = gr * scale
         c = (gsr * xf).mean(-1, keepdim=True) * rrms.square()
         return torch.addcmul(gsr, xf, c, value=-1).to(x.dtype), d_scale
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))   # "scale", not "weight": official key name
+
+    def forward(self, x):
+        return RMSNormFn.apply(x, self.scale)
 
 class QKNorm(nn.Module):
     def __init__(self, head_dim):
@@ -253,24 +223,18 @@ def apply_rope(x, pe):
     return torch.view_as_real(xc * pe).flatten(-2).type_as(x)
 
 # -----------------------------------------------------------------------------
-# the attention probe interface (what double blocks hand a probe)
-
-@dataclass
-class Spans:
-    """Where each stream sits in the joint sequence [txt | img | ref_1 ... ref_N] of a forward pass."""
-    txt: int                 # text tokens occupy [0, txt)
-    img: tuple               # (start, end) of the generated image's tokens
-    refs: list               # [(start, end)] per reference image
+# the attention hook: the one attention of every block (and of the AE)
 
 def use_flash(q):
     # flash-attention 2 runs on CUDA in half precision with head dims up to 256; everything else takes SDPA
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 def attention(q, k, v, mask=None):
-    """The one attention of every DiT block (swap it here): q, k, v (B, L, H, D) -> (B, L, H*D). flash-attention
-    when installed and the inputs suit it (it takes this layout as is), else SDPA with its own flash /
-    memory-efficient kernels. SDPA gets (B, H, L, D) views: its output comes back laid out as (B, L, H, D) and the
-    flatten needs no copy. The probe never goes through here: it gets q and k from the blocks directly.
+    """The one attention of every DiT block and of the AE (swap it here): q, k, v (B, L, H, D) ->
+    (B, L, H*D). flash-attention when installed and the inputs suit it (it takes this layout as is),
+    else SDPA with its own flash / memory-efficient kernels. SDPA gets (B, H, L, D) views: its output
+    comes back laid out as (B, L, H, D) and the flatten needs no copy. The probe never goes through
+    here: it gets q and k from the blocks directly.
     mask: None, or (B, 1, L_q, L_k) bool, True where a query may attend (only the Separation oracle sets one)."""
     if mask is None and use_flash(q):
         return flash_attn_func(q, k, v).flatten(2)
@@ -281,9 +245,15 @@ def heads(x, num_heads):
     # (B, L, H*D) -> (B, L, H, D), a view
     return x.unflatten(-1, (num_heads, -1))
 
-def fp32(x):
-    # at least fp32 (keeps fp64 in tests): softmaxes, norms and log-probs never run in bf16
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+# -----------------------------------------------------------------------------
+# the attention probe interface (what double blocks hand a probe)
+
+@dataclass
+class Spans:
+    """Where each stream sits in the joint sequence [txt | img | ref_1 ... ref_N] of a forward pass."""
+    txt: int                 # text tokens occupy [0, txt)
+    img: tuple               # (start, end) of the generated image's tokens
+    refs: list               # [(start, end)] per reference image
 
 def block_names(cfg):
     """The DiT's blocks by name, in the order they run: d0 .. (double-stream), s0 .. (single-stream)."""
@@ -613,6 +583,17 @@ class Flux(nn.Module):
             x = self._run(block, x, vec, pe, keep if trim else slice(None), name, p, spans, m)
         return self.final_layer(x if x.shape[1] == L_img else x[:, keep], vec)
 
+COMPILE_BACKEND = "inductor"     # torch.compile's backend for compile_blocks (the suite uses aot_eager: seconds)
+
+def compile_blocks(flux):
+    """torch.compile the forward of every double and single block (--compile). The modules stay as they are (state
+    dict keys, adapters) and their hooks run outside the compiled code (FSDP's gathering, stream_blocks' copies,
+    gradient checkpointing around the call); blocks of one kind share their compiled code, made by the first
+    forward (and backward). -> flux."""
+    for block in (*flux.double_blocks, *flux.single_blocks):
+        block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
+    return flux
+
 # -----------------------------------------------------------------------------
 # latent packing and position ids
 
@@ -693,8 +674,10 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, hw, C)
-        a = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, h, w)
+        # (B, hw, 1, C) each: one head of width C
+        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, :, None] for m in (self.q, self.k, self.v))
+        # through the one attention hook, so that swapping it (bench.py memory) reaches the AE's too
+        a = attention(q, k, v).transpose(1, 2).reshape(B, C, h, w)
         return x + self.proj_out(a)
 
 class Downsample(nn.Module):
@@ -864,19 +847,15 @@ class ByteTextEncoder(nn.Module):
 
 class T5CLIPEncoder(nn.Module):
     """The official conditioning: T5-XXL last hidden state (padded to max_len) and CLIP-L pooled output."""
-    def __init__(self, max_len, t5=None, clip=None, dtype=torch.bfloat16):
-        # t5, clip: local folders or repo ids (default: $MULTICRAFTER_T5 / $MULTICRAFTER_CLIP, else the official repos)
+    def __init__(self, max_len, t5, clip, dtype=torch.bfloat16):
+        # t5, clip: local model folders (weights.load_t5_clip finds them)
         super().__init__()
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
         self.max_len, self.truncated = max_len, 0
-        try:
-            t5, clip = check_weights(flux_weights("flux-dev", ("t5", "clip"), t5=t5, clip=clip))
-            self.t5_tok = AutoTokenizer.from_pretrained(t5)
-            self.t5 = T5EncoderModel.from_pretrained(t5, dtype=dtype).eval().requires_grad_(False)
-            self.clip_tok = AutoTokenizer.from_pretrained(clip)
-            self.clip = CLIPTextModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False)
-        except (OSError, CheckpointError) as e:
-            raise CheckpointError(f"could not load the text encoders: {str(e).splitlines()[0]}") from None
+        self.t5_tok = AutoTokenizer.from_pretrained(t5)
+        self.t5 = T5EncoderModel.from_pretrained(t5, dtype=dtype).eval().requires_grad_(False)
+        self.clip_tok = AutoTokenizer.from_pretrained(clip)
+        self.clip = CLIPTextModel.from_pretrained(clip, dtype=dtype).eval().requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, prompts):
@@ -888,490 +867,3 @@ class T5CLIPEncoder(nn.Module):
         txt = self.t5(input_ids=t.input_ids.to(dev)).last_hidden_state          # (B, max_len, 4096)
         y = self.clip(input_ids=c.input_ids.to(dev)).pooler_output              # (B, 768)
         return txt, y
-
-# -----------------------------------------------------------------------------
-# loading official (or project) safetensors files
-
-# where every weight comes from: a flag's value, else an environment variable, else the preset's Hugging Face repo.
-# Nothing here touches the network: a repo id is looked up in the local Hugging Face cache only, so an offline
-# machine fails at once (no retries), and every missing weight of a command is listed in one message.
-
-WEIGHT_ENV = {"dit": "MULTICRAFTER_DIT", "ae": "MULTICRAFTER_AE", "t5": "MULTICRAFTER_T5", "clip": "MULTICRAFTER_CLIP"}
-T5_REPO, CLIP_TEXT_REPO = "google/t5-v1_1-xxl", "openai/clip-vit-large-patch14"
-# licence to accept first; FLUX.1-schnell and FLUX.2 [klein] 4B (Apache-2.0) are not gated
-GATED = {"black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-9B",
-         "black-forest-labs/FLUX.2-klein-base-9B", "black-forest-labs/FLUX.2-klein-9B-kv"}
-
-@dataclass(frozen=True)
-class Weight:
-    """One weight a command needs. source: a local file or folder, or a Hugging Face repo id; file: the file inside
-    the folder/repo (None for a transformers model folder: config.json plus its weights); flag/env: what sets it."""
-    what: str
-    source: str
-    file: str = None
-    flag: str = ""
-    env: str = ""
-
-WEIGHT_FLAGS = {"dit": "--model", "ae": "--ae", "t5": "--t5", "clip": "--clip-text"}   # --clip is the reward's CLIP
-
-def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=None, clip=None, dit_flag="--model"):
-    """The weights a FLUX command needs, each from its flag's value (the keyword), else its environment variable,
-    else the preset's default. dit_flag: the command's DiT flag, for the message (the trainers' is --init).
-    -> [Weight] in the order of parts."""
-    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    given = dict(dit=dit, ae=ae, t5=t5, clip=clip)
-    default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"), ae=(cfg.repo_id, cfg.ae_file, "the AutoEncoder"),
-                   t5=(T5_REPO, None, "T5-XXL"), clip=(CLIP_TEXT_REPO, None, "CLIP-L"))
-    out = []
-    for part in parts:
-        repo, file, what = default[part]
-        source = given[part] or os.environ.get(WEIGHT_ENV[part]) or repo
-        out.append(Weight(what, source, file, dit_flag if part == "dit" else WEIGHT_FLAGS[part], WEIGHT_ENV[part]))
-    return out
-
-def looks_local(source):
-    # a repo id is exactly "owner/name"; anything else (or a path whose first part exists here) is a local path
-    return source.startswith((".", "/", "~")) or source.endswith(".safetensors") or source.count("/") != 1 or \
-        os.path.isdir(source.split("/")[0])
-
-def _model_folder(folder):
-    # a transformers model folder: its config plus weights in any of the layouts from_pretrained reads
-    return os.path.isfile(os.path.join(folder, "config.json")) and \
-        any(glob.glob(os.path.join(folder, p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
-
-def locate(w):
-    """-> (local path, None) or (None, why not): a file, a folder, or a repo id found in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-    src = os.path.expanduser(w.source)
-    if os.path.isfile(src):
-        return (src, None) if w.file is not None else (None, f"{src}: a file, not a model folder")
-    if os.path.isdir(src):
-        if w.file is None:
-            return (src, None) if _model_folder(src) else (None, f"{src}: no config.json and weights in the folder")
-        p = os.path.join(src, w.file)
-        return (p, None) if os.path.isfile(p) else (None, f"{src}: folder has no {w.file}")
-    if looks_local(src):
-        return None, f"{src}: no such file or folder"
-    hit = try_to_load_from_cache(src, "config.json" if w.file is None else w.file)
-    if not isinstance(hit, str):
-        return None, f"{src}: not in the Hugging Face cache"
-    if w.file is not None:
-        return hit, None
-    folder = os.path.dirname(hit)                                       # the cached snapshot of the repo
-    return (folder, None) if _model_folder(folder) else (None, f"{src}: cached without its weights")
-
-def how_to_get(w):
-    """The download command for a weight (and the licence step for a gated repo)."""
-    repo = w.source if not looks_local(w.source) else None
-    set_it = f"or set {w.flag} / {w.env} to a local copy" if w.env else f"or pass {w.flag} DIR"
-    if repo is None:
-        return set_it
-    gated = f"gated: accept the licence on https://huggingface.co/{repo}, `hf auth login`, then " if repo in GATED \
-        else ("not gated: " if repo.startswith("black-forest-labs/") else "")
-    return f"{gated}`hf download {repo}{' ' + w.file if w.file else ''}`, {set_it}"
-
-def check_weights(weights):
-    """Every weight on this machine -> their local paths (in order); else one CheckpointError listing every missing
-    one with how to get it. Instant and offline: nothing is downloaded here or later."""
-    found, missing = [], []
-    for w in weights:
-        path, why = locate(w)
-        found.append(path)
-        if path is None:
-            missing.append(f"{w.what}{' ' + w.file if w.file else ''} ({why}; {how_to_get(w)})")
-    if missing:
-        raise CheckpointError(f"{len(missing)} of {len(weights)} weights missing: " + " | ".join(missing))
-    return found
-
-def resolve_file(path_or_repo, filename):
-    """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id from the local cache
-    -> its local path."""
-    return check_weights([Weight(filename, path_or_repo, filename, "--model")])[0]
-
-def save_safetensors(tensors, path, metadata=None):
-    """tensors -> path as safetensors, atomically (a temporary name, then rename), readable like any file the user
-    creates: safetensors >= 0.7 writes mode 0600, which hides checkpoints from the user's group."""
-    from safetensors.torch import save_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)                                  # reading the umask means setting it: put it straight back
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-def unreadable(path, e):
-    """The CheckpointError for a file safetensors cannot read: what it is instead, when that is plain."""
-    if not os.path.isfile(path):
-        return CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK" or head[:1] == b"\x80":     # a zip (torch.save) or a raw pickle
-        return CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors: refused unread, as pickles can "
-                               f"run code (convert it once with safetensors.torch.save_file where you trust it)")
-    return CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
-
-def read_header(path, metadata=False):
-    """{key: (shape, dtype)} from a safetensors header, without reading the tensors (and its metadata dict when
-    asked). Only safetensors: a pickle (.pt/.bin/.ckpt) given instead is refused here, never unpickled."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            out = {}
-            for k in f.keys():
-                s = f.get_slice(k)
-                out[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype()))
-            return (out, f.metadata() or {}) if metadata else out
-    except Exception as e:
-        raise unreadable(path, e) from None
-
-def byte_encoder_header(path):
-    """A toy text encoder file's header -> (txt_pad, null_prompt): the padding it was trained with (a file without
-    one was trained padded to max_len, the first toy world's) and whether it was trained on the empty prompt
-    (train_sft.py --drop-prompt), the baseline text guidance subtracts."""
-    meta = read_header(path, metadata=True)[1]
-    pad = meta.get("txt_pad", "max")
-    if pad not in ("max", "longest"):
-        raise CheckpointError(f"{path}: its header's txt_pad {pad[:40]!r} is neither 'max' nor 'longest'")
-    return pad, meta.get("null_prompt") == "trained"
-
-def load_byte_encoder(text, path, **kw):
-    """The toy's text encoder from `path` (load_state_dict_strict's keywords), with what its header says."""
-    load_state_dict_strict(text, path, **kw)
-    text.txt_pad, text.null_prompt = byte_encoder_header(path)
-    return text
-
-def learned_empty_prompt(preset, toy_folder):
-    # text guidance needs a text encoder that learned "": T5 + CLIP did; a toy one says so in its file's header
-    encoder = os.path.join(toy_folder or "", "text_encoder.safetensors")
-    return preset != "toy" or (toy_folder is not None and os.path.isfile(encoder) and byte_encoder_header(encoder)[1])
-
-def guidance_scales(cfg, null_prompt, ref=None, text=None):
-    """The (reference, text) classifier-free guidance a sample uses: the given ones, else the preset's, its text
-    guidance only for a text encoder trained on the empty prompt: against a prompt it never saw, guidance pushes
-    anywhere (the toy base trained without --drop-prompt drew nothing right at 2)."""
-    return (cfg.ref_guidance if ref is None else ref,
-            (cfg.text_guidance if null_prompt else 1.0) if text is None else text)
-
-def _some(items, n=4, sep=", "):
-    # a few of many names, so a file of another architecture still gives one readable line
-    items = sorted(items)
-    return sep.join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-def _is_float(dtype):
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
-
-def match_state(path, have, want, what="the model"):
-    """A file's tensors have {key: (shape, dtype)} against a module's want {key: tensor} (meta is fine): every key,
-    shape and kind (floating or not) must match, or one CheckpointError lists what differs. A floating dtype that
-    differs is not an error (the loader casts it): -> the stored dtypes whose cast loses precision, for a note
-    (fp16/bf16 -> fp32 is exact and silent: the shipped toy checkpoint is fp16, run in fp32)."""
-    common = set(want) & set(have)
-    missing, unexpected = set(want) - set(have), set(have) - set(want)
-    shapes = [f"{k} {have[k][0]} != expected {tuple(want[k].shape)}" for k in common
-              if tuple(have[k][0]) != tuple(want[k].shape)]
-    name = lambda dtype: str(dtype).removeprefix("torch.")
-    kinds = [f"{k} {name(have[k][1])} != expected {name(want[k].dtype)}" for k in common
-             if _is_float(have[k][1]) != want[k].dtype.is_floating_point]
-    problems = ([f"missing keys: {_some(missing)}"] if missing else []) + \
-               ([f"unexpected keys: {_some(unexpected)}"] if unexpected else []) + \
-               ([f"wrong shapes: {_some(shapes, 2, '; ')}"] if shapes else []) + \
-               ([f"wrong dtypes: {_some(kinds, 2, '; ')}"] if kinds else [])
-    if problems:
-        raise CheckpointError(f"{path}: does not match {what} ({' | '.join(problems)})")
-    lossy = lambda a, b: a != b and torch.finfo(b).bits <= torch.finfo(a).bits      # bf16 <-> fp16 is lossy too
-    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1]) and lossy(have[k][1], want[k].dtype)})
-
-def note_cast(path, stored, dtype):
-    if stored:
-        print(f"note: {path} stores {', '.join(stored)} tensors: cast to {str(dtype).removeprefix('torch.')}",
-              file=sys.stderr)
-
-def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",),
-                           assign=True):
-    """Check `path`'s keys, shapes and dtypes against `model` (which may live on the meta device), then load it
-    with assign=True: tensors go straight from the file to `device`, never a second copy of the model. Floating
-    tensors become `dtype` (default: the model's own), with a note when that loses precision. assign=False copies
-    into the model's own parameters instead, which an optimizer built on them must keep seeing (resume)."""
-    from safetensors.torch import load_file
-    strip = lambda k: next((k[len(p):] for p in prefix_strip if k.startswith(p)), k)
-    have = {strip(k): v for k, v in read_header(path).items()}
-    want = model.state_dict()
-    if dtype is not None:
-        want = {k: v.to("meta", dtype) if v.is_floating_point() else v for k, v in want.items()}
-    note_cast(path, match_state(path, have, want), dtype or next(iter(want.values())).dtype)
-    try:
-        sd = load_file(path, device=str(device))
-    except Exception as e:
-        raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
-    sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict({k: placed_like(want[k], v) for k, v in sd.items()}, strict=True, assign=assign)
-    return model
-
-def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
-    """The DiT from `path` (file, folder or repo id; default: $MULTICRAFTER_DIT, else the preset's official repo)."""
-    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    path = check_weights(flux_weights(cfg, ("dit",), dit=path))[0]
-    with torch.device("meta"):
-        model = Flux(cfg)
-    return load_state_dict_strict(model, path, device, dtype).eval()
-
-def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
-    """The AutoEncoder from `path` (default: $MULTICRAFTER_AE, else the preset's repo; the toy's pixel-unshuffle AE
-    has no weights and needs no file)."""
-    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-    if not cfg.ae.ch_mult:
-        return AutoEncoder(cfg.ae).to(device)
-    path = check_weights(flux_weights(cfg, ("ae",), ae=path))[0]
-    with torch.device("meta"):
-        ae = AutoEncoder(cfg.ae)
-    return load_state_dict_strict(ae, path, device, dtype).eval()
-
-# -----------------------------------------------------------------------------
-# low-VRAM inference: a model on the GPU only while it runs, the DiT's blocks streamed one at a time, fp8 weights
-
-@contextmanager
-def resident(module, device, home="cpu"):
-    """`module` on `device` inside the block, back on `home` after: the text encoders and the AE each occupy the GPU
-    only while they run (T5-XXL alone is 9.5 GB in bf16), not during the denoising loop."""
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-
-def stream_blocks(flux, device):
-    """Keep the DiT's double and single blocks in CPU memory (pinned when CUDA is there) and give each block its
-    weights on `device` only while it runs: the GPU holds one block's weights (flux-dev: 0.36 GB of bf16 for a double
-    block) instead of all 57 (23 GB). Everything else (embedders, final layer, buffers) moves to `device` for good.
-    Outputs are bit-identical: the same weights, copied. For sampling; an optimizer would see the CPU tensors.
-    -> the hook handles (remove() them, and the blocks keep their CPU weights)."""
-    blocks = list(flux.double_blocks) + list(flux.single_blocks)
-    for name, child in flux.named_children():
-        if name not in ("double_blocks", "single_blocks"):
-            child.to(device)
-    pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
-    handles = []
-    for block in blocks:
-        block.to("cpu")
-        for m in block.modules():                       # buffers (a MoE-LoRA's routing counts) are small: resident
-            for k, b in m._buffers.items():
-                if b is not None:
-                    m._buffers[k] = b.to(device)
-        params = list(block.parameters())
-        stored = [p.data.pin_memory() if pin else p.data for p in params]
-        def load(mod, args, params=params, stored=stored):
-            for p, s in zip(params, stored):          # copy=True: a fresh tensor even when device is the CPU
-                p.data = s.to(device, non_blocking=True, copy=True)
-        def unload(mod, args, out, params=params, stored=stored):
-            for p, s in zip(params, stored):          # the device copy is freed here
-                p.data = s
-        handles += [block.register_forward_pre_hook(load), block.register_forward_hook(unload)]
-        for p, s in zip(params, stored):
-            p.data = s
-    return handles
-
-FP8_MAX = 448.0        # the largest float8_e4m3fn value
-
-class Fp8Linear(nn.Linear):
-    """An nn.Linear whose weight is stored in float8_e4m3fn (1 byte a weight, half of bf16) with one fp32 scale per
-    output row, so each row's largest |w| maps to FP8_MAX and small rows keep their 3 mantissa bits. Computed in the
-    input's dtype, or autocast's (bf16 on GPU): y = (x W8^T) * s + b, the scale applied to the output, so no
-    dequantized copy of W exists beyond one cast of W8."""
-    @classmethod
-    def from_linear(cls, lin):
-        with torch.device("meta"):
-            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
-        w = lin.weight.detach().float()                                              # (out, in)
-        scale = w.abs().amax(1).clamp_min(1e-12) / FP8_MAX                          # (out,)
-        new.weight = nn.Parameter((w / scale[:, None]).to(torch.float8_e4m3fn), requires_grad=False)
-        new.register_buffer("weight_scale", scale)
-        new.bias = lin.bias
-        return new
-
-    def forward(self, x):
-        on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)   # meta has no autocast
-        dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
-        y = F.linear(x.to(dt), self.weight.to(dt)) * self.weight_scale.to(dt)
-        return y if self.bias is None else y + self.bias.to(dt)
-
-def store_fp8(flux):
-    """Every nn.Linear of the DiT's blocks (98% of its weights) -> Fp8Linear, in place; an adapter's own small layers
-    (LoRA down/up, router) stay as they are, the frozen layer it wraps is converted. Convert where the weights are
-    (load on the CPU, convert, then move: the bf16 model never has to fit the GPU). -> flux."""
-    for blocks in (flux.double_blocks, flux.single_blocks):
-        for name, mod in list(blocks.named_modules()):
-            parent_name, _, child = name.rpartition(".")
-            parent = blocks.get_submodule(parent_name) if parent_name else blocks
-            if type(mod) is nn.Linear and (child == "base" or not isinstance(getattr(parent, "base", None), nn.Linear)):
-                setattr(parent, child, Fp8Linear.from_linear(mod))
-    return flux
-
-COMPILE_BACKEND = "inductor"     # torch.compile's backend for compile_blocks (the suite uses aot_eager: seconds)
-
-def compile_blocks(flux):
-    """torch.compile the forward of every double and single block (--compile). The modules stay as they are (state
-    dict keys, adapters) and their hooks run outside the compiled code (FSDP's gathering, stream_blocks' copies,
-    gradient checkpointing around the call); blocks of one kind share their compiled code, made by the first
-    forward (and backward). -> flux."""
-    for block in (*flux.double_blocks, *flux.single_blocks):
-        block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
-    return flux
-
-# -----------------------------------------------------------------------------
-# the flow: timestep schedule (t = 1 is pure noise, t = 0 the data), noise, one ODE / SDE step, the sampling loop
-
-def time_shift(mu, sigma, t):
-    # maps t in [0, 1] to itself; mu > 0 spends more steps at high noise (t=0 -> 0 since 1/0 - 1 = inf)
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-def get_lin_function(x1=256, y1=0.5, x2=4096, y2=1.15):
-    # mu grows linearly with the number of image tokens: large images need more denoising at high noise
-    m = (y2 - y1) / (x2 - x1)
-    return lambda x: m * x + y1 - m * x1
-
-def get_schedule(num_steps, image_seq_len, base_shift=0.5, max_shift=1.15, shift=True):
-    """num_steps + 1 timesteps from 1 to 0 (python floats), computed in fp32 like BFL. image_seq_len is the
-    number of packed target tokens (BFL's choice; UNO passes a 64x smaller number). schnell: shift=False."""
-    timesteps = torch.linspace(1, 0, num_steps + 1)
-    if shift:
-        timesteps = time_shift(get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len), 1.0, timesteps)
-    return timesteps.tolist()
-
-def get_noise(num_samples, height, width, z_channels, factor, seed):
-    # BFL get_noise: a seeded CPU generator, so one seed gives one image on every device (fp32 here, not bf16)
-    h, w = 2 * (height // (2 * factor)), 2 * (width // (2 * factor))                      # latent cells
-    return torch.randn(num_samples, z_channels, h, w, generator=torch.Generator("cpu").manual_seed(seed))
-
-def _col(s, x):
-    # a float or a (B,) tensor of times -> a tensor that broadcasts against x (B, ...)
-    return torch.as_tensor(s, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
-
-def euler_step(x, v, t, t_next):
-    # rectified flow x_t = (1 - t) x0 + t eps has velocity v = eps - x0; t decreases, so dt < 0
-    return x + _col(t_next - t, x) * v
-
-def sde_step(x, v, t, t_next, eta, noise=None, prev=None, generator=None):
-    """Flow-GRPO's SDE step x_t -> x_t_next with the same marginals as the ODE, in (at least) fp32.
-    x, v (B, ...); t > t_next floats or (B,) tensors; eta the noise level (0 gives exactly euler_step).
-    noise: optional eps (x's shape); prev: the x_next to score instead of sampling one (the trainer's replay).
-    Returns x_next, log_prob (B,) (mean over elements of log N(x_next; mean, std^2), NaN where std = 0:
-    a deterministic step has no density), mean (x's shape) and std (broadcastable, (B or 1, 1, ...))."""
-    x, v = fp32(x), fp32(v).to(x.dtype)
-    dt, t, t_next = _col(t_next - t, x), _col(t, x), _col(t_next, x)
-    # sigma_t = eta sqrt(t / (1 - t)) is infinite at t = 1; Flow-GRPO then divides by 1 - sigmas[1]. t = 1 only
-    # at the first step of a schedule, whose t_next *is* sigmas[1], so t_next gives exactly their std there
-    sigma_t = eta * torch.sqrt(t / (1 - torch.where(t == 1, t_next, t)))                   # (B|1, 1, ...)
-    # drift = Euler velocity + the score term that puts the injected noise back: score = -(x + (1 - t) v) / t
-    mean = x + dt * (v + sigma_t ** 2 / (2 * t) * (x + (1 - t) * v))
-    std = sigma_t * torch.sqrt(-dt)
-    if prev is None:   # the noise is drawn even when std = 0, so every eta consumes the generator alike
-        eps = noise if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prev = mean + std * eps.to(x.dtype)
-    prev = prev.to(x.dtype)
-    # the sample is a constant for the log-prob: gradients reach it through mean (i.e. v) only
-    logp = -(prev.detach() - mean) ** 2 / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    logp = logp.mean(dim=tuple(range(1, x.ndim)))                                            # (B,)
-    return prev, torch.where(std.flatten() > 0, logp, torch.nan), mean, std
-
-@torch.no_grad()
-def denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance, ref_img=None, ref_img_ids=None,
-            probe=None, progress=True, ref_guidance=1.0, text_guidance=1.0, txt_null=None, y_null=None,
-            oracle=None):
-    """Euler from noise img (B, L, C) at timesteps[0] = 1 to a clean latent at 0; latents stay fp32.
-    A probe rides along at every step, so probe.mean_map() averages over all steps and double blocks:
-    early steps show where a subject is placed, late ones its details; the mean is steadier than either.
-    Classifier-free guidance on the references and on the prompt (guided_velocity; w = 1 leaves a condition alone).
-    txt_null, y_null: the empty prompt encoded (sampling_inputs(null_text=True)); the probe reads only v.
-    oracle: a Separation in every forward that has references (experiments only)."""
-    B, dev = img.shape[0], img.device
-    img, g = img.float(), torch.full((B,), guidance, device=dev)
-    if text_guidance != 1 and txt_null is None:
-        raise ValueError("text_guidance needs txt_null and y_null (the empty prompt encoded)")
-    for t, t_next in tqdm(list(zip(timesteps[:-1], timesteps[1:])), disable=not progress, desc="sampling"):
-        with autocast(dev):
-            v = guided_velocity(model, img, img_ids, txt, txt_ids, torch.full((B,), t, device=dev), y, g, ref_img,
-                                ref_img_ids, ref_guidance, text_guidance, txt_null, y_null, probe, oracle)
-        img = euler_step(img, v, t, t_next)
-    return img
-
-# the conditional and the empty-prompt forwards as one batch of 2B rows (False: two forwards; bench.py guidance)
-BATCH_GUIDANCE = True
-
-def guided_velocity(model, img, img_ids, txt, txt_ids, t, y, g, ref_img=None, ref_img_ids=None, ref_guidance=1.0,
-                    text_guidance=1.0, txt_null=None, y_null=None, probe=None, oracle=None):
-    """The guided velocity (guide) at img (B, L, C) -> fp32 (B, L, C), for denoise and IPPO's policy alike: the
-    conditional forward (the probe reads it, the oracle masks it), one without references if w_ref != 1, one with
-    the empty prompt if w_text != 1. The empty prompt is encoded with the prompt (one length), so its forward has the
-    conditional one's shapes: both run as one batch of 2B rows (the same rows, half the calls), unless a probe or an
-    oracle must see the conditional rows alone."""
-    refs = dict(ref_img=ref_img, ref_img_ids=ref_img_ids)
-    v_null = None
-    if text_guidance != 1 and BATCH_GUIDANCE and probe is None and oracle is None:
-        two = lambda a, b: torch.cat([a, b])
-        refs2 = {k: [two(r, r) for r in v] if v else v for k, v in refs.items()}
-        v, v_null = model(two(img, img), two(img_ids, img_ids), two(txt, txt_null), two(txt_ids, txt_ids), two(t, t),
-                          two(y, y_null), two(g, g), **refs2).float().chunk(2)
-    else:
-        v = model(img, img_ids, txt, txt_ids, t, y, g, **refs, probe=probe, oracle=oracle).float()
-        if text_guidance != 1:
-            v_null = model(img, img_ids, txt_null, txt_ids, t, y_null, g, **refs, oracle=oracle).float()
-    v_no_refs = model(img, img_ids, txt, txt_ids, t, y, g).float() if ref_guidance != 1 and ref_img else None
-    return guide(v, ref_guidance, v_no_refs, text_guidance, v_null)
-
-def guide(v, ref_guidance=1.0, v_no_refs=None, text_guidance=1.0, v_null=None):
-    """Classifier-free guidance, each condition against the full velocity v (compositional):
-    v + (w_ref - 1) (v - v_without_refs) + (w_text - 1) (v - v_with_the_empty_prompt); a velocity left None (its
-    scale 1, or no references) adds nothing. Sampling (denoise) and IPPO's policy (training.velocity) both guide
-    through here."""
-    out = v
-    if v_no_refs is not None:
-        out = out + (ref_guidance - 1) * (v - v_no_refs)
-    if v_null is not None:
-        out = out + (text_guidance - 1) * (v - v_null)
-    return out
-
-# -----------------------------------------------------------------------------
-# pictures <-> latents, and one sample's inputs
-
-@torch.no_grad()
-def encode_image(ae, img, device):
-    # PIL (W, H) -> latent (1, z, H/f, W/f)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1   # [-1, 1]
-    with autocast(device):
-        return ae.encode(x.to(device, param_dtype(ae))).float()
-
-@torch.no_grad()
-def decode_images(ae, x, height, width):
-    # packed latents (B, L, C) -> B PIL images (W, H)
-    f = ae.p.factor
-    with autocast(x.device):
-        x = ae.decode(unpack(x, height // f, width // f).to(param_dtype(ae))).float().clamp(-1, 1)  # (B, 3, H, W)
-    x = ((x.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().cpu().numpy()
-    return [Image.fromarray(a) for a in x]
-
-@torch.no_grad()
-def sampling_inputs(cfg, ae, text_encoder, prompt, refs, width, height, seed, pe="d", device="cpu",
-                    null_text=False, layout=None):
-    """Everything Flux.forward needs for one prompt and its references: seeded noise, the prompt encoded, each
-    reference (a preprocessed PIL image, data.preprocess_ref) encoded, all laid out by prepare. seed: an int (batch
-    1) or a list of B seeds, each sample's noise drawn as that seed alone draws it (the prompt and references are
-    encoded once and shared). null_text: also the empty prompt (txt_null, y_null, for denoise's text guidance),
-    encoded with the prompt so both have one length. layout: the family's prepare (default: this module's)."""
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]                 # an int: batch 1
-    B = len(seeds)
-    noise = torch.cat([get_noise(1, height, width, cfg.ae.z_channels, cfg.ae.factor, s) for s in seeds])
-    ref_lat = [encode_image(ae, r, device).expand(B, -1, -1, -1) for r in refs]          # [(B, z, h_i, w_i)]
-    txt, y = text_encoder([prompt, ""] if null_text else [prompt])                  # (1|2, L_txt, C), (1|2, C_vec)
-    # text stays fp32 like the latents: autocast casts it for bf16 weights
-    batch = lambda a: a.float().expand(B, *a.shape[1:])
-    out = (layout or prepare)(noise.to(device), ref_lat, pe, batch(txt[:1]), batch(y[:1]))   # noise (B, z, h, w)
-    return dict(out, txt_null=batch(txt[1:]), y_null=batch(y[1:])) if null_text else out

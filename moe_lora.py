@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flux2 as F2
-import model as M
+import weights as WT
 
 # UNO's layout (bytedance/UNO set_lora): attention in/out projections of both streams, single-block
 # q|k|v rows of linear1 and linear2; MultiCrafter's MoE-LoRA replaces it on the FFN output layers.
@@ -215,7 +215,7 @@ def lora_rows(name, mod):
     # a LoRA on a single block's linear1 adapts only its q|k|v rows, as UNO's does (None: all rows)
     return (0, 3 * mod.in_features) if name.startswith("single_blocks.") and name.endswith(".linear1") else None
 
-Planned = namedtuple("Planned", "shape dtype")      # a tensor that is not allocated, for model.match_state
+Planned = namedtuple("Planned", "shape dtype")    # a tensor not allocated, for weights.match_state
 
 def adapter_shapes(model, lora_targets, moe_targets, rank, n_experts, moe_rank, **_):
     """{key: shape} of the tensors inject() with this config would create (adapter_state_dict's keys), computed
@@ -288,14 +288,14 @@ def set_strength(model, s):
 
 def adapter_file(model, cfg, extra_meta=None):
     """What an adapter file holds -> (its tensors on the CPU, its header: the config and extra_meta). An FSDP-sharded
-    model's tensors are gathered whole (model.whole: every rank calls this)."""
-    sd = {k: M.whole(v).detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    model's tensors are gathered whole (weights.whole: every rank calls this)."""
+    sd = {k: WT.whole(v).detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     return sd, {"multicrafter_adapter": json.dumps(cfg), **(extra_meta or {})}
 
 def save_adapter(model, path, cfg, extra_meta=None):
     """Adapter tensors + config (in the safetensors header) written atomically: tmp file, then rename."""
     sd, meta = adapter_file(model, cfg, extra_meta)
-    M.save_safetensors(sd, path, meta)
+    WT.save_safetensors(sd, path, meta)
 
 def read_adapter(path):
     """(header metadata, tensors) of a safetensors file; anything else (a pickle, a torn or truncated file) is one
@@ -305,7 +305,7 @@ def read_adapter(path):
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise M.unreadable(path, e) from None
+        raise WT.unreadable(path, e) from None
 
 def configure(model, path, sd, **cfg):
     """inject() for a file's adapter config, once every field is checked against the file's tensors sd: their
@@ -315,8 +315,8 @@ def configure(model, path, sd, **cfg):
         cfg = adapter_config(**cfg)                          # an unknown field: TypeError
         want = adapter_shapes(model, **cfg)
     except (TypeError, ValueError) as e:
-        raise M.CheckpointError(f"{path}: its adapter config does not fit this model ({e})") from None
-    M.match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()},
+        raise WT.CheckpointError(f"{path}: its adapter config does not fit this model ({e})") from None
+    WT.match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()},
                   {k: Planned(shape, torch.float32) for k, shape in want.items()}, "the adapters its config describes")
     return inject(model, **cfg)
 
@@ -325,26 +325,27 @@ def load_adapter(model, path):
     meta, sd = read_adapter(path)
     if "multicrafter_adapter" not in meta:
         if not any(".processor." in k for k in sd):
-            raise M.CheckpointError(f"{path}: neither a multicrafter adapter nor a UNO dit_lora file")
+            raise WT.CheckpointError(f"{path}: neither a multicrafter adapter nor a UNO dit_lora file")
         return load_uno_lora(model, path, sd)
     try:
         cfg = json.loads(meta["multicrafter_adapter"])
     except (ValueError, RecursionError):                     # not JSON, or JSON that json cannot read back
         cfg = None
     if not isinstance(cfg, dict):
-        raise M.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
+        raise WT.CheckpointError(f"{path}: the adapter config in its header is not a JSON object")
     configure(model, path, sd, **cfg)
     load_strict(model, sd, path)
     return cfg
 
 def load_strict(model, sd, path):
-    """Copy sd into the model's adapters: every key and shape must match (model.match_state); floats are cast."""
+    """Copy sd into the model's adapters: every key and shape must match (weights.match_state);
+    floats are cast."""
     want = adapter_state_dict(model)
-    stored = M.match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, want, "the model's adapters")
-    M.note_cast(path, stored, next(iter(want.values())).dtype)
+    stored = WT.match_state(path, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}, want, "the model's adapters")
+    WT.note_cast(path, stored, next(iter(want.values())).dtype)
     with torch.no_grad():
         for k, v in sd.items():
-            want[k].copy_(M.placed_like(want[k], v))           # FSDP: this rank's shard of the file's tensor
+            want[k].copy_(WT.placed_like(want[k], v))           # FSDP: this rank's shard of the file's tensor
 
 # UNO processor names -> the Linear they adapt (bytedance/UNO uno/flux/modules/layers.py)
 UNO_NAMES = {"qkv_lora1": "img_attn.qkv", "proj_lora1": "img_attn.proj", "qkv_lora2": "txt_attn.qkv",
@@ -358,12 +359,12 @@ def load_uno_lora(model, path, sd=None):
     for k, v in sd.items():
         parts = k.split(".")        # double_blocks, i, processor, qkv_lora1, down|up, weight
         if len(parts) != 6 or parts[2] != "processor" or parts[3] not in UNO_NAMES:
-            raise M.CheckpointError(f"{path}: unexpected key {k} for a UNO LoRA")
+            raise WT.CheckpointError(f"{path}: unexpected key {k} for a UNO LoRA")
         ours[f"{parts[0]}.{parts[1]}.{UNO_NAMES[parts[3]]}.{parts[4]}.{parts[5]}"] = v
     targets = sorted({k.rsplit(".", 2)[0] for k in ours})
     ranks = [next(iter(v.shape), 0) for k, v in ours.items() if k.endswith("down.weight")]
     if not ranks:
-        raise M.CheckpointError(f"{path}: a UNO LoRA without any down.weight")
+        raise WT.CheckpointError(f"{path}: a UNO LoRA without any down.weight")
     # the rank is read off the first down.weight; configure checks every tensor against it
     cfg = configure(model, path, ours, lora_targets=targets, moe_targets=[], rank=ranks[0], alpha=ranks[0])
     load_strict(model, ours, path)
@@ -442,6 +443,6 @@ def export_diffusers(model, path=None, moe="refuse", prefix="transformer"):
             sd[f"{key}.lora_B.weight"] = F.pad(B[a - rows[0]:b - rows[0]], (0, 0, a - lo, hi - b))
     skipped = moes if moe == "skip" else []
     if path is not None:
-        M.save_safetensors(sd, path, {"format": "pt", "multicrafter_skipped_moe": json.dumps(skipped),
+        WT.save_safetensors(sd, path, {"format": "pt", "multicrafter_skipped_moe": json.dumps(skipped),
                                       "multicrafter_moe_export": moe if moes else "none"})
     return sd, skipped

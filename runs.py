@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 import data as D
-import model as M
 import moe_lora as ML
+import weights as WT
 
 def print0(*a):
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -219,7 +219,7 @@ def verify(path):
                 with safe_open(file, framework="pt") as f:
                     bad = first_bad(((k, f.get_tensor(k)) for k in f.keys()), MAX_WEIGHT)
             except Exception as e:                           # safetensors raises its own types
-                return str(M.unreadable(file, e))
+                return str(WT.unreadable(file, e))
             if bad:
                 return f"{file}: {' '.join(bad)}"
     return None
@@ -305,21 +305,20 @@ def write_checkpoint(out, step, files, world, keep):
     checkpoint_hook("done", step)
 
 def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
-    """What ckpt-STEP holds -> ({file: produce(file)}, first_bad's (name, why) of a weight or optimizer state that
-    must not be saved, or None): the weights (the whole toy model in the base stage, in sample.py's toy-folder
-    format; else the adapter), the optimizer state with the data position `consumed` (global micro-batches for
-    train_sft, prompts for train_rl) and the ranks, and the arguments. Every tensor whole (model.whole): an FSDP
-    run's checkpoint is a one-process run's, so either resumes the other on any number of ranks; gathering the
-    shards is a collective (every rank calls this then)."""
+    """What ckpt-STEP holds -> ({file: produce(file)}, first_bad's (name, why) of a weight or
+    optimizer state that must not be saved, or None): the weights (the whole toy model in the base
+    stage, a toy checkpoint folder: weights.toy_files; else the adapter), the optimizer state with
+    the data position `consumed` (global micro-batches for train_sft, prompts for train_rl) and the
+    ranks, and the arguments. Every tensor whole (weights.whole): an FSDP run's checkpoint is a
+    one-process run's, so either resumes the other on any number of ranks; gathering the shards is a
+    collective (every rank calls this then)."""
     if acfg is None:
-        weights = {"flux.safetensors": ({k: M.whole(v).contiguous() for k, v in flux.state_dict().items()}, None),
-                   "text_encoder.safetensors": ({k: M.whole(v).contiguous() for k, v in text.state_dict().items()},
-                                                {"txt_pad": text.txt_pad,       # model.byte_encoder_header
-                                                 **({"null_prompt": "trained"} if text.null_prompt else {})})}
+        weights = {f: ({k: WT.whole(v).contiguous() for k, v in sd.items()}, meta)
+                   for f, (sd, meta) in WT.toy_files(flux, text).items()}
     else:
         weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
     optimizer = opt.state_dict()
-    optimizer["state"] = {i: {k: M.whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+    optimizer["state"] = {i: {k: WT.whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
     state = {"step": step, "consumed": consumed, "world": world, "optimizer": optimizer}
     moments = [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
                for k, v in s.items()]
@@ -336,28 +335,27 @@ def load_checkpoint(path, flux, text, acfg, opt):
     that is unreadable or belongs to another run (other adapters, another optimizer) is one CheckpointError naming
     the file."""
     if not os.path.isdir(path):
-        raise M.CheckpointError(f"{path}: not a checkpoint folder")
+        raise WT.CheckpointError(f"{path}: not a checkpoint folder")
     if acfg is None:            # copied into the parameters the optimizer holds (assigning new ones would leave it
-        M.load_state_dict_strict(flux, os.path.join(path, "flux.safetensors"), assign=False)     # updating the old)
-        M.load_byte_encoder(text, os.path.join(path, "text_encoder.safetensors"), assign=False)
+        WT.load_toy(path, into=(flux, text))                                   # updating the old)
     else:
         file = os.path.join(path, "adapter.safetensors")
         ML.load_strict(flux, ML.read_adapter(file)[1], file)
     file = os.path.join(path, "train_state.pt")
     if not os.path.isfile(file):
-        raise M.CheckpointError(f"{file}: no such file")
+        raise WT.CheckpointError(f"{file}: no such file")
     try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
         state = torch.load(file, map_location="cpu", weights_only=True)
         params = [p for g in opt.param_groups for p in g["params"]]         # the saved state's integer keys index these
-        state["optimizer"]["state"] = {i: {k: M.placed_like(params[i], v) for k, v in s.items()}
+        state["optimizer"]["state"] = {i: {k: WT.placed_like(params[i], v) for k, v in s.items()}
                                        for i, s in state["optimizer"]["state"].items()}                # FSDP: its shard
         opt.load_state_dict(state["optimizer"])
         return state["step"], state["consumed"], state["world"]
     except pickle.UnpicklingError:
-        raise M.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
+        raise WT.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
                                 f"runs none of a pickle's code)") from None
     except Exception as e:   # missing, torn, another run's optimizer: all the file's fault
-        raise M.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
+        raise WT.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 # -----------------------------------------------------------------------------
@@ -593,7 +591,7 @@ class Run:
         # FSDP shards the weights and the optimizer state: every rank builds the checkpoint then (gathering), rank 0
         # alone writes it
         made = checkpoint_files(step, flux, text, acfg, opt, self.args, consumed, self.world) \
-            if self.master or M.sharded(flux) else None
+            if self.master or WT.sharded(flux) else None
         error = None
         if self.master:
             files, bad = made

@@ -23,8 +23,9 @@ refused); a bad record is reported as manifest:line: field: why and skipped (exi
 
 A sample's files are written as one set: all under temporary names, then renamed, its PNG last (a PNG is only
 ever beside its own JSON and attention maps). A sample that is not finite (NaN or inf) is refused, naming why.
-The schedule, noise, joint sequence and Euler loop live in model.py (as black-forest-labs/flux keeps them in
-src/flux/sampling.py); reading and preprocessing the reference images in data.py.
+The schedule, noise and Euler loop live in sampling.py (as black-forest-labs/flux keeps them in
+src/flux/sampling.py), the joint sequence in model.py, where the weights come from in weights.py;
+reading and preprocessing the reference images in data.py.
 """
 import fcntl, itertools, json, math, os, re, secrets, sys, tempfile
 from contextlib import contextmanager, nullcontext
@@ -39,7 +40,9 @@ import data as D
 import flux2 as F2
 import model as M
 import moe_lora as ML
+import sampling as SM
 import toy
+import weights as WT
 
 MAX_STEPS = 1000          # the discretization diffusion models train with; FLUX samples with 4-50
 MAX_SEED = 2 ** 64 - 1    # torch.Generator's range
@@ -111,22 +114,23 @@ def build_parser():
 # models
 
 def toy_folder(name):
-    return M.TOY_DIR if name == "toy" else name
+    return WT.TOY_DIR if name == "toy" else name
 
 def detect_arch(path):
     """A --model PATH given without --arch -> the preset whose DiT its tensors fit, read from the header alone. A
     folder is a toy checkpoint (its flux.safetensors), a file a DiT. None where nothing local is there to read."""
     folder = os.path.isdir(path)
-    file = os.path.join(path, "flux.safetensors") if folder else path
+    file = os.path.join(path, WT.TOY_DIT) if folder else path
     if folder and not os.path.isfile(file):
-        if os.path.isfile(os.path.join(path, "adapter.safetensors")):   # a stage single/multi/RL checkpoint
-            raise M.CheckpointError(f"{path}: holds an adapter, not a model: pass --lora "
-                                    f"{os.path.join(path, 'adapter.safetensors')} and --model <the base it trained on>")
-        raise M.CheckpointError(f"{path}: no flux.safetensors (a toy checkpoint folder holds flux.safetensors and "
-                                f"text_encoder.safetensors)")
+        adapter = os.path.join(path, WT.TOY_ADAPTER)
+        if os.path.isfile(adapter):                          # a stage single/multi/RL checkpoint
+            raise WT.CheckpointError(f"{path}: holds an adapter, not a model: pass --lora {adapter} "
+                                     f"and --model <the base it trained on>")
+        raise WT.CheckpointError(f"{path}: no {WT.TOY_DIT} (a toy checkpoint folder holds "
+                                 f"{WT.TOY_DIT} and {WT.TOY_TEXT})")
     if not os.path.isfile(file):
         return None
-    have = {k.removeprefix("model.diffusion_model."): shape for k, (shape, _) in M.read_header(file).items()}
+    have = {k.removeprefix("model.diffusion_model."): shape for k, (shape, _) in WT.read_header(file).items()}
     for name in F2.presets():
         with torch.device("meta"):                       # shapes only: a flux-dev DiT costs nothing here
             want = {k: tuple(v.shape) for k, v in F2.dit(F2.get_config(name)).state_dict().items()}
@@ -139,7 +143,8 @@ def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offl
     """--model, --arch, --lora -> (Flux, AutoEncoder, text encoder, where the weights came from). A toy
     checkpoint is a folder (assets/toy for --model toy) holding flux.safetensors and text_encoder.safetensors,
     and the adapter it samples with, adapter.safetensors, if it has one (`lora` replaces it). FLUX: ae, t5, clip
-    name where those weights are (model.flux_weights), every missing one listed at once before anything loads;
+    name where those weights are (weights.load_models), every missing one listed at once before
+    anything loads;
     FLUX.2: ae, text_model (flux2.load_models).
     offload: everything but the DiT's small parts stays in CPU memory (sample_batch moves the encoders and the AE in
     while they run; the DiT's blocks are streamed); fp8: the DiT's block weights stored in fp8."""
@@ -152,34 +157,20 @@ def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offl
         weights = name
     elif preset != "toy":
         dit = None if name in M.CONFIGS else name
-        M.check_weights(M.flux_weights(cfg, dit=dit, ae=ae, t5=t5, clip=clip))
-        flux = M.load_flux(cfg, dit, home, dtype)
-        ae = M.load_ae(cfg, ae, home, dtype)
-        text = M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype=dtype).to(home)
+        flux, ae, text = WT.load_models(cfg, dit, ae, t5, clip, home, dtype)
         weights = name
     else:
-        torch.manual_seed(0)                                 # the random-weight fallback is reproducible
-        flux, text, weights = M.Flux(cfg), M.ByteTextEncoder(cfg), "random"
-        folder = toy_folder(name)
-        if not os.path.isdir(folder) and name != "toy":
-            raise M.CheckpointError(f"{folder}: not a folder (a toy checkpoint is a folder with flux.safetensors)")
-        for m, f in ((flux, "flux.safetensors"), (text, "text_encoder.safetensors")):
-            if os.path.isfile(os.path.join(folder, f)) or name != "toy":     # a folder given by the user must be whole
-                load = M.load_byte_encoder if m is text else M.load_state_dict_strict    # (+ its padding)
-                load(m, os.path.join(folder, f))                          # fp32 (assets/toy stores fp16)
-                weights = folder
-            else:
-                print(f"warning: no {f} in {folder}: random weights for it (expect noise)", file=sys.stderr)
-        own = os.path.join(folder, "adapter.safetensors")
-        lora = lora or (own if weights != "random" and os.path.isfile(own) else None)
+        weights = toy_folder(name)
+        flux, text, own = WT.load_toy(weights, cfg)
+        lora = lora or own                        # the folder's own adapter unless --lora is given
         flux, ae, text = flux.to(home, dtype), M.AutoEncoder(cfg.ae).to(home), text.to(home).eval()
     if lora:
         ML.load_adapter(flux, lora)              # before fp8 and streaming: its tensors go with their blocks
         weights += f" + {lora}"
     if fp8:
-        M.store_fp8(flux)
+        WT.store_fp8(flux)
     if offload:
-        M.stream_blocks(flux, device)
+        WT.stream_blocks(flux, device)
     else:
         flux.to(device)                                      # (the adapter tensors: fp32; autocast on GPU)
         ae, text = ae.to(device), text.to(device)
@@ -308,7 +299,7 @@ def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
     cfg, W, H = flux.cfg, run["width"], run["height"]
     fam = F2.family(cfg)                         # the model family's sequence layout, schedule and sampler
     # --offload: the encoders and the AE visit the GPU only while they run (T5-XXL alone is 9.5 GB in bf16)
-    on = (lambda m: M.resident(m, run["device"])) if run["offload"] else (lambda m: nullcontext())
+    on = (lambda m: WT.resident(m, run["device"])) if run["offload"] else (lambda m: nullcontext())
     with on(text), on(ae):
         inp = fam.sampling_inputs(cfg, ae, text, prompt, refs, W, H, list(seeds), run["pe"], run["device"],
                                   null_text=run["text_guidance"] != 1)
@@ -323,7 +314,7 @@ def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
         if not finite[b]:
             continue
         with on(ae):                        # one at a time: the AE's peak memory stays that of one image
-            image, stem = M.decode_images(ae, x[b:b + 1], H, W)[0], os.path.splitext(png)[0]
+            image, stem = SM.decode_images(ae, x[b:b + 1], H, W)[0], os.path.splitext(png)[0]
         files = {png: lambda fh, im=image: im.save(fh, format="PNG")}
         if maps is not None:
             for i, over in enumerate(attention_overlays(image, maps[b], H // cfg.token_px, W // cfg.token_px)):
@@ -361,15 +352,15 @@ def resolve_run(args):
         raise D.InputError(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     if args.lora:
         D.check_file(args.lora)
-    own = preset == "toy" and os.path.isfile(os.path.join(toy_folder(args.model), "adapter.safetensors"))
-    null_prompt = M.learned_empty_prompt(preset, toy_folder(args.model))
+    own = preset == "toy" and os.path.isfile(os.path.join(toy_folder(args.model), WT.TOY_ADAPTER))
+    null_prompt = WT.learned_empty_prompt(preset, toy_folder(args.model))
     if pick(args.text_guidance, 1) != 1 and not null_prompt:
-        encoder = os.path.join(toy_folder(args.model), "text_encoder.safetensors")
+        encoder = os.path.join(toy_folder(args.model), WT.TOY_TEXT)
         print(f"note: --text-guidance {args.text_guidance:g}: {encoder} was not trained on the empty prompt "
               f"(train_sft.py --drop-prompt), the baseline guidance subtracts", file=sys.stderr)
     if args.lora_scale != 1 and not (args.lora or own):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
-    ref_guidance, text_guidance = M.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
+    ref_guidance, text_guidance = SM.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=pick(args.pe, F2.default_pe(cfg)), device=device,
                         ref_guidance=ref_guidance, text_guidance=text_guidance,
@@ -381,7 +372,7 @@ def preflight(args, single):
     not taken for a FLUX model without a prompt; then the sizes the flags make and, for FLUX, the prompt and every
     weight. -> resolve_run's (preset, settings)."""
     pf = D.Preflight()
-    model_ok = args.model in F2.presets() or not M.looks_local(args.model) or \
+    model_ok = args.model in F2.presets() or not WT.looks_local(args.model) or \
         pf.need(os.path.exists(os.path.expanduser(args.model)), f"--model {args.model}: no such file or folder (a "
                 f"preset: {', '.join(F2.presets())}; or a DiT .safetensors, or a toy checkpoint folder)")
     for r in args.refs or []:
@@ -402,7 +393,7 @@ def preflight(args, single):
         dit = None if args.model in F2.presets() else args.model
         cfg = F2.get_config(preset)
         pf.weights(F2.weights(cfg, dit=dit, ae=args.ae, text=args.text_model) if F2.is_flux2(cfg)
-                   else M.flux_weights(cfg, dit=dit, ae=args.ae, t5=args.t5, clip=args.clip_text))
+                   else WT.flux_weights(cfg, dit=dit, ae=args.ae, t5=args.t5, clip=args.clip_text))
     pf.check()
     return preset, run
 
@@ -645,7 +636,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         status = generate(args)
-    except (D.InputError, D.DataError, M.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
+    except (D.InputError, D.DataError, WT.CheckpointError, *D.FILE_ERRORS) as e:   # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (torch.OutOfMemoryError, MemoryError):

@@ -23,10 +23,12 @@ import curate as C
 import data as D
 import flux2 as F2
 import model as M
+import sampling as SM
 import toy
 import toy_named as TN
+import weights as WT
 from data import InputError, load_image, preprocess_ref
-from model import denoise, euler_step, get_schedule, sde_step
+from sampling import denoise, euler_step, get_schedule, sde_step
 from sample import main
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -282,20 +284,20 @@ def write_tiny_checkpoint(tmp_path, cfg, name="flow.safetensors", edit=None):
 def test_load_flux_from_synthetic_checkpoint(tmp_path):
     cfg = tiny_cfg()
     path, sd = write_tiny_checkpoint(tmp_path, cfg)
-    f = M.load_flux(cfg, str(path), dtype=torch.float32)
+    f = WT.load_flux(cfg, str(path), dtype=torch.float32)
     assert all(torch.equal(f.state_dict()[k], v) for k, v in sd.items())
     assert not any(p.is_meta for p in f.parameters())
-    fb = M.load_flux(cfg, str(path))
+    fb = WT.load_flux(cfg, str(path))
     assert all(p.dtype == torch.bfloat16 for p in fb.parameters())      # bf16 is the default
     assert all(torch.equal(fb.state_dict()[k], v.bfloat16()) for k, v in sd.items())
     # ComfyUI-style copies prefix every key; the loader strips it
     save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
-    M.load_flux(cfg, str(tmp_path / "prefixed.safetensors"), dtype=torch.float32)
+    WT.load_flux(cfg, str(tmp_path / "prefixed.safetensors"), dtype=torch.float32)
 
 def test_load_from_folder_and_offline_hub_cache(tmp_path, monkeypatch):
     cfg = tiny_cfg(flow_file="flux1-tiny.safetensors")
     write_tiny_checkpoint(tmp_path, cfg, name="flux1-tiny.safetensors")
-    M.load_flux(cfg, str(tmp_path), dtype=torch.float32)                 # a folder holding flow_file
+    WT.load_flux(cfg, str(tmp_path), dtype=torch.float32)                 # a folder holding flow_file
     # a Hugging Face repo id resolved from the local cache with HF_HUB_OFFLINE=1 (cache layout by hand)
     snap = tmp_path / "hub" / "models--acme--tiny-flux" / "snapshots" / ("a" * 40)
     snap.mkdir(parents=True)
@@ -305,9 +307,9 @@ def test_load_from_folder_and_offline_hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as C
     monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
-    M.load_flux(cfg, "acme/tiny-flux", dtype=torch.float32)
-    with pytest.raises(M.CheckpointError, match="hf download acme/other"):
-        M.load_flux(cfg, "acme/other", dtype=torch.float32)
+    WT.load_flux(cfg, "acme/tiny-flux", dtype=torch.float32)
+    with pytest.raises(WT.CheckpointError, match="hf download acme/other"):
+        WT.load_flux(cfg, "acme/other", dtype=torch.float32)
 
 def _drop(k):
     return lambda sd: sd.pop(k)
@@ -325,8 +327,8 @@ CORRUPTIONS = [
 def test_corrupted_checkpoints_give_one_line_errors(tmp_path, what, edit, message):
     cfg = tiny_cfg()
     path, _ = write_tiny_checkpoint(tmp_path, cfg, edit=edit)
-    with pytest.raises(M.CheckpointError, match=message) as e:
-        M.load_flux(cfg, str(path))
+    with pytest.raises(WT.CheckpointError, match=message) as e:
+        WT.load_flux(cfg, str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 def test_unreadable_files_give_one_line_errors(tmp_path):
@@ -339,27 +341,27 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
              "empty.safetensors": b""}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(M.CheckpointError) as e:
-            M.load_flux(cfg, str(tmp_path / name))
+        with pytest.raises(WT.CheckpointError) as e:
+            WT.load_flux(cfg, str(tmp_path / name))
         assert name in str(e.value) and "\n" not in str(e.value), name
     for missing in (str(tmp_path / "absent.safetensors"), "./ckpt/dit", str(tmp_path / "dir/dit")):
-        with pytest.raises(M.CheckpointError, match="no such file or folder"):
-            M.load_flux(cfg, missing)
+        with pytest.raises(WT.CheckpointError, match="no such file or folder"):
+            WT.load_flux(cfg, missing)
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(M.CheckpointError, match="folder has no flux1-dev.safetensors"):
-        M.load_flux("flux-dev", str(tmp_path / "empty_dir"))
+    with pytest.raises(WT.CheckpointError, match="folder has no flux1-dev.safetensors"):
+        WT.load_flux("flux-dev", str(tmp_path / "empty_dir"))
 
 def test_load_ae_from_synthetic_checkpoint(tmp_path):
     p = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
     cfg = M.FluxConfig(ae=p)
     sd = {k: v.contiguous() for k, v in randomize(M.AutoEncoder(p), seed=2).state_dict().items()}
     save_file(sd, str(tmp_path / "ae.safetensors"))
-    ae = M.load_ae(cfg, str(tmp_path))
+    ae = WT.load_ae(cfg, str(tmp_path))
     assert all(torch.equal(ae.state_dict()[k], v) for k, v in sd.items())
     del sd["decoder.conv_out.bias"]
     save_file(sd, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(M.CheckpointError, match="missing keys: decoder.conv_out.bias"):
-        M.load_ae(cfg, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(WT.CheckpointError, match="missing keys: decoder.conv_out.bias"):
+        WT.load_ae(cfg, str(tmp_path / "bad.safetensors"))
 
 # -----------------------------------------------------------------------------
 # the attention probe
@@ -517,15 +519,17 @@ def test_t5_clip_encoder_on_tiny_local_models(tmp_path, capsys):
     assert enc.truncated == 0
     enc(["a red cat " * 20, "a dog"])                           # 60 words: cut to 12 tokens, with one warning
     assert enc.truncated == 1 and "cut to the text encoder's 12" in capsys.readouterr().err
-    with pytest.raises(M.CheckpointError, match="could not load the text encoders"):
-        M.T5CLIPEncoder(12, t5=str(tmp_path / "nope"), clip=str(tmp_path / "clip"))
+    with pytest.raises(WT.CheckpointError, match="could not load the text encoders"):
+        WT.load_t5_clip(M.get_config("flux-dev"), t5=str(tmp_path / "nope"),
+                        clip=str(tmp_path / "clip"))
 
 def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # the layout rule, read from the code: each library file imports only library files below it (the order
     # below), no file imports a command-line script, and no own module is imported inside a function
     import ast, glob
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "flux2", "moe_lora", "losses", "data", "cache", "rewards", "toy", "curate", "runs", "training"]
+    order = ["model", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "cache",
+             "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
@@ -589,7 +593,7 @@ def test_schedule_hand_values():
 # SDE step (Flow-GRPO)
 
 def flow_grpo_reference(x, v, sigmas, i, eta):
-    # Flow-GRPO's sde_step_with_logprob algebra, written independently of model.sde_step
+    # Flow-GRPO's sde_step_with_logprob algebra, written independently of sampling.sde_step
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     dt = sigma_next - sigma
     std_dev_t = math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma))) * eta
@@ -647,7 +651,7 @@ def test_denoise_guides_each_condition_against_the_full_velocity(batched, monkey
     # constant velocities per condition: with the references and the prompt 1.0, without the references 0.2, with
     # the empty prompt 0.5 (read per row: batched, the prompt and the empty prompt are one forward of 2B rows); one
     # Euler step from t = 1 to 0 subtracts the guided velocity once
-    monkeypatch.setattr(M, "BATCH_GUIDANCE", batched)
+    monkeypatch.setattr(SM, "BATCH_GUIDANCE", batched)
     txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
     calls = []
     def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None,
@@ -676,7 +680,7 @@ def test_sampling_inputs_encode_the_empty_prompt_as_training_saw_it():
     cfg = M.get_config("toy", txt_pad="longest")
     torch.manual_seed(0)
     text, ae = M.ByteTextEncoder(cfg).eval(), M.AutoEncoder(cfg.ae)
-    c = M.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
+    c = SM.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
     assert c["txt_null"].shape == c["txt"].shape == (1, len("two circles"), cfg.context_in_dim)
     txt, y = text.train()(["two circles", ""])
     for got, want in ((c["txt"], txt[:1]), (c["txt_null"], txt[1:]), (c["y"], y[:1]), (c["y_null"], y[1:])):
@@ -728,7 +732,7 @@ def test_preprocess_ref():
 def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
     refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
-    inp = M.sampling_inputs(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
+    inp = SM.sampling_inputs(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
     assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64) and inp["y"].shape == (1, 64)
     assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
     ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
@@ -835,7 +839,7 @@ def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
     world's prompts are (shapes and count only); the same seed gives the same bytes, and the world's Multi-ID
     (rewards.py's Hungarian path) of its samples is far above that of the same architecture with random weights."""
     flux, _, _, weights = S.load_models("toy", "toy", torch.device("cpu"))
-    assert weights == f"{M.TOY_DIR} + {os.path.join(M.TOY_DIR, 'adapter.safetensors')}"
+    assert weights == f"{WT.TOY_DIR} + {os.path.join(WT.TOY_DIR, 'adapter.safetensors')}"
     assert any(isinstance(m, ML.MoELoRALinear) for m in flux.modules())           # stage 1's adapter is on
     assert all(p.dtype == torch.float32 for p in flux.parameters())                 # stored fp16, runs fp32 on CPU
     rnd = random_toy(tmp_path / "random")
@@ -1482,7 +1486,7 @@ def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
         assert len(err) == 1 and "refused, writing there would destroy" in err[0], (argv, err)
         assert open(kept, "rb").read() == before and sorted(os.listdir(run)) == [".lock", "ckpt-0000001", "latest"]
     assert export_lora.main(cases[0][1] + ["--force"]) == 0                  # told explicitly
-    assert "multicrafter_moe_export" in M.read_header(str(adapter), metadata=True)[1]
+    assert "multicrafter_moe_export" in WT.read_header(str(adapter), metadata=True)[1]
 
 def test_uno_json_list(tmp_path, capsys):
     solid_png(tmp_path / "t.png", (40, 32))
@@ -2358,7 +2362,7 @@ def rl_setup():
         torch.nn.init.normal_(m.up.weight, std=0.1)
     ae, text = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg)
     refs = [TN.render_reference(TN.SPRITES[3]), TN.render_reference(TN.SPRITES[77])]
-    c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
+    c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
     return flux, c, get_schedule(6, 64)
 
 @pytest.mark.parametrize("l", [0, 2, 4])
@@ -2388,12 +2392,12 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
 
 def test_guided_policy_is_the_sampler_users_run(rl_setup):
-    # IPPO with guidance: each velocity is model.guide's combination of three velocities (by hand below), and the
+    # IPPO with guidance: each velocity is sampling.guide's combination of three velocities (by hand below), and the
     # rollout's deterministic prefix is exactly what denoise samples with the same guidance
     flux, c0, ts = rl_setup
     cfg, ae, text = flux.cfg, M.AutoEncoder(flux.cfg.ae), M.ByteTextEncoder(flux.cfg)
     refs = [TN.render_reference(TN.SPRITES[3]), TN.render_reference(TN.SPRITES[77])]
-    c = dict(M.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
+    c = dict(SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
     x, g, t = c["img"], torch.full((1,), 3.5), torch.full((1,), 0.6)
     base = (x, c["img_ids"])
     v_c = flux(*base, c["txt"], c["txt_ids"], t, c["y"], g, c["ref_img"], c["ref_img_ids"])
@@ -3000,12 +3004,12 @@ def toy_weights(kind):
     small = dict(hidden_size=64, axes_dim=(4, 6, 6))
     if kind == "dit":
         return (M.Flux(cfg), M.Flux(cfg).state_dict(), None, M.Flux(M.get_config("toy", **small)).state_dict(),
-                M.load_state_dict_strict)
+                WT.load_state_dict_strict)
     if kind == "ae":
         ae = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
         from dataclasses import replace
         return (M.AutoEncoder(ae), M.AutoEncoder(ae).state_dict(), None,
-                M.AutoEncoder(replace(ae, z_channels=8)).state_dict(), M.load_state_dict_strict)
+                M.AutoEncoder(replace(ae, z_channels=8)).state_dict(), WT.load_state_dict_strict)
     f, other = M.Flux(cfg), M.Flux(M.get_config("toy", **small))
     acfg = ML.inject(f, rank=4)
     ML.inject(other, rank=4)
@@ -3031,7 +3035,7 @@ def test_bad_weights_one_line_errors_or_a_noted_cast(tmp_path, capsys, fault, ki
         assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()) for k, v in sd.items())
         assert "note:" not in capsys.readouterr().err       # fp16 -> fp32 is exact: nothing to say
         return
-    with pytest.raises(M.CheckpointError, match=re.escape(want)) as e:
+    with pytest.raises(WT.CheckpointError, match=re.escape(want)) as e:
         load(model, path)
     assert path in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 600
     assert not os.path.exists(path + ".ran")                 # nothing was unpickled
@@ -3039,7 +3043,7 @@ def test_bad_weights_one_line_errors_or_a_noted_cast(tmp_path, capsys, fault, ki
 def test_a_cast_that_loses_precision_is_noted(tmp_path, capsys):
     f = M.Flux(tiny_cfg())
     save_file({k: v.contiguous() for k, v in f.state_dict().items()}, tmp_path / "w.safetensors")
-    M.load_state_dict_strict(f, str(tmp_path / "w.safetensors"), dtype=torch.bfloat16)
+    WT.load_state_dict_strict(f, str(tmp_path / "w.safetensors"), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in f.parameters())
     assert "stores float32 tensors: cast to bfloat16" in capsys.readouterr().err
 
@@ -3218,7 +3222,7 @@ def test_an_adapter_header_is_checked_against_its_tensors_before_anything_is_all
         raise AssertionError("an adapter was allocated before its header was checked")
     monkeypatch.setattr(ML.LoRALinear, "__init__", refuse)
     monkeypatch.setattr(ML.MoELoRALinear, "__init__", refuse)
-    with pytest.raises(M.CheckpointError) as e:
+    with pytest.raises(WT.CheckpointError) as e:
         ML.load_adapter(M.Flux(M.get_config("toy")), path)
     assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value) and len(str(e.value)) < 600
 
@@ -3266,7 +3270,7 @@ def toy_base(folder):
     """The shipped toy base without its adapter (the frozen model an adapter's strength 0 must give back)."""
     os.makedirs(folder, exist_ok=True)
     for f in ("flux.safetensors", "text_encoder.safetensors"):
-        shutil.copy(os.path.join(M.TOY_DIR, f), os.path.join(folder, f))
+        shutil.copy(os.path.join(WT.TOY_DIR, f), os.path.join(folder, f))
     return str(folder)
 
 def sample_fails(capsys, *argv):
@@ -3310,7 +3314,7 @@ def test_sample_lora_scale_zero_is_the_base_and_one_is_the_default(tmp_path, cap
     common = ["--refs", *DEMO, "--steps", "2", "--seed", "3"]
     main(common + ["--model", base, "--out", str(tmp_path / "base.png")])
     for scale in ("0", "1", "0.5"):
-        main(common + ["--model", M.TOY_DIR, "--lora-scale", scale, "--out", str(tmp_path / f"s{scale}.png")])
+        main(common + ["--model", WT.TOY_DIR, "--lora-scale", scale, "--out", str(tmp_path / f"s{scale}.png")])
     main(common + ["--out", str(tmp_path / "default.png")])
     png = lambda n: (tmp_path / f"{n}.png").read_bytes()
     assert png("s0") == png("base") and png("s1") == png("default") and png("s0.5") not in (png("s0"), png("s1"))
@@ -3381,11 +3385,11 @@ def test_batched_seeds_equal_one_at_a_time_and_a_non_finite_one_loses_only_itsel
             assert meta["seed"] == int(seed) and meta["id"] == n and meta["batch_size"] == 2
     main(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "3"])          # the same samples: all skipped
     assert "wrote 0 samples" in capsys.readouterr().err
-    real = M.denoise
+    real = SM.denoise
     def second_is_nan(*a, **k):
         x = real(*a, **k)
         return torch.cat([x[:1], torch.full_like(x[1:2], float("nan")), x[2:]]) if len(x) > 1 else x
-    monkeypatch.setattr(M, "denoise", second_is_nan)
+    monkeypatch.setattr(SM, "denoise", second_is_nan)
     err = sample_fails(capsys, *common, "--out-dir", str(tmp_path / "nan"), "--batch-size", "3")
     assert f"{tmp_path / 'nan' / '4' / names[0]}.png: not written: the sample is not finite" in err
     assert sorted(os.listdir(tmp_path / "nan" / "0")) == [f"{names[0]}.json", f"{names[0]}.png"]
@@ -3436,7 +3440,7 @@ def test_sample_flags_out_of_range_are_usage_errors(tmp_path, capsys, monkeypatc
 def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatch, flags):
     def allocated(*a, **k):
         raise AssertionError("allocated before the size was checked")
-    for mod, name in ((D, "preprocess_ref"), (M, "get_noise"), (S, "load_models")):
+    for mod, name in ((D, "preprocess_ref"), (SM, "get_noise"), (S, "load_models")):
         monkeypatch.setattr(mod, name, allocated)
     extra = [DEMO[0]] * (8 if "1024" in flags else 1)                 # 8 references of 1024 px: 32768 tokens
     err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
@@ -3495,7 +3499,7 @@ def test_sample_detects_a_model_folder_and_notes_what_the_toy_never_saw(tmp_path
     assert (tmp_path / "found.png").read_bytes() == (tmp_path / "told.png").read_bytes()
     assert json.loads((tmp_path / "found.json").read_text())["arch"] == "toy"
     os.makedirs(tmp_path / "run")
-    shutil.copy(os.path.join(M.TOY_DIR, "adapter.safetensors"), tmp_path / "run")
+    shutil.copy(os.path.join(WT.TOY_DIR, "adapter.safetensors"), tmp_path / "run")
     assert "holds an adapter" in sample_fails(capsys, *common, "--model", str(tmp_path / "run"),
                                               "--out", str(tmp_path / "x.png"))
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
@@ -3520,8 +3524,8 @@ def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    real = M.denoise
-    monkeypatch.setattr(M, "denoise", interrupted)
+    real = SM.denoise
+    monkeypatch.setattr(SM, "denoise", interrupted)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(batch)
@@ -3530,7 +3534,7 @@ def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_
     assert [l.split(": ", 1)[0] for l in err.splitlines() if l.startswith(str(manifest))] == \
         [f"{manifest}:{n}" for n in (3, 4, 5)]                   # each a finding; none overwrites another's sample
     assert sorted(os.listdir(tmp_path / "s" / "0")) == ["7.json", "7.png"]
-    monkeypatch.setattr(M, "denoise", real)
+    monkeypatch.setattr(SM, "denoise", real)
     with pytest.raises(SystemExit) as e:
         main(batch)
     assert e.value.code == 1 and "wrote 2 samples" in capsys.readouterr().err
@@ -3547,28 +3551,28 @@ def test_missing_weights_are_listed_at_once_offline_in_under_a_second(tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")          # even "online", nothing may reach the network
     import huggingface_hub.file_download as FD
     monkeypatch.setattr(FD, "hf_hub_download", lambda *a, **k: pytest.fail("the check downloaded"))
-    for env in M.WEIGHT_ENV.values():
+    for env in WT.WEIGHT_ENV.values():
         monkeypatch.delenv(env, raising=False)
     ae_dir = tmp_path / "ae_here"
     ae_dir.mkdir()
     (ae_dir / "ae.safetensors").write_bytes(b"x")      # present: located, not listed
     t0 = time.perf_counter()
-    with pytest.raises(M.CheckpointError) as e:
-        M.check_weights(M.flux_weights("flux-dev", ae=str(ae_dir), clip=str(tmp_path / "no_clip")))
+    with pytest.raises(WT.CheckpointError) as e:
+        WT.check_weights(WT.flux_weights("flux-dev", ae=str(ae_dir), clip=str(tmp_path / "no_clip")))
     took = time.perf_counter() - t0
     msg = str(e.value)
     assert took < 1.0 and "\n" not in msg and msg.startswith("3 of 4 weights missing")
     assert "hf download black-forest-labs/FLUX.1-dev flux1-dev.safetensors" in msg and "gated" in msg
     assert "hf download google/t5-v1_1-xxl" in msg and "no_clip: no such file or folder" in msg
     assert "--model / MULTICRAFTER_DIT" in msg and "--t5 / MULTICRAFTER_T5" in msg and "ae.safetensors (" not in msg
-    assert "--init / MULTICRAFTER_DIT" in str(pytest.raises(M.CheckpointError, M.check_weights,
-                                                            M.flux_weights("flux-dev", ("dit",), dit_flag="--init")).value)
-    with pytest.raises(M.CheckpointError, match="not gated: `hf download black-forest-labs/FLUX.1-schnell flux1-schnell"):
-        M.check_weights(M.flux_weights("flux-schnell", ("dit",)))
+    assert "--init / MULTICRAFTER_DIT" in str(pytest.raises(WT.CheckpointError, WT.check_weights,
+                                                            WT.flux_weights("flux-dev", ("dit",), dit_flag="--init")).value)
+    with pytest.raises(WT.CheckpointError, match="not gated: `hf download black-forest-labs/FLUX.1-schnell flux1-schnell"):
+        WT.check_weights(WT.flux_weights("flux-schnell", ("dit",)))
     # the environment variable is the default; the flag's value wins over it
     monkeypatch.setenv("MULTICRAFTER_AE", str(tmp_path / "elsewhere"))
-    assert M.flux_weights("flux-dev", ("ae",))[0].source == str(tmp_path / "elsewhere")
-    assert M.check_weights(M.flux_weights("flux-dev", ("ae",), ae=str(ae_dir))) == [str(ae_dir / "ae.safetensors")]
+    assert WT.flux_weights("flux-dev", ("ae",))[0].source == str(tmp_path / "elsewhere")
+    assert WT.check_weights(WT.flux_weights("flux-dev", ("ae",), ae=str(ae_dir))) == [str(ae_dir / "ae.safetensors")]
 
 def test_weights_found_in_the_hub_cache_and_env_var_folders(tmp_path, monkeypatch):
     import huggingface_hub.constants as HC
@@ -3578,11 +3582,11 @@ def test_weights_found_in_the_hub_cache_and_env_var_folders(tmp_path, monkeypatc
     (tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "refs" / "main").write_text("b" * 40)
     (snap / "config.json").write_text("{}")
     monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    w = M.flux_weights("flux-dev", ("t5",))
-    with pytest.raises(M.CheckpointError, match="cached without its weights"):
-        M.check_weights(w)
+    w = WT.flux_weights("flux-dev", ("t5",))
+    with pytest.raises(WT.CheckpointError, match="cached without its weights"):
+        WT.check_weights(w)
     (snap / "model.safetensors").write_bytes(b"x")
-    assert M.check_weights(w) == [str(snap)]
+    assert WT.check_weights(w) == [str(snap)]
 
 def flux_call_args(cfg, B=1, h=8, w=6, refs=((4, 4),), L=5, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -3604,7 +3608,7 @@ def test_streamed_blocks_give_identical_outputs_one_block_resident_at_a_time():
     with torch.no_grad():
         want = flux(*args)
         streamed = copy.deepcopy(flux)
-        M.stream_blocks(streamed, "cpu")
+        WT.stream_blocks(streamed, "cpu")
         blocks = list(streamed.double_blocks) + list(streamed.single_blocks)
         home = [[p.data_ptr() for p in b.parameters()] for b in blocks]
         resident = []                                     # per block run: which blocks hold device copies
@@ -3621,7 +3625,7 @@ def test_resident_moves_a_model_in_and_back_out():
     for fail in (False, True):
         lin = torch.nn.Linear(3, 2).to("meta")
         with pytest.raises(RuntimeError) if fail else nullcontext():
-            with M.resident(lin.to_empty(device="cpu"), "cpu", home="meta") as m:
+            with WT.resident(lin.to_empty(device="cpu"), "cpu", home="meta") as m:
                 assert m.weight.device.type == "cpu" and m(torch.randn(1, 3)).shape == (1, 2)
                 if fail:
                     raise RuntimeError("a failing encoder")
@@ -3636,14 +3640,14 @@ def test_fp8_linear_is_exact_on_its_grid_and_within_its_rounding_elsewhere():
     lin = torch.nn.Linear(6, 3)
     with torch.no_grad():
         lin.weight.copy_(grid[torch.randperm(6)][None] * s[:, None] * torch.tensor([[1.0], [-1.0], [1.0]]))
-    f8 = M.Fp8Linear.from_linear(lin)
+    f8 = WT.Fp8Linear.from_linear(lin)
     assert f8.weight.dtype == torch.float8_e4m3fn and f8.weight.element_size() == 1
     x = torch.randn(4, 6, dtype=torch.float64)
     want = x @ lin.weight.double().T + lin.bias.double()
     torch.testing.assert_close(f8(x), want, atol=1e-6, rtol=1e-6)
     # random weights: e4m3 keeps 3 mantissa bits, a relative rounding error of at most 2^-4 per weight
     lin = torch.nn.Linear(256, 64)
-    f8 = M.Fp8Linear.from_linear(lin)
+    f8 = WT.Fp8Linear.from_linear(lin)
     deq = f8.weight.double() * f8.weight_scale.double()[:, None]
     err = ((deq - lin.weight.double()).abs() / lin.weight.double().abs().clamp_min(1e-30))
     normal = lin.weight.abs() / f8.weight_scale[:, None] >= 2 ** -6                   # fp8's normal range
@@ -3665,7 +3669,7 @@ def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
     args = flux_call_args(cfg)
     with torch.no_grad():
         want = flux(*args)
-        f8 = M.store_fp8(copy.deepcopy(flux))
+        f8 = WT.store_fp8(copy.deepcopy(flux))
         got = f8(*args)
         rel = ((got - want).norm() / want.norm()).item()
         assert 1e-5 < rel < FP8_TOLERANCE
@@ -3679,14 +3683,14 @@ def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
                      if isinstance(m, torch.nn.Linear))
         assert n8 == blocks                                                   # every block Linear, nothing else
         # fp8 streamed: still identical to fp8 resident
-        M.stream_blocks(f8, "cpu")
+        WT.stream_blocks(f8, "cpu")
         assert torch.equal(f8(*args), got)
     # with an adapter: the frozen layer it wraps becomes fp8, its own LoRA layers stay fp32
     flux = randomize(M.Flux(cfg).eval())
     ML.inject(flux, rank=4)
-    M.store_fp8(flux)
+    WT.store_fp8(flux)
     lora = dict(ML.adapters(flux))["double_blocks.0.img_attn.qkv"]
-    assert isinstance(lora.base, M.Fp8Linear) and lora.down.weight.dtype == torch.float32
+    assert isinstance(lora.base, WT.Fp8Linear) and lora.down.weight.dtype == torch.float32
 
 def test_diffusers_export_loads_into_flux_transformer_and_matches_ours(diffusers_oracle, tmp_path):
     pytest.importorskip("peft")                        # diffusers' load_lora_adapter needs it (requirements-test.txt)
@@ -3793,7 +3797,7 @@ def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
         M.attention = attention
     # the streamed DiT's peak counts the one block copied in: its weights more than the resident model's
     streamed = M.Flux(cfg).eval()
-    M.stream_blocks(streamed, "cpu")
+    WT.stream_blocks(streamed, "cpu")
     largest = max(BN.nbytes(b) for b in (*streamed.double_blocks, *streamed.single_blocks))
     assert BN.live_peak(lambda: forward(streamed, "cpu")) >= profiler + largest - 4 * 2 ** 20
 
@@ -3934,7 +3938,7 @@ def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
     flux = M.Flux(tiny_cfg())
     acfg = ML.inject(flux, rank=2)
     ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"), acfg)
-    M.save_safetensors({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    WT.save_safetensors({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
     (tmp_path / "plain.txt").write_text("")
     mode = lambda name: oct(os.stat(tmp_path / name).st_mode & 0o777)
     assert mode("adapter.safetensors") == mode("w.safetensors") == mode("plain.txt")
@@ -4013,12 +4017,12 @@ def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
     assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
 
 def test_batched_guidance_equals_two_forwards(monkeypatch):
-    # the prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE): the same samples and the same
+    # the prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE): the same samples and the same
     # IPPO policy velocities as two forwards, up to float rounding (GEMMs blocked by batch size; the guidance
     # multiplies a difference by up to 5 a step), on the shipped toy at its guidance (4 / 2)
     flux, ae, text, _ = S.load_models("toy", "toy", torch.device("cpu"))
     refs = [preprocess_ref(load_image(p), 16) for p in DEMO]
-    c = M.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
+    c = SM.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
     c1 = dict({k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}, scales=(4.0, 2.0))
     x = torch.randn(3, *c["img"].shape[1:])
     def both():
@@ -4026,7 +4030,7 @@ def test_batched_guidance_equals_two_forwards(monkeypatch):
             return (denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0,
                             text_guidance=2.0), training.velocity(flux, x, c1, 0.6, 1.0))
     batched = both()
-    monkeypatch.setattr(M, "BATCH_GUIDANCE", False)
+    monkeypatch.setattr(SM, "BATCH_GUIDANCE", False)
     for a, b in zip(batched, both()):
         torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
     plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0)
@@ -4330,7 +4334,7 @@ def test_a_torn_best_adapter_blocks_no_resume_and_dead_writers_temporaries_go(to
     capsys.readouterr()
     assert rl_cli(out, manifest, root / "base", "--iters", "2", *val, "--resume") == 0
     assert f"note: {best} is not a best adapter we wrote (" in capsys.readouterr().err
-    assert M.read_header(str(best), metadata=True)[1]["iter"] == "2"
+    assert WT.read_header(str(best), metadata=True)[1]["iter"] == "2"
     assert sorted(n for n in os.listdir(out) if "tmp" in n) == [f".tmp-{os.getpid()}-live"]   # a live one's stays
 
 @pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
@@ -4812,8 +4816,8 @@ def test_text_guidance_defaults_to_the_presets_only_for_an_encoder_trained_on_th
         sft(tmp_path / drop, manifest, "--stage", "base", "--steps", "1", "--ckpt-every", "1", "--drop-prompt", drop)
     resolve = lambda *argv: S.resolve_run(S.build_parser().parse_args(["--refs", "x.png", *argv]))[1]["text_guidance"]
     trained, untrained = (str(tmp_path / d / "ckpt-0000001") for d in ("0.5", "0"))
-    assert M.byte_encoder_header(os.path.join(trained, "text_encoder.safetensors")) == ("max", True)
-    assert M.byte_encoder_header(os.path.join(untrained, "text_encoder.safetensors")) == ("max", False)
+    assert WT.byte_encoder_header(os.path.join(trained, "text_encoder.safetensors")) == ("max", True)
+    assert WT.byte_encoder_header(os.path.join(untrained, "text_encoder.safetensors")) == ("max", False)
     assert M.get_config("toy").text_guidance != 1
     capsys.readouterr()
     assert resolve("--model", trained) == M.get_config("toy").text_guidance
@@ -4995,7 +4999,7 @@ def no_weights(tmp_path, monkeypatch):
     import huggingface_hub.constants as HC
     monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for env in M.WEIGHT_ENV.values():
+    for env in WT.WEIGHT_ENV.values():
         monkeypatch.delenv(env, raising=False)
     return tmp_path
 
@@ -5403,7 +5407,7 @@ def test_flux2_reference_kv_matches_the_kv_pipeline_and_the_uncached_path():
             lambda m, a, kw, o: calls.append(len((a[7] if len(a) > 7 else kw.get("ref_img")) or [])), with_kwargs=True)
         fast = F2.denoise(ours, **args, **common)
         hook.remove()
-        slow = M.denoise(ours, **args, **common)
+        slow = SM.denoise(ours, **args, **common)
     assert (fast - slow).abs().max().item() < 1e-5
     assert calls[:3] == [2, 0, 0] and calls.count(2) == 1              # the references ran once, in 12 forwards
     with pytest.raises(ValueError, match="a model trained for it"):
@@ -5516,7 +5520,7 @@ def test_flux2_prompt_encoding_matches_the_klein_pipeline(tmp_path, capsys):
     assert not torch.allclose(txt[0], txt[1])
     enc(["a red cat " * 5])                                       # 15 words + the chat's: cut to 12, with a warning
     assert enc.truncated == 1 and "cut to the text encoder's 12" in capsys.readouterr().err
-    with pytest.raises(M.CheckpointError, match=r"the text model Qwen3-4B \(.*nope: no such file or folder"):
+    with pytest.raises(WT.CheckpointError, match=r"the text model Qwen3-4B \(.*nope: no such file or folder"):
         F2.TextEncoder(cfg, str(tmp_path / "nope"))
 
 @pytest.mark.parametrize("steps,seq", [(4, 1024), (50, 4096), (28, 6000)])
@@ -5557,7 +5561,7 @@ def test_flux2_loading_is_strict_with_one_line_errors(tmp_path):
     sd["double_blocks.0.img_attn.qkv.bias"] = torch.zeros(192)           # a FLUX.1-style bias: not FLUX.2's
     del sd["single_stream_modulation.lin.weight"]
     save_file(sd, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"missing keys: single_stream_modulation.lin.weight \| unexpected "
+    with pytest.raises(WT.CheckpointError, match=r"missing keys: single_stream_modulation.lin.weight \| unexpected "
                                                 r"keys: double_blocks.0.img_attn.qkv.bias"):
         F2.load_flux(cfg, str(tmp_path / "bad.safetensors"))
     # BFL's BatchNorm2d keeps a step counter some copies of ae.safetensors have: taken or not, never needed
@@ -5570,7 +5574,7 @@ def test_flux2_loading_is_strict_with_one_line_errors(tmp_path):
     assert torch.equal(a.encode(x), b.encode(x))
     del sd["bn.running_var"]
     save_file(sd, str(tmp_path / "ae_bad.safetensors"))
-    with pytest.raises(M.CheckpointError, match="missing keys: bn.running_var"):
+    with pytest.raises(WT.CheckpointError, match="missing keys: bn.running_var"):
         F2.load_ae(cfg, str(tmp_path / "ae_bad.safetensors"))
 
 def test_flux2_offline_sample_lists_every_missing_weight_at_once(tmp_path, monkeypatch, capsys):

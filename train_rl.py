@@ -42,8 +42,11 @@ import toy
 import runs
 import training as TR
 import data as D
+import sampling as SM
+import weights as WT
 from data import InputError, PromptDataset, write_atomic
-from model import CheckpointError, decode_images, read_header
+from sampling import decode_images
+from weights import CheckpointError, read_header
 from rewards import RewardModelError, add_reward_args, build_reward, missing_reward_models, reward_weights
 
 def build_parser():
@@ -181,8 +184,8 @@ def main(argv=None):
     args.pe = runs.resolved(args.pe, F2.default_pe(cfg))
     args.size, args.ref_size = runs.resolved(args.size, cfg.image_size), runs.resolved(args.ref_size, cfg.ref_size)
     args.guidance = runs.resolved(args.guidance, cfg.guidance)
-    args.ref_guidance, args.text_guidance = M.guidance_scales(
-        cfg, M.learned_empty_prompt(args.preset, args.init if args.preset == "toy" else None), args.ref_guidance,
+    args.ref_guidance, args.text_guidance = SM.guidance_scales(
+        cfg, WT.learned_empty_prompt(args.preset, args.init if args.preset == "toy" else None), args.ref_guidance,
         args.text_guidance)
     args.micro_batch = runs.resolved(args.micro_batch, args.group // args.minibatches)
     preflight(args, cfg)
@@ -326,7 +329,7 @@ def train(args, run, cfg, ddp, rank, world, device):
                     ratios += s.tolist()
                     clipped += cut.tolist()
                     losses.append(loss.item())
-                gnorm = M.whole(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))   # FSDP: a DTensor
+                gnorm = WT.whole(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))   # FSDP: a DTensor
                 if bad.ok(gnorm, f"iteration {m}, minibatch {q + 1}"):
                     opt.step()
                 opt.zero_grad(set_to_none=True)

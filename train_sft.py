@@ -31,6 +31,7 @@ import model as M
 import moe_lora as ML
 import runs
 import training as TR
+import weights as WT
 
 def build_parser():
     p = runs.Parser(description=__doc__)
@@ -294,7 +295,7 @@ def train(args, run, cfg, ddp, rank, world, device):
             consumed += micro_per_step
 
             # ---- clip, then update unless the gradient is NaN/inf (a skipped step is counted; many in a row stop) ----
-            gnorm = M.whole(torch.nn.utils.clip_grad_norm_(params, args.clip))      # FSDP: a replicated DTensor
+            gnorm = WT.whole(torch.nn.utils.clip_grad_norm_(params, args.clip))      # FSDP: a replicated DTensor
             if bad.ok(gnorm, f"step {step + 1}"):
                 opt.step()
             opt.zero_grad(set_to_none=True)

@@ -22,6 +22,8 @@ import losses as LS
 import model as M
 import moe_lora as ML
 import runs
+import sampling as SM
+import weights as WT
 from runs import TrainingError, print0
 
 # -----------------------------------------------------------------------------
@@ -63,7 +65,7 @@ def check_model_args(pf, args, stage, cached=False):
             pf.need(stage == "base", "--init: adapters train on a trained toy base: pass --init assets/toy (the "
                     "shipped one) or a --stage base run's checkpoint folder (OUT/latest)")
         else:
-            pf.folder("--init", args.init, ["flux.safetensors", "text_encoder.safetensors"])
+            pf.folder("--init", args.init, [WT.TOY_DIT, WT.TOY_TEXT])
         pf.need(not (args.ae or args.t5 or args.clip_text or args.text_model), "--ae, --t5, --clip-text, "
                 "--text-model: FLUX's weights (the toy's encoders are in its --init folder)")
         return
@@ -74,7 +76,7 @@ def check_model_args(pf, args, stage, cached=False):
                               text=args.text_model, dit_flag="--init"))
         return
     parts = ("dit",) if cached else ("dit", "ae", "t5", "clip")
-    pf.weights(M.flux_weights(cfg, parts, dit=args.init, ae=args.ae, t5=args.t5, clip=args.clip_text,
+    pf.weights(WT.flux_weights(cfg, parts, dit=args.init, ae=args.ae, t5=args.t5, clip=args.clip_text,
                               dit_flag="--init"))
 
 def adapter_spec(args):
@@ -173,19 +175,19 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     other stage freezes the base (a toy checkpoint folder, or FLUX from init / the preset's repo) and trains
     adapters: loaded from `adapter`, else injected as `spec` (adapter_spec) says. cached: the batches carry text
     embeddings and latents (cache.py), so no AE or text encoder is loaded. ae, t5, clip: where FLUX's are
-    (model.flux_weights); ae, text_model: FLUX.2's (flux2.weights)."""
+    (weights.flux_weights); ae, text_model: FLUX.2's (flux2.weights)."""
     cfg = F2.get_config(preset)
     if cached and stage == "base":
         raise D.InputError("--stage base trains the text encoder: it cannot read precomputed text embeddings")
     wdtype = M.weight_dtype(device)                          # frozen weights
     if preset == "toy":
         torch.manual_seed(seed)
-        flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
         if init:
-            M.load_state_dict_strict(flux, os.path.join(init, "flux.safetensors"))      # fp32 (assets/toy: fp16)
-            M.load_byte_encoder(text, os.path.join(init, "text_encoder.safetensors"))
+            flux, text, _ = WT.load_toy(init, cfg)
         elif stage != "base":
-            raise M.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
+            raise WT.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
+        else:
+            flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
         ae = M.AutoEncoder(cfg.ae)
     elif F2.is_flux2(cfg):
         if stage == "base":
@@ -196,13 +198,10 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     else:
         if stage == "base":
             raise D.InputError("--stage base trains the toy preset only (FLUX is the base at full scale)")
-        # every FLUX weight this run needs, found or listed as missing at once, before the 24 GB of the first loads
-        M.check_weights(M.flux_weights(cfg, ("dit",) if cached else ("dit", "ae", "t5", "clip"), dit=init, ae=ae,
-                                       t5=t5, clip=clip, dit_flag="--init"))
-        flux = M.load_flux(cfg, init, device, wdtype)
-        # with a cache the 9 GB T5 and the VAE are never loaded
-        ae = None if cached else M.load_ae(cfg, ae, device=device, dtype=wdtype)
-        text = None if cached else M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype=wdtype)
+        # every FLUX weight this run needs, found or listed as missing at once, before the 24 GB of
+        # the first loads; with a cache the 9 GB T5 and the VAE are never loaded
+        flux, ae, text = WT.load_models(cfg, init, ae, t5, clip, device, wdtype, dit_flag="--init",
+                                        parts=("dit",) if cached else ("dit", "ae", "t5", "clip"))
     if cached:                                                # the toy's encoders are unused too
         ae = text = None
     flux = flux.to(device)
@@ -214,13 +213,13 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
     # a frozen base holding a NaN or an inf makes every step NaN, skipped: refused before the first, as sample.py does
     bad = runs.first_bad([*flux.named_parameters(), *(text.named_parameters() if text is not None else ())])
     if bad:
-        raise M.CheckpointError(f"{init or cfg.repo_id}: weight {bad[0]} {bad[1]}: this base cannot be trained on")
+        raise WT.CheckpointError(f"{init or cfg.repo_id}: weight {bad[0]} {bad[1]}: this base cannot be trained on")
     if text is not None:
         text.requires_grad_(False)
     acfg = ML.load_adapter(flux, adapter) if adapter else ML.inject(flux, **spec)
     bad = adapter and runs.first_bad(ML.adapter_state_dict(flux).items(), runs.MAX_WEIGHT)
     if bad:
-        raise M.CheckpointError(f"{adapter}: {bad[0]} {bad[1]}: this adapter cannot be trained on")
+        raise WT.CheckpointError(f"{adapter}: {bad[0]} {bad[1]}: this adapter cannot be trained on")
     flux.to(device)                                           # new adapter tensors onto the device, fp32
     return flux, ae, text, [p for p in flux.parameters() if p.requires_grad], acfg
 
@@ -372,26 +371,26 @@ def expand(z, B):
 
 def forwards_per_velocity(c):
     # DiT rows per sample one guided velocity costs: the conditional one, + one without references, + one with ""
-    # (the last rides in the conditional forward's batch: model.guided_velocity)
+    # (the last rides in the conditional forward's batch: sampling.guided_velocity)
     w_ref, w_text = c.get("scales", (1.0, 1.0))
     return 1 + (w_ref != 1 and bool(c["ref_img"])) + (w_text != 1)
 
 def velocity(flux, x, c, t, guidance):
     """v_theta(x, t) for x (B, L, C) under one conditioning c (batch 1, shared by the group: expanded), guided
-    as sample.py guides (model.guided_velocity) by c's "scales" (reference, text) when it has them: the policy IPPO
+    as sample.py guides (sampling.guided_velocity) by c's "scales" (reference, text) when it has them: the policy IPPO
     samples and scores is then the sampler users run (the empty prompt comes from sampling_inputs(null_text=True))."""
     B, dev = x.shape[0], x.device
     w_ref, w_text = c.get("scales", (1.0, 1.0))
     e = lambda z: expand(z, B)
     null = (e(c["txt_null"]), e(c["y_null"])) if w_text != 1 else (None, None)
     with M.autocast(dev):
-        return M.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]),
+        return SM.guided_velocity(flux, x, e(c["img_ids"]), e(c["txt"]), e(c["txt_ids"]),
                                  torch.full((B,), t, device=dev), e(c["y"]), torch.full((B,), guidance, device=dev),
                                  [e(r) for r in c["ref_img"]], [e(r) for r in c["ref_img_ids"]], w_ref, w_text, *null)
 
 @torch.no_grad()
 def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
-    """One group (Algorithm 1, lines 6-15). c: model.sampling_inputs' output (its img is the group's one noise).
+    """One group (Algorithm 1, lines 6-15). c: sampling.sampling_inputs' output (its img is the group's one noise).
     -> final latents (G, L, C), window record dict(x, x_next (G, w, L, C), old_logp (G, w)), DiT rows used."""
     x, rows, xs, nxt, lps = c["img"].float(), 0, [], [], []
     for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
@@ -400,12 +399,12 @@ def rollout(flux, c, G, timesteps, window, eta, guidance, gen):
         v = velocity(flux, x, c, t, guidance)
         rows += x.shape[0] * forwards_per_velocity(c)
         if i in window:                                               # SDE step: pi_old's sample and log-prob
-            x_next, lp, _, _ = M.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
+            x_next, lp, _, _ = SM.sde_step(x, v, t, t_next, eta, noise=torch.randn(x.shape, generator=gen).to(x))
             xs.append(x)
             nxt.append(x_next)
             lps.append(lp)
         else:                                                         # ODE step (Euler), deterministic
-            x_next = M.euler_step(x, v, t, t_next)
+            x_next = SM.euler_step(x, v, t, t_next)
         x = x_next
     return x, dict(x=torch.stack(xs, 1), x_next=torch.stack(nxt, 1), old_logp=torch.stack(lps, 1)), rows
 
@@ -418,7 +417,7 @@ class WindowPolicy(torch.nn.Module):
 
     def forward(self, c, x, x_next, steps, eta, guidance):
         # x, x_next (B, w, L, C); steps: the window's [(t, t_next)] -> logp (B, w), mean (B, w, L, C), std [w]
-        out = [M.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
+        out = [SM.sde_step(x[:, j], velocity(self.flux, x[:, j], c, t, guidance), t, t_next, eta, prev=x_next[:, j])
                for j, (t, t_next) in enumerate(steps)]
         return torch.stack([o[1] for o in out], 1), torch.stack([o[2] for o in out], 1), [o[3] for o in out]
 
@@ -427,7 +426,7 @@ def kl_to_base(flux, c, x, x_next, mean, std, steps, eta, guidance):
     Gaussians with the step's std, so per element KL = (mu_theta - mu_base)^2 / (2 std^2) exactly (Flow-GRPO
     uses the same form without the step's dt in std). pi_base: the same model with its adapters off."""
     with torch.no_grad(), ML.disabled(flux):
-        base = torch.stack([M.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
+        base = torch.stack([SM.sde_step(x[:, j], velocity(flux, x[:, j], c, t, guidance), t, t_next, eta,
                                        prev=x_next[:, j])[2] for j, (t, t_next) in enumerate(steps)], 1)
     kl = [((mean[:, j] - base[:, j]) ** 2 / (2 * std[j] ** 2)).flatten(1).mean(1) for j in range(len(steps))]
     return torch.stack(kl, 1).mean(1)
@@ -500,7 +499,7 @@ def summary(args, run, unit="step"):
     print0(f"done, {unit} {step}: {made}; sample it with: "
            f"{shlex.join(['python', 'sample.py', *model, *refs, '--out', out])}")
 
-USER_ERRORS = (M.CheckpointError, D.DataError, D.InputError, TrainingError, runs.RunFolderError)
+USER_ERRORS = (WT.CheckpointError, D.DataError, D.InputError, TrainingError, runs.RunFolderError)
 
 def cli(main, argv=None, errors=USER_ERRORS):
     """main(argv) as the command line runs it: a user's mistake (bad data, bad weights, a diverged run, a used run

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 
 import data as D
 import model as M
+import sampling as SM
 import toy
 import training as TR
 from experiments import world as EW
@@ -120,14 +121,14 @@ def sample_set(cfg, flux, text, ae, ts, steps, guide, oracle=None):
     sample (the byte encoder pads every prompt alike, so the batch changes no prompt's encoding) -> PIL images."""
     B, size = len(ts.records), cfg.image_size
     inp = TR.encode_batch(ts.batch, ae, "cpu")                    # references encoded; its img is replaced
-    noise = torch.cat([M.get_noise(1, size, size, cfg.ae.z_channels, cfg.ae.factor, i) for i in range(B)])
+    noise = torch.cat([SM.get_noise(1, size, size, cfg.ae.z_channels, cfg.ae.factor, i) for i in range(B)])
     txt, y = text(list(ts.batch["prompts"]) + [""])
-    timesteps = M.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
-    x = M.denoise(flux, M.pack(noise), inp["img_ids"], txt[:B], M.text_ids(txt[:B]), y[:B], timesteps,
+    timesteps = SM.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
+    x = SM.denoise(flux, M.pack(noise), inp["img_ids"], txt[:B], M.text_ids(txt[:B]), y[:B], timesteps,
                   cfg.guidance, inp["ref_img"], inp["ref_img_ids"], progress=False, ref_guidance=guide[0],
                   text_guidance=guide[1], txt_null=txt[B:].expand(B, -1, -1), y_null=y[B:].expand(B, -1),
                   oracle=oracle)
-    return M.decode_images(ae, x, size, size)
+    return SM.decode_images(ae, x, size, size)
 
 @torch.no_grad()
 def teacher_forced_split(cfg, flux, text, ae, ts, t, oracle=None, seed=1234):
@@ -143,7 +144,7 @@ def teacher_forced_split(cfg, flux, text, ae, ts, t, oracle=None, seed=1234):
     txt, y = text(list(ts.batch["prompts"]))
     v = flux(x_t, inp["img_ids"], txt, M.text_ids(txt), torch.full((B,), t), y, torch.full((B,), cfg.guidance),
              inp["ref_img"], inp["ref_img_ids"], oracle=oracle)
-    pred = np.stack([np.asarray(im, np.float64) / 255 for im in M.decode_images(ae, x_t - t * v, *(2 * [cfg.image_size]))])
+    pred = np.stack([np.asarray(im, np.float64) / 255 for im in SM.decode_images(ae, x_t - t * v, *(2 * [cfg.image_size]))])
     errs, toward_other, toward_mean = [], [], []
     for b, rec in enumerate(ts.records):
         idents = [toy.identity_of(a, f"{ts.where}: record {rec['id']}") for a in rec["attrs"]]

@@ -29,31 +29,31 @@ import data as D
 import losses as LS
 import model as M
 import moe_lora as ML
+import sampling as SM
 import toy
 import training as TR
+import weights as WT
 
 def load_toy(base, adapter=None, ref_size=None):
-    # a toy checkpoint folder (+ an adapter) in fp32; the byte encoder pads as its header says it was trained;
-    # ref_size: the references' side the model was trained with (default: the preset's)
+    # a toy checkpoint folder (weights.load_toy) + an adapter; ref_size: the references' side the
+    # model was trained with (default: the preset's)
     cfg = M.get_config("toy", **({"ref_size": ref_size} if ref_size else {}))
-    flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
-    M.load_state_dict_strict(flux, os.path.join(base, "flux.safetensors"))
-    M.load_byte_encoder(text, os.path.join(base, "text_encoder.safetensors"))
+    flux, text, _ = WT.load_toy(base, cfg)
     if adapter:
         ML.load_adapter(flux, adapter)
-    return cfg, flux.eval(), text.eval(), ae
+    return cfg, flux.eval(), text.eval(), M.AutoEncoder(cfg.ae)
 
 @torch.no_grad()
 def sample(cfg, flux, text, ae, prompt, refs, seed, steps, ref_guidance=None, text_guidance=None):
     # one sample as sample.py draws it; the guidance scales default to the preset's
     size = cfg.image_size
-    w_ref, w_text = M.guidance_scales(cfg, text.null_prompt, ref_guidance, text_guidance)
-    timesteps = M.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
-    c = M.sampling_inputs(cfg, ae, text, prompt, [D.preprocess_ref(r, cfg.ref_size) for r in refs], size, size,
+    w_ref, w_text = SM.guidance_scales(cfg, text.null_prompt, ref_guidance, text_guidance)
+    timesteps = SM.get_schedule(steps, (size // cfg.token_px) ** 2, shift=cfg.shift_schedule)
+    c = SM.sampling_inputs(cfg, ae, text, prompt, [D.preprocess_ref(r, cfg.ref_size) for r in refs], size, size,
                           seed=seed, null_text=w_text != 1)
-    x = M.denoise(flux, **c, timesteps=timesteps, guidance=cfg.guidance, progress=False, ref_guidance=w_ref,
+    x = SM.denoise(flux, **c, timesteps=timesteps, guidance=cfg.guidance, progress=False, ref_guidance=w_ref,
                   text_guidance=w_text)
-    return M.decode_images(ae, x, size, size)[0]
+    return SM.decode_images(ae, x, size, size)[0]
 
 def sanity_rows(records, where):
     """The three generators of toy.sanity_images scored by the same code, swaps included."""
@@ -75,7 +75,7 @@ def evaluate(args):
     root = os.path.dirname(os.path.abspath(args.manifest))
     cfg, flux, text, ae = load_toy(args.base, args.adapter, args.ref_size)
     images, after, swapped = [], [], []
-    guide = M.guidance_scales(cfg, text.null_prompt, args.ref_guidance, args.text_guidance)
+    guide = SM.guidance_scales(cfg, text.null_prompt, args.ref_guidance, args.text_guidance)
     t0 = time.time()
     for i, rec in enumerate(records):
         toy.identity_of(rec["attrs"][0], f"{args.manifest}: record {rec.get('id', i)}")   # the first world: refuse
@@ -154,7 +154,7 @@ def main(argv=None):
     e.add_argument("--n", type=int, default=100, help="records scored (the first n)")
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
     e.add_argument("--ref-guidance", type=D.float_in(0), default=None, help="guidance on the references (default: the "
-                   "preset's; model.denoise)")
+                   "preset's; sampling.denoise)")
     e.add_argument("--text-guidance", type=D.float_in(0), default=None, help="guidance on the prompt (default: the "
                    "preset's)")
     e.add_argument("--out", default=None, help="write the samples and metrics.json here")
@@ -175,7 +175,7 @@ def main(argv=None):
             print(toy.metrics_table(sanity_rows(records, args.manifest), toy.METRICS + ("following",)))
         else:
             speed(args)
-    except (D.DataError, D.InputError, M.CheckpointError, OSError) as e:
+    except (D.DataError, D.InputError, WT.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

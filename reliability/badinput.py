@@ -9,7 +9,7 @@ One markdown table per family, printed (--table also writes them):
   Images     each BAD_IMAGES file through data.load_image, `sample.py --refs`, `data.py check` and training's
              ManifestDataset
   Weights    each BAD_WEIGHTS fault in each kind of weights file a user hands over: the DiT and text encoder
-             (`sample.py --model`), the AE (model.load_ae), an adapter (`sample.py --lora`), and a checkpoint
+             (`sample.py --model`), the AE (weights.load_ae), an adapter (`sample.py --lora`), and a checkpoint
              to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt); and each
              ADAPTER_FAULTS adapter whose header (or tensors' shapes) claims what it does not hold
   Manifests  each manifest fault, in a record after a good one, through `data.py check` and ManifestDataset
@@ -55,6 +55,7 @@ import moe_lora as ML
 import rewards as R
 import toy
 import toy_named
+import weights as WT
 from reliability.faults import ROOT, save_st, toy_base
 
 parser = argparse.ArgumentParser(prog="python -m reliability.badinput", epilog=__doc__,
@@ -348,8 +349,8 @@ def weight_rows(work):
         return ("resumed" if status == 0 else f"exit {status}") + (f"; {line}" if line else "")
 
     def load_ae(folder):
-        ae, text, status = attempt(lambda: M.load_ae(ae_cfg, os.path.join(folder, "ae.safetensors")),
-                                   M.CheckpointError)
+        ae, text, status = attempt(lambda: WT.load_ae(ae_cfg, os.path.join(folder, "ae.safetensors")),
+                                   WT.CheckpointError)
         line = said(text, "error:", "TRACEBACK", "note:")
         return f"loaded{'; ' + line if line else ''}" if status == 0 else line
 
@@ -360,7 +361,7 @@ def weight_rows(work):
         "text encoder (sample.py --model)": ("text_encoder.safetensors", base,
                                              lambda d: sample(d, "--model", d, "--arch", "toy"), text.state_dict(),
                                              None, M.ByteTextEncoder(cfg, dim=32).state_dict()),
-        "AE (model.load_ae)": ("ae.safetensors", None, load_ae, M.AutoEncoder(ae_cfg.ae).state_dict(), None,
+        "AE (weights.load_ae)": ("ae.safetensors", None, load_ae, M.AutoEncoder(ae_cfg.ae).state_dict(), None,
                                M.AutoEncoder(ae_other).state_dict()),
         "adapter (sample.py --lora, train --adapter)": (
             "adapter.safetensors", None,
