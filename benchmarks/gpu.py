@@ -1,0 +1,353 @@
+"""
+`bench.py gpu`: the checks a GPU session runs in one call, at real shapes with random weights
+(nothing downloaded); `--tiny` runs the same code on the CPU at tiny shapes, as the test suite does.
+bench.py's docstring lists the rows.
+"""
+import gc
+import json
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+
+import losses as LS
+import model as M
+import moe_lora as ML
+import training as TR
+from benchmarks.measure import count_flops, median, nbytes, peak_memory
+from benchmarks.memory import budget_columns, training_budget
+from benchmarks.versus_diffusers import bfl_to_diffusers_converter
+
+# -----------------------------------------------------------------------------
+# gpu: the checks a GPU session runs in one call (an estimated 3-5 minutes on one H100, most of it sampling): random
+# weights at flux-dev's shapes, nothing downloaded. --tiny runs the same code on the CPU at tiny shapes (as the suite
+# does)
+
+GPU_SHAPES = dict(small=512, large=1024, ref=320, refs=(1, 4), steps=28, rank=512, reps=5, train_reps=3,
+                  matmul=8192)
+TINY_SHAPES = dict(small=64, large=128, ref=32, refs=(1, 4), steps=2, rank=8, reps=1, train_reps=1, matmul=256)
+
+def tiny_config():
+    # flux-dev's roles at a width a CPU runs in milliseconds (its text, pooled and latent widths kept)
+    return M.get_config("flux-dev", hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=1,
+                        depth_single_blocks=2, max_txt_len=16, ae=M.AutoEncoderConfig(ch=32))
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+def device_times(fn, reps, device, warmup=None):
+    """Seconds of each of `reps` calls of fn after one warm-up call (warmup, or fn itself), the device synchronized
+    around each (GPU kernels run asynchronously)."""
+    (warmup or fn)()
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+def allocated(device, *modules):
+    # bytes alive now: the CUDA allocator's count; on the CPU torch keeps none, so the given modules' tensors
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else sum(map(nbytes, modules))
+
+def peak_above(fn, device):
+    """Peak bytes one call of fn allocates above what was alive before it: the CUDA allocator's high-water mark, or
+    on the CPU the profiler's count (peak_memory)."""
+    if device.type != "cuda":
+        return peak_memory(fn)["tensors"]
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device) - before
+
+def release(device):
+    # what the last row held, back to the device before the next row measures its peak
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+def matmul_peak(device, dtype, n, reps=10):
+    """The device's measured matmul FLOP/s in dtype: the best of `reps` square n x n products (2 n^3 FLOPs each)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / min(device_times(lambda: a @ b, reps, device))
+
+def random_flux(cfg, device, dtype, seed):
+    """Our DiT at cfg's shapes with random weights, made in place on device in dtype (flux-dev: 24 GB of bf16, never an
+    fp32 copy): weights N(0, 0.02), biases N(0, 0.1), RMSNorm scales around 1."""
+    with torch.device("meta"):
+        flux = M.Flux(cfg).to(dtype)
+    flux = flux.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in flux.named_parameters():
+            p.normal_(0, 0.02 if p.ndim > 1 else 0.1, generator=g)
+            if name.endswith(".scale"):
+                p.add_(1)
+    return flux.eval()
+
+def joint_inputs(cfg, size, ref_size, n_refs, device, dtype, seed):
+    """One sample's joint sequence (model.prepare), random: a size px target, n_refs references of ref_size px,
+    cfg.max_txt_len text tokens; t and distilled guidance. Values in dtype, position ids in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    z, f = cfg.ae.z_channels, cfg.ae.factor
+    rnd = lambda *shape: torch.randn(*shape, generator=g)
+    inp = M.prepare(rnd(1, z, size // f, size // f), [rnd(1, z, ref_size // f, ref_size // f) for _ in range(n_refs)],
+                    "d", rnd(1, cfg.max_txt_len, cfg.context_in_dim), rnd(1, cfg.vec_in_dim))
+    inp.update(timesteps=torch.rand(1, generator=g), guidance=torch.full((1,), cfg.guidance))
+    cast = lambda k, v: v.to(device, torch.float32 if k.endswith("ids") else dtype)
+    return {k: [cast(k, r) for r in v] if isinstance(v, list) else cast(k, v) for k, v in inp.items()}
+
+def diffusers_flux(cfg, state):
+    """diffusers' FluxTransformer2DModel holding our state dict (diffusers' own converter), made on the meta device
+    and given the converted tensors themselves (assign): no second copy of the weights."""
+    from diffusers import FluxTransformer2DModel          # optional, as in `dit`
+    with torch.device("meta"):
+        theirs = FluxTransformer2DModel(
+            patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim)
+    theirs.load_state_dict(bfl_to_diffusers_converter()(state), strict=True, assign=True)
+    assert not state, f"keys diffusers did not consume: {list(state)[:4]}"
+    return theirs.eval().requires_grad_(False)
+
+def through_diffusers(theirs):
+    # UNO's sequence through diffusers: the references appended to the image tokens, the output sliced to the target
+    def call(i):
+        L = i["img"].shape[1]
+        return theirs(hidden_states=torch.cat([i["img"], *i["ref_img"]], 1), encoder_hidden_states=i["txt"],
+                      pooled_projections=i["y"], timestep=i["timesteps"], guidance=i["guidance"],
+                      img_ids=torch.cat([i["img_ids"], *i["ref_img_ids"]], 1)[0], txt_ids=i["txt_ids"][0],
+                      return_dict=False)[0][:, :L]
+    return call
+
+def time_dit(call, inp, S, device):
+    """Forward (no grad) and forward+backward of one model on one input: the backward reaches the inputs only (frozen
+    weights: what adapter training's backward through the base costs). -> measurements, output and input gradients."""
+    leaves = [inp["img"], *inp["ref_img"], inp["txt"]]
+    for x in leaves:
+        x.requires_grad_(True)
+    def fwd():
+        with torch.no_grad():
+            return call(inp)
+    def train():
+        for x in leaves:
+            x.grad = None
+        call(inp).float().square().mean().backward()
+    r = {"fwd_s": device_times(fwd, S["reps"], device), "train_s": device_times(train, S["train_reps"], device),
+         "fwd_flops": count_flops(fwd), "train_flops": count_flops(train)}
+    r["train_peak_bytes"] = peak_above(train, device)
+    return r, fwd().float(), [x.grad.float() for x in leaves]
+
+def dit_section(cfg, S, device, seed):
+    """Ours against diffusers in bf16 on each case, the models one after the other (both at once would hold the
+    weights twice: 48 GB for flux-dev): ours, then its state dict converted for diffusers, then diffusers."""
+    cases = [(f"{S['small']}px + {n} ref", S["small"], n) for n in S["refs"]] + \
+        [(f"{S['large']}px + 1 ref", S["large"], 1)]
+    inputs = {name: joint_inputs(cfg, size, S["ref"], n, device, torch.bfloat16, seed) for name, size, n in cases}
+    flux = random_flux(cfg, device, torch.bfloat16, seed).requires_grad_(False)
+    ours = {name: time_dit(lambda i: flux(**i), inp, S, device) for name, inp in inputs.items()}
+    try:
+        theirs_model = diffusers_flux(cfg, dict(flux.state_dict()))
+    except ImportError as e:
+        return {"cases": {name: {"ours": r} for name, (r, _, _) in ours.items()},
+                "skipped": f"diffusers: not installed here ({e}); carry its wheel to compare"}
+    del flux
+    release(device)
+    out = {}
+    for name, inp in inputs.items():
+        r, y, grads = time_dit(through_diffusers(theirs_model), inp, S, device)
+        (mine, y0, grads0) = ours[name]
+        rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+        out[name] = {"ours": mine, "diffusers": r, "rel_diff_out": rel(y0, y),
+                     "rel_diff_grad": max(rel(a, b) for a, b in zip(grads0, grads))}
+    return {"cases": out}
+
+@contextmanager
+def attention_kernel(name):
+    """model.attention through one kernel: "flash-attn" (the package, which model.attention prefers where it is
+    installed), or one of SDPA's backends with flash-attn set aside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if name == "flash-attn":
+        yield
+        return
+    flash, M.flash_attn_func = M.flash_attn_func, None
+    try:
+        with sdpa_kernel(getattr(SDPBackend, name)):
+            yield
+    finally:
+        M.flash_attn_func = flash
+
+def attention_section(cfg, S, device, seed):
+    """Every attention kernel through model.attention on the joint sequence of the large case: each output against
+    SDPA's math kernel in fp32, the time of forward and of forward+backward. A kernel this device or build lacks
+    says why."""
+    tok = lambda px: (px // cfg.token_px) ** 2
+    L, H = cfg.max_txt_len + tok(S["large"]) + tok(S["ref"]), cfg.num_heads
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, L, H, cfg.hidden_size // H, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    with torch.no_grad(), attention_kernel("MATH"):
+        want = M.attention(q.float(), k.float(), v.float())
+    names = (["flash-attn"] if M.flash_attn_func is not None else []) + \
+        ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
+    out = {"shape": [1, L, H, cfg.hidden_size // H], "flash_attn_installed": M.flash_attn_func is not None}
+    for name in names:
+        def fwd():
+            with torch.no_grad():
+                return M.attention(q, k, v)
+        def train():
+            q.grad = k.grad = v.grad = None
+            M.attention(q, k, v).float().square().mean().backward()
+        try:
+            with attention_kernel(name):
+                err = ((fwd().float() - want).abs().max() / want.abs().max()).item()
+                out[name] = {"rel_err": err, "fwd_s": device_times(fwd, S["reps"], device),
+                             "train_s": device_times(train, S["train_reps"], device)}
+        except RuntimeError as e:                 # no such kernel for this device, dtype or shape
+            out[name] = {"unavailable": str(e).strip().split(". ")[0][:120]}
+    return out
+
+def sft_section(cfg, S, device, seed):
+    """The real peak memory of paper-scale SFT steps (LoRA rank S["rank"], MoE-LoRA of 4 experts, gradient
+    checkpointing, the attention probe with Dice, AdamW as the trainers build it) against training_budget's estimate
+    at the same settings. Two steps: the second holds AdamW's states while its activations live."""
+    size, ref, refs = S["small"], S["ref"], 2
+    dtype = M.weight_dtype(device)
+    flux = random_flux(cfg, device, dtype, seed)
+    ML.inject(flux, rank=S["rank"], n_experts=4)
+    flux.to(device).train()
+    for _, m in ML.adapters(flux):           # a trained adapter's update, not a fresh one's zeros
+        torch.nn.init.normal_(m.up.weight, std=1e-3)
+    flux.grad_checkpoint = True
+    params = [p for p in flux.parameters() if p.requires_grad]
+    opt = TR.build_optimizer(params, 3e-5, 1e-2)
+    inp = joint_inputs(cfg, size, ref, refs, device, torch.float32, seed)
+    x0, g = inp.pop("img"), torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    masks = (torch.rand(1, refs, x0.shape[1], generator=g) > 0.7).float().to(device)        # (B, N, L_img)
+    def step():
+        probe = M.AttentionProbe()
+        with M.autocast(device):
+            loss = LS.flow_matching_loss(lambda x_t, t: flux(img=x_t, **dict(inp, timesteps=t), probe=probe), x0,
+                                         inp["timesteps"], noise)
+        (loss + 0.3 * LS.dice_loss(probe.mean_map(), masks)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    resident = allocated(device, flux)
+    times = []
+    peak = resident + peak_above(lambda: times.extend(device_times(step, 1, device)), device)
+    b = training_budget(cfg, S["rank"], 4, size, ref, refs, 1, dtype, foreach=device.type == "cuda")
+    est = budget_columns(b)["1 GPU"]["total, --grad-checkpoint"]
+    return {"settings": dict(size=size, ref_size=ref, refs=refs, rank=S["rank"], experts=4, grad_checkpoint=True,
+                             dtype=str(dtype)), "step_s": times[0], "peak_bytes": peak, "estimate_bytes": est,
+            "budget": b}
+
+def sampling_section(cfg, S, device, seed):
+    """Seconds per image at the large size with one reference, S["steps"] Euler steps of distilled guidance (one DiT
+    forward each) and the AE's decoding: every block resident, then streamed (--offload's stream_blocks), then
+    stored in fp8 (--fp8's store_fp8). The prompt's embeddings are random (T5/CLIP are not run)."""
+    dtype = M.weight_dtype(device)
+    flux = random_flux(cfg, device, dtype, seed)
+    torch.manual_seed(seed)
+    ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
+    c = joint_inputs(cfg, S["large"], S["ref"], 1, device, torch.float32, seed)
+    c.pop("timesteps"), c.pop("guidance")
+    ts = M.get_schedule(S["steps"], c["img"].shape[1])
+    image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
+                                                                progress=False), S["large"], S["large"])
+    out = {"steps": S["steps"], "resident_s": device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]}
+    handles = M.stream_blocks(flux, device)
+    out["offload_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+    for h in handles:
+        h.remove()
+    M.store_fp8(flux.to(device))
+    out["fp8_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+    return out
+
+def guarded(section, *args):
+    # a section that runs out of device memory is a row that says so; the other sections still run
+    try:
+        return section(*args)
+    except torch.OutOfMemoryError as e:
+        return {"out_of_memory": str(e).splitlines()[0][:200]}
+    finally:
+        release(args[2])
+
+def gpu_rows(res):
+    """The table's rows (what, value, against, ratio, note) from gpu's results; a section that ran out of memory is
+    one row saying so."""
+    peak, rows, ms = res["matmul_bf16_flops_per_s"], [], lambda ts: f"{median(ts) * 1e3:.1f} ms"
+    for case, r in res["dit"].get("cases", {}).items():
+        for mode, label in (("fwd", "forward"), ("train", "forward+backward")):
+            mine, theirs = r["ours"], r.get("diffusers")
+            mfu = lambda m: f"{m[f'{mode}_flops'] / median(m[f'{mode}_s']) / peak:.0%}"
+            if theirs is None:
+                rows.append((f"DiT {label}, {case}", ms(mine[f"{mode}_s"]), "", "",
+                             f"MFU {mfu(mine)}; {res['dit']['skipped']}"))
+                continue
+            note = f"MFU {mfu(mine)} / {mfu(theirs)}; " + (
+                f"rel. diff out {r['rel_diff_out']:.1e}, input grads {r['rel_diff_grad']:.1e}" if mode == "fwd" else
+                f"peak {mine['train_peak_bytes'] / 2 ** 30:.2f} / {theirs['train_peak_bytes'] / 2 ** 30:.2f} GiB")
+            rows.append((f"DiT {label}, {case}", ms(mine[f"{mode}_s"]), f"diffusers {ms(theirs[f'{mode}_s'])}",
+                         f"{median(mine[f'{mode}_s']) / median(theirs[f'{mode}_s']):.3f}", note))
+    att = res["attention"]
+    base = att.get("MATH", {}).get("train_s")
+    if att.get("flash_attn_installed") is False:
+        rows.append(("attention flash-attn", "not installed", "", "", "SDPA's own kernels compared instead"))
+    for name, r in att.items():
+        if isinstance(r, dict) and "unavailable" in r:
+            rows.append((f"attention {name}", "unavailable", "", "", r["unavailable"]))
+        elif isinstance(r, dict):
+            rows.append((f"attention {name}, fwd+bwd", ms(r["train_s"]), f"math {ms(base)}" if base else "",
+                         f"{median(r['train_s']) / median(base):.3f}" if base else "",
+                         f"fwd {ms(r['fwd_s'])}; rel. err {r['rel_err']:.1e} against fp32 math"))
+    sft = res["sft"]
+    if "peak_bytes" in sft:
+        st = sft["settings"]
+        rows.append(("SFT step peak memory (GiB)", f"{sft['peak_bytes'] / 2 ** 30:.2f}",
+                     f"estimate {sft['estimate_bytes'] / 2 ** 30:.2f}",
+                     f"{sft['peak_bytes'] / sft['estimate_bytes']:.3f}",
+                     f"rank {st['rank']}, MoE-LoRA x{st['experts']}, ckpt, {st['size']}px + {st['refs']} refs; "
+                     f"{sft['step_s']:.2f} s a step"))
+    smp = res["sampling"]
+    for key, label in (("resident_s", "resident"), ("fp8_s", "--fp8"), ("offload_s", "--offload")):
+        if key in smp:
+            rows.append((f"s per {res['shapes']['large']}px image, {smp['steps']} steps, {label}", f"{smp[key]:.2f}",
+                         f"resident {smp['resident_s']:.2f}", f"{smp[key] / smp['resident_s']:.3f}",
+                         "DiT + AE decode; T5/CLIP not run"))
+    return rows + [(section, "out of memory", "", "", res[section]["out_of_memory"])
+                   for section in ("dit", "attention", "sft", "sampling") if "out_of_memory" in res[section]]
+
+def print_gpu_table(res):
+    print(f"\nbench.py gpu: {res['device']}, torch {res['torch']}, bf16 matmul "
+          f"{res['matmul_bf16_flops_per_s'] / 1e12:.1f} TFLOP/s ({res['shapes']['matmul']}^3), {res['wall_s']:.0f} s")
+    print(f"{'':48s}{'value':>14s}  {'against':>22s}{'ratio':>8s}  note")
+    for what, value, against, ratio, note in gpu_rows(res):
+        print(f"{what:48s}{value:>14s}  {against:>22s}{ratio:>8s}  {note}")
+
+def gpu(args):
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU (--tiny runs the same code on the CPU at tiny shapes)")
+    cfg, S = (tiny_config(), TINY_SHAPES) if args.tiny else (M.get_config("flux-dev"), GPU_SHAPES)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--tiny)"
+    t0 = time.perf_counter()
+    res = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "shapes": S,
+           "matmul_bf16_flops_per_s": matmul_peak(device, torch.bfloat16, S["matmul"])}
+    for key, section in (("dit", dit_section), ("attention", attention_section), ("sft", sft_section),
+                         ("sampling", sampling_section)):
+        print(f"{key} ...", flush=True)
+        res[key] = guarded(section, cfg, S, device, args.seed)
+    res["wall_s"] = time.perf_counter() - t0
+    print_gpu_table(res)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.json}")
+    return res
