@@ -17,6 +17,7 @@ import moe_lora as ML
 import training as TR
 from benchmarks.measure import count_flops, median, nbytes, peak_memory
 from benchmarks.memory import budget_columns, training_budget
+from benchmarks.shapes import dit_inputs, random_dit
 from benchmarks.versus_diffusers import bfl_to_diffusers_converter
 
 # -----------------------------------------------------------------------------
@@ -76,32 +77,6 @@ def matmul_peak(device, dtype, n, reps=10):
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / min(device_times(lambda: a @ b, reps, device))
 
-def random_flux(cfg, device, dtype, seed):
-    """Our DiT at cfg's shapes with random weights, made in place on device in dtype (flux-dev: 24 GB of bf16, never an
-    fp32 copy): weights N(0, 0.02), biases N(0, 0.1), RMSNorm scales around 1."""
-    with torch.device("meta"):
-        flux = M.Flux(cfg).to(dtype)
-    flux = flux.to_empty(device=device)
-    g = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in flux.named_parameters():
-            p.normal_(0, 0.02 if p.ndim > 1 else 0.1, generator=g)
-            if name.endswith(".scale"):
-                p.add_(1)
-    return flux.eval()
-
-def joint_inputs(cfg, size, ref_size, n_refs, device, dtype, seed):
-    """One sample's joint sequence (model.prepare), random: a size px target, n_refs references of ref_size px,
-    cfg.max_txt_len text tokens; t and distilled guidance. Values in dtype, position ids in fp32."""
-    g = torch.Generator().manual_seed(seed)
-    z, f = cfg.ae.z_channels, cfg.ae.factor
-    rnd = lambda *shape: torch.randn(*shape, generator=g)
-    inp = M.prepare(rnd(1, z, size // f, size // f), [rnd(1, z, ref_size // f, ref_size // f) for _ in range(n_refs)],
-                    "d", rnd(1, cfg.max_txt_len, cfg.context_in_dim), rnd(1, cfg.vec_in_dim))
-    inp.update(timesteps=torch.rand(1, generator=g), guidance=torch.full((1,), cfg.guidance))
-    cast = lambda k, v: v.to(device, torch.float32 if k.endswith("ids") else dtype)
-    return {k: [cast(k, r) for r in v] if isinstance(v, list) else cast(k, v) for k, v in inp.items()}
-
 def diffusers_flux(cfg, state):
     """diffusers' FluxTransformer2DModel holding our state dict (diffusers' own converter), made on the meta device
     and given the converted tensors themselves (assign): no second copy of the weights."""
@@ -149,8 +124,9 @@ def dit_section(cfg, S, device, seed):
     weights twice: 48 GB for flux-dev): ours, then its state dict converted for diffusers, then diffusers."""
     cases = [(f"{S['small']}px + {n} ref", S["small"], n) for n in S["refs"]] + \
         [(f"{S['large']}px + 1 ref", S["large"], 1)]
-    inputs = {name: joint_inputs(cfg, size, S["ref"], n, device, torch.bfloat16, seed) for name, size, n in cases}
-    flux = random_flux(cfg, device, torch.bfloat16, seed).requires_grad_(False)
+    inputs = {name: dit_inputs(cfg, size, S["ref"], n, 1, device, torch.bfloat16, seed)
+              for name, size, n in cases}
+    flux = random_dit(cfg, device, torch.bfloat16, seed).requires_grad_(False)
     ours = {name: time_dit(lambda i: flux(**i), inp, S, device) for name, inp in inputs.items()}
     try:
         theirs_model = diffusers_flux(cfg, dict(flux.state_dict()))
@@ -219,7 +195,7 @@ def sft_section(cfg, S, device, seed):
     at the same settings. Two steps: the second holds AdamW's states while its activations live."""
     size, ref, refs = S["small"], S["ref"], 2
     dtype = M.weight_dtype(device)
-    flux = random_flux(cfg, device, dtype, seed)
+    flux = random_dit(cfg, device, dtype, seed)
     ML.inject(flux, rank=S["rank"], n_experts=4)
     flux.to(device).train()
     for _, m in ML.adapters(flux):           # a trained adapter's update, not a fresh one's zeros
@@ -227,7 +203,7 @@ def sft_section(cfg, S, device, seed):
     flux.grad_checkpoint = True
     params = [p for p in flux.parameters() if p.requires_grad]
     opt = TR.build_optimizer(params, 3e-5, 1e-2)
-    inp = joint_inputs(cfg, size, ref, refs, device, torch.float32, seed)
+    inp = dit_inputs(cfg, size, ref, refs, 1, device, torch.float32, seed)
     x0, g = inp.pop("img"), torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g).to(device)
     masks = (torch.rand(1, refs, x0.shape[1], generator=g) > 0.7).float().to(device)        # (B, N, L_img)
@@ -253,10 +229,10 @@ def sampling_section(cfg, S, device, seed):
     forward each) and the AE's decoding: every block resident, then streamed (--offload's stream_blocks), then
     stored in fp8 (--fp8's store_fp8). The prompt's embeddings are random (T5/CLIP are not run)."""
     dtype = M.weight_dtype(device)
-    flux = random_flux(cfg, device, dtype, seed)
+    flux = random_dit(cfg, device, dtype, seed)
     torch.manual_seed(seed)
     ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
-    c = joint_inputs(cfg, S["large"], S["ref"], 1, device, torch.float32, seed)
+    c = dit_inputs(cfg, S["large"], S["ref"], 1, 1, device, torch.float32, seed)
     c.pop("timesteps"), c.pop("guidance")
     ts = M.get_schedule(S["steps"], c["img"].shape[1])
     image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,

@@ -9,6 +9,7 @@ import flux2 as F2
 import model as M
 import moe_lora as ML
 from benchmarks.measure import live_peak, nbytes, saved_bytes
+from benchmarks.shapes import dit_inputs
 
 # -----------------------------------------------------------------------------
 # attention as fused kernels keep it, on the meta device
@@ -43,13 +44,14 @@ def meta_sdpa(q, k, v, *args, **kwargs):
 # device
 
 def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch.bfloat16, foreach=True):
-    """What one GPU holds to train adapters on a frozen DiT (batch per GPU, size px targets, refs of ref_size px,
-    cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every piece alone
-    (budget_columns sums them per parallel layout). dtype: the frozen weights' and activations' (bf16 autocast on
-    GPU); adapters, their gradients and AdamW's states are fp32. foreach: AdamW's multi-tensor step (torch's default on
-    CUDA) computes sqrt of all second moments into one temporary; the CPU's per-parameter loop only of the largest."""
+    """What one GPU holds to train adapters on a frozen DiT of either family (batch per GPU, size px targets, refs of
+    ref_size px, cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every
+    piece alone (budget_columns sums them per parallel layout). dtype: the frozen weights' and activations' (bf16
+    autocast on GPU); adapters, their gradients and AdamW's states are fp32. foreach: AdamW's multi-tensor step
+    (torch's default on CUDA) computes sqrt of all second moments into one temporary; the CPU's per-parameter loop
+    only of the largest."""
     with torch.device("meta"):
-        flux = M.Flux(cfg)
+        flux = F2.dit(cfg)
         ML.inject(flux, rank=rank, n_experts=experts)
     trainable = [p for p in flux.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in flux.parameters() if not p.requires_grad)
@@ -60,14 +62,8 @@ def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch
     largest = max(blocks, key=unit)
     # activations: under autocast every matmul output is in dtype, so run the meta model in dtype
     flux.to(dtype)
-    G, R, Lt, B = size // cfg.token_px, ref_size // cfg.token_px, cfg.max_txt_len, batch
-    meta = dict(device="meta", dtype=dtype)
-    def forward():
-        flux(torch.randn(B, G * G, cfg.in_channels, **meta), M.grid_ids(G, G, batch=B, device="meta"),
-             torch.randn(B, Lt, cfg.context_in_dim, **meta), torch.zeros(B, Lt, 3, device="meta"),
-             torch.rand(B, **meta), torch.randn(B, cfg.vec_in_dim, **meta), torch.ones(B, **meta),
-             [torch.randn(B, R * R, cfg.in_channels, **meta) for _ in range(refs)],
-             M.ref_ids((G, G), [(R, R)] * refs, batch=B, device="meta"), probe=M.AttentionProbe())
+    inp = dit_inputs(cfg, size, ref_size, refs, batch, "meta", dtype)
+    forward = lambda: flux(**inp, probe=M.AttentionProbe())
     attention = M.attention           # the blocks look the hook up at call time: swapping it reaches all of them
     M.attention = flash_like_attention
     try:
@@ -75,10 +71,13 @@ def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch
         flux.grad_checkpoint = True
         act_ckpt = saved_bytes(flux, forward)
         # backward then recomputes one block at a time: add the largest block's own activations
-        L = G * G + refs * R * R + Lt
-        x = torch.randn(B, L, cfg.hidden_size, **meta, requires_grad=True)
-        pe = M.rope(torch.zeros(B, L, 3, device="meta"), cfg.axes_dim, cfg.theta)
-        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, torch.randn(B, cfg.hidden_size, **meta), pe))
+        B, L = batch, sum(t.shape[1] for t in (inp["txt"], inp["img"], *inp["ref_img"]))
+        x = torch.randn(B, L, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
+        pe = M.rope(torch.zeros(B, L, len(cfg.axes_dim), device="meta"), cfg.axes_dim, cfg.theta)
+        # a FLUX.1 block modulates itself from the time vector, a FLUX.2 block takes its shared modulation
+        mod = (B, 1, 3 * cfg.hidden_size) if F2.is_flux2(cfg) else (B, cfg.hidden_size)
+        mod = torch.randn(*mod, device="meta", dtype=dtype)
+        act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, mod, pe))
     finally:
         M.attention = attention
     return dict(frozen=frozen * dtype.itemsize, adapters=adapter * 4, grads=adapter * 4, adam=adapter * 8,
@@ -181,16 +180,6 @@ def inference_memory(args):
 # -----------------------------------------------------------------------------
 # FLUX.2: the training memory budget on one GPU
 
-def flux2_call(cfg, B, G, R, n_refs, **bf):
-    # the DiT's inputs for a G x G token target, n_refs R x R references and max_txt_len text tokens
-    txt = torch.randn(B, cfg.max_txt_len, cfg.context_in_dim, **bf)
-    return dict(img=torch.randn(B, G * G, cfg.in_channels, **bf),
-                img_ids=F2.grid_ids(G, G, batch=B, device=bf["device"]),
-                txt=txt, txt_ids=F2.text_ids(txt), timesteps=torch.rand(B, **bf), y=None,
-                guidance=torch.ones(B, **bf) if cfg.guidance_embed else None,
-                ref_img=[torch.randn(B, R * R, cfg.in_channels, **bf) for _ in range(n_refs)],
-                ref_img_ids=F2.ref_ids((G, G), [(R, R)] * n_refs, batch=B, device=bf["device"]))
-
 # the text models' parameter counts (their model cards)
 TEXT_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9,
                "mistralai/Mistral-Small-3.2-24B-Instruct-2506": 24.0e9}
@@ -215,7 +204,8 @@ def flux2_memory(args):
     try:
         for size in (512, 1024):
             G = size // cfg.token_px
-            call = lambda: flux(**flux2_call(cfg, B, G, R, args.refs, **bf), probe=M.AttentionProbe())
+            inp = dit_inputs(cfg, size, args.ref_size, args.refs, B, "meta", torch.bfloat16)
+            call = lambda: flux(**inp, probe=M.AttentionProbe())
             flux.grad_checkpoint = False
             act[size, False] = saved_bytes(flux, call)
             flux.grad_checkpoint = True

@@ -15,7 +15,7 @@ import model as M
 import moe_lora as ML
 import training as TR
 from benchmarks.measure import interleaved_times, median, timed
-from benchmarks.memory import flux2_call
+from benchmarks.shapes import dit_inputs
 
 # -----------------------------------------------------------------------------
 # guidance, compile: two speed-ups measured side by side on the shipped toy (CPU, fp32)
@@ -139,7 +139,7 @@ def kv(args):
     print(f"klein-9B-KV-shaped DiT, hidden {args.hidden}, 2 + 8 blocks, {G * G} target tokens, references of "
           f"{R * R} tokens, {args.steps} steps, fp32 CPU, {args.reps} interleaved repetitions")
     for n in (2, 4):
-        inp = flux2_call(cfg, 1, G, R, n, device="cpu", dtype=torch.float32)
+        inp = dit_inputs(cfg, G * cfg.token_px, R * cfg.token_px, n)
         inp.pop("guidance")
         c = dict(inp, timesteps=ts, guidance=1.0, progress=False)
         with torch.no_grad():
