@@ -3995,17 +3995,19 @@ def test_bench_gpu_rows_say_what_was_skipped_or_ran_out_of_memory(monkeypatch):
                                     for m in ("forward", "forward+backward")] + ["sampling"]
     assert all("diffusers: not installed here" in r[4] for r in rows[:4]) and rows[4][1] == "out of memory"
 
-def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
+@pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
+def test_bench_memory_fsdp_column_shards_what_fsdp_shards(family):
     # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards AdamW's states, FSDP
     # the weights, gradients and states, and each rank then holds the units that compute (the root, two blocks and
-    # one block's gradients)
+    # one block's gradients). The same accounting for both families
     from benchmarks import memory as BMEM
-    cfg = tiny_cfg(max_txt_len=16)
+    cfg = tiny_cfg(max_txt_len=16) if family == "FLUX.1" else tiny_flux2(max_txt_len=16)
     b = BMEM.training_budget(cfg, 8, 4, 64, 32, 2, 1)
-    flux = M.Flux(cfg)
+    flux = F2.dit(cfg)
     ML.inject(flux, rank=8, n_experts=4)
     assert b["frozen_params"] + b["adapter_params"] == sum(p.numel() for p in flux.parameters())
     assert b["adapter_params"] == sum(p.numel() for p in flux.parameters() if p.requires_grad) > 0
+    assert b["act"] > b["act_ckpt"] > 0
     cols = BMEM.budget_columns(b, gpus=8)
     one, ddp, zero, fsdp = cols["1 GPU"], cols["8 GPUs"], cols["8 + ZeRO"], cols["8 + FSDP"]
     assert one == ddp
@@ -4018,6 +4020,29 @@ def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
     as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())   # bf16 base
     block = max((*flux.double_blocks, *flux.single_blocks), key=as_trained)
     assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
+
+def test_bench_memory_flux2_table_has_the_fsdp_columns(capsys):
+    # `bench.py memory --preset klein-*`: one GPU and 8 with --fsdp, both summed by budget_columns; a resident
+    # text model sits in FSDP's root unit, gathered for the whole step: whole on every GPU, beside its shard
+    import bench
+    from benchmarks import memory as BMEM
+    args = bench.build_parser().parse_args(["memory", "--preset", "klein-base-4b", "--rank", "16"])
+    res = BMEM.memory(args)
+    GiB, b = 2 ** 30, res["budget"]
+    for size in (512, 1024):
+        cols = BMEM.budget_columns(b[size], gpus=8)
+        for name, key in (("--cache (no text model, no AE)", "total"),
+                          ("--cache (no text model, no AE), --grad-checkpoint", "total, --grad-checkpoint")):
+            for layout in ("1 GPU", "8 + FSDP"):
+                assert res["totals_GiB"][name][layout][size] == cols[layout][key] / GiB
+        resident = res["totals_GiB"]["text model + AE resident, --grad-checkpoint"]
+        cached = res["totals_GiB"]["--cache (no text model, no AE), --grad-checkpoint"]
+        assert resident["1 GPU"][size] - cached["1 GPU"][size] == pytest.approx(res["text_GiB"] + res["ae_GiB"])
+        assert resident["8 + FSDP"][size] - cached["8 + FSDP"][size] == \
+            pytest.approx(res["text_GiB"] * 9 / 8 + res["ae_GiB"])
+        assert cached["8 + FSDP"][size] < cached["1 GPU"][size] / 2
+    out = capsys.readouterr().out
+    assert "8 GPUs, --fsdp" in out and out.count("--cache (no text model, no AE)") == 2
 
 def test_batched_guidance_equals_two_forwards(monkeypatch):
     # the prompt and the empty prompt as one forward of 2B rows (model.BATCH_GUIDANCE): the same samples and the same

@@ -184,54 +184,43 @@ def inference_memory(args):
 TEXT_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9,
                "mistralai/Mistral-Small-3.2-24B-Instruct-2506": 24.0e9}
 
-def flux2_memory(args):
-    """One GPU training FLUX.2 adapters (stages 1-2, L_attn's probe on): the frozen DiT in bf16, the adapters, their
-    gradients and AdamW states in fp32, and the activations autograd keeps (bf16 autocast, attention as flash keeps
-    it), with and without --grad-checkpoint, at 512 and 1024 px; the text model and the AE either not resident
-    (train_sft.py --cache: cache.py computed their outputs) or resident in bf16."""
-    cfg, bf, GiB = F2.get_config(args.preset), dict(device="meta", dtype=torch.bfloat16), 2 ** 30
+def flux2_memory(args, gpus=8):
+    """Training FLUX.2 adapters (stages 1-2, L_attn's probe on) at 512 and 1024 px, per GPU on one
+    GPU and on `gpus` with --fsdp: training_budget's pieces summed by budget_columns, as FLUX.1's
+    table sums them (the frozen DiT in bf16; adapters, gradients and AdamW states in fp32; AdamW's
+    step temporary; the activations, with and without --grad-checkpoint; with --fsdp all but the
+    activations sharded, plus the units each GPU gathers to compute). The text model and the AE are
+    either not resident (train_sft.py --cache: cache.py computed their outputs) or resident in bf16:
+    with --fsdp the text model sits in the root unit, which stays gathered for the whole step, so
+    each GPU holds it whole beside its shard; the AE is not sharded."""
+    cfg, GiB, sizes = F2.get_config(args.preset), 2 ** 30, (512, 1024)
     with torch.device("meta"):
-        flux = F2.Flux2(cfg)
-        ML.inject(flux, rank=args.rank, n_experts=args.experts)
-        encoders = 2 * (TEXT_PARAMS[cfg.text_repo] + sum(p.numel() for p in F2.AutoEncoder(cfg.ae).parameters()))
-    frozen = sum(p.numel() for p in flux.parameters() if not p.requires_grad)
-    adapter = sum(p.numel() for p in flux.parameters() if p.requires_grad)
-    flux.to(torch.bfloat16)
-    R, B = args.ref_size // cfg.token_px, args.batch
-    attention = M.attention
-    M.attention = flash_like_attention
-    act = {}
-    try:
-        for size in (512, 1024):
-            G = size // cfg.token_px
-            inp = dit_inputs(cfg, size, args.ref_size, args.refs, B, "meta", torch.bfloat16)
-            call = lambda: flux(**inp, probe=M.AttentionProbe())
-            flux.grad_checkpoint = False
-            act[size, False] = saved_bytes(flux, call)
-            flux.grad_checkpoint = True
-            L = G * G + args.refs * R * R + cfg.max_txt_len        # backward recomputes one block at a time
-            x = torch.randn(B, L, cfg.hidden_size, **bf, requires_grad=True)
-            pe = M.rope(torch.zeros(B, L, 4, device="meta"), cfg.axes_dim, cfg.theta)
-            mod = torch.randn(B, 1, 3 * cfg.hidden_size, **bf)
-            act[size, True] = saved_bytes(flux, call) + saved_bytes(flux, lambda: flux.single_blocks[0](x, mod, pe))
-    finally:
-        M.attention = attention
-    fixed = frozen * 2 + adapter * 4 * 4                    # bf16 DiT; fp32 adapters, gradients, AdamW's 2 moments
-    print(f"{args.preset}: {frozen / 1e9:.2f}B frozen + {adapter / 1e9:.3f}B adapter parameters (LoRA rank "
-          f"{args.rank}, MoE-LoRA {args.experts} experts), batch {B}, {args.refs} references of {args.ref_size} px "
-          f"({R * R} tokens each), {cfg.max_txt_len} text tokens. GiB on one GPU (a GPU fits at most 92% of its size):")
-    print(f"  {'':48s}{'512 px':>8s}{'1024 px':>9s}   fits 24/48/80 GB at 512 | 1024")
-    rows = {}
-    for resident, ckpt in ((False, False), (False, True), (True, True)):
-        name = ("text model + AE resident" if resident else "--cache (no text model, no AE)") + \
+        ae = 2 * sum(p.numel() for p in F2.AutoEncoder(cfg.ae).parameters())
+    text = 2 * TEXT_PARAMS[cfg.text_repo]
+    b = {s: training_budget(cfg, args.rank, args.experts, s, args.ref_size, args.refs, args.batch)
+         for s in sizes}
+    cols = {s: budget_columns(b[s], gpus) for s in sizes}
+    resident = {"1 GPU": text + ae, f"{gpus} + FSDP": text * (1 + 1 / gpus) + ae}    # bytes per GPU
+    R, first = args.ref_size // cfg.token_px, b[sizes[0]]
+    print(f"{args.preset}: {first['frozen_params'] / 1e9:.2f}B frozen + "
+          f"{first['adapter_params'] / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
+          f"MoE-LoRA {args.experts} experts), batch {args.batch} per GPU, {args.refs} references "
+          f"of {args.ref_size} px ({R * R} tokens each), {cfg.max_txt_len} text tokens. GiB per GPU, "
+          f"on one GPU and on {gpus} with --fsdp (a GPU fits at most 92% of its size):")
+    print(f"  {'':50s}{'1 GPU':>17s}{f'{gpus} GPUs, --fsdp':>19s}   fits 24/48/80 GB at 512 | 1024")
+    print(f"  {'':50s}" + f"{'512 px':>8s}{'1024 px':>9s}" * 2 + f"   1 GPU; {gpus} GPUs, --fsdp")
+    fit = lambda gib: "/".join("y" if gib <= 0.92 * gb * 1e9 / GiB else "-" for gb in (24, 48, 80))
+    totals = {}
+    for on_gpu, ckpt in ((False, False), (False, True), (True, True)):
+        name = ("text model + AE resident" if on_gpu else "--cache (no text model, no AE)") + \
             (", --grad-checkpoint" if ckpt else "")
-        tot = {s: (fixed + act[s, ckpt] + resident * encoders) / GiB for s in (512, 1024)}
-        fits = " | ".join("/".join("y" if tot[s] <= 0.92 * gb * 1e9 / GiB else "-" for gb in (24, 48, 80))
-                          for s in (512, 1024))
-        rows[name] = tot
-        print(f"  {name:48s}{tot[512]:8.1f}{tot[1024]:9.1f}   {fits}")
-    return {"frozen_params": frozen, "adapter_params": adapter, "encoders_GiB": encoders / GiB,
-            "activation_GiB": {f"{s}px{'_ckpt' if c else ''}": a / GiB for (s, c), a in act.items()}, "totals": rows}
+        key = "total, --grad-checkpoint" if ckpt else "total"
+        tot = totals[name] = {layout: {s: (cols[s][layout][key] + on_gpu * extra) / GiB
+                                       for s in sizes} for layout, extra in resident.items()}
+        fits = "; ".join(" | ".join(fit(t[s]) for s in sizes) for t in tot.values())
+        print(f"  {name:50s}" + "".join(f"{t[512]:8.1f}{t[1024]:9.1f}" for t in tot.values()) +
+              f"   {fits}")
+    return {"budget": b, "text_GiB": text / GiB, "ae_GiB": ae / GiB, "totals_GiB": totals}
 
 # -----------------------------------------------------------------------------
 # the command: FLUX.1's budget in every layout and its inference peaks, or FLUX.2's budget
