@@ -11,21 +11,27 @@ Performance measurements, each printed as a side-by-side ratio measured in one r
     python bench.py rl                           # one IPPO iteration: DiT evaluations, peak memory T = 8 vs 16
     python bench.py guidance                     # prompt + empty prompt as one batched forward vs two (toy)
     python bench.py compile                      # --compile (torch.compile of the blocks) vs eager (toy)
-    python bench.py gpu --json $OUT/gpu.json     # a GPU session's one call, est. 3-5 min on an H100
+    python bench.py gpu --json $OUT/gpu.json     # a GPU session's one call, est. 4-6 min on an H100
     python bench.py gpu --tiny                   # the same code on the CPU at tiny shapes (the suite runs it)
+    python bench.py memory --preset klein-base-4b # FLUX.2: on one GPU and on 8 with --fsdp
+    python bench.py kv                           # FLUX.2 references' K/V kept (klein-9B-KV) vs recomputed: time
 
-`gpu`: random weights at flux-dev's shapes in bf16, nothing downloaded: our DiT against diffusers' (forward and
-forward+backward into the inputs, 512px with 1 and 4 references of 320px and 1024px with one; MFU against the bf16
-matmul speed measured in the run), every attention kernel through model.attention (flash-attn where installed, else
-SDPA's own: flash, memory-efficient, cuDNN, math; each against fp32 math), the peak memory of two paper-scale SFT
-steps (rank 512, MoE-LoRA, gradient checkpointing) against `memory`'s estimate, and seconds per 1024px image at 28
-steps resident, --offload and --fp8. One table, and the JSON. It needs torch, transformers, safetensors; diffusers
-only for its rows (without it they say so). A GPU machine without diffusers takes its wheel carried along:
+`gpu`: random weights in bf16, nothing downloaded; an estimated 4-6 minutes on one H100 (flux-dev's
+rows 3-5, klein's about one; most of it sampling). At flux-dev's shapes: our DiT against diffusers'
+(forward and forward+backward into the inputs, 512px with 1 and 4 references of 320px and 1024px
+with one; MFU against the bf16 matmul speed measured in the run), every attention kernel through
+model.attention (flash-attn where installed, else SDPA's own: flash, memory-efficient, cuDNN, math;
+each against fp32 math), the peak memory of two paper-scale SFT steps (rank 512, MoE-LoRA, gradient
+checkpointing) against `memory`'s estimate, and seconds per 1024px image at 28 steps resident,
+--offload and --fp8. At klein Base 4B's shapes (FLUX.2): our DiT against diffusers'
+Flux2Transformer2DModel on the same cases, two SFT steps at the same settings against `memory
+--preset klein-base-4b`'s estimate, and seconds per 1024px image resident at klein Base's 50 steps
+with text guidance 4 and at the distilled klein's 4 steps. One table, and the JSON. It needs torch,
+transformers, safetensors; diffusers only for its rows (without it they say so). A GPU machine
+without diffusers takes its wheel carried along:
     python -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1     # here, once
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site \
         python3 bench.py gpu --json $OUT/gpu.json                                       # there
-    python bench.py memory --preset klein-base-4b --size 1024     # FLUX.2: which options fit 24 / 48 / 80 GB
-    python bench.py kv                           # FLUX.2 references' K/V kept (klein-9B-KV) vs recomputed: time
 
 Performance only: the toy ablation is experiments/ablation.py, the fault and bad-input harnesses are in
 reliability/ (each folder's README says how to run them).

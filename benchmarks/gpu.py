@@ -8,9 +8,11 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
+import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -21,9 +23,9 @@ from benchmarks.shapes import dit_inputs, random_dit
 from benchmarks.versus_diffusers import bfl_to_diffusers_converter
 
 # -----------------------------------------------------------------------------
-# gpu: the checks a GPU session runs in one call (an estimated 3-5 minutes on one H100, most of it sampling): random
-# weights at flux-dev's shapes, nothing downloaded. --tiny runs the same code on the CPU at tiny shapes (as the suite
-# does)
+# gpu: the checks a GPU session runs in one call (an estimated 4-6 minutes on one H100, most of it
+# sampling): random weights at flux-dev's and klein Base 4B's shapes, nothing downloaded. --tiny
+# runs the same code on the CPU at tiny shapes (as the suite does)
 
 GPU_SHAPES = dict(small=512, large=1024, ref=320, refs=(1, 4), steps=28, rank=512, reps=5, train_reps=3,
                   matmul=8192)
@@ -33,6 +35,13 @@ def tiny_config():
     # flux-dev's roles at a width a CPU runs in milliseconds (its text, pooled and latent widths kept)
     return M.get_config("flux-dev", hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=1,
                         depth_single_blocks=2, max_txt_len=16, ae=M.AutoEncoderConfig(ch=32))
+
+KLEIN = "klein-base-4b"         # FLUX.2's rows: the open base one GPU trains the method on
+
+def tiny_klein():
+    # klein Base 4B's roles at the same width (its text and latent widths and step counts kept)
+    return F2.get_config(KLEIN, hidden_size=128, num_heads=2, axes_dim=(16, 16, 16, 16), depth=1,
+                         depth_single_blocks=2, max_txt_len=16, ae=replace(F2.flux2_ae(), ch=32))
 
 def sync(device):
     if device.type == "cuda":
@@ -91,14 +100,34 @@ def diffusers_flux(cfg, state):
     assert not state, f"keys diffusers did not consume: {list(state)[:4]}"
     return theirs.eval().requires_grad_(False)
 
-def through_diffusers(theirs):
+def diffusers_flux2(cfg, state):
+    """diffusers' Flux2Transformer2DModel holding our FLUX.2 state dict, through diffusers' own
+    converter (as the tests load it), made on the meta device and given the converted tensors
+    (assign)."""
+    from diffusers import Flux2Transformer2DModel          # optional, as in `dit`
+    from diffusers.loaders import single_file_utils as sfu
+    with torch.device("meta"):
+        theirs = Flux2Transformer2DModel(
+            in_channels=cfg.in_channels, num_layers=cfg.depth,
+            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            axes_dims_rope=tuple(cfg.axes_dim), guidance_embeds=cfg.guidance_embed)
+    converted = sfu.convert_flux2_transformer_checkpoint_to_diffusers(state)
+    theirs.load_state_dict(converted, strict=True, assign=True)
+    assert not state, f"keys diffusers did not consume: {list(state)[:4]}"
+    return theirs.eval().requires_grad_(False)
+
+def through_diffusers(theirs, cfg):
     # UNO's sequence through diffusers: the references appended to the image tokens, the output sliced to the target
     def call(i):
         L = i["img"].shape[1]
+        # FLUX.1 takes the pooled text vector; FLUX.2 has none, and klein no guidance input
+        extra = {} if F2.is_flux2(cfg) else {"pooled_projections": i["y"]}
+        guidance = i["guidance"] if cfg.guidance_embed else None
         return theirs(hidden_states=torch.cat([i["img"], *i["ref_img"]], 1), encoder_hidden_states=i["txt"],
-                      pooled_projections=i["y"], timestep=i["timesteps"], guidance=i["guidance"],
-                      img_ids=torch.cat([i["img_ids"], *i["ref_img_ids"]], 1)[0], txt_ids=i["txt_ids"][0],
-                      return_dict=False)[0][:, :L]
+                      timestep=i["timesteps"], guidance=guidance, txt_ids=i["txt_ids"][0],
+                      img_ids=torch.cat([i["img_ids"], *i["ref_img_ids"]], 1)[0],
+                      return_dict=False, **extra)[0][:, :L]
     return call
 
 def time_dit(call, inp, S, device):
@@ -120,8 +149,9 @@ def time_dit(call, inp, S, device):
     return r, fwd().float(), [x.grad.float() for x in leaves]
 
 def dit_section(cfg, S, device, seed):
-    """Ours against diffusers in bf16 on each case, the models one after the other (both at once would hold the
-    weights twice: 48 GB for flux-dev): ours, then its state dict converted for diffusers, then diffusers."""
+    """Ours against diffusers in bf16 on each case, the models one after the other (both at once
+    would hold the weights twice: 48 GB for flux-dev): ours, then its state dict converted for
+    diffusers, then diffusers. Either family: FLUX.2's against Flux2Transformer2DModel."""
     cases = [(f"{S['small']}px + {n} ref", S["small"], n) for n in S["refs"]] + \
         [(f"{S['large']}px + 1 ref", S["large"], 1)]
     inputs = {name: dit_inputs(cfg, size, S["ref"], n, 1, device, torch.bfloat16, seed)
@@ -129,7 +159,8 @@ def dit_section(cfg, S, device, seed):
     flux = random_dit(cfg, device, torch.bfloat16, seed).requires_grad_(False)
     ours = {name: time_dit(lambda i: flux(**i), inp, S, device) for name, inp in inputs.items()}
     try:
-        theirs_model = diffusers_flux(cfg, dict(flux.state_dict()))
+        build = diffusers_flux2 if F2.is_flux2(cfg) else diffusers_flux
+        theirs_model = build(cfg, dict(flux.state_dict()))
     except ImportError as e:
         return {"cases": {name: {"ours": r} for name, (r, _, _) in ours.items()},
                 "skipped": f"diffusers: not installed here ({e}); carry its wheel to compare"}
@@ -137,7 +168,7 @@ def dit_section(cfg, S, device, seed):
     release(device)
     out = {}
     for name, inp in inputs.items():
-        r, y, grads = time_dit(through_diffusers(theirs_model), inp, S, device)
+        r, y, grads = time_dit(through_diffusers(theirs_model, cfg), inp, S, device)
         (mine, y0, grads0) = ours[name]
         rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
         out[name] = {"ours": mine, "diffusers": r, "rel_diff_out": rel(y0, y),
@@ -224,6 +255,16 @@ def sft_section(cfg, S, device, seed):
                              dtype=str(dtype)), "step_s": times[0], "peak_bytes": peak, "estimate_bytes": est,
             "budget": b}
 
+def image_seconds(flux, ae, cfg, c, steps, size, device, **guidance):
+    """Seconds of one size px image from c (dit_inputs' without t and guidance): `steps` Euler steps
+    of cfg's family's schedule, then the AE's decoding; warmed up by a two-step image first."""
+    fam = F2.family(cfg)
+    ts = fam.get_schedule(steps, c["img"].shape[1])
+    latents = lambda ts: fam.denoise(flux, **c, timesteps=ts, guidance=cfg.guidance, progress=False,
+                                     **guidance)
+    image = lambda ts: lambda: M.decode_images(ae, latents(ts), size, size)
+    return device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+
 def sampling_section(cfg, S, device, seed):
     """Seconds per image at the large size with one reference, S["steps"] Euler steps of distilled guidance (one DiT
     forward each) and the AE's decoding: every block resident, then streamed (--offload's stream_blocks), then
@@ -234,16 +275,33 @@ def sampling_section(cfg, S, device, seed):
     ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
     c = dit_inputs(cfg, S["large"], S["ref"], 1, 1, device, torch.float32, seed)
     c.pop("timesteps"), c.pop("guidance")
-    ts = M.get_schedule(S["steps"], c["img"].shape[1])
-    image = lambda steps: lambda: M.decode_images(ae, M.denoise(flux, **c, timesteps=steps, guidance=cfg.guidance,
-                                                                progress=False), S["large"], S["large"])
-    out = {"steps": S["steps"], "resident_s": device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]}
+    seconds = lambda: image_seconds(flux, ae, cfg, c, S["steps"], S["large"], device)
+    out = {"steps": S["steps"], "resident_s": seconds()}
     handles = M.stream_blocks(flux, device)
-    out["offload_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+    out["offload_s"] = seconds()
     for h in handles:
         h.remove()
     M.store_fp8(flux.to(device))
-    out["fp8_s"] = device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
+    out["fp8_s"] = seconds()
+    return out
+
+def klein_sampling_section(cfg, S, device, seed):
+    """Seconds per image at the large size with one reference, resident, on one random DiT at klein
+    4B's shapes with FLUX.2's AE decoding: klein Base's own steps with its text guidance (the prompt
+    and the empty prompt as one forward of two rows a step), then the distilled klein's own steps
+    without guidance. The prompts' embeddings are random (Qwen3 is not run)."""
+    dtype = M.weight_dtype(device)
+    flux = random_dit(cfg, device, dtype, seed)
+    torch.manual_seed(seed)
+    ae = F2.AutoEncoder(cfg.ae).to(device, dtype).eval()
+    c = dit_inputs(cfg, S["large"], S["ref"], 1, 1, device, torch.float32, seed)
+    c.pop("timesteps"), c.pop("guidance")
+    c.update(txt_null=torch.randn_like(c["txt"]), y_null=c["y"])            # the empty prompt's
+    out = {"size": S["large"]}
+    for name in (KLEIN, "klein-4b"):
+        steps, w = F2.CONFIGS[name].sample_steps, F2.CONFIGS[name].text_guidance
+        s = image_seconds(flux, ae, cfg, c, steps, S["large"], device, text_guidance=w)
+        out[name] = {"steps": steps, "text_guidance": w, "s": s}
     return out
 
 def guarded(section, *args):
@@ -255,25 +313,31 @@ def guarded(section, *args):
     finally:
         release(args[2])
 
-def gpu_rows(res):
-    """The table's rows (what, value, against, ratio, note) from gpu's results; a section that ran out of memory is
-    one row saying so."""
-    peak, rows, ms = res["matmul_bf16_flops_per_s"], [], lambda ts: f"{median(ts) * 1e3:.1f} ms"
-    for case, r in res["dit"].get("cases", {}).items():
+def ms(ts):
+    return f"{median(ts) * 1e3:.1f} ms"
+
+def dit_rows(dit, peak, prefix=""):
+    # one DiT against diffusers': forward and forward+backward per case, MFU against `peak`
+    rows = []
+    for case, r in dit.get("cases", {}).items():
         for mode, label in (("fwd", "forward"), ("train", "forward+backward")):
-            mine, theirs = r["ours"], r.get("diffusers")
+            mine, theirs, what = r["ours"], r.get("diffusers"), f"{prefix}DiT {label}, {case}"
             mfu = lambda m: f"{m[f'{mode}_flops'] / median(m[f'{mode}_s']) / peak:.0%}"
             if theirs is None:
-                rows.append((f"DiT {label}, {case}", ms(mine[f"{mode}_s"]), "", "",
-                             f"MFU {mfu(mine)}; {res['dit']['skipped']}"))
+                rows.append((what, ms(mine[f"{mode}_s"]), "", "",
+                             f"MFU {mfu(mine)}; {dit['skipped']}"))
                 continue
+            GiB = lambda m: f"{m['train_peak_bytes'] / 2 ** 30:.2f}"
             note = f"MFU {mfu(mine)} / {mfu(theirs)}; " + (
-                f"rel. diff out {r['rel_diff_out']:.1e}, input grads {r['rel_diff_grad']:.1e}" if mode == "fwd" else
-                f"peak {mine['train_peak_bytes'] / 2 ** 30:.2f} / {theirs['train_peak_bytes'] / 2 ** 30:.2f} GiB")
-            rows.append((f"DiT {label}, {case}", ms(mine[f"{mode}_s"]), f"diffusers {ms(theirs[f'{mode}_s'])}",
-                         f"{median(mine[f'{mode}_s']) / median(theirs[f'{mode}_s']):.3f}", note))
-    att = res["attention"]
-    base = att.get("MATH", {}).get("train_s")
+                f"rel. diff out {r['rel_diff_out']:.1e}, input grads {r['rel_diff_grad']:.1e}"
+                if mode == "fwd" else f"peak {GiB(mine)} / {GiB(theirs)} GiB")
+            ratio = median(mine[f"{mode}_s"]) / median(theirs[f"{mode}_s"])
+            rows.append((what, ms(mine[f"{mode}_s"]), f"diffusers {ms(theirs[f'{mode}_s'])}",
+                         f"{ratio:.3f}", note))
+    return rows
+
+def attention_rows(att):
+    rows, base = [], att.get("MATH", {}).get("train_s")
     if att.get("flash_attn_installed") is False:
         rows.append(("attention flash-attn", "not installed", "", "", "SDPA's own kernels compared instead"))
     for name, r in att.items():
@@ -283,22 +347,49 @@ def gpu_rows(res):
             rows.append((f"attention {name}, fwd+bwd", ms(r["train_s"]), f"math {ms(base)}" if base else "",
                          f"{median(r['train_s']) / median(base):.3f}" if base else "",
                          f"fwd {ms(r['fwd_s'])}; rel. err {r['rel_err']:.1e} against fp32 math"))
-    sft = res["sft"]
-    if "peak_bytes" in sft:
-        st = sft["settings"]
-        rows.append(("SFT step peak memory (GiB)", f"{sft['peak_bytes'] / 2 ** 30:.2f}",
-                     f"estimate {sft['estimate_bytes'] / 2 ** 30:.2f}",
-                     f"{sft['peak_bytes'] / sft['estimate_bytes']:.3f}",
-                     f"rank {st['rank']}, MoE-LoRA x{st['experts']}, ckpt, {st['size']}px + {st['refs']} refs; "
-                     f"{sft['step_s']:.2f} s a step"))
-    smp = res["sampling"]
-    for key, label in (("resident_s", "resident"), ("fp8_s", "--fp8"), ("offload_s", "--offload")):
-        if key in smp:
-            rows.append((f"s per {res['shapes']['large']}px image, {smp['steps']} steps, {label}", f"{smp[key]:.2f}",
-                         f"resident {smp['resident_s']:.2f}", f"{smp[key] / smp['resident_s']:.3f}",
-                         "DiT + AE decode; T5/CLIP not run"))
-    return rows + [(section, "out of memory", "", "", res[section]["out_of_memory"])
-                   for section in ("dit", "attention", "sft", "sampling") if "out_of_memory" in res[section]]
+    return rows
+
+def sft_rows(sft, prefix=""):
+    if "peak_bytes" not in sft:
+        return []
+    st, GiB = sft["settings"], 2 ** 30
+    return [(f"{prefix}SFT step peak memory (GiB)", f"{sft['peak_bytes'] / GiB:.2f}",
+             f"estimate {sft['estimate_bytes'] / GiB:.2f}",
+             f"{sft['peak_bytes'] / sft['estimate_bytes']:.3f}",
+             f"rank {st['rank']}, MoE-LoRA x{st['experts']}, ckpt, {st['size']}px + {st['refs']} "
+             f"refs; "
+             f"{sft['step_s']:.2f} s a step")]
+
+def sampling_rows(smp, size):
+    options = (("resident_s", "resident"), ("fp8_s", "--fp8"), ("offload_s", "--offload"))
+    return [(f"s per {size}px image, {smp['steps']} steps, {label}", f"{smp[key]:.2f}",
+             f"resident {smp['resident_s']:.2f}", f"{smp[key] / smp['resident_s']:.3f}",
+             "DiT + AE decode; T5/CLIP not run") for key, label in options if key in smp]
+
+def klein_sampling_rows(smp):
+    rows = []
+    for name in (KLEIN, "klein-4b"):
+        if name in smp:
+            r = smp[name]
+            w = r["text_guidance"]
+            batched = " (with the empty prompt's rows in one forward)" if w != 1 else ""
+            rows.append((f"klein s per {smp['size']}px image, {name}", f"{r['s']:.2f}", "", "",
+                         f"{r['steps']} steps, text guidance {w:g}{batched}; resident; DiT + AE "
+                         "decode; Qwen3 not run"))
+    return rows
+
+def gpu_rows(res):
+    """The table's rows (what, value, against, ratio, note) from gpu's results: flux-dev's, then
+    klein's; a section that ran out of memory is one row saying so."""
+    peak, klein = res["matmul_bf16_flops_per_s"], res["klein"]
+    rows = dit_rows(res["dit"], peak) + attention_rows(res["attention"]) + sft_rows(res["sft"]) + \
+        sampling_rows(res["sampling"], res["shapes"]["large"]) + \
+        dit_rows(klein["dit"], peak, "klein ") + sft_rows(klein["sft"], "klein ") + \
+        klein_sampling_rows(klein["sampling"])
+    sections = [(name, res[name]) for name in ("dit", "attention", "sft", "sampling")] + \
+        [(f"klein {name}", klein[name]) for name in ("dit", "sft", "sampling")]
+    return rows + [(name, "out of memory", "", "", r["out_of_memory"])
+                   for name, r in sections if "out_of_memory" in r]
 
 def print_gpu_table(res):
     print(f"\nbench.py gpu: {res['device']}, torch {res['torch']}, bf16 matmul "
@@ -312,6 +403,7 @@ def gpu(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py gpu needs a CUDA GPU (--tiny runs the same code on the CPU at tiny shapes)")
     cfg, S = (tiny_config(), TINY_SHAPES) if args.tiny else (M.get_config("flux-dev"), GPU_SHAPES)
+    klein = tiny_klein() if args.tiny else F2.get_config(KLEIN)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--tiny)"
     t0 = time.perf_counter()
     res = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "shapes": S,
@@ -320,6 +412,11 @@ def gpu(args):
                          ("sampling", sampling_section)):
         print(f"{key} ...", flush=True)
         res[key] = guarded(section, cfg, S, device, args.seed)
+    res["klein"] = {"preset": KLEIN}
+    for key, section in (("dit", dit_section), ("sft", sft_section),
+                         ("sampling", klein_sampling_section)):
+        print(f"klein {key} ...", flush=True)
+        res["klein"][key] = guarded(section, klein, S, device, args.seed)
     res["wall_s"] = time.perf_counter() - t0
     print_gpu_table(res)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -44,12 +44,13 @@ def meta_sdpa(q, k, v, *args, **kwargs):
 # device
 
 def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch.bfloat16, foreach=True):
-    """What one GPU holds to train adapters on a frozen DiT of either family (batch per GPU, size px targets, refs of
-    ref_size px, cfg.max_txt_len text tokens), in bytes, counted from the real module shapes on the meta device: every
-    piece alone (budget_columns sums them per parallel layout). dtype: the frozen weights' and activations' (bf16
-    autocast on GPU); adapters, their gradients and AdamW's states are fp32. foreach: AdamW's multi-tensor step
-    (torch's default on CUDA) computes sqrt of all second moments into one temporary; the CPU's per-parameter loop
-    only of the largest."""
+    """What one GPU holds to train adapters on a frozen DiT of either family (batch per GPU, size px
+    targets, refs of ref_size px, cfg.max_txt_len text tokens), in bytes, counted from the real
+    module shapes on the meta device: every piece alone (budget_columns sums them per parallel
+    layout). dtype: the frozen weights' and activations' (bf16 autocast on GPU); adapters, their
+    gradients and AdamW's states are fp32. foreach: AdamW's multi-tensor step (torch's default on
+    CUDA) computes sqrt of all second moments into one temporary; the CPU's per-parameter loop only
+    of the largest."""
     with torch.device("meta"):
         flux = F2.dit(cfg)
         ML.inject(flux, rank=rank, n_experts=experts)
@@ -74,7 +75,8 @@ def training_budget(cfg, rank, experts, size, ref_size, refs, batch, dtype=torch
         B, L = batch, sum(t.shape[1] for t in (inp["txt"], inp["img"], *inp["ref_img"]))
         x = torch.randn(B, L, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
         pe = M.rope(torch.zeros(B, L, len(cfg.axes_dim), device="meta"), cfg.axes_dim, cfg.theta)
-        # a FLUX.1 block modulates itself from the time vector, a FLUX.2 block takes its shared modulation
+        # a FLUX.1 block modulates itself from the time vector; a FLUX.2 block takes the shared
+        # modulation
         mod = (B, 1, 3 * cfg.hidden_size) if F2.is_flux2(cfg) else (B, cfg.hidden_size)
         mod = torch.randn(*mod, device="meta", dtype=dtype)
         act_ckpt += saved_bytes(flux, lambda: flux.single_blocks[0](x, mod, pe))
@@ -205,8 +207,8 @@ def flux2_memory(args, gpus=8):
     print(f"{args.preset}: {first['frozen_params'] / 1e9:.2f}B frozen + "
           f"{first['adapter_params'] / 1e9:.3f}B adapter parameters (LoRA rank {args.rank}, "
           f"MoE-LoRA {args.experts} experts), batch {args.batch} per GPU, {args.refs} references "
-          f"of {args.ref_size} px ({R * R} tokens each), {cfg.max_txt_len} text tokens. GiB per GPU, "
-          f"on one GPU and on {gpus} with --fsdp (a GPU fits at most 92% of its size):")
+          f"of {args.ref_size} px ({R * R} tokens each), {cfg.max_txt_len} text tokens. GiB per "
+          f"GPU, on one GPU and on {gpus} with --fsdp (a GPU fits at most 92% of its size):")
     print(f"  {'':50s}{'1 GPU':>17s}{f'{gpus} GPUs, --fsdp':>19s}   fits 24/48/80 GB at 512 | 1024")
     print(f"  {'':50s}" + f"{'512 px':>8s}{'1024 px':>9s}" * 2 + f"   1 GPU; {gpus} GPUs, --fsdp")
     fit = lambda gib: "/".join("y" if gib <= 0.92 * gb * 1e9 / GiB else "-" for gb in (24, 48, 80))

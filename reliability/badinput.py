@@ -751,7 +751,8 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--table", default=None, help="also write the markdown tables to this file")
-    parser.add_argument("--no-dist", action="store_true", help="leave out the torchrun rows (about a minute)")
+    parser.add_argument("--no-dist", action="store_true",
+                        help="leave out the torchrun rows (about a minute)")
     return parser
 
 def badinput(args):
