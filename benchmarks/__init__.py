@@ -4,6 +4,7 @@ per concept:
 
     measure.py           timing, FLOPs and peak memory (the profiler on the CPU; autograd's saved
                          tensors and the live tensors on the meta device)
+    shapes.py            a random DiT of either family at a preset's shapes, one forward's inputs
     versus_diffusers.py  `dit`: our DiT against diffusers' FluxTransformer2DModel on this CPU
     method.py            what the method costs: the probe (`sft`), MoE-LoRA (`moe`), an IPPO
                          iteration (`rl`)

@@ -128,7 +128,11 @@ def peak_memory(fn):
     return {"tensors": peak, "rss": rss}
 
 def nbytes(module):
+    # what a module's weights and buffers take wherever they are
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+# memory from shapes alone, on the meta device as on the CPU: what autograd keeps for backward, and
+# the peak of the tensors alive at once
 
 def saved_bytes(model, fn):
     """Bytes autograd keeps for backward while fn runs (parameters excluded, each storage counted once)."""

@@ -180,7 +180,7 @@ def inference_memory(args):
     return table
 
 # -----------------------------------------------------------------------------
-# FLUX.2: the training memory budget on one GPU
+# FLUX.2: the training memory budget on one GPU and on 8 with --fsdp
 
 # the text models' parameter counts (their model cards)
 TEXT_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9,

@@ -24,7 +24,7 @@ def import_path(path, name="bench_model"):
 def bfl_to_diffusers_converter():
     """diffusers' own BFL->diffusers state-dict converter, with its hard-coded hidden size (3072) replaced by the
     one read from the checkpoint (img_in.weight's rows). It pops what it converts from its input."""
-    import diffusers.loaders.single_file_utils as sfu     # diffusers: an optional dependency, only `dit` needs it
+    import diffusers.loaders.single_file_utils as sfu     # optional: only the comparisons need it
     src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
     if "inner_dim = 3072" not in src:
         raise RuntimeError("diffusers' Flux converter changed; bench.py's patch needs updating")
