@@ -504,62 +504,93 @@ class Run:
 
     def _open(self):
         """Rank 0: lock the folder, tidy it, decide -> ("ok", the checkpoint to resume or None)."""
-        out, args = self.out, self.args
+        # the folder, ours alone and without a killed writer's leftovers
+        self._claim()
+        # what it holds decides: --resume continues its newest good checkpoint; otherwise a run
+        # there is refused, or moved aside by --fresh
+        found = checkpoints(self.out)
+        return ("ok", self._resume(found) if self.args.resume else self._start(found))
+
+    def _claim(self):
+        """OUT refused if it is or holds an input of the run (data.check_output); made if missing
+        (the outermost folder made is remembered: a start that fails removes it); locked; then
+        tidied: garbage discarded, temporaries removed, a --fresh killed while moving the old run
+        aside finished."""
+        out = self.out
         made = os.path.abspath(out)
         while not os.path.lexists(os.path.dirname(made)):
             made = os.path.dirname(made)
         self.made = None if os.path.lexists(made) else made
-        D.check_output([out], [getattr(args, k, None) for k in INPUTS], args.force)
+        D.check_output([out], [getattr(self.args, k, None) for k in INPUTS], self.args.force)
         os.makedirs(out, exist_ok=True)
         self.fd = lock(out)
         for name in os.listdir(out):
             if name.startswith(GARBAGE):
                 discard(os.path.join(out, name))
-        D.clean_temporaries(out)                             # e.g. best.safetensors' of a run killed writing it
-        if os.path.isdir(os.path.join(out, MOVING)):          # a --fresh that was killed while moving: finish it
+        D.clean_temporaries(out)           # e.g. best.safetensors' of a run killed writing it
+        if os.path.isdir(os.path.join(out, MOVING)):     # a --fresh killed while moving: finish it
             self._move_aside()
-        found = checkpoints(out)
+
+    def _resume(self, found):
+        """--resume, given checkpoints(OUT) -> the checkpoint to resume, None when there is none yet
+        (step 0). The newest one whole and verified is taken, each passed over a note (its steps run
+        again); its args.json must describe the same run (compare_args). Then `latest` names it, the
+        log is cut back to its step, and a --fresh start's previous/ may go."""
+        out = self.out
+        if not found:
+            print0(f"note: {out} holds no checkpoint yet: starting at step 0")
+            trim_log(os.path.join(out, "log.jsonl"), -1)
+            return None
+        passed = []
+        for step, path, why in found:                         # newest first
+            why = why or verify(path)
+            if why is None:
+                break
+            passed.append((step, why))
+        else:
+            raise RunFolderError(f"{passed[0][1]}; {out} holds no complete checkpoint "
+                                 f"to resume from")
+        for s, why in passed:
+            print0(f"note: skipping checkpoint {s}: {why}")
+        self._same_run(path)
+        # `latest` names what we resume, whatever it said; the log goes back to its step; a --fresh
+        # start's old run may go, since the checkpoint resumed is the new run's
+        point_latest(out, os.path.basename(path), step)
+        trim_log(os.path.join(out, "log.jsonl"), step)
+        if os.path.lexists(os.path.join(out, PREVIOUS)):
+            remove(os.path.join(out, PREVIOUS))
+        return path
+
+    def _same_run(self, path):
+        # the checkpoint's arguments and rank count against this run's: another run is refused, a
+        # deliberate change is a note
+        with open(os.path.join(path, MARKER)) as f:
+            saved_world = json.load(f).get("world", 1)
+        try:
+            with open(os.path.join(path, "args.json")) as f:
+                saved = json.load(f)
+            assert isinstance(saved, dict)
+        except (OSError, ValueError, AssertionError):
+            raise RunFolderError(f"{os.path.join(path, 'args.json')}: not a JSON object of "
+                                 f"arguments") from None
+        note = compare_args(saved, vars(self.args), self.may_change, self.per_step, saved_world,
+                            self.world, path)
+        if note:
+            print0(note)
+
+    def _start(self, found):
+        """No --resume, given checkpoints(OUT) -> None (step 0): a folder holding a run is refused
+        unless --fresh, which moves that run aside to OUT/previous/."""
+        out = self.out
         done = [(s, p) for s, p, why in found if why is None]
         holds = found or any(os.path.lexists(os.path.join(out, n)) for n in RUN_ENTRIES)
-        if args.resume:
-            if not found:
-                print0(f"note: {out} holds no checkpoint yet: starting at step 0")
-                trim_log(os.path.join(out, "log.jsonl"), -1)
-                return ("ok", None)
-            # newest first, the first one whole and verified; each passed over is a note (its step runs again)
-            passed = []
-            for step, path, why in found:
-                why = why or verify(path)
-                if why is None:
-                    break
-                passed.append((step, why))
-            else:
-                raise RunFolderError(f"{passed[0][1]}; {out} holds no complete checkpoint to resume from")
-            for s, why in passed:
-                print0(f"note: skipping checkpoint {s}: {why}")
-            with open(os.path.join(path, MARKER)) as f:
-                saved_world = json.load(f).get("world", 1)
-            try:
-                with open(os.path.join(path, "args.json")) as f:
-                    saved = json.load(f)
-                assert isinstance(saved, dict)
-            except (OSError, ValueError, AssertionError):
-                raise RunFolderError(f"{os.path.join(path, 'args.json')}: not a JSON object of arguments") from None
-            note = compare_args(saved, vars(args), self.may_change, self.per_step, saved_world, self.world, path)
-            if note:
-                print0(note)
-            point_latest(out, os.path.basename(path), step)   # `latest` names what we resume, whatever it said
-            trim_log(os.path.join(out, "log.jsonl"), step)
-            if os.path.lexists(os.path.join(out, PREVIOUS)):  # its first checkpoint was written: the old run may go
-                remove(os.path.join(out, PREVIOUS))
-            return ("ok", path)
-        if holds and not args.fresh:
+        if holds and not self.args.fresh:
             step = done[0][0] if done else 0
             raise RunFolderError(f"{out} holds a run at step {step}: pass --resume to continue, or another --out "
                                  f"(or --fresh to start over)")
         if holds:
             self._move_aside(bool(done))
-        return ("ok", None)
+        return None
 
     def _move_aside(self, newer=True):
         """--fresh: every run entry of OUT into OUT/previous.part, then that renamed to OUT/previous. A previous/

@@ -27,7 +27,7 @@ The schedule, noise and Euler loop live in sampling.py (as black-forest-labs/flu
 src/flux/sampling.py), the joint sequence in model.py, where the weights come from in weights.py;
 reading and preprocessing the reference images in data.py.
 """
-import fcntl, itertools, json, math, os, re, secrets, sys, tempfile
+import fcntl, json, math, os, re, secrets, sys, tempfile
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -454,7 +454,170 @@ def prompts_file(path):
             bad.append((line, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"))
     return good, bad
 
+def read_paths(args, refs):
+    # every file or folder sampling reads (data.check_output keeps the outputs off them)
+    return [args.manifest, args.prompts, *refs, toy_folder(args.model), args.lora, args.ae, args.t5, args.clip_text]
+
+def settings(args, run):
+    # what a sample's JSON records: every argument, with what was resolved in place of the defaults
+    return {**vars(args), **run, "device": str(run["device"])}
+
+# what makes two samples of one name the same sample
+SAME = ("model", "arch", "lora", "lora_scale", "steps", "guidance", "ref_guidance", "text_guidance", "width", "height",
+        "ref_size", "pe", "prompt", "refs", "save_attn", "seed")
+UNSAID = {"ref_guidance": 1.0, "text_guidance": 1.0}   # what a sample's JSON written before a setting existed used
+
+def file_name(key):
+    # a record's id -> its sample's file name, None when it cannot be one (an integer of thousands of digits)
+    try:
+        name = str(key)
+    except ValueError:                                       # past Python's int -> str digit limit
+        return None
+    return name if len(name) <= 200 else None
+
+def earlier(png):
+    # the settings an existing sample was made with, from its JSON (no JSON: not ours, or torn: refuse)
+    try:
+        with open(os.path.splitext(png)[0] + ".json", "rb") as f:
+            have = json.loads(f.read())
+    except (OSError, ValueError):
+        have = None
+    if not isinstance(have, dict):
+        raise D.InputError(f"{png}: exists without a readable JSON beside it (not written by sample.py?): pass "
+                           f"another --out-dir, or remove it")
+    return have
+
 # -----------------------------------------------------------------------------
+# a test set: --manifest, or --prompts with --refs
+
+def set_jobs(args, run, mult):
+    """A test set's records, every one checked before anything is sampled -> (jobs, bad): a job per
+    good record (line, id: its samples' file name, prompt, refs) and (line, why) per bad one, a
+    finding rather than the end of the run: unreadable or invalid, an id that cannot name a file or
+    names another record's samples, more tokens than a sample takes."""
+    jobs, bad = [], []
+    if args.manifest:
+        records, problems = D.read_manifest(args.manifest)
+        bad += [(line, f"{field}: {why}") for line, field, why in problems]
+        root = os.path.dirname(os.path.abspath(args.manifest))
+        for i, (line, rec, why) in enumerate(D.validate_all(records, root, deep=False)):
+            if rec is None:
+                bad.append((line, "; ".join(f"{f}: {w}" for f, w in why)))
+                continue
+            name = file_name(rec["id"]) if rec["id"] is not None else f"{i:06d}"     # as rewards.py eval reads them
+            if name is None:
+                bad.append((line, "id: too long to name a file"))
+                continue
+            jobs.append(dict(line=line, id=name, prompt=rec["prompt"], refs=rec["refs"]))
+    else:
+        lines, bad = prompts_file(args.prompts)
+        jobs = [dict(line=line, id=f"{i:06d}", prompt=text, refs=args.refs) for line, i, text in lines]
+    kept, names = [], {}                                      # file name -> the line that has it
+    for job in jobs:
+        try:
+            if job["id"] in names:                           # "3" and 3, or an id that is another record's position
+                raise D.InputError(f"id: its output {job['id']}.png is also line {names[job['id']]}'s")
+            check_tokens(run, len(job["refs"]), mult)
+        except D.InputError as e:
+            bad.append((job["line"], str(e)))
+            continue
+        names[job["id"]] = job["line"]
+        kept.append(job)
+    return kept, bad
+
+def pending(jobs, seeds, out_dir, meta):
+    """What is left of a set -> [(job, [(seed, png, its JSON's settings)])], a job's samples not
+    there yet. A sample already there is skipped when it is the same sample, and refused when it was
+    made with other settings: a set is never overwritten or mixed."""
+    todo = []
+    for job in jobs:
+        samples = []
+        for seed in seeds:
+            png = os.path.join(out_dir, str(seed), f"{job['id']}.png")
+            want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"],
+                        line=job["line"])
+            if not os.path.exists(png):
+                samples.append((seed, png, want))
+                continue
+            have = earlier(png)
+            diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
+            if diff:
+                raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} "
+                                   f"differ): pass another --out-dir, or remove it")
+        if samples:
+            todo.append((job, samples))
+    return todo
+
+def generate_set(args):
+    """--manifest / --prompts: one sample per record and seed into OUT_DIR/SEED/ID.png, the models loaded once."""
+    # the flags: a test set takes its prompts from its file, --seeds and one --out-dir
+    for flag in ("seed", "out", "prompt"):
+        if getattr(args, flag) is not None:
+            raise D.InputError(f"--{flag}: not with --manifest/--prompts (a test set takes --seeds, --out-dir, "
+                               f"and prompts from its file)")
+    if bool(args.manifest) == bool(args.prompts) or bool(args.prompts) != bool(args.refs):
+        raise D.InputError("a test set is --manifest M.jsonl, or --prompts P.txt with --refs")
+    if not args.out_dir:
+        raise D.InputError("--out-dir is required with --manifest/--prompts")
+    preset, run = preflight(args, single=False)
+    mult, seeds = F2.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
+    source = args.manifest or args.prompts
+
+    # the plan: every record checked, the bad ones named (source:line: why). A --prompts set's
+    # references are every record's: read once, here, and a bad one ends the run
+    jobs, bad = set_jobs(args, run, mult)
+    shared = load_refs(args.refs, run, mult) if args.prompts else None
+    for line, why in sorted(bad):
+        print(f"{source}:{line}: {why}", file=sys.stderr)
+    refs_read = [r for job in jobs for r in job["refs"]]
+    D.check_output([args.out_dir], read_paths(args, refs_read), args.force)
+
+    # one sample.py at a time writes the set, from its check of what is there to its last sample: two runs
+    # with other settings are refused, never mixed
+    check_writable(args.out_dir)
+    with only_writer(args.out_dir):
+        todo = pending(jobs, seeds, args.out_dir, settings(args, run))
+        total = sum(len(samples) for _, samples in todo)
+        skipped = len(jobs) * len(seeds) - total
+
+        # the models once (if anything is left to do), then each record's samples, its seeds in
+        # batches of up to --batch-size; a manifest record's references are read for its seeds, once
+        (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
+        photos = not_sprites(zip(args.refs, shared[0])) if shared and preset == "toy" else []
+        written, failed, n = 0, set(), args.batch_size or 1
+        # the bar is closed (a newline) before an error
+        with tqdm(total=total, desc="samples", disable=not todo) as bar:
+            for k, (job, samples) in enumerate(todo):
+                try:
+                    images, refs = shared or load_refs(job["refs"], run, mult)
+                except D.InputError as e:                         # checking read only their headers
+                    failed.add(job["line"])
+                    tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
+                    bar.update(len(samples))
+                    continue
+                # the toy's note reads the first record's references (0.1 s a check; all alike)
+                if preset == "toy" and not shared and k == 0:
+                    photos = not_sprites(zip(job["refs"], images))
+                for b in range(0, len(samples), n):
+                    seeds_b, pngs, wants = zip(*samples[b:b + n])
+                    sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
+                                 [dict(w, weights=weights) for w in wants], progress=False)
+                    written += len(seeds_b)
+                    bar.update(len(seeds_b))
+
+    # what was done, and how to score it
+    note = toy_note(run, photos) if preset == "toy" else None
+    if note:
+        print(note, file=sys.stderr)
+    n_bad = len({line for line, _ in bad} | failed)
+    score = f"; score a seed with: python {'toy.py' if preset == 'toy' else 'rewards.py'} eval --manifest " \
+            f"{args.manifest} --images {os.path.join(args.out_dir, str(seeds[0]))}" if args.manifest else ""
+    print(f"wrote {written} samples to {os.path.join(args.out_dir, '<seed>')}, skipped {skipped} already there, "
+          f"{n_bad} bad records{score}", file=sys.stderr)
+    return 1 if n_bad else 0
+
+# -----------------------------------------------------------------------------
+# one sample, or a set
 
 def generate(args):
     # 1. validate everything cheap before loading any weights; nothing is written if an input is bad
@@ -491,146 +654,6 @@ def generate(args):
     files = sample_batch((flux, ae, text), run, prompt, refs, [seed], [out], [meta])
     print(f"wrote {', '.join(files)} (seed {seed})", file=sys.stderr)
     return 0
-
-def read_paths(args, refs):
-    # every file or folder sampling reads (data.check_output keeps the outputs off them)
-    return [args.manifest, args.prompts, *refs, toy_folder(args.model), args.lora, args.ae, args.t5, args.clip_text]
-
-def settings(args, run):
-    # what a sample's JSON records: every argument, with what was resolved in place of the defaults
-    return {**vars(args), **run, "device": str(run["device"])}
-
-# what makes two samples of one name the same sample
-SAME = ("model", "arch", "lora", "lora_scale", "steps", "guidance", "ref_guidance", "text_guidance", "width", "height",
-        "ref_size", "pe", "prompt", "refs", "save_attn", "seed")
-UNSAID = {"ref_guidance": 1.0, "text_guidance": 1.0}   # what a sample's JSON written before a setting existed used
-
-def generate_set(args):
-    """--manifest / --prompts: one sample per record and seed into OUT_DIR/SEED/ID.png, the models loaded once."""
-    for flag in ("seed", "out", "prompt"):
-        if getattr(args, flag) is not None:
-            raise D.InputError(f"--{flag}: not with --manifest/--prompts (a test set takes --seeds, --out-dir, "
-                               f"and prompts from its file)")
-    if bool(args.manifest) == bool(args.prompts) or bool(args.prompts) != bool(args.refs):
-        raise D.InputError("a test set is --manifest M.jsonl, or --prompts P.txt with --refs")
-    if not args.out_dir:
-        raise D.InputError("--out-dir is required with --manifest/--prompts")
-    preset, run = preflight(args, single=False)
-    mult, seeds = F2.get_config(preset).token_px, list(dict.fromkeys(args.seeds or [0]))     # each seed once
-    # every record checked first; a bad one is a finding (source:line: field: why), not the end of the run
-    jobs, bad, names = [], [], {}
-    if args.manifest:
-        records, problems = D.read_manifest(args.manifest)
-        bad += [(line, f"{field}: {why}") for line, field, why in problems]
-        root = os.path.dirname(os.path.abspath(args.manifest))
-        for i, (line, rec, why) in enumerate(D.validate_all(records, root, deep=False)):
-            if rec is None:
-                bad.append((line, "; ".join(f"{f}: {w}" for f, w in why)))
-                continue
-            name = file_name(rec["id"]) if rec["id"] is not None else f"{i:06d}"     # as rewards.py eval reads them
-            if name is None:
-                bad.append((line, "id: too long to name a file"))
-                continue
-            jobs.append(dict(line=line, id=name, prompt=rec["prompt"], refs=rec["refs"]))
-    else:
-        lines, bad = prompts_file(args.prompts)
-        jobs = [dict(line=line, id=f"{i:06d}", prompt=text, refs=args.refs) for line, i, text in lines]
-        images, refs = load_refs(args.refs, run, mult)       # shared: a bad one ends the run
-    source = args.manifest or args.prompts
-    kept = []
-    for job in jobs:
-        try:
-            if job["id"] in names:                           # "3" and 3, or an id that is another record's position
-                raise D.InputError(f"id: its output {job['id']}.png is also line {names[job['id']]}'s")
-            check_tokens(run, len(job["refs"]), mult)
-        except D.InputError as e:
-            bad.append((job["line"], str(e)))
-            continue
-        names[job["id"]] = job["line"]
-        kept.append(job)
-    for line, why in sorted(bad):
-        print(f"{source}:{line}: {why}", file=sys.stderr)
-
-    D.check_output([args.out_dir], read_paths(args, [r for job in kept for r in job["refs"]]), args.force)
-
-    # one sample.py at a time writes the set, from its check of what is there to its last sample: two runs
-    # with other settings are refused, never mixed
-    check_writable(args.out_dir)
-    with only_writer(args.out_dir):
-        # what is already there: the same sample is skipped, another one refused (never overwritten or mixed)
-        meta = settings(args, run)
-        todo = []
-        for job in kept:
-            for seed in seeds:
-                png = os.path.join(args.out_dir, str(seed), f"{job['id']}.png")
-                want = dict(meta, prompt=job["prompt"], refs=job["refs"], seed=seed, id=job["id"],
-                            line=job["line"])
-                if os.path.exists(png):
-                    have = earlier(png)
-                    diff = [k for k in SAME if have.get(k, UNSAID.get(k)) != want.get(k)]
-                    if diff:
-                        raise D.InputError(f"{png}: made with other settings ({', '.join(diff[:4])} differ): pass "
-                                           f"another --out-dir, or remove it")
-                    continue
-                todo.append((job, seed, png, want))
-        skipped = len(kept) * len(seeds) - len(todo)
-
-        # the models once (if anything is left to do), then every sample not there yet
-        (flux, ae, text), weights = ready_models(args, preset, run) if todo else ((None,) * 3, None)
-        photos = not_sprites(zip(args.refs, images)) if args.prompts and preset == "toy" else []
-        written, failed, loaded = 0, set(), None
-        # a record's seeds, up to --batch-size of them, are one batch (todo lists each record's seeds together)
-        n = args.batch_size or 1
-        batches = [list(group) for _, group in itertools.groupby(todo, key=lambda t: id(t[0]))]
-        batches = [g[i:i + n] for g in batches for i in range(0, len(g), n)]
-        with tqdm(total=len(todo), desc="samples", disable=not todo) as bar:   # closed (a newline) before an error
-            for batch in batches:
-                job = batch[0][0]
-                if args.manifest and loaded != job["line"]:           # a record's references, once for its seeds
-                    first, loaded = loaded is None, job["line"]
-                    try:
-                        images, refs = load_refs(job["refs"], run, mult)
-                    except D.InputError as e:                         # checking read only their headers
-                        images = refs = None
-                        failed.add(job["line"])
-                        tqdm.write(f"{source}:{job['line']}: {e}", file=sys.stderr)
-                    if refs and preset == "toy" and first:   # the first record's: 0.1 s a check; a set's are alike
-                        photos = not_sprites(zip(job["refs"], images))
-                if refs is not None:
-                    _, seeds_b, pngs, wants = zip(*batch)
-                    sample_batch((flux, ae, text), run, job["prompt"], refs, seeds_b, pngs,
-                                 [dict(w, weights=weights) for w in wants], progress=False)
-                    written += len(batch)
-                bar.update(len(batch))
-    note = toy_note(run, photos) if preset == "toy" else None
-    if note:
-        print(note, file=sys.stderr)
-    n_bad = len({line for line, _ in bad} | failed)
-    score = f"; score a seed with: python {'toy.py' if preset == 'toy' else 'rewards.py'} eval --manifest " \
-            f"{args.manifest} --images {os.path.join(args.out_dir, str(seeds[0]))}" if args.manifest else ""
-    print(f"wrote {written} samples to {os.path.join(args.out_dir, '<seed>')}, skipped {skipped} already there, "
-          f"{n_bad} bad records{score}", file=sys.stderr)
-    return 1 if n_bad else 0
-
-def file_name(key):
-    # a record's id -> its sample's file name, None when it cannot be one (an integer of thousands of digits)
-    try:
-        name = str(key)
-    except ValueError:                                       # past Python's int -> str digit limit
-        return None
-    return name if len(name) <= 200 else None
-
-def earlier(png):
-    # the settings an existing sample was made with, from its JSON (no JSON: not ours, or torn: refuse)
-    try:
-        with open(os.path.splitext(png)[0] + ".json", "rb") as f:
-            have = json.loads(f.read())
-    except (OSError, ValueError):
-        have = None
-    if not isinstance(have, dict):
-        raise D.InputError(f"{png}: exists without a readable JSON beside it (not written by sample.py?): pass "
-                           f"another --out-dir, or remove it")
-    return have
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

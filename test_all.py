@@ -5,6 +5,7 @@ Tests are behavioural and compare against independent references: diffusers' Flu
 AutoencoderKL loaded through diffusers' own BFL->diffusers converters, torch.distributions, hand-computed
 values. No test needs real weights: tiny random configs and synthetic checkpoints with the official names.
 """
+import glob
 import inspect
 import json
 import math
@@ -525,15 +526,18 @@ def test_t5_clip_encoder_on_tiny_local_models(tmp_path, capsys):
 
 def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # the layout rule, read from the code: each library file imports only library files below it (the order
-    # below), no file imports a command-line script, and no own module is imported inside a function
-    import ast, glob
+    # below), no file imports a command-line script, and no own module is imported inside a
+    # function; benchmarks/ is bench.py's library: its modules import the libraries, never a script
+    import ast
     here = os.path.dirname(os.path.abspath(__file__))
     order = ["model", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "cache",
              "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
-    own = set(order) | scripts
+    own = set(order) | scripts | {"benchmarks"}
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
-        glob.glob(os.path.join(here, "experiments", "*.py")) + glob.glob(os.path.join(here, "reliability", "*.py"))
+        [f for folder in ("benchmarks", "experiments", "reliability")
+         for f in glob.glob(os.path.join(here, folder, "*.py"))]
+    assert len(glob.glob(os.path.join(here, "benchmarks", "*.py"))) > 1
     for path in files:
         name, tree = os.path.splitext(os.path.basename(path))[0], ast.parse(open(path).read())
         for node in ast.walk(tree):
@@ -546,6 +550,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
                 assert mod not in scripts, where + ", a script"
                 assert node.col_offset == 0, where + " inside a function"
                 if name in order:
+                    assert mod in order, where + ", not a library"
                     assert order.index(mod) < order.index(name), where + ", a file above it"
 
 def test_moved_commands_point_to_their_new_home(capsys):
@@ -3775,7 +3780,8 @@ def test_plot_log_draws_each_run_and_rejects_bad_lines(tmp_path, capsys):
     assert plot_log.main([str(tmp_path / "nope")]) == 2
 
 def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
-    import bench as BN
+    from benchmarks import measure as BME
+    from benchmarks.memory import flash_like_attention
     cfg = tiny_cfg(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=2, depth_single_blocks=3)
     flux = randomize(M.Flux(cfg).eval())
     with torch.device("meta"):
@@ -3787,19 +3793,19 @@ def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
               torch.randn(1, L, cfg.context_in_dim, device=device), torch.zeros(1, L, 3, device=device),
               torch.rand(1, device=device), torch.randn(1, cfg.vec_in_dim, device=device), torch.ones(1, device=device),
               [torch.randn(1, R * R, cfg.in_channels, device=device)] * 2, M.ref_ids((G, G), [(R, R)] * 2, device=device))
-    profiler = BN.peak_memory(lambda: forward(flux, "cpu"))["tensors"]     # torch's own allocation events
-    assert BN.live_peak(lambda: forward(flux, "cpu")) == profiler
+    profiler = BME.peak_memory(lambda: forward(flux, "cpu"))["tensors"]       # the profiler's count
+    assert BME.live_peak(lambda: forward(flux, "cpu")) == profiler
     attention = M.attention
-    M.attention = BN.flash_like_attention        # on meta, what CPU SDPA's fused kernel keeps: the output and a LSE
+    M.attention = flash_like_attention    # on meta, what CPU SDPA's fused kernel keeps (out, LSE)
     try:
-        assert BN.live_peak(lambda: forward(meta, "meta")) == profiler
+        assert BME.live_peak(lambda: forward(meta, "meta")) == profiler
     finally:
         M.attention = attention
     # the streamed DiT's peak counts the one block copied in: its weights more than the resident model's
     streamed = M.Flux(cfg).eval()
     WT.stream_blocks(streamed, "cpu")
-    largest = max(BN.nbytes(b) for b in (*streamed.double_blocks, *streamed.single_blocks))
-    assert BN.live_peak(lambda: forward(streamed, "cpu")) >= profiler + largest - 4 * 2 ** 20
+    largest = max(BME.nbytes(b) for b in (*streamed.double_blocks, *streamed.single_blocks))
+    assert BME.live_peak(lambda: forward(streamed, "cpu")) >= profiler + largest - 4 * 2 ** 20
 
 def test_face_embedder_through_the_installed_insightface_with_stand_in_models(tmp_path, monkeypatch):
     # insightface's own FaceAnalysis (its loading, prepare, get and Face) runs; only the two ONNX networks are
@@ -3947,7 +3953,8 @@ def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
 def test_bench_measurements_print_no_profiler_noise():
     import subprocess, sys
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
-    code = "import bench, torch; print(bench.peak_memory(lambda: torch.ones(1000) * 2)['tensors'])"
+    code = ("from benchmarks import measure; import torch; "
+            "print(measure.peak_memory(lambda: torch.ones(1000) * 2)['tensors'])")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
@@ -3955,8 +3962,10 @@ def test_bench_measurements_print_no_profiler_noise():
 
 def test_bench_gpu_tiny_runs_every_gpu_check_on_the_cpu(tmp_path, capsys):
     # `bench.py gpu` is what a GPU session runs in one call; --tiny is the same code at tiny shapes on the CPU
-    import bench as BN
-    res = BN.gpu(BN.parser.parse_args(["gpu", "--tiny", "--json", str(tmp_path / "gpu.json")]))
+    import bench
+    from benchmarks import gpu as BG
+    args = bench.build_parser().parse_args(["gpu", "--tiny", "--json", str(tmp_path / "gpu.json")])
+    res = BG.gpu(args)
     assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(res))
     cases = res["dit"]["cases"]
     assert list(cases) == ["64px + 1 ref", "64px + 4 ref", "128px + 1 ref"]
@@ -3971,39 +3980,63 @@ def test_bench_gpu_tiny_runs_every_gpu_check_on_the_cpu(tmp_path, capsys):
     sft = res["sft"]                             # the measured peak of paper-like steps against the estimate
     assert 0.85 < sft["peak_bytes"] / sft["estimate_bytes"] < 1.2
     assert all(res["sampling"][k] > 0 for k in ("resident_s", "fp8_s", "offload_s"))
+    # the same rows at klein Base 4B's roles: FLUX.2's DiT against diffusers'
+    # Flux2Transformer2DModel, one LoRA SFT step against `bench.py memory --preset klein-base-4b`'s
+    # estimate, seconds per image
+    klein = res["klein"]
+    assert klein["preset"] == "klein-base-4b" and list(klein["dit"]["cases"]) == list(cases)
+    for r in klein["dit"]["cases"].values():
+        assert r["rel_diff_out"] < 2e-2 and r["rel_diff_grad"] < 4e-2
+        for m in (r["ours"], r["diffusers"]):
+            assert 0 < m["fwd_flops"] < m["train_flops"] and m["train_peak_bytes"] > 0
+            assert all(math.isfinite(t) and t > 0 for t in m["fwd_s"] + m["train_s"])
+    assert 0.85 < klein["sft"]["peak_bytes"] / klein["sft"]["estimate_bytes"] < 1.2
+    assert math.isfinite(klein["sft"]["step_s"])
+    images = [klein["sampling"][n] for n in ("klein-base-4b", "klein-4b")]   # own steps, guidance
+    assert [(r["steps"], r["text_guidance"]) for r in images] == [(50, 4.0), (4, 1.0)]
+    assert all(math.isfinite(r["s"]) and r["s"] > 0 for r in images)
     table = capsys.readouterr().out
-    assert table.count("DiT forward") == 6 and "flash-attn" in table and "SDPA's own kernels" in table
-    assert "SFT step peak memory" in table and table.count("s per 128px image") == 3
+    assert table.count("\nDiT forward") == 6 and "flash-attn" in table
+    assert "SDPA's own kernels" in table and table.count("\nklein DiT forward") == 6
+    assert "\nSFT step peak memory" in table and table.count("\nklein SFT step peak memory") == 1
+    assert table.count("\ns per 128px image") == 3 and table.count("\nklein s per 128px image") == 2
 
 def test_bench_gpu_rows_say_what_was_skipped_or_ran_out_of_memory(monkeypatch):
     # without diffusers the DiT rows time ours alone and say why; a section out of device memory is one row
-    import bench as BN
+    from benchmarks import gpu as BG
     def no_diffusers(cfg, state):
         raise ImportError("No module named 'diffusers'")
-    monkeypatch.setattr(BN, "diffusers_flux", no_diffusers)
-    S = dict(BN.TINY_SHAPES, refs=(1,))
-    dit = BN.dit_section(BN.tiny_config(), S, torch.device("cpu"), 0)
+    monkeypatch.setattr(BG, "diffusers_flux", no_diffusers)
+    monkeypatch.setattr(BG, "diffusers_flux2", no_diffusers)
+    S = dict(BG.TINY_SHAPES, refs=(1,))
+    dit = BG.dit_section(BG.tiny_config(), S, torch.device("cpu"), 0)
     def oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    klein = {"dit": BG.dit_section(BG.tiny_klein(), S, torch.device("cpu"), 0), "sft": {},
+             "sampling": BG.guarded(oom, None, S, torch.device("cpu"), 0)}
     res = {"matmul_bf16_flops_per_s": 1e9, "shapes": S, "dit": dit, "attention": {}, "sft": {},
-           "sampling": BN.guarded(oom, None, S, torch.device("cpu"), 0)}
-    rows = BN.gpu_rows(res)
-    assert [r[0] for r in rows] == [f"DiT {m}, {case} + 1 ref" for case in ("64px", "128px")
-                                    for m in ("forward", "forward+backward")] + ["sampling"]
-    assert all("diffusers: not installed here" in r[4] for r in rows[:4]) and rows[4][1] == "out of memory"
+           "sampling": BG.guarded(oom, None, S, torch.device("cpu"), 0), "klein": klein}
+    rows = BG.gpu_rows(res)
+    dit_rows = [f"{prefix}DiT {m}, {case} + 1 ref" for prefix in ("", "klein ")
+                for case in ("64px", "128px") for m in ("forward", "forward+backward")]
+    assert [r[0] for r in rows] == dit_rows + ["sampling", "klein sampling"]
+    assert all("diffusers: not installed here" in r[4] for r in rows[:8])
+    assert rows[8][1] == rows[9][1] == "out of memory"
 
-def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
+@pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
+def test_bench_memory_fsdp_column_shards_what_fsdp_shards(family):
     # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards AdamW's states, FSDP
     # the weights, gradients and states, and each rank then holds the units that compute (the root, two blocks and
-    # one block's gradients)
-    import bench as BN
-    cfg = tiny_cfg(max_txt_len=16)
-    b = BN.training_budget(cfg, 8, 4, 64, 32, 2, 1)
-    flux = M.Flux(cfg)
+    # one block's gradients). The same accounting for both families
+    from benchmarks import memory as BMEM
+    cfg = tiny_cfg(max_txt_len=16) if family == "FLUX.1" else tiny_flux2(max_txt_len=16)
+    b = BMEM.training_budget(cfg, 8, 4, 64, 32, 2, 1)
+    flux = F2.dit(cfg)
     ML.inject(flux, rank=8, n_experts=4)
     assert b["frozen_params"] + b["adapter_params"] == sum(p.numel() for p in flux.parameters())
     assert b["adapter_params"] == sum(p.numel() for p in flux.parameters() if p.requires_grad) > 0
-    cols = BN.budget_columns(b, gpus=8)
+    assert b["act"] > b["act_ckpt"] > 0
+    cols = BMEM.budget_columns(b, gpus=8)
     one, ddp, zero, fsdp = cols["1 GPU"], cols["8 GPUs"], cols["8 + ZeRO"], cols["8 + FSDP"]
     assert one == ddp
     for row in ("frozen DiT", "adapters (fp32)", "adapter gradients (fp32)"):
@@ -4015,6 +4048,31 @@ def test_bench_memory_fsdp_column_shards_what_fsdp_shards():
     as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())   # bf16 base
     block = max((*flux.double_blocks, *flux.single_blocks), key=as_trained)
     assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
+
+def test_bench_memory_flux2_table_has_the_fsdp_columns(capsys):
+    # `bench.py memory --preset klein-*`: one GPU and 8 with --fsdp, both summed by budget_columns;
+    # a resident text model sits in FSDP's root unit, gathered for the whole step: whole on every
+    # GPU, beside its shard
+    import bench
+    from benchmarks import memory as BMEM
+    args = bench.build_parser().parse_args(["memory", "--preset", "klein-base-4b", "--rank", "16"])
+    res = BMEM.memory(args)
+    GiB, b, totals = 2 ** 30, res["budget"], res["totals_GiB"]
+    cache, text, ae = "--cache (no text model, no AE)", res["text_GiB"], res["ae_GiB"]
+    for size in (512, 1024):
+        cols = BMEM.budget_columns(b[size], gpus=8)
+        ckpt = ", --grad-checkpoint"
+        for name, key in ((cache, "total"), (cache + ckpt, "total" + ckpt)):
+            for layout in ("1 GPU", "8 + FSDP"):
+                assert totals[name][layout][size] == cols[layout][key] / GiB
+        resident = totals["text model + AE resident, --grad-checkpoint"]
+        cached = totals[cache + ckpt]
+        assert resident["1 GPU"][size] - cached["1 GPU"][size] == pytest.approx(text + ae)
+        fsdp = resident["8 + FSDP"][size] - cached["8 + FSDP"][size]
+        assert fsdp == pytest.approx(text * 9 / 8 + ae)
+        assert cached["8 + FSDP"][size] < cached["1 GPU"][size] / 2
+    out = capsys.readouterr().out
+    assert "8 GPUs, --fsdp" in out and out.count(cache) == 2
 
 def test_batched_guidance_equals_two_forwards(monkeypatch):
     # the prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE): the same samples and the same
@@ -5085,8 +5143,10 @@ def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, mo
     speaks = {s: anyone if s in ("rewards.py", "toy.py", "data.py", "bench.py") else known[s] for s in SCRIPTS}
     # every string of every script: its messages, help texts and examples
     bad = []
-    for script in SCRIPTS:
-        tree = ast.parse(open(script).read())
+    benchmarks = [("bench.py", f) for f in sorted(glob.glob("benchmarks/*.py"))]   # bench.py's
+    sources = [(s, s) for s in SCRIPTS] + benchmarks
+    for script, path in sources:
+        tree = ast.parse(open(path).read())
         parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
         for node in ast.walk(tree):
             if isinstance(node, ast.JoinedStr):        # an f-string: its text, each {expression} as written

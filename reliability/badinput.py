@@ -58,13 +58,6 @@ import toy_named
 import weights as WT
 from reliability.faults import ROOT, save_st, toy_base
 
-parser = argparse.ArgumentParser(prog="python -m reliability.badinput", epilog=__doc__,
-                                 description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
-parser.add_argument("--table", default=None, help="also write the markdown tables to this file")
-parser.add_argument("--no-dist", action="store_true", help="leave out the torchrun rows (about a minute)")
-
 # -----------------------------------------------------------------------------
 # images
 
@@ -753,6 +746,16 @@ def markdown(header, rows):
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
                      ["| " + " | ".join(r) + " |" for r in rows])
 
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m reliability.badinput", epilog=__doc__,
+                                     description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--table", default=None, help="also write the markdown tables to this file")
+    parser.add_argument("--no-dist", action="store_true",
+                        help="leave out the torchrun rows (about a minute)")
+    return parser
+
 def badinput(args):
     """Every fault above through every entry point: one markdown table per family (printed; --table writes it)."""
     work = args.work or tempfile.mkdtemp(prefix="badinput-")
@@ -775,4 +778,4 @@ def badinput(args):
 
 
 if __name__ == "__main__":
-    badinput(parser.parse_args())
+    badinput(build_parser().parse_args())
