@@ -107,6 +107,9 @@ def build_parser():
     g.add_argument("--out", default=None, help="one sample's PNG (default out.png)")
     g.add_argument("--out-dir", default=None, help="a test set's folder: OUT_DIR/SEED/ID.png")
     g.add_argument("--save-attn", action="store_true", help="also write one attention overlay per reference")
+    g.add_argument("--attn-blocks", nargs="+", default=None, help="with --save-attn: the blocks whose "
+                   "reference -> image maps are averaged: double (default, the paper's Eq. 4), single, all, "
+                   "or names such as d0 s3")
     D.add_force(g)
     return p
 
@@ -304,7 +307,7 @@ def sample_batch(models, run, prompt, refs, seeds, pngs, metas, progress=True):
         inp = fam.sampling_inputs(cfg, ae, text, prompt, refs, W, H, list(seeds), run["pe"], run["device"],
                                   null_text=run["text_guidance"] != 1)
     timesteps = fam.get_schedule(run["steps"], inp["img"].shape[1], shift=cfg.shift_schedule)
-    probe = M.AttentionProbe() if run["save_attn"] else None
+    probe = M.AttentionProbe(run["attn_blocks"]) if run["save_attn"] else None
     x = fam.denoise(flux, **inp, timesteps=timesteps, guidance=run["guidance"], probe=probe, progress=progress,
                   ref_guidance=run["ref_guidance"], text_guidance=run["text_guidance"])          # (B, L, C)
     finite = torch.isfinite(x).flatten(1).all(1)                             # decoded, NaN becomes a black PNG
@@ -361,10 +364,17 @@ def resolve_run(args):
     if args.lora_scale != 1 and not (args.lora or own):
         raise D.InputError("--lora-scale: there is no adapter to scale (pass --lora)")
     ref_guidance, text_guidance = SM.guidance_scales(cfg, null_prompt, args.ref_guidance, args.text_guidance)
+    if args.attn_blocks is not None and not args.save_attn:
+        raise D.InputError("--attn-blocks: it picks the blocks of --save-attn's maps (pass --save-attn)")
+    try:
+        attn_blocks = None if args.attn_blocks is None else M.select_blocks(args.attn_blocks, cfg)
+    except ValueError as e:
+        raise D.InputError(f"--attn-blocks: {e}") from None
     return preset, dict(width=W, height=H, ref_size=ref_size // mult * mult, steps=pick(args.steps, cfg.sample_steps),
                         guidance=pick(args.guidance, cfg.guidance), pe=pick(args.pe, F2.default_pe(cfg)), device=device,
                         ref_guidance=ref_guidance, text_guidance=text_guidance,
-                        save_attn=args.save_attn, lora_scale=args.lora_scale, arch=preset, offload=args.offload)
+                        save_attn=args.save_attn, attn_blocks=attn_blocks, lora_scale=args.lora_scale, arch=preset,
+                        offload=args.offload)
 
 def preflight(args, single):
     """Everything checked before any image is read or any weight loaded, all named at once (data.Preflight): the
@@ -464,7 +474,7 @@ def settings(args, run):
 
 # what makes two samples of one name the same sample
 SAME = ("model", "arch", "lora", "lora_scale", "steps", "guidance", "ref_guidance", "text_guidance", "width", "height",
-        "ref_size", "pe", "prompt", "refs", "save_attn", "seed")
+        "ref_size", "pe", "prompt", "refs", "save_attn", "attn_blocks", "seed")
 UNSAID = {"ref_guidance": 1.0, "text_guidance": 1.0}   # what a sample's JSON written before a setting existed used
 
 def file_name(key):

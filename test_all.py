@@ -777,6 +777,26 @@ def test_cli_end_to_end(tmp_path, refs):
     assert all(Image.open(tmp_path / "o" / f).size == (32, 32) for f in attn)
     assert not [f for f in os.listdir(tmp_path / "o") if f.startswith(".tmp")]
 
+def test_save_attn_reads_the_blocks_asked_for(tmp_path, refs, capsys):
+    # --attn-blocks picks the blocks the overlays average (the leakage of the toy runs through the single blocks);
+    # the probe only reads: the sample itself is the same whichever blocks it reads
+    run_toy(tmp_path / "a.png", refs, "--save-attn")
+    run_toy(tmp_path / "b.png", refs, "--save-attn", "--attn-blocks", "d0", "d1")
+    run_toy(tmp_path / "c.png", refs, "--save-attn", "--attn-blocks", "single")
+    read = lambda stem: [(tmp_path / f"{stem}{x}.png").read_bytes() for x in ["", "_attn0", "_attn1"]]
+    a, b, c = read("a"), read("b"), read("c")
+    assert a == b                                         # the default is every double block (Eq. 4)
+    assert c[0] == a[0] and c[1] != a[1] and c[2] != a[2]
+    assert json.loads((tmp_path / "c.json").read_text())["attn_blocks"] == ["s0", "s1", "s2", "s3"]
+    capsys.readouterr()
+    for extra, said in ((["--save-attn", "--attn-blocks", "s9"], "this model's blocks are d0, d1, s0"),
+                        (["--attn-blocks", "single"], "pass --save-attn")):
+        with pytest.raises(SystemExit) as e:
+            run_toy(tmp_path / "x.png", refs, *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: --attn-blocks") and said in err, err
+    assert not (tmp_path / "x.png").exists()
+
 def test_cli_deterministic(tmp_path, refs):
     run_toy(tmp_path / "a.png", refs)
     run_toy(tmp_path / "b.png", refs)
