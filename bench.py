@@ -53,7 +53,9 @@ from contextlib import contextmanager
 # for every measurement; level 6 is above them all. Set before torch loads its profiler; KINETO_LOG_LEVEL overrides
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode   # torch internals, as in count_flops
 from tqdm import tqdm
@@ -63,7 +65,7 @@ import flux2 as F2
 import losses as LS
 import model as M
 import moe_lora as ML
-import toy_named
+import toy
 import training as TR
 
 parser = D.Parser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
@@ -745,7 +747,9 @@ def rl(args):
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.01)
     ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), cfg.token_px
-    refs = [toy_named.render_reference(toy_named.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
+    views = [toy.view(toy.draw_identity("train", i), np.random.default_rng(i), args.grid * px // 2)
+             for i in (5, 100)]
+    refs = [Image.fromarray(v[0]) for v in views]                  # two references of the toy world
     c = M.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
     G, w, rows = args.group, args.window, []
     flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
