@@ -13,8 +13,8 @@ masks[i] is subject i's region in the target (the target's size; grayscale, or a
 subject; value / 255 is the share inside).
 points[i] are optional correspondences in [0, 1] coordinates (ry, rx in reference i; ty, tx in the target) for
 MOSAIC's SCAL. RL records have no target and may give "kinds" ("face"/"object") and "captions"; the toy
-world adds "attrs" (each subject's shape/colour/pattern) and "boxes". Optional "id". UNO's JSON list of
-{"prompt", "image_paths", "image_tgt_path"} is read too.
+world adds "attrs" (each subject's identity: shape, rgb, code) and "boxes". Optional "id". UNO's
+JSON list of {"prompt", "image_paths", "image_tgt_path"} is read too.
 
 What training gets (ManifestDataset -> batches -> collate): the target resized to cover its aspect bucket and
 center-cropped, references resized to ref_size on their longer side and centered on white, each mask as the

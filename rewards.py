@@ -487,7 +487,6 @@ def add_reward_args(p):
     g.add_argument("--detector-kind", default="florence2", choices=sorted(DETECTORS))
     g.add_argument("--dinov2", default=DINO_REPO, help="DINOv2 folder or repo id (object subjects, DINO-I)")
     g.add_argument("--sam2", default=None, help="SAM2 folder or repo id: mask each object crop (default: off)")
-    g.add_argument("--toy-ref-size", type=int, default=16, help="toy: the references' side (px)")
     return g
 
 def reward_weights(args):
@@ -510,7 +509,7 @@ def build_subjects(args, device):
 
 def build_reward(args, device="cpu"):
     """-> CompositeReward for args.reward: faces + CLIP + HPS, or detector + DINOv2 + CLIP + HPS (the toy world's
-    reward, --reward toy, is toy.reward_for: the world of the records)."""
+    reward, --reward toy, is toy.reward_for, which refuses a folder of the first toy world)."""
     if args.reward == "toy":
         raise ValueError("the toy reward is toy.reward_for (toy.py sits above this file)")
     subjects = build_subjects(args, device)[0]                  # first: a missing face pack fails in no time

@@ -10,9 +10,10 @@ nanoGPT shakespeare_char of subject-driven generation, trainable on 2 CPU cores.
 
 The world that tests customization (write_world, what assets/toy is trained on): an identity is a continuous
 colour, a two-tone cell code and a shape; prompts name only the shapes and their count; a reference is another
-view. The first world (toy_named.py: 192 named sprites, prompts naming each in full) stays for comparison; its
-folders are refused by this world's scorers with a line saying what changed. eval reads the layout rewards.py
-eval reads (DIR/<id>.png per record).
+view. Folders of the first toy world (named sprites, prompts naming each in full; its code is in
+git history) are refused with a line saying what changed. eval scores this world's manifests by its
+metrics, and a manifest without identities (prompts and references only) by its reward; it reads the
+layout rewards.py eval reads (DIR/<id>.png per record).
 """
 import argparse, json, os, re, sys
 from dataclasses import dataclass
@@ -25,16 +26,16 @@ from tqdm import tqdm
 import data as D
 import model as M
 import rewards as R
-import toy_named as N
 
 # -----------------------------------------------------------------------------
 # the world that tests customization: the references carry what the prompt cannot name
 #
-# The first world (toy_named.py, kept for comparison; assets/toy is trained on the one below) named every identity in
-# full in its prompt and gave each one reference identical to its rendering: text alone was enough, so a model
-# learned to ignore its references. Here an identity is a continuous colour, a two-tone cell code and a shape;
-# the prompt names only the shapes and their count; a reference is another view (another scale, position and
-# background tint); validation and test identities come from seed streams training never draws from.
+# The first world (its code is in git history) named every identity in full in its prompt and gave
+# each one reference identical to its rendering: text alone was enough, so a model learned to ignore
+# its references. Here an identity is a continuous colour, a two-tone cell code and a shape; the
+# prompt names only the shapes and their count; a reference is another view (another scale, position
+# and background tint); validation and test identities come from seed streams training never draws
+# from.
 
 WORLD_SHAPES = ("circle", "square", "triangle", "diamond")
 # u (right) and v (down) in [-1, 1] across the sprite's box; each shape is symmetric about the box's centre
@@ -53,6 +54,7 @@ HARD = {"near": 0.06, "medium": 0.15, "far": 0.30}   # hard pairs' colour distan
 TARGET_PX = (7, 11)             # sprite side in targets (px, default; --sprite)
 VIEW_PX = (12, 15)              # sprite side in a 16 px reference, scaled with --ref-size: never a target's side
 COUNTS = ("a", "two", "three", "four")
+BACKGROUND = (255, 255, 255)    # targets are drawn on white
 
 @dataclass(frozen=True)
 class Identity:
@@ -84,13 +86,19 @@ def draw_identity(split, k, shape=None, rgb=None):
     c = _colour(rng) if rgb is None else np.asarray(rgb)
     return Identity(s, tuple(round(float(v), 4) for v in c), _code(rng))
 
+# what a folder of the first world is told (its attrs name a colour and a pattern, not rgb and code)
+FIRST_WORLD = ("a folder of the first toy world; the toy world now draws continuous colours and "
+               "two-tone codes (attrs shape, rgb, code): regenerate it with "
+               "python toy.py --out DIR --n N")
+
 def identity_of(attrs, where):
-    """A manifest record's attrs entry -> Identity; the first world's attrs are refused, naming what changed."""
-    if "colour" in attrs or "pattern" in attrs:
+    """A manifest record's attrs entry -> Identity, or a one-line InputError saying what changed
+    (the first world's attrs) or what an identity is (anything else)."""
+    # the first world's subject: a colour name and a pattern
+    if isinstance(attrs, dict) and ("colour" in attrs or "pattern" in attrs):
         raise D.InputError(f"{where}: attrs name a colour and a pattern ({attrs.get('colour')}, "
-                           f"{attrs.get('pattern')}): a folder of the first toy world; the toy world now draws "
-                           f"continuous colours and two-tone codes (attrs shape, rgb, code): regenerate it with "
-                           f"python toy.py --out DIR --n N")
+                           f"{attrs.get('pattern')}): {FIRST_WORLD}")
+    # this world's, whole: one of its shapes, 3 numbers of colour, CODE_CELLS^2 bits of code
     try:
         rgb, code = tuple(float(v) for v in attrs["rgb"]), tuple(int(b) for b in attrs["code"])
         ok = attrs["shape"] in WORLD_SHAPES and len(rgb) == 3 and len(code) == CODE_CELLS ** 2
@@ -142,6 +150,23 @@ def name_shapes(shapes):
     words = [f"{COUNTS[shapes.count(s) - 1]} {s}{'s' if shapes.count(s) > 1 else ''}" for s in order]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
+def layout(rng, n, px, size, tries=100):
+    """Top-left corners (n, 2) of n px-sized boxes at least 1 px apart (a leakage metric must not
+    merge neighbours): each box uniform among the places still free; restart on a dead end; the four
+    corners last."""
+    grid = np.stack(np.mgrid[0:size - px + 1, 0:size - px + 1], -1).reshape(-1, 2)   # every corner
+    for _ in range(tries):
+        free, boxes = grid, []
+        for _ in range(n):
+            if len(free) == 0:
+                break
+            boxes.append(free[rng.integers(len(free))])
+            free = free[np.abs(free - boxes[-1]).max(1) > px]
+        if len(boxes) == n:
+            return np.stack(boxes)
+    corners = np.array([(0, 0), (0, size - px), (size - px, 0), (size - px, size - px)])
+    return corners[rng.permutation(4)[:n]]
+
 def hard_pair(rng, split, k, distance):
     """Two identities of one shape whose colours differ by `distance` (mean abs RGB): colour + distance x signs."""
     while True:
@@ -163,10 +188,11 @@ def world_example(seed, index, split="train", size=32, ref_size=16, subjects=(2,
         n = int(rng.choice(subjects))
         idents = [draw_identity(split, int(k)) for k in rng.choice(pool, n, replace=pool < n)]
     n, box = len(idents), sprite[1]
-    if box > size or (n > 1 and 2 * box + 1 > size):            # the corner fallback of N.layout must fit
+    if box > size or (n > 1 and 2 * box + 1 > size):        # the corner fallback of layout must fit
         raise D.InputError(f"--size {size} cannot hold {n} sprites of up to {box} px")
-    target, masks, points, boxes, refs = np.full((size, size, 3), N.BACKGROUND, np.uint8), [], [], [], []
-    for ident, (by, bx) in zip(idents, N.layout(rng, n, box, size)):
+    target = np.full((size, size, 3), BACKGROUND, np.uint8)
+    masks, points, boxes, refs = [], [], [], []
+    for ident, (by, bx) in zip(idents, layout(rng, n, box, size)):
         px = int(rng.integers(sprite[0], sprite[1] + 1))
         y, x = (int(v) for v in (by, bx) + rng.integers(0, box - px + 1, 2))
         masks.append(paint(target, ident, y, x, px))
@@ -399,7 +425,7 @@ def swap_record(rec, seed=0, slot=0, where="manifest"):
 def render_boxes(rec, where="manifest", size=32, recolour=None):
     """A record's target re-drawn from its attrs and boxes (uint8 (size, size, 3)); recolour: per subject an RGB
     to draw instead (the averaging generator's)."""
-    out = np.full((size, size, 3), N.BACKGROUND, np.uint8)
+    out = np.full((size, size, 3), BACKGROUND, np.uint8)
     for k, (a, b) in enumerate(zip(rec["attrs"], rec["boxes"])):
         ident = identity_of(a, f"{where}: record {rec.get('id')}")
         if recolour is not None:
@@ -459,9 +485,9 @@ def following(after, records, swapped, slot=0, where="manifest"):
     return (float(np.mean(hits)) if hits else float("nan")), len(hits)
 
 # -----------------------------------------------------------------------------
-# the world's reward (Eq. 9 for IPPO): the same three terms as toy_named.toy_reward, read by this world's
-# detector
-#   text  the named shapes against the drawn ones (Hungarian on shape, over max(named, drawn): as ToyTextScore)
+# the world's reward (Eq. 9 for IPPO), read by this world's detector
+#   text  the named shapes against the drawn ones (Hungarian on shape, over max(named, drawn): a
+#         missing or an extra subject costs alike)
 #   aes   the share of clean pixels: white background, or within tol of the light or dark tone of the subject read
 #   id    Eq. 10 over references and drawn subjects, embedded so that cosine ~ agreement in shape, code and colour
 
@@ -524,10 +550,26 @@ def world_reward(weights=R.WEIGHTS["object"]):
     """The composite reward (Eq. 9, object weights) of this world."""
     return R.CompositeReward(world_text_score, world_aesthetic, R.MultiIDReward(WorldSubjects()), weights)
 
-def reward_for(records, ref_size=16, weights=R.WEIGHTS["object"]):
-    """The toy reward that fits these records: this world's (attrs with rgb) or the first world's."""
-    first = (records[0].get("attrs") or [None])[0] if records and isinstance(records[0], dict) else None
-    return world_reward(weights) if isinstance(first, dict) and "rgb" in first else N.toy_reward(ref_size, weights)
+def identified(records, where):
+    """Whether a manifest's subjects have identities (attrs: this world's metrics apply) or not
+    (prompts and references only: its reward alone applies). A first-world folder is refused in one
+    line."""
+    # one world writes a whole manifest: its first record tells which
+    first = records[0] if records and isinstance(records[0], dict) else {}
+    attrs = first.get("attrs")
+    # no attrs: prompts and references only
+    if not isinstance(attrs, list) or not attrs:
+        return False
+    # attrs: this world's identity, or the first world's, refused by identity_of
+    identity_of(attrs[0], f"{where}: first record")
+    return True
+
+def reward_for(records, where, weights=R.WEIGHTS["object"]):
+    """The toy reward for a manifest's records: world_reward, which reads prompts, references and
+    images, so records without identities are scored too; a first-world folder is refused in one
+    line."""
+    identified(records, where)
+    return world_reward(weights)
 
 def default_prompt(images, paths, min_clean=0.8, tol=16 / 255):
     """The toy's default prompt, worded as this world's prompts are: the references' shapes and their count ("two
@@ -570,14 +612,15 @@ MAX_SIDE = 512
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:                           # score generated images: rewards.py eval with the toy reward
+    if argv[:1] == ["eval"]:               # score generated images by the world's metrics or reward
         args = R.eval_parser(__doc__).parse_args(argv[1:])
         try:
             records = [r for _, r in D.read_manifest(args.manifest)[0]]
-            first = (records[0].get("attrs") or [None])[0] if records and isinstance(records[0], dict) else None
-            if isinstance(first, dict) and "rgb" in first:                  # this world: its own metrics
+            # this world's records: its metrics beside the sanity rows (the first world's: refused)
+            if identified(records, args.manifest):
                 return world_eval(args, records)
-            reward = N.toy_reward(args.toy_ref_size, R.reward_weights(args))
+            # prompts and references only: the world's reward, as rewards.py eval scores a manifest
+            reward = world_reward(R.reward_weights(args))
             names = dict(text="toy-text", aes="toy-aes", id="toy-ID", total="reward")
             return R.evaluate(args, lambda images, prompt, refs, captions: {
                 names[k]: v for k, v in reward(images, prompt, refs, captions).items()})

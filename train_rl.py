@@ -230,8 +230,8 @@ def train(args, run, cfg, ddp, rank, world, device):
     dataset = PromptDataset(args.data, args.ref_size)
     # the held-out evaluation runs on rank 0 (FSDP: on every rank, each gathering the shards with the others)
     val = PromptDataset(args.val_data, args.ref_size) if args.val_data and (master or args.fsdp) else None
-    reward = toy.reward_for(dataset.records, args.toy_ref_size, reward_weights(args)) if args.reward == "toy" else \
-        build_reward(args, device)
+    reward = toy.reward_for(dataset.records, args.data, reward_weights(args)) \
+        if args.reward == "toy" else build_reward(args, device)
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,
                                                    TR.adapter_spec(args), grad_checkpoint=args.grad_checkpoint,
                                                    seed=args.seed, ae=args.ae, t5=args.t5, clip=args.clip_text,

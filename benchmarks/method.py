@@ -3,14 +3,16 @@ What the method costs, measured side by side on this CPU: the attention probe wi
 step (`sft`; and a MOSAIC-style probe's memory), MoE-LoRA against one LoRA (`moe`), one IPPO
 iteration at two trajectory lengths (`rl`).
 """
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import losses as LS
 import model as M
 import moe_lora as ML
 import sampling as SM
-import toy_named
+import toy
 import training as TR
 from benchmarks.measure import interleaved_times, median, peak_memory
 
@@ -124,7 +126,9 @@ def rl(args):
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.01)
     ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), cfg.token_px
-    refs = [toy_named.render_reference(toy_named.SPRITES[i], args.grid * px // 2) for i in (5, 100)]
+    views = [toy.view(toy.draw_identity("train", i), np.random.default_rng(i), args.grid * px // 2)
+             for i in (5, 100)]
+    refs = [Image.fromarray(v[0]) for v in views]                  # two references of the toy world
     c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, args.grid * px, args.grid * px, seed=args.seed)
     G, w, rows = args.group, args.window, []
     flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))

@@ -30,21 +30,19 @@ scores: a rerun reuses what is finished (under the same settings only); processe
 share it.
 """
 import argparse
-import json
 import os
-import shutil
 import statistics as st
-import subprocess
 import sys
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import data as D
 import runs
 import toy
 import training as TR
+from experiments import common as C
 from experiments import world as EW
 
 parser = argparse.ArgumentParser(prog="python -m experiments.ablation", epilog=__doc__,
@@ -74,8 +72,6 @@ g.add_argument("--ref-guidance", type=float, default=1.0, help="guidance on the 
 g.add_argument("--text-guidance", type=float, default=1.0, help="guidance on the prompt when sampling (default 1)")
 g.add_argument("--table", default=None, help="also write the markdown tables to this file")
 g.add_argument("--figure", default=None, help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: where the trainers are
 
 ROWS = [  # (row, how it is trained): stage multi from the base; IPPO from the + MoE-LoRA row's adapter
     ("L_diff (LoRA)", ["--experts", "0", "--lambda-attn", "0"]),
@@ -171,13 +167,11 @@ def binned(pairs):
     return out
 
 def draw_figure(series, path, title):
-    """series {label: [(distance, alpha)]} -> a PNG line chart of the binned means (Pillow only)."""
-    W, H, L, B, T, Rm = 560, 360, 56, 44, 30, 170
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
+    """series {label: [(distance, alpha)]} -> a PNG line chart of the binned means."""
+    chart = C.Chart(560, 360, 56, 44, 30, 170)
+    d, W, H, L, B, T, Rm = chart.draw, chart.W, chart.H, chart.L, chart.B, chart.T, chart.R
     x = lambda v: L + (v - BINS[0]) / (BINS[-1] - BINS[0]) * (W - L - Rm)
     y = lambda a: H - B - a * (H - B - T)
-    d.line([(L, T), (L, H - B), (W - Rm, H - B)], fill="black")
     for a in (0, 0.25, 0.5, 0.75, 1.0):
         d.line([(L - 4, y(a)), (L, y(a))], fill="black")
         d.text((L - 34, y(a) - 6), f"{a:.2f}", fill="black")
@@ -187,162 +181,145 @@ def draw_figure(series, path, title):
     d.line([(L, y(toy.LEAK_ALPHA)), (W - Rm, y(toy.LEAK_ALPHA))], fill=(220, 220, 220))
     d.text((L + 4, y(toy.LEAK_ALPHA) - 12), "leakage threshold", fill=(160, 160, 160))
     d.text((L + 90, 8), title, fill="black")
-    d.text((L + 60, H - 18), "colour distance to the nearest other reference (mean abs RGB)", fill="black")
+    d.text((L + 60, H - 18), "colour distance to the nearest other reference (mean abs RGB)",
+           fill="black")
     d.text((6, T - 18), "blend alpha", fill="black")
     for k, (label, pairs) in enumerate(series.items()):
-        c = COLOURS.get(label, (120, 0, 160))
-        pts = [(x((lo + hi) / 2), y(a)) for (a, _), lo, hi in zip(binned(pairs), BINS, BINS[1:]) if a is not None]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for px, py in pts:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-        d.line([(W - Rm + 10, T + 16 * k + 6), (W - Rm + 30, T + 16 * k + 6)], fill=c, width=2)
-        d.text((W - Rm + 34, T + 16 * k), label.replace("→", "->"), fill="black")    # the default font: ASCII
-    D.write_atomic(path, lambda f: im.save(f, format="PNG"))
+        pts = [(x((lo + hi) / 2), y(a)) for (a, _), lo, hi in zip(binned(pairs), BINS, BINS[1:])
+               if a is not None]
+        chart.series(k, label, COLOURS.get(label, (120, 0, 160)), pts)
+    chart.save(path)
 
 # -----------------------------------------------------------------------------
-# the experiment: data, the runs of every row and seed, their scores, the tables
+# the experiment's parts: its settings, a row's run, the tables, the figure's series
 
-def ablation(args):
-    t_start, work = time.time(), os.path.abspath(args.work)
-    path = lambda *a: os.path.join(work, *a)
-    # a work folder holds one experiment: its runs and scores are reused only under the settings that made them
-    settings = dict(base=os.path.abspath(args.base), sprite=list(args.sprite), ref_size=args.ref_size, n=args.n,
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, ippo_iters=args.ippo_iters,
-                    test_n=args.test_n, eval_steps=args.eval_steps,
-                    # sampled without guidance and trained without dropout unless asked (older folders were)
-                    **{k: getattr(args, k) for k in ("ref_guidance", "text_guidance") if getattr(args, k) != 1},
-                    **({"drop_prompt": args.drop_prompt} if args.drop_prompt else {}))
-    if os.path.exists(path("settings.json")):
-        made = json.load(open(path("settings.json")))
-        if made != settings:
-            raise SystemExit(f"error: {work} holds runs made with {made}, not {settings}: pass another --work")
-    os.makedirs(work, exist_ok=True)
-    D.write_atomic(path("settings.json"), lambda f: f.write(json.dumps(settings).encode()))
-    world = dict(size=32, ref_size=args.ref_size, sprite=tuple(args.sprite))
-    def data(name, n, **kw):
-        # a data folder written whole under a temporary name, then renamed: a process sharing the work folder (or
-        # a rerun after a kill) finds it complete or absent, never half-written; of two writers the first rename wins
-        folder = path("data", name)
-        if not os.path.exists(os.path.join(folder, "manifest.jsonl")):
-            tmp = f"{folder}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            toy.write_world(tmp, n, **kw, **world)
-            try:
-                os.rename(tmp, folder)
-            except OSError:                                 # written meanwhile by another process: the same bytes
-                shutil.rmtree(tmp)
-                if not os.path.exists(os.path.join(folder, "manifest.jsonl")):
-                    raise SystemExit(f"error: {folder} exists without its manifest.jsonl: remove it and rerun")
-        return os.path.join(folder, "manifest.jsonl")
-    train = data("train", args.n, seed=0, subjects=(1, 2, 3, 4))
-    tests = {name: data(f"test{name}", args.test_n, split="test", **t) for name, t in TESTS.items()}
+def settings_of(args):
+    # what a work folder's runs and scores were made under
+    return dict(base=os.path.abspath(args.base), sprite=list(args.sprite), ref_size=args.ref_size,
+                n=args.n, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                ippo_iters=args.ippo_iters, test_n=args.test_n, eval_steps=args.eval_steps,
+                # sampled without guidance and trained without dropout unless asked (older
+                # folders were)
+                **{k: getattr(args, k) for k in ("ref_guidance", "text_guidance")
+                   if getattr(args, k) != 1},
+                **({"drop_prompt": args.drop_prompt} if args.drop_prompt else {}))
 
-    def timed_once(key, fn):
-        # fn() once per key, its wall time (an interrupted attempt's too) added to its own file under seconds/,
-        # so processes sharing the folder never overwrite each other's; a rerun reuses the result and the time
-        f, t0 = path("seconds", key.replace(os.sep, "_") + ".json"), time.time()
-        os.makedirs(path("seconds"), exist_ok=True)
-        try:
-            fn()
-        finally:
-            before = json.load(open(f))["seconds"] if os.path.exists(f) else 0.0
-            D.write_atomic(f, lambda h: h.write(json.dumps({"seconds": before + time.time() - t0}).encode()))
+def train_row(args, work, train, seed, r):
+    """Row r's run for seed, once: train_sft.py stage multi from the base, or (+ IPPO) train_rl.py
+    from the + MoE-LoRA row's adapter -> the adapter of its final checkpoint."""
+    out, how = os.path.join(work, "runs", f"seed{seed}", f"row{r}"), ROWS[r][1]
+    flags = ["--init", args.base, "--data", train, "--out", out, "--seed", str(seed),
+             "--ref-size", str(args.ref_size)]
+    if how is not None:
+        script, final = "train_sft.py", args.steps
+        flags += ["--stage", "multi", *how, "--steps", str(args.steps),
+                  "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                  "--ckpt-every", str(args.steps),
+                  *(["--drop-prompt", str(args.drop_prompt)] if args.drop_prompt else [])]
+    else:
+        script, final = "train_rl.py", args.ippo_iters
+        start = os.path.join(work, "runs", f"seed{seed}", f"row{IPPO_FROM}",
+                             f"ckpt-{args.steps:07d}", "adapter.safetensors")
+        flags += ["--adapter", start, "--iters", str(args.ippo_iters), "--group", "16",
+                  "--prompts", "4", "--steps", "8", "--tau", "1000", "--lr", "3e-4",
+                  "--ckpt-every", str(args.ippo_iters)]
+    C.train_once(work, f"runs_seed{seed}_row{r}", out, final, script, flags)
+    return os.path.join(out, f"ckpt-{final:07d}", "adapter.safetensors")
 
-    def seconds(key):
-        f = path("seconds", key.replace(os.sep, "_") + ".json")
-        return json.load(open(f))["seconds"] if os.path.exists(f) else 0.0
+KEYS = [("share", "attention share in own mask ↑"), ("drawn", "drawn ↑"),
+        ("colour_err", "colour error ↓"), ("texture_acc", "code acc ↑ (chance 0.07)"),
+        ("shape_acc", "shape acc ↑ (chance 0.25)"), ("count_acc", "count acc ↑"),
+        ("alpha", "blend α ↓"), ("leakage", "leakage ↓"),
+        ("following", "reference following ↑")]                 # the main table's columns
 
-    def run(script, out, final, seed, extra):
-        # one training run of the project's own scripts, skipped when its final checkpoint exists
-        if not os.path.isdir(os.path.join(out, f"ckpt-{final:07d}")):
-            cmd = [sys.executable, os.path.join(ROOT, script), "--init", args.base, "--data", train, "--out", out,
-                   "--seed", str(seed), "--ref-size", str(args.ref_size), *extra,
-                   *(["--resume"] if os.path.isdir(os.path.join(out, "latest")) else [])]
-            print("  " + " ".join(cmd[1:]), flush=True)
-            timed_once(os.path.relpath(out, work), lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
-        return os.path.join(out, f"ckpt-{final:07d}", "adapter.safetensors")
-
-    def scored(key, fn):
-        # a score file, computed once (atomically)
-        file = path("scores", f"{key}.json")
-        if not os.path.exists(file):
-            def go():
-                got = fn()
-                os.makedirs(path("scores"), exist_ok=True)
-                D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
-            timed_once(f"score_{key}", go)
-        return json.load(open(file))
-
-    scores, used = {}, []                                   # (row, seed) -> {set: metrics}; the seconds keys
-    for seed in args.seeds:
-        for r, (row, how) in enumerate(ROWS):
-            out = path("runs", f"seed{seed}", f"row{r}")
-            used += [os.path.relpath(out, work), f"score_seed{seed}_row{r}"]
-            if how is not None:
-                adapter = run("train_sft.py", out, args.steps, seed, [
-                    "--stage", "multi", *how, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                    "--lr", str(args.lr), "--ckpt-every", str(args.steps),
-                    *(["--drop-prompt", str(args.drop_prompt)] if args.drop_prompt else [])])
-            else:
-                adapter = run("train_rl.py", out, args.ippo_iters, seed, [
-                    "--adapter", path("runs", f"seed{seed}", f"row{IPPO_FROM}", f"ckpt-{args.steps:07d}",
-                                      "adapter.safetensors"),
-                    "--iters", str(args.ippo_iters), "--group", "16", "--prompts", "4", "--steps", "8",
-                    "--tau", "1000", "--lr", "3e-4", "--ckpt-every", str(args.ippo_iters)])
-            scores[row, seed] = scored(f"seed{seed}_row{r}", lambda: score_adapter(
-                args, adapter, tests, path("samples", f"seed{seed}", f"row{r}")))
-            print(f"  seed {seed} {row}: trained and scored", flush=True)
-    sanity = scored("sanity", lambda: score_sanity(tests))
-
-    # ---- the tables: pooled over 2-4 subjects, per test set, and the hard pairs ----
-    cell = lambda xs: "-" if any(np.isnan(xs)) else \
-        f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+def tables(args, scores, sanity, work, t_start):
+    """The markdown tables -> lines: pooled over 2-4 subjects (mean ± std over seeds, "-" where a
+    seed has no value), the hard pairs and each number of subjects (means over seeds), the time."""
     over = lambda row, key, sets: [pool([scores[row, s][k] for k in sets], key) for s in args.seeds]
-    keys = [("share", "attention share in own mask ↑"), ("drawn", "drawn ↑"), ("colour_err", "colour error ↓"),
-            ("texture_acc", "code acc ↑ (chance 0.07)"), ("shape_acc", "shape acc ↑ (chance 0.25)"),
-            ("count_acc", "count acc ↑"), ("alpha", "blend α ↓"), ("leakage", "leakage ↓"),
-            ("following", "reference following ↑")]
-    head = lambda cols: ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines = [f"Toy world (held-out identities), {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± "
-             f"std over seeds; from `{args.base}`: {args.n} training records (1-4 subjects), {args.steps} stage-multi "
-             f"steps at batch {args.batch_size}, lr {args.lr:g}, IPPO {args.ippo_iters} iterations; test: "
-             f"{args.test_n} records per set, one {args.eval_steps}-step sample each (and one with reference 0 "
-             f"swapped).", "", "Pooled over the 2-, 3- and 4-subject test sets:", "", *head([k[1] for k in keys])]
-    lines += [f"| {row} | " + " | ".join(cell(over(row, k, MULTI)) for k, _ in keys) + " |" for row, _ in ROWS]
+    cell = lambda xs: "-" if any(np.isnan(xs)) else C.cell(xs)
+    mean = lambda row, key, sets: f"{st.mean(over(row, key, sets)):.3f}"
+    # pooled over the 2-, 3- and 4-subject sets
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [f"Toy world (held-out identities), {len(args.seeds)} seeds ({seeds}), mean ± std over "
+             f"seeds; from `{args.base}`: {args.n} training records (1-4 subjects), {args.steps} "
+             f"stage-multi steps at batch {args.batch_size}, lr {args.lr:g}, IPPO "
+             f"{args.ippo_iters} iterations; test: {args.test_n} records per set, one "
+             f"{args.eval_steps}-step sample each (and one with reference 0 swapped).", "",
+             "Pooled over the 2-, 3- and 4-subject test sets:", "", *C.head([k[1] for k in KEYS])]
+    lines += [f"| {row} | " + " | ".join(cell(over(row, k, MULTI)) for k, _ in KEYS) + " |"
+              for row, _ in ROWS]
     lines += [f"| *{kind}* | - | " + " | ".join(f"{pool([sanity[k][kind] for k in MULTI], key):.3f}"
-                                               for key, _ in keys[1:]) + " |" for kind in toy.SANITY]
+                                               for key, _ in KEYS[1:]) + " |"
+              for kind in toy.SANITY]
+    # the hard pairs
     hard = list(toy.HARD)
     lines += ["", "Hard pairs (two subjects of one shape; colour distance " +
               ", ".join(f"{h} {v}" for h, v in toy.HARD.items()) +
-              "): blend α ↓ / leakage ↓ / colour error ↓", "",
-              *head(hard)]
-    lines += [f"| {row} | " + " | ".join(f"{st.mean(over(row, 'alpha', [h])):.3f} / "
-                                         f"{st.mean(over(row, 'leakage', [h])):.3f} / "
-                                         f"{st.mean(over(row, 'colour_err', [h])):.3f}" for h in hard) + " |"
+              "): blend α ↓ / leakage ↓ / colour error ↓", "", *C.head(hard)]
+    lines += [f"| {row} | " + " | ".join(f"{mean(row, 'alpha', [h])} / {mean(row, 'leakage', [h])}"
+                                         f" / {mean(row, 'colour_err', [h])}" for h in hard) + " |"
               for row, _ in ROWS]
-    lines += [f"| *{kind}* | " + " | ".join(f"{sanity[h][kind]['alpha']:.3f} / {sanity[h][kind]['leakage']:.3f} / "
-                                            f"{sanity[h][kind]['colour_err']:.3f}" for h in hard) + " |"
-              for kind in toy.SANITY]
-    lines += ["", "Per number of subjects (colour error ↓ / leakage ↓ / count acc ↑, mean over seeds):", "",
-              *head([f"{k} subjects" for k in MULTI])]
-    lines += [f"| {row} | " + " | ".join(f"{st.mean(over(row, 'colour_err', [k])):.3f} / "
-                                         f"{st.mean(over(row, 'leakage', [k])):.3f} / "
-                                         f"{st.mean(over(row, 'count_acc', [k])):.3f}" for k in MULTI) + " |"
+    lines += [f"| *{kind}* | " + " | ".join(f"{sanity[h][kind]['alpha']:.3f} / "
+                                            f"{sanity[h][kind]['leakage']:.3f} / "
+                                            f"{sanity[h][kind]['colour_err']:.3f}" for h in hard) +
+              " |" for kind in toy.SANITY]
+    # per number of subjects
+    lines += ["", "Per number of subjects (colour error ↓ / leakage ↓ / count acc ↑, mean over "
+              "seeds):", "", *C.head([f"{k} subjects" for k in MULTI])]
+    lines += [f"| {row} | " + " | ".join(f"{mean(row, 'colour_err', [k])} / "
+                                         f"{mean(row, 'leakage', [k])} / "
+                                         f"{mean(row, 'count_acc', [k])}" for k in MULTI) + " |"
               for row, _ in ROWS]
-    spent = sum(seconds(k) for k in used) / 60
-    lines += ["", f"CPU wall time of the runs and scores above: {spent:.0f} min, as measured when each ran "
-              f"(`seconds/` in {work}); this invocation: {(time.time() - t_start) / 60:.1f} min."]
+    # the time: every run and score of these seeds, as each timed itself
+    spent = sum(C.seconds(work, f"{part}_seed{s}_row{r}") for s in args.seeds
+                for r in range(len(ROWS)) for part in ("runs", "score")) / 60
+    lines += ["", f"CPU wall time of the runs and scores above: {spent:.0f} min, as measured when "
+              f"each ran (`seconds/` in {work}); this invocation: "
+              f"{(time.time() - t_start) / 60:.1f} min."]
+    return lines
+
+def alpha_series(args, scores, sanity):
+    # the figure's series: (distance, alpha) over every test set and seed, for the rows that differ
+    # in L_attn and for two sanity rows
+    rows = ("L_diff (LoRA)", "+ L_attn", "+ L_attn (img→ref)")
+    series = {row: [p for s in args.seeds for k in TESTS for p in scores[row, s][k]["pairs"]]
+              for row in rows}
+    series.update({kind: [p for k in TESTS for p in sanity[k][kind]["pairs"]]
+                   for kind in ("averaging", "targets")})
+    return series
+
+# -----------------------------------------------------------------------------
+# the experiment: data, the runs of every row and seed, their scores, the tables and the figure
+
+def ablation(args):
+    t_start, work = time.time(), os.path.abspath(args.work)
+    # the work folder holds one experiment: its runs and scores are reused only under the settings
+    # that made them
+    C.claim_work(work, settings_of(args))
+    # the data: the training records and each test set, written once
+    world = dict(size=32, ref_size=args.ref_size, sprite=tuple(args.sprite))
+    data = lambda name: os.path.join(work, "data", name)
+    train = C.world_data(data("train"), args.n, seed=0, subjects=(1, 2, 3, 4), **world)
+    tests = {name: C.world_data(data(f"test{name}"), args.test_n, split="test", **t, **world)
+             for name, t in TESTS.items()}
+    # every row and seed trained, then sampled and scored on the test sets (each run and score once)
+    scores = {}                                                  # (row, seed) -> {set: metrics}
+    for seed in args.seeds:
+        for r, (row, _) in enumerate(ROWS):
+            adapter = train_row(args, work, train, seed, r)
+            samples = os.path.join(work, "samples", f"seed{seed}", f"row{r}")
+            scores[row, seed] = C.score_once(work, f"seed{seed}_row{r}",
+                                             lambda: score_adapter(args, adapter, tests, samples))
+            print(f"  seed {seed} {row}: trained and scored", flush=True)
+    sanity = C.score_once(work, "sanity", lambda: score_sanity(tests))
+    # the tables, then the figure
+    lines = tables(args, scores, sanity, work, t_start)
     print("\n".join(lines))
     if args.table:
         D.write_atomic(args.table, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-
-    every = [k for k in TESTS]
-    series = {row: [p for s in args.seeds for k in every for p in scores[row, s][k]["pairs"]]
-              for row in ("L_diff (LoRA)", "+ L_attn", "+ L_attn (img→ref)")}
-    series.update({kind: [p for k in every for p in sanity[k][kind]["pairs"]] for kind in ("averaging", "targets")})
-    figure = args.figure or path("alpha.png")
-    draw_figure(series, figure, f"blend alpha vs colour distance ({len(args.seeds)} seeds, all test sets)")
+    figure = args.figure or os.path.join(work, "alpha.png")
+    draw_figure(alpha_series(args, scores, sanity), figure,
+                f"blend alpha vs colour distance ({len(args.seeds)} seeds, all test sets)")
     print(f"wrote {figure}", file=sys.stderr)
     return scores
 

@@ -28,23 +28,22 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics as st
-import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import data as D
 import model as M
 import sampling as SM
 import toy
 import training as TR
+from experiments import common as C
 from experiments import world as EW
 from experiments.ablation import TESTS, MULTI
+from experiments.common import cell, head
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m experiments.separation", epilog=__doc__,
@@ -66,7 +65,6 @@ def build_parser():
     p.add_argument("--table", default=None, help="also write the tables (markdown) to this file")
     return p
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: where the trainers are
 LAMBDAS = ("0.03", "0.1", "0.3")
 WHERE = ("double", "single", "all")
 # (key, label, training data, steps as a multiple of --steps, train_sft.py flags)
@@ -231,14 +229,12 @@ def score_oracles(args, adapter, sets):
 
 def line_chart(path, title, xlabel, ylabel, series, xticks, yticks, log_y=False):
     """series {label: (RGB, [(x, y)])} -> a PNG line chart; x positions by rank in xticks (categorical)."""
-    W, H, L, B, T, Rm = 640, 380, 60, 48, 30, 200
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
+    chart = C.Chart(640, 380, 60, 48, 30, 200)
+    d, W, H, L, B, T, Rm = chart.draw, chart.W, chart.H, chart.L, chart.B, chart.T, chart.R
     f = (lambda v: math.log(v)) if log_y else (lambda v: v)
     lo, hi = f(yticks[0]), f(yticks[-1])
     x = lambda v: L + xticks.index(v) / max(len(xticks) - 1, 1) * (W - L - Rm)
     y = lambda v: H - B - (min(max(f(v), lo), hi) - lo) / (hi - lo) * (H - B - T)
-    d.line([(L, T), (L, H - B), (W - Rm, H - B)], fill="black")
     for v in yticks:
         d.line([(L - 4, y(v)), (L, y(v))], fill="black")
         d.text((L - 40, y(v) - 6), f"{v:g}", fill="black")
@@ -248,14 +244,8 @@ def line_chart(path, title, xlabel, ylabel, series, xticks, yticks, log_y=False)
     d.text((L + 60, H - 18), xlabel, fill="black")
     d.text((4, T - 20), ylabel, fill="black")
     for k, (label, (c, pts)) in enumerate(series.items()):
-        pts = [(x(a), y(b)) for a, b in pts if b == b]              # nan: no point
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for px, py in pts:
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-        d.line([(W - Rm + 10, T + 16 * k + 6), (W - Rm + 30, T + 16 * k + 6)], fill=c, width=2)
-        d.text((W - Rm + 34, T + 16 * k), label.replace("→", "->").replace("λ", "l"), fill="black")
-    D.write_atomic(path, lambda fh: im.save(fh, format="PNG"))
+        chart.series(k, label, c, [(x(a), y(b)) for a, b in pts if b == b])          # nan: no point
+    chart.save(path)
 
 BLOCK_COLOURS = [(200, 60, 40), (230, 140, 40), (40, 90, 200), (40, 160, 200), (40, 160, 80), (120, 0, 160)]
 DIST_BINS = (0.0, 0.1, 0.2, 0.3, 0.6)
@@ -272,125 +262,107 @@ def pull_by_distance(subjects):
 # -----------------------------------------------------------------------------
 # the experiment
 
+def train_row(args, work, train, seed, key, data_key, steps, flags, script="train_sft.py"):
+    """A row's run for seed, once: train_sft.py stage multi from the base, or train_rl.py -> its
+    adapter at a step (a function of the step), or None when --no-train leaves it untrained."""
+    out = os.path.join(work, "runs", f"seed{seed}", key)
+    if args.no_train and not os.path.isdir(os.path.join(out, f"ckpt-{steps:07d}")):
+        return None
+    if script == "train_sft.py":
+        how = ["--stage", "multi", "--experts", "0", "--steps", str(steps), "--batch-size", "16",
+               "--lr", "1e-3", "--drop-prompt", "0.1", "--ckpt-every", str(args.steps),
+               "--keep", "8"]
+    else:
+        how = ["--iters", str(steps), "--ckpt-every", str(steps)]
+    C.train_once(work, f"train_seed{seed}_{key}", out, steps, script,
+                 ["--init", os.path.abspath(args.base), "--data", train[data_key], "--out", out,
+                  "--seed", str(seed), "--ref-size", "16", *how, *flags])
+    return lambda step: os.path.join(out, f"ckpt-{step:07d}", "adapter.safetensors")
+
+def scored(args, work, sets, name, fn, adapter=None):
+    """common.score_once; for an adapter's scores whose attention part is older than
+    ATTENTION_VERSION, that part recomputed and written back (the samples' part kept)."""
+    got = C.score_once(work, name, fn)
+    if adapter is not None and got.get("attention_version") != ATTENTION_VERSION:
+        attention = C.timed(work, f"score_{name}",
+                            lambda: score_attention(*EW.load_toy(args.base, adapter, 16)[1:], sets))
+        got.update(attention=attention, attention_version=ATTENTION_VERSION)
+        D.write_atomic(C.score_path(work, name), lambda f: f.write(json.dumps(got).encode()))
+    return got
+
+def score_sanity(sets):
+    # the sanity rows on each test set, and pooled over the multi-subject ones
+    rows = {k: {kind: toy.world_metrics(toy.sanity_images(ts.records, kind), ts.records)
+                for kind in toy.SANITY} for k, ts in sets.items()}
+    multi = [sets[k] for k in MULTI]
+    pooled_rows = {kind: pooled(multi, [toy.sanity_images(ts.records, kind) for ts in multi])
+                   for kind in toy.SANITY}
+    return rows | {"multi": pooled_rows}
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     t_start, work = time.time(), os.path.abspath(args.work)
-    path = lambda *a: os.path.join(work, *a)
-    settings = dict(base=os.path.abspath(args.base), n=args.n, steps=args.steps, test_n=args.test_n,
-                    eval_steps=args.eval_steps, ref_guidance=args.ref_guidance, text_guidance=args.text_guidance)
-    if os.path.exists(path("settings.json")) and json.load(open(path("settings.json"))) != settings:
-        raise SystemExit(f"error: {work} holds runs made with {json.load(open(path('settings.json')))}, not "
-                         f"{settings}: pass another --work")
-    os.makedirs(work, exist_ok=True)
-    D.write_atomic(path("settings.json"), lambda f: f.write(json.dumps(settings).encode()))
-
-    def data(name, n, **kw):
-        # written whole under a temporary name, then renamed: a process sharing the folder finds it whole or absent
-        folder = path("data", name)
-        if not os.path.exists(os.path.join(folder, "manifest.jsonl")):
-            tmp = f"{folder}.tmp{os.getpid()}"
-            toy.write_world(tmp, n, size=32, ref_size=16, **kw)
-            try:
-                os.rename(tmp, folder)
-            except OSError:                                 # written meanwhile by another process: the same bytes
-                shutil.rmtree(tmp)
-        return os.path.join(folder, "manifest.jsonl")
-    train = {k: data(k, **{"n": args.n, "seed": 0, **v}) for k, v in DATA.items()}
-    sets = {k: TestSet(data(f"test{k}", args.test_n, split="test", **t), 16) for k, t in TESTS.items()}
+    # the work folder holds one experiment: its runs and scores are reused only under the settings
+    # that made them
+    C.claim_work(work, dict(base=os.path.abspath(args.base), n=args.n, steps=args.steps,
+                            test_n=args.test_n, eval_steps=args.eval_steps,
+                            ref_guidance=args.ref_guidance, text_guidance=args.text_guidance))
+    # the data: the training sets and each test set, written once
+    world = dict(size=32, ref_size=16)
+    data = lambda name: os.path.join(work, "data", name)
+    train = {k: C.world_data(data(k), **{"n": args.n, "seed": 0, **v}, **world)
+             for k, v in DATA.items()}
+    sets = {k: TestSet(C.world_data(data(f"test{k}"), args.test_n, split="test", **t, **world), 16)
+            for k, t in TESTS.items()}
     rows = [r for r in ROWS if args.rows is None or r[0] in args.rows]
 
-    def timed(key, fn):
-        # fn() with its wall time added to seconds/KEY.json (each process its own keys)
-        t0 = time.time()
-        try:
-            return fn()
-        finally:
-            f = path("seconds", f"{key}.json")
-            os.makedirs(path("seconds"), exist_ok=True)
-            before = json.load(open(f))["seconds"] if os.path.exists(f) else 0.0
-            D.write_atomic(f, lambda h: h.write(json.dumps({"seconds": before + time.time() - t0}).encode()))
-
-    def trained(seed, key, data_key, steps, flags, script="train_sft.py"):
-        # the row's run (train_sft.py or train_rl.py as a subprocess), skipped when its final checkpoint exists
-        out = path("runs", f"seed{seed}", key)
-        if not os.path.isdir(os.path.join(out, f"ckpt-{steps:07d}")) and args.no_train:
-            return None
-        if not os.path.isdir(os.path.join(out, f"ckpt-{steps:07d}")):
-            how = ["--stage", "multi", "--experts", "0", "--steps", str(steps), "--batch-size", "16", "--lr", "1e-3",
-                   "--drop-prompt", "0.1", "--ckpt-every", str(args.steps), "--keep", "8"] \
-                if script == "train_sft.py" else ["--iters", str(steps), "--ckpt-every", str(steps)]
-            cmd = [sys.executable, os.path.join(ROOT, script), "--init", os.path.abspath(args.base),
-                   "--data", train[data_key], "--out", out, "--seed", str(seed), "--ref-size", "16", *how, *flags,
-                   *(["--resume"] if os.path.isdir(os.path.join(out, "latest")) else [])]
-            print("  " + " ".join(cmd[1:]), flush=True)
-            timed(f"train_seed{seed}_{key}", lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
-        return lambda step: os.path.join(out, f"ckpt-{step:07d}", "adapter.safetensors")
-
-    def scored(name, fn, adapter=None):
-        # a score file, computed once (atomically); an adapter's whose attention part is older, recomputed there
-        file = path("scores", f"{name}.json")
-        if not os.path.exists(file):
-            got = timed(f"score_{name}", fn)
-            os.makedirs(path("scores"), exist_ok=True)
-            D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
-        got = json.load(open(file))
-        if adapter is not None and got.get("attention_version") != ATTENTION_VERSION:
-            got.update(attention=timed(f"score_{name}", lambda: score_attention(
-                *EW.load_toy(args.base, adapter, 16)[1:], sets)),
-                       attention_version=ATTENTION_VERSION)
-            D.write_atomic(file, lambda f: f.write(json.dumps(got).encode()))
-        return got
-
-    # ---- train and score every row and seed; E3's rows at their first and last checkpoint ----
+    # every row and seed trained (each run once), then scored (each score once): E3's rows at their
+    # first and last checkpoint, E1's oracles on ORACLE_ROWS' adapters
     scores, oracle = {}, {}
     for seed in args.seeds:
         for key, label, data_key, mult, flags in rows:
-            ckpt = trained(seed, key, data_key, args.steps * mult, flags)
+            ckpt = train_row(args, work, train, seed, key, data_key, args.steps * mult, flags)
             if ckpt is None:
                 print(f"  seed {seed} {key}: not trained yet (--no-train): skipped", flush=True)
                 continue
             for step in sorted({args.steps, args.steps * mult}):
-                scores[key, step, seed] = scored(f"seed{seed}_{key}_{step}",
-                                                 lambda: score_adapter(args, ckpt(step), sets), ckpt(step))
+                scores[key, step, seed] = scored(args, work, sets, f"seed{seed}_{key}_{step}",
+                                                 lambda: score_adapter(args, ckpt(step), sets),
+                                                 ckpt(step))
             if key in ORACLE_ROWS and not args.no_oracle:
-                oracle[key, seed] = scored(f"oracle_seed{seed}_{key}", lambda: score_oracles(args, ckpt(args.steps),
-                                                                                             sets))
+                oracle[key, seed] = C.score_once(work, f"oracle_seed{seed}_{key}",
+                                                 lambda: score_oracles(args, ckpt(args.steps),
+                                                                       sets))
             print(f"  seed {seed} {key}: trained and scored", flush=True)
+        # rows continuing a row's adapter on the hard pairs: IPPO (guided as the rows are scored) and its
+        # control, SFT on the same pairs
         for key, label, start, script, iters in FROM_ROWS:
             if args.rows is not None and key not in args.rows or (start, args.steps, seed) not in scores:
                 continue
-            adapter = path("runs", f"seed{seed}", start, f"ckpt-{args.steps:07d}", "adapter.safetensors")
+            adapter = os.path.join(work, "runs", f"seed{seed}", start, f"ckpt-{args.steps:07d}",
+                                   "adapter.safetensors")
             flags = ["--adapter", adapter] + ([
                 "--group", "16", "--prompts", "4", "--steps", "8", "--tau", "1000", "--lr", "3e-4",
                 "--ref-guidance", str(args.ref_guidance), "--text-guidance", str(args.text_guidance)]
                 if script == "train_rl.py" else ["--lambda-attn", "0"])
-            ckpt = trained(seed, key, "hardtrain", iters, flags, script=script)
+            ckpt = train_row(args, work, train, seed, key, "hardtrain", iters, flags, script=script)
             if ckpt is not None:
-                scores[key, args.steps, seed] = scored(f"seed{seed}_{key}", lambda: score_adapter(args, ckpt(iters),
-                                                                                                  sets), ckpt(iters))
+                score = lambda: score_adapter(args, ckpt(iters), sets)
+                scores[key, args.steps, seed] = scored(args, work, sets, f"seed{seed}_{key}", score,
+                                                       ckpt(iters))
                 print(f"  seed {seed} {key}: trained and scored", flush=True)
-    sanity = scored("sanity", lambda: {k: {kind: toy.world_metrics(toy.sanity_images(ts.records, kind), ts.records)
-                                            for kind in toy.SANITY} for k, ts in sets.items()} | {
-        "multi": {kind: pooled([sets[k] for k in MULTI], [toy.sanity_images(sets[k].records, kind) for k in MULTI])
-                  for kind in toy.SANITY}})
+    sanity = C.score_once(work, "sanity", lambda: score_sanity(sets))
+
+    # the tables, then the figures
     lines = tables(args, rows, scores, oracle, sanity, t_start, work)
     print("\n".join(lines))
     if args.table:
         D.write_atomic(args.table, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    figures(args, rows, scores, sanity, path)
+    figures(args, rows, scores, sanity, work)
     return 0
 
 # -----------------------------------------------------------------------------
 # the tables
-
-def cell(xs, digits=3):
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "-"
-    return f"{st.mean(xs):.{digits}f} ± {st.stdev(xs):.{digits}f}" if len(xs) > 1 else f"{xs[0]:.{digits}f}"
-
-def head(cols):
-    return ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
 
 SAMPLED = [("pull", "pull ↓"), ("shrink", "shrink ↓"), ("alpha", "blend α ↓"), ("colour_err", "colour err ↓"),
            ("texture_acc", "code acc ↑"), ("drawn", "drawn ↑"), ("count_acc", "count acc ↑")]
@@ -470,16 +442,16 @@ def tables(args, rows, scores, oracle, sanity, t_start, work):
     lines += [f"| *{kind}* | " + " | ".join(f"{sanity[h][kind]['all_drawn']:.2f} / {sanity[h][kind]['pull']:.2f} / "
                                             f"{sanity[h][kind]['alpha']:.2f}" for h in toy.HARD) + " |"
               for kind in toy.SANITY]
-    secs = sum(json.load(open(os.path.join(work, "seconds", f)))["seconds"]
+    secs = sum(C.seconds(work, os.path.splitext(f)[0])
                for f in os.listdir(os.path.join(work, "seconds")))
     lines += ["", f"CPU wall time of every run and score in {work}: {secs / 60:.0f} min (one process each; "
               f"this invocation {(time.time() - t_start) / 60:.1f} min)."]
     return lines
 
-def figures(args, rows, scores, sanity, path):
+def figures(args, rows, scores, sanity, work):
     """selectivity.png: per block, selectivity against lambda for each placement; pull.png: the pull toward the
     other subject against the colour distance between them."""
-    seeds = args.seeds
+    seeds, path = args.seeds, lambda name: os.path.join(work, name)
     mean = lambda xs: math.exp(st.mean(math.log(x) for x in xs)) if xs else float("nan")
     blocks = [b for b in ("d0", "d1", "s0", "s1", "s2", "s3")]
     for where in WHERE:

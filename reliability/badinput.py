@@ -54,7 +54,6 @@ import model as M
 import moe_lora as ML
 import rewards as R
 import toy
-import toy_named
 import weights as WT
 from reliability.faults import ROOT, save_st, toy_base
 
@@ -327,7 +326,7 @@ def weight_rows(work):
     ML.save_adapter(adapted, os.path.join(work, "adapter.safetensors"), acfg)
     meta, adapter = ML.read_adapter(os.path.join(work, "adapter.safetensors"))
     # a run to resume: one step of stage multi on four toy records
-    manifest = toy_named.write_toy(os.path.join(work, "data"), 4, seed=0)
+    manifest = toy.write_world(os.path.join(work, "data"), 4, seed=0)
     train = lambda out, *more: attempt(lambda: run_script("train_sft.py", [
         "--data", manifest, "--init", base, "--stage", "multi", "--rank", "4", "--batch-size", "2", "--out", out, *more]))
     run_dir = os.path.join(work, "run")
@@ -551,7 +550,7 @@ def output_rows(work):
     checkpoint, two samplers on one set, a cache or base checked before training, a full disk, a code-running pickle."""
     root = os.path.join(work, "outputs")
     base, flux, _ = toy_base(os.path.join(root, "base"))
-    manifest = toy_named.write_toy(os.path.join(root, "data"), 4, seed=0)
+    manifest = toy.write_world(os.path.join(root, "data"), 4, seed=0)
     data, ref = os.path.dirname(manifest), os.path.join(root, "r.png")
     shutil.copy(os.path.join(ROOT, "assets", "orange_circle.png"), ref)
     acfg = ML.inject(flux, rank=4, n_experts=2)
@@ -684,7 +683,7 @@ def adapter_gap(a, b):
 def dist_rows(work):
     """Ranks that die or hang under torchrun (2 CPU ranks, gloo), and resuming with another number of ranks."""
     base = toy_base(os.path.join(work, "base"))[0]
-    manifest = toy_named.write_toy(os.path.join(work, "dist-data"), 8, seed=0)
+    manifest = toy.write_world(os.path.join(work, "dist-data"), 8, seed=0)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = [os.path.join(ROOT, "train_sft.py"), "--data", manifest, "--init", base, "--stage", "multi", "--rank",
               "4", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--ckpt-every", "1", "--keep", "10"]

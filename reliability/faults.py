@@ -35,8 +35,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-import toy_named
 import runs
+import toy
 
 parser = argparse.ArgumentParser(prog="python -m reliability.faults", epilog=__doc__,
                                  description=__doc__.split("\n\n")[0].strip(),
@@ -98,7 +98,7 @@ def left(out):
 def faults(args):
     """-> rows (trainer, where it was killed, what the folder held, resumed from, final adapter = uninterrupted)."""
     work, rng = args.work or tempfile.mkdtemp(prefix="faults-"), random.Random(args.seed)
-    manifest = toy_named.write_toy(os.path.join(work, "data"), 16, seed=0)
+    manifest = toy.write_world(os.path.join(work, "data"), 16, seed=0)
     base = toy_base(os.path.join(work, "base"))[0]
     # (script, checkpoints it writes: one per step, the flag for its length, arguments)
     trainers = [("train_sft.py", 6, "--steps", ["--stage", "multi", "--batch-size", "2", "--lambda-attn", "0.3"]),
