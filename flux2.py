@@ -579,9 +579,11 @@ def denoise(model, *args, **kw):
 
 @dataclass(frozen=True)
 class Family:
-    # each with the signature of model.py's (prepare, text_ids) or sampling.py's (the rest)
+    # each with the signature of model.py's (prepare, the position ids) or sampling.py's (the rest)
     prepare: object
     text_ids: object
+    grid_ids: object
+    ref_ids: object
     get_schedule: object
     sampling_inputs: object
     denoise: object
@@ -590,8 +592,9 @@ def family(cfg):
     """cfg's family: this module's functions for FLUX.2; model.py's joint sequence and sampling.py's
     sampler for FLUX.1 and the toy (looked up at each call, as a module's attributes are)."""
     if is_flux2(cfg):
-        return Family(prepare, text_ids, get_schedule, sampling_inputs, denoise)
-    return Family(M.prepare, M.text_ids, SM.get_schedule, SM.sampling_inputs, SM.denoise)
+        return Family(prepare, text_ids, grid_ids, ref_ids, get_schedule, sampling_inputs, denoise)
+    return Family(M.prepare, M.text_ids, M.grid_ids, M.ref_ids, SM.get_schedule, SM.sampling_inputs,
+                  SM.denoise)
 
 # -----------------------------------------------------------------------------
 # weights: where each comes from, on weights.py's machinery (Weight, check_weights, strict loading)
