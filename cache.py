@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import data as D
+import encoders as EN
 import flux2 as F2
 import model as M
 import weights as WT
@@ -33,7 +34,7 @@ def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
         _, ae, text = F2.load_models(cfg, ae=checkpoint, device=device, dtype=dtype, parts=("ae", "text"))
         return text, ae, cfg
     if model == "toy":
-        text = M.ByteTextEncoder(cfg)
+        text = EN.ByteTextEncoder(cfg)
         WT.load_byte_encoder(text, WT.resolve_file(checkpoint or WT.TOY_DIR, WT.TOY_TEXT))
         return text.to(device).eval(), WT.load_ae(cfg, device=device), cfg
     _, ae, text = WT.load_models(cfg, ae=checkpoint, t5=t5, clip=clip, device=device, dtype=dtype,
@@ -73,7 +74,7 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
                         f"{key}/mask_valid": item["mask_valid"]})
         tensors.update({f"{key}/points{j}": p for j, p in enumerate(item["points"])})
         shard = f"shard_{i // shard_size:05d}.safetensors"
-        n = len(item["prompt"].encode("utf-8"))        # its length alone (model.ByteTextEncoder.tokenize), or all
+        n = len(item["prompt"].encode("utf-8"))        # its length alone (encoders.ByteTextEncoder.tokenize), or all
         records.append(dict(shard=shard, key=key, source=item["index"], prompt=item["prompt"],
                             bucket=list(item["bucket"]), n_refs=len(item["refs"]),
                             txt_len=max(1, min(n, txt.shape[1])) if longest else txt.shape[1]))

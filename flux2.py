@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import encoders as EN
 import model as M
 import sampling as SM
 import weights as WT
@@ -425,7 +426,7 @@ def prepare(img, refs=(), pe="t", txt=None, y=None):
 # -----------------------------------------------------------------------------
 # the FLUX.2 autoencoder: FLUX.1's encoder and decoder with 1x1 (post-)quant convolutions, and latent statistics
 
-class Encoder(M.Encoder):
+class Encoder(EN.Encoder):
     def __init__(self, p):
         super().__init__(p)
         self.quant_conv = nn.Conv2d(2 * p.z_channels, 2 * p.z_channels, 1)
@@ -433,7 +434,7 @@ class Encoder(M.Encoder):
     def forward(self, x):
         return self.quant_conv(super().forward(x))
 
-class Decoder(M.Decoder):
+class Decoder(EN.Decoder):
     def __init__(self, p):
         super().__init__(p)
         self.post_quant_conv = nn.Conv2d(p.z_channels, p.z_channels, 1)
@@ -466,7 +467,7 @@ def unpatchify(z):
 
 class AutoEncoder(nn.Module):
     """Images in [-1, 1] (B, 3, H, W) <-> normalized latents (B, 32, H/8, W/8). The normalization acts on 2x2
-    patches (BFL normalizes the 128-channel patched latent); the latent keeps model.AutoEncoder's layout, so
+    patches (BFL normalizes the 128-channel patched latent); the latent keeps encoders.AutoEncoder's layout, so
     model.pack turns it into exactly BFL's tokens."""
     def __init__(self, p: M.AutoEncoderConfig):
         super().__init__()
@@ -526,7 +527,7 @@ class TextEncoder(nn.Module):
     def forward(self, prompts):
         texts = [self.chat(p) for p in prompts]
         tok = getattr(self.tok, "tokenizer", self.tok)                 # a processor holds its tokenizer
-        M.note_truncation(self, [len(tok(t).input_ids) for t in texts], prompts)
+        EN.note_truncation(self, [len(tok(t).input_ids) for t in texts], prompts)
         t = tok(texts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")
         dev = self.lm.device
         out = self.lm(input_ids=t.input_ids.to(dev), attention_mask=t.attention_mask.to(dev),

@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data as D
+import encoders as EN
 import flux2 as F2
 import model as M
 import moe_lora as ML
@@ -166,7 +167,7 @@ def load_models(name, arch, device, lora=None, ae=None, t5=None, clip=None, offl
         weights = toy_folder(name)
         flux, text, own = WT.load_toy(weights, cfg)
         lora = lora or own                        # the folder's own adapter unless --lora is given
-        flux, ae, text = flux.to(home, dtype), M.AutoEncoder(cfg.ae).to(home), text.to(home).eval()
+        flux, ae, text = flux.to(home, dtype), EN.AutoEncoder(cfg.ae).to(home), text.to(home).eval()
     if lora:
         ML.load_adapter(flux, lora)              # before fp8 and streaming: its tensors go with their blocks
         weights += f" + {lora}"

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import cache
 import curate as C
 import data as D
+import encoders as EN
 import flux2 as F2
 import model as M
 import sampling as SM
@@ -218,7 +219,7 @@ def test_full_size_autoencoder_has_the_official_keys():
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     with torch.device("meta"):
-        ae = M.AutoEncoder(M.AutoEncoderConfig())
+        ae = EN.AutoEncoder(M.AutoEncoderConfig())
     sd = ae.state_dict()
     assert len(sd) == 244 and sum(p.numel() for p in ae.parameters()) == 83_819_683
     for k, shape in {"encoder.conv_in.weight": (128, 3, 3, 3), "encoder.down.1.block.0.nin_shortcut.weight":
@@ -251,7 +252,7 @@ def test_autoencoder_matches_diffusers(ch, mult, nrb, z, hw):
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     p = M.AutoEncoderConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z, factor=2 ** (len(mult) - 1))
-    ours = randomize(M.AutoEncoder(p).eval(), seed=3)
+    ours = randomize(EN.AutoEncoder(p).eval(), seed=3)
     cfg = vae_config([ch * m for m in mult], nrb, z)
     vae = AutoencoderKL(**cfg).eval()
     vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ours.state_dict()), cfg), strict=True)
@@ -264,7 +265,7 @@ def test_autoencoder_matches_diffusers(ch, mult, nrb, z, hw):
         assert (ours.decode(z_ref) - vae.decode(z_ref / 0.3611 + 0.1159).sample).abs().max().item() < 1e-4
 
 def test_toy_autoencoder_is_an_exact_inverse():
-    ae = M.AutoEncoder(M.get_config("toy").ae)
+    ae = EN.AutoEncoder(M.get_config("toy").ae)
     x = torch.rand(2, 3, 32, 24) * 2 - 1
     z = ae.encode(x)
     assert z.shape == (2, 12, 16, 12) and list(ae.parameters()) == []
@@ -354,7 +355,7 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
 def test_load_ae_from_synthetic_checkpoint(tmp_path):
     p = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
     cfg = M.FluxConfig(ae=p)
-    sd = {k: v.contiguous() for k, v in randomize(M.AutoEncoder(p), seed=2).state_dict().items()}
+    sd = {k: v.contiguous() for k, v in randomize(EN.AutoEncoder(p), seed=2).state_dict().items()}
     save_file(sd, str(tmp_path / "ae.safetensors"))
     ae = WT.load_ae(cfg, str(tmp_path))
     assert all(torch.equal(ae.state_dict()[k], v) for k, v in sd.items())
@@ -475,7 +476,7 @@ def test_prepare_builds_the_joint_sequence_with_uno_ids():
 def test_byte_text_encoder():
     cfg = M.get_config("toy")
     torch.manual_seed(0)
-    enc = M.ByteTextEncoder(cfg).eval()
+    enc = EN.ByteTextEncoder(cfg).eval()
     txt, y = enc(["a red square", "ü" * 200])
     assert txt.shape == (2, cfg.max_txt_len, cfg.context_in_dim) and y.shape == (2, cfg.vec_in_dim)
     ids = enc.tokenize(["ab", "ü"])
@@ -506,7 +507,7 @@ def make_tiny_text_models(root):
 def test_t5_clip_encoder_on_tiny_local_models(tmp_path, capsys):
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
     make_tiny_text_models(tmp_path)
-    enc = M.T5CLIPEncoder(12, t5=str(tmp_path / "t5"), clip=str(tmp_path / "clip"), dtype=torch.float32)
+    enc = EN.T5CLIPEncoder(12, t5=str(tmp_path / "t5"), clip=str(tmp_path / "clip"), dtype=torch.float32)
     txt, y = enc(["a red cat", "a dog on grass"])
     assert txt.shape == (2, 12, 16) and y.shape == (2, 16)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "t5"))
@@ -529,7 +530,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # function; benchmarks/ is bench.py's library: its modules import the libraries, never a script
     import ast
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "cache",
+    order = ["model", "encoders", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "cache",
              "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts | {"benchmarks"}
@@ -683,7 +684,7 @@ def test_sampling_inputs_encode_the_empty_prompt_as_training_saw_it():
     # encoder gave it in training (a batch in train mode), finite: torch's fused inference path alone gives NaN
     cfg = M.get_config("toy", txt_pad="longest")
     torch.manual_seed(0)
-    text, ae = M.ByteTextEncoder(cfg).eval(), M.AutoEncoder(cfg.ae)
+    text, ae = EN.ByteTextEncoder(cfg).eval(), EN.AutoEncoder(cfg.ae)
     c = SM.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
     assert c["txt_null"].shape == c["txt"].shape == (1, len("two circles"), cfg.context_in_dim)
     txt, y = text.train()(["two circles", ""])
@@ -736,7 +737,7 @@ def test_preprocess_ref():
 def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
     refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
-    inp = SM.sampling_inputs(cfg, M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
+    inp = SM.sampling_inputs(cfg, EN.AutoEncoder(cfg.ae), EN.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
     assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64) and inp["y"].shape == (1, 64)
     assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
     ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
@@ -845,7 +846,7 @@ def test_cli_toy_checkpoint_folder(tmp_path, refs, capsys):
     ckpt.mkdir()
     torch.manual_seed(1)                                       # weights unlike the seed-0 random fallback
     save_file(M.Flux(cfg).state_dict(), ckpt / "flux.safetensors")
-    save_file(M.ByteTextEncoder(cfg).state_dict(), ckpt / "text_encoder.safetensors")
+    save_file(EN.ByteTextEncoder(cfg).state_dict(), ckpt / "text_encoder.safetensors")
     run_toy(tmp_path / "ck.png", refs, "--model", str(ckpt), "--arch", "toy")
     run_toy(tmp_path / "rnd.png", refs)
     assert json.loads((tmp_path / "ck.json").read_text())["weights"] == str(ckpt)
@@ -886,7 +887,7 @@ def random_toy(folder):
     folder.mkdir()
     torch.manual_seed(0)
     save_file(M.Flux(cfg).state_dict(), folder / "flux.safetensors")
-    save_file(M.ByteTextEncoder(cfg).state_dict(), folder / "text_encoder.safetensors")
+    save_file(EN.ByteTextEncoder(cfg).state_dict(), folder / "text_encoder.safetensors")
     return folder
 
 def test_shipped_checkpoint_follows_references_that_differ_only_in_colour(tmp_path):
@@ -1358,7 +1359,7 @@ def test_toy_batch_drives_the_probe_and_losses(toy_manifest):
     b = D.collate([ds[i] for i in D.batches(ds, 2, seed=0, epoch=0)[0]])
     B, N = b["masks"].shape[:2]
     torch.manual_seed(0)
-    flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
+    flux, text, ae = M.Flux(cfg), EN.ByteTextEncoder(cfg), EN.AutoEncoder(cfg.ae)
     z = ae.encode(b["target"])                                                       # (B, 12, 16, 16)
     refs = [M.pack(ae.encode(b["refs"][:, k])) for k in range(N)]                    # [(B, 16, 48)]
     txt, y = text(b["prompts"])
@@ -1564,7 +1565,7 @@ def test_uno_json_list(tmp_path, capsys):
 def test_cache_round_trip(toy_manifest, tmp_path, capsys):
     cfg = M.get_config("toy")
     torch.manual_seed(0)
-    text = M.ByteTextEncoder(cfg).eval()
+    text = EN.ByteTextEncoder(cfg).eval()
     (tmp_path / "ckpt").mkdir()
     save_file(text.state_dict(), str(tmp_path / "ckpt" / "text_encoder.safetensors"))
     out = tmp_path / "cache"
@@ -1572,7 +1573,7 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
                    str(tmp_path / "ckpt"), "--shard-size", "5", "--device", "cpu"]) == 0
     assert sorted(os.listdir(out)) == ["index.json"] + [f"shard_{k:05d}.safetensors" for k in range(3)]
     ds, cached = D.ManifestDataset(toy_manifest, 32, 16, 4), cache.CachedDataset(str(out))
-    ae = M.AutoEncoder(cfg.ae)
+    ae = EN.AutoEncoder(cfg.ae)
     assert len(cached) == len(ds)
     with torch.no_grad():
         for i in range(len(ds)):
@@ -1592,7 +1593,7 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
 def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys):
     cfg, ckpt, out = M.get_config("toy"), tmp_path / "ckpt", tmp_path / "cache"
     ckpt.mkdir()
-    save_file(M.ByteTextEncoder(cfg).state_dict(), str(ckpt / "text_encoder.safetensors"))
+    save_file(EN.ByteTextEncoder(cfg).state_dict(), str(ckpt / "text_encoder.safetensors"))
     assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
                    str(ckpt), "--shard-size", "5", "--device", "cpu"]) == 0
     shard = out / "shard_00001.safetensors"
@@ -1664,7 +1665,7 @@ def toy_run(tmp_path_factory):
     torch.manual_seed(0)
     (root / "base").mkdir()
     save_file(M.Flux(cfg).state_dict(), str(root / "base" / "flux.safetensors"))
-    save_file(M.ByteTextEncoder(cfg).state_dict(), str(root / "base" / "text_encoder.safetensors"))
+    save_file(EN.ByteTextEncoder(cfg).state_dict(), str(root / "base" / "text_encoder.safetensors"))
     return root, manifest
 
 def sft(out, manifest, *extra):
@@ -2387,7 +2388,7 @@ def rl_setup():
     ML.inject(flux, rank=4)
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.1)
-    ae, text = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg)
+    ae, text = EN.AutoEncoder(cfg.ae), EN.ByteTextEncoder(cfg)
     refs = [toy_reference(3), toy_reference(77)]
     c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
     return flux, c, get_schedule(6, 64)
@@ -2422,7 +2423,7 @@ def test_guided_policy_is_the_sampler_users_run(rl_setup):
     # IPPO with guidance: each velocity is sampling.guide's combination of three velocities (by hand below), and the
     # rollout's deterministic prefix is exactly what denoise samples with the same guidance
     flux, c0, ts = rl_setup
-    cfg, ae, text = flux.cfg, M.AutoEncoder(flux.cfg.ae), M.ByteTextEncoder(flux.cfg)
+    cfg, ae, text = flux.cfg, EN.AutoEncoder(flux.cfg.ae), EN.ByteTextEncoder(flux.cfg)
     refs = [toy_reference(3), toy_reference(77)]
     c = dict(SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
     x, g, t = c["img"], torch.full((1,), 3.5), torch.full((1,), 0.6)
@@ -3011,7 +3012,7 @@ def test_bad_manifest_records_in_check_and_training(tmp_path, capsys, fault):
     ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
     if want is None:                                          # a long prompt is fine: the encoder cuts it, and says so
         assert status == 0 and len(ds) == 2
-        enc = M.ByteTextEncoder(M.get_config("toy"))
+        enc = EN.ByteTextEncoder(M.get_config("toy"))
         txt, _ = enc([ds[1]["prompt"], ds[0]["prompt"]])
         assert enc.truncated == 1 and "10000 tokens is cut to the text encoder's 128" in capsys.readouterr().err
         assert txt.shape == (2, 128, 64)
@@ -3050,8 +3051,8 @@ def toy_weights(kind):
     if kind == "ae":
         ae = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
         from dataclasses import replace
-        return (M.AutoEncoder(ae), M.AutoEncoder(ae).state_dict(), None,
-                M.AutoEncoder(replace(ae, z_channels=8)).state_dict(), WT.load_state_dict_strict)
+        return (EN.AutoEncoder(ae), EN.AutoEncoder(ae).state_dict(), None,
+                EN.AutoEncoder(replace(ae, z_channels=8)).state_dict(), WT.load_state_dict_strict)
     f, other = M.Flux(cfg), M.Flux(M.get_config("toy", **small))
     acfg = ML.inject(f, rank=4)
     ML.inject(other, rank=4)
@@ -4846,8 +4847,8 @@ def test_oracle_with_one_reference_changes_nothing_bit_for_bit():
 def test_byte_encoder_pads_to_the_longest_prompt_when_asked():
     assert M.get_config("toy").txt_pad == "max"          # what a checkpoint whose header does not say pads to
     torch.manual_seed(0)
-    full = M.ByteTextEncoder(M.get_config("toy")).eval()
-    short = M.ByteTextEncoder(M.get_config("toy", txt_pad="longest")).eval()
+    full = EN.ByteTextEncoder(M.get_config("toy")).eval()
+    short = EN.ByteTextEncoder(M.get_config("toy", txt_pad="longest")).eval()
     short.load_state_dict(full.state_dict())
     prompts = ["a circle", "two circles and a square"]
     (t1, y1), (t2, y2) = full(prompts), short(prompts)

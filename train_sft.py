@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import cache
 import data as D
+import encoders as EN
 import flux2 as F2
 import losses as LS
 import model as M
@@ -226,9 +227,9 @@ def train(args, run, cfg, ddp, rank, world, device):
     flux, ae, text, params, acfg = TR.build_models(args.preset, args.stage, device, args.init, args.adapter,
                                                    TR.adapter_spec(args), args.cache is not None, args.grad_checkpoint,
                                                    args.seed, args.ae, args.t5, args.clip_text, args.text_model)
-    if args.txt_pad is not None and isinstance(text, M.ByteTextEncoder):
+    if args.txt_pad is not None and isinstance(text, EN.ByteTextEncoder):
         text.txt_pad = args.txt_pad                  # how this run's byte encoder pads (saved with a base checkpoint)
-    if args.drop_prompt > 0 and isinstance(text, M.ByteTextEncoder):
+    if args.drop_prompt > 0 and isinstance(text, EN.ByteTextEncoder):
         text.null_prompt = True                      # it learns "" too (saved with a base checkpoint: text guidance)
     if args.compile:
         M.compile_blocks(flux)

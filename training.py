@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import data as D
+import encoders as EN
 import flux2 as F2
 import losses as LS
 import model as M
@@ -187,8 +188,8 @@ def build_models(preset, stage, device, init=None, adapter=None, spec=None, cach
         elif stage != "base":
             raise WT.CheckpointError("--init: adapter stages need a trained toy base (a --stage base output folder)")
         else:
-            flux, text = M.Flux(cfg), M.ByteTextEncoder(cfg)
-        ae = M.AutoEncoder(cfg.ae)
+            flux, text = M.Flux(cfg), EN.ByteTextEncoder(cfg)
+        ae = EN.AutoEncoder(cfg.ae)
     elif F2.is_flux2(cfg):
         if stage == "base":
             raise D.InputError("--stage base trains the toy preset only (FLUX.2 is the base at full scale)")

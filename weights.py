@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import encoders as EN
 import model as M
 
 class CheckpointError(ValueError):
@@ -274,19 +275,19 @@ def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
     has no weights and needs no file)."""
     cfg = M.get_config(cfg) if isinstance(cfg, str) else cfg
     if not cfg.ae.ch_mult:
-        return M.AutoEncoder(cfg.ae).to(device)
+        return EN.AutoEncoder(cfg.ae).to(device)
     path = check_weights(flux_weights(cfg, ("ae",), ae=path))[0]
     with torch.device("meta"):
-        ae = M.AutoEncoder(cfg.ae)
+        ae = EN.AutoEncoder(cfg.ae)
     return load_state_dict_strict(ae, path, device, dtype).eval()
 
 def load_t5_clip(cfg, t5=None, clip=None, device="cpu", dtype=torch.bfloat16):
-    """T5-XXL + CLIP-L (model.T5CLIPEncoder) from t5, clip: local folders or repo ids (default:
+    """T5-XXL + CLIP-L (encoders.T5CLIPEncoder) from t5, clip: local folders or repo ids (default:
     $MULTICRAFTER_T5 / $MULTICRAFTER_CLIP, else the official repos). A folder transformers cannot
     read is a CheckpointError too."""
     try:
         t5, clip = check_weights(flux_weights(cfg, ("t5", "clip"), t5=t5, clip=clip))
-        return M.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype).to(device)
+        return EN.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype).to(device)
     except (OSError, CheckpointError) as e:
         raise CheckpointError(f"could not load the text encoders: {str(e).splitlines()[0]}") from None
 
@@ -345,7 +346,7 @@ def load_toy(folder, cfg=None, into=None):
         raise CheckpointError(f"{folder}: not a folder (a toy checkpoint holds {TOY_DIT} and "
                               f"{TOY_TEXT})")
     cfg = cfg or M.get_config("toy")
-    flux, text = into or (M.Flux(cfg), M.ByteTextEncoder(cfg))
+    flux, text = into or (M.Flux(cfg), EN.ByteTextEncoder(cfg))
     load_state_dict_strict(flux, os.path.join(folder, TOY_DIT), assign=into is None)
     load_byte_encoder(text, os.path.join(folder, TOY_TEXT), assign=into is None)
     adapter = os.path.join(folder, TOY_ADAPTER)

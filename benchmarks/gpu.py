@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+import encoders as EN
 import flux2 as F2
 import losses as LS
 import model as M
@@ -274,7 +275,7 @@ def sampling_section(cfg, S, device, seed):
     dtype = M.weight_dtype(device)
     flux = random_dit(cfg, device, dtype, seed)
     torch.manual_seed(seed)
-    ae = M.AutoEncoder(cfg.ae).to(device, dtype).eval()
+    ae = EN.AutoEncoder(cfg.ae).to(device, dtype).eval()
     c = dit_inputs(cfg, S["large"], S["ref"], 1, 1, device, torch.float32, seed)
     c.pop("timesteps"), c.pop("guidance")
     seconds = lambda: image_seconds(flux, ae, cfg, c, S["steps"], S["large"], device)

@@ -5,6 +5,7 @@ the real module shapes on the meta device, nothing allocated.
 """
 import torch
 
+import encoders as EN
 import flux2 as F2
 import model as M
 import moe_lora as ML
@@ -123,7 +124,7 @@ def inference_memory(args):
     with torch.device("meta"):
         flux = M.Flux(cfg).to(bf).eval()
         flux8 = WT.store_fp8(M.Flux(cfg).to(bf).eval())
-        ae = M.AutoEncoder(cfg.ae).to(bf).eval()
+        ae = EN.AutoEncoder(cfg.ae).to(bf).eval()
         t5 = T5EncoderModel(T5Config(**T5_XXL)).to(bf).eval()
         clip = CLIPTextModel(CLIPTextConfig(**CLIP_L)).to(bf).eval()
     def streamed(f):      # what stays on the GPU when the blocks stream: everything but the blocks, plus the largest

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import encoders as EN
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -125,7 +126,7 @@ def rl(args):
     ML.inject(flux, rank=16)
     for _, m in ML.adapters(flux):
         torch.nn.init.normal_(m.up.weight, std=0.01)
-    ae, text, px = M.AutoEncoder(cfg.ae), M.ByteTextEncoder(cfg), cfg.token_px
+    ae, text, px = EN.AutoEncoder(cfg.ae), EN.ByteTextEncoder(cfg), cfg.token_px
     views = [toy.view(toy.draw_identity("train", i), np.random.default_rng(i), args.grid * px // 2)
              for i in (5, 100)]
     refs = [Image.fromarray(v[0]) for v in views]                  # two references of the toy world

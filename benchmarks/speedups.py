@@ -9,6 +9,7 @@ import os
 import torch
 
 import data as D
+import encoders as EN
 import flux2 as F2
 import losses as LS
 import model as M
@@ -30,7 +31,7 @@ def shipped_toy():
     assets = os.path.dirname(WT.TOY_DIR)
     refs = [D.preprocess_ref(D.load_image(os.path.join(assets, f)), cfg.ref_size)
             for f in ("orange_circle.png", "blue_square.png")]
-    return cfg, flux.eval(), M.AutoEncoder(cfg.ae), text.eval(), refs
+    return cfg, flux.eval(), EN.AutoEncoder(cfg.ae), text.eval(), refs
 
 def guidance(args):
     """Sampling with the toy's guidance (4 on the references, 2 on the prompt: three DiT evaluations a step), the

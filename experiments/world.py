@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data as D
+import encoders as EN
 import losses as LS
 import model as M
 import moe_lora as ML
@@ -41,7 +42,7 @@ def load_toy(base, adapter=None, ref_size=None):
     flux, text, _ = WT.load_toy(base, cfg)
     if adapter:
         ML.load_adapter(flux, adapter)
-    return cfg, flux.eval(), text.eval(), M.AutoEncoder(cfg.ae)
+    return cfg, flux.eval(), text.eval(), EN.AutoEncoder(cfg.ae)
 
 @torch.no_grad()
 def sample(cfg, flux, text, ae, prompt, refs, seed, steps, ref_guidance=None, text_guidance=None):
@@ -126,7 +127,7 @@ def speed(args):
     for pad, compiled in settings:
         torch.manual_seed(0)
         cfg = M.get_config("toy", txt_pad=pad)
-        flux, text, ae = M.Flux(cfg), M.ByteTextEncoder(cfg), M.AutoEncoder(cfg.ae)
+        flux, text, ae = M.Flux(cfg), EN.ByteTextEncoder(cfg), EN.AutoEncoder(cfg.ae)
         opt = torch.optim.AdamW(list(flux.parameters()) + list(text.parameters()), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
         step = torch.compile(base_step) if compiled else base_step

@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 
 import cache
 import data as D
+import encoders as EN
 import model as M
 import moe_lora as ML
 import rewards as R
@@ -263,7 +264,7 @@ def dataset_cell(manifest, line):
         return said(text, "TRACEBACK")
     if ds.n_failed:
         return "replaced at load by another record (warning): " + said(text, "warning").split(": ", 2)[-1]
-    _, text, _ = attempt(lambda: M.ByteTextEncoder(M.get_config("toy"))([item["prompt"]]))   # what training encodes
+    _, text, _ = attempt(lambda: EN.ByteTextEncoder(M.get_config("toy"))([item["prompt"]]))   # what training encodes
     return "used" + (f"; {said(text, 'warning')}" if text else "")
 
 # -----------------------------------------------------------------------------
@@ -352,9 +353,9 @@ def weight_rows(work):
                                     flux.state_dict(), None, M.Flux(small).state_dict()),
         "text encoder (sample.py --model)": ("text_encoder.safetensors", base,
                                              lambda d: sample(d, "--model", d, "--arch", "toy"), text.state_dict(),
-                                             None, M.ByteTextEncoder(cfg, dim=32).state_dict()),
-        "AE (weights.load_ae)": ("ae.safetensors", None, load_ae, M.AutoEncoder(ae_cfg.ae).state_dict(), None,
-                               M.AutoEncoder(ae_other).state_dict()),
+                                             None, EN.ByteTextEncoder(cfg, dim=32).state_dict()),
+        "AE (weights.load_ae)": ("ae.safetensors", None, load_ae, EN.AutoEncoder(ae_cfg.ae).state_dict(), None,
+                               EN.AutoEncoder(ae_other).state_dict()),
         "adapter (sample.py --lora, train --adapter)": (
             "adapter.safetensors", None,
             lambda d: sample(d, "--model", base, "--arch", "toy", "--lora", os.path.join(d, "adapter.safetensors")),

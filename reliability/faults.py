@@ -34,6 +34,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
+import encoders as EN
 import model as M
 import runs
 import toy
@@ -60,7 +61,7 @@ def toy_base(folder):
     """A random toy base (seed 0) in the folder format stage base writes -> (folder, Flux, ByteTextEncoder)."""
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(0)
-    flux, text = M.Flux(M.get_config("toy")), M.ByteTextEncoder(M.get_config("toy"))
+    flux, text = M.Flux(M.get_config("toy")), EN.ByteTextEncoder(M.get_config("toy"))
     save_st(flux.state_dict(), os.path.join(folder, "flux.safetensors"))
     save_st(text.state_dict(), os.path.join(folder, "text_encoder.safetensors"))
     return folder, flux, text
