@@ -46,12 +46,13 @@ utilization against this machine's fp32 matmul speed measured in the same run, a
 """
 import os
 
+import cli as CL
 import data as D
 from benchmarks import gpu, memory, method, speedups, versus_diffusers
 
 
 def build_parser():
-    parser = D.Parser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
+    parser = CL.Parser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p_dit = sub.add_parser("dit", help="our Flux DiT vs diffusers' FluxTransformer2DModel (time, "

@@ -17,7 +17,9 @@ import json, os, re, sys
 import torch
 from tqdm import tqdm
 
+import cli as CL
 import data as D
+import dataset as DS
 import encoders as EN
 import flux2 as F2
 import model as M
@@ -51,7 +53,7 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
     device = torch.device(device) if device else M.default_device()
     text, ae, cfg = load_encoders(model, checkpoint, device, t5, clip)    # bad weights fail before any work
     size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
-    ds = D.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
+    ds = DS.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
     reads = [p for r in ds.records for p in [r["target"], *r["refs"], *(r["masks"] or [])]]
     D.check_output([out], [manifest, checkpoint, *reads], force)
     os.makedirs(out, exist_ok=True)
@@ -89,7 +91,7 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
     return out
 
 class CachedDataset(torch.utils.data.Dataset):
-    """A cache folder as a dataset: the keys of D.ManifestDataset's items (but the pixels) plus txt (max_len, C),
+    """A cache folder as a dataset: the keys of DS.ManifestDataset's items (but the pixels) plus txt (max_len, C),
     txt_len (the positions a batch keeps at least), y (C_vec,), latent (z, h, w) and ref_latents (N, z, r, r).
     pixels=True also reads target and refs from the original manifest (for rewards or pictures; the latents replace
     them for training). cfg: every record's tensors are checked against that model's (check), from the headers."""
@@ -125,7 +127,7 @@ class CachedDataset(torch.utils.data.Dataset):
                             f"{f' (and {more} more)' if more else ''}: rebuild the cache with `python cache.py`")
         if cfg is not None:
             self.check(cfg)
-        self.source = None if not pixels else D.ManifestDataset(
+        self.source = None if not pixels else DS.ManifestDataset(
             self.index["manifest"], self.index["size"], self.index["ref_size"], self.index["token_px"],
             self.index["buckets"])
 
@@ -188,7 +190,7 @@ class CachedDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="toy", choices=F2.presets())

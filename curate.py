@@ -27,6 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+import cli as CL
 import data as D
 import rewards as R
 
@@ -464,7 +465,7 @@ def run(args):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("faces", help="your videos or photo pairs -> a manifest (faces, identities, masks)")
     src = v.add_mutually_exclusive_group(required=True)

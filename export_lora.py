@@ -19,13 +19,14 @@ import json, os, sys
 
 import torch
 
+import cli as CL
 import data as D
 import flux2 as F2
 import moe_lora as ML
 import weights as WT
 
 def build_parser():
-    p = D.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     p.add_argument("adapter", help="a multicrafter adapter .safetensors (its config is in the header)")
     p.add_argument("out", help="the diffusers LoRA .safetensors to write")
     p.add_argument("--arch", default=None, choices=F2.presets(), help="the architecture it was trained on "

@@ -14,6 +14,7 @@ import json, math, os, sys
 
 from PIL import Image, ImageDraw, ImageFont
 
+import cli as CL
 import data as D
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -21,7 +22,7 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 X_KEYS = ("step", "iter")                  # train_sft.py logs by optimizer step, train_rl.py by iteration
 
 def build_parser():
-    p = D.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     p.add_argument("runs", nargs="+", help="run folders (holding log.jsonl) or log.jsonl files")
     p.add_argument("--out", default=None, help="PNG to write (default: curves.png beside the first run's log)")
     p.add_argument("--keys", nargs="+", default=None, help="metrics to draw (default: every numeric one)")

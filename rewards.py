@@ -39,6 +39,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
+import cli as CL
 import data as D
 from data import InputError, load_image, write_atomic
 
@@ -626,10 +627,10 @@ def add_eval_args(e):
     return e
 
 def eval_parser(description):
-    return add_eval_args(D.Parser(description=description))
+    return add_eval_args(CL.Parser(description=description))
 
 def main(argv=None):
-    p = D.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="eval")
     add_eval_args(sub.add_parser("eval", help="the paper's metrics over a manifest and a folder of generated images",
                                  description=__doc__))

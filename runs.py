@@ -10,7 +10,7 @@ Run folders: the folder --out holds one run, and no kill, signal, full disk or s
                     python -m reliability.faults)
   verify            on --resume: a checkpoint whose content is not what was written (a flipped bit keeps its size)
                     or whose weights no training makes is passed over for the one before it
-  argparse types    every count, size and rate checked before any work (one line, exit status 2)
+  add_run_args      the flags every run shares (seed, checkpoint cadence, timeouts), typed by cli.py
 
 Both trainers use it through training.py; nothing here knows what is trained.
 """
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+import cli as CL
 import data as D
 import moe_lora as ML
 import weights as WT
@@ -46,16 +47,7 @@ class TrainingError(RuntimeError):
     last checkpoint, intact."""
 
 # -----------------------------------------------------------------------------
-# command-line types: every count, size and rate is checked by argparse before any work (one line, exit status 2)
-
-Parser, int_in, float_in = D.Parser, D.int_in, D.float_in     # the command-line types of every script: data.py
-
-positive, count = int_in(1), int_in(0)                    # counts where 0 means nothing / where 0 is meaningful
-weight, positive_float = float_in(0.0), float_in(0.0, above=True)
-# AdamW moves every weight by about lr per step whatever the gradient's scale, so an lr of 1 already changes each
-# weight by its own magnitude each step: above that no run learns; the bound catches typos such as 1e3 for 1e-3
-MAX_LR = 1.0
-learning_rate = float_in(0.0, MAX_LR, above=True)
+# the trainers' shared flags
 
 def check_adapter_args(p, args):
     # what argparse cannot check flag by flag
@@ -71,13 +63,13 @@ def add_run_args(p, ckpt_every, eval_every):
     how.add_argument("--fresh", action="store_true", help="start over in an OUT that holds a run: the old run is "
                      f"moved to OUT/{PREVIOUS}/ and removed when the new run's first checkpoint is written")
     # every noise is seeded by seed * 1_000_003 + its index: under 2^32 that stays inside a generator's 64 bits
-    g.add_argument("--seed", type=int_in(0, 2 ** 32 - 1), default=0)
-    g.add_argument("--ckpt-every", type=positive, default=ckpt_every)
-    g.add_argument("--keep", type=positive, default=2, help="checkpoints kept")
+    g.add_argument("--seed", type=CL.int_in(0, 2 ** 32 - 1), default=0)
+    g.add_argument("--ckpt-every", type=CL.positive, default=ckpt_every)
+    g.add_argument("--keep", type=CL.positive, default=2, help="checkpoints kept")
     D.add_force(g)
-    g.add_argument("--eval-every", type=positive, default=eval_every)
+    g.add_argument("--eval-every", type=CL.positive, default=eval_every)
     g.add_argument("--device", default=None)
-    g.add_argument("--dist-timeout", type=positive_float, default=600, help="seconds a rank waits for the others in "
+    g.add_argument("--dist-timeout", type=CL.positive_float, default=600, help="seconds a rank waits for the others in "
                    "a collective before the job stops (a dead or hung rank; rank 0 also checkpoints meanwhile)")
     return g
 

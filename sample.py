@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli as CL
 import data as D
 import encoders as EN
 import flux2 as F2
@@ -51,14 +52,14 @@ MAX_TOKENS = 16384        # image + reference tokens of one sample (2048x2048 px
 MAX_PROMPTS_BYTES = 16 << 20
 
 def build_parser():
-    p = D.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     g = p.add_argument_group("inputs (one sample: --refs [--prompt]; a test set: --manifest, or --prompts with --refs)")
     g.add_argument("--refs", nargs="+", default=None, help="reference images, one per subject")
     g.add_argument("--prompt", default=None, help="required for FLUX; the toy names its references' shapes "
                    "when omitted, as its prompts do ('two circles and a square')")
     g.add_argument("--manifest", default=None, help="a manifest (data.py): one sample per record and seed")
     g.add_argument("--prompts", default=None, help="a text file, one prompt a line, all with --refs")
-    g.add_argument("--ref-size", type=D.int_in(1), default=None, help="long side of each reference (px); default: "
+    g.add_argument("--ref-size", type=CL.int_in(1), default=None, help="long side of each reference (px); default: "
                    "the preset's, 320 flux, 16 toy")
     g.add_argument("--pe", default=None, choices=["t", "d", "h", "w", "o"], help="reference positions: UNO's "
                    "offsets d/h/w/o (FLUX.1's default d) or FLUX.2's own t axis (its default)")
@@ -70,7 +71,7 @@ def build_parser():
                    "(default: the preset its tensors fit)")
     g.add_argument("--lora", default=None, help="adapter .safetensors: train_sft.py's, or UNO's dit_lora.safetensors "
                    "(replaces a toy folder's own adapter.safetensors)")
-    g.add_argument("--lora-scale", type=D.float_in(), default=1.0, help="the adapter's strength: 0 the base "
+    g.add_argument("--lora-scale", type=CL.float_in(), default=1.0, help="the adapter's strength: 0 the base "
                    "model exactly, 1 as trained (default)")
     g.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
     g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
@@ -87,23 +88,23 @@ def build_parser():
     g.add_argument("--fp8", action="store_true", help="the DiT's block weights stored in fp8 (e4m3, per-row scales), "
                    "computed in bf16 on GPU")
     g = p.add_argument_group("sampling")
-    g.add_argument("--steps", type=D.int_in(1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
-    g.add_argument("--guidance", type=D.float_in(0), default=None, help="distilled guidance (default: 3.5 flux, "
+    g.add_argument("--steps", type=CL.int_in(1, MAX_STEPS), default=None, help="default: 50 dev, 4 schnell, 20 toy")
+    g.add_argument("--guidance", type=CL.float_in(0), default=None, help="distilled guidance (default: 3.5 flux, "
                    "1 toy, which trains with 1 as UNO does; ignored by schnell)")
-    g.add_argument("--ref-guidance", type=D.float_in(0), default=None, help="classifier-free guidance on the "
+    g.add_argument("--ref-guidance", type=CL.float_in(0), default=None, help="classifier-free guidance on the "
                    "references: v_none + w (v_refs - v_none), one more forward per step (default: the preset's, 1 = "
                    "none)")
-    g.add_argument("--text-guidance", type=D.float_in(0), default=None, help="classifier-free guidance on the "
+    g.add_argument("--text-guidance", type=CL.float_in(0), default=None, help="classifier-free guidance on the "
                    "prompt against the empty one, for a model trained with prompt dropout (train_sft.py --drop-prompt; "
                    "default: the preset's, 1 = none)")
-    g.add_argument("--seed", type=D.int_in(0, MAX_SEED), default=None, help="default: a random seed (saved in "
+    g.add_argument("--seed", type=CL.int_in(0, MAX_SEED), default=None, help="default: a random seed (saved in "
                    "the JSON)")
-    g.add_argument("--seeds", type=D.int_in(0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
+    g.add_argument("--seeds", type=CL.int_in(0, MAX_SEED), nargs="+", default=None, help="a test set's seeds "
                    "(default 0): one folder each")
-    g.add_argument("--batch-size", type=D.int_in(1, 256), default=None, help="a test set: up to N seeds of a record "
+    g.add_argument("--batch-size", type=CL.int_in(1, 256), default=None, help="a test set: up to N seeds of a record "
                    "denoised as one batch (default 1; throughput; equal to one at a time up to float rounding)")
-    g.add_argument("--width", type=D.int_in(1), default=None, help="default: 512 flux, 32 toy")
-    g.add_argument("--height", type=D.int_in(1), default=None)
+    g.add_argument("--width", type=CL.int_in(1), default=None, help="default: 512 flux, 32 toy")
+    g.add_argument("--height", type=CL.int_in(1), default=None)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="one sample's PNG (default out.png)")
     g.add_argument("--out-dir", default=None, help="a test set's folder: OUT_DIR/SEED/ID.png")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 import cache
 import curate as C
 import data as D
+import dataset as DS
 import encoders as EN
 import flux2 as F2
 import model as M
@@ -530,7 +531,7 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     # function; benchmarks/ is bench.py's library: its modules import the libraries, never a script
     import ast
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["model", "encoders", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "cache",
+    order = ["cli", "model", "encoders", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "dataset", "cache",
              "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts | {"benchmarks"}
@@ -1209,7 +1210,7 @@ def test_toy_world_has_enough_similar_attributes():
     assert len(renders) == len(idents)                                          # all distinct
 
 def test_toy_masks_are_exact(toy_manifest):
-    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
     root = os.path.dirname(toy_manifest)
     for i, rec in enumerate(read_jsonl(toy_manifest)):
         target = np.asarray(Image.open(os.path.join(root, rec["target"])))
@@ -1261,7 +1262,7 @@ def test_toy_cli_subject_counts(tmp_path, capsys):
 # the dataset: items, geometry, points, collate, batches
 
 def test_dataset_items(toy_manifest):
-    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
     recs = read_jsonl(toy_manifest)
     assert len(ds) == len(recs) and ds.skipped == [] and ds.n_skipped == 0
     for i in range(len(ds)):
@@ -1289,7 +1290,7 @@ def test_points_to_tokens_by_hand():
                          [0.99, 0.0, 0.5, 0.5]],    # ref (3, 0) -> 12; target (4, 4) -> 36, also claimed by ref1
                         dtype=torch.float64)
     ref1 = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)   # 10 -> 36, 0 -> 0
-    out = D.points_to_tokens([ref0, ref1, torch.zeros(0, 4, dtype=torch.float64)], (4, 4), (8, 8))
+    out = DS.points_to_tokens([ref0, ref1, torch.zeros(0, 4, dtype=torch.float64)], (4, 4), (8, 8))
     assert out[0].tolist() == [[2, 23], [15, 63]]            # 36 is dropped from both references
     assert out[1].tolist() == [[0, 0]]
     assert out[2].shape == (0, 2) and out[2].dtype == torch.long
@@ -1314,7 +1315,7 @@ def test_buckets_resize_crop_and_points(tmp_path):
             dict(target="crop.png", prompt="c", refs=["ref.png"],
                  points=[[[0.5, 0.5, 0.5, 0.05], [0.5, 0.5, 0.5, 0.5]]])]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    ds = D.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (32, 64), (64, 32)])
+    ds = DS.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (32, 64), (64, 32)])
     assert [ds.bucket_of(i) for i in range(4)] == [((32, 64), 1), ((64, 32), 2), ((32, 32), 1), ((32, 32), 1)]
     wide = ds[0]
     assert wide["target"].shape == (3, 32, 64) and wide["masks"].shape == (1, 8 * 16)
@@ -1331,13 +1332,13 @@ def test_buckets_resize_crop_and_points(tmp_path):
     assert ds[3]["points"][0].tolist() == [[10, 4 * 8 + 4]]
 
 def test_collate(toy_manifest):
-    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=4)
     by_key = {}
     for i in range(len(ds)):
         by_key.setdefault(ds.bucket_of(i), []).append(i)
     (_, N), idx = max(by_key.items(), key=lambda kv: len(kv[1]))
     items = [ds[i] for i in idx[:3]]
-    b = D.collate(items)
+    b = DS.collate(items)
     assert b["target"].shape == (3, 3, 32, 32) and b["refs"].shape == (3, N, 3, 16, 16)
     assert b["masks"].shape == (3, N, 64) and b["mask_valid"].shape == (3, N)
     assert b["prompts"] == [it["prompt"] for it in items] and b["index"].tolist() == idx[:3]
@@ -1349,14 +1350,14 @@ def test_collate(toy_manifest):
     if len(by_key) > 1:
         other = next(v[0] for k, v in by_key.items() if k[1] != N)
         with pytest.raises(ValueError, match="one bucket key"):
-            D.collate([items[0], ds[other]])
+            DS.collate([items[0], ds[other]])
 
 def test_toy_batch_drives_the_probe_and_losses(toy_manifest):
     # the layouts data.py hands out are the ones model.AttentionProbe and losses.py take
     from losses import dice_loss, scal_loss
     cfg = M.get_config("toy")
-    ds = D.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=2 * cfg.ae.factor)
-    b = D.collate([ds[i] for i in D.batches(ds, 2, seed=0, epoch=0)[0]])
+    ds = DS.ManifestDataset(toy_manifest, size=32, ref_size=16, token_px=2 * cfg.ae.factor)
+    b = DS.collate([ds[i] for i in DS.batches(ds, 2, seed=0, epoch=0)[0]])
     B, N = b["masks"].shape[:2]
     torch.manual_seed(0)
     flux, text, ae = M.Flux(cfg), EN.ByteTextEncoder(cfg), EN.AutoEncoder(cfg.ae)
@@ -1383,23 +1384,23 @@ class FakeDataset:
 
 def test_batches_are_deterministic_and_split_across_ranks():
     ds = FakeDataset(103)
-    one = D.batches(ds, 4, seed=0, epoch=0)
-    assert one == D.batches(ds, 4, seed=0, epoch=0) and one != D.batches(ds, 4, seed=0, epoch=1)
-    assert one != D.batches(ds, 4, seed=1, epoch=0)
+    one = DS.batches(ds, 4, seed=0, epoch=0)
+    assert one == DS.batches(ds, 4, seed=0, epoch=0) and one != DS.batches(ds, 4, seed=0, epoch=1)
+    assert one != DS.batches(ds, 4, seed=1, epoch=0)
     assert all(len(b) == 4 and len({ds.bucket_of(i) for i in b}) == 1 for b in one)
     assert len({i for b in one for i in b}) == sum(len(b) for b in one)                   # no repeats
     for world in (2, 3, 5):
-        ranks = [D.batches(ds, 4, 0, 0, rank=r, world_size=world) for r in range(world)]
+        ranks = [DS.batches(ds, 4, 0, 0, rank=r, world_size=world) for r in range(world)]
         assert len({len(r) for r in ranks}) == 1                                           # lock-step
         dealt = [ranks[b % world][b // world] for b in range(world * len(ranks[0]))]       # batch b on rank b % world
         assert dealt == one[:len(dealt)] and len(one) - len(dealt) < world
     # keeping partial batches: every index appears, ranks padded by repeating the first batches
-    full = D.batches(ds, 4, 0, 0, drop_last=False)
+    full = DS.batches(ds, 4, 0, 0, drop_last=False)
     assert sorted(i for b in full for i in b) == list(range(103))
-    ranks = [D.batches(ds, 4, 0, 0, r, 4, drop_last=False) for r in range(4)]
+    ranks = [DS.batches(ds, 4, 0, 0, r, 4, drop_last=False) for r in range(4)]
     assert len({len(r) for r in ranks}) == 1 and {i for r in ranks for b in r for i in b} == set(range(103))
     with pytest.raises(ValueError):
-        D.batches(ds, 4, 0, 0, rank=2, world_size=2)
+        DS.batches(ds, 4, 0, 0, rank=2, world_size=2)
 
 # -----------------------------------------------------------------------------
 # bad input: check and the dataset
@@ -1462,7 +1463,7 @@ def test_check_good_manifest(toy_manifest, capsys):
 
 def test_dataset_skips_bad_records_with_a_warning(bad_manifest, capsys):
     path, expected = bad_manifest
-    ds = D.ManifestDataset(path, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(path, size=32, ref_size=16, token_px=4)
     err = capsys.readouterr().err
     # headers only at construction: the truncated target (line 3) and the empty mask (line 6) get through
     assert len(ds) == 4 and ds.n_skipped == len(expected) - 2 and "skipped 11 of 15 records" in err
@@ -1470,14 +1471,14 @@ def test_dataset_skips_bad_records_with_a_warning(bad_manifest, capsys):
     items = [ds[i] for i in range(len(ds))]                                  # an epoch does not crash ...
     assert ds.n_failed == 2 and "warning" in capsys.readouterr().err         # ... and does not hide failures
     assert all(it["target"].shape == (3, 32, 32) for it in items)
-    strict = D.ManifestDataset(path, size=32, ref_size=16, token_px=4, verify=True)
+    strict = DS.ManifestDataset(path, size=32, ref_size=16, token_px=4, verify=True)
     assert len(strict) == 2 and strict.n_skipped == len(expected)
     only_bad = os.path.join(os.path.dirname(path), "only_bad.jsonl")
     open(only_bad, "w").write('{"prompt": "x"}\n')
     with pytest.raises(D.DataError, match="no usable records"):
-        D.ManifestDataset(only_bad)
+        DS.ManifestDataset(only_bad)
     with pytest.raises(D.DataError, match="cannot read the manifest"):
-        D.ManifestDataset(path + ".missing")
+        DS.ManifestDataset(path + ".missing")
 
 def test_paths_cannot_escape_the_root(tmp_path):
     root = tmp_path / "root"
@@ -1553,7 +1554,7 @@ def test_uno_json_list(tmp_path, capsys):
     out = capsys.readouterr().out
     line = json.dumps(items, indent=2).splitlines().index("  {", 10) + 1    # where the third item starts
     assert f"uno.json:{line}: refs[0]: " in out and "3 records, 1 bad" in out
-    ds = D.ManifestDataset(str(tmp_path / "uno.json"), size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(str(tmp_path / "uno.json"), size=32, ref_size=16, token_px=4)
     assert len(ds) == 2 and ds[0]["refs"].shape == (2, 3, 16, 16) and ds[1]["prompt"] == "one"
     (tmp_path / "broken.json").write_text('[\n {"prompt": "x"},\n {"prompt": }\n]')
     assert D.main(["check", str(tmp_path / "broken.json")]) == 1
@@ -1572,7 +1573,7 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
     assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
                    str(tmp_path / "ckpt"), "--shard-size", "5", "--device", "cpu"]) == 0
     assert sorted(os.listdir(out)) == ["index.json"] + [f"shard_{k:05d}.safetensors" for k in range(3)]
-    ds, cached = D.ManifestDataset(toy_manifest, 32, 16, 4), cache.CachedDataset(str(out))
+    ds, cached = DS.ManifestDataset(toy_manifest, 32, 16, 4), cache.CachedDataset(str(out))
     ae = EN.AutoEncoder(cfg.ae)
     assert len(cached) == len(ds)
     with torch.no_grad():
@@ -1585,7 +1586,7 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
             assert torch.equal(b["ref_latents"], ae.encode(a["refs"]))
             assert torch.equal(b["masks"], a["masks"]) and torch.equal(b["mask_valid"], a["mask_valid"])
             assert all(torch.equal(p, q) for p, q in zip(b["points"], a["points"]))
-    batch = D.collate([cached[i] for i in D.batches(cached, 2, 0, 0)[0]])
+    batch = DS.collate([cached[i] for i in DS.batches(cached, 2, 0, 0)[0]])
     assert batch["latent"].shape == (2, 12, 16, 16) and batch["txt"].shape == (2, 128, 64)
     with_pixels = cache.CachedDataset(str(out), pixels=True)[3]
     assert torch.equal(with_pixels["target"], ds[3]["target"]) and torch.equal(with_pixels["refs"], ds[3]["refs"])
@@ -1642,7 +1643,7 @@ def test_rl_records_and_exif_orientation(tmp_path, capsys):
     assert D.main(["check", str(tmp_path / "m.jsonl")]) == 1
     out = capsys.readouterr().out
     assert ":3: kinds: " in out and ":4: masks: masks need a target" in out and "4 records, 2 bad" in out
-    ds = D.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (64, 32)])
+    ds = DS.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (64, 32)])
     assert len(ds) == 1 and ds.bucket_of(0) == ((64, 32), 1)                 # RL records have no target to train on
     assert ds[0]["masks"].sum() * 16 == pytest.approx(64 * 32)              # the upright mask covers everything
 
@@ -1914,10 +1915,10 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
 
 def test_aspect_buckets(toy_run, tmp_path):
     # UNO's buckets at 512 px (bytedance/UNO uno/dataset/uno.py), written out by hand
-    assert sorted(D.uno_buckets(512)) == sorted([(256, 768), (320, 768), (320, 704), (384, 640), (448, 576),
+    assert sorted(DS.uno_buckets(512)) == sorted([(256, 768), (320, 768), (320, 704), (384, 640), (448, 576),
                                                  (512, 512), (768, 256), (768, 320), (704, 320), (640, 384),
                                                  (576, 448)])
-    assert all(h % 4 == 0 and w % 4 == 0 for h, w in D.uno_buckets(32, 4))
+    assert all(h % 4 == 0 and w % 4 == 0 for h, w in DS.uno_buckets(32, 4))
     root, manifest = toy_run
     sft(tmp_path / "b", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "1",
         "--aspect-buckets")
@@ -2493,7 +2494,7 @@ def test_prompt_dataset_reads_rl_records(tmp_path):
     lines = [{"prompt": "a thing", "refs": ["a.png", "b.png"], "captions": ["x", "y"]},
              {"prompt": "gone", "refs": ["missing.png"]}, {"prompt": "", "refs": ["a.png"]}]
     (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
-    ds = D.PromptDataset(str(tmp_path / "rl.jsonl"), ref_size=16)
+    ds = DS.PromptDataset(str(tmp_path / "rl.jsonl"), ref_size=16)
     assert len(ds) == 1 and ds.n_skipped == 2
     item = ds[0]
     assert item["prompt"] == "a thing" and item["captions"] == ["x", "y"] and item["kinds"] is None
@@ -2913,7 +2914,7 @@ def test_correspond_keeps_references_disjoint():
         assert (in_band(first) == 0) == claimed               # the overlap is nobody's
         for mine, theirs in ((first, other), (second, mask)):
             assert not any(theirs[int(ty * 96), int(tx * 96)] for _, _, ty, tx in mine)
-        tokens = D.points_to_tokens([torch.tensor(first), torch.tensor(second)], (8, 8), (24, 24))
+        tokens = DS.points_to_tokens([torch.tensor(first), torch.tensor(second)], (8, 8), (24, 24))
         assert [len(t) for t in tokens] == [len(first), len(second)]   # no target token lost to a shared claim
 
 def test_curated_pairs_get_points_check_and_train(toy_run, dino_dir, tmp_path, monkeypatch):
@@ -2975,7 +2976,7 @@ def test_bad_images_same_behaviour_in_loader_check_and_training(tmp_path, capsys
         f.writelines(json.dumps(dict(target="t.png", prompt="x", refs=[r])) + "\n" for r in (names[fault], "t.png"))
     status = D.main(["check", manifest])
     out = capsys.readouterr().out
-    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
     if callable(want):
         assert want(load_image(path)) and status == 0
         assert len(ds) == 2 and ds[0]["refs"].shape == (1, 3, 16, 16) and ds.n_failed == 0
@@ -3009,7 +3010,7 @@ def test_bad_manifest_records_in_check_and_training(tmp_path, capsys, fault):
     manifest, want = B.write_bad_manifests(str(tmp_path))[fault], MANIFEST_FAULTS[fault]
     status = D.main(["check", manifest])
     out = capsys.readouterr().out
-    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
     if want is None:                                          # a long prompt is fine: the encoder cuts it, and says so
         assert status == 0 and len(ds) == 2
         enc = EN.ByteTextEncoder(M.get_config("toy"))
@@ -3190,7 +3191,7 @@ def test_manifest_lines_json_cannot_take_are_findings_in_check_training_and_eval
     status = D.main(["check", manifest])
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith(f"{manifest}:2: ")]
     assert status == 1 and len(lines) == 1 and want in lines[0]
-    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
     assert len(ds) == 1 and ds.skipped[0][0] == 2 and want in ds.skipped[0][2]
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -3243,7 +3244,7 @@ def test_a_cut_out_mask_is_its_alpha_in_check_and_training(tmp_path, capsys, fau
     manifest = B.write_mask_manifests(str(tmp_path))[fault]
     assert D.main(["check", manifest]) == 0
     assert D.load_mask(str(tmp_path / "masks" / f"mask{list(B.MASK_FAULTS).index(fault)}.png")).sum() == 64
-    masks = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[0]["masks"][0]       # (64,)
+    masks = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[0]["masks"][0]       # (64,)
     want = torch.zeros(64)
     want[SUBJECT_TOKENS] = 1.0
     assert torch.equal(masks, want)
@@ -4863,8 +4864,8 @@ def test_base_stage_can_read_references(tmp_path):
     args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base", "--base-refs"])
     args.pe = "d"
     flux, ae, text, _, _ = training.build_models("toy", "base", "cpu", seed=0)
-    ds = D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
-    batch = D.collate([ds[i] for i in range(4)])
+    ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
+    batch = DS.collate([ds[i] for i in range(4)])
     seen = []
     flux.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw.get("ref_img") or [])), with_kwargs=True)
     for base_refs in (False, True):
@@ -4880,7 +4881,7 @@ def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_
     args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base", "--base-refs"])
     args.pe = "d"
     flux, ae, text, _, _ = training.build_models("toy", "base", "cpu", seed=0)
-    batch = D.collate([D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[i] for i in range(8)])
+    batch = DS.collate([DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[i] for i in range(8)])
     refs, prompts, ts = [], [], []
     flux.register_forward_pre_hook(lambda m, a, kw: refs.append(bool(kw.get("ref_img"))) or ts.append(kw["timesteps"]),
                                    with_kwargs=True)

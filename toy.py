@@ -23,6 +23,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+import cli as CL
 import data as D
 import model as M
 import rewards as R
@@ -627,20 +628,20 @@ def main(argv=None):
         except (D.DataError, D.InputError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    p = D.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CL.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=D.int_in(1, 10_000_000), required=True, help="number of records")
+    p.add_argument("--n", type=CL.int_in(1, 10_000_000), required=True, help="number of records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subjects", type=int, nargs="+", default=[2, 3], help="subjects per target (1-4), uniform")
     # a toy: sides past 512 px would only fill the disk (and a 100000 px side is 28 GB of one image's memory)
-    p.add_argument("--size", type=D.int_in(8, MAX_SIDE), default=32, help=f"target side (px, 8 to {MAX_SIDE})")
-    p.add_argument("--ref-size", type=D.int_in(4, MAX_SIDE), default=16, help=f"reference side (px, 4 to {MAX_SIDE})")
+    p.add_argument("--size", type=CL.int_in(8, MAX_SIDE), default=32, help=f"target side (px, 8 to {MAX_SIDE})")
+    p.add_argument("--ref-size", type=CL.int_in(4, MAX_SIDE), default=16, help=f"reference side (px, 4 to {MAX_SIDE})")
     p.add_argument("--split", default="train", choices=list(SPLITS), help="whose identities: val and test ones are "
                    "never drawn for train")
     p.add_argument("--identities", type=int, default=1000, help="identities of the split records draw from")
     p.add_argument("--hard", default=None, choices=list(HARD), help="hard pairs: two subjects of one shape whose "
                    "colours differ by %s (mean abs RGB)" % ", ".join(f"{k} {v}" for k, v in HARD.items()))
-    p.add_argument("--sprite", type=D.int_in(1, MAX_SIDE), nargs=2, default=list(TARGET_PX), metavar=("LO", "HI"),
+    p.add_argument("--sprite", type=CL.int_in(1, MAX_SIDE), nargs=2, default=list(TARGET_PX), metavar=("LO", "HI"),
                    help="sprite side in targets (px, uniform); views in references are scaled apart from it")
     D.add_force(p)
     args = p.parse_args(argv)

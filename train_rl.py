@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+import cli as CL
 import flux2 as F2
 import losses as LS
 import model as M
@@ -42,60 +43,61 @@ import toy
 import runs
 import training as TR
 import data as D
+import dataset as DS
 import sampling as SM
 import weights as WT
-from data import InputError, PromptDataset, write_atomic
+from data import InputError, write_atomic
 from sampling import decode_images
 from weights import CheckpointError, read_header
 from rewards import RewardModelError, add_reward_args, build_reward, missing_reward_models, reward_weights
 
 def build_parser():
-    p = runs.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest.jsonl of prompts + references (targets are ignored)")
     g.add_argument("--val-data", default=None, help="held-out manifest: mean reward of ODE samples at eval steps; "
                    "the best adapter is kept as OUT/best.safetensors")
-    g.add_argument("--val-n", type=runs.positive, default=32,
+    g.add_argument("--val-n", type=CL.positive, default=32,
                    help="held-out records evaluated (by rank 0, while the other "
                    "ranks wait at their next collective: keep it small under torchrun)")
-    g.add_argument("--val-seeds", type=runs.positive, default=2, help="samples per held-out record")
-    g.add_argument("--size", type=runs.positive, default=None,
+    g.add_argument("--val-seeds", type=CL.positive, default=2, help="samples per held-out record")
+    g.add_argument("--size", type=CL.positive, default=None,
                    help="image side in px (default: the preset's, 32 toy, 512 flux)")
-    g.add_argument("--ref-size", type=runs.positive, default=None,
+    g.add_argument("--ref-size", type=CL.positive, default=None,
                    help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     TR.add_model_args(p)
     g = p.add_argument_group("IPPO (paper: T 16, w 2, tau 50, s 1)")
-    g.add_argument("--steps", type=runs.positive, default=16, help="sampling steps T")
-    g.add_argument("--window", type=runs.positive, default=2, help="SDE window size w")
-    g.add_argument("--tau", type=runs.positive, default=50, help="iterations between window moves")
-    g.add_argument("--stride", type=runs.count, default=1, help="steps the window moves each time (0: frozen)")
-    g.add_argument("--group", type=runs.int_in(2), default=12, help="samples per prompt G (one initial noise)")
-    g.add_argument("--eta", type=runs.weight, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
-    g.add_argument("--guidance", type=runs.weight, default=None,
+    g.add_argument("--steps", type=CL.positive, default=16, help="sampling steps T")
+    g.add_argument("--window", type=CL.positive, default=2, help="SDE window size w")
+    g.add_argument("--tau", type=CL.positive, default=50, help="iterations between window moves")
+    g.add_argument("--stride", type=CL.count, default=1, help="steps the window moves each time (0: frozen)")
+    g.add_argument("--group", type=CL.int_in(2), default=12, help="samples per prompt G (one initial noise)")
+    g.add_argument("--eta", type=CL.weight, default=0.7, help="SDE noise level (Flow-GRPO / MixGRPO 0.7)")
+    g.add_argument("--guidance", type=CL.weight, default=None,
                    help="distilled guidance (default: the preset's sampling "
                    "guidance, 3.5 flux, 1 toy)")
-    g.add_argument("--ref-guidance", type=runs.weight, default=None, help="classifier-free guidance on the "
+    g.add_argument("--ref-guidance", type=CL.weight, default=None, help="classifier-free guidance on the "
                    "references in rollouts, the policy's log-probs and validation, as sample.py guides (default: "
                    "the preset's, toy 4, flux 1): IPPO then optimizes the sampler that is scored")
-    g.add_argument("--text-guidance", type=runs.weight, default=None, help="guidance on the prompt, likewise "
+    g.add_argument("--text-guidance", type=CL.weight, default=None, help="guidance on the prompt, likewise "
                    "(default: the preset's, toy 2 for a base trained on the empty prompt, else 1)")
-    g.add_argument("--clip-low", type=runs.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
-    g.add_argument("--clip-high", type=runs.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
-    g.add_argument("--adv-clip", type=runs.positive_float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
-    g.add_argument("--kl", type=runs.weight, default=0.0, help="beta: KL to the base model with adapters off")
+    g.add_argument("--clip-low", type=CL.weight, default=3e-4, help="GSPO clip: s >= 1 - clip_low (GSPO 3e-4)")
+    g.add_argument("--clip-high", type=CL.weight, default=4e-4, help="GSPO clip: s <= 1 + clip_high (GSPO 4e-4)")
+    g.add_argument("--adv-clip", type=CL.positive_float, default=5.0, help="advantages clamped to +-this (MixGRPO 5)")
+    g.add_argument("--kl", type=CL.weight, default=0.0, help="beta: KL to the base model with adapters off")
     add_reward_args(p)
     g = p.add_argument_group("optimization")
-    g.add_argument("--iters", type=runs.count, default=300, help="training iterations M (paper 300)")
-    g.add_argument("--prompts", type=runs.positive, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
-    g.add_argument("--minibatches", type=runs.positive, default=2,
+    g.add_argument("--iters", type=CL.count, default=300, help="training iterations M (paper 300)")
+    g.add_argument("--prompts", type=CL.positive, default=1, help="prompts per rank per iteration (paper: 1, 16 GPUs)")
+    g.add_argument("--minibatches", type=CL.positive, default=2,
                    help="optimizer steps per rollout (split of each group)")
-    g.add_argument("--micro-batch", type=runs.positive, default=None, help="trajectories per forward (default: a whole "
+    g.add_argument("--micro-batch", type=CL.positive, default=None, help="trajectories per forward (default: a whole "
                    "minibatch share of a group); fewer saves memory")
-    g.add_argument("--lr", type=runs.learning_rate, default=1e-4, help=f"finite, > 0, <= {runs.MAX_LR:g}")
-    g.add_argument("--weight-decay", type=runs.weight, default=1e-4)
-    g.add_argument("--grad-clip", type=runs.positive_float, default=1.0, help="gradient norm clip")
-    g.add_argument("--max-bad-steps", type=runs.positive, default=20, help="stop after this many non-finite updates in "
+    g.add_argument("--lr", type=CL.learning_rate, default=1e-4, help=f"finite, > 0, <= {CL.MAX_LR:g}")
+    g.add_argument("--weight-decay", type=CL.weight, default=1e-4)
+    g.add_argument("--grad-clip", type=CL.positive_float, default=1.0, help="gradient norm clip")
+    g.add_argument("--max-bad-steps", type=CL.positive, default=20, help="stop after this many non-finite updates in "
                    "a row")
     TR.add_log_args(runs.add_run_args(p, ckpt_every=50, eval_every=50))
     return p
@@ -227,9 +229,9 @@ def train(args, run, cfg, ddp, rank, world, device):
 
     # -------------------------------------------------------------------------
     # prompts, the reward (Eq. 9) and the policy: the frozen base with the stage-2 adapter, which IPPO fine-tunes
-    dataset = PromptDataset(args.data, args.ref_size)
+    dataset = DS.PromptDataset(args.data, args.ref_size)
     # the held-out evaluation runs on rank 0 (FSDP: on every rank, each gathering the shards with the others)
-    val = PromptDataset(args.val_data, args.ref_size) if args.val_data and (master or args.fsdp) else None
+    val = DS.PromptDataset(args.val_data, args.ref_size) if args.val_data and (master or args.fsdp) else None
     reward = toy.reward_for(dataset.records, args.data, reward_weights(args)) \
         if args.reward == "toy" else build_reward(args, device)
     flux, ae, text, params, acfg = TR.build_models(args.preset, "rl", device, args.init, args.adapter,

@@ -24,7 +24,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import cache
+import cli as CL
 import data as D
+import dataset as DS
 import encoders as EN
 import flux2 as F2
 import losses as LS
@@ -35,16 +37,16 @@ import training as TR
 import weights as WT
 
 def build_parser():
-    p = runs.Parser(description=__doc__)
+    p = CL.Parser(description=__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="manifest.jsonl (or UNO JSON list)")
     g.add_argument("--cache", default=None, help="instead of --data: a `cache.py` folder (text embeddings and "
                    "latents precomputed: no text encoder or VAE in memory)")
     g.add_argument("--val-data", default=None, help="held-out manifest (a cache folder with --cache): Dice and "
                    "attention share at eval steps")
-    g.add_argument("--size", type=runs.positive, default=None, help="target side in px (default: the preset's, 32 toy, "
+    g.add_argument("--size", type=CL.positive, default=None, help="target side in px (default: the preset's, 32 toy, "
                    "512 flux)")
-    g.add_argument("--ref-size", type=runs.positive, default=None,
+    g.add_argument("--ref-size", type=CL.positive, default=None,
                    help="reference side in px (default: the preset's, 16 toy, "
                    "320 flux)")
     g.add_argument("--aspect-buckets", action="store_true", help="UNO's 11 aspect buckets at --size instead of "
@@ -52,7 +54,7 @@ def build_parser():
     TR.add_model_args(p)
     g = p.add_argument_group("losses")
     g.add_argument("--stage", default="multi", choices=["base", "single", "multi"])
-    g.add_argument("--lambda-attn", type=runs.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
+    g.add_argument("--lambda-attn", type=CL.weight, default=0.3, help="Dice attention loss weight (paper 0.3)")
     g.add_argument("--attn-blocks", nargs="*", default=None, metavar="BLOCK", help="blocks L_attn (and the eval) "
                    "probes: double (the paper's, default), single, all, or names (d0 s3; an integer is a double "
                    "block)")
@@ -65,32 +67,32 @@ def build_parser():
     g.add_argument("--txt-pad", default=None, choices=["max", "longest"], help="toy byte encoder: pad prompts to "
                    "128 bytes or to the batch's longest (faster); default: as the --init base was trained (its "
                    "checkpoint says; the shipped one: max), max for a new base. Recorded in the checkpoint")
-    g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="each sample's prompt replaced "
+    g.add_argument("--drop-prompt", type=CL.float_in(0.0, 1.0), default=0.0, help="each sample's prompt replaced "
                    "by \"\" with this probability (not with --cache; for sample.py --text-guidance)")
-    g.add_argument("--drop-refs", type=runs.float_in(0.0, 1.0), default=0.0, help="each step trained without its "
+    g.add_argument("--drop-refs", type=CL.float_in(0.0, 1.0), default=0.0, help="each step trained without its "
                    "references with this probability (for sample.py --ref-guidance)")
-    g.add_argument("--scal", type=runs.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
-    g.add_argument("--mdl", type=runs.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
+    g.add_argument("--scal", type=CL.weight, default=0.0, help="MOSAIC SCAL weight (MOSAIC: 0.1)")
+    g.add_argument("--mdl", type=CL.weight, default=0.0, help="MOSAIC MDL weight (MOSAIC: 1 after its warm-up)")
     g.add_argument("--mdl-kind", default="kl", choices=["kl", "js"])
-    g.add_argument("--mdl-warmup", type=runs.count, nargs=2, default=[0, 0], metavar=("START", "RAMP"),
+    g.add_argument("--mdl-warmup", type=CL.count, nargs=2, default=[0, 0], metavar=("START", "RAMP"),
                    help="MDL weight 0 until START, then linear to 1 over RAMP steps (MOSAIC: 10000 1000)")
-    g.add_argument("--balance", type=runs.weight, default=0.0, help="MoE load-balance loss weight (e.g. 1e-3)")
+    g.add_argument("--balance", type=CL.weight, default=0.0, help="MoE load-balance loss weight (e.g. 1e-3)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=runs.count, default=1000)
-    g.add_argument("--batch-size", type=runs.positive, default=16, help="per rank, per micro-step")
-    g.add_argument("--grad-accum", type=runs.positive, default=1)
-    g.add_argument("--lr", type=runs.learning_rate, default=None, help=f"default: 1e-3 base, 1e-4 adapters (paper "
-                   f"3e-5); finite, > 0, <= {runs.MAX_LR:g}")
-    g.add_argument("--lr-end", type=runs.float_in(0.0, runs.MAX_LR), default=None, help="linear decay to this (default "
+    g.add_argument("--steps", type=CL.count, default=1000)
+    g.add_argument("--batch-size", type=CL.positive, default=16, help="per rank, per micro-step")
+    g.add_argument("--grad-accum", type=CL.positive, default=1)
+    g.add_argument("--lr", type=CL.learning_rate, default=None, help=f"default: 1e-3 base, 1e-4 adapters (paper "
+                   f"3e-5); finite, > 0, <= {CL.MAX_LR:g}")
+    g.add_argument("--lr-end", type=CL.float_in(0.0, CL.MAX_LR), default=None, help="linear decay to this (default "
                    "lr/3, paper 1e-5)")
-    g.add_argument("--warmup", type=runs.count, default=50)
-    g.add_argument("--weight-decay", type=runs.weight, default=1e-2)
-    g.add_argument("--clip", type=runs.positive_float, default=1.0)
+    g.add_argument("--warmup", type=CL.count, default=50)
+    g.add_argument("--weight-decay", type=CL.weight, default=1e-2)
+    g.add_argument("--clip", type=CL.positive_float, default=1.0)
     g.add_argument("--zero", action="store_true", help="shard optimizer states across ranks (ZeRO-1)")
-    g.add_argument("--max-bad-steps", type=runs.positive, default=20, help="stop after this many non-finite steps in "
+    g.add_argument("--max-bad-steps", type=CL.positive, default=20, help="stop after this many non-finite steps in "
                    "a row")
     g = runs.add_run_args(p, ckpt_every=500, eval_every=250)
-    g.add_argument("--log-every", type=runs.positive, default=10)
+    g.add_argument("--log-every", type=CL.positive, default=10)
     TR.add_log_args(g)
     return p
 
@@ -214,8 +216,8 @@ def train(args, run, cfg, ddp, rank, world, device):
     # data: a manifest read from the image files, or a cache of latents and text embeddings (no VAE / T5 needed)
     # a cache's tensors are checked against this model's shapes now (their headers), not in a collate hours in
     load = (lambda p: cache.CachedDataset(p, cfg=cfg)) if args.cache else \
-        (lambda p: D.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=cfg.token_px,
-                                     buckets=D.uno_buckets(args.size, cfg.token_px) if args.aspect_buckets else None))
+        (lambda p: DS.ManifestDataset(p, size=args.size, ref_size=args.ref_size, token_px=cfg.token_px,
+                                     buckets=DS.uno_buckets(args.size, cfg.token_px) if args.aspect_buckets else None))
     dataset = load(args.cache or args.data)
     if getattr(dataset, "skipped", None):
         TR.print0(f"warning: {len(dataset.skipped)} bad records skipped in {args.data} (first: {dataset.skipped[0]})")
@@ -259,18 +261,18 @@ def train(args, run, cfg, ddp, rank, world, device):
             return args.lr * (s + 1) / args.warmup
         return args.lr + (args.lr_end - args.lr) * min(1.0, (s - args.warmup) / max(1, args.steps - args.warmup))
 
-    # one global order of micro-batches for the whole run: epochs of data.batches (each reshuffled by its seed),
+    # one global order of micro-batches for the whole run: epochs of dataset.batches (each reshuffled by its seed),
     # micro-batch b dealt to rank b % world. So 1 rank x accum 8 and 8 ranks x accum 1 see the same batches
     micro_per_step = args.grad_accum * world                    # global micro-batches per optimizer step
     epochs = {}                                                  # epoch -> its batches (the current one only)
-    per_epoch = len(D.batches(dataset, args.batch_size, args.seed, 0))
+    per_epoch = len(DS.batches(dataset, args.batch_size, args.seed, 0))
     if per_epoch == 0:
         raise D.DataError(f"{args.data or args.cache}: fewer usable records than one batch of {args.batch_size}")
     def global_batch(b):
         e, i = divmod(b, per_epoch)
         if e not in epochs:
             epochs.clear()
-            epochs[e] = D.batches(dataset, args.batch_size, args.seed, e)
+            epochs[e] = DS.batches(dataset, args.batch_size, args.seed, e)
         return epochs[e][i]
 
     # -------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def train(args, run, cfg, ddp, rank, world, device):
             sums = {}                                                # each loss term, averaged over the micro-batches
             for a in range(args.grad_accum):
                 b = consumed + a * world + rank
-                batch = D.collate([dataset[i] for i in global_batch(b)])
+                batch = DS.collate([dataset[i] for i in global_batch(b)])
                 # t and the noise are drawn from a generator seeded by b alone: the same sample gets the same noise
                 # whichever rank or resumed process draws it
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + b)

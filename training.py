@@ -16,7 +16,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 
+import cli as CL
 import data as D
+import dataset as DS
 import encoders as EN
 import flux2 as F2
 import losses as LS
@@ -49,10 +51,10 @@ def add_model_args(p):
     g.add_argument("--pe", default=None, choices=["t", "d", "h", "w", "o"], help="reference positions: UNO's "
                    "offsets d/h/w/o (FLUX.1's default d) or FLUX.2's own t axis (its default); sample with the same")
     g = p.add_argument_group("adapters")
-    g.add_argument("--rank", type=runs.positive, default=16, help="LoRA rank (paper: 512)")
-    g.add_argument("--alpha", type=runs.positive_float, default=None, help="LoRA alpha (default: rank, i.e. scale 1)")
-    g.add_argument("--experts", type=runs.count, default=4, help="MoE-LoRA experts (0: plain LoRA on the FFNs too)")
-    g.add_argument("--top-k", type=runs.positive, default=1, help="experts per token (at most --experts)")
+    g.add_argument("--rank", type=CL.positive, default=16, help="LoRA rank (paper: 512)")
+    g.add_argument("--alpha", type=CL.positive_float, default=None, help="LoRA alpha (default: rank, i.e. scale 1)")
+    g.add_argument("--experts", type=CL.count, default=4, help="MoE-LoRA experts (0: plain LoRA on the FFNs too)")
+    g.add_argument("--top-k", type=CL.positive, default=1, help="experts per token (at most --experts)")
     g.add_argument("--gate", default="st", choices=["st", "switch", "paper"])
     g.add_argument("--lora-targets", nargs="*", default=list(ML.DEFAULT_LORA))
     g.add_argument("--moe-targets", nargs="*", default=list(ML.DEFAULT_MOE))
@@ -336,8 +338,8 @@ def attention_metrics(denoiser, ae, dataset, device, batch_size, attn_blocks=Non
     chosen = set(M.select_blocks(attn_blocks, denoiser.flux.cfg))     # L_attn's blocks: the loss's own maps
     sums, n, stats = {"dice": 0.0, "diff": 0.0}, 0, {}
     gen = torch.Generator().manual_seed(1234)
-    for idx in D.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
-        batch = D.collate([dataset[i] for i in idx])
+    for idx in DS.batches(dataset, batch_size, seed=0, epoch=0, drop_last=False)[:max_batches]:
+        batch = DS.collate([dataset[i] for i in idx])
         inp = encode_batch(batch, ae, device, pe, cfg=denoiser.flux.cfg)
         x0 = inp["img"]
         B = x0.shape[0]

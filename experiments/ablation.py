@@ -38,7 +38,9 @@ import time
 import numpy as np
 from PIL import Image
 
+import cli as CL
 import data as D
+import dataset as DS
 import runs
 import toy
 import training as TR
@@ -61,7 +63,7 @@ g.add_argument("--steps", type=int, default=300, help="stage-multi steps of ever
 g.add_argument("--batch-size", type=int, default=16)
 g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
 g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
-g.add_argument("--drop-prompt", type=runs.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of "
+g.add_argument("--drop-prompt", type=CL.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of "
                "every stage-multi row (keeps the empty prompt's velocity for --text-guidance; reference dropout is "
                "refused in stage multi)")
 g = parser.add_argument_group("scoring")
@@ -121,7 +123,7 @@ def score_adapter(args, adapter, tests, samples):
         records = [r for _, r in D.read_manifest(manifest)[0]]
         root, here = os.path.dirname(manifest), os.path.join(samples, name)
         os.makedirs(here, exist_ok=True)
-        ds = D.ManifestDataset(manifest, ref_size=args.ref_size)
+        ds = DS.ManifestDataset(manifest, ref_size=args.ref_size)
         share = TR.attention_metrics(TR.Denoiser(flux, text), ae, ds, "cpu", args.batch_size,
                                      max_batches=len(ds))["val_share_own"]
         images, after, swapped = [], [], []

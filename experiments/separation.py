@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 import data as D
+import dataset as DS
 import model as M
 import sampling as SM
 import toy
@@ -99,10 +100,10 @@ class TestSet:
     """A test manifest loaded once: records, the dataset's batch (targets, references, token-grid masks)."""
     def __init__(self, manifest, ref_size):
         self.records = [r for _, r in D.read_manifest(manifest)[0]]
-        ds = D.ManifestDataset(manifest, ref_size=ref_size)
+        ds = DS.ManifestDataset(manifest, ref_size=ref_size)
         if len(ds) != len(self.records):
             raise SystemExit(f"error: {manifest}: {len(self.records) - len(ds)} records unreadable")
-        self.dataset, self.batch = ds, D.collate([ds[i] for i in range(len(ds))])
+        self.dataset, self.batch = ds, DS.collate([ds[i] for i in range(len(ds))])
         self.where = manifest
 
     def oracle(self, variant, cfg):

@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli as CL
 import data as D
+import dataset as DS
 import encoders as EN
 import losses as LS
 import model as M
@@ -118,8 +120,8 @@ def base_step(flux, text, ae, opt, batch, gen):
     return loss
 
 def speed(args):
-    ds = D.ManifestDataset(args.manifest, size=32, ref_size=16, token_px=4)
-    batch = D.collate([ds[i] for i in D.batches(ds, args.batch_size, seed=0, epoch=0)[0]])
+    ds = DS.ManifestDataset(args.manifest, size=32, ref_size=16, token_px=4)
+    batch = DS.collate([ds[i] for i in DS.batches(ds, args.batch_size, seed=0, epoch=0)[0]])
     settings = [("max", False), ("longest", False)] + ([("longest", True)] if args.compile else [])
     print(f"batch {args.batch_size}, {batch['refs'].shape[1]} reference(s), prompt bytes "
           f"{max(len(p.encode()) for p in batch['prompts'])} at most, {torch.get_num_threads()} thread(s)")
@@ -154,9 +156,9 @@ def main(argv=None):
     e.add_argument("--ref-size", type=int, default=None, help="references' side as the base was trained (default 16)")
     e.add_argument("--n", type=int, default=100, help="records scored (the first n)")
     e.add_argument("--steps", type=int, default=20, help="sampling steps")
-    e.add_argument("--ref-guidance", type=D.float_in(0), default=None, help="guidance on the references (default: the "
+    e.add_argument("--ref-guidance", type=CL.float_in(0), default=None, help="guidance on the references (default: the "
                    "preset's; sampling.denoise)")
-    e.add_argument("--text-guidance", type=D.float_in(0), default=None, help="guidance on the prompt (default: the "
+    e.add_argument("--text-guidance", type=CL.float_in(0), default=None, help="guidance on the prompt (default: the "
                    "preset's)")
     e.add_argument("--out", default=None, help="write the samples and metrics.json here")
     s = sub.add_parser("sanity")

@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 
 import cache
 import data as D
+import dataset as DS
 import encoders as EN
 import model as M
 import moe_lora as ML
@@ -252,7 +253,7 @@ def check_cell(manifest, line):
 
 def dataset_cell(manifest, line):
     """ManifestDataset on a manifest whose other records are good -> what happens to record `line`."""
-    ds, text, status = attempt(lambda: D.ManifestDataset(manifest, size=32, ref_size=16, token_px=4), D.DataError)
+    ds, text, status = attempt(lambda: DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4), D.DataError)
     if ds is None:
         return f"exit {status}: {said(text, 'error:', 'TRACEBACK')}"
     skipped = [f"{field}: {why}" for l, field, why in ds.skipped if l == line]
@@ -486,7 +487,7 @@ def mask_rows(work):
     """One row per MASK_FAULTS mask: data.py check, and the tokens training counts inside (of 64; the subject is 4)."""
     rows = []
     for fault, m in write_mask_manifests(work).items():
-        ds, text, status = attempt(lambda: D.ManifestDataset(m, size=32, ref_size=16, token_px=4), D.DataError)
+        ds, text, status = attempt(lambda: DS.ManifestDataset(m, size=32, ref_size=16, token_px=4), D.DataError)
         item, text, status = attempt(lambda: ds[0]) if ds else (None, text, status)
         tokens = f"{int((item['masks'][0] > 0.5).sum())} of {item['masks'].shape[1]} tokens inside" if item else \
             said(text, "error:", "TRACEBACK")
