@@ -2946,6 +2946,7 @@ import re
 import signal
 
 from reliability import badinput as B
+from reliability import outputs as RO
 
 WHITE, RED = (255, 255, 255), (255, 0, 0)
 # fault -> the reason in its one-line error, or what the loaded image must be
@@ -3134,11 +3135,11 @@ def test_torchrun_dead_rank_ends_the_job_and_resume_may_change_the_rank_count(to
               "--warmup", "1", "--lr", "1e-2", "--ckpt-every", "1", "--keep", "9", "--steps", "5", "--lambda-attn", "0"]
     sft(tmp_path / "one", manifest, *common, "--grad-accum", "2")
     p = torchrun(tmp_path / "killed", *common)
-    B.wait_for(lambda: (tmp_path / "killed" / "ckpt-0000002").is_dir(), timeout=120)
-    pids = B.worker_pids(p)
+    RO.wait_for(lambda: (tmp_path / "killed" / "ckpt-0000002").is_dir(), timeout=120)
+    pids = RO.worker_pids(p)
     os.kill(pids[1], 9)
-    assert B.wait_for(lambda: p.poll() is not None, timeout=60) < 30 and p.returncode != 0
-    assert not any(B.alive(pid) for pid in pids.values())
+    assert RO.wait_for(lambda: p.poll() is not None, timeout=60) < 30 and p.returncode != 0
+    assert not any(RO.alive(pid) for pid in pids.values())
     assert not (tmp_path / "killed" / "ckpt-0000005").exists()          # it did stop before the end
     sft(tmp_path / "killed", manifest, *common, "--grad-accum", "2", "--resume")
     # a 1-rank run stopped after step 2, resumed on 2 ranks
@@ -3161,13 +3162,13 @@ def test_torchrun_hung_rank_times_out(toy_run, tmp_path):
     p = torchrun(tmp_path / "hung", "--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
                  "--batch-size", "2", "--steps", "500", "--ckpt-every", "1", "--lambda-attn", "0",
                  "--dist-timeout", "3")
-    B.wait_for(lambda: (tmp_path / "hung" / "ckpt-0000001").is_dir(), timeout=120)
-    pids = B.worker_pids(p)
+    RO.wait_for(lambda: (tmp_path / "hung" / "ckpt-0000001").is_dir(), timeout=120)
+    pids = RO.worker_pids(p)
     os.kill(pids[1], signal.SIGSTOP)                            # rank 1 stops answering; rank 0 waits in a collective
-    took = B.wait_for(lambda: not B.alive(pids[0]), timeout=120)
+    took = RO.wait_for(lambda: not RO.alive(pids[0]), timeout=120)
     os.kill(pids[1], signal.SIGCONT)                            # so torchrun's SIGTERM reaches it
     assert p.wait(timeout=60) != 0 and took < 3 + 15 and "Timed out" in p.stderr.read()
-    assert not any(B.alive(pid) for pid in pids.values())
+    assert not any(RO.alive(pid) for pid in pids.values())
 
 # -----------------------------------------------------------------------------
 # bad input, part 2 (issue: no input that ends in a traceback)
@@ -5065,7 +5066,7 @@ def test_ablation_refuses_a_work_folder_made_under_other_settings(tmp_path):
     flags = [a for k, v in small.items() for a in ("--" + k.replace("_", "-"), str(v))]
     for extra in (["--drop-prompt", "0.1"], ["--ref-guidance", "4"], ["--text-guidance", "2"]):
         with pytest.raises(SystemExit, match="holds runs made with .* pass another --work"):
-            EA.ablation(EA.parser.parse_args(["--base", str(base), "--work", str(work), *flags, *extra]))
+            EA.ablation(EA.build_parser().parse_args(["--base", str(base), "--work", str(work), *flags, *extra]))
     assert json.loads((work / "settings.json").read_text()) == made and os.listdir(work) == ["settings.json"]
 
 def follows_own_colour(tmp_path, model_args, distance=toy.HARD["far"], pairs=6, seeds=4):
@@ -5150,8 +5151,8 @@ def script_parser(name, first=None):
     """The argparse parser of a script ("sample.py") or module ("experiments.world"), caught as its main parses
     (first: the subcommand, for a main that picks its parser by it)."""
     mod = importlib.import_module(name.removesuffix(".py"))
-    if isinstance(getattr(mod, "parser", None), argparse.ArgumentParser):
-        return mod.parser
+    if not hasattr(mod, "main"):                            # a module run only as __main__: its own builder
+        return mod.build_parser()
     caught = []
 
     class Caught(Exception):

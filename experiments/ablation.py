@@ -41,39 +41,41 @@ from PIL import Image
 import cli as CL
 import data as D
 import dataset as DS
-import runs
 import toy
 import training as TR
 from experiments import common as C
 from experiments import world as EW
 
-parser = argparse.ArgumentParser(prog="python -m experiments.ablation", epilog=__doc__,
-                                 description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-g = parser.add_argument_group("the base and the world (as the base was trained)")
-g.add_argument("--base", required=True, help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
-g.add_argument("--sprite", type=int, nargs=2, default=list(toy.TARGET_PX), metavar=("LO", "HI"),
-               help="target sprite side (toy.py --sprite)")
-g.add_argument("--ref-size", type=int, default=16, help="reference side (toy.py / train_sft.py --ref-size)")
-g = parser.add_argument_group("the runs")
-g.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
-g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-g.add_argument("--n", type=int, default=3000, help="training records, 1 to 4 subjects each")
-g.add_argument("--steps", type=int, default=300, help="stage-multi steps of every row")
-g.add_argument("--batch-size", type=int, default=16)
-g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
-g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
-g.add_argument("--drop-prompt", type=CL.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of "
-               "every stage-multi row (keeps the empty prompt's velocity for --text-guidance; reference dropout is "
-               "refused in stage multi)")
-g = parser.add_argument_group("scoring")
-g.add_argument("--test-n", type=int, default=48, help="test records per test set")
-g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
-g.add_argument("--ref-guidance", type=float, default=1.0, help="guidance on the references when sampling (default 1, "
-               "none: the tables in experiments/README.md were sampled so)")
-g.add_argument("--text-guidance", type=float, default=1.0, help="guidance on the prompt when sampling (default 1)")
-g.add_argument("--table", default=None, help="also write the markdown tables to this file")
-g.add_argument("--figure", default=None, help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m experiments.ablation", epilog=__doc__,
+                                description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("the base and the world (as the base was trained)")
+    g.add_argument("--base", required=True, help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
+    g.add_argument("--sprite", type=int, nargs=2, default=list(toy.TARGET_PX), metavar=("LO", "HI"),
+                   help="target sprite side (toy.py --sprite)")
+    g.add_argument("--ref-size", type=int, default=16, help="reference side (toy.py / train_sft.py --ref-size)")
+    g = p.add_argument_group("the runs")
+    g.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--n", type=int, default=3000, help="training records, 1 to 4 subjects each")
+    g.add_argument("--steps", type=int, default=300, help="stage-multi steps of every row")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
+    g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
+    g.add_argument("--drop-prompt", type=CL.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of "
+                   "every stage-multi row (keeps the empty prompt's velocity for --text-guidance; reference dropout is "
+                   "refused in stage multi)")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--test-n", type=int, default=48, help="test records per test set")
+    g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
+    g.add_argument("--ref-guidance", type=float, default=1.0, help="guidance on the references when sampling (default 1, "
+                   "none: the tables in experiments/README.md were sampled so)")
+    g.add_argument("--text-guidance", type=float, default=1.0, help="guidance on the prompt when sampling (default 1)")
+    g.add_argument("--table", default=None, help="also write the markdown tables to this file")
+    g.add_argument("--figure", default=None, help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
+    return p
+
 
 ROWS = [  # (row, how it is trained): stage multi from the base; IPPO from the + MoE-LoRA row's adapter
     ("L_diff (LoRA)", ["--experts", "0", "--lambda-attn", "0"]),
@@ -326,4 +328,4 @@ def ablation(args):
     return scores
 
 if __name__ == "__main__":
-    ablation(parser.parse_args())
+    ablation(build_parser().parse_args())

@@ -39,15 +39,17 @@ import model as M
 import runs
 import toy
 
-parser = argparse.ArgumentParser(prog="python -m reliability.faults", epilog=__doc__,
-                                 description=__doc__.split("\n\n")[0].strip(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--kills", type=int, default=2, help="random kills from outside per trainer")
-parser.add_argument("--stages", nargs="*", default=None, help="the protocol stages killed at (default: all; none: "
-                    "only the random kills and the corruptions)")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
-parser.add_argument("--table", default=None, help="also write the markdown table to this file")
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m reliability.faults", epilog=__doc__,
+                                description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=2, help="random kills from outside per trainer")
+    p.add_argument("--stages", nargs="*", default=None, help="the protocol stages killed at (default: all; none: "
+                   "only the random kills and the corruptions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    p.add_argument("--table", default=None, help="also write the markdown table to this file")
+    return p
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository: where the trainers are
 # the stages of runs.write_checkpoint, in order (runs.checkpoint_hook's names for the adapter stages)
@@ -198,4 +200,4 @@ def faults(args):
     return rows
 
 if __name__ == "__main__":
-    faults(parser.parse_args())
+    faults(build_parser().parse_args())
