@@ -33,16 +33,17 @@ without diffusers takes its wheel carried along:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site \
         python3 bench.py gpu --json $OUT/gpu.json                                       # there
 
-Performance only: the toy ablation is experiments/ablation.py, the fault and bad-input harnesses are in
-reliability/ (each folder's README says how to run them).
+Performance only: the toy ablation is experiments/ablation.py, the fault and bad-input harnesses are
+in reliability/ (each folder's README says how to run them).
 
-`dit`: a mid-sized FLUX (hidden 512, 8 heads of 64, 4 double + 8 single blocks) on 1024 image tokens (32x32),
-two 16x16 references with UNO ids and 128 text tokens, batch 1, fp32, guidance-embedded. diffusers' model gets
-the same weights through diffusers' own BFL->diffusers converter (patched for hidden sizes other than 3072)
-and sees the references as part of one image sequence with concatenated ids, its output sliced to the target
-tokens: exactly what our model computes. Measured for each: forward (no_grad) and forward+backward time
-(backward w.r.t. all parameters of loss = mean(out^2)), model FLOPs (torch's FlopCounterMode), model FLOP
-utilization against this machine's fp32 matmul speed measured in the same run, and peak memory.
+`dit`: a mid-sized FLUX (hidden 512, 8 heads of 64, 4 double + 8 single blocks) on 1024 image tokens
+(32x32), two 16x16 references with UNO ids and 128 text tokens, batch 1, fp32, guidance-embedded.
+diffusers' model gets the same weights through diffusers' own BFL->diffusers converter
+(patched for hidden sizes other than 3072) and sees the references as part of one image sequence
+with concatenated ids, its output sliced to the target tokens: exactly what our model computes.
+Measured for each: forward (no_grad) and forward+backward time (backward w.r.t. all parameters of
+loss = mean(out^2)), model FLOPs (torch's FlopCounterMode), model FLOP utilization against this
+machine's fp32 matmul speed measured in the same run, and peak memory.
 """
 import os
 

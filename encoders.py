@@ -80,7 +80,8 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         for i in range(len(p.ch_mult)):
             level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1])
+            level.block = nn.ModuleList(ResnetBlock(chans[i] if j == 0 else chans[i + 1],
+                                                    chans[i + 1])
                                         for j in range(p.num_res_blocks))
             if i != len(p.ch_mult) - 1:
                 level.downsample = Downsample(chans[i + 1])
@@ -145,7 +146,8 @@ class AutoEncoder(nn.Module):
     def encode(self, x):
         if not self.p.ch_mult:
             return F.pixel_unshuffle(x, self.p.factor)
-        mean = self.encoder(x).chunk(2, dim=1)[0]          # the posterior's mean; its log-variance is unused
+        # the posterior's mean; its log-variance is unused
+        mean = self.encoder(x).chunk(2, dim=1)[0]
         return self.p.scale_factor * (mean - self.p.shift_factor)
 
     def decode(self, z):
@@ -157,12 +159,13 @@ class AutoEncoder(nn.Module):
 # text conditioning
 
 def note_truncation(encoder, lengths, prompts):
-    """Prompts longer than the encoder's max_len are cut there: warn the first time, count every one (truncated)."""
+    """Prompts longer than the encoder's max_len are cut there: warn the first time, count every one
+    (truncated)."""
     long = [(n, p) for n, p in zip(lengths, prompts) if n > encoder.max_len]
     if long and not encoder.truncated:
         n, p = long[0]
-        print(f"warning: a prompt of {n} tokens is cut to the text encoder's {encoder.max_len} ({p[:40]!r}...); "
-              f"later ones are only counted", file=sys.stderr)
+        print(f"warning: a prompt of {n} tokens is cut to the text encoder's {encoder.max_len} "
+              f"({p[:40]!r}...); later ones are only counted", file=sys.stderr)
     encoder.truncated += len(long)
 
 @contextmanager
@@ -177,17 +180,19 @@ def mha_fastpath(enabled):
 
 class ByteTextEncoder(nn.Module):
     """Tokenizer-free text encoder for the toy preset: UTF-8 bytes -> a small transformer.
-    Returns the sequence (B, max_len, context_in_dim) and a pooled vector (B, vec_in_dim), like T5 + CLIP."""
+    Returns the sequence (B, max_len, context_in_dim) and a pooled vector (B, vec_in_dim), like T5 +
+    CLIP."""
     def __init__(self, cfg: M.FluxConfig, dim=64, layers=2, heads=4):
         super().__init__()
         self.max_len, self.truncated = cfg.max_txt_len, 0
         if cfg.txt_pad not in ("max", "longest"):
             raise ValueError(f"txt_pad must be 'max' or 'longest', not {cfg.txt_pad!r}")
         self.txt_pad = cfg.txt_pad
-        self.null_prompt = False                              # trained on "" (--drop-prompt): text guidance's baseline
+        self.null_prompt = False           # trained on "" (--drop-prompt): text guidance's baseline
         self.embed = nn.Embedding(257, dim)                   # 256 byte values + padding (256)
         self.pos = nn.Parameter(torch.randn(cfg.max_txt_len, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.to_txt = nn.Linear(dim, cfg.context_in_dim)
         self.to_vec = nn.Linear(dim, cfg.vec_in_dim)
@@ -195,7 +200,8 @@ class ByteTextEncoder(nn.Module):
     def tokenize(self, prompts):
         data = [p.encode("utf-8") for p in prompts]
         note_truncation(self, [len(b) for b in data], prompts)
-        width = self.max_len if self.txt_pad == "max" else max(1, min(self.max_len, max(map(len, data))))
+        width = self.max_len if self.txt_pad == "max" else max(1, min(
+            self.max_len, max(map(len, data))))
         ids = torch.full((len(prompts), width), 256, dtype=torch.long)
         for i, b in enumerate(data):
             b = list(b[: self.max_len])
@@ -205,16 +211,19 @@ class ByteTextEncoder(nn.Module):
     def forward(self, prompts):
         ids = self.tokenize(prompts).to(self.pos.device)                  # (B, L)
         pad = ids == 256
-        # torch's fused inference path (eval, no grad) returns NaN for a row that is all padding (the empty prompt,
-        # text guidance's); the path training runs gives it zero attention: that one, always, so both agree
+        # torch's fused inference path (eval, no grad) returns NaN for a row that is all padding
+        # (the empty prompt, text guidance's); the path training runs gives it zero attention: that
+        # one, always, so both agree
         with mha_fastpath(False):
-            h = self.encoder(self.embed(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)   # (B, L, dim)
+            # (B, L, dim)
+            h = self.encoder(self.embed(ids) + self.pos[:ids.shape[1]], src_key_padding_mask=pad)
         keep = (~pad).float()[..., None]
         pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)             # mean over real bytes
         return self.to_txt(h), self.to_vec(pooled)
 
 class T5CLIPEncoder(nn.Module):
-    """The official conditioning: T5-XXL last hidden state (padded to max_len) and CLIP-L pooled output."""
+    """The official conditioning: T5-XXL last hidden state (padded to max_len) and CLIP-L pooled
+    output."""
     def __init__(self, max_len, t5, clip, dtype=torch.bfloat16):
         # t5, clip: local model folders (weights.load_t5_clip finds them)
         super().__init__()
@@ -228,10 +237,12 @@ class T5CLIPEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, prompts):
         dev = self.t5.device
-        note_truncation(self, [len(ids) for ids in self.t5_tok(prompts).input_ids], prompts)   # CLIP: 77, as BFL
+        # CLIP: 77, as BFL
+        note_truncation(self, [len(ids) for ids in self.t5_tok(prompts).input_ids], prompts)
         t = self.t5_tok(prompts, max_length=self.max_len, padding="max_length", truncation=True,
                         return_tensors="pt")
-        c = self.clip_tok(prompts, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+        c = self.clip_tok(prompts, max_length=77, padding="max_length", truncation=True,
+                          return_tensors="pt")
         txt = self.t5(input_ids=t.input_ids.to(dev)).last_hidden_state          # (B, max_len, 4096)
         y = self.clip(input_ids=c.input_ids.to(dev)).pooler_output              # (B, 768)
         return txt, y

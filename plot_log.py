@@ -1,14 +1,16 @@
 """
-Training curves from runs' log.jsonl files, as one PNG, so runs can be compared by eye (PIL only, no plotting library).
+Training curves from runs' log.jsonl files, as one PNG, so runs can be compared by eye (PIL only, no
+plotting library).
 
     python plot_log.py runs/multi                              # -> runs/multi/curves.png
     python plot_log.py runs/a runs/b --out ab.png              # two runs, one colour each, every shared metric
     python plot_log.py runs/rl/log.jsonl --keys val_total reward_total --smooth 5
 
-A run is its folder (holding log.jsonl) or the file itself. Every numeric field of the records is a metric, one panel
-each, against "step" (train_sft.py) or "iter" (train_rl.py); lists (expert_load) and NaN/inf values are left out.
---smooth N draws a trailing mean over N points (the raw curve stays, faint). A missing file or a line that is not
-a JSON object is one error naming file:line (exit status 2); nothing is written then.
+A run is its folder (holding log.jsonl) or the file itself. Every numeric field of the records is a
+metric, one panel each, against "step" (train_sft.py) or "iter" (train_rl.py); lists (expert_load)
+and NaN/inf values are left out. --smooth N draws a trailing mean over N points (the raw curve
+stays, faint). A missing file or a line that is not a JSON object is one error naming file:line
+(exit status 2); nothing is written then.
 """
 import json, math, os, sys
 
@@ -17,17 +19,21 @@ from PIL import Image, ImageDraw, ImageFont
 import cli as CL
 import data as D
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
-X_KEYS = ("step", "iter")                  # train_sft.py logs by optimizer step, train_rl.py by iteration
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+X_KEYS = ("step", "iter")            # train_sft.py logs by optimizer step, train_rl.py by iteration
 
 def build_parser():
     p = CL.Parser(description=__doc__)
     p.add_argument("runs", nargs="+", help="run folders (holding log.jsonl) or log.jsonl files")
-    p.add_argument("--out", default=None, help="PNG to write (default: curves.png beside the first run's log)")
-    p.add_argument("--keys", nargs="+", default=None, help="metrics to draw (default: every numeric one)")
-    p.add_argument("--smooth", type=int, default=1, help="trailing mean over this many points (1: none)")
-    p.add_argument("--panel", type=int, nargs=2, default=(360, 220), metavar=("W", "H"), help="panel size (px)")
+    p.add_argument("--out", default=None,
+                   help="PNG to write (default: curves.png beside the first run's log)")
+    p.add_argument("--keys", nargs="+", default=None,
+                   help="metrics to draw (default: every numeric one)")
+    p.add_argument("--smooth", type=int, default=1,
+                   help="trailing mean over this many points (1: none)")
+    p.add_argument("--panel", type=int, nargs=2, default=(360, 220), metavar=("W", "H"),
+                   help="panel size (px)")
     D.add_force(p)
     return p
 
@@ -50,16 +56,17 @@ def read_log(path):
             try:
                 rec = json.loads(line)
             except ValueError:
-                if not line.endswith(b"\n"):           # the last line of a run still writing: not yet whole
+                if not line.endswith(b"\n"):   # the last line of a run still writing: not yet whole
                     break
                 raise D.InputError(f"{path}:{n}: not a JSON line") from None
             if not isinstance(rec, dict):
                 raise D.InputError(f"{path}:{n}: not a JSON object")
             x = next((rec[k] for k in X_KEYS if isinstance(rec.get(k), (int, float))), None)
             if x is None:
-                continue                               # a record of no step (none are written today)
+                continue                       # a record of no step (none are written today)
             for k, v in rec.items():
-                if k not in X_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if (k not in X_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v)):
                     series.setdefault(k, []).append((x, float(v)))
     return series
 
@@ -88,15 +95,18 @@ def panel(draw, box, title, curves, font, smooth):
     xa, xb, va, vb = min(xs), max(xs), min(vs), max(vs)
     if xb == xa:
         xb = xa + 1
-    if vb == va:                                   # a flat curve: centre it in a band around its value
+    if vb == va:                                # a flat curve: centre it in a band around its value
         va, vb = va - 0.5 * (abs(va) or 1), vb + 0.5 * (abs(vb) or 1)
-    to_px = lambda x, v: (left + (x - xa) / (xb - xa) * (right - left), bottom - (v - va) / (vb - va) * (bottom - top))
+    to_px = lambda x, v: (left + (x - xa) / (xb - xa) * (right - left),
+                          bottom - (v - va) / (vb - va) * (bottom - top))
     for label, (x, y) in ((fmt(vb), (x0 + 4, top - 4)), (fmt(va), (x0 + 4, bottom - 8)),
-                          (fmt(xa), (left, bottom + 4)), (fmt(xb), (right - 6 * len(fmt(xb)), bottom + 4))):
+                          (fmt(xa), (left, bottom + 4)), (fmt(xb),
+                                                          (right - 6 * len(fmt(xb)), bottom + 4))):
         draw.text((x, y), label, fill=(60, 60, 60), font=font)
     for colour, c in curves:
         faint = tuple(int(0.35 * ch + 0.65 * 255) for ch in colour)
-        for line, col in (((c, faint), (smoothed(c, smooth), colour)) if smooth > 1 else ((c, colour),)):
+        for line, col in (((c, faint), (smoothed(c, smooth), colour)) if smooth > 1
+                          else ((c, colour),)):
             xy = [to_px(x, v) for x, v in line]
             if len(xy) == 1:
                 draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=col)
@@ -104,11 +114,13 @@ def panel(draw, box, title, curves, font, smooth):
                 draw.line(xy, fill=col, width=2 if col == colour else 1)
 
 def plot(runs, keys=None, smooth=1, size=(360, 220)):
-    """runs: [(name, {metric: [(x, v)]})] -> a PIL image: a legend row, then a grid of panels (3 across)."""
+    """runs: [(name, {metric: [(x, v)]})] -> a PIL image: a legend row, then a grid of panels
+    (3 across)."""
     names = keys or sorted({k for _, s in runs for k in s})
     names = [k for k in names if any(k in s for _, s in runs)]
     if not names:
-        raise D.InputError("no numeric metric to draw" + (f" among --keys {' '.join(keys)}" if keys else ""))
+        raise D.InputError("no numeric metric to draw"
+                           + (f" among --keys {' '.join(keys)}" if keys else ""))
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     W, H, legend = size[0] * cols, size[1] * rows, 18 * len(runs) + 8

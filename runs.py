@@ -1,15 +1,19 @@
 """
-Run folders: the folder --out holds one run, and no kill, signal, full disk or second trainer can lose its work.
+Run folders: the folder --out holds one run, and no kill, signal, full disk or second trainer can
+lose its work.
 
-  Run               one run's folder for the life of the process: a lock (one writer), a used folder refused unless
-                    --resume or --fresh, resume from the newest *complete* checkpoint whatever `latest` says, the
-                    saved args.json compared with the new ones, SIGTERM / Ctrl-C saving at the next step boundary
-  write_checkpoint  the checkpoint protocol: files into .tmp-ckpt-N (each fsynced and hashed on its way to the disk),
-                    a completion marker with each file's size and sha256, rename, swap `latest`, rotate older
-                    checkpoints; checkpoint_hook runs between stages (the fault harness kills the process there:
+  Run               one run's folder for the life of the process: a lock (one writer), a used folder
+                    refused unless --resume or --fresh, resume from the newest *complete* checkpoint
+                    whatever `latest` says, the saved args.json compared with the new ones, SIGTERM
+                    / Ctrl-C saving at the next step boundary
+  write_checkpoint  the checkpoint protocol: files into .tmp-ckpt-N (each fsynced and hashed on its
+                    way to the disk), a completion marker with each file's size and sha256, rename,
+                    swap `latest`, rotate older checkpoints; checkpoint_hook runs between stages
+                    (the fault harness kills the process there:
                     python -m reliability.faults)
-  verify            on --resume: a checkpoint whose content is not what was written (a flipped bit keeps its size)
-                    or whose weights no training makes is passed over for the one before it
+  verify            on --resume: a checkpoint whose content is not what was written
+                    (a flipped bit keeps its size) or whose weights no training makes is passed over
+                    for the one before it
   add_run_args      the flags every run shares (seed, checkpoint cadence, timeouts), typed by cli.py
 
 Both trainers use it through training.py; nothing here knows what is trained.
@@ -43,8 +47,8 @@ def print0(*a):
         print(*a, file=sys.stderr)
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (it diverged, its checkpoint cannot be written): the message says why and names the
-    last checkpoint, intact."""
+    """A run that cannot go on (it diverged, its checkpoint cannot be written): the message says why
+    and names the last checkpoint, intact."""
 
 # -----------------------------------------------------------------------------
 # the trainers' shared flags
@@ -59,18 +63,22 @@ def add_run_args(p, ckpt_every, eval_every):
     g = p.add_argument_group("run (the folder --out holds one run; see runs.Run)")
     g.add_argument("--out", required=True)
     how = g.add_mutually_exclusive_group()
-    how.add_argument("--resume", action="store_true", help="continue from OUT's newest complete checkpoint")
-    how.add_argument("--fresh", action="store_true", help="start over in an OUT that holds a run: the old run is "
-                     f"moved to OUT/{PREVIOUS}/ and removed when the new run's first checkpoint is written")
-    # every noise is seeded by seed * 1_000_003 + its index: under 2^32 that stays inside a generator's 64 bits
+    how.add_argument("--resume", action="store_true",
+                     help="continue from OUT's newest complete checkpoint")
+    how.add_argument("--fresh", action="store_true", help="start over in an OUT that holds a run: "
+                     f"the old run is moved to OUT/{PREVIOUS}/ and removed when the new run's "
+                     "first checkpoint is written")
+    # every noise is seeded by seed * 1_000_003 + its index: under 2^32 that stays inside a
+    # generator's 64 bits
     g.add_argument("--seed", type=CL.int_in(0, 2 ** 32 - 1), default=0)
     g.add_argument("--ckpt-every", type=CL.positive, default=ckpt_every)
     g.add_argument("--keep", type=CL.positive, default=2, help="checkpoints kept")
     D.add_force(g)
     g.add_argument("--eval-every", type=CL.positive, default=eval_every)
     g.add_argument("--device", default=None)
-    g.add_argument("--dist-timeout", type=CL.positive_float, default=600, help="seconds a rank waits for the others in "
-                   "a collective before the job stops (a dead or hung rank; rank 0 also checkpoints meanwhile)")
+    g.add_argument("--dist-timeout", type=CL.positive_float, default=600,
+                   help="seconds a rank waits for the others in a collective before the job stops "
+                   "(a dead or hung rank; rank 0 also checkpoints meanwhile)")
     return g
 
 def resolved(value, default):
@@ -78,30 +86,35 @@ def resolved(value, default):
     return default if value is None else value
 
 # -----------------------------------------------------------------------------
-# checkpoints: OUT/ckpt-STEP folders written by a protocol that no kill can break (write_checkpoint), and read back
-# by what the folder holds, not by what `latest` says (a copy can make it a real folder, a kill can leave it behind)
+# checkpoints: OUT/ckpt-STEP folders written by a protocol that no kill can break
+# (write_checkpoint), and read back by what the folder holds, not by what `latest` says
+# (a copy can make it a real folder, a kill can leave it behind)
 
 class RunFolderError(RuntimeError):
-    """The run folder cannot be used as asked: in use, holds another run, no complete checkpoint to resume."""
+    """The run folder cannot be used as asked: in use, holds another run, no complete checkpoint to
+    resume."""
 
 class Stopped(Exception):
-    """SIGTERM / SIGINT: the run saved a checkpoint at a step boundary and stops; exit status 128 + the signal."""
+    """SIGTERM / SIGINT: the run saved a checkpoint at a step boundary and stops; exit status 128 +
+    the signal."""
     def __init__(self, signum, message):
         super().__init__(message)
         self.status = 128 + signum
 
 CKPT = re.compile(r"ckpt-(\d+)$")
-MARKER = D.CHECKPOINT_MARKER       # written last into a checkpoint: its step, ranks, each file's size and sha256
-PREVIOUS = "previous"               # the run --fresh moved aside, until the new run's first checkpoint
-MOVING = "previous.part"            # ... while it is being moved
-RUN_ENTRIES = D.RUN_FILES           # with ckpt-*: what makes a folder hold a run
-INPUTS = ("data", "cache", "val_data", "init", "adapter")   # the flags naming what a trainer reads: never in OUT
-GARBAGE = (".tmp-ckpt-", ".old-", ".latest.tmp")           # a killed write's leftovers: removed on opening
+# written last into a checkpoint: its step, ranks, each file's size and sha256
+MARKER = D.CHECKPOINT_MARKER
+PREVIOUS = "previous"            # the run --fresh moved aside, until the new run's first checkpoint
+MOVING = "previous.part"         # ... while it is being moved
+RUN_ENTRIES = D.RUN_FILES        # with ckpt-*: what makes a folder hold a run
+# the flags naming what a trainer reads: never in OUT
+INPUTS = ("data", "cache", "val_data", "init", "adapter")
+GARBAGE = (".tmp-ckpt-", ".old-", ".latest.tmp")    # a killed write's leftovers: removed on opening
 
 def checkpoint_hook(stage, step):
-    """Called after each stage of write_checkpoint (its names: "begin", each file's name, "marker", "aside",
-    "renamed", "unlinked-latest", "latest", "rotated", "previous", "done"). The fault harness kills the process
-    there with MULTICRAFTER_KILL_AT=STAGE@STEP; tests replace it."""
+    """Called after each stage of write_checkpoint (its names: "begin", each file's name, "marker",
+    "aside", "renamed", "unlinked-latest", "latest", "rotated", "previous", "done"). The fault
+    harness kills the process there with MULTICRAFTER_KILL_AT=STAGE@STEP; tests replace it."""
     if os.environ.get("MULTICRAFTER_KILL_AT") == f"{stage}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -110,8 +123,9 @@ def write_bytes(f, data):
     f.write(data)
 
 class _Sink:
-    # the file torch.save writes to: it keeps the OSError a write raised (torch reports any as "unexpected pos"),
-    # and hashes the bytes on their way to the disk (no second read of a file that may be gigabytes)
+    # the file torch.save writes to: it keeps the OSError a write raised (torch reports any as
+    # "unexpected pos"), and hashes the bytes on their way to the disk (no second read of a file
+    # that may be gigabytes)
     def __init__(self, f):
         self.f, self.error, self.sha = f, None, hashlib.sha256()
 
@@ -128,8 +142,9 @@ class _Sink:
         self.f.flush()
 
 def write_file(path, produce):
-    """produce(file) writes path's content, then it is flushed to the disk (fsync). -> (its size in bytes, the sha256
-    of what was written). A failed write is its OSError (ENOSPC: the disk is full), whoever wrote."""
+    """produce(file) writes path's content, then it is flushed to the disk (fsync). ->
+    (its size in bytes, the sha256 of what was written). A failed write is its OSError
+    (ENOSPC: the disk is full), whoever wrote."""
     with open(path, "wb") as f:
         sink = _Sink(f)
         try:
@@ -142,13 +157,14 @@ def write_file(path, produce):
         os.fsync(f.fileno())
     return os.path.getsize(path), sink.sha.hexdigest()
 
-# AdamW moves a weight by about lr <= MAX_LR a step, and a trained weight stays far below this; one flipped exponent
-# bit multiplies a weight by up to 2^128 (0.01 -> 3e36): finite, so only a bound on the magnitude tells it
+# AdamW moves a weight by about lr <= MAX_LR a step, and a trained weight stays far below this; one
+# flipped exponent bit multiplies a weight by up to 2^128 (0.01 -> 3e36): finite, so only a bound on
+# the magnitude tells it
 MAX_WEIGHT = 1e6
 
 def first_bad(named, limit=None):
-    """The first floating tensor of `named` ((name, tensor) pairs) holding a NaN or an inf, or (given a limit) a
-    value of larger magnitude -> (name, what is wrong), or None."""
+    """The first floating tensor of `named` ((name, tensor) pairs) holding a NaN or an inf, or
+    (given a limit) a value of larger magnitude -> (name, what is wrong), or None."""
     for n, t in named:
         if not (torch.is_tensor(t) and t.is_floating_point()):
             continue
@@ -160,8 +176,8 @@ def first_bad(named, limit=None):
     return None
 
 def incomplete(path):
-    """Why the checkpoint folder `path` is not whole (no marker, a file missing or of another size than the marker
-    recorded: an interrupted copy), or None."""
+    """Why the checkpoint folder `path` is not whole (no marker, a file missing or of another size
+    than the marker recorded: an interrupted copy), or None."""
     marker = os.path.join(path, MARKER)
     try:
         with open(marker) as f:
@@ -173,8 +189,8 @@ def incomplete(path):
         file = os.path.join(path, name)
         have = os.path.getsize(file) if os.path.isfile(file) else None
         if have != size:
-            return f"{file}: " + ("missing" if have is None else f"{have} bytes where its checkpoint recorded "
-                                                                f"{size} (an interrupted copy?)")
+            return f"{file}: " + ("missing" if have is None else f"{have} bytes where its "
+                                  f"checkpoint recorded {size} (an interrupted copy?)")
     return None
 
 def sha256_of(path):
@@ -185,10 +201,11 @@ def sha256_of(path):
     return h.hexdigest()
 
 def verify(path):
-    """Why the complete checkpoint folder `path` cannot be trusted, or None: a file whose content is not what was
-    written (its sha256 differs from the marker's: a flipped bit keeps the size, so `incomplete` cannot see it), or a
-    weights file holding a value no training makes (first_bad: NaN, inf, or a flipped exponent bit's 1e37). Reads
-    every file once (sha256 runs at ~1.6 GB/s on one core here). A marker written before digests were recorded has
+    """Why the complete checkpoint folder `path` cannot be trusted, or None: a file whose content is
+    not what was written (its sha256 differs from the marker's: a flipped bit keeps the size, so
+    `incomplete` cannot see it), or a weights file holding a value no training makes
+    (first_bad: NaN, inf, or a flipped exponent bit's 1e37). Reads every file once
+    (sha256 runs at ~1.6 GB/s on one core here). A marker written before digests were recorded has
     its weights checked only."""
     try:
         with open(os.path.join(path, MARKER)) as f:
@@ -200,8 +217,8 @@ def verify(path):
         file = os.path.join(path, name)
         try:
             if sha256_of(file) != want:
-                return f"{file}: its content is not what its checkpoint recorded (sha256 differs: a corrupted disk " \
-                       f"or copy)"
+                return (f"{file}: its content is not what its checkpoint recorded (sha256 differs: "
+                        f"a corrupted disk or copy)")
         except OSError as e:
             return f"{file}: unreadable ({e.strerror})"
     for name in sorted(os.listdir(path)):
@@ -236,7 +253,8 @@ def discard(path):
         os.remove(path)
 
 def remove(path):
-    # a folder goes in two steps: renamed out of the way (atomic), then deleted (a kill leaves only garbage)
+    # a folder goes in two steps: renamed out of the way (atomic), then deleted (a kill leaves only
+    # garbage)
     if os.path.lexists(path):
         aside = os.path.join(os.path.dirname(path), ".old-" + os.path.basename(path))
         discard(aside)
@@ -244,8 +262,8 @@ def remove(path):
         discard(aside)
 
 def point_latest(out, name, step):
-    # OUT/latest -> name: a new symlink renamed over the old one (atomic). A real folder (a cp -rL or rsync copy
-    # of the run) cannot be renamed over: it is moved aside first
+    # OUT/latest -> name: a new symlink renamed over the old one (atomic). A real folder
+    # (a cp -rL or rsync copy of the run) cannot be renamed over: it is moved aside first
     latest, link = os.path.join(out, "latest"), os.path.join(out, ".latest.tmp")
     if os.path.isdir(latest) and not os.path.islink(latest):
         remove(latest)
@@ -257,10 +275,11 @@ def point_latest(out, name, step):
     D.fsync_dir(out)
 
 def write_checkpoint(out, step, files, world, keep):
-    """The protocol: OUT/.tmp-ckpt-STEP gets every file ({name: produce(file)}, each fsynced) and last the marker,
-    then is renamed to OUT/ckpt-STEP; then `latest` is swapped, this run's older checkpoints beyond `keep` go, and so
-    does the run --fresh moved aside. A kill at any point leaves the last complete checkpoint and at worst garbage
-    that the next opening removes; checkpoint_hook runs after each stage."""
+    """The protocol: OUT/.tmp-ckpt-STEP gets every file ({name: produce(file)}, each fsynced) and
+    last the marker, then is renamed to OUT/ckpt-STEP; then `latest` is swapped, this run's older
+    checkpoints beyond `keep` go, and so does the run --fresh moved aside. A kill at any point
+    leaves the last complete checkpoint and at worst garbage that the next opening removes;
+    checkpoint_hook runs after each stage."""
     name = f"ckpt-{step:07d}"
     tmp, final = os.path.join(out, f".tmp-{name}"), os.path.join(out, name)
     checkpoint_hook("begin", step)
@@ -271,14 +290,16 @@ def write_checkpoint(out, step, files, world, keep):
         for file, produce in files.items():
             sizes[file], digests[file] = write_file(os.path.join(tmp, file), produce)
             checkpoint_hook(file, step)
-        marker = json.dumps({"step": step, "world": world, "files": sizes, "sha256": digests}).encode()
+        marker = (
+            json.dumps({"step": step, "world": world, "files": sizes, "sha256": digests}).encode())
         write_file(os.path.join(tmp, MARKER), lambda f: f.write(marker))
         D.fsync_dir(tmp)
         checkpoint_hook("marker", step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.lexists(final):       # a ckpt-STEP already there (an incomplete copy, or the same step of a run
+    # a ckpt-STEP already there (an incomplete copy, or the same step of a run
+    if os.path.lexists(final):
         remove(final)                # resumed from before it): ours replaces it
         checkpoint_hook("aside", step)
     os.replace(tmp, final)
@@ -286,13 +307,14 @@ def write_checkpoint(out, step, files, world, keep):
     checkpoint_hook("renamed", step)
     point_latest(out, name, step)
     checkpoint_hook("latest", step)
-    # rotation: only checkpoints older than this one (never a higher-numbered one, whoever wrote it). This one is
-    # verified: its digests were taken as it was written and Run.save refused weights that first_bad names, so the
-    # newest verified checkpoint is never the one rotation removes
+    # rotation: only checkpoints older than this one (never a higher-numbered one, whoever wrote
+    # it). This one is verified: its digests were taken as it was written and Run.save refused
+    # weights that first_bad names, so the newest verified checkpoint is never the one rotation
+    # removes
     for _, path, _ in [c for c in checkpoints(out) if c[0] < step][keep - 1:]:
         remove(path)
     checkpoint_hook("rotated", step)
-    remove(os.path.join(out, PREVIOUS))              # the new run has its first checkpoint: the old one may go
+    remove(os.path.join(out, PREVIOUS))   # the new run has its first checkpoint: the old one may go
     checkpoint_hook("previous", step)
     checkpoint_hook("done", step)
 
@@ -310,10 +332,11 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     else:
         weights = {"adapter.safetensors": ML.adapter_file(flux, acfg, {"step": str(step)})}
     optimizer = opt.state_dict()
-    optimizer["state"] = {i: {k: WT.whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+    optimizer["state"] = {i: {k: WT.whole(v) for k, v in s.items()}
+                          for i, s in optimizer["state"].items()}
     state = {"step": step, "consumed": consumed, "world": world, "optimizer": optimizer}
-    moments = [(f"optimizer state {k} of parameter {i}", v) for i, s in state["optimizer"]["state"].items()
-               for k, v in s.items()]
+    moments = [(f"optimizer state {k} of parameter {i}", v)
+               for i, s in state["optimizer"]["state"].items() for k, v in s.items()]
     tensors = [(k, v) for sd, _ in weights.values() for k, v in sd.items()]
     bad = first_bad(tensors, MAX_WEIGHT) or first_bad(moments)
     files = {f: (lambda f, sd=sd, meta=meta: f.write(save_safetensors(sd, metadata=meta)))
@@ -323,12 +346,13 @@ def checkpoint_files(step, flux, text, acfg, opt, args, consumed, world):
     return files, bad
 
 def load_checkpoint(path, flux, text, acfg, opt):
-    """A checkpoint folder into the models and the optimizer -> (step, consumed, ranks that saved it). A checkpoint
-    that is unreadable or belongs to another run (other adapters, another optimizer) is one CheckpointError naming
-    the file."""
+    """A checkpoint folder into the models and the optimizer -> (step, consumed, ranks that saved
+    it). A checkpoint that is unreadable or belongs to another run (other adapters, another
+    optimizer) is one CheckpointError naming the file."""
     if not os.path.isdir(path):
         raise WT.CheckpointError(f"{path}: not a checkpoint folder")
-    if acfg is None:            # copied into the parameters the optimizer holds (assigning new ones would leave it
+    # copied into the parameters the optimizer holds (assigning new ones would leave it
+    if acfg is None:
         WT.load_toy(path, into=(flux, text))                                   # updating the old)
     else:
         file = os.path.join(path, "adapter.safetensors")
@@ -336,16 +360,19 @@ def load_checkpoint(path, flux, text, acfg, opt):
     file = os.path.join(path, "train_state.pt")
     if not os.path.isfile(file):
         raise WT.CheckpointError(f"{file}: no such file")
-    try:   # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
+    # weights_only: tensors and plain containers only, no object in the pickle is ever constructed
+    try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-        params = [p for g in opt.param_groups for p in g["params"]]         # the saved state's integer keys index these
+        # the saved state's integer keys index these
+        params = [p for g in opt.param_groups for p in g["params"]]
         state["optimizer"]["state"] = {i: {k: WT.placed_like(params[i], v) for k, v in s.items()}
-                                       for i, s in state["optimizer"]["state"].items()}                # FSDP: its shard
+                                       # FSDP: its shard
+                                       for i, s in state["optimizer"]["state"].items()}
         opt.load_state_dict(state["optimizer"])
         return state["step"], state["consumed"], state["world"]
     except pickle.UnpicklingError:
-        raise WT.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with weights_only=True "
-                                f"runs none of a pickle's code)") from None
+        raise WT.CheckpointError(f"{file}: not a pickle of tensors only: refused (torch.load with "
+                                 f"weights_only=True runs none of a pickle's code)") from None
     except Exception as e:   # missing, torn, another run's optimizer: all the file's fault
         raise WT.CheckpointError(f"{file}: not this run's training state ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -354,23 +381,24 @@ def load_checkpoint(path, flux, text, acfg, opt):
 # the run folder: one run, one writer, never lost
 
 def lock(out):
-    """OUT/.lock (D.RUN_LOCK), held for the life of this process (flock: the kernel lets go when the process ends,
-    however it ends), with our pid and host written in it -> its descriptor. Another holder: a RunFolderError."""
+    """OUT/.lock (D.RUN_LOCK), held for the life of this process (flock: the kernel lets go when the
+    process ends, however it ends), with our pid and host written in it -> its descriptor. Another
+    holder: a RunFolderError."""
     fd = os.open(os.path.join(out, D.RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunFolderError(f"{out} is in use by {holder}: one trainer writes a run folder at a time (wait for it "
-                             f"to end, or give another --out)") from None
+        raise RunFolderError(f"{out} is in use by {holder}: one trainer writes a run folder at a "
+                             f"time (wait for it to end, or give another --out)") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return fd
 
 def trim_log(path, step):
-    """OUT/log.jsonl as of checkpoint `step`: a killed run logged steps after it (they run again) and may have torn
-    its last line."""
+    """OUT/log.jsonl as of checkpoint `step`: a killed run logged steps after it (they run again)
+    and may have torn its last line."""
     if not os.path.isfile(path):
         return
     kept = []
@@ -388,53 +416,57 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 def compare_args(saved, now, may_change, per_step, saved_world, world, where):
-    """The arguments a checkpoint was saved with against this run's -> a note naming the deliberate changes (the
-    flags in may_change) or None. A change of any other flag would make the resumed run something other than the
-    saved run's continuation (other data or data order, another model or adapter shape, another stage or
-    procedure): a RunFolderError naming each. per_step: the flag that, times the ranks, is the global number of
-    micro-batches (or prompts) per step; the ranks may change where that product does not."""
-    now = json.loads(json.dumps(now))                        # as args.json holds it (tuples -> lists)
-    # a flag the checkpoint predates (added to the trainer since) is the same run while it is left off
+    """The arguments a checkpoint was saved with against this run's -> a note naming the deliberate
+    changes (the flags in may_change) or None. A change of any other flag would make the resumed run
+    something other than the saved run's continuation (other data or data order, another model or
+    adapter shape, another stage or procedure): a RunFolderError naming each. per_step: the flag
+    that, times the ranks, is the global number of micro-batches (or prompts) per step; the ranks
+    may change where that product does not."""
+    now = json.loads(json.dumps(now))                      # as args.json holds it (tuples -> lists)
+    # a flag the checkpoint predates (added to the trainer since) is the same run while it is left
+    # off
     predates = lambda k: k not in saved and now[k] in (None, False)
     changed = [k for k in now if k not in ("out", "resume", "fresh", "force") and not predates(k)
                and saved.get(k, "(unset)") != now[k]]
     say = lambda ks: ", ".join(f"{flag(k)} {saved.get(k, '(unset)')} -> {now[k]}" for k in ks)
     refused = [say([k]) for k in changed if k not in may_change]
-    total = saved.get(per_step, 0) * saved_world                         # micro-batches (prompts) per step
+    total = saved.get(per_step, 0) * saved_world                  # micro-batches (prompts) per step
     if total != now[per_step] * world:
         fix = f"pass {flag(per_step)} {total // world}" if total % world == 0 else \
             f"run on a number of ranks that divides {total}"
-        refused.append(f"the global batch ({saved_world} rank(s) x {flag(per_step)} {saved.get(per_step)} -> "
-                       f"{world} x {now[per_step]}: {fix})")
+        refused.append(f"the global batch ({saved_world} rank(s) x {flag(per_step)} "
+                       f"{saved.get(per_step)} -> {world} x {now[per_step]}: {fix})")
     if refused:
-        raise RunFolderError(f"{where}: resuming needs the settings it was saved with: {', '.join(refused)} "
-                             f"(change them back, or use another --out or --fresh)")
+        raise RunFolderError(f"{where}: resuming needs the settings it was saved with: "
+                             f"{', '.join(refused)} (change them back, or use "
+                             "another --out or --fresh)")
     noted = [k for k in changed if k in may_change]
     return f"note: resuming {where} with {say(noted)}" if noted else None
 
 class Run:
     """The folder --out holds one run, for the life of a trainer (a context manager):
-    - one writer: rank 0 holds OUT/.lock (lock); the other ranks never touch the folder but to read the checkpoint
-      rank 0 chose (every decision is rank 0's, broadcast);
+    - one writer: rank 0 holds OUT/.lock (lock); the other ranks never touch the folder but to read
+      the checkpoint rank 0 chose (every decision is rank 0's, broadcast);
     - an OUT that is or holds one of the run's inputs (INPUTS) or lies in a checkpoint is refused
       (data.check_output);
-    - a folder holding a run (ckpt-*, latest, log.jsonl, best.safetensors) is refused without --resume or --fresh;
-      --fresh moves that run to OUT/previous/ (write_checkpoint removes it once the new run has a checkpoint, so a
-      kill in between loses nothing);
-    - --resume takes the newest complete checkpoint that verify() trusts (whatever `latest` says; one it does not is
-      a note, and the one before it is taken), after comparing its args.json;
-    - save(): non-finite or absurd weights (first_bad) are never written, a failed write (a full disk) is one line and
-      leaves the last checkpoint intact;
-    - SIGTERM / SIGINT set a flag; at the next step boundary (step_done) the run saves and stops (Stopped)."""
+    - a folder holding a run (ckpt-*, latest, log.jsonl, best.safetensors) is refused without
+      --resume or --fresh; --fresh moves that run to OUT/previous/ (write_checkpoint removes it once
+      the new run has a checkpoint, so a kill in between loses nothing);
+    - --resume takes the newest complete checkpoint that verify() trusts (whatever `latest` says;
+      one it does not is a note, and the one before it is taken), after comparing its args.json;
+    - save(): non-finite or absurd weights (first_bad) are never written, a failed write
+      (a full disk) is one line and leaves the last checkpoint intact;
+    - SIGTERM / SIGINT set a flag; at the next step boundary (step_done) the run saves and stops
+      (Stopped)."""
 
     def __init__(self, args, argv, script, may_change, per_step, ddp, rank, world, device):
         self.out, self.args, self.argv, self.script = args.out, args, list(argv), script
         self.may_change, self.per_step = may_change, per_step
         self.ddp, self.master, self.world, self.device = ddp, rank == 0, world, device
         self.fd, self.signum, self.handlers = None, 0, {}
-        self.made = None                    # the outermost folder this run created, while it holds nothing
-        self.last = None                    # (step, path) of this run's newest checkpoint, on every rank
-        self.resume_from = None             # the checkpoint to resume (a path), or None: start at step 0
+        self.made = None             # the outermost folder this run created, while it holds nothing
+        self.last = None             # (step, path) of this run's newest checkpoint, on every rank
+        self.resume_from = None      # the checkpoint to resume (a path), or None: start at step 0
 
     def __enter__(self):
         try:
@@ -452,7 +484,8 @@ class Run:
         self.resume_from = verdict[1]
         self.last = newest_of(verdict[1])
         if threading.current_thread() is threading.main_thread():
-            self.handlers = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            self.handlers = {s: signal.signal(s, self._signal)
+                             for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc):
@@ -460,26 +493,28 @@ class Run:
             signal.signal(s, h)
         self.handlers = {}
         if self.fd is not None:
-            os.close(self.fd)                      # the lock goes with it
+            os.close(self.fd)           # the lock goes with it
             self.fd = None
-        if self.made:                              # a start that failed before writing anything leaves nothing
+        if self.made:                   # a start that failed before writing anything leaves nothing
             self._unmake()
         self.made = None
 
     def _unmake(self):
-        """Remove the folders this run created, if they hold nothing but the lock and an empty log: OUT, then each
-        parent it made, while empty (another run may have made its own folder beside ours meanwhile)."""
+        """Remove the folders this run created, if they hold nothing but the lock and an empty log:
+        OUT, then each parent it made, while empty (another run may have made its own folder beside
+        ours meanwhile)."""
         out = os.path.abspath(self.out)
         log = os.path.join(out, "log.jsonl")
         try:
-            if set(os.listdir(out)) - {".lock", "log.jsonl"} or os.path.isfile(log) and os.path.getsize(log):
+            if (set(os.listdir(out)) - {".lock", "log.jsonl"}
+                or os.path.isfile(log) and os.path.getsize(log)):
                 return
             for name in (".lock", "log.jsonl"):
                 if os.path.isfile(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
             folder = out
             while True:
-                os.rmdir(folder)                               # fails (and stops) on a folder not empty
+                os.rmdir(folder)                           # fails (and stops) on a folder not empty
                 if folder == self.made:
                     return
                 folder = os.path.dirname(folder)
@@ -578,16 +613,17 @@ class Run:
         holds = found or any(os.path.lexists(os.path.join(out, n)) for n in RUN_ENTRIES)
         if holds and not self.args.fresh:
             step = done[0][0] if done else 0
-            raise RunFolderError(f"{out} holds a run at step {step}: pass --resume to continue, or another --out "
-                                 f"(or --fresh to start over)")
+            raise RunFolderError(f"{out} holds a run at step {step}: pass --resume to continue, or "
+                                 f"another --out (or --fresh to start over)")
         if holds:
             self._move_aside(bool(done))
         return None
 
     def _move_aside(self, newer=True):
-        """--fresh: every run entry of OUT into OUT/previous.part, then that renamed to OUT/previous. A previous/
-        already there is an earlier run that --fresh replaced: it goes if the run after it saved a checkpoint
-        (newer), else it stays (it holds the newest checkpoints) and what the run after it left goes."""
+        """--fresh: every run entry of OUT into OUT/previous.part, then that renamed to
+        OUT/previous. A previous/ already there is an earlier run that --fresh replaced: it goes if
+        the run after it saved a checkpoint (newer), else it stays (it holds the newest checkpoints)
+        and what the run after it left goes."""
         out = self.out
         prev, part = os.path.join(out, PREVIOUS), os.path.join(out, MOVING)
         entries = [n for n in os.listdir(out) if CKPT.match(n) or n in RUN_ENTRIES]
@@ -602,31 +638,35 @@ class Run:
             os.replace(os.path.join(out, n), os.path.join(part, n))
         os.replace(part, prev)
         D.fsync_dir(out)
-        print0(f"note: --fresh: the run that was in {out} is now in {prev} (removed at this run's first checkpoint)")
+        print0(f"note: --fresh: the run that was in {out} is now in {prev} (removed at "
+               "this run's first checkpoint)")
 
     # ---- saving ----
 
     def save(self, step, flux, text, acfg, opt, consumed):
-        """Every rank calls it; rank 0 writes OUT/ckpt-STEP (write_checkpoint). Non-finite weights or optimizer state
-        are not written; a failed write leaves the last checkpoint: both a TrainingError on every rank."""
+        """Every rank calls it; rank 0 writes OUT/ckpt-STEP (write_checkpoint). Non-finite weights
+        or optimizer state are not written; a failed write leaves the last checkpoint: both a
+        TrainingError on every rank."""
         if hasattr(opt, "consolidate_state_dict"):
-            opt.consolidate_state_dict(to=0)                 # ZeRO: gather the sharded optimizer state first
-        # FSDP shards the weights and the optimizer state: every rank builds the checkpoint then (gathering), rank 0
-        # alone writes it
+            opt.consolidate_state_dict(to=0)        # ZeRO: gather the sharded optimizer state first
+        # FSDP shards the weights and the optimizer state: every rank builds the checkpoint then
+        # (gathering), rank 0 alone writes it
         made = checkpoint_files(step, flux, text, acfg, opt, self.args, consumed, self.world) \
             if self.master or WT.sharded(flux) else None
         error = None
         if self.master:
             files, bad = made
             if bad:
-                error = (f"step {step}: {bad[0]} {bad[1]} (the run diverged: try a lower --lr): not saved; "
-                         f"{self.intact()}")
+                error = (f"step {step}: {bad[0]} {bad[1]} (the run diverged: try a lower --lr): "
+                         f"not saved; {self.intact()}")
             else:
                 try:
                     write_checkpoint(self.out, step, files, self.world, self.args.keep)
                 except OSError as e:
-                    why = "disk full" if e.errno == errno.ENOSPC else f"{e.strerror or e} ({e.filename})"
-                    error = f"{self.out}: {why} writing checkpoint {step}; {self.intact(newest(self.out))}"
+                    why = ("disk full" if e.errno == errno.ENOSPC
+                           else f"{e.strerror or e} ({e.filename})")
+                    error = (f"{self.out}: {why} writing checkpoint {step}; "
+                             f"{self.intact(newest(self.out))}")
         error = self._agree(error)
         if error:
             raise TrainingError(error)
@@ -643,12 +683,12 @@ class Run:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.signum = signum
-        print0(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
-               f"(again: stop now)")
+        print0(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+               f"stopping (again: stop now)")
 
     def step_done(self, step, due, flux, text, acfg, opt, consumed):
-        """The end of a step: save if a checkpoint is due or a signal came (all ranks agree: the flag is
-        all-reduced), and then stop with Stopped."""
+        """The end of a step: save if a checkpoint is due or a signal came (all ranks agree: the
+        flag is all-reduced), and then stop with Stopped."""
         signum = self.signum
         if self.ddp:
             t = torch.tensor([signum], device=self.device)
@@ -657,8 +697,8 @@ class Run:
         if due or (signum and not (self.last and self.last[0] == step)):
             self.save(step, flux, text, acfg, opt, consumed)
         if signum:
-            raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {self.intact()}; "
-                                  f"continue with: {self.resume_command()}")
+            raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: "
+                          f"{self.intact()}; continue with: {self.resume_command()}")
 
     def resume_command(self):
         launcher = ["python"] if not self.ddp else ["torchrun", f"--nproc_per_node={self.world}"]

@@ -1,12 +1,13 @@
 """
 The test suite: `python -m pytest -q test_all.py` (CPU, fp32, no downloads; about a minute or two).
 
-Tests are behavioural and compare against independent references: diffusers' FluxTransformer2DModel and
-AutoencoderKL loaded through diffusers' own BFL->diffusers converters, torch.distributions, hand-computed
-values. No test needs real weights: tiny random configs and synthetic checkpoints with the official names.
+Tests are behavioural and compare against independent references: diffusers' FluxTransformer2DModel
+and AutoencoderKL loaded through diffusers' own BFL->diffusers converters, torch.distributions,
+hand-computed values. No test needs real weights: tiny random configs and synthetic checkpoints with
+the official names.
 
-One section per source file, in the layout order (the libraries, then the scripts, then the project as a
-whole); the helpers used by several sections come first.
+One section per source file, in the layout order (the libraries, then the scripts, then the project
+as a whole); the helpers used by several sections come first.
 """
 
 import argparse
@@ -85,26 +86,28 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # ---- shared fixtures: helpers used by several sections ----
 
 def tiny_cfg(**kw):
-    base = dict(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=4,
+    base = dict(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+                num_heads=4,
                 depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6), guidance_embed=True)
     base.update(kw)
     return M.FluxConfig(**base)
 
 def randomize(module, seed=0):
-    # every parameter away from its init (RMSNorm scales near 1, biases non-zero): a swapped or unused
-    # tensor cannot hide behind a default value
+    # every parameter away from its init (RMSNorm scales near 1, biases non-zero): a swapped or
+    # unused tensor cannot hide behind a default value
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            p.copy_(noise * (0.02 if p.ndim > 1 else 0.1) + (1.0 if n.endswith((".scale", "norm.weight")) or
-                                                              (".norm" in n and n.endswith(".weight")) else 0.0))
+            p.copy_(noise * (0.02 if p.ndim > 1 else 0.1)
+                    + (1.0 if n.endswith((".scale", "norm.weight")) or
+                       (".norm" in n and n.endswith(".weight")) else 0.0))
     return module
 
 @pytest.fixture(scope="session")
 def diffusers_oracle():
-    """diffusers' FluxTransformer2DModel plus its own BFL->diffusers converter, generalized to any width
-    (diffusers 0.42 hard-codes inner_dim = 3072 in it)."""
+    """diffusers' FluxTransformer2DModel plus its own BFL->diffusers converter, generalized to any
+    width (diffusers 0.42 hard-codes inner_dim = 3072 in it)."""
     pytest.importorskip("diffusers")
     import diffusers.loaders.single_file_utils as sfu
     from diffusers import FluxTransformer2DModel
@@ -120,8 +123,10 @@ def to_diffusers(cfg, ours, oracle):
     ref = FluxTransformer2DModel(patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth,
                                  num_single_layers=cfg.depth_single_blocks,
                                  attention_head_dim=cfg.hidden_size // cfg.num_heads,
-                                 num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-                                 pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed,
+                                 num_attention_heads=cfg.num_heads,
+                                 joint_attention_dim=cfg.context_in_dim,
+                                 pooled_projection_dim=cfg.vec_in_dim,
+                                 guidance_embeds=cfg.guidance_embed,
                                  axes_dims_rope=tuple(cfg.axes_dim)).eval()
     sd = dict(ours.state_dict())
     ref.load_state_dict(convert(sd), strict=True)
@@ -131,7 +136,8 @@ def to_diffusers(cfg, ours, oracle):
 DEMO = ["assets/orange_circle.png", "assets/blue_square.png"]          # the README's quick start
 
 def random_toy(folder):
-    # the toy architecture with random weights (seed 0), as a checkpoint folder: a generator that reads nothing
+    # the toy architecture with random weights (seed 0), as a checkpoint folder: a generator that
+    # reads nothing
     cfg = M.get_config("toy")
     folder.mkdir()
     torch.manual_seed(0)
@@ -141,11 +147,13 @@ def random_toy(folder):
 
 def tiny_inputs(cfg, B=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    img, ids = M.pack(torch.randn(B, cfg.in_channels // 4, 6, 4, generator=g)), M.grid_ids(3, 2, batch=B)
+    img, ids = (M.pack(torch.randn(B, cfg.in_channels // 4, 6, 4, generator=g)),
+                M.grid_ids(3, 2, batch=B))
     refs = [M.pack(torch.randn(B, cfg.in_channels // 4, 4, 4, generator=g))]
     rids = M.ref_ids((3, 2), [(2, 2)], batch=B)
     return (img, ids, torch.randn(B, 5, cfg.context_in_dim, generator=g), torch.zeros(B, 5, 3),
-            torch.rand(B, generator=g), torch.randn(B, cfg.vec_in_dim, generator=g), torch.full((B,), 3.5)), \
+            torch.rand(B, generator=g), torch.randn(B, cfg.vec_in_dim, generator=g),
+            torch.full((B,), 3.5)), \
         dict(ref_img=refs, ref_img_ids=rids)
 
 def read_jsonl(path):
@@ -175,7 +183,8 @@ def bad_manifest(tmp_path):
     solid_png(root / "m.png", (32, 32), 255, "L")
     solid_png(root / "small.png", (16, 16), 255, "L")
     solid_png(root / "empty.png", (32, 32), 0, "L")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "big.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        root / "big.png")
     blob = (root / "big.png").read_bytes()
     (root / "trunc.png").write_bytes(blob[: len(blob) // 2])
     (root / "zero.png").write_bytes(b"")
@@ -185,28 +194,32 @@ def bad_manifest(tmp_path):
     lines = [
         (json.dumps(good), None),
         (json.dumps(dict(good, refs=["nope.png"])), "refs[0]"),                      # missing file
-        (json.dumps(dict(good, target="trunc.png", masks=None)), "target"),           # truncated image
-        (json.dumps(dict(good, refs=["zero.png"])), "refs[0]"),                       # zero-byte file
-        (json.dumps(dict(good, masks=["small.png"])), "masks[0]"),                    # mask of the wrong size
-        (json.dumps(dict(good, masks=["empty.png"])), "masks[0]"),                    # empty mask
-        (json.dumps(dict(good, refs=["r.png", "r.png"])), "masks"),                   # 2 refs, 1 mask
-        (json.dumps(dict(good, refs=["../outside.png"])), "refs[0]"),                 # escapes the root
-        (json.dumps(dict(good, target=str(root / "t.png"))), "target"),               # absolute path
-        ('{"target": "t.png", "prompt": "caf\xe9", "refs": ["r.png"]}', "record"),    # not UTF-8 (latin-1 byte)
-        ('{"target": "t.png", "prompt": "a thing", "refs": ["r.png"]', "record"),     # invalid JSON
-        (json.dumps(dict(good, refs=["link.png"])), "refs[0]"),                       # symlink out of the root
-        (json.dumps(dict(good, points=[[[0.1, 0.2, 1.5, 0.1]]])), "points[0][0]"),    # a point outside [0, 1]
-        ("", None),                                                                   # blank lines are fine
+        (json.dumps(dict(good, target="trunc.png", masks=None)), "target"),        # truncated image
+        (json.dumps(dict(good, refs=["zero.png"])), "refs[0]"),                    # zero-byte file
+        (json.dumps(dict(good, masks=["small.png"])), "masks[0]"),          # mask of the wrong size
+        (json.dumps(dict(good, masks=["empty.png"])), "masks[0]"),                 # empty mask
+        (json.dumps(dict(good, refs=["r.png", "r.png"])), "masks"),                # 2 refs, 1 mask
+        (json.dumps(dict(good, refs=["../outside.png"])), "refs[0]"),             # escapes the root
+        (json.dumps(dict(good, target=str(root / "t.png"))), "target"),            # absolute path
+        # not UTF-8 (latin-1 byte)
+        ('{"target": "t.png", "prompt": "caf\xe9", "refs": ["r.png"]}', "record"),
+        ('{"target": "t.png", "prompt": "a thing", "refs": ["r.png"]', "record"),  # invalid JSON
+        (json.dumps(dict(good, refs=["link.png"])), "refs[0]"),            # symlink out of the root
+        # a point outside [0, 1]
+        (json.dumps(dict(good, points=[[[0.1, 0.2, 1.5, 0.1]]])), "points[0][0]"),
+        ("", None),                                                           # blank lines are fine
         (json.dumps(dict(good, refs=[], masks=[])), "refs"),
         (json.dumps(good), None),
     ]
-    data = b"".join(text.encode("latin-1" if "\xe9" in text else "utf-8") + b"\n" for text, _ in lines)
+    data = b"".join(text.encode("latin-1" if "\xe9" in text else "utf-8") + b"\n"
+                    for text, _ in lines)
     (root / "m.jsonl").write_bytes(data)
     return str(root / "m.jsonl"), {n: f for n, (_, f) in enumerate(lines, 1) if f}
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """A toy data set and a random toy base in the folder format stage base writes (and sample.py reads)."""
+    """A toy data set and a random toy base in the folder format stage base writes (and sample.py
+    reads)."""
     root = tmp_path_factory.mktemp("toyrun")
     manifest = toy.write_world(str(root / "data"), 16, seed=0, subjects=(2, 3))
     cfg = M.get_config("toy")
@@ -217,8 +230,8 @@ def toy_run(tmp_path_factory):
     return root, manifest
 
 def sft(out, manifest, *extra):
-    TS.main(["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
-             "--rank", "4", *extra])
+    TS.main(["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1",
+             "--warmup", "1", "--rank", "4", *extra])
 
 def read_log(out):
     return [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
@@ -231,23 +244,26 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def images(n, seed=0, size=(40, 30)):
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            for _ in range(n)]
 
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
     d = str(tmp_path_factory.mktemp("dino"))
     torch.manual_seed(1)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             image_size=32, patch_size=8)).save_pretrained(d)
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(d)
+    BitImageProcessor(size={"shortest_edge": 32},
+                      crop_size={"height": 32, "width": 32}).save_pretrained(d)
     return d
 
 def florence_dir(d, answer):
-    # a tiny random Florence-2 whose saved generation config forces `answer` (bigram sequence biases), so the
-    # real generate -> batch_decode -> post_process_generation path yields known boxes
-    from transformers import BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration, \
-        Florence2Processor
+    # a tiny random Florence-2 whose saved generation config forces `answer` (bigram sequence
+    # biases), so the real generate -> batch_decode -> post_process_generation path yields known
+    # boxes
+    from transformers import (BartTokenizer, CLIPImageProcessor, Florence2Config,
+                              Florence2ForConditionalGeneration, Florence2Processor)
     os.makedirs(d, exist_ok=True)
     words = ["Locate", "the", "phrases", "in", "caption:", "a", "red", "circle", "blue", "square"]
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
@@ -258,21 +274,24 @@ def florence_dir(d, answer):
         json.dump(vocab, f)
     with open(f"{d}/merges.txt", "w") as f:
         f.write("#version: 0.2\n")
-    tok = BartTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", extra_special_tokens={"image_token": "<image>"})
+    tok = BartTokenizer(f"{d}/vocab.json", f"{d}/merges.txt",
+                        extra_special_tokens={"image_token": "<image>"})
     tok.add_tokens([f"<loc_{i}>" for i in range(1000)])
     # a 16 px image: one 4x4 stage of patches + 1 pooled token = 17 image tokens
     ip = CLIPImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16},
                             do_center_crop=False, image_seq_length=17)
-    Florence2Processor(ip, tok, post_processor_config={"phrase_grounding": {"banned_grounding_tokens": []}}
+    Florence2Processor(ip, tok,
+                       post_processor_config={"phrase_grounding": {"banned_grounding_tokens": []}}
                        ).save_pretrained(d)
     torch.manual_seed(2)
     model = Florence2ForConditionalGeneration(Florence2Config(
-        text_config=dict(model_type="bart", vocab_size=len(tok), max_position_embeddings=320, encoder_layers=1,
-                         decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16, encoder_attention_heads=1,
-                         decoder_attention_heads=1, d_model=16, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-                         decoder_start_token_id=2),
-        vision_config=dict(depths=[1], patch_size=[7], patch_stride=[4], patch_padding=[3], patch_prenorm=[False],
-                           embed_dim=[16], num_heads=[1], num_groups=[1], window_size=4, projection_dim=16),
+        text_config=dict(model_type="bart", vocab_size=len(tok), max_position_embeddings=320,
+                         encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16,
+                         encoder_attention_heads=1, decoder_attention_heads=1, d_model=16,
+                         bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2),
+        vision_config=dict(depths=[1], patch_size=[7], patch_stride=[4], patch_padding=[3],
+                           patch_prenorm=[False], embed_dim=[16], num_heads=[1], num_groups=[1],
+                           window_size=4, projection_dim=16),
         image_token_id=tok.image_token_id))
     seq = [2, 0] + tok.convert_tokens_to_ids(answer) + [2]
     assert len(set(seq[1:-1])) == len(seq) - 2 and tok.unk_token_id not in seq
@@ -282,28 +301,31 @@ def florence_dir(d, answer):
 
 @pytest.fixture(scope="module")
 def flo_dir(tmp_path_factory):
-    return florence_dir(str(tmp_path_factory.mktemp("florence")), ["a", "\u0120red", "\u0120circle", "<loc_100>",
-                                                                  "<loc_200>", "<loc_500>", "<loc_600>"])
+    return florence_dir(str(tmp_path_factory.mktemp("florence")), [
+        "a", "\u0120red", "\u0120circle", "<loc_100>", "<loc_200>", "<loc_500>", "<loc_600>"])
 
 class Face:
     def __init__(self, bbox, emb):
-        self.bbox, self.normed_embedding, self.det_score = np.asarray(bbox, np.float32), unit(*emb), 0.9
+        self.bbox, self.normed_embedding, self.det_score = (np.asarray(bbox, np.float32),
+                                                            unit(*emb), 0.9)
 
 def rl(out, manifest, base, *extra):
-    # unguided unless a test asks (the toy preset's default guides, 3 forwards a velocity: guidance is tested apart)
-    RL.main(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps", "4",
-             "--window", "2", "--tau", "1", "--stride", "1", "--group", "4", "--lr", "1e-2",
+    # unguided unless a test asks (the toy preset's default guides, 3 forwards a velocity: guidance
+    # is tested apart)
+    RL.main(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps",
+             "4", "--window", "2", "--tau", "1", "--stride", "1", "--group", "4", "--lr", "1e-2",
              "--ref-guidance", "1", "--text-guidance", "1", *extra])
 
 WHITE, RED = (255, 255, 255), (255, 0, 0)
 
 def toy_weights(kind):
-    """kind -> (a fresh model to load into, the file's tensors, its header, another architecture's tensors, load)."""
+    """kind -> (a fresh model to load into, the file's tensors, its header, another architecture's
+    tensors, load)."""
     cfg = M.get_config("toy")
     small = dict(hidden_size=64, axes_dim=(4, 6, 6))
     if kind == "dit":
-        return (M.Flux(cfg), M.Flux(cfg).state_dict(), None, M.Flux(M.get_config("toy", **small)).state_dict(),
-                WT.load_state_dict_strict)
+        return (M.Flux(cfg), M.Flux(cfg).state_dict(), None,
+                M.Flux(M.get_config("toy", **small)).state_dict(), WT.load_state_dict_strict)
     if kind == "ae":
         ae = M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2)
         return (EN.AutoEncoder(ae), EN.AutoEncoder(ae).state_dict(), None,
@@ -314,32 +336,36 @@ def toy_weights(kind):
     for _, m in ML.adapters(f):
         torch.nn.init.normal_(m.up.weight)
     meta = {"multicrafter_adapter": json.dumps(acfg)}
-    return M.Flux(cfg), ML.adapter_state_dict(f), meta, ML.adapter_state_dict(other), ML.load_adapter
+    return (M.Flux(cfg), ML.adapter_state_dict(f), meta, ML.adapter_state_dict(other),
+            ML.load_adapter)
 
 def flux_call_args(cfg, B=1, h=8, w=6, refs=((4, 4),), L=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     C = cfg.in_channels // 4
     img = M.pack(torch.randn(B, C, h, w, generator=g))
     ref_img = [M.pack(torch.randn(B, C, rh, rw, generator=g)) for rh, rw in refs]
-    return (img, M.grid_ids(h // 2, w // 2, batch=B), torch.randn(B, L, cfg.context_in_dim, generator=g),
-            torch.zeros(B, L, 3), torch.rand(B, generator=g), torch.randn(B, cfg.vec_in_dim, generator=g),
-            torch.full((B,), 3.5), ref_img, M.ref_ids((h // 2, w // 2), [(rh // 2, rw // 2) for rh, rw in refs], batch=B))
+    return (img,
+            M.grid_ids(h // 2, w // 2, batch=B), torch.randn(B, L, cfg.context_in_dim, generator=g),
+            torch.zeros(B, L, 3), torch.rand(B, generator=g),
+            torch.randn(B, cfg.vec_in_dim, generator=g), torch.full((B,), 3.5), ref_img,
+            M.ref_ids((h // 2, w // 2), [(rh // 2, rw // 2) for rh, rw in refs], batch=B))
 
 def adapter_of(folder):
     return load_file(os.path.join(folder, "adapter.safetensors"))
 
 def multi(root, *extra):
     # stage multi on the toy base, one checkpoint a step
-    return ["--stage", "multi", "--init", str(root / "base"), "--lambda-attn", "0.3", "--ckpt-every", "1",
-            "--lr", "1e-2", *extra]
+    return ["--stage", "multi", "--init", str(root / "base"), "--lambda-attn", "0.3",
+            "--ckpt-every", "1", "--lr", "1e-2", *extra]
 
 def sft_cli(out, manifest, *extra):
-    return TS.cli(["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
-                   "--rank", "4", *extra])
+    return TS.cli(["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1",
+                   "--warmup", "1", "--rank", "4", *extra])
 
 def rl_cli(out, manifest, base, *extra):
-    return RL.cli(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4", "--steps", "2",
-                   "--window", "1", "--group", "2", "--minibatches", "1", "--lr", "1e-2", "--ckpt-every", "1", *extra])
+    return RL.cli(["--data", manifest, "--init", str(base), "--out", str(out), "--rank", "4",
+                   "--steps", "2", "--window", "1", "--group", "2", "--minibatches", "1", "--lr",
+                   "1e-2", "--ckpt-every", "1", *extra])
 
 def world(tmp_path, name, n, **kw):
     return read_jsonl(toy.write_world(str(tmp_path / name), n, **kw)), tmp_path / name
@@ -354,10 +380,10 @@ def no_weights(tmp_path, monkeypatch):
     return tmp_path
 
 def script_parser(name, first=None):
-    """The argparse parser of a script ("sample.py") or module ("experiments.world"), caught as its main parses
-    (first: the subcommand, for a main that picks its parser by it)."""
+    """The argparse parser of a script ("sample.py") or module ("experiments.world"), caught as its
+    main parses (first: the subcommand, for a main that picks its parser by it)."""
     mod = importlib.import_module(name.removesuffix(".py"))
-    if not hasattr(mod, "main"):                            # a module run only as __main__: its own builder
+    if not hasattr(mod, "main"):                    # a module run only as __main__: its own builder
         return mod.build_parser()
     caught = []
 
@@ -373,14 +399,14 @@ def script_parser(name, first=None):
             mod.main([first] if first else [])
     return caught[0]
 
-SCRIPTS = ("sample.py", "train_sft.py", "train_rl.py", "cache.py", "export_lora.py", "rewards.py", "toy.py",
-           "data.py", "curate.py", "plot_log.py", "bench.py")
+SCRIPTS = ("sample.py", "train_sft.py", "train_rl.py", "cache.py", "export_lora.py", "rewards.py",
+           "toy.py", "data.py", "curate.py", "plot_log.py", "bench.py")
 
 def tiny_flux2(**kw):
-    base = dict(in_channels=16, context_in_dim=24, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
-                axes_dim=(4, 4, 4, 4), text_layers=(1, 2, 3), max_txt_len=12,
-                ae=M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2,
-                                       scale_factor=1.0, shift_factor=0.0),
+    base = dict(in_channels=16, context_in_dim=24, hidden_size=64, num_heads=4, depth=2,
+                depth_single_blocks=2, axes_dim=(4, 4, 4, 4), text_layers=(1, 2, 3), max_txt_len=12,
+                ae=M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4,
+                                       factor=2, scale_factor=1.0, shift_factor=0.0),
                 image_size=32, ref_size=16, sample_steps=4)
     base.update(kw)
     return F2.Flux2Config(**base)
@@ -388,10 +414,12 @@ def tiny_flux2(**kw):
 # ---- cli.py: every script's parser: the nearest flag to a typo, help that shows the defaults ----
 
 def test_a_mistyped_flag_gets_the_nearest_one(capsys):
-    for run, argv, want in [(TS.main, ["--data", "m", "--out", "o", "--lamda-attn", "0.3"], "--lambda-attn"),
+    for run, argv, want in [(TS.main, ["--data", "m", "--out", "o", "--lamda-attn", "0.3"],
+                             "--lambda-attn"),
                             (S.main, ["--refs", "a.png", "--seeed", "1"], "--seed"),
-                            (importlib.import_module("curate").main, ["faces", "--videos", "v", "--out", "o",
-                                                                      "--treshold", "0.3"], "--threshold")]:
+                            (importlib.import_module("curate").main,
+                             ["faces", "--videos", "v", "--out", "o",
+                              "--treshold", "0.3"], "--threshold")]:
         with pytest.raises(SystemExit) as e:
             run(argv)
         err = capsys.readouterr().err
@@ -405,10 +433,11 @@ def test_every_scripts_help_exits_0_and_shows_the_defaults(script, argv, capsys)
         importlib.import_module(script.removesuffix(".py")).main(argv)
     out = capsys.readouterr().out
     assert e.value.code == 0 and "usage:" in out
-    if (script, argv[0]) not in [("rewards.py", "--help"), ("data.py", "--help"), ("curate.py", "--help"),
-                                 ("data.py", "check")]:            # subcommand lists; `check` has no default
+    if (script, argv[0]) not in [("rewards.py", "--help"), ("data.py", "--help"),
+                                 ("curate.py", "--help"),
+                                 ("data.py", "check")]:   # subcommand lists; `check` has no default
         assert "(default: " in out, out
-    if script == "train_sft.py":                          # a 20-step run learns its warm-up is 50 steps long
+    if script == "train_sft.py":                 # a 20-step run learns its warm-up is 50 steps long
         assert re.search(r"--warmup WARMUP\s+\(default: 50\)", out), out
     with pytest.raises(SystemExit) as e:
         script_parser("bench.py").parse_args(["memory", "--help"])
@@ -418,12 +447,12 @@ def test_every_scripts_help_exits_0_and_shows_the_defaults(script, argv, capsys)
 
 ORACLE_CASES = [
     # (config overrides, batch, latent h, latent w, reference latent sizes)
-    (dict(), 2, 8, 6, []),                                                               # dev-like
+    (dict(), 2, 8, 6, []),                                                        # dev-like
     (dict(hidden_size=96, num_heads=2, axes_dim=(8, 20, 20), depth=1, depth_single_blocks=3,
-          guidance_embed=False), 3, 6, 10, [(4, 4)]),                                    # schnell-like
+          guidance_embed=False), 3, 6, 10, [(4, 4)]),                             # schnell-like
     (dict(hidden_size=128, num_heads=8, axes_dim=(4, 6, 6), depth=3, depth_single_blocks=1,
           in_channels=48, out_channels=48, vec_in_dim=16, context_in_dim=24), 2, 10, 4,
-     [(4, 6), (2, 2), (6, 4)]),                                                          # toy-like, 3 refs
+     [(4, 6), (2, 2), (6, 4)]),                                                   # toy-like, 3 refs
 ]
 
 def naive_ref_maps(q, k, spans):
@@ -433,16 +462,19 @@ def naive_ref_maps(q, k, spans):
     return torch.stack([S[:, :, s:e, a:b].softmax(-1).mean((1, 2)) for s, e in spans.refs], 1)
 
 def probe_inputs(seed):
-    # random fp64 queries and keys over [txt 3 | img 7 | ref 4 | ref 6], for the probe against a naive computation
+    # random fp64 queries and keys over [txt 3 | img 7 | ref 4 | ref 6], for the probe against a
+    # naive computation
     torch.manual_seed(seed)
     B, H, D, Lt, Mi, N1, N2 = 2, 5, 8, 3, 7, 4, 6
     L = Lt + Mi + N1 + N2
     q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
-    return q, k, M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1), (Lt + Mi + N1, L)])
+    return q, k, M.Spans(txt=Lt, img=(Lt, Lt + Mi), refs=[(Lt + Mi, Lt + Mi + N1),
+                                                          (Lt + Mi + N1, L)])
 
 def naive_img_maps(q, k, spans):
-    # the full L x L attention, softmax over every key; each target query's mass on each reference's keys
+    # the full L x L attention, softmax over every key; each target query's mass on each reference's
+    # keys
     P = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
     a, b = spans.img
     return torch.stack([P[:, :, a:b, s:e].sum(-1).mean(1) for s, e in spans.refs], 1)
@@ -453,8 +485,8 @@ def probed_model_inputs(seed=4, n_refs=2):
     f = randomize(M.Flux(cfg), seed=seed)
     torch.manual_seed(seed)
     B = 2
-    args = (M.pack(torch.randn(B, 16, 6, 6)), M.grid_ids(3, 3, batch=B), torch.randn(B, 5, 48), torch.zeros(B, 5, 3),
-            torch.rand(B), torch.randn(B, 32), torch.full((B,), 3.5))
+    args = (M.pack(torch.randn(B, 16, 6, 6)), M.grid_ids(3, 3, batch=B), torch.randn(B, 5, 48),
+            torch.zeros(B, 5, 3), torch.rand(B), torch.randn(B, 32), torch.full((B,), 3.5))
     sides = [(2, 2), (1, 2), (2, 1)][:n_refs]
     refs = dict(ref_img=[M.pack(torch.randn(B, 16, 2 * h, 2 * w)) for h, w in sides],
                 ref_img_ids=M.ref_ids((3, 3), sides, batch=B))
@@ -467,8 +499,10 @@ def naive_masked_attention(q, k, v, allowed):
     return torch.einsum("bhlm,bmhd->blhd", s.softmax(-1), v).flatten(2)
 
 def test_presets():
-    assert M.get_config("flux-schnell").max_txt_len == 256 and M.get_config("flux-dev").max_txt_len == 512
-    assert not M.get_config("flux-schnell").shift_schedule and not M.get_config("flux-schnell").guidance_embed
+    assert (M.get_config("flux-schnell").max_txt_len == 256
+            and M.get_config("flux-dev").max_txt_len == 512)
+    assert (not M.get_config("flux-schnell").shift_schedule
+            and not M.get_config("flux-schnell").guidance_embed)
     cfg = M.get_config("toy")
     assert cfg.in_channels == 4 * cfg.ae.z_channels
     assert 1e6 < sum(p.numel() for p in M.Flux(cfg).parameters()) < 5e6
@@ -487,29 +521,34 @@ def test_flux_matches_diffusers(diffusers_oracle, over, B, h, w, refs):
     ref_img = [M.pack(torch.randn(B, C, rh, rw)) for rh, rw in refs]
     ref_img_ids = M.ref_ids((h // 2, w // 2), [(rh // 2, rw // 2) for rh, rw in refs], batch=B)
     L = 7
-    txt, txt_ids, y = torch.randn(B, L, cfg.context_in_dim), torch.zeros(B, L, 3), torch.randn(B, cfg.vec_in_dim)
+    txt, txt_ids, y = (torch.randn(B, L, cfg.context_in_dim), torch.zeros(B, L, 3),
+                       torch.randn(B, cfg.vec_in_dim))
     t = torch.rand(B)
     g = torch.full((B,), 3.5) if cfg.guidance_embed else None
     with torch.no_grad():
         ours_out = ours(img, img_ids, txt, txt_ids, t, y, g,
                         ref_img=ref_img or None, ref_img_ids=ref_img_ids or None)
         # diffusers knows no references: UNO's forward is plain FLUX on [img | refs], sliced to img
-        theirs = ref(hidden_states=torch.cat([img] + ref_img, 1), encoder_hidden_states=txt, pooled_projections=y,
-                     timestep=t, img_ids=torch.cat([img_ids] + ref_img_ids, 1)[0], txt_ids=txt_ids[0],
+        theirs = ref(hidden_states=torch.cat([img] + ref_img, 1), encoder_hidden_states=txt,
+                     pooled_projections=y, timestep=t,
+                     img_ids=torch.cat([img_ids] + ref_img_ids, 1)[0], txt_ids=txt_ids[0],
                      guidance=g, return_dict=False)[0][:, : img.shape[1]]
     assert ours_out.shape == (B, img.shape[1], cfg.out_channels)
     assert (ours_out - theirs).abs().max().item() < 1e-4
-    # backward too (our RMSNorm's hand-written backward, complex RoPE, the last block's target-only rows):
-    # every parameter gradient, mapped to diffusers' names by diffusers' own converter
+    # backward too (our RMSNorm's hand-written backward, complex RoPE, the last block's target-only
+    # rows): every parameter gradient, mapped to diffusers' names by diffusers' own converter
     w = torch.randn(ours_out.shape)
-    (ours(img, img_ids, txt, txt_ids, t, y, g, ref_img=ref_img or None, ref_img_ids=ref_img_ids or None) * w).sum() \
+    (ours(img, img_ids, txt, txt_ids, t, y, g, ref_img=ref_img or None,
+          ref_img_ids=ref_img_ids or None) * w).sum() \
         .backward()
-    (ref(hidden_states=torch.cat([img] + ref_img, 1), encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+    (ref(hidden_states=torch.cat([img] + ref_img, 1), encoder_hidden_states=txt,
+         pooled_projections=y, timestep=t,
          img_ids=torch.cat([img_ids] + ref_img_ids, 1)[0], txt_ids=txt_ids[0], guidance=g,
          return_dict=False)[0][:, : img.shape[1]] * w).sum().backward()
     ours_grads = diffusers_oracle[1]({n: p.grad for n, p in ours.named_parameters()})
     for n, p in ref.named_parameters():
-        assert (ours_grads[n] - p.grad).abs().max().item() < 1e-4 * max(1.0, p.grad.abs().max().item()), n
+        assert ((ours_grads[n] - p.grad).abs().max().item()
+                < 1e-4 * max(1.0, p.grad.abs().max().item())), n
 
 def test_rmsnorm_backward_against_finite_differences():
     x = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
@@ -525,10 +564,12 @@ def test_references_equal_plain_flux_on_concatenated_sequence():
     ids = M.grid_ids(3, 4, batch=B)
     refs = [M.pack(torch.randn(B, 16, 4, 4)), M.pack(torch.randn(B, 16, 2, 6))]
     rids = M.ref_ids((3, 4), [(2, 2), (1, 3)], batch=B)
-    txt, txt_ids, y, t = torch.randn(B, 5, 48), torch.zeros(B, 5, 3), torch.randn(B, 32), torch.rand(B)
+    txt, txt_ids, y, t = (torch.randn(B, 5, 48), torch.zeros(B, 5, 3), torch.randn(B, 32),
+                          torch.rand(B))
     with torch.no_grad():
         a = f(img, ids, txt, txt_ids, t, y, ref_img=refs, ref_img_ids=rids)
-        b = f(torch.cat([img] + refs, 1), torch.cat([ids] + rids, 1), txt, txt_ids, t, y)[:, : img.shape[1]]
+        b = f(torch.cat([img] + refs, 1),
+              torch.cat([ids] + rids, 1), txt, txt_ids, t, y)[:, : img.shape[1]]
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 def test_guidance_required_for_guidance_distilled_model():
@@ -544,15 +585,21 @@ def test_full_size_models_have_the_official_keys(diffusers_oracle):
     assert len(sd_dev) == 780 and len(sd_schnell) == 776
     assert sum(p.numel() for p in dev.parameters()) == 11_901_408_320
     assert sum(p.numel() for p in schnell.parameters()) == 11_891_178_560
-    assert set(sd_dev) - set(sd_schnell) == {f"guidance_in.{a}.{b}" for a in ("in_layer", "out_layer")
+    assert set(sd_dev) - set(sd_schnell) == {f"guidance_in.{a}.{b}"
+                                             for a in ("in_layer", "out_layer")
                                              for b in ("weight", "bias")}
-    # hand-written from the official flux1-dev.safetensors layout (BFL flux src/flux/model.py, modules/layers.py)
-    expect = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
+    # hand-written from the official flux1-dev.safetensors layout (BFL flux src/flux/model.py,
+    # modules/layers.py)
+    expect = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+              "vector_in.in_layer.weight": (3072, 768),
               "double_blocks.18.img_attn.qkv.weight": (9216, 3072),
               "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
-              "double_blocks.0.img_mlp.2.weight": (3072, 12288), "double_blocks.3.txt_mod.lin.weight": (18432, 3072),
-              "single_blocks.37.linear1.weight": (21504, 3072), "single_blocks.0.linear2.weight": (3072, 15360),
-              "single_blocks.5.modulation.lin.bias": (9216,), "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+              "double_blocks.0.img_mlp.2.weight": (3072, 12288),
+              "double_blocks.3.txt_mod.lin.weight": (18432, 3072),
+              "single_blocks.37.linear1.weight": (21504, 3072),
+              "single_blocks.0.linear2.weight": (3072, 15360),
+              "single_blocks.5.modulation.lin.bias": (9216,),
+              "final_layer.adaLN_modulation.1.weight": (6144, 3072),
               "final_layer.linear.weight": (64, 3072)}
     for k, shape in expect.items():
         assert tuple(sd_dev[k].shape) == shape, k
@@ -563,7 +610,8 @@ def test_full_size_models_have_the_official_keys(diffusers_oracle):
     sd = dict(sd_dev)
     converted = convert(sd)
     assert not sd
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert ({k: tuple(v.shape) for k, v in converted.items()}
+            == {k: tuple(v.shape) for k, v in theirs.items()})
 
 def test_gradient_checkpointing_changes_nothing_but_memory():
     cfg = tiny_cfg()
@@ -582,12 +630,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
         torch.testing.assert_close(results[1][1][n], g, atol=1e-7, rtol=1e-6)
 
 def test_compile_changes_nothing_but_speed(toy_run, tmp_path, monkeypatch):
-    # --compile in the trainer and the sampler: the same losses, adapters and samples. The backend is aot_eager:
-    # dynamo's capture of our blocks and AOTAutograd's graphs, what inductor compiles, without the minutes of C++
-    # compiling inductor takes on this CPU (bench.py compile measures inductor itself)
+    # --compile in the trainer and the sampler: the same losses, adapters and samples. The backend
+    # is aot_eager: dynamo's capture of our blocks and AOTAutograd's graphs, what inductor compiles,
+    # without the minutes of C++ compiling inductor takes on this CPU (bench.py compile measures
+    # inductor itself)
     monkeypatch.setattr(M, "COMPILE_BACKEND", "aot_eager")
     root, manifest = toy_run
-    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--lr", "1e-2", "--grad-checkpoint"]
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--lr", "1e-2",
+              "--grad-checkpoint"]
     try:
         sft(tmp_path / "eager", manifest, *common)
         sft(tmp_path / "compiled", manifest, *common, "--compile")
@@ -602,21 +652,24 @@ def test_compile_changes_nothing_but_speed(toy_run, tmp_path, monkeypatch):
     a, b = (adapter_of(tmp_path / r / "latest") for r in ("eager", "compiled"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
-    eager, compiled = (np.asarray(Image.open(tmp_path / n), np.int16) for n in ("eager.png", "compiled.png"))
-    assert np.abs(eager - compiled).max() <= 1 and json.loads((tmp_path / "compiled.json").read_text())["compile"]
+    eager, compiled = (np.asarray(Image.open(tmp_path / n), np.int16)
+                       for n in ("eager.png", "compiled.png"))
+    assert (np.abs(eager - compiled).max() <= 1
+            and json.loads((tmp_path / "compiled.json").read_text())["compile"])
 
 def test_attention_hook_is_the_one_swap_point_and_flash_takes_cuda_half_only(monkeypatch):
-    # every DiT block attends through M.attention: a hook swapped there changes the output, and the probe, which never
-    # goes through it, still sees the same q and k (its maps are unchanged)
+    # every DiT block attends through M.attention: a hook swapped there changes the output, and the
+    # probe, which never goes through it, still sees the same q and k (its maps are unchanged)
     cfg = tiny_cfg()
     f = randomize(M.Flux(cfg), seed=3)
-    args = (M.pack(torch.randn(1, 16, 4, 4)), M.grid_ids(2, 2), torch.randn(1, 3, 48), torch.zeros(1, 3, 3),
-            torch.rand(1), torch.randn(1, 32), torch.full((1,), 3.5))
+    args = (M.pack(torch.randn(1, 16, 4, 4)), M.grid_ids(2, 2), torch.randn(1, 3, 48),
+            torch.zeros(1, 3, 3), torch.rand(1), torch.randn(1, 32), torch.full((1,), 3.5))
     refs = dict(ref_img=[M.pack(torch.randn(1, 16, 2, 2))], ref_img_ids=M.ref_ids((2, 2), [(1, 1)]))
     probe = M.AttentionProbe()
     plain = f(*args, **refs, probe=probe)
     calls = []
-    def naive(q, k, v, mask=None):   # (B, L, H, D): softmax(q k^T / sqrt(D)) v by hand, then heads flattened
+    # (B, L, H, D): softmax(q k^T / sqrt(D)) v by hand, then heads flattened
+    def naive(q, k, v, mask=None):
         assert mask is None
         calls.append(q.shape)
         w = (torch.einsum("blhd,bmhd->bhlm", q, k) / q.shape[-1] ** 0.5).softmax(-1)
@@ -628,7 +681,8 @@ def test_attention_hook_is_the_one_swap_point_and_flash_takes_cuda_half_only(mon
     torch.testing.assert_close(probe2.mean_map(), probe.mean_map())
     monkeypatch.setattr(M, "attention", lambda q, k, v, mask=None: torch.zeros_like(q).flatten(2))
     assert not torch.allclose(f(*args, **refs), plain)
-    # flash-attention is taken only where it runs (CUDA, fp16/bf16, head dim <= 256), whatever is installed
+    # flash-attention is taken only where it runs (CUDA, fp16/bf16, head dim <= 256), whatever is
+    # installed
     monkeypatch.setattr(M, "flash_attn_func", lambda q, k, v: pytest.fail("flash called on CPU"))
     q = torch.randn(1, 4, 2, 8)
     assert not M.use_flash(q) and not M.use_flash(q.half())
@@ -646,7 +700,8 @@ def test_probe_matches_naive_attention_values_and_gradients():
     torch.testing.assert_close(ours_map, naive, atol=1e-12, rtol=0)
     torch.testing.assert_close(ours_map.sum(-1), torch.ones(B, 2, dtype=torch.float64))
     S = q @ k.transpose(-1, -2) / D ** 0.5
-    naive_logp = [torch.stack([S[b, :, s + r, a0:a1].softmax(-1).mean(0).log() for b, r in rw.tolist()])
+    naive_logp = [torch.stack([S[b, :, s + r, a0:a1].softmax(-1).mean(0).log()
+                               for b, r in rw.tolist()])
                   for (s, _), rw in zip(spans.refs, rows)]
     for a, b in zip(ours_logp, naive_logp):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -680,8 +735,8 @@ def test_probe_leaves_the_model_output_unchanged_and_passes_gradients():
     B, img, ids = 2, M.pack(torch.randn(2, 16, 6, 6)), M.grid_ids(3, 3, batch=2)
     refs = [M.pack(torch.randn(B, 16, 4, 4)), M.pack(torch.randn(B, 16, 2, 4))]
     rids = M.ref_ids((3, 3), [(2, 2), (1, 2)], batch=B)
-    args = (img, ids, torch.randn(B, 5, 48), torch.zeros(B, 5, 3), torch.rand(B), torch.randn(B, 32),
-            torch.full((B,), 3.5))
+    args = (img, ids, torch.randn(B, 5, 48), torch.zeros(B, 5, 3), torch.rand(B),
+            torch.randn(B, 32), torch.full((B,), 3.5))
     plain = f(*args, ref_img=refs, ref_img_ids=rids)
     probe = M.AttentionProbe(blocks=[0, 2])
     probed = f(*args, ref_img=refs, ref_img_ids=rids, probe=probe)
@@ -694,10 +749,11 @@ def test_probe_leaves_the_model_output_unchanged_and_passes_gradients():
     assert f.final_layer.linear.weight.grad is None          # the probe's gradient stops at block 2
 
 @pytest.mark.parametrize("direction", ["ref2img", "img2ref"])
-def test_probe_in_single_blocks_matches_naive_attention_values_and_gradients(monkeypatch, direction):
-    # every block's q and k captured where the model attends (the last single block included: a probe there needs
-    # every query); the probe's maps in the single blocks equal the naive full-attention ones, and so do their
-    # gradients with respect to the single blocks' weights
+def test_probe_in_single_blocks_matches_naive_attention_values_and_gradients(
+        monkeypatch, direction):
+    # every block's q and k captured where the model attends (the last single block included: a
+    # probe there needs every query); the probe's maps in the single blocks equal the naive
+    # full-attention ones, and so do their gradients with respect to the single blocks' weights
     cfg, f, args, refs = probed_model_inputs()
     plain = f(*args, **refs)
     seen, real = [], M.attention
@@ -705,9 +761,11 @@ def test_probe_in_single_blocks_matches_naive_attention_values_and_gradients(mon
         seen.append((q.transpose(1, 2), k.transpose(1, 2)))
         return real(q, k, v, mask)
     monkeypatch.setattr(M, "attention", capture)
-    probe = M.AttentionProbe(blocks=M.select_blocks(["single"], cfg), direction=direction, head_chunk=3)
+    probe = M.AttentionProbe(blocks=M.select_blocks(["single"], cfg), direction=direction,
+                             head_chunk=3)
     out = f(*args, **refs, probe=probe)
-    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)     # the probe changes nothing it returns
+    # the probe changes nothing it returns
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
     assert probe.names == ["s0", "s1", "s2"] and len(seen) == 5
     L_txt, L_img = 5, 9
     start, spans_refs = L_txt + L_img, []
@@ -729,14 +787,18 @@ def test_probe_in_single_blocks_matches_naive_attention_values_and_gradients(mon
 def test_block_words_name_blocks_and_refuse_unknown_ones():
     cfg = tiny_cfg(depth=2, depth_single_blocks=3)
     assert M.block_names(cfg) == ["d0", "d1", "s0", "s1", "s2"]
-    assert M.select_blocks(None, cfg) == ["d0", "d1"]                 # the paper's default: every double block
-    assert M.select_blocks(["single"], cfg) == ["s0", "s1", "s2"] and M.select_blocks(["all"], cfg)[-1] == "s2"
-    assert M.select_blocks([1, "s0", "d1"], cfg) == ["d1", "s0"]        # an integer is a double block; no repeats
+    assert M.select_blocks(None, cfg) == ["d0", "d1"]      # the paper's default: every double block
+    assert (M.select_blocks(["single"], cfg) == ["s0", "s1", "s2"]
+            and M.select_blocks(["all"], cfg)[-1] == "s2")
+    # an integer is a double block; no repeats
+    assert M.select_blocks([1, "s0", "d1"], cfg) == ["d1", "s0"]
     for bad in (["s3"], ["d2"], ["-1"], ["7"], ["singles"]):
         with pytest.raises(ValueError, match="d0, d1, s0, s1, s2"):
             M.select_blocks(bad, cfg)
 
-def test_oracle_separation_hides_exactly_the_other_subjects_and_equals_naive_masked_attention(monkeypatch):
+def test_oracle_separation_hides_exactly_the_other_subjects_and_equals_naive_masked_attention(
+    monkeypatch,
+):
     cfg, f, args, refs = probed_model_inputs(n_refs=2)
     masks = torch.zeros(2, 2, 9)
     masks[:, 0, :3], masks[:, 1, 4:6] = 1.0, 1.0
@@ -764,15 +826,18 @@ def test_oracle_separation_hides_exactly_the_other_subjects_and_equals_naive_mas
                     allowed[b, i, j] = not hide
         oracle = M.Separation(owner, M.select_blocks(["all"], cfg), directions)
         ours = f(*args, **refs, oracle=oracle)
-        # the plain forward's last single block computes the target's queries only: their rows of the mask
+        # the plain forward's last single block computes the target's queries only: their rows of
+        # the mask
         rows = lambda q: allowed if q.shape[1] == L else allowed[:, L_txt:L_txt + L_img]
-        monkeypatch.setattr(M, "attention", lambda q, k, v, mask=None: naive_masked_attention(q, k, v, rows(q)))
+        monkeypatch.setattr(M, "attention",
+                            lambda q, k, v, mask=None: naive_masked_attention(q, k, v, rows(q)))
         want = f(*args, **refs)
         monkeypatch.undo()
         torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
-        assert (ours - f(*args, **refs)).abs().max() > 1e-6               # it does change the output
+        assert (ours - f(*args, **refs)).abs().max() > 1e-6              # it does change the output
     # only the chosen blocks: an oracle on no block at all is the plain forward
-    assert torch.equal(f(*args, **refs, oracle=M.Separation(owner, [], ("img2ref",))), f(*args, **refs))
+    assert torch.equal(f(*args, **refs, oracle=M.Separation(owner, [], ("img2ref",))),
+                       f(*args, **refs))
 
 def test_oracle_with_one_reference_changes_nothing_bit_for_bit():
     cfg, f, args, refs = probed_model_inputs(n_refs=1)
@@ -788,13 +853,15 @@ def test_pack_and_ids_match_diffusers_pipeline():
     pytest.importorskip("diffusers")
     from diffusers import FluxPipeline
     z = torch.randn(2, 16, 6, 10)
-    torch.testing.assert_close(M.pack(z), FluxPipeline._pack_latents(z, 2, 16, 6, 10), atol=0, rtol=0)
+    torch.testing.assert_close(M.pack(z), FluxPipeline._pack_latents(z, 2, 16, 6, 10), atol=0,
+                               rtol=0)
     torch.testing.assert_close(M.unpack(M.pack(z), 6, 10), z, atol=0, rtol=0)
     theirs = FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
     torch.testing.assert_close(M.grid_ids(3, 5)[0], theirs, atol=0, rtol=0)
 
 def test_reference_ids_follow_uno_offsets():
-    # target 4x3 tokens, refs 2x2 then 1x3: 'd' puts ref 1 at rows 4.., cols 3..; ref 2 at rows 6.., cols 5..
+    # target 4x3 tokens, refs 2x2 then 1x3: 'd' puts ref 1 at rows 4.., cols 3..; ref 2 at rows 6..,
+    # cols 5..
     d = M.ref_ids((4, 3), [(2, 2), (1, 3)], pe="d")
     assert d[0][0, :, 1].tolist() == [4, 4, 5, 5] and d[0][0, :, 2].tolist() == [3, 4, 3, 4]
     assert d[1][0, :, 1].tolist() == [6, 6, 6] and d[1][0, :, 2].tolist() == [5, 6, 7]
@@ -809,15 +876,16 @@ def test_reference_ids_follow_uno_offsets():
         M.ref_ids((4, 3), [(2, 2)], pe="x")
 
 def test_prepare_builds_the_joint_sequence_with_uno_ids():
-    # BFL's prepare by hand: 2x2 patches row-major, target ids (0, row, col), references diagonally after it (pe d)
-    # or overlapping it (pe o); text ids all zero
+    # BFL's prepare by hand: 2x2 patches row-major, target ids (0, row, col), references diagonally
+    # after it (pe d) or overlapping it (pe o); text ids all zero
     img, r1, r2 = torch.randn(2, 3, 4, 6), torch.randn(2, 3, 2, 2), torch.randn(2, 3, 4, 2)
     out = M.prepare(img, [r1, r2], "d", txt=torch.randn(2, 5, 7), y=torch.randn(2, 9))
-    assert out["img"].shape == (2, 6, 12) and torch.equal(out["img"][:, 1], img[:, :, 0:2, 2:4].permute(0, 2, 3, 1)
-                                                              .reshape(2, 4, 3).transpose(1, 2).reshape(2, 12))
+    assert (out["img"].shape == (2, 6, 12)
+            and torch.equal(out["img"][:, 1], img[:, :, 0:2, 2:4].permute(0, 2, 3, 1)
+                                .reshape(2, 4, 3).transpose(1, 2).reshape(2, 12)))
     assert out["img_ids"][0].tolist() == [[0, r, c] for r in range(2) for c in range(3)]
-    assert out["ref_img_ids"][0][0].tolist() == [[0, 2, 3]]                     # after the 2 x 3 target grid
-    assert out["ref_img_ids"][1][0].tolist() == [[0, 3, 4], [0, 4, 4]]          # after the first reference
+    assert out["ref_img_ids"][0][0].tolist() == [[0, 2, 3]]            # after the 2 x 3 target grid
+    assert out["ref_img_ids"][1][0].tolist() == [[0, 3, 4], [0, 4, 4]]   # after the first reference
     assert torch.equal(out["txt_ids"], torch.zeros(2, 5, 3)) and out["y"].shape == (2, 9)
     o = M.prepare(img, [r1], "o")
     assert o["ref_img_ids"][0][0].tolist() == [[0, 0, 0]] and "txt" not in o
@@ -826,26 +894,29 @@ def test_prepare_builds_the_joint_sequence_with_uno_ids():
 # ---- encoders.py: the AutoEncoder, the T5 + CLIP and byte text encoders ----
 
 def vae_config(block_out, layers, z):
-    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(block_out),
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"]
+                * len(block_out),
                 up_block_types=["UpDecoderBlock2D"] * len(block_out), block_out_channels=block_out,
-                layers_per_block=layers, act_fn="silu", latent_channels=z, norm_num_groups=32, sample_size=32,
-                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-                mid_block_add_attention=True, force_upcast=True)
+                layers_per_block=layers, act_fn="silu", latent_channels=z, norm_num_groups=32,
+                sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True)
 
 def make_tiny_text_models(root):
     # a word-level tokenizer plus random tiny T5 and CLIP text models, saved like Hugging Face repos
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config,
                               T5EncoderModel)
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", "a", "red", "cat", "dog", "on", "grass"])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", "a", "red", "cat", "dog",
+                                         "on", "grass"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", bos_token="<s>")
     torch.manual_seed(0)
     T5EncoderModel(T5Config(vocab_size=10, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
                    ).save_pretrained(root / "t5")
-    CLIPTextModel(CLIPTextConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    CLIPTextModel(CLIPTextConfig(vocab_size=10, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1,
                                  num_attention_heads=4, max_position_embeddings=77, eos_token_id=1,
                                  pad_token_id=0, bos_token_id=3)).save_pretrained(root / "clip")
     fast.save_pretrained(root / "t5")
@@ -859,26 +930,33 @@ def test_full_size_autoencoder_has_the_official_keys():
         ae = EN.AutoEncoder(M.AutoEncoderConfig())
     sd = ae.state_dict()
     assert len(sd) == 244 and sum(p.numel() for p in ae.parameters()) == 83_819_683
-    for k, shape in {"encoder.conv_in.weight": (128, 3, 3, 3), "encoder.down.1.block.0.nin_shortcut.weight":
+    for k, shape in {"encoder.conv_in.weight": (128, 3, 3, 3),
+                     "encoder.down.1.block.0.nin_shortcut.weight":
                      (256, 128, 1, 1), "encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
-                     "encoder.conv_out.weight": (32, 512, 3, 3), "decoder.conv_in.weight": (512, 16, 3, 3),
+                     "encoder.conv_out.weight": (32, 512, 3, 3),
+                     "decoder.conv_in.weight": (512, 16, 3, 3),
                      "decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
-                     "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)
+                     "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+                     "decoder.conv_out.weight": (3, 128, 3, 3)
                      }.items():
         assert tuple(sd[k].shape) == shape, k
-    assert not any(k.startswith("decoder.up.0.upsample") or k.startswith("encoder.down.3.downsample") for k in sd)
+    assert not any(k.startswith("decoder.up.0.upsample")
+                   or k.startswith("encoder.down.3.downsample") for k in sd)
     cfg = vae_config([128, 256, 512, 512], 2, 16)
     with torch.device("meta"):
         theirs = AutoencoderKL(**cfg).state_dict()
     converted = convert_ldm_vae_checkpoint(dict(sd), cfg)
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert ({k: tuple(v.shape) for k, v in converted.items()}
+            == {k: tuple(v.shape) for k, v in theirs.items()})
 
-@pytest.mark.parametrize("ch,mult,nrb,z,hw", [(32, (1, 2), 1, 4, (32, 48)), (32, (1, 1, 2), 2, 8, (40, 24))])
+@pytest.mark.parametrize("ch,mult,nrb,z,hw", [(32, (1, 2), 1, 4, (32, 48)),
+                                              (32, (1, 1, 2), 2, 8, (40, 24))])
 def test_autoencoder_matches_diffusers(ch, mult, nrb, z, hw):
     pytest.importorskip("diffusers")
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    p = M.AutoEncoderConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z, factor=2 ** (len(mult) - 1))
+    p = M.AutoEncoderConfig(ch=ch, ch_mult=mult, num_res_blocks=nrb, z_channels=z,
+                            factor=2 ** (len(mult) - 1))
     ours = randomize(EN.AutoEncoder(p).eval(), seed=3)
     cfg = vae_config([ch * m for m in mult], nrb, z)
     vae = AutoencoderKL(**cfg).eval()
@@ -889,7 +967,8 @@ def test_autoencoder_matches_diffusers(ch, mult, nrb, z, hw):
         z_ref = (vae.encode(x).latent_dist.mode() - 0.1159) * 0.3611
         assert z_ours.shape == (2, z, hw[0] // p.factor, hw[1] // p.factor)
         assert (z_ours - z_ref).abs().max().item() < 1e-4
-        assert (ours.decode(z_ref) - vae.decode(z_ref / 0.3611 + 0.1159).sample).abs().max().item() < 1e-4
+        assert ((ours.decode(z_ref) - vae.decode(z_ref / 0.3611 + 0.1159).sample).abs().max().item()
+                < 1e-4)
 
 def test_toy_autoencoder_is_an_exact_inverse():
     ae = EN.AutoEncoder(M.get_config("toy").ae)
@@ -911,7 +990,8 @@ def test_byte_text_encoder():
     assert not torch.allclose(enc(["a blue square"])[1], y2)
 
 def test_byte_encoder_pads_to_the_longest_prompt_when_asked():
-    assert M.get_config("toy").txt_pad == "max"          # what a checkpoint whose header does not say pads to
+    # what a checkpoint whose header does not say pads to
+    assert M.get_config("toy").txt_pad == "max"
     torch.manual_seed(0)
     full = EN.ByteTextEncoder(M.get_config("toy")).eval()
     short = EN.ByteTextEncoder(M.get_config("toy", txt_pad="longest")).eval()
@@ -927,18 +1007,23 @@ def test_byte_encoder_pads_to_the_longest_prompt_when_asked():
 def test_t5_clip_encoder_on_tiny_local_models(tmp_path, capsys):
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
     make_tiny_text_models(tmp_path)
-    enc = EN.T5CLIPEncoder(12, t5=str(tmp_path / "t5"), clip=str(tmp_path / "clip"), dtype=torch.float32)
+    enc = EN.T5CLIPEncoder(12, t5=str(tmp_path / "t5"), clip=str(tmp_path / "clip"),
+                           dtype=torch.float32)
     txt, y = enc(["a red cat", "a dog on grass"])
     assert txt.shape == (2, 12, 16) and y.shape == (2, 16)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "t5"))
-    ids = tok(["a dog on grass"], max_length=12, padding="max_length", truncation=True, return_tensors="pt")
+    ids = tok(["a dog on grass"], max_length=12, padding="max_length", truncation=True,
+              return_tensors="pt")
     expect = T5EncoderModel.from_pretrained(str(tmp_path / "t5")).eval()(input_ids=ids.input_ids)
     torch.testing.assert_close(txt[1:], expect.last_hidden_state, atol=1e-6, rtol=0)
-    ids = tok(["a red cat"], max_length=77, padding="max_length", truncation=True, return_tensors="pt")
-    pooled = CLIPTextModel.from_pretrained(str(tmp_path / "clip")).eval()(input_ids=ids.input_ids).pooler_output
+    ids = tok(["a red cat"], max_length=77, padding="max_length", truncation=True,
+              return_tensors="pt")
+    pooled = (
+        CLIPTextModel.from_pretrained(str(tmp_path
+                                          / "clip")).eval()(input_ids=ids.input_ids).pooler_output)
     torch.testing.assert_close(y[:1], pooled, atol=1e-6, rtol=0)
     assert enc.truncated == 0
-    enc(["a red cat " * 20, "a dog"])                           # 60 words: cut to 12 tokens, with one warning
+    enc(["a red cat " * 20, "a dog"])                 # 60 words: cut to 12 tokens, with one warning
     assert enc.truncated == 1 and "cut to the text encoder's 12" in capsys.readouterr().err
     with pytest.raises(WT.CheckpointError, match="could not load the text encoders"):
         WT.load_t5_clip(M.get_config("flux-dev"), t5=str(tmp_path / "nope"),
@@ -966,18 +1051,23 @@ CORRUPTIONS = [
      r"txt_in.weight \(64, 47\) != expected \(64, 48\)"),
 ]
 
-# fault -> the reason in the one-line CheckpointError, or None: it loads (floats cast exactly, silently)
+# fault -> the reason in the one-line CheckpointError, or None: it loads (floats cast exactly,
+# silently)
 WEIGHT_FAULTS = {
     "missing file": "no such file", "empty file": "not a readable safetensors file",
-    "text file": "not a readable safetensors file", "pickle (torch.save) instead": "a pickle (torch.save) file",
-    "pickle that runs code": "a pickle (torch.save) file", "malformed header": "not a readable safetensors file",
+    "text file": "not a readable safetensors file",
+    "pickle (torch.save) instead": "a pickle (torch.save) file",
+    "pickle that runs code": "a pickle (torch.save) file",
+    "malformed header": "not a readable safetensors file",
     "truncated": "not a readable safetensors file", "missing key": "missing keys: ",
     "extra key": "unexpected keys: extra.weight", "wrong shape": "wrong shapes: ",
-    "another architecture": "wrong shapes: ", "float16 tensors": None, "int64 where a float belongs": "wrong dtypes: ",
+    "another architecture": "wrong shapes: ", "float16 tensors": None,
+    "int64 where a float belongs": "wrong dtypes: ",
 }
 
-# relative L2 error of the DiT output against fp32, random weights: fp8 storage with fp32 compute measured 0.0016 and
-# 0.0032 (the two configs below); with bf16 compute 0.0061 and 0.0065, where bf16 weights and compute give 0.0056, 0.0059
+# relative L2 error of the DiT output against fp32, random weights: fp8 storage with fp32 compute
+# measured 0.0016 and 0.0032 (the two configs below); with bf16 compute 0.0061 and 0.0065, where
+# bf16 weights and compute give 0.0056, 0.0059
 FP8_TOLERANCE = 0.01
 
 def test_load_flux_from_synthetic_checkpoint(tmp_path):
@@ -990,14 +1080,16 @@ def test_load_flux_from_synthetic_checkpoint(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in fb.parameters())      # bf16 is the default
     assert all(torch.equal(fb.state_dict()[k], v.bfloat16()) for k, v in sd.items())
     # ComfyUI-style copies prefix every key; the loader strips it
-    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(tmp_path / "prefixed.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()},
+              str(tmp_path / "prefixed.safetensors"))
     WT.load_flux(cfg, str(tmp_path / "prefixed.safetensors"), dtype=torch.float32)
 
 def test_weights_are_found_in_a_folder_and_the_offline_hub_cache(tmp_path, monkeypatch):
     cfg = tiny_cfg(flow_file="flux1-tiny.safetensors")
     write_tiny_checkpoint(tmp_path, cfg, name="flux1-tiny.safetensors")
-    WT.load_flux(cfg, str(tmp_path), dtype=torch.float32)                 # a folder holding flow_file
-    # a Hugging Face repo id resolved from the local cache with HF_HUB_OFFLINE=1 (cache layout by hand)
+    WT.load_flux(cfg, str(tmp_path), dtype=torch.float32)               # a folder holding flow_file
+    # a Hugging Face repo id resolved from the local cache with HF_HUB_OFFLINE=1 (cache layout by
+    # hand)
     snap = tmp_path / "hub" / "models--acme--tiny-flux" / "snapshots" / ("a" * 40)
     snap.mkdir(parents=True)
     (tmp_path / "hub" / "models--acme--tiny-flux" / "refs").mkdir()
@@ -1022,30 +1114,37 @@ def test_weights_are_found_in_a_folder_and_the_offline_hub_cache(tmp_path, monke
 
 def test_missing_weights_are_listed_at_once_offline_in_under_a_second(tmp_path, monkeypatch):
     monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")          # even "online", nothing may reach the network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")         # even "online", nothing may reach the network
     monkeypatch.setattr(FD, "hf_hub_download", lambda *a, **k: pytest.fail("the check downloaded"))
     for env in WT.WEIGHT_ENV.values():
         monkeypatch.delenv(env, raising=False)
     ae_dir = tmp_path / "ae_here"
     ae_dir.mkdir()
-    (ae_dir / "ae.safetensors").write_bytes(b"x")      # present: located, not listed
+    (ae_dir / "ae.safetensors").write_bytes(b"x")     # present: located, not listed
     t0 = time.perf_counter()
     with pytest.raises(WT.CheckpointError) as e:
-        WT.check_weights(WT.flux_weights("flux-dev", ae=str(ae_dir), clip=str(tmp_path / "no_clip")))
+        WT.check_weights(WT.flux_weights("flux-dev", ae=str(ae_dir),
+                                         clip=str(tmp_path / "no_clip")))
     took = time.perf_counter() - t0
     msg = str(e.value)
     assert took < 1.0 and "\n" not in msg and msg.startswith("3 of 4 weights missing")
-    assert "hf download black-forest-labs/FLUX.1-dev flux1-dev.safetensors" in msg and "gated" in msg
+    assert ("hf download black-forest-labs/FLUX.1-dev flux1-dev.safetensors" in msg
+            and "gated" in msg)
     assert "hf download google/t5-v1_1-xxl" in msg and "no_clip: no such file or folder" in msg
-    assert "--model / MULTICRAFTER_DIT" in msg and "--t5 / MULTICRAFTER_T5" in msg and "ae.safetensors (" not in msg
+    assert ("--model / MULTICRAFTER_DIT" in msg and "--t5 / MULTICRAFTER_T5" in msg
+            and "ae.safetensors (" not in msg)
     assert "--init / MULTICRAFTER_DIT" in str(pytest.raises(WT.CheckpointError, WT.check_weights,
-                                                            WT.flux_weights("flux-dev", ("dit",), dit_flag="--init")).value)
-    with pytest.raises(WT.CheckpointError, match="not gated: `hf download black-forest-labs/FLUX.1-schnell flux1-schnell"):
+                                                            WT.flux_weights(
+                                                                "flux-dev", ("dit",),
+                                                                dit_flag="--init")).value)
+    with pytest.raises(WT.CheckpointError, match="not gated: `hf download "
+                       "black-forest-labs/FLUX.1-schnell flux1-schnell"):
         WT.check_weights(WT.flux_weights("flux-schnell", ("dit",)))
     # the environment variable is the default; the flag's value wins over it
     monkeypatch.setenv("MULTICRAFTER_AE", str(tmp_path / "elsewhere"))
     assert WT.flux_weights("flux-dev", ("ae",))[0].source == str(tmp_path / "elsewhere")
-    assert WT.check_weights(WT.flux_weights("flux-dev", ("ae",), ae=str(ae_dir))) == [str(ae_dir / "ae.safetensors")]
+    assert WT.check_weights(WT.flux_weights("flux-dev", ("ae",), ae=str(ae_dir))) == [str(
+        ae_dir / "ae.safetensors")]
 
 @pytest.mark.parametrize("what,edit,message", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
 def test_corrupted_checkpoints_give_one_line_errors(tmp_path, what, edit, message):
@@ -1061,8 +1160,8 @@ def test_unreadable_files_give_one_line_errors(tmp_path):
     data = path.read_bytes()
     cases = {"text.safetensors": b"this is not a checkpoint\n",
              "truncated.safetensors": data[: len(data) // 2],
-             "header.safetensors": (200).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [1]' + b" " * 200,
-             "empty.safetensors": b""}
+             "header.safetensors": (200).to_bytes(8, "little")
+             + b'{"a": {"dtype": "F32", "shape": [1]' + b" " * 200, "empty.safetensors": b""}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(WT.CheckpointError) as e:
@@ -1098,16 +1197,17 @@ def test_bad_weights_one_line_errors_or_a_noted_cast(tmp_path, capsys, fault, ki
     path, want = str(tmp_path / "w.safetensors"), WEIGHT_FAULTS[fault]
     if B.BAD_WEIGHTS[fault]:
         B.BAD_WEIGHTS[fault](path, sd, meta, other)
-    if want is None:                                         # float16 on disk: loaded as the model's float32
+    if want is None:                                # float16 on disk: loaded as the model's float32
         load(model, path)
         got = model.state_dict() if kind != "adapter" else ML.adapter_state_dict(model)
-        assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float()) for k, v in sd.items())
+        assert all(got[k].dtype == torch.float32 and torch.equal(got[k], v.half().float())
+                   for k, v in sd.items())
         assert "note:" not in capsys.readouterr().err       # fp16 -> fp32 is exact: nothing to say
         return
     with pytest.raises(WT.CheckpointError, match=re.escape(want)) as e:
         load(model, path)
     assert path in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 600
-    assert not os.path.exists(path + ".ran")                 # nothing was unpickled
+    assert not os.path.exists(path + ".ran")        # nothing was unpickled
 
 def test_a_cast_that_loses_precision_is_noted(tmp_path, capsys):
     f = M.Flux(tiny_cfg())
@@ -1125,23 +1225,28 @@ def test_saved_weights_are_as_readable_as_any_file_the_user_makes(tmp_path):
     (tmp_path / "plain.txt").write_text("")
     mode = lambda name: oct(os.stat(tmp_path / name).st_mode & 0o777)
     assert mode("adapter.safetensors") == mode("w.safetensors") == mode("plain.txt")
-    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "plain.txt", "w.safetensors"]   # no temporaries
+    # no temporaries
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "plain.txt", "w.safetensors"]
 
 def test_a_base_trained_padding_to_the_longest_prompt_samples_so(toy_run, tmp_path):
-    # the byte encoder's padding is part of the model: a base checkpoint records it, and every loader honours it
+    # the byte encoder's padding is part of the model: a base checkpoint records it, and every
+    # loader honours it
     root, manifest = toy_run
     sft(tmp_path / "b", manifest, "--stage", "base", "--steps", "1", "--txt-pad", "longest")
-    with safe_open(str(tmp_path / "b" / "latest" / "text_encoder.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / "b" / "latest" / "text_encoder.safetensors"),
+                   framework="pt") as f:
         assert f.metadata()["txt_pad"] == "longest"
     _, _, text, _ = S.load_models(str(tmp_path / "b" / "latest"), "toy", torch.device("cpu"))
     assert text.txt_pad == "longest" and text.tokenize(["ab", "abcd"]).shape == (2, 4)
-    _, _, shipped, _ = S.load_models("toy", "toy", torch.device("cpu"))          # assets/toy trained so too
+    _, _, shipped, _ = S.load_models("toy", "toy", torch.device("cpu"))  # assets/toy trained so too
     assert shipped.txt_pad == "longest" and shipped.tokenize(["ab"]).shape == (1, 2)
     _, _, old, _ = S.load_models(str(random_toy(tmp_path / "old")), "toy", torch.device("cpu"))
-    assert old.txt_pad == "max" and old.tokenize(["ab"]).shape == (1, 128)       # no header: padded to 128
+    # no header: padded to 128
+    assert old.txt_pad == "max" and old.tokenize(["ab"]).shape == (1, 128)
 
 def test_resident_moves_a_model_in_and_back_out():
-    # on a CPU machine "meta" stands in for the CPU home (and the CPU for the GPU): the move is visible
+    # on a CPU machine "meta" stands in for the CPU home (and the CPU for the GPU): the move is
+    # visible
     for fail in (False, True):
         lin = torch.nn.Linear(3, 2).to("meta")
         with pytest.raises(RuntimeError) if fail else nullcontext():
@@ -1149,12 +1254,12 @@ def test_resident_moves_a_model_in_and_back_out():
                 assert m.weight.device.type == "cpu" and m(torch.randn(1, 3)).shape == (1, 2)
                 if fail:
                     raise RuntimeError("a failing encoder")
-        assert lin.weight.is_meta                           # sent home, also when the encoder failed
+        assert lin.weight.is_meta                          # sent home, also when the encoder failed
 
 def test_streamed_blocks_give_identical_outputs_one_block_resident_at_a_time():
     cfg = tiny_cfg()
     flux = randomize(M.Flux(cfg).eval())
-    ML.inject(flux, rank=4, n_experts=2)                  # adapters stream with their blocks
+    ML.inject(flux, rank=4, n_experts=2)            # adapters stream with their blocks
     randomize(flux, seed=1)
     args = flux_call_args(cfg)
     with torch.no_grad():
@@ -1163,41 +1268,46 @@ def test_streamed_blocks_give_identical_outputs_one_block_resident_at_a_time():
         WT.stream_blocks(streamed, "cpu")
         blocks = list(streamed.double_blocks) + list(streamed.single_blocks)
         home = [[p.data_ptr() for p in b.parameters()] for b in blocks]
-        resident = []                                     # per block run: which blocks hold device copies
+        resident = []                               # per block run: which blocks hold device copies
         for b in blocks:
             b.register_forward_pre_hook(lambda m, a: resident.append(
-                [any(p.data_ptr() != h for p, h in zip(x.parameters(), hs)) for x, hs in zip(blocks, home)]))
+                [any(p.data_ptr() != h for p, h in zip(x.parameters(), hs))
+                 for x, hs in zip(blocks, home)]))
         got = streamed(*args)
     assert torch.equal(got, want)
     assert resident == [[j == i for j in range(len(blocks))] for i in range(len(blocks))]
-    assert all(p.data_ptr() == h for b, hs in zip(blocks, home) for p, h in zip(b.parameters(), hs))  # freed after
+    # freed after
+    assert all(p.data_ptr() == h for b, hs in zip(blocks, home) for p, h in zip(b.parameters(), hs))
 
 def test_fp8_linear_is_exact_on_its_grid_and_within_its_rounding_elsewhere():
     torch.manual_seed(0)
-    # weights on the fp8 grid times a row scale (the row's max maps to 448): stored exactly, up to the fp32 rounding
-    # of the weights and scales themselves (~1e-7, where fp8 rounding would be ~1e-2)
+    # weights on the fp8 grid times a row scale (the row's max maps to 448): stored exactly, up to
+    # the fp32 rounding of the weights and scales themselves (~1e-7, where fp8 rounding would be
+    # ~1e-2)
     grid = torch.tensor([448.0, -256.0, 1.5, 0.125, -3.0, 20.0])
     s = torch.tensor([1e-3, 2e-2, 7.0])
     lin = torch.nn.Linear(6, 3)
     with torch.no_grad():
-        lin.weight.copy_(grid[torch.randperm(6)][None] * s[:, None] * torch.tensor([[1.0], [-1.0], [1.0]]))
+        lin.weight.copy_(grid[torch.randperm(6)][None] * s[:, None]
+                         * torch.tensor([[1.0], [-1.0], [1.0]]))
     f8 = WT.Fp8Linear.from_linear(lin)
     assert f8.weight.dtype == torch.float8_e4m3fn and f8.weight.element_size() == 1
     x = torch.randn(4, 6, dtype=torch.float64)
     want = x @ lin.weight.double().T + lin.bias.double()
     torch.testing.assert_close(f8(x), want, atol=1e-6, rtol=1e-6)
-    # random weights: e4m3 keeps 3 mantissa bits, a relative rounding error of at most 2^-4 per weight
+    # random weights: e4m3 keeps 3 mantissa bits, a relative rounding error of at most 2^-4 per
+    # weight
     lin = torch.nn.Linear(256, 64)
     f8 = WT.Fp8Linear.from_linear(lin)
     deq = f8.weight.double() * f8.weight_scale.double()[:, None]
     err = ((deq - lin.weight.double()).abs() / lin.weight.double().abs().clamp_min(1e-30))
-    normal = lin.weight.abs() / f8.weight_scale[:, None] >= 2 ** -6                   # fp8's normal range
-    assert err[normal].max() <= 2 ** -4 + 1e-9 and err[normal].max() > 2 ** -6        # really rounded
-    with torch.autocast("cpu", dtype=torch.bfloat16):                                  # bf16 compute
+    normal = lin.weight.abs() / f8.weight_scale[:, None] >= 2 ** -6             # fp8's normal range
+    assert err[normal].max() <= 2 ** -4 + 1e-9 and err[normal].max() > 2 ** -6  # really rounded
+    with torch.autocast("cpu", dtype=torch.bfloat16):                                 # bf16 compute
         assert f8(torch.randn(2, 256)).dtype == torch.bfloat16
 
-@pytest.mark.parametrize("over", [dict(), dict(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=3,
-                                                 depth_single_blocks=4)])
+@pytest.mark.parametrize("over", [dict(), dict(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24),
+                                               depth=3, depth_single_blocks=4)])
 def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
     cfg = tiny_cfg(**over)
     flux = randomize(M.Flux(cfg).eval())
@@ -1208,15 +1318,16 @@ def test_fp8_storage_within_the_stated_tolerance_of_fp32(over):
         got = f8(*args)
         rel = ((got - want).norm() / want.norm()).item()
         assert 1e-5 < rel < FP8_TOLERANCE
-        # bf16 compute (autocast, as on GPU): fp8 storage adds little to what bf16 alone costs (0.0061 vs 0.0056)
+        # bf16 compute (autocast, as on GPU): fp8 storage adds little to what bf16 alone costs
+        # (0.0061 vs 0.0056)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rel8 = ((f8(*args).float() - want).norm() / want.norm()).item()
             rel16 = ((flux(*args).float() - want).norm() / want.norm()).item()
         assert rel8 < FP8_TOLERANCE and rel8 < 1.5 * rel16
         n8 = sum(p.numel() for p in f8.parameters() if p.dtype == torch.float8_e4m3fn)
-        blocks = sum(m.weight.numel() for b in (flux.double_blocks, flux.single_blocks) for m in b.modules()
-                     if isinstance(m, torch.nn.Linear))
-        assert n8 == blocks                                                   # every block Linear, nothing else
+        blocks = sum(m.weight.numel() for b in (flux.double_blocks, flux.single_blocks)
+                     for m in b.modules() if isinstance(m, torch.nn.Linear))
+        assert n8 == blocks                                       # every block Linear, nothing else
         # fp8 streamed: still identical to fp8 resident
         WT.stream_blocks(f8, "cpu")
         assert torch.equal(f8(*args), got)
@@ -1234,7 +1345,8 @@ def flow_grpo_reference(x, v, sigmas, i, eta):
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     dt = sigma_next - sigma
     std_dev_t = math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma))) * eta
-    mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+    mean = (x * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
+            + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
     return mean, std_dev_t * math.sqrt(-dt)
 
 @pytest.mark.parametrize("n", [1, 4, 28, 50])
@@ -1243,7 +1355,8 @@ def test_schedule_matches_diffusers(n):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     for seq in (16, 64, 256, 1024, 4096, 8192):
-        s = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        s = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                            max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096,
                                             time_shift_type="exponential")
         s.set_timesteps(sigmas=np.linspace(1, 1 / n, n), mu=calculate_shift(seq))
@@ -1252,16 +1365,19 @@ def test_schedule_matches_diffusers(n):
         np.testing.assert_allclose(ours, s.sigmas.double().numpy(), atol=1e-6, rtol=0)
 
 def test_schedule_hand_values():
-    # BFL flux src/flux/sampling.py get_schedule: schnell is unshifted; dev at 4096 tokens (1024x1024)
+    # BFL flux src/flux/sampling.py get_schedule: schnell is unshifted; dev at 4096 tokens
+    # (1024x1024)
     np.testing.assert_allclose(get_schedule(4, 4096, shift=False), [1, .75, .5, .25, 0], atol=1e-7)
     np.testing.assert_allclose(get_schedule(4, 4096), [1, .9045, .7595, .5128, 0], atol=1e-4)
-    assert get_schedule(4, 4096, shift=M.get_config("flux-schnell").shift_schedule) == get_schedule(4, 1, shift=False)
+    assert (get_schedule(4, 4096, shift=M.get_config("flux-schnell").shift_schedule)
+            == get_schedule(4, 1, shift=False))
 
 @pytest.mark.parametrize("i", [0, 1, 3])       # i = 0 is t = 1, where the std borrows sigmas[1]
 def test_sde_logprob_matches_normal(i):
     g = torch.Generator().manual_seed(i)
     sigmas = get_schedule(4, 256)
-    x, v = torch.randn(3, 16, 12, generator=g, dtype=torch.float64), torch.randn(3, 16, 12, generator=g, dtype=torch.float64)
+    x, v = (torch.randn(3, 16, 12, generator=g, dtype=torch.float64),
+            torch.randn(3, 16, 12, generator=g, dtype=torch.float64))
     x_next, logp, mean, std = sde_step(x, v, sigmas[i], sigmas[i + 1], eta=0.7, generator=g)
     ref_mean, ref_std = flow_grpo_reference(x, v, sigmas, i, 0.7)
     torch.testing.assert_close(mean, ref_mean)
@@ -1287,14 +1403,16 @@ def test_sde_sample_statistics():
 def test_sde_eta0_is_euler():
     x, v = torch.randn(2, 10, 8), torch.randn(2, 10, 8)
     for t, tn in [(1.0, 0.9), (0.5, 0.3), (torch.tensor([1.0, 0.7]), torch.tensor([0.8, 0.2]))]:
-        x_next, logp, mean, std = sde_step(x, v, t, tn, eta=0.0, generator=torch.Generator().manual_seed(0))
+        x_next, logp, mean, std = sde_step(x, v, t, tn, eta=0.0,
+                                           generator=torch.Generator().manual_seed(0))
         assert torch.equal(x_next, euler_step(x, v, t, tn)) and torch.equal(mean, x_next)
-        assert (std == 0).all() and torch.isnan(logp).all()            # a deterministic step has no density
+        assert (std == 0).all() and torch.isnan(logp).all()    # a deterministic step has no density
 
 def test_denoise_is_euler_over_the_schedule():
     calls = []
     v = torch.randn(1, 4, 48)
-    def fake_model(img, img_ids, txt, txt_ids, t, y, guidance, ref_img, ref_img_ids, probe=None, oracle=None):
+    def fake_model(img, img_ids, txt, txt_ids, t, y, guidance, ref_img, ref_img_ids, probe=None,
+                   oracle=None):
         calls.append((t.item(), guidance.item()))
         return v
     img = torch.randn(1, 4, 48)
@@ -1305,90 +1423,108 @@ def test_denoise_is_euler_over_the_schedule():
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_denoise_guides_each_condition_against_the_full_velocity(batched, monkeypatch):
-    # constant velocities per condition: with the references and the prompt 1.0, without the references 0.2, with
-    # the empty prompt 0.5 (read per row: batched, the prompt and the empty prompt are one forward of 2B rows); one
-    # Euler step from t = 1 to 0 subtracts the guided velocity once
+    # constant velocities per condition: with the references and the prompt 1.0, without the
+    # references 0.2, with the empty prompt 0.5 (read per row: batched, the prompt and the empty
+    # prompt are one forward of 2B rows); one Euler step from t = 1 to 0 subtracts the guided
+    # velocity once
     monkeypatch.setattr(SM, "BATCH_GUIDANCE", batched)
     txt, txt_null = torch.zeros(1, 3, 8), torch.ones(1, 3, 8)
     calls = []
-    def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None, probe=None,
-                   oracle=None):
+    def fake_model(img, img_ids, txt_, txt_ids, t, y, guidance, ref_img=None, ref_img_ids=None,
+                   probe=None, oracle=None):
         null = txt_[:, 0, 0] == 1                                              # (rows,)
         calls.append((ref_img is not None, tuple(null.tolist())))
         v = torch.where(null, 0.5, 1.0) if ref_img is not None else torch.full(null.shape, 0.2)
         return v[:, None, None].expand_as(img)
     img, refs, ids = torch.randn(1, 4, 48), [torch.randn(1, 2, 48)], torch.zeros(1, 4, 3)
-    run = lambda **kw: denoise(fake_model, img, ids, txt, ids, torch.zeros(1, 8), [1.0, 0.0], 1.0, refs, [ids[:, :2]],
+    run = lambda **kw: denoise(fake_model, img, ids, txt, ids, torch.zeros(1, 8), [1.0, 0.0], 1.0,
+                               refs, [ids[:, :2]],
                                progress=False, txt_null=txt_null, y_null=torch.zeros(1, 8), **kw)
-    torch.testing.assert_close(run(), img - 1.0)                          # w = 1: no guidance, one forward
+    torch.testing.assert_close(run(), img - 1.0)                   # w = 1: no guidance, one forward
     assert calls == [(True, (False,))]
-    # 1 + (2 - 1)(1 - 0.2) + (3 - 1)(1 - 0.5) = 2.8; 0.2 + 2 (1 - 0.2) = 1.8, the usual v_u + w (v_c - v_u)
+    # 1 + (2 - 1)(1 - 0.2) + (3 - 1)(1 - 0.5) = 2.8; 0.2 + 2 (1 - 0.2) = 1.8, the usual v_u + w
+    # (v_c - v_u)
     torch.testing.assert_close(run(ref_guidance=2.0, text_guidance=3.0), img - 2.8)
     torch.testing.assert_close(run(ref_guidance=2.0), img - 1.8)
     torch.testing.assert_close(run(text_guidance=3.0), img - 2.0)
     with_null = [(True, (False, True))] if batched else [(True, (False,)), (True, (True,))]
-    assert calls[1:] == with_null + [(False, (False,))] + [(True, (False,)), (False, (False,))] + with_null
+    assert (calls[1:] == with_null + [(False, (False,))] + [(True, (False,)), (False, (False,))]
+            + with_null)
     with pytest.raises(ValueError, match="txt_null"):
-        denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, progress=False, text_guidance=2.0)
+        denoise(fake_model, img, None, txt, None, None, [1.0, 0.0], 1.0, progress=False,
+                text_guidance=2.0)
 
 def test_batched_guidance_equals_two_forwards(monkeypatch):
-    # the prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE): the same samples and the same
-    # IPPO policy velocities as two forwards, up to float rounding (GEMMs blocked by batch size; the guidance
-    # multiplies a difference by up to 5 a step), on the shipped toy at its guidance (4 / 2)
+    # the prompt and the empty prompt as one forward of 2B rows (sampling.BATCH_GUIDANCE): the same
+    # samples and the same IPPO policy velocities as two forwards, up to float rounding
+    # (GEMMs blocked by batch size; the guidance multiplies a difference by up to 5 a step), on the
+    # shipped toy at its guidance (4 / 2)
     flux, ae, text, _ = S.load_models("toy", "toy", torch.device("cpu"))
     refs = [preprocess_ref(load_image(p), 16) for p in DEMO]
-    c = SM.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1], null_text=True)
-    c1 = dict({k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()}, scales=(4.0, 2.0))
+    c = SM.sampling_inputs(flux.cfg, ae, text, "a circle and a square", refs, 32, 32, [0, 1],
+                           null_text=True)
+    c1 = dict({k: v[:1] if torch.is_tensor(v) else [r[:1] for r in v] for k, v in c.items()},
+              scales=(4.0, 2.0))
     x = torch.randn(3, *c["img"].shape[1:])
     def both():
         with torch.no_grad():
-            return (denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0,
+            return (denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False,
+                            ref_guidance=4.0,
                             text_guidance=2.0), TR.velocity(flux, x, c1, 0.6, 1.0))
     batched = both()
     monkeypatch.setattr(SM, "BATCH_GUIDANCE", False)
     for a, b in zip(batched, both()):
         torch.testing.assert_close(a, b, atol=5e-4, rtol=1e-4)
-    plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False, ref_guidance=4.0)
+    plain = denoise(flux, **c, timesteps=get_schedule(4, 64), guidance=1.0, progress=False,
+                    ref_guidance=4.0)
     assert (plain - batched[0]).abs().max() > 0.01                 # the text guidance acts
 
 def test_prepare_shapes_and_ids():
     cfg = M.get_config("toy")
     refs = [Image.new("RGB", (16, 8)), Image.new("RGB", (8, 16))]
-    inp = SM.sampling_inputs(cfg, EN.AutoEncoder(cfg.ae), EN.ByteTextEncoder(cfg), "a cat", refs, 35, 33, seed=0)   # rounded down to 32
-    assert inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64) and inp["y"].shape == (1, 64)
+    inp = SM.sampling_inputs(cfg, EN.AutoEncoder(cfg.ae), EN.ByteTextEncoder(cfg), "a cat", refs,
+                             35, 33, seed=0)   # rounded down to 32
+    assert (inp["img"].shape == (1, 64, 48) and inp["txt"].shape == (1, 128, 64)
+            and inp["y"].shape == (1, 64))
     assert [r.shape for r in inp["ref_img"]] == [(1, 8, 48), (1, 8, 48)]
-    ids = inp["ref_img_ids"]                         # UNO 'd': diagonally after the 8x8 target, then each other
+    ids = inp["ref_img_ids"]             # UNO 'd': diagonally after the 8x8 target, then each other
     assert ids[0][0, 0].tolist() == [0, 8, 8] and ids[1][0, 0].tolist() == [0, 10, 12]
-    noise = torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0))  # BFL get_noise, unpacked
+    # BFL get_noise, unpacked
+    noise = torch.randn(1, 12, 16, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(M.unpack(inp["img"], 16, 16), noise)
 
 def test_sampling_inputs_encode_the_empty_prompt_as_training_saw_it():
-    # text guidance's empty prompt, encoded with the prompt (one length) at sampling (eval, no grad), is what the
-    # encoder gave it in training (a batch in train mode), finite: torch's fused inference path alone gives NaN
+    # text guidance's empty prompt, encoded with the prompt (one length) at sampling
+    # (eval, no grad), is what the encoder gave it in training (a batch in train mode), finite:
+    # torch's fused inference path alone gives NaN
     cfg = M.get_config("toy", txt_pad="longest")
     torch.manual_seed(0)
     text, ae = EN.ByteTextEncoder(cfg).eval(), EN.AutoEncoder(cfg.ae)
     c = SM.sampling_inputs(cfg, ae, text, "two circles", [], 32, 32, seed=0, null_text=True)
     assert c["txt_null"].shape == c["txt"].shape == (1, len("two circles"), cfg.context_in_dim)
     txt, y = text.train()(["two circles", ""])
-    for got, want in ((c["txt"], txt[:1]), (c["txt_null"], txt[1:]), (c["y"], y[:1]), (c["y_null"], y[1:])):
+    for got, want in ((c["txt"], txt[:1]), (c["txt_null"], txt[1:]), (c["y"], y[:1]),
+                      (c["y_null"], y[1:])):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 # ---- flux2.py: FLUX.2 against diffusers' models and the klein pipelines, end to end ----
 
 def flux2_to_diffusers(cfg, ours, kv=False):
-    """diffusers' Flux2Transformer2DModel holding our weights, converted by diffusers' own BFL->diffusers converter
-    (kv: with the KV pipeline's attention processors)."""
+    """diffusers' Flux2Transformer2DModel holding our weights, converted by diffusers' own
+    BFL->diffusers converter (kv: with the KV pipeline's attention processors)."""
     pytest.importorskip("diffusers")
     from diffusers import Flux2Transformer2DModel
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers as convert)
     from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
                                                                  Flux2KVParallelSelfAttnProcessor)
     ref = Flux2Transformer2DModel(in_channels=cfg.in_channels, num_layers=cfg.depth,
                                   num_single_layers=cfg.depth_single_blocks,
-                                  attention_head_dim=cfg.hidden_size // cfg.num_heads, num_attention_heads=cfg.num_heads,
-                                  joint_attention_dim=cfg.context_in_dim, axes_dims_rope=tuple(cfg.axes_dim),
+                                  attention_head_dim=cfg.hidden_size // cfg.num_heads,
+                                  num_attention_heads=cfg.num_heads,
+                                  joint_attention_dim=cfg.context_in_dim,
+                                  axes_dims_rope=tuple(cfg.axes_dim),
                                   guidance_embeds=cfg.guidance_embed).eval()
     sd = dict(ours.state_dict())
     ref.load_state_dict(convert(sd), strict=True)
@@ -1404,51 +1540,62 @@ def flux2_inputs(cfg, B=2, hw=(8, 6), refs=((4, 4),), L=5, pe="t", seed=0):
     g = torch.Generator().manual_seed(seed)
     z = cfg.in_channels // 4
     txt = torch.randn(B, L, cfg.context_in_dim, generator=g)
-    inp = F2.prepare(torch.randn(B, z, *hw, generator=g), [torch.randn(B, z, *r, generator=g) for r in refs], pe,
+    inp = F2.prepare(torch.randn(B, z, *hw, generator=g),
+                     [torch.randn(B, z, *r, generator=g) for r in refs], pe,
                      txt, txt.new_zeros(B, 0))
     return dict(inp, timesteps=torch.rand(B, generator=g),
                 guidance=torch.full((B,), 4.0) if cfg.guidance_embed else None)
 
 def diffusers_call(ref, inp, **kw):
-    # diffusers knows no references apart: [img | refs] as one image sequence with concatenated ids, sliced to img
-    out = ref(hidden_states=torch.cat([inp["img"]] + inp["ref_img"], 1), encoder_hidden_states=inp["txt"],
-              timestep=inp["timesteps"], img_ids=torch.cat([inp["img_ids"]] + inp["ref_img_ids"], 1)[0],
+    # diffusers knows no references apart: [img | refs] as one image sequence with concatenated ids,
+    # sliced to img
+    out = ref(hidden_states=torch.cat([inp["img"]] + inp["ref_img"], 1),
+              encoder_hidden_states=inp["txt"], timestep=inp["timesteps"],
+              img_ids=torch.cat([inp["img_ids"]] + inp["ref_img_ids"], 1)[0],
               txt_ids=inp["txt_ids"][0], guidance=inp["guidance"], return_dict=False, **kw)[0]
     return out[:, :inp["img"].shape[1]]
 
 def flux2_vae_config(block_out, layers, z):
-    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(block_out),
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"]
+                * len(block_out),
                 up_block_types=["UpDecoderBlock2D"] * len(block_out), block_out_channels=block_out,
                 layers_per_block=layers, latent_channels=z, norm_num_groups=32, sample_size=32)
 
 def flux2_ae_to_diffusers(ours, cfg):
-    # BFL's ae.safetensors names -> AutoencoderKLFlux2: diffusers' LDM VAE converter for the FLUX.1 part, its (post-)
-    # quant convolutions moved out of the encoder / decoder, the batch-norm statistics as they are
+    # BFL's ae.safetensors names -> AutoencoderKLFlux2: diffusers' LDM VAE converter for the FLUX.1
+    # part, its (post-) quant convolutions moved out of the encoder / decoder, the batch-norm
+    # statistics as they are
     from diffusers import AutoencoderKLFlux2
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    sd = {k.replace("encoder.quant_conv", "quant_conv").replace("decoder.post_quant_conv", "post_quant_conv"): v
-          for k, v in ours.state_dict().items()}
-    converted = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if not k.startswith("bn.")}, cfg)
+    sd = {k.replace("encoder.quant_conv", "quant_conv").replace(
+        "decoder.post_quant_conv", "post_quant_conv"): v
+        for k, v in ours.state_dict().items()}
+    converted = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if not k.startswith("bn.")},
+                                           cfg)
     vae = AutoencoderKLFlux2(**cfg).eval()
-    vae.load_state_dict({**converted, **{k: v for k, v in sd.items() if k.startswith("bn.")}}, strict=True)
+    vae.load_state_dict({**converted, **{k: v for k, v in sd.items() if k.startswith("bn.")}},
+                        strict=True)
     return vae
 
 def make_tiny_qwen3(root):
-    # a word-level tokenizer with a chat template, and a random 3-layer Qwen3, saved like a Hugging Face repo
+    # a word-level tokenizer with a chat template, and a random 3-layer Qwen3, saved like a Hugging
+    # Face repo
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "think", "a", "red", "cat", "dog",
-             "on", "grass", "two", "friends"]
+    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "think", "a",
+             "red", "cat", "dog", "on", "grass", "two", "friends"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-                          "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant "
-                          "{% if enable_thinking is defined and not enable_thinking %}think think {% endif %}{% endif %}")
+    fast.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
+                          "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> "
+                          "assistant {% if enable_thinking is defined and not enable_thinking "
+                          "%}think think {% endif %}{% endif %}")
     torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(words), hidden_size=8, intermediate_size=16, num_hidden_layers=3,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(words), hidden_size=8, intermediate_size=16,
+                                 num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                 head_dim=4, max_position_embeddings=64)
                      ).save_pretrained(root)
     fast.save_pretrained(root)
     return root
@@ -1463,8 +1610,9 @@ def write_flux2_weights(root, cfg, seed=5):
 
 @pytest.fixture
 def klein_tiny(tmp_path_factory, monkeypatch):
-    """A tiny FLUX.2 preset ("klein-tiny": 32 px images, 16 px references, as the toy world's) with weights in BFL's
-    files (DiT, AE) and a Qwen3 folder, found through the environment; a toy world to train it on."""
+    """A tiny FLUX.2 preset ("klein-tiny": 32 px images, 16 px references, as the toy world's) with
+    weights in BFL's files (DiT, AE) and a Qwen3 folder, found through the environment; a toy world
+    to train it on."""
     root = tmp_path_factory.mktemp("klein")
     cfg = tiny_flux2(in_channels=16, context_in_dim=24)
     dit, ae, qwen = write_flux2_weights(root, cfg)
@@ -1473,8 +1621,9 @@ def klein_tiny(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MULTICRAFTER_TEXT", str(qwen))
     return root, dit, toy.write_world(str(root / "data"), 4, seed=0, subjects=(2,))
 
-@pytest.mark.parametrize("over,refs,pe", [(dict(), [], "t"), (dict(guidance_embed=True, depth=1), [(4, 4)], "t"),
-                                          (dict(depth_single_blocks=3), [(4, 6), (2, 2), (6, 4)], "d")])
+@pytest.mark.parametrize("over,refs,pe",
+                         [(dict(), [], "t"), (dict(guidance_embed=True, depth=1), [(4, 4)], "t"),
+                          (dict(depth_single_blocks=3), [(4, 6), (2, 2), (6, 4)], "d")])
 def test_flux2_matches_diffusers(over, refs, pe):
     cfg = tiny_flux2(**over)
     ours = randomize(F2.Flux2(cfg).eval())
@@ -1487,14 +1636,17 @@ def test_flux2_matches_diffusers(over, refs, pe):
     w = torch.randn(mine.shape)
     (ours(**inp) * w).sum().backward()
     (diffusers_call(ref, inp) * w).sum().backward()
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers as convert)
     grads = convert({n: p.grad for n, p in ours.named_parameters()})
     for n, p in ref.named_parameters():
-        assert (grads[n] - p.grad).abs().max().item() < 1e-4 * max(1.0, p.grad.abs().max().item()), n
+        assert ((grads[n] - p.grad).abs().max().item()
+                < 1e-4 * max(1.0, p.grad.abs().max().item())), n
 
 def test_flux2_reference_kv_matches_the_kv_pipeline_and_the_uncached_path():
-    # klein-9B-KV: references see only each other at t = 0. diffusers' "extract" forward ([txt | refs | img]) and
-    # "cached" forward are the oracle; our uncached path (references every step) equals the cached one
+    # klein-9B-KV: references see only each other at t = 0. diffusers' "extract" forward
+    # ([txt | refs | img]) and "cached" forward are the oracle; our uncached path (references every
+    # step) equals the cached one
     cfg = tiny_flux2(ref_kv=True, guidance_embed=True)
     ours = randomize(F2.Flux2(cfg).eval())
     ref = flux2_to_diffusers(cfg, ours, kv=True)
@@ -1503,67 +1655,84 @@ def test_flux2_reference_kv_matches_the_kv_pipeline_and_the_uncached_path():
     kv = F2.RefKV()
     with torch.no_grad():
         mine = ours(**inp, kv=kv)
-        out = ref(hidden_states=torch.cat(inp["ref_img"] + [inp["img"]], 1), encoder_hidden_states=inp["txt"],
-                  timestep=inp["timesteps"], img_ids=torch.cat(inp["ref_img_ids"] + [inp["img_ids"]], 1)[0],
+        out = ref(hidden_states=torch.cat(inp["ref_img"] + [inp["img"]], 1),
+                  encoder_hidden_states=inp["txt"], timestep=inp["timesteps"],
+                  img_ids=torch.cat(inp["ref_img_ids"] + [inp["img_ids"]], 1)[0],
                   txt_ids=inp["txt_ids"][0], guidance=inp["guidance"], kv_cache_mode="extract",
                   num_ref_tokens=n_ref, ref_fixed_timestep=0.0)
         assert (mine - out.sample).abs().max().item() < 1e-4
-        assert (ours(**inp) - mine).abs().max().item() < 1e-6                # uncached: the same computation
+        assert (ours(**inp) - mine).abs().max().item() < 1e-6       # uncached: the same computation
         later = dict(inp, img=torch.randn_like(inp["img"]), timesteps=torch.rand(2))
         no_refs = {k: v for k, v in later.items() if k not in ("ref_img", "ref_img_ids")}
         cached = ours(**no_refs, kv=kv)
-        theirs = ref(hidden_states=later["img"], encoder_hidden_states=inp["txt"], timestep=later["timesteps"],
+        theirs = ref(hidden_states=later["img"], encoder_hidden_states=inp["txt"],
+                     timestep=later["timesteps"],
                      img_ids=inp["img_ids"][0], txt_ids=inp["txt_ids"][0], guidance=inp["guidance"],
                      kv_cache=out.kv_cache, kv_cache_mode="cached").sample
         assert (cached - theirs).abs().max().item() < 1e-4
         assert (cached - ours(**later)).abs().max().item() < 1e-5
-        # the sampler: references' K/V once (flux2.denoise) == every step, with guidance's extra forwards
-        common = dict(txt_null=inp["txt"] * 0.5, y_null=inp["y"], timesteps=F2.get_schedule(4, 12), guidance=4.0,
-                      progress=False, ref_guidance=2.0, text_guidance=3.0)
-        args = {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "y", "ref_img", "ref_img_ids")}
+        # the sampler: references' K/V once (flux2.denoise) == every step, with guidance's extra
+        # forwards
+        common = dict(txt_null=inp["txt"] * 0.5, y_null=inp["y"], timesteps=F2.get_schedule(4, 12),
+                      guidance=4.0, progress=False, ref_guidance=2.0, text_guidance=3.0)
+        args = {k: inp[k] for k in ("img", "img_ids", "txt", "txt_ids", "y", "ref_img",
+                                    "ref_img_ids")}
         calls = []
-        hook = ours.register_forward_hook(                        # how many references each forward was given
-            lambda m, a, kw, o: calls.append(len((a[7] if len(a) > 7 else kw.get("ref_img")) or [])), with_kwargs=True)
+        hook = ours.register_forward_hook(              # how many references each forward was given
+            lambda m, a, kw, o: calls.append(len((a[7] if len(a) > 7
+                                                  else kw.get("ref_img")) or [])), with_kwargs=True)
         fast = F2.denoise(ours, **args, **common)
         hook.remove()
         slow = SM.denoise(ours, **args, **common)
     assert (fast - slow).abs().max().item() < 1e-5
-    assert calls[:3] == [2, 0, 0] and calls.count(2) == 1              # the references ran once, in 12 forwards
+    assert calls[:3] == [2, 0, 0] and calls.count(2) == 1  # the references ran once, in 12 forwards
     with pytest.raises(ValueError, match="a model trained for it"):
         F2.Flux2(tiny_flux2())(**inp, kv=F2.RefKV())
 
 def test_flux2_full_size_presets_have_bfl_keys_and_diffusers_shapes():
     pytest.importorskip("diffusers")
     from diffusers import Flux2Transformer2DModel
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers as convert
+    from diffusers.loaders.single_file_utils import (
+        convert_flux2_transformer_checkpoint_to_diffusers as convert)
     params = {}
     for name in ("klein-4b", "klein-9b", "flux2-dev"):
         cfg = F2.get_config(name)
         with torch.device("meta"):
             ours = F2.Flux2(cfg)
-            theirs = Flux2Transformer2DModel(num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
-                                             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            theirs = Flux2Transformer2DModel(num_layers=cfg.depth,
+                                             num_single_layers=cfg.depth_single_blocks,
+                                             num_attention_heads=cfg.num_heads,
+                                             joint_attention_dim=cfg.context_in_dim,
                                              guidance_embeds=cfg.guidance_embed).state_dict()
         sd = ours.state_dict()
         params[name] = sum(p.numel() for p in ours.parameters())
         converted = convert(dict(sd))
-        assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+        assert ({k: tuple(v.shape) for k, v in converted.items()}
+                == {k: tuple(v.shape) for k, v in theirs.items()})
         assert not any(k.endswith(".bias") for k in sd)                      # no biases anywhere
-    # BFL's names and shapes at klein-4B, written out from black-forest-labs/flux2 src/flux2/model.py
+    # BFL's names and shapes at klein-4B, written out from black-forest-labs/flux2
+    # src/flux2/model.py
     with torch.device("meta"):
         sd = F2.Flux2(F2.get_config("klein-base-4b")).state_dict()
-    for k, shape in {"img_in.weight": (3072, 128), "txt_in.weight": (3072, 7680), "time_in.in_layer.weight": (3072, 256),
+    for k, shape in {"img_in.weight": (3072, 128), "txt_in.weight": (3072, 7680),
+                     "time_in.in_layer.weight": (3072, 256),
                      "double_stream_modulation_img.lin.weight": (18432, 3072),
                      "single_stream_modulation.lin.weight": (9216, 3072),
-                     "double_blocks.4.img_attn.qkv.weight": (9216, 3072), "double_blocks.0.img_mlp.0.weight": (18432, 3072),
-                     "double_blocks.0.txt_mlp.2.weight": (3072, 9216), "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
-                     "single_blocks.19.linear1.weight": (27648, 3072), "single_blocks.0.linear2.weight": (3072, 12288),
-                     "final_layer.adaLN_modulation.1.weight": (6144, 3072), "final_layer.linear.weight": (128, 3072)
+                     "double_blocks.4.img_attn.qkv.weight": (9216, 3072),
+                     "double_blocks.0.img_mlp.0.weight": (18432, 3072),
+                     "double_blocks.0.txt_mlp.2.weight": (3072, 9216),
+                     "double_blocks.0.txt_attn.norm.key_norm.scale": (128,),
+                     "single_blocks.19.linear1.weight": (27648, 3072),
+                     "single_blocks.0.linear2.weight": (3072, 12288),
+                     "final_layer.adaLN_modulation.1.weight": (6144, 3072),
+                     "final_layer.linear.weight": (128, 3072)
                      }.items():
         assert tuple(sd[k].shape) == shape, k
     assert not any(k.startswith("guidance_in") for k in sd) and len(sd) == 5 * 12 + 20 * 4 + 9
-    # 3.88B in all for klein-4B; 3.68B / 8.72B / 31.4B in the blocks (field_and_users.md §2.2, derived from BFL's code)
-    assert params == {"klein-4b": 3_875_544_576, "klein-9b": 9_078_581_248, "flux2-dev": 32_223_281_152}
+    # 3.88B in all for klein-4B; 3.68B / 8.72B / 31.4B in the blocks (field_and_users.md §2.2,
+    # derived from BFL's code)
+    assert params == {"klein-4b": 3_875_544_576, "klein-9b": 9_078_581_248,
+                      "flux2-dev": 32_223_281_152}
 
 def test_flux2_autoencoder_matches_diffusers():
     pytest.importorskip("diffusers")
@@ -1576,9 +1745,11 @@ def test_flux2_autoencoder_matches_diffusers():
     vae = flux2_ae_to_diffusers(ours, flux2_vae_config([32, 64], 1, 4))
     x = torch.rand(2, 3, 24, 40) * 2 - 1
     with torch.no_grad():
-        z = ours.encode(x)                                                           # (2, 4, 12, 20)
-        mean, std = vae.bn.running_mean.view(1, -1, 1, 1), (vae.bn.running_var.view(1, -1, 1, 1) + 1e-4).sqrt()
-        theirs = (P._patchify_latents(vae.encode(x).latent_dist.mode()) - mean) / std   # (2, 16, 6, 10)
+        z = ours.encode(x)                                                          # (2, 4, 12, 20)
+        mean, std = (vae.bn.running_mean.view(1, -1, 1, 1),
+                     (vae.bn.running_var.view(1, -1, 1, 1) + 1e-4).sqrt())
+        # (2, 16, 6, 10)
+        theirs = (P._patchify_latents(vae.encode(x).latent_dist.mode()) - mean) / std
         assert z.shape == (2, 4, 12, 20) and (F2.patchify(z) - theirs).abs().max().item() < 1e-4
         # the DiT's tokens are the pipeline's: model.pack of our latent == its patchify + pack
         torch.testing.assert_close(M.pack(z), P._pack_latents(theirs), atol=1e-4, rtol=0)
@@ -1595,14 +1766,15 @@ def test_flux2_prompt_encoding_matches_the_klein_pipeline(tmp_path, capsys):
     prompts = ["a red cat on grass", "two friends"]
     txt, y = enc(prompts)
     theirs = Flux2KleinPipeline._get_qwen3_prompt_embeds(
-        AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), prompts,
-        max_sequence_length=cfg.max_txt_len, hidden_states_layers=cfg.text_layers)
+        AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder),
+        prompts, max_sequence_length=cfg.max_txt_len, hidden_states_layers=cfg.text_layers)
     assert txt.shape == (2, 12, 24) == theirs.shape and y.shape == (2, 0)
     torch.testing.assert_close(txt, theirs, atol=1e-6, rtol=0)
     assert not torch.allclose(txt[0], txt[1])
-    enc(["a red cat " * 5])                                       # 15 words + the chat's: cut to 12, with a warning
+    enc(["a red cat " * 5])                       # 15 words + the chat's: cut to 12, with a warning
     assert enc.truncated == 1 and "cut to the text encoder's 12" in capsys.readouterr().err
-    with pytest.raises(WT.CheckpointError, match=r"the text model Qwen3-4B \(.*nope: no such file or folder"):
+    with pytest.raises(WT.CheckpointError,
+                       match=r"the text model Qwen3-4B \(.*nope: no such file or folder"):
         F2.TextEncoder(cfg, str(tmp_path / "nope"))
 
 @pytest.mark.parametrize("steps,seq", [(4, 1024), (50, 4096), (28, 6000)])
@@ -1611,23 +1783,29 @@ def test_flux2_schedule_and_positions_match_diffusers(steps, seq):
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline as P
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
     assert F2.empirical_mu(seq, steps) == pytest.approx(compute_empirical_mu(seq, steps), abs=1e-12)
-    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
-    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(seq, steps))
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True,
+                                            time_shift_type="exponential")
+    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps),
+                        mu=compute_empirical_mu(seq, steps))
     np.testing.assert_allclose(F2.get_schedule(steps, seq), sched.sigmas.numpy(), atol=1e-6, rtol=0)
     # positions: (t, h, w, l) as the pipeline builds them; references at t = 10, 20, ...
     z = torch.randn(2, 4, 6, 10)
-    out = F2.prepare(z, [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 6)], "t", torch.randn(2, 7, 3))
-    torch.testing.assert_close(out["img_ids"], P._prepare_latent_ids(P._patchify_latents(z)).float())
+    out = F2.prepare(z, [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 6)], "t",
+                     torch.randn(2, 7, 3))
+    torch.testing.assert_close(out["img_ids"],
+                               P._prepare_latent_ids(P._patchify_latents(z)).float())
     theirs = P._prepare_image_ids([P._patchify_latents(torch.randn(1, 4, 4, 4)),
                                    P._patchify_latents(torch.randn(1, 4, 2, 6))])
     torch.testing.assert_close(torch.cat(out["ref_img_ids"], 1), theirs.float().expand(2, -1, -1))
     torch.testing.assert_close(out["txt_ids"], P._prepare_text_ids(torch.randn(2, 7, 3)).float())
-    uno = F2.prepare(z, [torch.randn(2, 4, 4, 4)], "d")["ref_img_ids"][0][0]     # UNO's offsets, on h and w
+    # UNO's offsets, on h and w
+    uno = F2.prepare(z, [torch.randn(2, 4, 4, 4)], "d")["ref_img_ids"][0][0]
     assert uno[0].tolist() == [0, 3, 5, 0] and uno[-1].tolist() == [0, 4, 6, 0]
 
 def test_flux2_probe_reads_the_attention_in_any_block_both_directions(monkeypatch):
-    # the probe gets the q, k the block attends with (model.attention, the one hook, sees the same): its img2ref map
-    # is the attention mass each target token puts on each reference, its ref2img rows are distributions
+    # the probe gets the q, k the block attends with (model.attention, the one hook, sees the same):
+    # its img2ref map is the attention mass each target token puts on each reference, its ref2img
+    # rows are distributions
     cfg = tiny_flux2()
     flux = randomize(F2.Flux2(cfg).eval())
     inp = flux2_inputs(cfg, refs=[(4, 4), (2, 2)])
@@ -1646,11 +1824,13 @@ def test_flux2_probe_reads_the_attention_in_any_block_both_directions(monkeypatc
             if direction == "ref2img":
                 torch.testing.assert_close(probe.maps[1].sum(-1), torch.ones(2, 2))
                 continue
-            q, k = seen["qk"][2]                                   # s0's attention: the third of the forward
+            q, k = seen["qk"][2]                          # s0's attention: the third of the forward
             L_txt, L_img = inp["txt"].shape[1], inp["img"].shape[1]
-            p = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
-            img_rows = p[:, :, L_txt:L_txt + L_img]                                    # (B, H, M, L)
-            want = torch.stack([img_rows[..., a:b].sum(-1) for a, b in [(17, 21), (21, 22)]], 1).mean(2)
+            p = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)
+                 * q.shape[-1] ** -0.5).softmax(-1)
+            img_rows = p[:, :, L_txt:L_txt + L_img]                                   # (B, H, M, L)
+            want = torch.stack([img_rows[..., a:b].sum(-1)
+                                for a, b in [(17, 21), (21, 22)]], 1).mean(2)
             torch.testing.assert_close(probe.maps[1], want, atol=1e-5, rtol=0)
 
 def test_flux2_loading_is_strict_with_one_line_errors(tmp_path):
@@ -1659,13 +1839,15 @@ def test_flux2_loading_is_strict_with_one_line_errors(tmp_path):
     f = F2.load_flux(cfg, str(dit), dtype=torch.float32)
     assert all(torch.equal(f.state_dict()[k], v) for k, v in load_file(str(dit)).items())
     sd = load_file(str(dit))
-    sd["double_blocks.0.img_attn.qkv.bias"] = torch.zeros(192)           # a FLUX.1-style bias: not FLUX.2's
+    sd["double_blocks.0.img_attn.qkv.bias"] = torch.zeros(192)   # a FLUX.1-style bias: not FLUX.2's
     del sd["single_stream_modulation.lin.weight"]
     save_file(sd, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(WT.CheckpointError, match=r"missing keys: single_stream_modulation.lin.weight \| unexpected "
-                                                r"keys: double_blocks.0.img_attn.qkv.bias"):
+    with pytest.raises(WT.CheckpointError, match=r"missing keys: "
+                       r"single_stream_modulation.lin.weight \| unexpected keys: "
+                       r"double_blocks.0.img_attn.qkv.bias"):
         F2.load_flux(cfg, str(tmp_path / "bad.safetensors"))
-    # BFL's BatchNorm2d keeps a step counter some copies of ae.safetensors have: taken or not, never needed
+    # BFL's BatchNorm2d keeps a step counter some copies of ae.safetensors have: taken or not, never
+    # needed
     a = F2.load_ae(cfg, str(ae))
     sd = load_file(str(ae))
     sd["bn.num_batches_tracked"] = torch.tensor(7)
@@ -1686,14 +1868,15 @@ def test_flux2_offline_sample_lists_every_missing_weight_at_once(tmp_path, monke
     Image.new("RGB", (40, 40), "red").save(tmp_path / "a.png")
     Image.new("RGB", (40, 40), "blue").save(tmp_path / "b.png")
     with pytest.raises(SystemExit) as e:
-        main(["--model", "klein-base-4b", "--refs", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--prompt",
-              "two friends", "--out", str(tmp_path / "o.png")])
+        main(["--model", "klein-base-4b", "--refs", str(tmp_path / "a.png"),
+              str(tmp_path / "b.png"), "--prompt", "two friends", "--out", str(tmp_path / "o.png")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "3 of 3 weights missing" in err
-    for line in ("hf download black-forest-labs/FLUX.2-klein-base-4B flux-2-klein-base-4b.safetensors",
-                 "gated: accept the licence on https://huggingface.co/black-forest-labs/FLUX.2-dev",
-                 "hf download black-forest-labs/FLUX.2-dev ae.safetensors", "hf download Qwen/Qwen3-4B`",
-                 "--text-model / MULTICRAFTER_TEXT"):
+    for line in (
+            "hf download black-forest-labs/FLUX.2-klein-base-4B flux-2-klein-base-4b.safetensors",
+            "gated: accept the licence on https://huggingface.co/black-forest-labs/FLUX.2-dev",
+            "hf download black-forest-labs/FLUX.2-dev ae.safetensors", "hf download Qwen/Qwen3-4B`",
+            "--text-model / MULTICRAFTER_TEXT"):
         assert line in err, line
     assert not (tmp_path / "o.png").exists()
 
@@ -1702,17 +1885,25 @@ def test_flux2_lora_export_loads_into_diffusers(tmp_path):
     cfg = tiny_flux2()
     ours = randomize(F2.Flux2(cfg).eval())
     ref = flux2_to_diffusers(cfg, ours)
-    # every layer kind the FLUX.2 table maps; the single blocks' linear1 LoRA on its q|k|v rows (UNO's), one on all
-    ML.inject(ours, lora_targets=ML.DEFAULT_LORA + ("double_blocks.*.img_mlp.0", "double_blocks.*.txt_mlp.2",
-                                                    "single_blocks.*.linear2"), moe_targets=(), rank=4, alpha=2)
+    # every layer kind the FLUX.2 table maps; the single blocks' linear1 LoRA on its q|k|v rows
+    # (UNO's), one on all
+    ML.inject(ours, lora_targets=ML.DEFAULT_LORA
+              + ("double_blocks.*.img_mlp.0", "double_blocks.*.txt_mlp.2",
+                 "single_blocks.*.linear2"), moe_targets=(), rank=4, alpha=2)
     ours.single_blocks[1].linear1 = ML.LoRALinear(ours.single_blocks[1].linear1.base, rank=3)
     torch.manual_seed(1)
     for _, m in ML.adapters(ours):
         torch.nn.init.normal_(m.up.weight, std=3.0)
     sd, _ = ML.export_diffusers(ours, tmp_path / "lora.safetensors")
     assert "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight" in sd
-    assert sd["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight"][3 * 64:].abs().sum() == 0
-    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="ours")
+    assert (
+        sd["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_B.weight"][3 * 64 :]
+        .abs()
+        .sum()
+        == 0
+    )
+    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer",
+                          adapter_name="ours")
     inp = flux2_inputs(cfg, refs=[(4, 4)])
     with torch.no_grad():
         mine, theirs = ours(**inp), diffusers_call(ref, inp)
@@ -1722,43 +1913,53 @@ def test_flux2_lora_export_loads_into_diffusers(tmp_path):
 
 def test_flux2_trains_all_three_stages_and_samples(klein_tiny, tmp_path):
     root, dit, manifest = klein_tiny
-    common = ["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--batch-size", "2", "--rank", "4",
-              "--warmup", "1", "--log-every", "1"]
-    TS.main([*common, "--stage", "single", "--steps", "1", "--experts", "0", "--out", str(tmp_path / "single")])
-    TS.main([*common, "--stage", "multi", "--steps", "2", "--attn-blocks", "all", "--attn-direction", "img2ref",
-             "--adapter", str(tmp_path / "single" / "latest" / "adapter.safetensors"), "--out", str(tmp_path / "multi")])
+    common = ["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--batch-size", "2",
+              "--rank", "4", "--warmup", "1", "--log-every", "1"]
+    TS.main([*common, "--stage", "single", "--steps", "1", "--experts", "0", "--out",
+             str(tmp_path / "single")])
+    TS.main([*common, "--stage", "multi", "--steps", "2", "--attn-blocks", "all",
+             "--attn-direction", "img2ref", "--adapter",
+             str(tmp_path / "single" / "latest" / "adapter.safetensors"), "--out",
+             str(tmp_path / "multi")])
     log = read_log(tmp_path / "multi")
     assert {"diff", "dice"} <= set(log[-1]) and all(math.isfinite(r["dice"]) for r in log)
-    # from a cache: the text model's hidden states and the AE's latents precomputed, neither loaded to train
+    # from a cache: the text model's hidden states and the AE's latents precomputed, neither loaded
+    # to train
     cache.write_cache(manifest, str(tmp_path / "cache"), "klein-tiny", device="cpu")
-    TS.main([*common[:4], "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--rank", "4", "--stage",
-             "single", "--steps", "1", "--out", str(tmp_path / "cached")])
+    TS.main([*common[:4], "--cache", str(tmp_path / "cache"), "--batch-size", "2", "--rank", "4",
+             "--stage", "single", "--steps", "1", "--out", str(tmp_path / "cached")])
     assert math.isfinite(read_log(tmp_path / "cached")[-1]["diff"])
     adapter = tmp_path / "multi" / "latest" / "adapter.safetensors"
-    RL.main(["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--adapter", str(adapter),
-             "--out", str(tmp_path / "rl"), "--steps", "3", "--window", "1", "--group", "2", "--iters", "1",
-             "--text-guidance", "2"])
+    RL.main(["--preset", "klein-tiny", "--init", str(dit), "--data", manifest, "--adapter",
+             str(adapter), "--out", str(tmp_path / "rl"), "--steps", "3", "--window", "1",
+             "--group", "2", "--iters", "1", "--text-guidance", "2"])
     rec = read_log(tmp_path / "rl")[-1]
-    assert rec["iter"] == 1 and math.isfinite(rec["loss"]) and rec["dit_update"] == 2 * 1 * 2      # G w, 2 forwards
+    # G w, 2 forwards
+    assert rec["iter"] == 1 and math.isfinite(rec["loss"]) and rec["dit_update"] == 2 * 1 * 2
     refs = [str(root / "data" / r) for r in json.loads(open(manifest).readline())["refs"]]
-    main(["--model", str(dit), "--arch", "klein-tiny", "--refs", *refs, "--prompt", "two friends", "--steps", "2",
-          "--seed", "0", "--lora", str(tmp_path / "rl" / "latest" / "adapter.safetensors"), "--save-attn",
+    main(["--model", str(dit), "--arch", "klein-tiny", "--refs", *refs, "--prompt", "two friends",
+          "--steps", "2", "--seed", "0", "--lora", str(tmp_path / "rl" / "latest"
+                                                       / "adapter.safetensors"), "--save-attn",
           "--out", str(tmp_path / "s.png")])
     meta = json.loads((tmp_path / "s.json").read_text())
-    assert Image.open(tmp_path / "s.png").size == (32, 32) and meta["pe"] == "t" and meta["arch"] == "klein-tiny"
+    assert (Image.open(tmp_path / "s.png").size == (32, 32) and meta["pe"] == "t"
+            and meta["arch"] == "klein-tiny")
     assert (tmp_path / "s_attn1.png").exists()
-    # a test set, two seeds as one batch, with the low-VRAM options (fp8 block weights, blocks streamed)
-    main(["--model", str(dit), "--arch", "klein-tiny", "--manifest", manifest, "--out-dir", str(tmp_path / "set"),
+    # a test set, two seeds as one batch, with the low-VRAM options (fp8 block weights, blocks
+    # streamed)
+    main(["--model", str(dit), "--arch", "klein-tiny", "--manifest", manifest, "--out-dir",
+          str(tmp_path / "set"),
           "--seeds", "0", "1", "--batch-size", "2", "--steps", "2", "--offload", "--fp8"])
     assert len(list((tmp_path / "set").glob("*/*.png"))) == 2 * 4
-    assert export_lora.main([str(adapter), str(tmp_path / "d.safetensors"), "--arch", "klein-tiny", "--moe",
-                             "skip"]) == 0
+    assert export_lora.main([str(adapter), str(tmp_path / "d.safetensors"), "--arch", "klein-tiny",
+                             "--moe", "skip"]) == 0
 
 # ---- moe_lora.py: LoRA, MoE-LoRA, strength, adapter files, UNO import, diffusers export ----
 
 def test_fresh_adapters_change_nothing_and_train_only_adapters():
     cfg = tiny_cfg()
-    f = randomize(M.Flux(cfg), seed=4).requires_grad_(False)   # frozen first: autograd flags alone can
+    # frozen first: autograd flags alone can
+    f = randomize(M.Flux(cfg), seed=4).requires_grad_(False)
     args, kw = tiny_inputs(cfg)                                  # change kernels at the 1e-8 level
     with torch.no_grad():
         before = f(*args, **kw)
@@ -1768,17 +1969,22 @@ def test_fresh_adapters_change_nothing_and_train_only_adapters():
     trainable = {n for n, p in f.named_parameters() if p.requires_grad}
     assert trainable and all(n.rsplit(".", 2)[-2] in ("down", "up", "router") for n in trainable)
     kinds = {n: type(m).__name__ for n, m in ML.adapters(f)}
-    assert kinds["double_blocks.0.img_mlp.2"] == "MoELoRALinear" and kinds["single_blocks.1.linear2"] == "MoELoRALinear"
-    assert kinds["double_blocks.1.txt_attn.qkv"] == "LoRALinear" and "double_blocks.0.txt_mlp.2" not in kinds
+    assert (kinds["double_blocks.0.img_mlp.2"] == "MoELoRALinear"
+            and kinds["single_blocks.1.linear2"] == "MoELoRALinear")
+    assert (kinds["double_blocks.1.txt_attn.qkv"] == "LoRALinear"
+            and "double_blocks.0.txt_mlp.2" not in kinds)
     assert f.single_blocks[0].linear1.up.weight.shape == (3 * 64, 4)     # q|k|v rows only
     with pytest.raises(ValueError, match="match no nn.Linear"):
         ML.inject(M.Flux(cfg), lora_targets=["double_blocks.*.nonexistent"], moe_targets=[])
 
 def test_an_adapter_config_out_of_range_is_a_value_error():
     f = M.Flux(M.get_config("toy"))
-    for kw, why in ((dict(rank=0), "rank 0 is not a positive integer"), (dict(top_k=5), "top_k 5 is more than n_experts 4"),
-                    (dict(n_experts=True), "n_experts True is not"), (dict(alpha=math.inf), "alpha inf is not a finite"),
-                    (dict(moe_rank=-2), "moe_rank -2"), (dict(lora_targets="double_blocks.*"), "not a list of name")):
+    for kw, why in ((dict(rank=0), "rank 0 is not a positive integer"),
+                    (dict(top_k=5), "top_k 5 is more than n_experts 4"),
+                    (dict(n_experts=True), "n_experts True is not"),
+                    (dict(alpha=math.inf), "alpha inf is not a finite"),
+                    (dict(moe_rank=-2), "moe_rank -2"), (dict(lora_targets="double_blocks.*"),
+                                                         "not a list of name")):
         with pytest.raises(ValueError, match=re.escape(why)):
             ML.inject(f, **kw)
     assert not ML.adapters(f)                                           # nothing was wrapped
@@ -1786,7 +1992,8 @@ def test_an_adapter_config_out_of_range_is_a_value_error():
 @pytest.mark.parametrize("k,gate", [(1, "st"), (2, "st"), (1, "switch"), (2, "paper")])
 def test_sparse_moe_dispatch_equals_dense_reference(k, gate):
     torch.manual_seed(0)
-    m = ML.MoELoRALinear(torch.nn.Linear(24, 40), n_experts=5, rank=6, alpha=3.0, top_k=k, gate=gate)
+    m = ML.MoELoRALinear(torch.nn.Linear(24, 40), n_experts=5, rank=6, alpha=3.0, top_k=k,
+                         gate=gate)
     torch.nn.init.normal_(m.up.weight)
     x = torch.randn(3, 7, 24)
     # dense reference written out per token: base + scale * sum over chosen experts of w_e B_e A_e x
@@ -1816,7 +2023,8 @@ def test_router_gradient_default_gate_and_the_papers_zero_gradient():
         m(x).pow(2).mean().backward()
         grads[gate] = m.router.weight.grad.abs().max().item()
     assert grads["st"] > 1e-3 and grads["switch"] > 1e-3
-    # Softmax(TopK(logits, 1)) == 1 for any logits: no task gradient reaches the router (rounding only)
+    # Softmax(TopK(logits, 1)) == 1 for any logits: no task gradient reaches the router
+    # (rounding only)
     assert grads["paper"] < 1e-5 * grads["st"]
 
 def test_lora_strength_zero_is_the_base_and_s_scales_the_update_by_hand():
@@ -1824,23 +2032,26 @@ def test_lora_strength_zero_is_the_base_and_s_scales_the_update_by_hand():
     net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 9))
     x = torch.randn(5, 8)
     base = net(x)
-    lora, moe = ML.LoRALinear(net[0], rank=2, alpha=4.0), ML.MoELoRALinear(net[1], n_experts=3, rank=2, alpha=1.0)
+    lora, moe = (ML.LoRALinear(net[0], rank=2, alpha=4.0),
+                 ML.MoELoRALinear(net[1], n_experts=3, rank=2, alpha=1.0))
     net[0], net[1] = lora, moe
     for m in (lora, moe):
         torch.nn.init.normal_(m.up.weight)
         torch.nn.init.normal_(m.down.weight)
     ML.set_strength(net, 0.0)
-    assert torch.equal(net(x), base)                                  # bit for bit: the adapter-free model
+    assert torch.equal(net(x), base)                      # bit for bit: the adapter-free model
     s = 0.3
     ML.set_strength(net, s)
-    h = net[0].base(x) + s * (4.0 / 2) * x @ lora.down.weight.T @ lora.up.weight.T       # W x + s (alpha/r) B A x
+    # W x + s (alpha/r) B A x
+    h = net[0].base(x) + s * (4.0 / 2) * x @ lora.down.weight.T @ lora.up.weight.T
     torch.testing.assert_close(lora(x), h)
-    e = (h @ moe.router.weight.T).argmax(-1)                          # top-1: the gate is exactly 1
+    e = (h @ moe.router.weight.T).argmax(-1)              # top-1: the gate is exactly 1
     A, B = moe.down.weight.view(3, 2, 6), moe.up.weight.view(9, 3, 2)
-    want = torch.stack([net[1].base(h[i]) + s * (1.0 / 2) * B[:, e[i]] @ (A[e[i]] @ h[i]) for i in range(5)])
+    want = torch.stack([net[1].base(h[i]) + s * (1.0 / 2) * B[:, e[i]] @ (A[e[i]] @ h[i])
+                        for i in range(5)])
     torch.testing.assert_close(net(x), want)
     lora.merge()
-    with pytest.raises(ValueError):                                   # a merged LoRA's update is in the weights
+    with pytest.raises(ValueError):                       # a merged LoRA's update is in the weights
         ML.set_strength(net, 1.0)
 
 def test_lora_merge_unmerge_and_save_load(tmp_path):
@@ -1857,7 +2068,8 @@ def test_lora_merge_unmerge_and_save_load(tmp_path):
         ML.merge(f)
         torch.testing.assert_close(f(*args, **kw), unmerged, atol=1e-5, rtol=1e-5)
         ML.unmerge(f)
-        torch.testing.assert_close(f.single_blocks[0].linear1.base.weight, base_w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(f.single_blocks[0].linear1.base.weight, base_w, atol=1e-6,
+                                   rtol=0)
         torch.testing.assert_close(f(*args, **kw), unmerged, atol=1e-6, rtol=0)
     ML.save_adapter(f, str(tmp_path / "a.safetensors"), acfg)
     g = randomize(M.Flux(cfg), seed=6)
@@ -1883,18 +2095,20 @@ def test_moe_adapter_save_load(tmp_path):
         ML.merge(g)
 
 @pytest.mark.parametrize("fault", list(B.ADAPTER_FAULTS))
-def test_an_adapter_header_is_checked_against_its_tensors_before_anything_is_allocated(tmp_path, monkeypatch, fault):
+def test_an_adapter_header_is_checked_against_its_tensors_before_anything_is_allocated(
+        tmp_path, monkeypatch, fault):
     _, sd, meta, other, _ = toy_weights("adapter")
     path = str(tmp_path / "a.safetensors")
     B.ADAPTER_FAULTS[fault](path, {k: v.detach().clone() for k, v in sd.items()}, meta, other)
-    assert os.path.getsize(path) < 1_000_000                        # the file is small, whatever it claims
+    assert os.path.getsize(path) < 1_000_000                 # the file is small, whatever it claims
     def refuse(*a, **kw):
         raise AssertionError("an adapter was allocated before its header was checked")
     monkeypatch.setattr(ML.LoRALinear, "__init__", refuse)
     monkeypatch.setattr(ML.MoELoRALinear, "__init__", refuse)
     with pytest.raises(WT.CheckpointError) as e:
         ML.load_adapter(M.Flux(M.get_config("toy")), path)
-    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value) and len(str(e.value)) < 600
+    assert (str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+            and len(str(e.value)) < 600)
 
 def test_uno_lora_layout_loads_into_the_right_rows(tmp_path):
     cfg = tiny_cfg()
@@ -1902,28 +2116,39 @@ def test_uno_lora_layout_loads_into_the_right_rows(tmp_path):
     f = randomize(M.Flux(cfg), seed=8)
     g = torch.Generator().manual_seed(0)
     uno = {}
-    shapes = {"qkv_lora1": (D, 3 * D), "proj_lora1": (D, D), "qkv_lora2": (D, 3 * D), "proj_lora2": (D, D)}
+    shapes = {"qkv_lora1": (D, 3 * D), "proj_lora1": (D, D), "qkv_lora2": (D, 3 * D),
+              "proj_lora2": (D, D)}
     for i in range(cfg.depth):
         for n, (din, dout) in shapes.items():
-            uno[f"double_blocks.{i}.processor.{n}.down.weight"] = torch.randn(r, din, generator=g) * 0.1
-            uno[f"double_blocks.{i}.processor.{n}.up.weight"] = torch.randn(dout, r, generator=g) * 0.1
+            uno[f"double_blocks.{i}.processor.{n}.down.weight"] = (
+                torch.randn(r, din, generator=g) * 0.1)
+            uno[f"double_blocks.{i}.processor.{n}.up.weight"] = (
+                torch.randn(dout, r, generator=g) * 0.1)
     for i in range(cfg.depth_single_blocks):
-        uno[f"single_blocks.{i}.processor.qkv_lora.down.weight"] = torch.randn(r, D, generator=g) * 0.1
-        uno[f"single_blocks.{i}.processor.qkv_lora.up.weight"] = torch.randn(3 * D, r, generator=g) * 0.1
-        uno[f"single_blocks.{i}.processor.proj_lora.down.weight"] = torch.randn(r, 5 * D, generator=g) * 0.1
-        uno[f"single_blocks.{i}.processor.proj_lora.up.weight"] = torch.randn(D, r, generator=g) * 0.1
+        uno[f"single_blocks.{i}.processor.qkv_lora.down.weight"] = (
+            torch.randn(r, D, generator=g) * 0.1)
+        uno[f"single_blocks.{i}.processor.qkv_lora.up.weight"] = (
+            torch.randn(3 * D, r, generator=g) * 0.1)
+        uno[f"single_blocks.{i}.processor.proj_lora.down.weight"] = (torch.randn(
+            r, 5 * D, generator=g) * 0.1)
+        uno[f"single_blocks.{i}.processor.proj_lora.up.weight"] = (
+            torch.randn(D, r, generator=g) * 0.1)
     save_file(uno, str(tmp_path / "dit_lora.safetensors"))
-    # expected merged weights, by hand: W += up @ down (UNO's scale is 1); linear1 only in its first 3D rows
+    # expected merged weights, by hand: W += up @ down (UNO's scale is 1); linear1 only in its first
+    # 3D rows
     expect = {k: v.clone() for k, v in f.state_dict().items()}
     for i in range(cfg.depth):
         for n, target in (("qkv_lora1", "img_attn.qkv"), ("proj_lora1", "img_attn.proj"),
                           ("qkv_lora2", "txt_attn.qkv"), ("proj_lora2", "txt_attn.proj")):
             p = f"double_blocks.{i}.processor.{n}"
-            expect[f"double_blocks.{i}.{target}.weight"] += uno[p + ".up.weight"] @ uno[p + ".down.weight"]
+            expect[f"double_blocks.{i}.{target}.weight"] += (uno[p + ".up.weight"] @ uno[
+                p + ".down.weight"])
     for i in range(cfg.depth_single_blocks):
         p = f"single_blocks.{i}.processor"
-        expect[f"single_blocks.{i}.linear1.weight"][: 3 * D] += uno[p + ".qkv_lora.up.weight"] @ uno[p + ".qkv_lora.down.weight"]
-        expect[f"single_blocks.{i}.linear2.weight"] += uno[p + ".proj_lora.up.weight"] @ uno[p + ".proj_lora.down.weight"]
+        expect[f"single_blocks.{i}.linear1.weight"][: 3 * D] += (
+            uno[p + ".qkv_lora.up.weight"] @ uno[p + ".qkv_lora.down.weight"])
+        expect[f"single_blocks.{i}.linear2.weight"] += (uno[p + ".proj_lora.up.weight"]
+                                                        @ uno[p + ".proj_lora.down.weight"])
     args, kw = tiny_inputs(cfg)
     plain = randomize(M.Flux(cfg), seed=8)
     plain.load_state_dict(expect)
@@ -1932,53 +2157,60 @@ def test_uno_lora_layout_loads_into_the_right_rows(tmp_path):
         ML.load_adapter(f, str(tmp_path / "dit_lora.safetensors"))       # detects the UNO layout
         torch.testing.assert_close(f(*args, **kw), want, atol=1e-5, rtol=1e-5)
         ML.merge(f)
-    sd = {k.replace(".base.", "."): v for k, v in f.state_dict().items() if ".down." not in k and ".up." not in k}
+    sd = {k.replace(".base.", "."): v for k, v in f.state_dict().items()
+          if ".down." not in k and ".up." not in k}
     for k in expect:
         torch.testing.assert_close(sd[k], expect[k], atol=1e-6, rtol=0)
     lin1 = "single_blocks.0.linear1.weight"
     assert torch.equal(sd[lin1][3 * D:], randomize(M.Flux(cfg), seed=8).state_dict()[lin1][3 * D:])
 
 def test_diffusers_export_loads_into_flux_transformer_and_matches_ours(diffusers_oracle, tmp_path):
-    pytest.importorskip("peft")                        # diffusers' load_lora_adapter needs it (requirements-test.txt)
+    pytest.importorskip("peft")      # diffusers' load_lora_adapter needs it (requirements-test.txt)
     cfg = tiny_cfg()
     torch.manual_seed(0)
     ours = randomize(M.Flux(cfg).eval())
     ref = to_diffusers(cfg, ours, diffusers_oracle)
-    # every layer kind the export maps, single blocks both ways: q|k|v rows only (UNO's) and the whole linear1
-    ML.inject(ours, lora_targets=ML.DEFAULT_LORA + ("double_blocks.*.img_mlp.0", "double_blocks.*.txt_mlp.2",
-                                                    "double_blocks.*.img_mod.lin", "single_blocks.*.linear2",
-                                                    "single_blocks.*.modulation.lin"), moe_targets=(), rank=4, alpha=2)
-    ours.single_blocks[1].linear1 = ML.LoRALinear(ours.single_blocks[1].linear1.base, rank=3)   # all of its rows
+    # every layer kind the export maps, single blocks both ways: q|k|v rows only (UNO's) and the
+    # whole linear1
+    ML.inject(ours, lora_targets=ML.DEFAULT_LORA
+              + ("double_blocks.*.img_mlp.0", "double_blocks.*.txt_mlp.2",
+                 "double_blocks.*.img_mod.lin", "single_blocks.*.linear2",
+                 "single_blocks.*.modulation.lin"), moe_targets=(), rank=4, alpha=2)
+    # all of its rows
+    ours.single_blocks[1].linear1 = ML.LoRALinear(ours.single_blocks[1].linear1.base, rank=3)
     torch.manual_seed(1)
     for _, m in ML.adapters(ours):
         torch.nn.init.normal_(m.up.weight, std=0.5)
     sd, skipped = ML.export_diffusers(ours, tmp_path / "lora.safetensors")
     assert not skipped and any(".proj_mlp." in k for k in sd)
-    (tmp_path / "plain.txt").write_text("")                      # what any file the user creates gets
+    (tmp_path / "plain.txt").write_text("")                    # what any file the user creates gets
     mode = lambda p: oct(os.stat(p).st_mode & 0o777)
     assert mode(tmp_path / "lora.safetensors") == mode(tmp_path / "plain.txt")
-    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer", adapter_name="ours")
+    ref.load_lora_adapter(str(tmp_path / "lora.safetensors"), prefix="transformer",
+                          adapter_name="ours")
     B, h, w = 2, 8, 6
     img, img_ids, txt, txt_ids, t, y, g, _, _ = flux_call_args(cfg, B=B, h=h, w=w, refs=())
     with torch.no_grad():
-        theirs = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids[0],
-                     txt_ids=txt_ids[0], guidance=g, return_dict=False)[0]
+        theirs = ref(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                     img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=g, return_dict=False)[0]
         mine = ours(img, img_ids, txt, txt_ids, t, y, g)
         with ML.disabled(ours):
             base = ours(img, img_ids, txt, txt_ids, t, y, g)
-    assert (mine - base).abs().max() > 1e-2                      # the adapter does something
+    assert (mine - base).abs().max() > 1e-2                    # the adapter does something
     assert (mine - theirs).abs().max().item() < 1e-4
     # MoE-LoRA has no diffusers layer: refused by name, or left out and listed in the file's header
     torch.manual_seed(0)
     moe = M.Flux(cfg).eval()
     ML.inject(moe, rank=4, n_experts=2)
-    with pytest.raises(ValueError, match=r"MoE-LoRA layers have no diffusers equivalent \(double_blocks.0.img_mlp.2"):
+    with pytest.raises(ValueError, match=r"MoE-LoRA layers have no diffusers equivalent "
+                       r"\(double_blocks.0.img_mlp.2"):
         ML.export_diffusers(moe)
     sd, skipped = ML.export_diffusers(moe, tmp_path / "partial.safetensors", moe="skip")
     with safe_open(str(tmp_path / "partial.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["multicrafter_skipped_moe"]) == skipped
-    assert skipped == ["double_blocks.0.img_mlp.2", "double_blocks.1.img_mlp.2", "single_blocks.0.linear2",
-                       "single_blocks.1.linear2"] and not any("ff.net.2" in k or "proj_out" in k for k in sd)
+    assert (skipped == ["double_blocks.0.img_mlp.2", "double_blocks.1.img_mlp.2",
+                        "single_blocks.0.linear2", "single_blocks.1.linear2"]
+            and not any("ff.net.2" in k or "proj_out" in k for k in sd))
 
 def test_moe_mean_export_is_the_routing_averaged_update():
     torch.manual_seed(0)
@@ -1991,7 +2223,8 @@ def test_moe_mean_export_is_the_routing_averaged_update():
         share = torch.bincount(m.last_idx.flatten(), minlength=3).float() / 50
         A, B = ML.moe_as_lora(m)
         # by hand: sum_e share_e * (alpha / r) * B_e A_e
-        want = sum(share[e] * 2.0 * m.up.weight[:, 2 * e:2 * e + 2] @ m.down.weight[2 * e:2 * e + 2] for e in range(3))
+        want = sum(share[e] * 2.0 * m.up.weight[:, 2 * e:2 * e + 2] @ m.down.weight[2 * e:2 * e + 2]
+                   for e in range(3))
     torch.testing.assert_close(B @ A, want, atol=1e-6, rtol=1e-6)
 
 # ---- losses.py: flow matching, Dice, SCAL, MDL, load balance, advantages, GSPO ----
@@ -2006,34 +2239,40 @@ def test_flow_matching_loss_is_zero_for_the_true_velocity():
     torch.testing.assert_close(seen["x_t"], (1 - t[:, None, None]) * x0 + t[:, None, None] * noise)
     assert abs(LS.flow_matching_loss(lambda x, tt: torch.zeros_like(x), x0, t, noise).item()
                - (noise - x0).pow(2).mean().item()) < 1e-6
-    assert LS.mosaic_warmup(9_999) == 0 and LS.mosaic_warmup(10_500) == 0.5 and LS.mosaic_warmup(20_000) == 1
+    assert (LS.mosaic_warmup(9_999) == 0 and LS.mosaic_warmup(10_500) == 0.5
+            and LS.mosaic_warmup(20_000) == 1)
 
 def test_timestep_sampling_follows_the_schedule_shift():
     g = torch.Generator().manual_seed(0)
     t = LS.sample_timesteps(20000, 4096, generator=g)
     u = torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
-    mu = 1.15                                                             # at 4096 tokens (dev at 1024 px)
+    mu = 1.15                                                      # at 4096 tokens (dev at 1024 px)
     torch.testing.assert_close(t, math.exp(mu) / (math.exp(mu) + (1 / u - 1)))
-    assert 0 < t.min() and t.max() < 1 and abs(LS.sample_timesteps(20000, 64, shift=False,
-                                                                   generator=g).median().item() - 0.5) < 0.02
+    assert (0 < t.min() and t.max() < 1 and abs(LS.sample_timesteps(20000, 64, shift=False,
+                                                                    generator=g).median().item()
+                                                - 0.5) < 0.02)
 
 def test_dice_loss_values_bounds_and_gradient():
     maps = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]]], dtype=torch.float64)
     masks = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]], dtype=torch.float64)
     # subject 0: a map uniform on its mask scores 0; subject 1 by hand: m/max = [.25 .5 .75 1],
     # 1 - (2 * 1.75 + 1) / (2.5 + 2 + 1) = 1/5.5
-    torch.testing.assert_close(LS.dice_loss(maps, masks, eps=1.0), torch.tensor(1 / 5.5, dtype=torch.float64))
-    assert LS.dice_loss(maps, masks, valid=torch.tensor([[1.0, 0.0]], dtype=torch.float64)).item() == 0.0
+    torch.testing.assert_close(LS.dice_loss(maps, masks, eps=1.0),
+                               torch.tensor(1 / 5.5, dtype=torch.float64))
+    assert (LS.dice_loss(maps, masks, valid=torch.tensor([[1.0, 0.0]], dtype=torch.float64)).item()
+            == 0.0)
     g = torch.Generator().manual_seed(0)
     rnd = torch.rand(4, 3, 16, generator=g, dtype=torch.float64).softmax(-1)
     m = (torch.rand(4, 3, 16, generator=g, dtype=torch.float64) > 0.7).double()
     assert 0 <= LS.dice_loss(rnd, m).item() <= 3                         # bounded by N
-    assert LS.dice_loss(m / m.sum(-1, keepdim=True).clamp_min(1), m, eps=1e-6).item() < 1e-5   # perfect maps
+    # perfect maps
+    assert LS.dice_loss(m / m.sum(-1, keepdim=True).clamp_min(1), m, eps=1e-6).item() < 1e-5
     rnd.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: LS.dice_loss(x, m), (rnd,))
 
 def test_scal_loss_vectorized_and_finite_under_underflow():
-    lp = [torch.log_softmax(torch.randn(3, 5, dtype=torch.float64), -1), torch.log_softmax(torch.randn(2, 5,
+    lp = [torch.log_softmax(torch.randn(3, 5, dtype=torch.float64), -1),
+          torch.log_softmax(torch.randn(2, 5,
           dtype=torch.float64), -1)]
     tg = [torch.tensor([0, 4, 2]), torch.tensor([1, 1])]
     want = -(lp[0][0, 0] + lp[0][1, 4] + lp[0][2, 2] + lp[1][0, 1] + lp[1][1, 1]) / 5
@@ -2042,12 +2281,13 @@ def test_scal_loss_vectorized_and_finite_under_underflow():
     B, H, D = 1, 2, 4
     q = torch.zeros(B, H, 3, D)
     k = torch.zeros(B, H, 3, D)
-    q[..., 2, 0] = 20.0                                   # reference token (position 2)
-    k[..., 0, 0], k[..., 1, 0] = 20.0, -20.0              # image tokens 0, 1: scores +200 / -200 (x 1/sqrt(4))
+    q[..., 2, 0] = 20.0                        # reference token (position 2)
+    k[..., 0, 0], k[..., 1, 0] = 20.0, -20.0   # image tokens 0, 1: scores +200 / -200 (x 1/sqrt(4))
     probe = M.AttentionProbe(rows=[torch.tensor([[0, 0]])])
     probe(q, k, M.Spans(txt=0, img=(0, 2), refs=[(2, 3)]))
     loss = LS.scal_loss(probe.mean_logp(), [torch.tensor([1])])
-    # scores q.k/sqrt(d) = +200 and -200: -log p(token 1) = 200 - (-200) = 400 (p = e^-400 underflows fp32)
+    # scores q.k/sqrt(d) = +200 and -200: -log p(token 1) = 200 - (-200) = 400 (p = e^-400
+    # underflows fp32)
     assert torch.isfinite(loss) and abs(loss.item() - 400) < 1e-3
     assert LS.scal_loss([torch.zeros(0, 5)], [torch.zeros(0, dtype=torch.long)]).item() == 0
     x = [l.clone().requires_grad_(True) for l in lp]
@@ -2066,24 +2306,28 @@ def test_mdl_loss_against_torch_distributions():
     assert LS.mdl_loss(p[:1].expand(2, 3)[None]).item() == 0            # identical distributions
     assert LS.mdl_loss(p[None, :1]).item() == 0                          # a single reference
     # padded references do not count
-    torch.testing.assert_close(LS.mdl_loss(maps, valid=torch.tensor([[1.0, 1.0, 0.0]]), eps=1e-30).double(),
-                               -sym[0].double())
+    torch.testing.assert_close(
+        LS.mdl_loss(maps, valid=torch.tensor([[1.0, 1.0, 0.0]]), eps=1e-30).double(),
+        -sym[0].double())
     x = p[None].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda m: LS.mdl_loss(m, eps=1e-30), (x,))
 
 def test_balance_loss_uniform_and_skewed():
     E = 4
     uniform_p = torch.full((2, 8, E), 1 / E)
-    idx = torch.arange(16).reshape(2, 8, 1) % E                          # each expert gets a quarter
+    idx = torch.arange(16).reshape(2, 8, 1) % E                         # each expert gets a quarter
     assert abs(LS.balance_loss(uniform_p, idx, E).item() - 1) < 1e-6
     skew_p = torch.tensor([0.97, 0.01, 0.01, 0.01]).expand(2, 8, E)
-    assert abs(LS.balance_loss(skew_p, torch.zeros(2, 8, 1, dtype=torch.long), E).item() - E * 0.97) < 1e-5
+    assert (
+        abs(LS.balance_loss(skew_p, torch.zeros(2, 8, 1, dtype=torch.long), E).item() - E * 0.97)
+        < 1e-5)
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[:, :4] = True                                                    # only these tokens count
     idx2 = idx.clone()
     idx2[:, 4:] = 0
     assert abs(LS.balance_loss(uniform_p, idx2, E, mask).item() - 1) < 1e-6
-    # gradient: only through P_e (f_e is a count); by hand d/dP_e of E * sum f_e P_e, P_e = mean over tokens
+    # gradient: only through P_e (f_e is a count); by hand d/dP_e of E * sum f_e P_e, P_e = mean
+    # over tokens
     p = torch.rand(2, 8, E, dtype=torch.float64).softmax(-1).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda q: LS.balance_loss(q, idx2, E), (p,))
     f = torch.bincount(idx2.flatten(), minlength=E).double() / idx2.numel()
@@ -2096,7 +2340,8 @@ def test_group_advantages_hand_values():
     sd = math.sqrt(1.25)                                  # population std of 1, 2, 3, 4
     assert torch.allclose(a[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / sd)
     assert torch.equal(a[1], torch.zeros(4))              # a group that scores alike learns nothing
-    assert a[2].max() == 1.5 and torch.allclose(a[2, :3], torch.full((3,), -1 / math.sqrt(3)))   # clamped at 1.5
+    # clamped at 1.5
+    assert a[2].max() == 1.5 and torch.allclose(a[2, :3], torch.full((3,), -1 / math.sqrt(3)))
 
 def test_gspo_ratio_is_one_on_policy_and_the_gradient_is_the_policy_gradient():
     torch.manual_seed(0)
@@ -2113,8 +2358,9 @@ def test_gspo_ratio_is_one_on_policy_and_the_gradient_is_the_policy_gradient():
     _, s, _ = LS.gspo_loss(shifted, old, adv, 1.0, 1.0)
     assert torch.allclose(s, torch.full((5,), math.exp(2e-4), dtype=torch.float64))
 
-@pytest.mark.parametrize("adv,delta,cut", [(1.0, 1e-3, True), (1.0, -1e-3, False), (-1.0, -1e-3, True),
-                                           (-1.0, 1e-3, False), (1.0, 1e-4, False), (-1.0, -1e-4, False)])
+@pytest.mark.parametrize("adv,delta,cut", [(1.0, 1e-3, True), (1.0, -1e-3, False),
+                                           (-1.0, -1e-3, True), (-1.0, 1e-3, False),
+                                           (1.0, 1e-4, False), (-1.0, -1e-4, False)])
 def test_gspo_clipping_stops_the_gradient_in_the_direction_of_the_advantage(adv, delta, cut):
     # s = exp(delta); eps 3e-4 / 4e-4: A > 0 is cut once s > 1 + 4e-4, A < 0 once s < 1 - 3e-4
     old = torch.zeros(1, 2, dtype=torch.float64)
@@ -2126,57 +2372,67 @@ def test_gspo_clipping_stops_the_gradient_in_the_direction_of_the_advantage(adv,
         assert torch.equal(logp.grad, torch.zeros(1, 2, dtype=torch.float64))
         assert loss.item() == pytest.approx(-adv * (1 + (4e-4 if adv > 0 else -3e-4)))
     else:       # the unclipped branch: d(-s A)/d logp_t = -A s / w
-        assert torch.allclose(logp.grad, torch.full((1, 2), -adv * math.exp(delta) / 2, dtype=torch.float64))
+        assert torch.allclose(logp.grad, torch.full((1, 2), -adv * math.exp(delta) / 2,
+                                                    dtype=torch.float64))
 
 # ---- data.py: images in, manifests, check, masks, writers, moved commands, pre-flight ----
 
 # fault -> the reason in its one-line error, or what the loaded image must be
 IMAGE_FAULTS = {
     "missing file": "no such file", "zero bytes": "empty file", "a folder": "not a file",
-    "not an image (text)": "not a readable image", "truncated PNG": "truncated", "truncated JPEG": "truncated",
-    "decompression bomb (30000x30000 header)": "decompression bomb", "10000x10000 (over MAX_PIXELS)": "10000x10000",
+    "not an image (text)": "not a readable image", "truncated PNG": "truncated",
+    "truncated JPEG": "truncated", "decompression bomb (30000x30000 header)": "decompression bomb",
+    "10000x10000 (over MAX_PIXELS)": "10000x10000",
     "JPEG named .png": lambda im: im.size == (8, 8) and im.getpixel((4, 4))[0] > 240,
     "1x1": lambda im: im.size == (1, 1) and im.getpixel((0, 0)) == RED,
     "1x4000 strip": lambda im: im.size == (1, 4000),
     "CMYK JPEG": lambda im: im.getpixel((4, 4))[0] > 200 and max(im.getpixel((4, 4))[1:]) < 50,
-    "16-bit grayscale": lambda im: im.getpixel((4, 4)) == WHITE,                       # 65535 is white, not clipped
-    "palette + transparent index": lambda im: im.getpixel((0, 0)) == WHITE and im.getpixel((4, 4)) == (0, 255, 0),
-    "RGBA, fully transparent red": lambda im: im.getpixel((4, 4)) == WHITE,          # composited on white
-    "animated GIF (red, blue)": lambda im: im.getpixel((4, 4)) == RED,                # the first frame
-    "animated WebP (red, blue)": lambda im: im.getpixel((4, 4))[0] > 240 and im.getpixel((4, 4))[2] < 16,
-    "EXIF-rotated JPEG (40x20, rotate 90)": lambda im: im.size == (20, 40),           # upright
+    "16-bit grayscale": lambda im: im.getpixel((4, 4)) == WHITE,       # 65535 is white, not clipped
+    "palette + transparent index": lambda im: im.getpixel((0, 0)) == WHITE
+    and im.getpixel((4, 4)) == (0, 255, 0),
+    "RGBA, fully transparent red": lambda im: im.getpixel((4, 4)) == WHITE,    # composited on white
+    "animated GIF (red, blue)": lambda im: im.getpixel((4, 4)) == RED,             # the first frame
+    "animated WebP (red, blue)": lambda im: im.getpixel((4, 4))[0] > 240 and im.getpixel((4, 4))[2]
+    < 16, "EXIF-rotated JPEG (40x20, rotate 90)": lambda im: im.size == (20, 40),        # upright
 }
 
-# fault -> the reason in the manifest's one-line problem for line 2 (training skips it), or None: a good record
+# fault -> the reason in the manifest's one-line problem for line 2 (training skips it), or None: a
+# good record
 MANIFEST_FAULTS = {
     "path with ..": "'..' is not allowed", "absolute path": "absolute paths are not allowed",
     "symlink out of the root": "resolves outside", "id given twice": "already the id of line 1",
     "id that is a path (../x)": "not an integer or a name", "0 references": "not a non-empty list",
-    "100 references (MAX_REFS = 8)": "100 references, more than 8", "empty prompt": "missing or empty",
+    "100 references (MAX_REFS = 8)": "100 references, more than 8",
+    "empty prompt": "missing or empty",
     "10,000-character prompt": None, "lone surrogate in the prompt": "not valid Unicode",
     "non-UTF-8 byte in the prompt": "not UTF-8", "invalid JSON": "invalid JSON",
 }
 
-# the faults added to reliability.badinput's Manifests table -> the reason of their one-line problem (line 2)
+# the faults added to reliability.badinput's Manifests table -> the reason of their one-line problem
+# (line 2)
 JSON_FAULTS = {
-    "100,000-deep nested array": "nested deeper than 16 levels", "a field nested 20 deep": "nested deeper than 16",
+    "100,000-deep nested array": "nested deeper than 16 levels",
+    "a field nested 20 deep": "nested deeper than 16",
     "5,000-digit id": "an integer of more than 4300 digits", "300-digit id": "(200 at most)",
-    "lone surrogate in a caption": "need a string of valid Unicode", "a 17 MiB line": "longer than 16 MiB",
+    "lone surrogate in a caption": "need a string of valid Unicode",
+    "a 17 MiB line": "longer than 16 MiB",
 }
 
-# the subject's tokens in a 32 x 32 target of 4 px tokens: rows 8..15 are token rows 2-3, columns 4..11 token columns 1-2
+# the subject's tokens in a 32 x 32 target of 4 px tokens: rows 8..15 are token rows 2-3, columns
+# 4..11 token columns 1-2
 SUBJECT_TOKENS = [2 * 8 + 1, 2 * 8 + 2, 3 * 8 + 1, 3 * 8 + 2]
 
 def test_load_image_modes_the_fault_table_leaves_out(tmp_path):
-    # reliability.badinput's BAD_IMAGES (test_bad_images_same_behaviour_in_loader_check_and_training)
-    # holds a fully transparent RGBA, a palette image, a CMYK JPEG, an animated GIF, an EXIF-rotated
-    # JPEG, a missing, an empty and a text file; here: half transparency, 16-bit levels below white,
-    # a PNG cut inside its header
-    Image.new("LA", (3, 2), (0, 128)).save(tmp_path / "la.png")                       # half-transparent black
+    # reliability.badinput's BAD_IMAGES
+    # (test_bad_images_same_behaviour_in_loader_check_and_training) holds a fully transparent RGBA,
+    # a palette image, a CMYK JPEG, an animated GIF, an EXIF-rotated JPEG, a missing, an empty and a
+    # text file; here: half transparency, 16-bit levels below white, a PNG cut inside its header
+    Image.new("LA", (3, 2), (0, 128)).save(tmp_path / "la.png")             # half-transparent black
     assert load_image(str(tmp_path / "la.png")).getpixel((0, 0)) == (127, 127, 127)
-    a16 = np.array([[0, 200 * 257, 65535]], dtype=np.uint16)          # 16-bit white is 65535, not 65280
+    a16 = np.array([[0, 200 * 257, 65535]], dtype=np.uint16)      # 16-bit white is 65535, not 65280
     Image.fromarray(a16).save(tmp_path / "g16.png")
-    assert [load_image(str(tmp_path / "g16.png")).getpixel((i, 0))[0] for i in range(3)] == [0, 200, 255]
+    assert ([load_image(str(tmp_path / "g16.png")).getpixel((i, 0))[0] for i in range(3)]
+            == [0, 200, 255])
     Image.new("RGB", (64, 64)).save(tmp_path / "full.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
     with pytest.raises(InputError, match="cut.png"):
@@ -2189,8 +2445,9 @@ def test_every_bad_image_fault_is_checked():
 def test_bad_images_same_behaviour_in_loader_check_and_training(tmp_path, capsys, fault):
     names, want = B.write_bad_images(str(tmp_path)), IMAGE_FAULTS[fault]
     path, manifest = str(tmp_path / names[fault]), str(tmp_path / "m.jsonl")
-    with open(manifest, "w") as f:                         # the bad reference (line 1), then a good record
-        f.writelines(json.dumps(dict(target="t.png", prompt="x", refs=[r])) + "\n" for r in (names[fault], "t.png"))
+    with open(manifest, "w") as f:                  # the bad reference (line 1), then a good record
+        f.writelines(json.dumps(dict(target="t.png", prompt="x", refs=[r])) + "\n"
+                     for r in (names[fault], "t.png"))
     status = D.main(["check", manifest])
     out = capsys.readouterr().out
     ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
@@ -2202,25 +2459,26 @@ def test_bad_images_same_behaviour_in_loader_check_and_training(tmp_path, capsys
         load_image(path)
     assert names[fault] in str(e.value) and "\n" not in str(e.value)
     assert status == 1 and f"{manifest}:1: refs[0]: " in out and want in out
-    if ds.n_skipped:                                        # refused from the header alone ...
+    if ds.n_skipped:                                 # refused from the header alone ...
         assert ds.skipped[0][0] == 1 and want in ds.skipped[0][2] and len(ds) == 1
-    else:                                                   # ... or when decoded: replaced, with a warning
+    else:                                            # ... or when decoded: replaced, with a warning
         assert ds[0]["prompt"] == "x" and ds.n_failed == 1 and want in capsys.readouterr().err
 
 def test_preprocess_ref_resizes_then_pads_on_white():
     for size in ((300, 200), (1, 1), (500, 3), (17, 90)):
         assert preprocess_ref(Image.new("RGB", size), 320).size == (320, 320)
-    r = preprocess_ref(Image.new("RGB", (300, 100), (0, 0, 0)), 30)       # padded on white, aspect kept
+    r = preprocess_ref(Image.new("RGB", (300, 100), (0, 0, 0)), 30)   # padded on white, aspect kept
     assert r.getpixel((15, 2)) == (255, 255, 255) and r.getpixel((15, 15)) == (0, 0, 0)
     assert r.getpixel((15, 27)) == (255, 255, 255)
-    # a 1 x 60000 strip padded to a square first would be 3.6 gigapixels; resized first it is 16 x 16 at once
+    # a 1 x 60000 strip padded to a square first would be 3.6 gigapixels; resized first it is 16 x
+    # 16 at once
     ref = preprocess_ref(Image.new("RGB", (1, 60000), RED), 16)
     assert ref.size == (16, 16) and ref.getpixel((7, 8)) == RED and ref.getpixel((8, 8)) == WHITE
 
 def test_check_good_manifest(toy_manifest, capsys):
     assert D.main(["check", toy_manifest]) == 0
     assert "12 records, 0 bad, all good" in capsys.readouterr().out
-    assert D.main(["check", toy_manifest + ".missing"]) == 2                       # no manifest at all: one-line error
+    assert D.main(["check", toy_manifest + ".missing"]) == 2    # no manifest at all: one-line error
 
 def test_check_reports_every_bad_record(bad_manifest, capsys):
     path, expected = bad_manifest
@@ -2228,7 +2486,7 @@ def test_check_reports_every_bad_record(bad_manifest, capsys):
     out = capsys.readouterr().out
     for line, field in expected.items():
         assert f"{path}:{line}: {field}: " in out, (line, field)
-    assert f"{path}: 15 records, {len(expected)} bad" in out                 # the blank line is no record
+    assert f"{path}: 15 records, {len(expected)} bad" in out           # the blank line is no record
     # quick mode reads headers only: the truncated image and the empty mask pass
     assert D.main(["check", "--quick", path]) == 1
     out = capsys.readouterr().out
@@ -2243,19 +2501,22 @@ def test_bad_manifest_records_in_check_and_training(tmp_path, capsys, fault):
     status = D.main(["check", manifest])
     out = capsys.readouterr().out
     ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
-    if want is None:                                          # a long prompt is fine: the encoder cuts it, and says so
+    if want is None:                       # a long prompt is fine: the encoder cuts it, and says so
         assert status == 0 and len(ds) == 2
         enc = EN.ByteTextEncoder(M.get_config("toy"))
         txt, _ = enc([ds[1]["prompt"], ds[0]["prompt"]])
-        assert enc.truncated == 1 and "10000 tokens is cut to the text encoder's 128" in capsys.readouterr().err
+        assert (enc.truncated == 1
+                and "10000 tokens is cut to the text encoder's 128" in capsys.readouterr().err)
         assert txt.shape == (2, 128, 64)
         return
     line = [l for l in out.splitlines() if l.startswith(f"{manifest}:2: ")]
     assert status == 1 and len(line) == 1 and want in line[0], out
-    assert len(ds) == 1 and ds.skipped[0][0] == 2 and want in ds.skipped[0][2] and ds[0]["prompt"] == "a thing"
+    assert (len(ds) == 1 and ds.skipped[0][0] == 2 and want in ds.skipped[0][2]
+            and ds[0]["prompt"] == "a thing")
 
 @pytest.mark.parametrize("fault", list(JSON_FAULTS))
-def test_manifest_lines_json_cannot_take_are_findings_in_check_training_and_eval(tmp_path, capsys, fault):
+def test_manifest_lines_json_cannot_take_are_findings_in_check_training_and_eval(
+        tmp_path, capsys, fault):
     # each reader (check, the training dataset, eval) names line 2 and keeps line 1; nothing raises
     manifest, want = B.write_bad_manifests(str(tmp_path))[fault], JSON_FAULTS[fault]
     status = D.main(["check", manifest])
@@ -2266,33 +2527,40 @@ def test_manifest_lines_json_cannot_take_are_findings_in_check_training_and_eval
     gen = tmp_path / "gen"
     gen.mkdir()
     Image.new("RGB", (32, 32)).save(gen / "a.png")
-    assert toy.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(tmp_path / "e.json")]) == 0
+    assert toy.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(
+        tmp_path / "e.json")]) == 0
     report = json.loads((tmp_path / "e.json").read_text())
-    assert report["n"] == 1 and [b["line"] for b in report["bad"]] == [2] and want in report["bad"][0]["why"]
+    assert (report["n"] == 1 and [b["line"] for b in report["bad"]] == [2]
+            and want in report["bad"][0]["why"])
 
 @pytest.mark.parametrize("stream", ["device", "pipe"])
 def test_an_endless_manifest_is_read_boundedly(stream):
-    # /dev/zero (a device) and an endless pipe have no line end: one finding after MAX_LINE bytes, in a process
-    # that may not hold more than 3 GB (reading all of it would need unbounded memory)
+    # /dev/zero (a device) and an endless pipe have no line end: one finding after MAX_LINE bytes,
+    # in a process that may not hold more than 3 GB (reading all of it would need unbounded memory)
     limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
-    feed = subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE) if stream == "pipe" else None
+    feed = (subprocess.Popen(["cat", "/dev/zero"], stdout=subprocess.PIPE) if stream == "pipe"
+            else None)
     try:
-        r = subprocess.run([sys.executable, "data.py", "check", "/dev/zero" if feed is None else "/dev/stdin"],
-                           stdin=feed.stdout if feed else None, preexec_fn=limit, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "data.py", "check",
+                            "/dev/zero" if feed is None else "/dev/stdin"],
+                           stdin=feed.stdout if feed else None, preexec_fn=limit,
+                           capture_output=True, text=True,
                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     finally:
         if feed:
             feed.kill()
             feed.wait()
     out = r.stdout.splitlines()
-    assert r.returncode == 1 and out[0].endswith(":1: record: longer than 16 MiB (not a manifest line)"), r.stderr
+    assert (r.returncode == 1
+            and out[0].endswith(":1: record: longer than 16 MiB (not a manifest line)")), r.stderr
     assert out[1].endswith("1 records, 1 bad (1 problems)") and not r.stderr
 
 def test_ids_that_name_one_file_are_one_id(tmp_path, capsys):
     root = tmp_path
     Image.new("RGB", (32, 32)).save(root / "t.png")
-    (root / "m.jsonl").write_text("".join(json.dumps(dict(id=i, target="t.png", prompt="x", refs=["t.png"])) + "\n"
-                                          for i in ("1", 1, 2)))
+    (root / "m.jsonl").write_text("".join(json.dumps(dict(
+        id=i, target="t.png", prompt="x", refs=["t.png"])) + "\n"
+        for i in ("1", 1, 2)))
     assert D.main(["check", str(root / "m.jsonl")]) == 1
     assert f"{root / 'm.jsonl'}:2: id: 1 is already the id of line 1" in capsys.readouterr().out
 
@@ -2305,7 +2573,8 @@ def test_uno_json_list(tmp_path, capsys):
     (tmp_path / "uno.json").write_text(json.dumps(items, indent=2))
     assert D.main(["check", str(tmp_path / "uno.json")]) == 1
     out = capsys.readouterr().out
-    line = json.dumps(items, indent=2).splitlines().index("  {", 10) + 1    # where the third item starts
+    # where the third item starts
+    line = json.dumps(items, indent=2).splitlines().index("  {", 10) + 1
     assert f"uno.json:{line}: refs[0]: " in out and "3 records, 1 bad" in out
     ds = DS.ManifestDataset(str(tmp_path / "uno.json"), size=32, ref_size=16, token_px=4)
     assert len(ds) == 2 and ds[0]["refs"].shape == (2, 3, 16, 16) and ds[1]["prompt"] == "one"
@@ -2314,9 +2583,11 @@ def test_uno_json_list(tmp_path, capsys):
     assert "broken.json:3: record: invalid JSON" in capsys.readouterr().out
     # an item JSON cannot take ends the list there, with one finding
     good = json.dumps(dict(prompt="x", image_paths=["r.png"], image_tgt_path="t.png"))
-    (tmp_path / "u.json").write_text(f"[{good},\n{good},\n" + "[" * 100_000 + "]" * 100_000 + f",\n{good}]")
+    (tmp_path / "u.json").write_text(f"[{good},\n{good},\n" + "[" * 100_000 + "]" * 100_000
+                                     + f",\n{good}]")
     records, problems = D.read_manifest(str(tmp_path / "u.json"))
-    assert [line for line, _ in records] == [1, 2] and problems == [(3, "record", "nested deeper than 16 levels")]
+    assert [line for line, _ in records] == [1, 2] and problems == [(
+        3, "record", "nested deeper than 16 levels")]
 
 def test_paths_cannot_escape_the_root(tmp_path):
     root = tmp_path / "root"
@@ -2326,31 +2597,36 @@ def test_paths_cannot_escape_the_root(tmp_path):
     os.symlink(tmp_path / "out.png", root / "out_link.png")
     os.symlink(root / "sub" / "in.png", root / "in_link.png")
     os.symlink(tmp_path, root / "up")
-    for bad in ("../out.png", "sub/../../out.png", "sub\\..\\..\\out.png", str(tmp_path / "out.png"),
-                "out_link.png", "up/out.png", "", None, 3, "a\0b"):
+    for bad in ("../out.png", "sub/../../out.png", "sub\\..\\..\\out.png",
+                str(tmp_path / "out.png"), "out_link.png", "up/out.png", "", None, 3, "a\0b"):
         with pytest.raises(D.DataError):
             D.resolve(str(root), bad)
     assert D.resolve(str(root), "sub/in.png") == str(root / "sub" / "in.png")
-    assert D.resolve(str(root), "in_link.png")                              # a link that stays inside is fine
+    assert D.resolve(str(root), "in_link.png")                    # a link that stays inside is fine
 
 def test_every_mask_fault_is_checked():
     assert B.SUBJECT == (slice(8, 16), slice(4, 12)) and len(B.MASK_FAULTS) == 8
 
 @pytest.mark.parametrize("fault", list(B.MASK_FAULTS))
 def test_a_cut_out_mask_is_its_alpha_in_check_and_training(tmp_path, capsys, fault):
-    # cut-outs (RGBA, LA, palette or RGB with a transparent colour) are their alpha; gray and opaque files their gray
+    # cut-outs (RGBA, LA, palette or RGB with a transparent colour) are their alpha; gray and opaque
+    # files their gray
     manifest = B.write_mask_manifests(str(tmp_path))[fault]
     assert D.main(["check", manifest]) == 0
-    assert D.load_mask(str(tmp_path / "masks" / f"mask{list(B.MASK_FAULTS).index(fault)}.png")).sum() == 64
-    masks = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[0]["masks"][0]       # (64,)
+    assert (
+        D.load_mask(str(tmp_path / "masks" / f"mask{list(B.MASK_FAULTS).index(fault)}.png")).sum()
+        == 64)
+    masks = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[0]["masks"][0]    # (64,)
     want = torch.zeros(64)
     want[SUBJECT_TOKENS] = 1.0
     assert torch.equal(masks, want)
 
 def test_a_fully_transparent_cut_out_is_an_empty_mask(tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(tmp_path / "t.png")
-    Image.new("RGBA", (32, 32), (255, 255, 255, 0)).save(tmp_path / "m.png")      # white, but transparent
-    (tmp_path / "m.jsonl").write_text(json.dumps(dict(target="t.png", prompt="x", refs=["t.png"], masks=["m.png"])))
+    # white, but transparent
+    Image.new("RGBA", (32, 32), (255, 255, 255, 0)).save(tmp_path / "m.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps(dict(target="t.png", prompt="x", refs=["t.png"],
+                                                      masks=["m.png"])))
     assert D.main(["check", str(tmp_path / "m.jsonl")]) == 1
     assert f"{tmp_path / 'm.jsonl'}:1: masks[0]: m.png: empty mask" in capsys.readouterr().out
 
@@ -2362,19 +2638,24 @@ def test_rl_records_and_exif_orientation(tmp_path, capsys):
     solid_png(tmp_path / "m.png", (20, 40), 255, "L")
     solid_png(tmp_path / "a.png", (16, 16))
     recs = [dict(target="cam.jpg", prompt="p", refs=["a.png"], masks=["m.png"]),
-            dict(prompt="two things", refs=["a.png", "a.png"], kinds=["face", "object"], captions=["a", "b"]),
+            dict(prompt="two things", refs=["a.png", "a.png"], kinds=["face", "object"],
+                 captions=["a", "b"]),
             dict(prompt="bad kinds", refs=["a.png"], kinds=["animal"]),
             dict(prompt="masks without a target", refs=["a.png"], masks=["m.png"])]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert D.main(["check", str(tmp_path / "m.jsonl")]) == 1
     out = capsys.readouterr().out
-    assert ":3: kinds: " in out and ":4: masks: masks need a target" in out and "4 records, 2 bad" in out
-    ds = DS.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (64, 32)])
-    assert len(ds) == 1 and ds.bucket_of(0) == ((64, 32), 1)                 # RL records have no target to train on
-    assert ds[0]["masks"].sum() * 16 == pytest.approx(64 * 32)              # the upright mask covers everything
+    assert (":3: kinds: " in out and ":4: masks: masks need a target" in out
+            and "4 records, 2 bad" in out)
+    ds = DS.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4,
+                            buckets=[(32, 32), (64, 32)])
+    # RL records have no target to train on
+    assert len(ds) == 1 and ds.bucket_of(0) == ((64, 32), 1)
+    assert ds[0]["masks"].sum() * 16 == pytest.approx(64 * 32)  # the upright mask covers everything
 
 def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
-    # data.check_output, the one rule of every command that writes: by real path, links followed; --force overrides
+    # data.check_output, the one rule of every command that writes: by real path, links followed;
+    # --force overrides
     torch.manual_seed(0)
     flux = M.Flux(M.get_config("toy"))
     acfg = ML.inject(flux, rank=4, n_experts=2)
@@ -2388,23 +2669,31 @@ def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
     run = tmp_path / "run"                                   # someone's run: a checkpoint, its lock
     run.mkdir()
     (run / ".lock").write_text("")
-    runs.write_checkpoint(str(run), 1, {"adapter.safetensors": lambda f: f.write(adapter.read_bytes())}, 1, 2)
-    exit_status = lambda fn, argv: fn(argv) if fn is not main else pytest.raises(SystemExit, main, argv).value.code
+    runs.write_checkpoint(str(run), 1,
+                          {"adapter.safetensors": lambda f: f.write(adapter.read_bytes())}, 1, 2)
+    exit_status = (lambda fn, argv: fn(argv) if fn is not main
+                   else pytest.raises(SystemExit, main, argv).value.code)
     cases = [  # (command, its arguments, the file it must leave alone)
         (export_lora.main, [str(adapter), str(adapter), "--arch", "toy", "--moe", "mean"], adapter),
-        (export_lora.main, [str(adapter), str(tmp_path / "link.safetensors"), "--arch", "toy", "--moe", "mean"],
+        (export_lora.main, [str(adapter), str(tmp_path / "link.safetensors"), "--arch", "toy",
+                            "--moe", "mean"],
          adapter),
-        (export_lora.main, [str(adapter), str(run / "latest" / "adapter.safetensors"), "--arch", "toy"],
+        (export_lora.main, [str(adapter), str(run / "latest" / "adapter.safetensors"), "--arch",
+                            "toy"],
          run / "ckpt-0000001" / "adapter.safetensors"),
         (main, ["--refs", ref, "--steps", "1", "--out", ref], ref),
         (main, ["--manifest", manifest, "--steps", "1", "--out-dir", data], manifest),
         (cache.main, ["--manifest", manifest, "--out", data, "--device", "cpu"], manifest),
-        (toy.main, ["eval", "--manifest", manifest, "--images", data, "--out", manifest], manifest),   # rewards'
-        (toy.main, ["eval", "--manifest", world, "--images", data, "--out", world], world),   # the world's own
-        (toy.main, ["--out", str(run / "latest"), "--n", "1"], run / "ckpt-0000001" / "checkpoint.json"),
+        # rewards'
+        (toy.main, ["eval", "--manifest", manifest, "--images", data, "--out", manifest], manifest),
+        # the world's own
+        (toy.main, ["eval", "--manifest", world, "--images", data, "--out", world], world),
+        (toy.main, ["--out", str(run / "latest"), "--n", "1"],
+         run / "ckpt-0000001" / "checkpoint.json"),
         (C.main, ["objects", "--manifest", manifest, "--out", data], manifest),
         (TS.cli, ["--data", manifest, "--init", "assets/toy", "--adapter",
-                         str(run / "latest" / "adapter.safetensors"), "--out", str(run), "--fresh", "--steps", "1"],
+                         str(run / "latest" / "adapter.safetensors"), "--out", str(run), "--fresh",
+                         "--steps", "1"],
          run / "ckpt-0000001" / "adapter.safetensors"),
     ]
     for fn, argv, kept in cases:
@@ -2413,34 +2702,43 @@ def test_no_writer_overwrites_what_it_reads_or_a_runs_work(tmp_path, capsys):
         assert exit_status(fn, argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "refused, writing there would destroy" in err[0], (argv, err)
-        assert open(kept, "rb").read() == before and sorted(os.listdir(run)) == [".lock", "ckpt-0000001", "latest"]
+        assert (open(kept, "rb").read() == before and sorted(os.listdir(run))
+                == [".lock", "ckpt-0000001", "latest"])
     assert export_lora.main(cases[0][1] + ["--force"]) == 0                  # told explicitly
     assert "multicrafter_moe_export" in WT.read_header(str(adapter), metadata=True)[1]
 
-def test_a_full_disk_is_one_line_naming_the_file_in_every_writer(tmp_path, capsys, monkeypatch, toy_manifest):
+def test_a_full_disk_is_one_line_naming_the_file_in_every_writer(
+        tmp_path, capsys, monkeypatch, toy_manifest):
     flux = M.Flux(M.get_config("toy"))
-    ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"), ML.inject(flux, rank=4, n_experts=2))
-    def full(*a, **k):                                         # what safetensors raises onto a full disk
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
-                              'left on device" })')
+    ML.save_adapter(flux, str(tmp_path / "adapter.safetensors"),
+                    ML.inject(flux, rank=4, n_experts=2))
+    def full(*a, **k):                                    # what safetensors raises onto a full disk
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
     out = tmp_path / "x" / "lora.safetensors"
     with monkeypatch.context() as mp:
         mp.setattr(safetensors.torch, "save_file", full)
-        assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe",
-                                 "mean"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {out}: cannot write (No space left on device)"]
+        assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy",
+                                 "--moe", "mean"]) == 2
+    assert (capsys.readouterr().err.strip().splitlines()
+            == [f"error: {out}: cannot write (No space left on device)"])
     assert os.listdir(tmp_path / "x") == []                                # no temporary left
-    # the disk fills as data.write_atomic flushes (fsync reports it): cache.py's shards, as every such file
+    # the disk fills as data.write_atomic flushes (fsync reports it): cache.py's shards, as every
+    # such file
     def fsync_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", fsync_full)
-    assert cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"error: {tmp_path / 'c' / 'shard_00000.safetensors'}: cannot write (No space left on device)"
+    assert (
+        cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--device", "cpu"])
+        == 2)
+    assert (capsys.readouterr().err.strip().splitlines()[-1] ==
+            f"error: {tmp_path / 'c' / 'shard_00000.safetensors'}: cannot "
+            "write (No space left on device)")
     assert os.listdir(tmp_path / "c") == []
 
 def test_moved_commands_point_to_their_new_home(capsys):
-    for old, new in (("toy", "toy.py"), ("curate", "curate.py faces"), ("curate-objects", "curate.py objects"),
+    for old, new in (("toy", "toy.py"), ("curate", "curate.py faces"),
+                     ("curate-objects", "curate.py objects"),
                      ("correspond", "curate.py correspond"), ("cache", "cache.py")):
         assert D.main([old, "--out", "x"]) == 2
         err = capsys.readouterr().err
@@ -2450,47 +2748,56 @@ def test_moved_commands_point_to_their_new_home(capsys):
 
 def test_preflight_names_every_problem_before_reading_any_data(no_weights, monkeypatch, capsys):
     tmp = no_weights
-    monkeypatch.setattr(D, "read_manifest", lambda *a, **k: pytest.fail("data read before the pre-flight"))
+    monkeypatch.setattr(D, "read_manifest",
+                        lambda *a, **k: pytest.fail("data read before the pre-flight"))
     manifest = tmp / "m.jsonl"
     manifest.write_text("{}\n")
     out = tmp / "runs" / "x"
-    # train_sft.py on FLUX: the four weights, the missing held-out set and the mistyped adapter, in one line
+    # train_sft.py on FLUX: the four weights, the missing held-out set and the mistyped adapter, in
+    # one line
     with pytest.raises(D.InputError) as e:
         TS.main(["--preset", "flux-dev", "--stage", "multi", "--data", str(manifest), "--val-data",
-                 str(tmp / "val.jsonl"), "--adapter", str(tmp / "adaptr.safetensors"), "--out", str(out)])
+                 str(tmp / "val.jsonl"), "--adapter", str(tmp / "adaptr.safetensors"), "--out",
+                 str(out)])
     msg = str(e.value)
-    for part in ("3 problems", "4 of 4 weights missing", "flux1-dev.safetensors", "ae.safetensors", "T5-XXL",
-                 "CLIP-L", "val.jsonl: no such file", "adaptr.safetensors: no such file"):
+    for part in ("3 problems", "4 of 4 weights missing", "flux1-dev.safetensors", "ae.safetensors",
+                 "T5-XXL", "CLIP-L", "val.jsonl: no such file", "adaptr.safetensors: no such file"):
         assert part in msg, (part, msg)
     # train_rl.py: the FLUX weights and the reward models, together
     with pytest.raises(D.InputError) as e:
-        RL.main(["--preset", "flux-dev", "--reward", "human", "--face-root", str(tmp), "--data", str(manifest),
-                 "--out", str(out)])
+        RL.main(["--preset", "flux-dev", "--reward", "human", "--face-root", str(tmp), "--data",
+                 str(manifest), "--out", str(out)])
     msg = str(e.value)
-    assert "4 of 4 weights missing" in msg and "HPS" in msg and "face models" in msg and "CLIP (" in msg, msg
+    assert ("4 of 4 weights missing" in msg and "HPS" in msg
+            and "face models" in msg and "CLIP (" in msg), msg
     # rewards.py eval: every model its metrics load (DINOv2 for DINO-I too) and the images' folder
-    assert R.main(["eval", "--manifest", str(manifest), "--images", str(tmp / "samples"), "--reward", "human",
-                   "--face-root", str(tmp)]) == 2
+    assert R.main(["eval", "--manifest", str(manifest), "--images", str(tmp / "samples"),
+                   "--reward", "human", "--face-root", str(tmp)]) == 2
     err = capsys.readouterr().err
     for part in ("CLIP (", "HPS (", "DINOv2 (", "face models", "samples: no such folder"):
         assert part in err, (part, err)
     # cache.py: the AE, T5 and CLIP at once
-    assert cache.main(["--manifest", str(manifest), "--out", str(tmp / "c"), "--model", "flux-dev"]) == 2
+    assert (
+        cache.main(["--manifest", str(manifest), "--out", str(tmp / "c"), "--model", "flux-dev"])
+        == 2)
     assert "3 of 3 weights missing" in capsys.readouterr().err
     assert not (tmp / "runs").exists() and not (tmp / "c").exists()
 
 def test_a_mistyped_path_is_named_as_the_users_own_mistake_first(no_weights, toy_run, capsys):
     tmp, (root, manifest) = no_weights, toy_run
-    for extra in ([], ["--prompt", "two circles"]):          # not "--prompt is required", not a FLUX download
+    # not "--prompt is required", not a FLUX download
+    for extra in ([], ["--prompt", "two circles"]):
         with pytest.raises(SystemExit):
             S.main(["--model", "assets/tyo", "--refs", *DEMO, "--out", str(tmp / "x.png"), *extra])
         err = capsys.readouterr().err
-        assert err.startswith("error: --model assets/tyo: no such file or folder") and "weights missing" not in err
+        assert (err.startswith("error: --model assets/tyo: no such file or folder")
+                and "weights missing" not in err)
     # the trainers: a mistyped --init is named, with the mistyped data, before the manifest is read
     assert TS.cli(["--init", "assets/tyo", "--data", manifest + "l", "--out", str(tmp / "o")]) == 2
     err = capsys.readouterr().err
     assert "--init assets/tyo: no such folder" in err and "manifest.jsonll: no such file" in err
-    assert TS.cli(["--data", manifest, "--out", str(tmp / "o")]) == 2            # the toy's adapters need a base
+    # the toy's adapters need a base
+    assert TS.cli(["--data", manifest, "--out", str(tmp / "o")]) == 2
     assert "--init assets/toy" in capsys.readouterr().err and not (tmp / "o").exists()
 
 # ---- dataset.py: items, buckets, points to tokens, collate, batches, prompts ----
@@ -2513,7 +2820,8 @@ def test_dataset_items(toy_manifest):
         it, N = ds[i], len(recs[i]["refs"])
         assert ds.bucket_of(i) == ((32, 32), N) and it["bucket"] == (32, 32) and it["index"] == i
         assert it["target"].shape == (3, 32, 32) and it["refs"].shape == (N, 3, 16, 16)
-        assert it["target"].min() >= -1 and it["target"].max() <= 1 and it["prompt"] == recs[i]["prompt"]
+        assert (it["target"].min() >= -1 and it["target"].max() <= 1
+                and it["prompt"] == recs[i]["prompt"])
         assert it["masks"].shape == (N, 64) and len(it["points"]) == N
         ref0 = np.array(Image.open(os.path.join(os.path.dirname(toy_manifest), recs[i]["refs"][0])))
         ref0 = torch.from_numpy(ref0).permute(2, 0, 1)                          # the file itself
@@ -2521,7 +2829,7 @@ def test_dataset_items(toy_manifest):
         for k, p in enumerate(it["points"]):
             assert p.dtype == torch.long and p.shape[1] == 2 and len(p) > 0
             assert p[:, 0].max() < 16 and p[:, 1].max() < 64
-            assert (it["masks"][k][p[:, 1]] > 0).all()                # every target token is on the subject
+            assert (it["masks"][k][p[:, 1]] > 0).all()        # every target token is on the subject
             # no target token is shared between references
             others = torch.cat([q[:, 1] for j, q in enumerate(it["points"]) if j != k])
             assert not torch.isin(p[:, 1], others).any()
@@ -2530,11 +2838,13 @@ def test_dataset_skips_bad_records_with_a_warning(bad_manifest, capsys):
     path, expected = bad_manifest
     ds = DS.ManifestDataset(path, size=32, ref_size=16, token_px=4)
     err = capsys.readouterr().err
-    # headers only at construction: the truncated target (line 3) and the empty mask (line 6) get through
+    # headers only at construction: the truncated target (line 3) and the empty mask (line 6) get
+    # through
     assert len(ds) == 4 and ds.n_skipped == len(expected) - 2 and "skipped 11 of 15 records" in err
     assert {line for line, _, _ in ds.skipped} == set(expected) - {3, 6}
-    items = [ds[i] for i in range(len(ds))]                                  # an epoch does not crash ...
-    assert ds.n_failed == 2 and "warning" in capsys.readouterr().err         # ... and does not hide failures
+    items = [ds[i] for i in range(len(ds))]                            # an epoch does not crash ...
+    # ... and does not hide failures
+    assert ds.n_failed == 2 and "warning" in capsys.readouterr().err
     assert all(it["target"].shape == (3, 32, 32) for it in items)
     strict = DS.ManifestDataset(path, size=32, ref_size=16, token_px=4, verify=True)
     assert len(strict) == 2 and strict.n_skipped == len(expected)
@@ -2550,9 +2860,11 @@ def test_points_to_tokens_by_hand():
     ref0 = torch.tensor([[0.1, 0.6, 0.3, 0.9],      # ref (0, 2) -> 2;  target (2, 7) -> 23
                          [0.12, 0.62, 0.31, 0.91],  # the same tokens again: kept once
                          [1.0, 1.0, 1.0, 1.0],      # the far corner: ref 15, target 63
-                         [0.99, 0.0, 0.5, 0.5]],    # ref (3, 0) -> 12; target (4, 4) -> 36, also claimed by ref1
+                         # ref (3, 0) -> 12; target (4, 4) -> 36, also claimed by ref1
+                         [0.99, 0.0, 0.5, 0.5]],
                         dtype=torch.float64)
-    ref1 = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)   # 10 -> 36, 0 -> 0
+    # 10 -> 36, 0 -> 0
+    ref1 = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     out = DS.points_to_tokens([ref0, ref1, torch.zeros(0, 4, dtype=torch.float64)], (4, 4), (8, 8))
     assert out[0].tolist() == [[2, 23], [15, 63]]            # 36 is dropped from both references
     assert out[1].tolist() == [[0, 0]]
@@ -2563,7 +2875,7 @@ def test_buckets_resize_crop_and_points(tmp_path):
     solid_png(tmp_path / "tall.png", (30, 60))
     solid_png(tmp_path / "square.png", (50, 50))
     solid_png(tmp_path / "crop.png", (40, 30))
-    solid_png(tmp_path / "ref.png", (40, 20))                      # wide reference: padded on white above and below
+    solid_png(tmp_path / "ref.png", (40, 20))      # wide reference: padded on white above and below
     m = np.zeros((40, 80), np.uint8)
     m[5:25, 10:50] = 255                                      # 800 px
     Image.fromarray(m).save(tmp_path / "mask.png")
@@ -2574,27 +2886,30 @@ def test_buckets_resize_crop_and_points(tmp_path):
             dict(target="crop.png", prompt="c", refs=["ref.png"],
                  points=[[[0.5, 0.5, 0.5, 0.05], [0.5, 0.5, 0.5, 0.5]]])]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    ds = DS.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4, buckets=[(32, 32), (32, 64), (64, 32)])
-    assert [ds.bucket_of(i) for i in range(4)] == [((32, 64), 1), ((64, 32), 2), ((32, 32), 1), ((32, 32), 1)]
+    ds = DS.ManifestDataset(str(tmp_path / "m.jsonl"), ref_size=16, token_px=4,
+                            buckets=[(32, 32), (32, 64), (64, 32)])
+    assert [ds.bucket_of(i) for i in range(4)] == [((32, 64), 1), ((64, 32), 2), ((32, 32), 1),
+                                                   ((32, 32), 1)]
     wide = ds[0]
     assert wide["target"].shape == (3, 32, 64) and wide["masks"].shape == (1, 8 * 16)
     # 80x40 -> 64x32 (x 0.8): the mask's area scales by 0.64 (BOX keeps area shares exact)
     assert wide["masks"].sum() * 16 == pytest.approx(800 * 0.64, rel=1e-4)
     assert wide["mask_valid"].tolist() == [True]
-    # target pixel (15, 30) -> (12, 24) -> token (3, 6) = 54 of 16 per row; ref (0.5, 0.5) -> token (2, 2) = 10,
-    # ref (0, 0) lies under the padding: (0 * 20 + 10) / 40 = 0.25 -> token (1, 0) = 4
+    # target pixel (15, 30) -> (12, 24) -> token (3, 6) = 54 of 16 per row; ref (0.5, 0.5) -> token
+    # (2, 2) = 10, ref (0, 0) lies under the padding: (0 * 20 + 10) / 40 = 0.25 -> token (1, 0) = 4
     assert wide["points"][0].tolist() == [[4, 54], [10, 54]]
-    assert torch.allclose(wide["refs"][0, :, 0], torch.ones(3, 16))                       # white padding row
+    assert torch.allclose(wide["refs"][0, :, 0], torch.ones(3, 16))              # white padding row
     assert ds[1]["target"].shape == (3, 64, 32) and ds[1]["mask_valid"].tolist() == [False, False]
     assert ds[1]["masks"].abs().sum() == 0
-    # 40x30 covers 32x32 as 43x32 with 5 px cut on the left: tx = 0.05 falls off; 0.5 -> x = (21.5 - 5) / 32
+    # 40x30 covers 32x32 as 43x32 with 5 px cut on the left: tx = 0.05 falls off; 0.5 -> x =
+    # (21.5 - 5) / 32
     assert ds[3]["points"][0].tolist() == [[10, 4 * 8 + 4]]
 
 def test_aspect_buckets(toy_run, tmp_path):
     # UNO's buckets at 512 px (bytedance/UNO uno/dataset/uno.py), written out by hand
-    assert sorted(DS.uno_buckets(512)) == sorted([(256, 768), (320, 768), (320, 704), (384, 640), (448, 576),
-                                                 (512, 512), (768, 256), (768, 320), (704, 320), (640, 384),
-                                                 (576, 448)])
+    assert sorted(DS.uno_buckets(512)) == sorted([(256, 768), (320, 768), (320, 704), (384, 640),
+                                                  (448, 576), (512, 512), (768, 256), (768, 320),
+                                                  (704, 320), (640, 384), (576, 448)])
     assert all(h % 4 == 0 and w % 4 == 0 for h, w in DS.uno_buckets(32, 4))
     root, manifest = toy_run
     sft(tmp_path / "b", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "1",
@@ -2615,7 +2930,7 @@ def test_collate(toy_manifest):
     assert len(b["points"]) == N
     for k, p in enumerate(b["points"]):
         assert p.shape[1] == 3
-        for bi, it in enumerate(items):                        # (batch index, ref token, target token)
+        for bi, it in enumerate(items):                     # (batch index, ref token, target token)
             assert torch.equal(p[p[:, 0] == bi, 1:], it["points"][k])
     if len(by_key) > 1:
         other = next(v[0] for k, v in by_key.items() if k[1] != N)
@@ -2628,17 +2943,19 @@ def test_batches_are_deterministic_and_split_across_ranks():
     assert one == DS.batches(ds, 4, seed=0, epoch=0) and one != DS.batches(ds, 4, seed=0, epoch=1)
     assert one != DS.batches(ds, 4, seed=1, epoch=0)
     assert all(len(b) == 4 and len({ds.bucket_of(i) for i in b}) == 1 for b in one)
-    assert len({i for b in one for i in b}) == sum(len(b) for b in one)                   # no repeats
+    assert len({i for b in one for i in b}) == sum(len(b) for b in one)                 # no repeats
     for world in (2, 3, 5):
         ranks = [DS.batches(ds, 4, 0, 0, rank=r, world_size=world) for r in range(world)]
-        assert len({len(r) for r in ranks}) == 1                                           # lock-step
-        dealt = [ranks[b % world][b // world] for b in range(world * len(ranks[0]))]       # batch b on rank b % world
+        assert len({len(r) for r in ranks}) == 1                                         # lock-step
+        # batch b on rank b % world
+        dealt = [ranks[b % world][b // world] for b in range(world * len(ranks[0]))]
         assert dealt == one[:len(dealt)] and len(one) - len(dealt) < world
     # keeping partial batches: every index appears, ranks padded by repeating the first batches
     full = DS.batches(ds, 4, 0, 0, drop_last=False)
     assert sorted(i for b in full for i in b) == list(range(103))
     ranks = [DS.batches(ds, 4, 0, 0, r, 4, drop_last=False) for r in range(4)]
-    assert len({len(r) for r in ranks}) == 1 and {i for r in ranks for b in r for i in b} == set(range(103))
+    assert (len({len(r) for r in ranks}) == 1 and {i for r in ranks for b in r for i in b}
+            == set(range(103)))
     with pytest.raises(ValueError):
         DS.batches(ds, 4, 0, 0, rank=2, world_size=2)
 
@@ -2650,19 +2967,21 @@ def test_toy_batch_drives_the_probe_and_losses(toy_manifest):
     B, N = b["masks"].shape[:2]
     torch.manual_seed(0)
     flux, text, ae = M.Flux(cfg), EN.ByteTextEncoder(cfg), EN.AutoEncoder(cfg.ae)
-    z = ae.encode(b["target"])                                                       # (B, 12, 16, 16)
-    refs = [M.pack(ae.encode(b["refs"][:, k])) for k in range(N)]                    # [(B, 16, 48)]
+    z = ae.encode(b["target"])                                                     # (B, 12, 16, 16)
+    refs = [M.pack(ae.encode(b["refs"][:, k])) for k in range(N)]                  # [(B, 16, 48)]
     txt, y = text(b["prompts"])
     img = M.pack(z)
     assert img.shape[1] == b["masks"].shape[2] == 64
     probe = M.AttentionProbe(rows=[p[:, :2] for p in b["points"]])
-    flux(img, M.grid_ids(8, 8, batch=B), txt, torch.zeros(B, txt.shape[1], 3), torch.full((B,), 0.5), y,
+    flux(img, M.grid_ids(8, 8, batch=B), txt, torch.zeros(B, txt.shape[1], 3),
+         torch.full((B,), 0.5), y,
          torch.full((B,), 3.5), refs, M.ref_ids((8, 8), [(4, 4)] * N, batch=B), probe=probe)
     assert torch.isfinite(dice_loss(probe.mean_map(), b["masks"], b["mask_valid"]))
     assert torch.isfinite(scal_loss(probe.mean_logp(), [p[:, 2] for p in b["points"]]))
 
 def test_prompt_dataset_reads_rl_records(tmp_path):
-    # RL records need no target; a bad one is skipped with the others kept; references come preprocessed
+    # RL records need no target; a bad one is skipped with the others kept; references come
+    # preprocessed
     toy_reference(0, 20).save(tmp_path / "a.png")
     Image.new("RGB", (30, 10), "red").save(tmp_path / "b.png")
     lines = [{"prompt": "a thing", "refs": ["a.png", "b.png"], "captions": ["x", "y"]},
@@ -2673,7 +2992,8 @@ def test_prompt_dataset_reads_rl_records(tmp_path):
     item = ds[0]
     assert item["prompt"] == "a thing" and item["captions"] == ["x", "y"] and item["kinds"] is None
     assert [r.size for r in item["refs"]] == [(16, 16), (16, 16)]
-    assert item["refs"][1].getpixel((8, 0)) == (255, 255, 255) and item["refs"][1].getpixel((8, 8))[0] > 200
+    assert (item["refs"][1].getpixel((8, 0)) == (255, 255, 255)
+            and item["refs"][1].getpixel((8, 8))[0] > 200)
 
 # ---- cache.py: precomputed latents and text, and what a broken cache says ----
 
@@ -2684,9 +3004,11 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     save_file(text.state_dict(), str(tmp_path / "ckpt" / "text_encoder.safetensors"))
     out = tmp_path / "cache"
-    assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
+    assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy",
+                       "--checkpoint",
                    str(tmp_path / "ckpt"), "--shard-size", "5", "--device", "cpu"]) == 0
-    assert sorted(os.listdir(out)) == ["index.json"] + [f"shard_{k:05d}.safetensors" for k in range(3)]
+    assert sorted(os.listdir(out)) == ["index.json"] + [f"shard_{k:05d}.safetensors"
+                                                        for k in range(3)]
     ds, cached = DS.ManifestDataset(toy_manifest, 32, 16, 4), cache.CachedDataset(str(out))
     ae = EN.AutoEncoder(cfg.ae)
     assert len(cached) == len(ds)
@@ -2694,16 +3016,20 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
         for i in range(len(ds)):
             a, b = ds[i], cached[i]
             txt, y = text([a["prompt"]])
-            assert cached.bucket_of(i) == ds.bucket_of(i) and b["prompt"] == a["prompt"] and b["index"] == i
-            assert torch.allclose(b["txt"], txt[0], atol=1e-5) and torch.allclose(b["y"], y[0], atol=1e-5)
+            assert (cached.bucket_of(i) == ds.bucket_of(i) and b["prompt"] == a["prompt"]
+                    and b["index"] == i)
+            assert (torch.allclose(b["txt"], txt[0], atol=1e-5)
+                    and torch.allclose(b["y"], y[0], atol=1e-5))
             assert torch.equal(b["latent"], ae.encode(a["target"][None])[0])
             assert torch.equal(b["ref_latents"], ae.encode(a["refs"]))
-            assert torch.equal(b["masks"], a["masks"]) and torch.equal(b["mask_valid"], a["mask_valid"])
+            assert (torch.equal(b["masks"], a["masks"])
+                    and torch.equal(b["mask_valid"], a["mask_valid"]))
             assert all(torch.equal(p, q) for p, q in zip(b["points"], a["points"]))
     batch = DS.collate([cached[i] for i in DS.batches(cached, 2, 0, 0)[0]])
     assert batch["latent"].shape == (2, 12, 16, 16) and batch["txt"].shape == (2, 128, 64)
     with_pixels = cache.CachedDataset(str(out), pixels=True)[3]
-    assert torch.equal(with_pixels["target"], ds[3]["target"]) and torch.equal(with_pixels["refs"], ds[3]["refs"])
+    assert (torch.equal(with_pixels["target"], ds[3]["target"])
+            and torch.equal(with_pixels["refs"], ds[3]["refs"]))
 
 def test_cache_without_weights_is_a_one_line_error(toy_manifest, tmp_path, capsys):
     code = cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", "toy",
@@ -2716,12 +3042,12 @@ def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys
     cfg, ckpt, out = M.get_config("toy"), tmp_path / "ckpt", tmp_path / "cache"
     ckpt.mkdir()
     save_file(EN.ByteTextEncoder(cfg).state_dict(), str(ckpt / "text_encoder.safetensors"))
-    assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy", "--checkpoint",
-                   str(ckpt), "--shard-size", "5", "--device", "cpu"]) == 0
+    assert cache.main(["--manifest", toy_manifest, "--out", str(out), "--model", "toy",
+                       "--checkpoint", str(ckpt), "--shard-size", "5", "--device", "cpu"]) == 0
     shard = out / "shard_00001.safetensors"
     good = shard.read_bytes()
-    for broken, why in ((good[: len(good) // 2], "not a readable safetensors file"), (b"", "not a readable"),
-                        (None, "no such file")):
+    for broken, why in ((good[: len(good) // 2], "not a readable safetensors file"),
+                        (b"", "not a readable"), (None, "no such file")):
         shard.unlink()
         if broken is not None:
             shard.write_bytes(broken)
@@ -2731,48 +3057,58 @@ def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys
     save_file({"x/latent": torch.zeros(1)}, str(shard))             # a shard of another cache
     with pytest.raises(D.DataError, match="cache shard without '0/txt' \\(and"):
         cache.CachedDataset(str(out))
-    save_file({k: v for k, v in from_bytes(good).items() if k != "1/points0"}, str(shard))   # one tensor short
+    # one tensor short
+    save_file({k: v for k, v in from_bytes(good).items() if k != "1/points0"}, str(shard))
     with pytest.raises(D.DataError, match="cache shard without '1/points0': rebuild"):
         cache.CachedDataset(str(out))
     capsys.readouterr()
-    save_file(M.Flux(cfg).state_dict(), str(ckpt / "flux.safetensors"))     # a whole base: the cache is what fails
-    assert TS.cli(["--cache", str(out), "--stage", "multi", "--init", str(ckpt), "--out", str(tmp_path / "r"),
-                  "--steps", "1"]) == 2
+    # a whole base: the cache is what fails
+    save_file(M.Flux(cfg).state_dict(), str(ckpt / "flux.safetensors"))
+    assert TS.cli(["--cache", str(out), "--stage", "multi", "--init", str(ckpt), "--out",
+                   str(tmp_path / "r"), "--steps", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "shard_00001" in err and "Traceback" not in err
 
-@pytest.mark.parametrize("index", ["[" * 100_000 + "]" * 100_000, "[]", '{"records": [{"key": "0"}]}', '{"records": 3}',
-                                   '{"records": [{"shard": "../x", "key": "0", "prompt": "x", "n_refs": 1, "bucket": [32, 32]}]}',
-                                   '{"records": [], "size": 32}'],
-                         ids=["100,000-deep", "a list", "a record without fields", "records not a list",
+@pytest.mark.parametrize("index",
+                         ["[" * 100_000 + "]" * 100_000, "[]", '{"records": [{"key": "0"}]}',
+                          '{"records": 3}', '{"records": [{"shard": "../x", "key": "0", "prompt": '
+                          '"x", "n_refs": 1, "bucket": [32, 32]}]}', '{"records": [], "size": 32}'],
+                         ids=["100,000-deep", "a list", "a record without fields",
+                              "records not a list",
                               "a shard outside the folder", "no manifest (pixels=True)"])
 def test_a_cache_index_that_is_not_one_is_one_line(tmp_path, index):
-    # a cache folder's index.json is read like a manifest line: a value of the wrong shape is one DataError
+    # a cache folder's index.json is read like a manifest line: a value of the wrong shape is one
+    # DataError
     (tmp_path / "index.json").write_text(index)
     with pytest.raises(D.DataError, match="not a cache") as e:
         cache.CachedDataset(str(tmp_path), pixels=True)
     assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
 
-def test_cached_tensors_are_checked_against_the_model_before_the_first_step(toy_run, tmp_path, capsys):
+def test_cached_tensors_are_checked_against_the_model_before_the_first_step(
+        toy_run, tmp_path, capsys):
     root, manifest = toy_run
     folder = tmp_path / "cache"
-    cache.write_cache(manifest, str(folder), model="toy", checkpoint=str(root / "base"), device="cpu")
+    cache.write_cache(manifest, str(folder), model="toy", checkpoint=str(root / "base"),
+                      device="cpu")
     shard = folder / "shard_00000.safetensors"
     good, index = load_file(str(shard)), (folder / "index.json").read_text()
     cfg = M.get_config("toy")
-    for key, value, said in (("0/latent", torch.zeros(16, 16, 16), "0/latent is (16, 16, 16) torch.float32 where "
-                              "the model takes (12, 16, 16) float"),              # another AE's latents
-                             ("1/mask_valid", torch.ones(n := len(good["1/mask_valid"])), f"1/mask_valid is ({n},) "
-                              f"torch.float32 where the model takes ({n},) torch.bool"),
-                             ("2/txt", torch.zeros(27, 64), "2/txt is (27, 64) torch.float32 where the model takes "
-                              "(128, 64) float")):                                 # a prompt stored cut (older cache)
+    for key, value, said in ((
+            "0/latent", torch.zeros(16, 16, 16), "0/latent is (16, 16, 16) "
+            "torch.float32 where the model takes (12, 16, "
+            "16) float"),          # another AE's latents
+            ("1/mask_valid", torch.ones(n := len(good["1/mask_valid"])), f"1/mask_valid is ({n},) "
+             f"torch.float32 where the model takes ({n},) torch.bool"),
+            ("2/txt", torch.zeros(27, 64), "2/txt is (27, 64) torch.float32 where the model takes "
+             "(128, 64) float")):               # a prompt stored cut (older cache)
         save_file({**good, key: value}, str(shard))
         with pytest.raises(D.DataError) as e:
             cache.CachedDataset(str(folder), cfg=cfg)
-        assert str(e.value) == f"{shard}: {said} (a cache of another model, size or version): rebuild it with " \
-                               f"`python cache.py`"
+        assert (str(e.value) == f"{shard}: {said} (a cache of another model, size or version): "
+                f"rebuild it with `python cache.py`")
         capsys.readouterr()
-        assert TS.cli(["--cache", str(folder), "--stage", "multi", "--init", str(root / "base"), "--batch-size", "2",
+        assert TS.cli(["--cache", str(folder), "--stage", "multi", "--init", str(root / "base"),
+                       "--batch-size", "2",
                        "--out", str(tmp_path / f"run-{key[0]}"), "--steps", "1"]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [f"error: {e.value}"]
     save_file(good, str(shard))
@@ -2795,7 +3131,8 @@ def brute_force(sim):
 class FakeEmbedder:
     # references and subjects given directly as vectors (images are ignored)
     def __init__(self, refs, subjects):
-        self.refs, self.subj = np.asarray(refs, float), np.asarray(subjects, float).reshape(-1, len(refs[0]))
+        self.refs, self.subj = (np.asarray(refs, float),
+                                np.asarray(subjects, float).reshape(-1, len(refs[0])))
 
     def references(self, images, captions=None):
         return self.refs
@@ -2806,20 +3143,22 @@ class FakeEmbedder:
 def clip_tokenizer(d, max_len=None):
     # a character-level CLIP BPE: every letter, alone or word-final (</w>), no merges
     from transformers import CLIPTokenizer
-    vocab = {c: i for i, c in enumerate(LETTERS)} | {c + "</w>": 26 + i for i, c in enumerate(LETTERS)}
+    vocab = {c: i for i, c in enumerate(LETTERS)} | {c + "</w>": 26 + i
+                                                     for i, c in enumerate(LETTERS)}
     vocab |= {"<|startoftext|>": 52, "<|endoftext|>": 53}
     os.makedirs(d, exist_ok=True)
     with open(f"{d}/vocab.json", "w") as f:
         json.dump(vocab, f)
     with open(f"{d}/merges.txt", "w") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", **({"model_max_length": max_len} if max_len else {}))
+    return CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt",
+                         **({"model_max_length": max_len} if max_len else {}))
 
-TEXT = dict(vocab_size=54, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            bos_token_id=52, eos_token_id=53, pad_token_id=53)
+TEXT = dict(vocab_size=54, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, bos_token_id=52, eos_token_id=53, pad_token_id=53)
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              image_size=32, patch_size=8)
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
@@ -2836,12 +3175,14 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def owl_dir(tmp_path_factory):
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+    from transformers import (Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor,
+                              Owlv2Processor)
     d = str(tmp_path_factory.mktemp("owl"))
     torch.manual_seed(3)
     model = Owlv2ForObjectDetection(Owlv2Config(text_config=TEXT | dict(max_position_embeddings=16),
                                                 vision_config=VISION, projection_dim=32))
-    with torch.no_grad():   # the random heads saturate (sigmoid 1, zero-width boxes): shrink them towards the priors
+    # the random heads saturate (sigmoid 1, zero-width boxes): shrink them towards the priors
+    with torch.no_grad():
         for p in [*model.box_head.parameters(), *model.class_head.parameters()]:
             p.mul_(0.01)
     model.save_pretrained(d)
@@ -2857,7 +3198,8 @@ class FakeApp:
     def get(self, bgr):
         self.seen.append(bgr)
         return {20: [Face((0, 0, 4, 4), (1, 0, 0)), Face((2, 2, 12, 14), (0, 1, 0))], 30: [],
-                40: [Face((0, 0, 5, 5), (1, 0, 0)), Face((5, 5, 9, 9), (0, 0, 1)), Face((9, 0, 19, 9), (0, 1, 0))]
+                40: [Face((0, 0, 5, 5), (1, 0, 0)), Face((5, 5, 9, 9), (0, 0, 1)),
+                     Face((9, 0, 19, 9), (0, 1, 0))]
                 }[bgr.shape[1]]
 
 def test_hungarian_equals_brute_force():
@@ -2873,32 +3215,43 @@ def test_hungarian_equals_brute_force():
 def test_at_most_once_against_per_reference_max():
     r1, r2 = unit(1, 0, 0, 0), unit(0, 1, 0, 0)
     blend = unit(1, 1, 0, 0)                              # cos 0.707 with both references
-    good = [unit(0.7, 0, np.sqrt(1 - 0.49), 0), unit(0, 0.7, 0, np.sqrt(1 - 0.49))]   # cos 0.7 each, own reference
+    # cos 0.7 each, own reference
+    good = [unit(0.7, 0, np.sqrt(1 - 0.49), 0), unit(0, 0.7, 0, np.sqrt(1 - 0.49))]
     per_ref_max = lambda subj: np.mean((np.stack([r1, r2]) @ np.stack(subj).T).max(1))
-    score = lambda subj: R.MultiIDReward(FakeEmbedder([r1, r2], subj))([None], [None, None])["score"][0]
-    # one blended subject standing in for both: a per-reference max prefers it to the right image, Eq. 10 does not
-    assert per_ref_max([blend]) == pytest.approx(0.7071, abs=1e-4) and per_ref_max(good) == pytest.approx(0.7)
-    assert score([blend]) == pytest.approx(0.7071 / 2, abs=1e-4) and score(good) == pytest.approx(0.7)
-    # two copies of the blend are two subjects: each reference gets one, so Eq. 10 scores them as the max does
+    score = lambda subj: R.MultiIDReward(FakeEmbedder([r1, r2],
+                                                      subj))([None], [None, None])["score"][0]
+    # one blended subject standing in for both: a per-reference max prefers it to the right image,
+    # Eq. 10 does not
+    assert (per_ref_max([blend]) == pytest.approx(0.7071, abs=1e-4)
+            and per_ref_max(good) == pytest.approx(0.7))
+    assert (score([blend]) == pytest.approx(0.7071 / 2, abs=1e-4)
+            and score(good) == pytest.approx(0.7))
+    # two copies of the blend are two subjects: each reference gets one, so Eq. 10 scores them as
+    # the max does
     assert score([blend, blend]) == pytest.approx(per_ref_max([blend, blend]))
 
 def test_zero_detections_score_zero():
-    out = R.MultiIDReward(FakeEmbedder([unit(1, 0), unit(0, 1)], np.zeros((0, 2))))([None, None], [None, None])
+    out = R.MultiIDReward(FakeEmbedder([unit(1, 0), unit(0, 1)], np.zeros((0, 2))))(
+        [None, None], [None, None])
     assert out["score"].tolist() == [0.0, 0.0] and out["matches"] == [[], []]
 
 def test_clip_and_preference_scores(clip_dir):
     from transformers import CLIPModel, CLIPProcessor
-    model, proc = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    model, proc = (CLIPModel.from_pretrained(clip_dir).eval(),
+                   CLIPProcessor.from_pretrained(clip_dir))
     ims, prompts = images(3), ["a red cat", "two dogs", "a blue hat on a chair"]
     inp = proc(text=prompts, images=ims, return_tensors="pt", padding=True)
     with torch.no_grad():
-        img = F.normalize(model.get_image_features(pixel_values=inp["pixel_values"]).pooler_output, dim=-1)
+        img = F.normalize(model.get_image_features(pixel_values=inp["pixel_values"]).pooler_output,
+                          dim=-1)
         txt = F.normalize(model.get_text_features(input_ids=inp["input_ids"],
-                                                  attention_mask=inp["attention_mask"]).pooler_output, dim=-1)
-    cos = (img * txt).sum(-1).numpy()                                                  # (3,) image i vs prompt i
+                                                  attention_mask=inp[
+                                                      "attention_mask"]).pooler_output, dim=-1)
+    cos = (img * txt).sum(-1).numpy()                                     # (3,) image i vs prompt i
     np.testing.assert_allclose(R.CLIPScore(clip_dir)(ims, prompts), cos, atol=1e-5)
     np.testing.assert_allclose(R.PreferenceScore(clip_dir, "hps")(ims, prompts), cos, atol=1e-5)
-    np.testing.assert_allclose(R.PreferenceScore(clip_dir, "pickscore")(ims, prompts), 30.0 * cos / 26, atol=1e-5)
+    np.testing.assert_allclose(R.PreferenceScore(clip_dir, "pickscore")(ims, prompts),
+                               30.0 * cos / 26, atol=1e-5)
     # CLIP-I embeddings: the forward's own normalized image_embeds
     with torch.no_grad():
         ref = model(**inp).image_embeds.numpy()
@@ -2908,10 +3261,12 @@ def test_clip_and_preference_scores(clip_dir):
 
 def test_dino_embedder(dino_dir):
     from transformers import AutoImageProcessor, Dinov2Model
-    model, proc = Dinov2Model.from_pretrained(dino_dir).eval(), AutoImageProcessor.from_pretrained(dino_dir)
+    model, proc = (Dinov2Model.from_pretrained(dino_dir).eval(),
+                   AutoImageProcessor.from_pretrained(dino_dir))
     ims = images(3, seed=1)
     with torch.no_grad():
-        ref = F.normalize(model(**proc(images=ims, return_tensors="pt")).pooler_output, dim=-1).numpy()
+        ref = F.normalize(model(**proc(images=ims, return_tensors="pt")).pooler_output,
+                          dim=-1).numpy()
     emb = R.DinoEmbedder(dino_dir)(ims)
     assert emb.shape == (3, 32)
     np.testing.assert_allclose(emb, ref, atol=1e-5)
@@ -2922,41 +3277,50 @@ def test_a_reward_model_holding_a_pickle_that_runs_code_is_one_line(clip_dir, tm
     folder = tmp_path / "clip"
     shutil.copytree(clip_dir, folder)
     os.remove(folder / "model.safetensors")
-    torch.save({"x": B.Opens(str(tmp_path / "ran"))}, folder / "pytorch_model.bin")   # unpickled, it makes a file
+    # unpickled, it makes a file
+    torch.save({"x": B.Opens(str(tmp_path / "ran"))}, folder / "pytorch_model.bin")
     with pytest.raises(R.RewardModelError) as e:
         R.load_pretrained(CLIPModel, str(folder), "CLIP", "clip")
-    assert str(e.value).startswith(f"CLIP: cannot load {folder} (a pickle that would construct objects or run code: "
-                                   f"refused unread); get it with") and "\n" not in str(e.value)
+    assert (str(e.value).startswith(f"CLIP: cannot load {folder} (a pickle that would construct "
+                                    f"objects or run code: refused unread); get it with")
+            and "\n" not in str(e.value))
     assert not (tmp_path / "ran").exists()
 
 def test_missing_reward_models_are_one_line_listed_at_once_and_never_downloaded(
         tmp_path, monkeypatch, clip_dir):
-    for path in (str(tmp_path / "nowhere"), str(tmp_path)):         # no folder; a folder without weights
+    for path in (str(tmp_path / "nowhere"), str(tmp_path)):    # no folder; a folder without weights
         with pytest.raises(R.RewardModelError) as e:
             R.CLIPScore(path)
         msg = str(e.value)
-        assert "\n" not in msg and "CLIP" in msg and path in msg and "hf download openai/clip-vit-large-patch14" in msg
+        assert ("\n" not in msg and "CLIP" in msg and path in msg
+                and "hf download openai/clip-vit-large-patch14" in msg)
     monkeypatch.setattr(HC, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("the network was reached"))
     p = argparse.ArgumentParser()
     R.add_reward_args(p)
-    args = p.parse_args(["--reward", "object", "--dinov2", str(tmp_path / "no_dino"), "--clip", clip_dir])
+    args = p.parse_args(["--reward", "object", "--dinov2", str(tmp_path / "no_dino"), "--clip",
+                         clip_dir])
     t0 = time.perf_counter()
     with pytest.raises(R.RewardModelError) as e:
         R.check_reward_models(args)
     msg = str(e.value)
-    assert time.perf_counter() - t0 < 1.0 and "\n" not in msg and msg.startswith("4 reward model(s) missing")
+    assert (time.perf_counter() - t0 < 1.0 and "\n" not in msg
+            and msg.startswith("4 reward model(s) missing"))
     for part in ("`hf download adams-story/HPSv2-hf`", "`hf download openai/clip-vit-base-patch32`",
-                 "`hf download florence-community/Florence-2-base`", "no_dino: no such folder; --dinov2 DIR"):
+                 "`hf download florence-community/Florence-2-base`",
+                 "no_dino: no such folder; --dinov2 DIR"):
         assert part in msg
-    assert "CLIP (" not in msg                                     # the local CLIP folder is there
-    with pytest.raises(R.RewardModelError, match="not in the Hugging Face cache; `hf download openai/clip-vit-large"):
-        R.CLIPScore()                                              # a repo id not cached: at once, no download
+    assert "CLIP (" not in msg                          # the local CLIP folder is there
+    with pytest.raises(R.RewardModelError,
+                       match="not in the Hugging Face cache; `hf download openai/clip-vit-large"):
+        R.CLIPScore()                                   # a repo id not cached: at once, no download
     with pytest.raises(R.RewardModelError, match="face models: no"):
-        R.check_reward_models(p.parse_args(["--reward", "human", "--clip", clip_dir, "--preference", clip_dir,
-                                            "--preference-processor", clip_dir, "--face-root", str(tmp_path)]))
-    R.check_reward_models(p.parse_args(["--reward", "object", "--clip", clip_dir, "--preference", clip_dir,
-                                        "--preference-processor", clip_dir, "--detector", clip_dir, "--dinov2", clip_dir]))
+        R.check_reward_models(p.parse_args(["--reward", "human", "--clip", clip_dir, "--preference",
+                                            clip_dir, "--preference-processor", clip_dir,
+                                            "--face-root", str(tmp_path)]))
+    R.check_reward_models(p.parse_args(["--reward", "object", "--clip", clip_dir, "--preference",
+                                        clip_dir, "--preference-processor", clip_dir, "--detector",
+                                        clip_dir, "--dinov2", clip_dir]))
 
 def test_florence2_detector_and_object_embedder(flo_dir, dino_dir):
     det = R.Florence2Detector(flo_dir, max_new_tokens=12)
@@ -2964,11 +3328,13 @@ def test_florence2_detector_and_object_embedder(flo_dir, dino_dir):
     found = det.detect(im, ["a red circle", "a blue square"])
     # Florence-2's bins: 1000 per side, a box at each bin's centre, truncated to int pixels
     W, H = im.size
-    expect = (int(100.5 * W / 1000), int(200.5 * H / 1000), int(500.5 * W / 1000), int(600.5 * H / 1000))
+    expect = (int(100.5 * W / 1000), int(200.5 * H / 1000), int(500.5 * W / 1000),
+              int(600.5 * H / 1000))
     assert expect == (4, 6, 20, 18)
-    assert found == [[(expect, 1.0)], [(expect, 1.0)]]                       # the forced answer for both prompts
+    assert found == [[(expect, 1.0)], [(expect, 1.0)]]          # the forced answer for both prompts
     # both captions grounded on one box: one subject after the IoU dedup, a unit DINOv2 row
-    emb = R.ObjectEmbedder(det, R.DinoEmbedder(dino_dir)).subjects(im, ["a red circle", "a blue square"])
+    emb = R.ObjectEmbedder(det, R.DinoEmbedder(dino_dir)).subjects(im, [
+        "a red circle", "a blue square"])
     assert emb.shape == (1, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-6)
     with pytest.raises(ValueError, match="captions"):
@@ -2982,16 +3348,20 @@ def test_owlv2_detector(owl_dir, dino_dir):
     for per_phrase in found:
         assert len(per_phrase) <= 1
         for (x0, y0, x1, y1), s in per_phrase:
-            assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 30 and x1 - x0 >= 1 and y1 - y0 >= 1 and 0 < s < 1
-    # each phrase's box, by hand: its highest-logit box, (cx, cy, w, h) of the padded 40 x 40 square, clipped
+            assert (0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 30 and x1 - x0 >= 1 and y1 - y0 >= 1
+                    and 0 < s < 1)
+    # each phrase's box, by hand: its highest-logit box, (cx, cy, w, h) of the padded 40 x 40
+    # square, clipped
     from transformers import Owlv2ForObjectDetection, Owlv2Processor
-    model, proc = Owlv2ForObjectDetection.from_pretrained(owl_dir).eval(), Owlv2Processor.from_pretrained(owl_dir)
+    model, proc = (Owlv2ForObjectDetection.from_pretrained(owl_dir).eval(),
+                   Owlv2Processor.from_pretrained(owl_dir))
     with torch.no_grad():
         out = model(**proc(text=[phrases], images=im, return_tensors="pt", truncation=True))
     for q, per_phrase in enumerate(found):
         k = out.logits[0, :, q].argmax()
         cx, cy, w, h = (out.pred_boxes[0, k] * 40).tolist()
-        x0, y0, x1, y1 = max(cx - w / 2, 0), max(cy - h / 2, 0), min(cx + w / 2, 40), min(cy + h / 2, 30)
+        x0, y0, x1, y1 = (max(cx - w / 2, 0), max(cy - h / 2, 0), min(cx + w / 2, 40),
+                          min(cy + h / 2, 30))
         if per_phrase:
             assert per_phrase[0][0] == pytest.approx((x0, y0, x1, y1), abs=1e-4)
             assert per_phrase[0][1] == pytest.approx(out.logits[0, k, q].sigmoid().item(), abs=1e-6)
@@ -3003,7 +3373,8 @@ def test_owlv2_detector(owl_dir, dino_dir):
     assert R.MultiIDReward(obj)([im], images(2, seed=5), phrases)["score"].tolist() == [0.0]
 
 def test_object_embedder_dedup_and_mask():
-    # two captions, three boxes: (0..10) twice-ish (IoU 0.81, the higher score stays) and a distinct one
+    # two captions, three boxes: (0..10) twice-ish (IoU 0.81, the higher score stays) and a distinct
+    # one
     class Det:
         def detect(self, image, phrases):
             return [[((0, 0, 10, 10), 0.5)], [((0, 0, 10, 9), 0.9), ((20, 5, 30, 15), 0.3)]]
@@ -3021,7 +3392,8 @@ def test_object_embedder_dedup_and_mask():
     out = R.ObjectEmbedder(Det(), embed, Sam()).subjects(im, ["x", "y"])
     assert out.shape == (2, 4) and [c.shape for c in crops] == [(9, 10, 3), (10, 10, 3)]
     for c in crops:
-        assert (c[:, :5] == (10, 20, 30)).all() and (c[:, 5:] == 255).all()   # outside the mask: white
+        # outside the mask: white
+        assert (c[:, :5] == (10, 20, 30)).all() and (c[:, 5:] == 255).all()
 
 def test_face_pack_missing_empty_or_corrupt(tmp_path, monkeypatch):
     import insightface.app
@@ -3031,7 +3403,7 @@ def test_face_pack_missing_empty_or_corrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(insightface.app, "FaceAnalysis", no)
     monkeypatch.setattr(socket.socket, "connect", no)
     folder = tmp_path / "models" / "antelopev2"
-    for make in (False, True):                                          # no folder; a folder without .onnx
+    for make in (False, True):                                   # no folder; a folder without .onnx
         if make:
             os.makedirs(folder)
         with pytest.raises(R.RewardModelError) as e:
@@ -3048,18 +3420,20 @@ def test_face_embedder_with_fake_app():
     app = FakeApp()
     faces = R.FaceEmbedder(app=app)
     refs = faces.references([Image.new("RGB", (20, 16), (200, 10, 0)), Image.new("RGB", (30, 16))])
-    np.testing.assert_array_equal(refs[0], [0, 1, 0])                  # the larger face (10x12), not the first
-    assert refs.shape == (2, 3) and not refs[1].any()                  # no face: a zero row
-    assert (app.seen[0][0, 0] == (0, 10, 200)).all()                   # insightface gets BGR
+    np.testing.assert_array_equal(refs[0], [0, 1, 0])       # the larger face (10x12), not the first
+    assert refs.shape == (2, 3) and not refs[1].any()       # no face: a zero row
+    assert (app.seen[0][0, 0] == (0, 10, 200)).all()        # insightface gets BGR
     subj = faces.subjects(Image.new("RGB", (40, 16)))
     np.testing.assert_array_equal(subj, [[1, 0, 0], [0, 0, 1], [0, 1, 0]])
     assert faces.subjects(Image.new("RGB", (30, 16))).shape == (0, 512)
     assert len(faces.detect(Image.new("RGB", (40, 16)))[0]) == 3
 
-def test_face_embedder_through_the_installed_insightface_with_stand_in_models(tmp_path, monkeypatch):
-    # insightface's own FaceAnalysis (its loading, prepare, get and Face) runs; only the two ONNX networks are
-    # stand-ins: a "detector" boxing each solid-colour square of the picture, a "recognizer" embedding a face as its
-    # colour. So the reward sees each reference's colour found (or not) among the generated image's faces
+def test_face_embedder_through_the_installed_insightface_with_stand_in_models(
+        tmp_path, monkeypatch):
+    # insightface's own FaceAnalysis (its loading, prepare, get and Face) runs; only the two ONNX
+    # networks are stand-ins: a "detector" boxing each solid-colour square of the picture, a
+    # "recognizer" embedding a face as its colour. So the reward sees each reference's colour found
+    # (or not) among the generated image's faces
     import insightface
     import insightface.model_zoo.model_zoo as zoo
     calls = []
@@ -3084,36 +3458,42 @@ def test_face_embedder_through_the_installed_insightface_with_stand_in_models(tm
         def get(self, img, face):
             x0, y0 = face.bbox[:2].astype(int)
             e = np.zeros(512, np.float32)
-            e[:3] = img[y0, x0]                                      # BGR, as insightface hands it
-            face.embedding = e + 1.0                                 # Face.normed_embedding normalizes it
+            e[:3] = img[y0, x0]                                # BGR, as insightface hands it
+            face.embedding = e + 1.0                           # Face.normed_embedding normalizes it
             return face.embedding
-    monkeypatch.setattr(zoo, "get_model", lambda f, **kw: Detector() if "det" in os.path.basename(f) else Recognizer())
+    monkeypatch.setattr(zoo, "get_model", lambda f, **kw: Detector() if "det" in os.path.basename(f)
+                        else Recognizer())
     pack = tmp_path / "models" / "antelopev2"
     pack.mkdir(parents=True)
     for f in ("det_10g.onnx", "glintr100.onnx"):
         (pack / f).write_bytes(b"stand-in")
     emb = R.FaceEmbedder("antelopev2", str(tmp_path))
-    assert calls == [("det", -1, (640, 640)), ("rec", -1)]                   # the CPU, at our det_size
+    assert calls == [("det", -1, (640, 640)), ("rec", -1)]                # the CPU, at our det_size
     def picture(*squares):
         a = np.full((64, 96, 3), 255, np.uint8)
         for (y, x, s), c in squares:
             a[y:y + s, x:x + s] = c
         return Image.fromarray(a)
     red, blue, green = (200, 0, 0), (0, 0, 200), (0, 150, 0)
-    refs = [picture(((4, 4, 30), red), ((40, 60, 8), green)), picture(((10, 10, 20), blue))]   # largest face counts
+    # largest face counts
+    refs = [picture(((4, 4, 30), red), ((40, 60, 8), green)), picture(((10, 10, 20), blue))]
     gen = picture(((5, 5, 20), blue), ((5, 50, 20), red))
     r = R.MultiIDReward(emb)([gen, picture(((5, 5, 20), blue))], refs)
-    assert r["score"][0] == pytest.approx(1.0, abs=1e-5) and len(r["matches"][0]) == 2      # each found, each once
+    # each found, each once
+    assert r["score"][0] == pytest.approx(1.0, abs=1e-5) and len(r["matches"][0]) == 2
     assert all(r["sims"][0][i, j] > 1 - 1e-5 for i, j in r["matches"][0])
-    # the second image has only the blue face: it goes to the blue reference, the red one is unmatched and scores 0
-    assert r["score"][1] == pytest.approx(0.5, abs=1e-5) and r["matches"][1] == [(1, 0)] and r["sims"][1][0, 0] < 0.999
+    # the second image has only the blue face: it goes to the blue reference, the red one is
+    # unmatched and scores 0
+    assert (r["score"][1] == pytest.approx(0.5, abs=1e-5) and r["matches"][1] == [(1, 0)]
+            and r["sims"][1][0, 0] < 0.999)
 
 def test_reward_args_and_toy_reward():
     p = argparse.ArgumentParser()
     R.add_reward_args(p)
     args = p.parse_args([])
     assert args.reward == "toy" and R.reward_weights(args) == R.WEIGHTS["object"]
-    assert R.reward_weights(p.parse_args(["--reward", "human", "--w-id", "2"])) == dict(text=1.4, aes=0.7, id=2.0)
+    assert (R.reward_weights(p.parse_args(["--reward", "human", "--w-id", "2"]))
+            == dict(text=1.4, aes=0.7, id=2.0))
     reward = toy.world_reward(R.reward_weights(p.parse_args(["--w-aes", "0"])))
     target, _, _, refs, rec = toy.world_example(0, 0)
     refs = [Image.fromarray(r) for r in refs]
@@ -3132,7 +3512,8 @@ def test_object_reward_and_eval_wiring(tmp_path, flo_dir, dino_dir, clip_dir):
     target, _, _, refs, rec = toy.world_example(0, 1)
     refs = [Image.fromarray(r) for r in refs]
     out = reward([Image.fromarray(target)], rec["prompt"], refs, rec["captions"])
-    assert out["total"][0] == pytest.approx(1.4 * out["text"][0] + 0.7 * out["aes"][0] + 1.0 * out["id"][0])
+    assert out["total"][0] == pytest.approx(1.4 * out["text"][0] + 0.7 * out["aes"][0]
+                                            + 1.0 * out["id"][0])
     manifest = toy.write_world(str(tmp_path / "toy"), 1, seed=0)
     shutil.copy(tmp_path / "toy" / "images" / "000000.png", tmp_path / "train000000.png")
     assert R.main(["eval", "--manifest", manifest, "--images", str(tmp_path)] + flags) == 0
@@ -3147,11 +3528,15 @@ def test_eval_scores_no_image_twice_and_notes_a_size_apart(tmp_path, capsys, fau
     assert toy.main(["eval", *args, "--out", str(tmp_path / "e.json")]) == 0
     report, err = json.loads((tmp_path / "e.json").read_text()), capsys.readouterr().err
     if fault == "an image of another size":                 # three scored, the 16 x 16 one noted
-        assert report["n"] == 3 and not report["bad"] and "note: 1 generated images differ in size" in err
-        assert [(n["line"], n["size"], n["expected"]) for n in report["notes"]] == [(3, [16, 16], [32, 32])]
+        assert (report["n"] == 3 and not report["bad"]
+                and "note: 1 generated images differ in size" in err)
+        assert [(n["line"], n["size"],
+                 n["expected"]) for n in report["notes"]] == [(3, [16, 16], [32, 32])]
         return
-    assert report["n"] == 1 and [r["line"] for r in report["records"]] == [1]          # line 1 keeps the image
-    assert [b["line"] for b in report["bad"]] == [2] and "id: " in report["bad"][0]["why"] and not report["notes"]
+    # line 1 keeps the image
+    assert report["n"] == 1 and [r["line"] for r in report["records"]] == [1]
+    assert ([b["line"] for b in report["bad"]] == [2] and "id: " in report["bad"][0]["why"]
+            and not report["notes"])
     assert "1 bad records" in err
 
 # ---- toy.py: the toy world: writing, reading, metrics, reward, old folders, command line ----
@@ -3183,17 +3568,18 @@ def all_files(folder):
 def test_toy_worlds_are_deterministic(tmp_path, kw, n, n_short, seed):
     folders = (("a", n, seed), ("b", n, seed), ("c", n, seed + 1), ("short", n_short, seed))
     a, b, c, short = (toy.write_world(str(tmp_path / k), m, seed=s, **kw) for k, m, s in folders)
-    assert all_files(tmp_path / "a") == all_files(tmp_path / "b")                  # same seed: same bytes
-    assert open(a, "rb").read() != open(c, "rb").read()                            # another seed: another world
-    assert read_jsonl(short) == read_jsonl(a)[:n_short]                            # records do not depend on n
+    assert all_files(tmp_path / "a") == all_files(tmp_path / "b")      # same seed: same bytes
+    assert open(a, "rb").read() != open(c, "rb").read()                # another seed: another world
+    assert read_jsonl(short) == read_jsonl(a)[:n_short]                # records do not depend on n
 
 def test_world_test_identities_are_never_trained_on(tmp_path):
     a, _ = world(tmp_path, "a", 40, seed=0, subjects=(1, 2, 3), pool=30)
     test, _ = world(tmp_path, "test", 40, seed=0, split="test", subjects=(1, 2, 3), pool=30)
     key = lambda at: (at["shape"], tuple(at["rgb"]), tuple(at["code"]))
-    train_ids, test_ids = {key(x) for r in a for x in r["attrs"]}, {key(x) for r in test for x in r["attrs"]}
-    assert len(train_ids) <= 30 and sum(len(r["attrs"]) for r in a) > 60      # a pool: identities recur
-    assert not train_ids & test_ids                                            # held out: disjoint seed streams
+    train_ids, test_ids = ({key(x) for r in a for x in r["attrs"]},
+                           {key(x) for r in test for x in r["attrs"]})
+    assert len(train_ids) <= 30 and sum(len(r["attrs"]) for r in a) > 60  # a pool: identities recur
+    assert not train_ids & test_ids                                # held out: disjoint seed streams
     assert {x["shape"] for r in a for x in r["attrs"]} == set(toy.WORLD_SHAPES)
 
 def test_toy_world_has_enough_similar_attributes():
@@ -3223,7 +3609,8 @@ def test_toy_masks_are_exact(toy_manifest):
         item = ds[i]
         assert item["mask_valid"].all()
         # token shares: each token holds 4 x 4 pixels, so the shares sum to area / 16
-        assert torch.allclose(item["masks"].sum(1) * 16, torch.tensor([m.sum() for m in masks], dtype=torch.float32))
+        assert torch.allclose(item["masks"].sum(1) * 16,
+                              torch.tensor([m.sum() for m in masks], dtype=torch.float32))
         assert item["masks"].min() >= 0 and item["masks"].max() <= 1
 
 def test_toy_correspondences_land_on_their_subject(toy_manifest):
@@ -3252,7 +3639,8 @@ def test_world_prompts_name_only_shapes_and_counts():
     for i in range(30):
         _, _, idents, _, rec = toy.world_example(0, i, subjects=(1, 2, 3, 4))
         words = set(rec["prompt"].replace(",", "").split())
-        assert words <= {"a", "and", "two", "three", "four"} | set(toy.WORLD_SHAPES) | {s + "s" for s in toy.WORLD_SHAPES}
+        assert (words <= {"a", "and", "two", "three", "four"} | set(toy.WORLD_SHAPES)
+                | {s + "s" for s in toy.WORLD_SHAPES})
 
 def test_world_references_are_other_views_and_masks_exact(tmp_path):
     recs, root = world(tmp_path, "w", 12, seed=1, subjects=(2, 3))
@@ -3263,22 +3651,25 @@ def test_world_references_are_other_views_and_masks_exact(tmp_path):
             ident = toy.identity_of(at, "t")
             mask = np.asarray(Image.open(root / rec["masks"][k])) > 0
             union = union + mask
-            light, dark = np.round(np.array(ident.rgb) * 255), np.round(np.array(ident.rgb) * toy.DARK * 255)
+            light, dark = (np.round(np.array(ident.rgb) * 255),
+                           np.round(np.array(ident.rgb) * toy.DARK * 255))
             tones = target[mask]
-            assert (np.all(tones == light, 1) | np.all(tones == dark, 1)).all()     # the subject's own two tones
-            assert {tuple(t) for t in tones} == {tuple(light), tuple(dark)}         # both tones shown
+            # the subject's own two tones
+            assert (np.all(tones == light, 1) | np.all(tones == dark, 1)).all()
+            assert {tuple(t) for t in tones} == {tuple(light), tuple(dark)}       # both tones shown
             ref = np.asarray(Image.open(root / rec["refs"][k])).astype(int)
-            sprite = (ref == light).all(-1) | (ref == dark).all(-1)               # the identity's own tones
+            sprite = (ref == light).all(-1) | (ref == dark).all(-1)       # the identity's own tones
             assert (ref[sprite] == light).all(1).any() and (ref[sprite] == dark).all(1).any()
-            assert len(np.unique(ref[~sprite], axis=0)) == 1                    # on one background tint
+            assert len(np.unique(ref[~sprite], axis=0)) == 1                # on one background tint
             # another scale than in the target: a taller sprite (references are 16 px, targets 32)
             assert np.ptp(np.nonzero(sprite.any(1))[0]) > np.ptp(np.nonzero(mask.any(1))[0])
-            for ry, rx, ty, tx in rec["points"][k]:          # correspondences: subject pixels on both sides
+            for ry, rx, ty, tx in rec["points"][k]:  # correspondences: subject pixels on both sides
                 assert mask[int(ty * 32), int(tx * 32)] and sprite[int(ry * 16), int(rx * 16)]
         assert union.max() == 1 and (target[union == 0] == 255).all()
 
 def test_world_sprite_sizes_and_views_scale_apart(tmp_path):
-    recs, root = world(tmp_path, "big", 12, seed=0, subjects=(1, 2, 3), ref_size=24, sprite=(10, 14))
+    recs, root = world(tmp_path, "big", 12, seed=0, subjects=(1, 2, 3), ref_size=24,
+                       sprite=(10, 14))
     lo, hi = toy.view_px(24)
     assert (lo, hi) == (18, 22) and toy.view_px(16) == toy.VIEW_PX
     for rec in recs:
@@ -3289,8 +3680,10 @@ def test_world_sprite_sizes_and_views_scale_apart(tmp_path):
             sprite = (ref == np.round(np.array(ident.rgb) * 255)).all(-1) | \
                 (ref == np.round(np.array(ident.rgb) * toy.DARK * 255)).all(-1)
             rows = np.nonzero(sprite.any(1))[0]
-            assert ref.shape[:2] == (24, 24) and lo - 1 <= np.ptp(rows) + 1 <= hi     # a shape may not fill its box
-    for sprite, ref_size in (((12, 16), 16), ((5, 20), 24), ((0, 3), 16)):     # a view at a target's scale: refused
+            # a shape may not fill its box
+            assert ref.shape[:2] == (24, 24) and lo - 1 <= np.ptp(rows) + 1 <= hi
+    # a view at a target's scale: refused
+    for sprite, ref_size in (((12, 16), 16), ((5, 20), 24), ((0, 3), 16)):
         with pytest.raises(D.InputError, match="another scale|LO <= HI"):
             toy.write_world(str(tmp_path / "x"), 2, sprite=sprite, ref_size=ref_size)
 
@@ -3299,7 +3692,8 @@ def test_world_hard_pairs_share_a_shape_at_the_set_colour_distance(tmp_path):
         recs, _ = world(tmp_path, name, 10, seed=2, split="test", hard=name)
         for r in recs:
             a, b = (toy.identity_of(x, "t") for x in r["attrs"])
-            assert a.shape == b.shape and toy.colour_distance(a.rgb, b.rgb) == pytest.approx(d, abs=1e-3)
+            assert (a.shape == b.shape and toy.colour_distance(a.rgb, b.rgb)
+                    == pytest.approx(d, abs=1e-3))
             assert r["prompt"] == f"two {a.shape}s"
 
 def test_world_reader_is_exact_on_clean_renders():
@@ -3310,12 +3704,14 @@ def test_world_reader_is_exact_on_clean_renders():
             toy.paint(im, ident, 3, 2, px)
             (d,) = toy.read_subjects(im)
             assert d["shape"] == ident.shape and d["code"] == ident.code
-            # up to the rounding of a pixel to 1 / 255 (a dark one's read back as the colour: / DARK)
+            # up to the rounding of a pixel to 1 / 255 (a dark one's read back as the colour: /
+            # DARK)
             assert np.abs(d["rgb"] - ident.rgb).max() <= 0.5 / 255 / toy.DARK + 1e-9
 
 def test_world_reader_reads_blurred_noisy_sprites_by_their_tones():
-    # a generator's sprites are soft: blurred (sigma 0.5 px) and noisy (2 / 255 ... 10 / 255); the reader fits the
-    # world's two-tone model and leaves the fringe (tones fading into the white background) out of colour and code
+    # a generator's sprites are soft: blurred (sigma 0.5 px) and noisy (2 / 255 ... 10 / 255); the
+    # reader fits the world's two-tone model and leaves the fringe (tones fading into the white
+    # background) out of colour and code
     rng, errs, codes = np.random.default_rng(0), [], []
     for k in range(60):
         ident, px = toy.draw_identity("val", k), int(rng.integers(*toy.TARGET_PX))
@@ -3323,11 +3719,13 @@ def test_world_reader_reads_blurred_noisy_sprites_by_their_tones():
         im = np.ones((20, 20, 3))
         im[4:4 + px, 3:3 + px][m] = rgb[m]
         im = np.stack([ndimage.gaussian_filter(im[..., c], 0.5) for c in range(3)], -1)
-        im = np.clip(np.round((im + rng.normal(0, rng.uniform(2, 10) / 255, im.shape)) * 255), 0, 255)
+        im = np.clip(np.round((im + rng.normal(0, rng.uniform(2, 10) / 255, im.shape)) * 255), 0,
+                     255)
         (d,) = toy.read_subjects(im.astype(np.uint8))
         errs.append(toy.colour_distance(d["rgb"], ident.rgb))
         codes.append(d["code"] == ident.code)
-    # the median of the light pixels (the reader before this one) read 0.14 here, the fringe's near-white
+    # the median of the light pixels (the reader before this one) read 0.14 here, the fringe's
+    # near-white
     assert np.mean(errs) < 0.04 and np.max(errs) < 0.12 and np.mean(codes) >= 0.85
 
 def test_colour_error_split_separates_pull_from_shrinkage():
@@ -3335,23 +3733,29 @@ def test_colour_error_split_separates_pull_from_shrinkage():
     other = np.array([[0.6, 0.4, 0.2], [0.2, 0.2, 0.6], [0.3, 0.3, 0.7]])
     grey = np.full((3, 3), 0.5)
     split = lambda drawn: toy.split_error(drawn - own, other - own, grey - own)
-    assert split(own) == pytest.approx((0, 0), abs=1e-12)                            # faithful
-    assert split((own + other) / 2) == pytest.approx((0.5, 0), abs=1e-12)            # pure averaging
-    assert split(own + 0.3 * (grey - own)) == pytest.approx((0, 0.3), abs=1e-12)     # pure shrinkage
-    assert split(own + 0.2 * (other - own) + 0.1 * (grey - own)) == pytest.approx((0.2, 0.1), abs=1e-12)
-    # error orthogonal to both directions counts as neither (each row's cross product with its two directions)
+    assert split(own) == pytest.approx((0, 0), abs=1e-12)                           # faithful
+    assert split((own + other) / 2) == pytest.approx((0.5, 0), abs=1e-12)           # pure averaging
+    assert split(own + 0.3 * (grey - own)) == pytest.approx((0, 0.3), abs=1e-12)    # pure shrinkage
+    assert (split(own + 0.2 * (other - own) + 0.1 * (grey - own))
+            == pytest.approx((0.2, 0.1), abs=1e-12))
+    # error orthogonal to both directions counts as neither (each row's cross product with its two
+    # directions)
     assert split(own + 0.1 * np.cross(other - own, grey - own)) == pytest.approx((0, 0), abs=1e-12)
-    assert all(math.isnan(v) for v in toy.split_error(own[:1] - own[:1], own[:1], own[:1]))   # one row: undetermined
+    # one row: undetermined
+    assert all(math.isnan(v) for v in toy.split_error(own[:1] - own[:1], own[:1], own[:1]))
 
 def test_world_metrics_split_and_both_drawn_on_the_sanity_rows(tmp_path):
     two, _ = world(tmp_path, "two", 30, seed=3, split="test", subjects=(2, 3))
     rows = {k: toy.world_metrics(toy.sanity_images(two, k), two) for k in toy.SANITY}
     assert abs(rows["targets"]["pull"]) < 0.01 and abs(rows["targets"]["shrink"]) < 0.01
-    assert rows["averaging"]["pull"] == pytest.approx(0.5, abs=0.01) and abs(rows["averaging"]["shrink"]) < 0.01
+    assert (rows["averaging"]["pull"] == pytest.approx(0.5, abs=0.01)
+            and abs(rows["averaging"]["shrink"]) < 0.01)
     # shrinkage toward grey: blend alpha reads it as blending (well above 0), the split does not
     assert rows["shrinking"]["pull"] == pytest.approx(0, abs=0.01)
-    assert rows["shrinking"]["shrink"] == pytest.approx(toy.SHRINK, abs=0.01) and rows["shrinking"]["alpha"] > 0.2
-    assert rows["text-only"]["shrink"] > 0.6 and abs(rows["text-only"]["pull"]) < 0.15    # random colours
+    assert (rows["shrinking"]["shrink"] == pytest.approx(toy.SHRINK, abs=0.01)
+            and rows["shrinking"]["alpha"] > 0.2)
+    # random colours
+    assert rows["text-only"]["shrink"] > 0.6 and abs(rows["text-only"]["pull"]) < 0.15
     assert all(rows[k]["all_drawn"] == 1 for k in toy.SANITY)
     blank = [np.full((32, 32, 3), 255, np.uint8)] * len(two)
     assert toy.world_metrics(blank, two)["all_drawn"] == 0
@@ -3361,11 +3765,13 @@ def test_world_metrics_hand_values():
     B = toy.Identity("square", (0.6, 0.4, 0.2), (0, 1, 1, 1))
     rec = dict(id="r", attrs=[A.attrs(), B.attrs()])
     im = np.full((32, 32, 3), 255, np.uint8)
-    toy.paint(im, toy.Identity("circle", A.rgb, A.code), 2, 2, 10)          # A's colour and code, wrong shape
-    toy.paint(im, toy.Identity("square", (0.4, 0.4, 0.4), (0, 1, 1, 0)), 18, 18, 10)  # halfway to A, one cell off
+    # A's colour and code, wrong shape
+    toy.paint(im, toy.Identity("circle", A.rgb, A.code), 2, 2, 10)
+    # halfway to A, one cell off
+    toy.paint(im, toy.Identity("square", (0.4, 0.4, 0.4), (0, 1, 1, 0)), 18, 18, 10)
     m = toy.world_metrics([im], [rec])
-    # colour errors 0 and (0.2 + 0 + 0.2) / 3; alpha 0 and 0.5 (the mean of its own and the other reference's);
-    # up to the 8-bit rounding of the drawn pixels
+    # colour errors 0 and (0.2 + 0 + 0.2) / 3; alpha 0 and 0.5 (the mean of its own and the other
+    # reference's); up to the 8-bit rounding of the drawn pixels
     q = 0.5 / 255 / toy.DARK
     assert m["colour_err"] == pytest.approx(0.4 / 3 / 2, abs=q)
     assert (m["texture_acc"], m["shape_acc"], m["count_acc"], m["drawn"]) == (0.5, 0.5, 1.0, 1.0)
@@ -3373,17 +3779,19 @@ def test_world_metrics_hand_values():
     one = np.full((32, 32, 3), 255, np.uint8)
     toy.paint(one, B, 5, 5, 9)                                              # B alone: A is missing
     m = toy.world_metrics([one], [rec])
-    # A unmatched: counted in drawn and count accuracy only; B matched exactly, its alpha 0 (A is its other)
+    # A unmatched: counted in drawn and count accuracy only; B matched exactly, its alpha 0
+    # (A is its other)
     assert m["drawn"] == 0.5 and m["count_acc"] == 0 and m["n_refs"] == 2 and m["n_subjects"] == 1
     assert m["colour_err"] <= q and m["texture_acc"] == m["shape_acc"] == 1
     assert m["alpha"] == pytest.approx(0, abs=2 * q) and m["leakage"] == 0
-    assert toy.blend_alpha((0.3, 0.5, 0.1), (0.2, 0.4, 0.2), [(0.6, 0.8, -0.2), (0.9, 0.9, 0.9)]) == pytest.approx(0.25)
+    assert (toy.blend_alpha((0.3, 0.5, 0.1), (0.2, 0.4, 0.2), [(0.6, 0.8, -0.2), (0.9, 0.9, 0.9)])
+            == pytest.approx(0.25))
 
 def test_world_reward_hand_values():
     reward = toy.world_reward()
     assert toy.prompt_shapes("two circles, a square and three diamonds") == \
         ["circle", "circle", "square", "diamond", "diamond", "diamond"]
-    for i in range(20):                      # the targets: every term at its maximum, Eq. 9 = 1.4 + 0.7 + 1.0
+    for i in range(20):            # the targets: every term at its maximum, Eq. 9 = 1.4 + 0.7 + 1.0
         target, _, _, refs, rec = toy.world_example(0, i, "test", subjects=(1, 2, 3))
         assert toy.prompt_shapes(rec["prompt"]) == sorted(toy.prompt_shapes(rec["prompt"]),
                                                           key=rec["captions"].index)
@@ -3413,12 +3821,14 @@ def test_world_reward_hand_values():
     text = reward([three], "two circles", refs)["text"][0]
     assert text == pytest.approx(2 / 3)                                  # over max(named, drawn)
     assert t["id"][0] == pytest.approx(1, abs=1e-3) and t["id"][1] == pytest.approx(0.5, abs=1e-3)
-    # A's subject in B's colour: shape and code agree (2 of 3 parts), the colour part is the mean over channels of
-    # the Gaussian kernel exp(-d^2 / (4 w^2)), w = 0.08, at channel distances 0.5, 0.1 and 0.4
+    # A's subject in B's colour: shape and code agree (2 of 3 parts), the colour part is the mean
+    # over channels of the Gaussian kernel exp(-d^2 / (4 w^2)), w = 0.08, at channel distances 0.5,
+    # 0.1 and 0.4
     kernel = np.mean(np.exp(-np.array([0.5, 0.1, 0.4]) ** 2 / (4 * 0.08 ** 2)))
     assert t["id"][2] == pytest.approx(((2 + kernel) / 3 + 1) / 2, abs=0.01) and t["id"][3] == 0
     muddy = drawn(A, B)
-    muddy[30:32] = np.random.default_rng(0).integers(0, 256, (2, 32, 3))   # two rows of noise, off the subjects
+    # two rows of noise, off the subjects
+    muddy[30:32] = np.random.default_rng(0).integers(0, 256, (2, 32, 3))
     assert 1 - 64 / 1024 <= reward([muddy], "two circles", refs)["aes"][0] < 1 - 48 / 1024
 
 def test_toy_reward_follows_the_world_of_the_records(tmp_path):
@@ -3431,7 +3841,8 @@ def test_toy_reward_follows_the_world_of_the_records(tmp_path):
         toy.reward_for(old, "o")
     assert str(e.value).startswith("o: first record: ") and "\n" not in str(e.value)
 
-@pytest.mark.parametrize("argv", [["--size", "100000"], ["--ref-size", "0"], ["--n", "0"], ["--size", "x"]])
+@pytest.mark.parametrize("argv", [["--size", "100000"], ["--ref-size", "0"], ["--n", "0"],
+                                  ["--size", "x"]])
 def test_toy_sizes_are_bounded_before_anything_is_drawn(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as e:
         toy.main(["--out", str(tmp_path / "t"), "--n", "1", *argv])
@@ -3441,14 +3852,17 @@ def test_toy_sizes_are_bounded_before_anything_is_drawn(tmp_path, capsys, argv):
 
 def test_toy_cli_writes_checked_worlds_and_gives_one_line_errors(tmp_path, capsys):
     for k in (1, 4):
-        assert toy.main(["--out", str(tmp_path / str(k)), "--n", "5", "--subjects", str(k), "--seed", "1"]) == 0
+        assert toy.main([
+            "--out", str(tmp_path / str(k)), "--n", "5", "--subjects", str(k), "--seed", "1"]) == 0
         recs = read_jsonl(tmp_path / str(k) / "manifest.jsonl")
         assert all(len(r["refs"]) == len(r["masks"]) == k for r in recs)
         assert D.check(str(tmp_path / str(k) / "manifest.jsonl")) == 0
     assert toy.main(["--out", str(tmp_path / "x"), "--n", "2", "--subjects", "5"]) == 2
-    assert toy.main(["--out", str(tmp_path / "y"), "--n", "2", "--size", "20"]) == 2   # 2 sprites cannot fit
+    # 2 sprites cannot fit
+    assert toy.main(["--out", str(tmp_path / "y"), "--n", "2", "--size", "20"]) == 2
     assert capsys.readouterr().err.count("error:") == 2
-    assert toy.main(["--out", str(tmp_path / "w"), "--n", "3", "--split", "val", "--hard", "far"]) == 0
+    assert (toy.main(["--out", str(tmp_path / "w"), "--n", "3", "--split", "val", "--hard", "far"])
+            == 0)
     assert toy.main(["--out", str(tmp_path / "z"), "--n", "2", "--identities", "0"]) == 2
     assert D.check(str(tmp_path / "w" / "manifest.jsonl")) == 0
     recs = read_jsonl(tmp_path / "w" / "manifest.jsonl")
@@ -3456,10 +3870,13 @@ def test_toy_cli_writes_checked_worlds_and_gives_one_line_errors(tmp_path, capsy
     gen.mkdir()
     shutil.copy(tmp_path / "w" / recs[0]["target"], gen / f"{recs[0]['id']}.png")
     capsys.readouterr()
-    assert toy.main(["eval", "--manifest", str(tmp_path / "w" / "manifest.jsonl"), "--images", str(gen)]) == 0
+    assert (toy.main(["eval", "--manifest", str(tmp_path
+                                                / "w" / "manifest.jsonl"), "--images", str(gen)])
+            == 0)
     m = json.loads((gen / "metrics.json").read_text())["rows"]
     assert m["images"]["colour_err"] < 0.01 and m["images"]["texture_acc"] == 1
-    assert m["averaging"]["alpha"] == pytest.approx(0.5, abs=2 * 0.5 / 255 / toy.DARK)   # up to 8-bit rounding
+    # up to 8-bit rounding
+    assert m["averaging"]["alpha"] == pytest.approx(0.5, abs=2 * 0.5 / 255 / toy.DARK)
     old = first_world_folder(tmp_path / "old")
     capsys.readouterr()
     for refused in (lambda: EW.main(["sanity", "--manifest", old]),
@@ -3478,15 +3895,17 @@ def test_eval_cli_toy(tmp_path, capsys):
     (tmp_path / "toy" / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     gen = tmp_path / "gen"
     gen.mkdir()
-    for r in recs[:2]:                                                 # the true targets as "generations"
+    for r in recs[:2]:                                           # the true targets as "generations"
         shutil.copy(tmp_path / "toy" / r["target"], gen / f"{r['id']}.png")
-    Image.new("RGB", (32, 32), "white").save(gen / f"{recs[2]['id']}.png")   # a blank one; recs[3]: missing
+    # a blank one; recs[3]: missing
+    Image.new("RGB", (32, 32), "white").save(gen / f"{recs[2]['id']}.png")
     out = tmp_path / "m.json"
     assert toy.main(["eval", "--manifest", manifest, "--images", str(gen), "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     # (up to the 8-bit rounding of the colours read: 1e-3 in the kernel)
     assert [r["toy-ID"] for r in m["records"]] == pytest.approx([1.0, 1.0, 0.0], abs=1e-3)
-    assert m["n"] == 3 and len(m["missing"]) == 1 and m["missing"][0]["image"].endswith(f"{recs[3]['id']}.png")
+    assert (m["n"] == 3 and len(m["missing"]) == 1
+            and m["missing"][0]["image"].endswith(f"{recs[3]['id']}.png"))
     assert m["mean"]["toy-ID"] == pytest.approx(2 / 3, abs=1e-3)
     assert "| toy-ID |" in capsys.readouterr().out
     # a missing manifest: exit 2, one line
@@ -3516,10 +3935,11 @@ class ToyFaceApp:
                 for y0, x0, y1, x1 in [d["box"]]]
 
 def toy_faces():
-    return C.face_detector(R.FaceEmbedder(app=ToyFaceApp()))        # the path insightface's faces take
+    return C.face_detector(R.FaceEmbedder(app=ToyFaceApp()))     # the path insightface's faces take
 
 def scene(placed, W=96, H=64):
-    """[(sprite key, x, y)] -> (H, W, 3) uint8 on white, and each sprite's exact box (x0, y0, x1, y1)."""
+    """[(sprite key, x, y)] -> (H, W, 3) uint8 on white, and each sprite's exact box
+    (x0, y0, x1, y1)."""
     a, boxes = np.full((H, W, 3), 255, np.uint8), []
     for k, x, y in placed:
         rgb, m = toy.render_identity(SPR[k], PX)
@@ -3561,11 +3981,13 @@ def toy_masker(image, boxes):
     a = (np.asarray(image) < 200).any(-1)
     m = np.zeros((len(boxes), *a.shape), bool)
     for k, (x0, y0, x1, y1) in enumerate(boxes):
-        m[k, int(y0):math.ceil(y1), int(x0):math.ceil(x1)] = a[int(y0):math.ceil(y1), int(x0):math.ceil(x1)]
+        m[k, int(y0):math.ceil(y1),
+          int(x0):math.ceil(x1)] = a[int(y0):math.ceil(y1), int(x0):math.ceil(x1)]
     return m
 
 def pixel_patches(images, p=8):
-    # a feature extractor that is exactly translation-equivariant: each p x p patch's pixels, zero-mean
+    # a feature extractor that is exactly translation-equivariant: each p x p patch's pixels,
+    # zero-mean
     out = []
     for im in images:
         a = np.asarray(im, np.float64)
@@ -3575,8 +3997,9 @@ def pixel_patches(images, p=8):
     return out
 
 def translated(shift=(8, 16), seed=0):
-    """A noise texture; the reference shows its window at (0, 0), the target (96 x 96, white) the window at shift,
-    placed at (16, 24): ref pixel (y, x) is target pixel (y - shift_y + 16, x - shift_x + 24)."""
+    """A noise texture; the reference shows its window at (0, 0), the target (96 x 96, white) the
+    window at shift, placed at (16, 24): ref pixel (y, x) is target pixel (y - shift_y + 16, x -
+    shift_x + 24)."""
     tex = np.random.default_rng(seed).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     ref, tgt = tex[:64, :64], np.full((96, 96, 3), 255, np.uint8)
     tgt[16:80, 24:88] = tex[shift[0]:shift[0] + 64, shift[1]:shift[1] + 64]
@@ -3592,11 +4015,13 @@ def offsets(points, ref_side=64, tgt_side=96):
 def test_curate_videos_verifies_identities_and_counts_every_drop(tmp_path, capsys):
     d = tmp_path / "clips"
     d.mkdir()
-    moving = lambda a, b, n=11: [scene([(a, 4 + 6 * t, 4), (b, 70 - 6 * t, 36)])[0] for t in range(n)]
+    moving = lambda a, b, n=11: [scene([(a, 4 + 6 * t, 4), (b, 70 - 6 * t, 36)])[0]
+                                 for t in range(n)]
     write_clip(d / "good.avi", moving("A", "B"))
     (d / "good.txt").write_text("a red circle meets\n a blue square")
     write_clip(d / "nocap.avi", moving("F", "C"))
-    write_clip(d / "swapped.avi", moving("A", "B")[:5] + moving("A", "C")[5:])   # B's place taken by C mid-clip
+    # B's place taken by C mid-clip
+    write_clip(d / "swapped.avi", moving("A", "B")[:5] + moving("A", "C")[5:])
     write_clip(d / "twins.avi", moving("A", "A"))
     write_clip(d / "one.avi", [scene([("A", 4 + 6 * t, 4)])[0] for t in range(11)])
     write_clip(d / "empty.avi", [np.full((64, 96, 3), 255, np.uint8)] * 11)
@@ -3605,11 +4030,13 @@ def test_curate_videos_verifies_identities_and_counts_every_drop(tmp_path, capsy
     (d / "broken.mp4").write_bytes(b"not a video")
     out = tmp_path / "out"
     s = C.curate(C.video_items(str(d)), str(out), toy_faces(), min_size=32)
-    assert s["kept"] == 2 and s["dropped"] == {"duplicate_identity": 1, "too_few_faces": 2, "too_short": 1,
-                                               "too_small": 1, "unreadable": 1, "unverified": 1}
+    assert (s["kept"] == 2 and s["dropped"] == {"duplicate_identity": 1, "too_few_faces": 2,
+                                                "too_short": 1,
+                                                "too_small": 1, "unreadable": 1, "unverified": 1})
     why = {os.path.basename(i["source"]): i.get("reason") for i in s["items"]}
-    assert why == {"broken.mp4": "unreadable", "empty.avi": "too_few_faces", "good.avi": None, "nocap.avi": None,
-                   "one.avi": "too_few_faces", "still.avi": "too_short", "swapped.avi": "unverified",
+    assert why == {"broken.mp4": "unreadable", "empty.avi": "too_few_faces", "good.avi": None,
+                   "nocap.avi": None, "one.avi": "too_few_faces", "still.avi": "too_short",
+                   "swapped.avi": "unverified",
                    "tiny.avi": "too_small", "twins.avi": "duplicate_identity"}
     assert json.loads((out / "summary.json").read_text())["dropped"] == s["dropped"]
     assert "generic prompt" in capsys.readouterr().err
@@ -3621,7 +4048,7 @@ def test_curate_videos_verifies_identities_and_counts_every_drop(tmp_path, capsy
     for key, order in (("good", "AB"), ("nocap", "FC")):
         r = recs[key]
         target = Image.open(out / r["target"])
-        assert target.size == (64, 64)                        # the largest square of a 96 x 64 frame
+        assert target.size == (64, 64)                       # the largest square of a 96 x 64 frame
         for k, who in enumerate(order):
             assert identity(Image.open(out / r["refs"][k])) == SPR[who]
             assert identity(masked(target, Image.open(out / r["masks"][k]))) == SPR[who]
@@ -3629,17 +4056,19 @@ def test_curate_videos_verifies_identities_and_counts_every_drop(tmp_path, capsy
 
 def test_curate_pairs_crop_masks_and_hooks(tmp_path):
     d = tmp_path / "pairs"
-    for name, ref, tgt in (("p0", [("A", 4, 20), ("B", 60, 20)], [("B", 50, 4), ("A", 70, 36)]),   # swapped sides
-                           ("p1", [("A", 4, 20), ("B", 60, 20)], [("A", 30, 20)]),                  # one face
-                           ("p2", [("F", 4, 20), ("C", 60, 20), ("A", 32, 36)],             # A: not in the
-                            [("C", 4, 4), ("F", 30, 36)]),                                     # target
-                           ("p4", [("A", 4, 20), ("B", 60, 20)], [("A", 0, 4), ("B", 72, 36)])):    # 96 px apart
+    # swapped sides
+    for name, ref, tgt in (("p0", [("A", 4, 20), ("B", 60, 20)], [("B", 50, 4), ("A", 70, 36)]),
+                           ("p1", [("A", 4, 20), ("B", 60, 20)], [("A", 30, 20)]),        # one face
+                           ("p2", [("F", 4, 20), ("C", 60, 20), ("A", 32, 36)],      # A: not in the
+                            [("C", 4, 4), ("F", 30, 36)]),                                  # target
+                           # 96 px apart
+                           ("p4", [("A", 4, 20), ("B", 60, 20)], [("A", 0, 4), ("B", 72, 36)])):
 
         (d / name).mkdir(parents=True)
         Image.fromarray(scene(ref)[0]).save(d / name / "ref.png")
         Image.fromarray(scene(tgt)[0]).save(d / name / "target.png")
     (d / "p0" / "prompt.txt").write_text("swapped")
-    (d / "p3").mkdir()                                        # no images at all
+    (d / "p3").mkdir()                                # no images at all
     Image.fromarray(scene([])[0]).save(d / "p3" / "ref.png")
     out = tmp_path / "out"
     s = C.curate(C.pair_items(str(d)), str(out), toy_faces(), min_size=32,
@@ -3649,55 +4078,63 @@ def test_curate_pairs_crop_masks_and_hooks(tmp_path):
     assert [i["unverified"] for i in s["items"] if i["kept"]] == [0, 1]
     recs = {r["id"]: r for r in read_jsonl(out / "manifest.jsonl")}
     assert recs["p0"]["prompt"] == "swapped" and recs["p2"]["prompt"] == "2 sprites, 64 px"
-    # p0: the subjects sit right of centre, so the 64 px square is pushed against the right edge: x from 32
+    # p0: the subjects sit right of centre, so the 64 px square is pushed against the right edge: x
+    # from 32
     _, boxes = scene([("B", 50, 4), ("A", 70, 36)])
-    for k, (x0, y0, x1, y1) in enumerate(boxes):              # B is left of A in the target: subject 0 is B
+    for k, (x0, y0, x1, y1) in enumerate(boxes):      # B is left of A in the target: subject 0 is B
         expect = np.zeros((64, 64), np.uint8)
         expect[y0:y1, x0 - 32:x1 - 32] = 255
         np.testing.assert_array_equal(np.asarray(Image.open(out / recs["p0"]["masks"][k])), expect)
         assert identity(Image.open(out / recs["p0"]["refs"][k])) == SPR["BA"[k]]
-    # p2: each reference is its face box grown by 0.4 x the longer side each way, clipped to the frame (F's, left)
+    # p2: each reference is its face box grown by 0.4 x the longer side each way, clipped to the
+    # frame (F's, left)
     ref_img, ref_boxes = scene([("F", 4, 20), ("C", 60, 20), ("A", 32, 36)])
-    for k, (x0, y0, x1, y1) in zip((1, 0), ref_boxes):       # in the target C is left of F: F is subject 1
+    # in the target C is left of F: F is subject 1
+    for k, (x0, y0, x1, y1) in zip((1, 0), ref_boxes):
         half, cx, cy = 0.9 * max(x1 - x0, y1 - y0), (x0 + x1) / 2, (y0 + y1) / 2
         l, t = max(0, round(cx - half)), max(0, round(cy - half))
         r, b = min(96, round(cx + half)), min(64, round(cy + half))
         got = np.asarray(Image.open(out / recs["p2"]["refs"][k]), np.float64)
-        assert got.shape[:2] == (b - t, r - l) and np.abs(got - ref_img[t:b, l:r]).mean() < 4   # JPEG
-        assert (l == 0) == (k == 1)                           # F's crop meets the frame's left edge
+        # JPEG
+        assert got.shape[:2] == (b - t, r - l) and np.abs(got - ref_img[t:b, l:r]).mean() < 4
+        assert (l == 0) == (k == 1)                   # F's crop meets the frame's left edge
     # a person masker (SAM2's interface): its largest connected component is kept, stray blobs go
     seen = []
     def masker(image, boxes):
         seen.append(boxes)
         m = np.zeros((len(boxes), image.height, image.width), bool)
         for k, (x0, y0, x1, y1) in enumerate(boxes):
-            m[k, int(y0):int(y1), int(x0):int(x0) + 3] = True                # the person: a strip down the box
-            m[k, 0, 63] = True                                               # a stray pixel
+            m[k, int(y0):int(y1), int(x0):int(x0) + 3] = True     # the person: a strip down the box
+            m[k, 0, 63] = True                                    # a stray pixel
         return m
-    s = C.curate(C.pair_items(str(d)), str(tmp_path / "sam"), toy_faces(), min_size=32, masker=masker)
+    s = C.curate(C.pair_items(str(d)), str(tmp_path / "sam"), toy_faces(), min_size=32,
+                 masker=masker)
     m = np.asarray(Image.open(tmp_path / "sam" / "masks" / "p0_0.png")) > 0
-    x0, y0 = boxes[0][0] - 32, boxes[0][1]                    # B's face; its person box starts a face width left
+    x0, y0 = boxes[0][0] - 32, boxes[0][1]       # B's face; its person box starts a face width left
     w, h = boxes[0][2] - boxes[0][0], boxes[0][3] - boxes[0][1]
     assert seen[0][0] == (max(0, x0 - w), max(0, y0 - h / 2), min(64, x0 + 2 * w), 64.0)  # in frame
     assert m.sum() == 3 * (64 - int(max(0, y0 - h / 2))) and not m[0, 63]
     with pytest.raises(C.Drop, match="empty"):
-        C.region_masks(Image.new("RGB", (8, 8)), [(0, 0, 4, 4)], lambda image, boxes: np.zeros((1, 8, 8), bool))
+        C.region_masks(Image.new("RGB", (8, 8)), [(0, 0, 4, 4)],
+                       lambda image, boxes: np.zeros((1, 8, 8), bool))
 
 def test_curate_real_models_without_weights_are_one_line_errors(tmp_path, capsys, toy_manifest):
     (tmp_path / "clips").mkdir()
     no = str(tmp_path / "no")
-    for argv, what in ((["faces", "--videos", str(tmp_path / "clips"), "--face-root", str(tmp_path)], "model zoo"),
+    for argv, what in ((["faces", "--videos", str(tmp_path / "clips"),
+                         "--face-root", str(tmp_path)], "model zoo"),
                        (["objects", "--manifest", toy_manifest, "--detector", no], "Florence-2"),
                        (["correspond", "--manifest", toy_manifest, "--dinov2", no], "DINOv2")):
         assert C.main(argv + ["--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and what in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()                   # nothing written before the models load
+    assert not (tmp_path / "out").exists()                  # nothing written before the models load
 
 def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo_dir):
     root = os.path.dirname(toy_manifest)
     recs = read_jsonl(toy_manifest)
-    plain = [{k: v for k, v in r.items() if k not in ("masks", "points")} for r in recs]     # MUSAR-Gen-like
+    # MUSAR-Gen-like
+    plain = [{k: v for k, v in r.items() if k not in ("masks", "points")} for r in recs]
     found = shapes_differ(recs)[:3]                                                    # detected
     same, star, uncaptioned, given = [i for i in range(len(recs)) if i not in found][:4]
     captions = plain[same]["captions"]
@@ -3726,17 +4163,19 @@ def test_curate_objects_masks_the_captioned_subjects(toy_manifest, tmp_path, flo
         assert got[recs[given]["id"]]["masks"] == recs[given]["masks"]  # given masks pass unchanged
     with pytest.raises(InputError, match="overwrite"):
         C.curate_objects(toy_manifest, root, toy_detector)
-    # the real Florence-2 path (the tiny model answers one box for every phrase): a box mask, or one object twice
+    # the real Florence-2 path (the tiny model answers one box for every phrase): a box mask, or one
+    # object twice
     (tmp_path / "flo").mkdir()
     images(1, seed=3, size=(40, 30))[0].save(tmp_path / "flo" / "t.png")
     with open(tmp_path / "flo" / "m.jsonl", "w") as f:
         for caps in (["a red circle"], ["a red circle", "a blue square"]):
-            f.write(json.dumps(dict(target="t.png", refs=["t.png"] * len(caps), captions=caps, prompt="x")) + "\n")
+            f.write(json.dumps(dict(
+                target="t.png", refs=["t.png"] * len(caps), captions=caps, prompt="x")) + "\n")
     det = R.Florence2Detector(flo_dir, max_new_tokens=12).detect
     s = C.curate_objects(str(tmp_path / "flo" / "m.jsonl"), str(tmp_path / "flo_out"), det)
     assert s["kept"] == 1 and s["dropped"] == {"same_object": 1}
     m = np.asarray(Image.open(tmp_path / "flo_out" / "object_masks" / "000000_0.png")) > 0
-    assert m.sum() == (20 - 4) * (18 - 6) and m[6:18, 4:20].all()              # the box (4, 6, 20, 18)
+    assert m.sum() == (20 - 4) * (18 - 6) and m[6:18, 4:20].all()           # the box (4, 6, 20, 18)
 
 def test_curate_objects_ids_that_clean_alike_keep_their_own_masks(toy_manifest, tmp_path):
     root, recs = os.path.dirname(toy_manifest), read_jsonl(toy_manifest)
@@ -3751,25 +4190,29 @@ def test_curate_objects_ids_that_clean_alike_keep_their_own_masks(toy_manifest, 
     assert s["kept"] == 4
     got = read_jsonl(tmp_path / "o" / "manifest.jsonl")
     paths = [p for r in got for p in r["masks"]]
-    assert len(set(paths)) == len(paths)                      # no record's masks overwrite another's
+    assert len(set(paths)) == len(paths)                     # no record's masks overwrite another's
     for r, src in zip(got, (recs[a], recs[b], recs[c], recs[d])):
         exact = np.asarray(Image.open(os.path.join(root, src["masks"][0]))) > 0
         m = np.asarray(Image.open(tmp_path / "o" / r["masks"][0])) > 0
         ys, xs = np.nonzero(exact)
-        assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all() and m.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+        assert (m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+                and m.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1))
 
 def test_correspond_recovers_a_translation():
     ref, tgt, mask = translated((8, 16))
     pts = C.record_correspondences(tgt, [ref], [mask], pixel_patches)[0]
     expect = (16 - 8, 24 - 16)
     off = offsets(pts)
-    # the 7 x 6 patches both images show all match, each at the true shift; the rest is noise against noise
-    corner = lambda p: tuple(np.round(np.asarray(p[:2]) * 64 - 4).astype(int))         # the patch's top-left
+    # the 7 x 6 patches both images show all match, each at the true shift; the rest is noise
+    # against noise
+    # the patch's top-left
+    corner = lambda p: tuple(np.round(np.asarray(p[:2]) * 64 - 4).astype(int))
     hits = {corner(p) for p, o in zip(pts, off) if tuple(o) == expect}
     assert hits == {(y, x) for y in range(8, 64, 8) for x in range(16, 64, 8)}
     assert (off == expect).all(1).sum() >= 0.75 * len(pts)
     p = np.asarray(pts)
-    assert ((p >= 0) & (p <= 1)).all() and all(mask[int(ty * 96), int(tx * 96)] for _, _, ty, tx in pts)
+    assert ((p >= 0) & (p <= 1)).all() and all(mask[int(ty * 96),
+                                                    int(tx * 96)] for _, _, ty, tx in pts)
 
 def test_correspond_with_a_tiny_dinov2(dino_dir):
     ref, tgt, mask = translated((8, 16), seed=1)
@@ -3778,7 +4221,8 @@ def test_correspond_with_a_tiny_dinov2(dino_dir):
     assert f.shape == (2, 8, 8, 32) and np.allclose(np.linalg.norm(f, axis=-1), 1, atol=1e-5)
     pts = C.record_correspondences(tgt, [ref], [mask], lambda ims: dino.patches(ims, side=64))[0]
     off = offsets(pts)
-    # random weights, yet every one of the 7 x 6 patches both show is found at the true shift (measured: 42 of 46)
+    # random weights, yet every one of the 7 x 6 patches both show is found at the true shift
+    # (measured: 42 of 46)
     assert (off == (8, 8)).all(1).sum() == 42 and (off == (8, 8)).all(1).mean() > 0.75, off
     with pytest.raises(InputError, match="multiple of"):
         dino.patches([ref], side=60)
@@ -3786,39 +4230,46 @@ def test_correspond_with_a_tiny_dinov2(dino_dir):
 def test_correspond_keeps_references_disjoint():
     ref, tgt, mask = translated((8, 16))
     other = np.zeros_like(mask)
-    for lo, claimed in ((80, False), (56, True)):             # a second subject next to, then over, the first
+    for lo, claimed in ((80, False), (56, True)):   # a second subject next to, then over, the first
         other[:] = 0
         other[16:80, lo:96] = 1
         pts = C.record_correspondences(tgt, [ref, ref], [mask, other], pixel_patches)
         first, second = (np.asarray(p).reshape(-1, 4) for p in pts)
         in_band = lambda p: ((p[:, 3] * 96 >= 56) & (p[:, 3] * 96 < 88)).sum()
-        assert (in_band(first) == 0) == claimed               # the overlap is nobody's
+        assert (in_band(first) == 0) == claimed     # the overlap is nobody's
         for mine, theirs in ((first, other), (second, mask)):
             assert not any(theirs[int(ty * 96), int(tx * 96)] for _, _, ty, tx in mine)
         tokens = DS.points_to_tokens([torch.tensor(first), torch.tensor(second)], (8, 8), (24, 24))
-        assert [len(t) for t in tokens] == [len(first), len(second)]   # no target token lost to a shared claim
+        # no target token lost to a shared claim
+        assert [len(t) for t in tokens] == [len(first), len(second)]
 
 def test_curated_pairs_get_points_check_and_train(toy_run, dino_dir, tmp_path, monkeypatch):
-    # the CLI end to end: curate (the toy's faces in place of insightface) -> correspond (a tiny DINOv2) -> check
-    # -> train_sft with L_attn and SCAL on the toy preset
+    # the CLI end to end: curate (the toy's faces in place of insightface) -> correspond
+    # (a tiny DINOv2) -> check -> train_sft with L_attn and SCAL on the toy preset
     root, _ = toy_run
     d = tmp_path / "pairs"
     for i in range(4):
         (d / f"p{i}").mkdir(parents=True)
-        Image.fromarray(scene([("A", 4 + i, 20), ("B", 60, 20 - i)])[0]).save(d / f"p{i}" / "ref.png")
-        Image.fromarray(scene([("B", 8, 4 + i), ("A", 40 - i, 36)])[0]).save(d / f"p{i}" / "target.png")
+        Image.fromarray(scene([("A", 4 + i, 20), ("B", 60, 20 - i)])[0]).save(
+            d / f"p{i}" / "ref.png")
+        Image.fromarray(scene([("B", 8, 4 + i), ("A", 40 - i, 36)])[0]).save(
+            d / f"p{i}" / "target.png")
     real = R.FaceEmbedder
     monkeypatch.setattr(R, "FaceEmbedder", lambda pack, root, device: real(app=ToyFaceApp()))
-    assert C.main(["faces", "--pairs", str(d), "--out", str(tmp_path / "cur"), "--min-size", "32"]) == 0
+    assert (C.main(["faces", "--pairs", str(d), "--out", str(tmp_path / "cur"), "--min-size", "32"])
+            == 0)
     assert C.main(["correspond", "--manifest", str(tmp_path / "cur" / "manifest.jsonl"), "--out",
                    str(tmp_path / "pts"), "--dinov2", dino_dir, "--patch-side", "32"]) == 0
     s = json.loads((tmp_path / "pts" / "summary.json").read_text())
     assert s["kept"] == 4 and s["points_per_reference"] >= 1
     manifest = str(tmp_path / "pts" / "manifest.jsonl")
-    assert D.main(["check", manifest]) == 0 and all(all(p) for r in read_jsonl(manifest) for p in r["points"])
-    sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1")
+    assert (D.main(["check", manifest]) == 0 and all(all(p) for r in read_jsonl(manifest)
+                                                     for p in r["points"]))
+    sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2",
+        "--scal", "0.1")
     log = [r for r in read_log(tmp_path / "m") if "diff" in r]
-    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["scal"]) and r["dice"] > 0 for r in log)
+    assert ([r["step"] for r in log] == [1, 2] and all(math.isfinite(r["scal"]) and r["dice"] > 0
+                                                       for r in log))
 
 # ---- runs.py: the run folder: refusals, lock, checkpoints, resume, signals ----
 
@@ -3834,8 +4285,8 @@ def same_adapter(a, b):
 
 @pytest.fixture(scope="module")
 def two_step_run(toy_run, tmp_path_factory):
-    # a 3-step uninterrupted run (its final adapter is what every interrupted one must reach) and the same run
-    # stopped after step 2 (keep 3: all its checkpoints stay)
+    # a 3-step uninterrupted run (its final adapter is what every interrupted one must reach) and
+    # the same run stopped after step 2 (keep 3: all its checkpoints stay)
     root, manifest = toy_run
     runs = tmp_path_factory.mktemp("runs")
     sft(runs / "full", manifest, *multi(root, "--steps", "3", "--keep", "3"))
@@ -3844,37 +4295,42 @@ def two_step_run(toy_run, tmp_path_factory):
 
 def test_rotation_removes_only_older_checkpoints(tmp_path):
     out = str(tmp_path)
-    write = lambda step, keep: runs.write_checkpoint(out, step, {"x.bin": lambda f: f.write(b"x" * step)}, 1, keep)
+    write = lambda step, keep: runs.write_checkpoint(out, step,
+                                                     {"x.bin": lambda f: f.write(b"x" * step)}, 1,
+                                                     keep)
     for step in (9, 1, 2, 3):                                 # ckpt-9: a higher step from elsewhere
         write(step, keep=2)
     assert sorted(os.listdir(out)) == ["ckpt-0000002", "ckpt-0000003", "ckpt-0000009", "latest"]
     assert os.readlink(tmp_path / "latest") == "ckpt-0000003"
     assert json.loads((tmp_path / "ckpt-0000003" / "checkpoint.json").read_text()) == \
-        {"step": 3, "world": 1, "files": {"x.bin": 3}, "sha256": {"x.bin": hashlib.sha256(b"xxx").hexdigest()}}
+        {"step": 3, "world": 1, "files": {"x.bin": 3},
+         "sha256": {"x.bin": hashlib.sha256(b"xxx").hexdigest()}}
 
 @pytest.mark.parametrize("trainer", ["sft", "rl"])
-def test_a_used_out_is_refused_and_fresh_keeps_the_old_run_until_its_first_checkpoint(toy_run, tmp_path, capsys,
-                                                                                      monkeypatch, trainer):
+def test_a_used_out_is_refused_and_fresh_keeps_the_old_run_until_its_first_checkpoint(
+        toy_run, tmp_path, capsys, monkeypatch, trainer):
     root, manifest = toy_run
     go = (lambda out, *a: sft_cli(out, manifest, *multi(root, *a))) if trainer == "sft" else \
-        (lambda out, *a: rl_cli(out, manifest, root / "base", *[x.replace("--steps", "--iters") for x in a]))
+        (lambda out, *a: rl_cli(out, manifest, root / "base",
+                                *[x.replace("--steps", "--iters") for x in a]))
     out = tmp_path / "run"
     assert go(out, "--steps", "2") == 0
     before = sorted(os.listdir(out))
     capsys.readouterr()
-    assert go(out, "--steps", "1") == 2                       # the README command run again: refused, nothing touched
+    assert go(out, "--steps", "1") == 2     # the README command run again: refused, nothing touched
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {out} holds a run at step 2: pass --resume to continue, or another --out "
-                   f"(or --fresh to start over)"]
+    assert err == [f"error: {out} holds a run at step 2: pass --resume to continue, or another "
+                   f"--out (or --fresh to start over)"]
     assert sorted(os.listdir(out)) == before
     # --fresh killed before its first checkpoint: the old run waits in previous/, whole
     real = runs.checkpoint_hook
     def killed(stage, step):
-        raise KeyboardInterrupt                               # an interruption nothing catches
+        raise KeyboardInterrupt             # an interruption nothing catches
     monkeypatch.setattr(runs, "checkpoint_hook", killed)
     with pytest.raises(KeyboardInterrupt):
         go(out, "--steps", "1", "--fresh")
-    assert sorted(os.listdir(out / "previous")) == ["ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
+    assert sorted(os.listdir(out / "previous")) == ["ckpt-0000001", "ckpt-0000002", "latest",
+                                                    "log.jsonl"]
     assert runs.incomplete(str(out / "previous" / "ckpt-0000002")) is None
     # ... and goes once the new run has one; the log and the checkpoints are the new run's only
     monkeypatch.setattr(runs, "checkpoint_hook", real)
@@ -3893,12 +4349,14 @@ def test_a_second_trainer_on_the_same_out_is_refused_naming_the_holder(toy_run, 
         assert holder.stdout.readline() == "held\n"
         assert sft_cli(out, manifest, *multi(root, "--steps", "1")) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"error: {out} is in use by pid {holder.pid} on {socket.gethostname()}: one trainer writes "
-                       f"a run folder at a time (wait for it to end, or give another --out)"]
+        assert err == [f"error: {out} is in use by pid {holder.pid} on {socket.gethostname()}: one "
+                       f"trainer writes a run folder at a time (wait for it to "
+                       f"end, or give another --out)"]
         assert sorted(os.listdir(out)) == [".lock"]
     finally:
         holder.communicate("")
-    assert sft_cli(out, manifest, *multi(root, "--steps", "1")) == 0      # the holder is gone: the folder is free
+    # the holder is gone: the folder is free
+    assert sft_cli(out, manifest, *multi(root, "--steps", "1")) == 0
 
 def test_a_start_that_fails_leaves_no_run_folder(toy_run, tmp_path, capsys):
     root, manifest = toy_run
@@ -3916,23 +4374,27 @@ def test_a_start_that_fails_leaves_no_run_folder(toy_run, tmp_path, capsys):
 
 def test_a_kill_at_every_stage_of_the_checkpoint_protocol_leaves_a_folder_that_resumes_exactly(
         toy_run, two_step_run, tmp_path, monkeypatch):
-    # A kill (SIGKILL) leaves the folder as it is at that instant: the hook copies it there, and each copy must
-    # resume to the uninterrupted run's adapter bit for bit. The folder starts as a cp -rL copy leaves it (latest
-    # a real folder) with an incomplete ckpt-2 (a copy without its marker), so the stages that handle those run too
+    # A kill (SIGKILL) leaves the folder as it is at that instant: the hook copies it there, and
+    # each copy must resume to the uninterrupted run's adapter bit for bit. The folder starts as a
+    # cp -rL copy leaves it (latest a real folder) with an incomplete ckpt-2 (a copy without its
+    # marker), so the stages that handle those run too
     root, manifest = toy_run
     folders, want = two_step_run
     out = tmp_path / "run"
-    shutil.copytree(folders / "cut", out, ignore=shutil.ignore_patterns("ckpt-0000002"))   # symlinks followed: cp -rL
-    shutil.copytree(folders / "cut" / "ckpt-0000002", out / "ckpt-0000002", ignore=shutil.ignore_patterns("*.json"))
+    # symlinks followed: cp -rL
+    shutil.copytree(folders / "cut", out, ignore=shutil.ignore_patterns("ckpt-0000002"))
+    shutil.copytree(folders / "cut" / "ckpt-0000002", out / "ckpt-0000002",
+                    ignore=shutil.ignore_patterns("*.json"))
     assert (out / "latest").is_dir() and not (out / "latest").is_symlink()
     kills = {}
     def copy_now(stage, step):
-        if step in (1, 2):                                    # opening (resuming step 1), then checkpoint 2
+        if step in (1, 2):                            # opening (resuming step 1), then checkpoint 2
             kills[stage] = tmp_path / f"killed-{len(kills)}-{stage}"
             shutil.copytree(out, kills[stage], symlinks=True)
     monkeypatch.setattr(runs, "checkpoint_hook", copy_now)
     sft(out, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
-    assert list(kills) == ["unlinked-latest", "begin", "adapter.safetensors", "train_state.pt", "args.json", "marker",
+    assert list(kills) == ["unlinked-latest", "begin", "adapter.safetensors", "train_state.pt",
+                           "args.json", "marker",
                            "aside", "renamed", "latest", "rotated", "previous", "done"]
     assert same_adapter(adapter_of(out / "latest"), want)
     monkeypatch.setattr(runs, "checkpoint_hook", lambda stage, step: None)
@@ -3940,9 +4402,11 @@ def test_a_kill_at_every_stage_of_the_checkpoint_protocol_leaves_a_folder_that_r
         sft(folder, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume")
         assert same_adapter(adapter_of(folder / "latest"), want), stage
         assert not [n for n in os.listdir(folder) if n.startswith(".") and n != ".lock"], stage
-        assert [r["step"] for r in read_log(folder)] == [1, 2, 3], stage       # steps logged after it: once
+        # steps logged after it: once
+        assert [r["step"] for r in read_log(folder)] == [1, 2, 3], stage
 
-@pytest.mark.parametrize("edit", ["latest removed", "latest rolled back to ckpt-1", "latest a real folder"])
+@pytest.mark.parametrize("edit", ["latest removed", "latest rolled back to ckpt-1",
+                                  "latest a real folder"])
 def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edit):
     root, manifest = toy_run
     folders, want = two_step_run
@@ -3956,39 +4420,47 @@ def test_resume_reads_the_folder_not_latest(toy_run, two_step_run, tmp_path, edi
     elif edit == "latest a real folder":
         shutil.copytree(out / "ckpt-0000002", out / "latest")
     sft(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume")
-    assert same_adapter(adapter_of(out / "latest"), want) and os.readlink(out / "latest") == "ckpt-0000003"
+    assert (same_adapter(adapter_of(out / "latest"), want)
+            and os.readlink(out / "latest") == "ckpt-0000003")
     assert [r["diff"] for r in read_log(out)] == [r["diff"] for r in read_log(folders / "full")]
 
 def test_resume_without_a_complete_checkpoint_is_one_line(toy_run, two_step_run, tmp_path, capsys):
     root, manifest = toy_run
     folders, _ = two_step_run
     out = tmp_path / "run"
-    shutil.copytree(folders / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
+    shutil.copytree(folders / "cut", out, symlinks=True,
+                    ignore=shutil.ignore_patterns("ckpt-0000001"))
     path = out / "ckpt-0000002" / "train_state.pt"
     path.write_bytes(path.read_bytes()[:100])                 # an interrupted copy
     assert sft_cli(out, manifest, *multi(root, "--steps", "3"), "--resume") == 2
     size = (folders / "cut" / "ckpt-0000002" / "train_state.pt").stat().st_size
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        f"error: {path}: 100 bytes where its checkpoint recorded {size} (an interrupted copy?); {out} holds no " \
-        f"complete checkpoint to resume from"
+    assert (capsys.readouterr().err.strip().splitlines()[-1] ==
+            f"error: {path}: 100 bytes where its checkpoint recorded {size} (an interrupted "
+            f"copy?); {out} holds no complete checkpoint to resume from")
 
 @pytest.mark.parametrize("fault", list(B.STATE_FAULTS) + ["adapter: another architecture"])
-def test_resume_from_a_broken_checkpoint_is_one_line(toy_run, one_step_run, tmp_path, capsys, fault):
+def test_resume_from_a_broken_checkpoint_is_one_line(toy_run, one_step_run, tmp_path, capsys,
+                                                     fault):
     root, manifest = toy_run
-    name, write = ("adapter.safetensors", B.BAD_WEIGHTS["another architecture"]) if fault.startswith("adapter") \
-        else ("train_state.pt", B.STATE_FAULTS[fault])
-    out, path = B.broken_copy(str(tmp_path / "run"), str(one_step_run), os.path.join("ckpt-0000001", name), write,
-                              {}, None, {"double_blocks.0.img_attn.qkv.down.weight": torch.zeros(4, 3)})
-    status = TS.cli(["--data", manifest, "--out", out, "--stage", "multi", "--init", str(root / "base"), "--rank",
+    name, write = (("adapter.safetensors", B.BAD_WEIGHTS["another architecture"])
+                   if fault.startswith("adapter") else ("train_state.pt", B.STATE_FAULTS[fault]))
+    out, path = B.broken_copy(str(tmp_path / "run"), str(one_step_run),
+                              os.path.join("ckpt-0000001", name), write, {}, None,
+                              {"double_blocks.0.img_attn.qkv.down.weight": torch.zeros(4, 3)})
+    status = TS.cli(["--data", manifest, "--out", out, "--stage", "multi", "--init",
+                     str(root / "base"), "--rank",
                      "4", "--batch-size", "2", "--steps", "2", "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err[-1].startswith(f"error: {path}: ") and not os.path.exists(path + ".ran")
-    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]  # nothing trained or saved
+    assert (status == 2 and err[-1].startswith(f"error: {path}: ")
+            and not os.path.exists(path + ".ran"))
+    # nothing trained or saved
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
 
 @pytest.mark.parametrize("name", ["adapter.safetensors", "train_state.pt", "args.json"])
-def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(toy_run, two_step_run, tmp_path, capsys,
-                                                                          name):
-    # a flipped bit keeps the file's size: the marker's sha256 tells it, and --resume takes checkpoint 1 instead
+def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(
+        toy_run, two_step_run, tmp_path, capsys, name):
+    # a flipped bit keeps the file's size: the marker's sha256 tells it, and --resume takes
+    # checkpoint 1 instead
     root, manifest = toy_run
     folders, want = two_step_run
     out = tmp_path / "run"
@@ -3997,29 +4469,36 @@ def test_a_checkpoint_corrupted_in_place_is_passed_over_for_the_one_before(toy_r
     capsys.readouterr()
     assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "3"), "--resume") == 0
     err = capsys.readouterr().err
-    assert f"note: skipping checkpoint 2: {out / 'ckpt-0000002' / name}: its content is not what its checkpoint " \
-           f"recorded (sha256 differs" in err and "resumed from step 1 " in err
+    assert (f"note: skipping checkpoint 2: {out / 'ckpt-0000002' / name}: its content is not what "
+            f"its checkpoint recorded (sha256 differs" in err and "resumed from step 1 " in err)
     assert same_adapter(adapter_of(out / "latest"), want)
-    assert runs.verify(str(out / "ckpt-0000002")) is None                 # step 2 ran again, its checkpoint rewritten
+    # step 2 ran again, its checkpoint rewritten
+    assert runs.verify(str(out / "ckpt-0000002")) is None
 
-def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_path, capsys, monkeypatch):
+def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_path, capsys,
+                                                    monkeypatch):
     root, manifest = toy_run
     folders, want = two_step_run
-    # checkpoint 2 holds a flipped exponent bit and a marker that agrees (as a run that saved it would write)
+    # checkpoint 2 holds a flipped exponent bit and a marker that agrees (as a run that saved it
+    # would write)
     out = tmp_path / "run"
-    shutil.copytree(folders / "cut", out, symlinks=True, ignore=shutil.ignore_patterns("ckpt-0000001"))
+    shutil.copytree(folders / "cut", out, symlinks=True,
+                    ignore=shutil.ignore_patterns("ckpt-0000001"))
     ckpt = out / "ckpt-0000002"
     flip_bit(str(ckpt / "adapter.safetensors"))
     marker = json.loads((ckpt / "checkpoint.json").read_text())
-    marker["sha256"]["adapter.safetensors"] = hashlib.sha256((ckpt / "adapter.safetensors").read_bytes()).hexdigest()
+    marker["sha256"]["adapter.safetensors"] = (hashlib.sha256(
+        (ckpt / "adapter.safetensors").read_bytes()).hexdigest())
     (ckpt / "checkpoint.json").write_text(json.dumps(marker))
     capsys.readouterr()
     assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "1"), "--resume") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.fullmatch(rf"error: {re.escape(str(ckpt / 'adapter.safetensors'))}: \S+ holds "
-                                          rf"\S+, beyond any trained weight .*; {re.escape(str(out))} holds no "
-                                          rf"complete checkpoint to resume from", err[0]), err
-    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000002", "latest", "log.jsonl"]        # nothing removed
+    assert (len(err) == 1
+            and re.fullmatch(r"error: " rf"{re.escape(str(ckpt / 'adapter.safetensors'))}: \S+ "
+                             rf"holds \S+, beyond any trained weight .*; {re.escape(str(out))} "
+                             rf"holds no complete checkpoint to resume from", err[0])), err
+    # nothing removed
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-0000002", "latest", "log.jsonl"]
     # a run whose weights become absurd (finite) does not save them, and its last checkpoint stays
     out = tmp_path / "diverged"
     real, calls = torch.optim.AdamW.step, [0]
@@ -4032,15 +4511,16 @@ def test_absurd_weights_are_never_resumed_nor_saved(toy_run, two_step_run, tmp_p
     monkeypatch.setattr(torch.optim.AdamW, "step", flip_at_step_2)
     assert sft_cli(out, manifest, *multi(root, "--steps", "3", "--keep", "1")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: step 2: \S+ holds -1\.9e\+37, beyond any trained weight .*: not saved; "
-                        rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
+    assert (re.fullmatch(
+        rf"error: step 2: \S+ holds -1\.9e\+37, beyond any trained weight .*: not "
+        rf"saved; checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err)), err
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
 
 def test_non_finite_weights_are_never_saved(toy_run, tmp_path, capsys, monkeypatch):
     root, manifest = toy_run
     out = tmp_path / "run"
     real, calls = torch.optim.AdamW.step, [0]
-    def diverge_at_step_2(self, *a, **k):                     # a finite gradient, a step too large: NaN weights
+    def diverge_at_step_2(self, *a, **k):         # a finite gradient, a step too large: NaN weights
         calls[0] += 1
         real(self, *a, **k)
         if calls[0] == 2:
@@ -4051,35 +4531,40 @@ def test_non_finite_weights_are_never_saved(toy_run, tmp_path, capsys, monkeypat
     monkeypatch.setattr(torch.optim.AdamW, "step", diverge_at_step_2)
     assert sft_cli(out, manifest, *multi(root, "--steps", "3")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: step 2: \S+ is not finite \(the run diverged: try a lower --lr\): not saved; "
-                        rf"checkpoint 1 intact \({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
+    assert re.fullmatch(rf"error: step 2: \S+ is not finite \(the run diverged: try a lower "
+                        r"--lr\): not saved; checkpoint 1 intact "
+                        rf"\({re.escape(str(out / 'ckpt-0000001'))}\)", err), err
     assert sorted(os.listdir(out)) == [".lock", "ckpt-0000001", "latest", "log.jsonl"]
     assert all(torch.isfinite(v).all() for v in adapter_of(out / "latest").values())
 
-def test_a_torn_best_adapter_blocks_no_resume_and_dead_writers_temporaries_go(toy_run, tmp_path, capsys):
+def test_a_torn_best_adapter_blocks_no_resume_and_dead_writers_temporaries_go(
+        toy_run, tmp_path, capsys):
     root, manifest = toy_run
     out = tmp_path / "rl"
     val = ["--val-data", manifest, "--val-n", "1", "--val-seeds", "1"]
     assert rl_cli(out, manifest, root / "base", "--iters", "1", *val) == 0
     best = out / "best.safetensors"
     best.write_bytes(best.read_bytes()[:1000])                          # an interrupted copy
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = int(dead.stdout)                                           # a writer killed mid-write, gone since
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    dead = int(dead.stdout)                                  # a writer killed mid-write, gone since
     for name in (f"best.safetensors.tmp{dead}", f".tmp-{dead}-x1", f".tmp-{os.getpid()}-live"):
         (out / name).write_bytes(b"half")
     capsys.readouterr()
     assert rl_cli(out, manifest, root / "base", "--iters", "2", *val, "--resume") == 0
     assert f"note: {best} is not a best adapter we wrote (" in capsys.readouterr().err
     assert WT.read_header(str(best), metadata=True)[1]["iter"] == "2"
-    assert sorted(n for n in os.listdir(out) if "tmp" in n) == [f".tmp-{os.getpid()}-live"]   # a live one's stays
+    # a live one's stays
+    assert sorted(n for n in os.listdir(out) if "tmp" in n) == [f".tmp-{os.getpid()}-live"]
 
-@pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"), (errno.EIO, "Input/output error (")])
-def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(toy_run, tmp_path, capsys, monkeypatch,
-                                                                             errno_, said):
+@pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "disk full"),
+                                          (errno.EIO, "Input/output error (")])
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(
+        toy_run, tmp_path, capsys, monkeypatch, errno_, said):
     root, manifest = toy_run
     out = tmp_path / "run"
     calls = []
-    def fill_the_disk(f, data):                               # the 2nd checkpoint's optimizer state: half, then full
+    def fill_the_disk(f, data):              # the 2nd checkpoint's optimizer state: half, then full
         calls.append(f)
         if len({id(c) for c in calls}) >= 5:
             f.write(bytes(data)[:len(data) // 2])
@@ -4094,8 +4579,8 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_last_checkpoint(to
     assert runs.incomplete(str(out / "ckpt-0000001")) is None
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(toy_run, two_step_run, tmp_path, capsys,
-                                                                    monkeypatch, signum):
+def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(
+        toy_run, two_step_run, tmp_path, capsys, monkeypatch, signum):
     root, manifest = toy_run
     folders, want = two_step_run
     out = tmp_path / "run"
@@ -4106,15 +4591,16 @@ def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(toy_run, two
             os.kill(os.getpid(), signum)
         return real(*a, **k)
     monkeypatch.setattr(LS, "flow_matching_loss", signal_in_step_2)
-    argv = ["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1", "--warmup", "1",
+    argv = ["--data", manifest, "--out", str(out), "--batch-size", "2", "--log-every", "1",
+            "--warmup", "1",
             "--rank", "4", *multi(root, "--steps", "3", "--keep", "3", "--ckpt-every", "100")]
-    caught = []                                               # what this process does with the signal outside a run
+    caught = []                               # what this process does with the signal outside a run
     before = signal.signal(signum, lambda s, f: caught.append(s))
     try:
         status = TS.cli(argv)
     finally:
         outside = signal.signal(signum, before)
-    assert status == 128 + signum and not caught and outside is not before          # the run handled it
+    assert status == 128 + signum and not caught and outside is not before      # the run handled it
     err = capsys.readouterr().err
     assert "Traceback" not in err
     name = signal.Signals(signum).name
@@ -4123,7 +4609,7 @@ def test_a_signal_saves_at_the_step_boundary_and_says_how_to_resume(toy_run, two
                                            f"({out / 'ckpt-0000002'}); continue with: {command}"
     assert outside.__qualname__.endswith("<lambda>")         # ... and put the handler it found back
     monkeypatch.setattr(LS, "flow_matching_loss", real)
-    assert TS.cli(command.split()[2:]) == 0                   # the printed command, as given
+    assert TS.cli(command.split()[2:]) == 0   # the printed command, as given
     assert same_adapter(adapter_of(out / "latest"), want)
 
 def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, capsys):
@@ -4140,20 +4626,24 @@ def test_resume_compares_the_saved_arguments(toy_run, two_step_run, tmp_path, ca
                         (["--data", manifest, "--batch-size", "2", "--rank", "8", "--seed", "1"],
                          ["--seed 0 -> 1", "--rank 4 -> 8"]),
                         (["--data", manifest, "--batch-size", "2", "--grad-accum", "2"],
-                         ["the global batch (1 rank(s) x --grad-accum 1 -> 1 x 2: pass --grad-accum 1)"])]:
+                         ["the global batch (1 rank(s) x --grad-accum 1 -> 1 "
+                          "x 2: pass --grad-accum 1)"])]:
         capsys.readouterr()
         assert TS.cli(common() + argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith(f"error: {out / 'ckpt-0000002'}: resuming needs the settings it "
-                                                   f"was saved with: ") and all(n in err[0] for n in names), err
+        assert (len(err) == 1 and err[0].startswith(f"error: {out / 'ckpt-0000002'}: resuming "
+                                                    f"needs the settings it was saved with: ")
+                and all(n in err[0] for n in names)), err
         assert sorted(os.listdir(out)) == before
     # a deliberate change (the lr, the length) is taken, with a note naming it
-    assert TS.cli(["--data", manifest, "--batch-size", "2"] + common("--lr", "2e-2", "--steps", "4")) == 0
+    assert TS.cli(["--data", manifest, "--batch-size",
+                   "2"] + common("--lr", "2e-2", "--steps", "4")) == 0
     err = capsys.readouterr().err
     note = next(l for l in err.splitlines() if l.startswith("note: resuming"))
+    # lr-end follows lr
     assert note.startswith(f"note: resuming {out / 'ckpt-0000002'} with ") and \
         sorted(note.split(" with ")[1].split(", ")) == \
-        ["--lr 0.01 -> 0.02", f"--lr-end {0.01 / 3} -> {0.02 / 3}", "--steps 2 -> 4"], note     # lr-end follows lr
+        ["--lr 0.01 -> 0.02", f"--lr-end {0.01 / 3} -> {0.02 / 3}", "--steps 2 -> 4"], note
     assert read_log(out)[-1]["step"] == 4
 
 # ---- training.py: what both trainers share: attention stats, IPPO policy, bad steps, flags ----
@@ -4172,42 +4662,53 @@ def rl_setup():
     c = SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3)
     return flux, c, get_schedule(6, 64)
 
-SFT_BAD = [("--ckpt-every", "0"), ("--log-every", "0"), ("--grad-accum", "0"), ("--batch-size", "0"), ("--rank", "0"),
-           ("--top-k", "5"), ("--keep", "0"), ("--eval-every", "0"), ("--steps", "-1"), ("--size", "0"),
-           ("--experts", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e39"), ("--lr", "-1"), ("--lr", "0"),
-           ("--lr", "2"), ("--lr-end", "nan"), ("--clip", "0"), ("--lambda-attn", "inf"), ("--dist-timeout", "0"),
-           ("--alpha", "nan"), ("--warmup", "-1"), ("--max-bad-steps", "0"), ("--attn-blocks", "-1"),
+SFT_BAD = [("--ckpt-every", "0"), ("--log-every", "0"), ("--grad-accum", "0"),
+           ("--batch-size", "0"), ("--rank", "0"), ("--top-k", "5"), ("--keep", "0"),
+           ("--eval-every", "0"), ("--steps", "-1"), ("--size", "0"), ("--experts", "-1"),
+           ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e39"), ("--lr", "-1"), ("--lr", "0"),
+           ("--lr", "2"), ("--lr-end", "nan"), ("--clip", "0"), ("--lambda-attn", "inf"),
+           ("--dist-timeout", "0"), ("--alpha", "nan"), ("--warmup", "-1"),
+           ("--max-bad-steps", "0"), ("--attn-blocks", "-1"),
            ("--seed", "-1"), ("--seed", str(2 ** 64))]
 
 RL_BAD = [("--group", "1"), ("--window", "0"), ("--steps", "0"), ("--tau", "0"), ("--prompts", "0"),
-          ("--minibatches", "0"), ("--micro-batch", "0"), ("--iters", "-1"), ("--top-k", "5"), ("--lr", "0"),
-          ("--lr", "nan"), ("--eta", "inf"), ("--kl", "-1"), ("--val-n", "0"), ("--ckpt-every", "0")]
+          ("--minibatches", "0"), ("--micro-batch", "0"), ("--iters", "-1"), ("--top-k", "5"),
+          ("--lr", "0"), ("--lr", "nan"), ("--eta", "inf"), ("--kl", "-1"), ("--val-n", "0"),
+          ("--ckpt-every", "0")]
 
 def test_attention_selectivity_tells_separation_from_foreground_and_swaps():
-    # 2 records x 2 subjects on 8 tokens: subject 0 on tokens 0-1, subject 1 on tokens 4-6 (areas 2 and 3)
+    # 2 records x 2 subjects on 8 tokens: subject 0 on tokens 0-1, subject 1 on tokens 4-6
+    # (areas 2 and 3)
     masks = torch.zeros(2, 2, 8)
     masks[:, 0, :2], masks[:, 1, 4:7] = 1.0, 1.0
     valid = torch.ones(2, 2, dtype=torch.bool)
-    own = masks / masks.sum(-1, keepdim=True)                             # each map uniform on its own subject
-    fg = (masks.sum(1, keepdim=True) / 5).expand(-1, 2, -1)             # every map on the foreground, per token alike
+    own = masks / masks.sum(-1, keepdim=True)                # each map uniform on its own subject
+    # every map on the foreground, per token alike
+    fg = (masks.sum(1, keepdim=True) / 5).expand(-1, 2, -1)
     swapped = own.flip(1)
     stats = lambda m, d="ref2img": TR.attention_stats(m, masks, valid, d)
-    assert torch.all(stats(own)["selectivity"] > 1e6)                     # perfect: no mass on the other subject
+    assert torch.all(stats(own)["selectivity"] > 1e6)        # perfect: no mass on the other subject
     torch.testing.assert_close(stats(fg)["selectivity"], torch.ones(4, dtype=torch.float64))
-    torch.testing.assert_close(stats(fg)["own"], torch.tensor([0.4, 0.6, 0.4, 0.6], dtype=torch.float64))
+    torch.testing.assert_close(stats(fg)["own"],
+                               torch.tensor([0.4, 0.6, 0.4, 0.6], dtype=torch.float64))
     assert torch.all(stats(swapped)["selectivity"] < 1e-6)
-    torch.testing.assert_close(stats(torch.full((2, 2, 8), 1 / 8))["selectivity"], torch.ones(4, dtype=torch.float64))
-    # hand values: map 0 puts 0.3 on its own 2 tokens, 0.6 on the other 3: (0.3 / 2) / (0.6 / 3) = 0.75
+    torch.testing.assert_close(stats(torch.full((2, 2, 8), 1 / 8))["selectivity"],
+                               torch.ones(4, dtype=torch.float64))
+    # hand values: map 0 puts 0.3 on its own 2 tokens, 0.6 on the other 3: (0.3 / 2) / (0.6 / 3) =
+    # 0.75
     m = own.clone()
     m[0, 0] = torch.tensor([0.15, 0.15, 0.1, 0.0, 0.2, 0.2, 0.2, 0.0])
     assert stats(m)["selectivity"][0].item() == pytest.approx(0.75)
-    # img2ref: token j's mass on each reference. Subject 0's tokens put 0.3 on reference 0 and 0.1 on reference 1:
-    # mass on references 0.4, wrong share 0.25; subject 1's read only their own: wrong 0
+    # img2ref: token j's mass on each reference. Subject 0's tokens put 0.3 on reference 0 and 0.1
+    # on reference 1: mass on references 0.4, wrong share 0.25; subject 1's read only their own:
+    # wrong 0
     img = torch.zeros(2, 2, 8)
     img[:, 0, :2], img[:, 1, :2], img[:, 1, 4:7] = 0.3, 0.1, 0.5
     s = stats(img, "img2ref")
-    torch.testing.assert_close(s["ref_mass"], torch.tensor([0.4, 0.5, 0.4, 0.5], dtype=torch.float64))
-    torch.testing.assert_close(s["wrong"], torch.tensor([0.25, 0.0, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(s["ref_mass"], torch.tensor([0.4, 0.5, 0.4, 0.5],
+                                                           dtype=torch.float64))
+    torch.testing.assert_close(s["wrong"], torch.tensor([0.25, 0.0, 0.25, 0.0],
+                                                        dtype=torch.float64))
     torch.testing.assert_close(s["chance"], torch.full((4,), 0.5, dtype=torch.float64))
     # a record whose second subject is padding has no other subject: only its own share counts
     one = valid.clone()
@@ -4217,7 +4718,8 @@ def test_attention_selectivity_tells_separation_from_foreground_and_swaps():
     # pooled: selectivity's mean is geometric (x4 and /4 average to 1)
     for key in ("selectivity", "ref2img_d1_selectivity"):                # the per-block ones too
         assert TR.summarize_stats({key: [torch.tensor([4.0, 0.25])]})[key] == pytest.approx(1)
-    assert TR.summarize_stats({"ref2img_d1_own": [torch.tensor([4.0, 0.25])]})["ref2img_d1_own"] == 2.125
+    assert (TR.summarize_stats({"ref2img_d1_own": [torch.tensor([4.0, 0.25])]})["ref2img_d1_own"]
+            == 2.125)
 
 @pytest.mark.parametrize("l", [0, 2, 4])
 def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_setup, l):
@@ -4228,50 +4730,61 @@ def test_rollout_shares_the_prefix_records_old_logprobs_and_replays_exactly(rl_s
     hook.remove()
     # one DiT call per step; batch 1 before the window (the group's shared prefix), G from its start
     assert rows == [1] * l + [G] * (6 - l) and n == sum(rows) <= G * 6
-    assert tr["x"].shape == tr["x_next"].shape == (G, 2, *c["img"].shape[1:]) and tr["old_logp"].shape == (G, 2)
-    assert (tr["x"][:, 0] == tr["x"][0, 0]).all()                # identical until the window's first SDE step
+    assert (tr["x"].shape == tr["x_next"].shape == (G, 2, *c["img"].shape[1:])
+            and tr["old_logp"].shape == (G, 2))
+    assert (tr["x"][:, 0] == tr["x"][0, 0]).all()      # identical until the window's first SDE step
     assert not torch.equal(x0[0], x0[1])                          # diverged after it
-    # the recorded log-probs are Gaussian log-densities of the recorded samples (torch.distributions)
+    # the recorded log-probs are Gaussian log-densities of the recorded samples
+    # (torch.distributions)
     steps = [(ts[i], ts[i + 1]) for i in window]
     for j, (t, t_next) in enumerate(steps):
         v = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
         _, _, mean, std = sde_step(tr["x"][:, j], v, t, t_next, 0.7, prev=tr["x_next"][:, j])
-        ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(tr["x_next"][:, j].double())
-        torch.testing.assert_close(tr["old_logp"][:, j].double(), ref.flatten(1).mean(1), atol=1e-4, rtol=1e-5)
-    # replaying the window with the same weights gives pi_old's log-probs bit for bit: the ratio is exactly 1
+        ref = torch.distributions.Normal(mean.double(), std.double()).log_prob(
+            tr["x_next"][:, j].double())
+        torch.testing.assert_close(tr["old_logp"][:, j].double(), ref.flatten(1).mean(1), atol=1e-4,
+                                   rtol=1e-5)
+    # replaying the window with the same weights gives pi_old's log-probs bit for bit: the ratio is
+    # exactly 1
     rows.clear()
     hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     logp, _, _ = TR.WindowPolicy(flux)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
     hook.remove()
-    assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]   # G w DiT rows for the update, nothing more
+    # G w DiT rows for the update, nothing more
+    assert torch.equal(logp, tr["old_logp"]) and rows == [G, G]
 
 def test_guided_policy_is_the_sampler_users_run(rl_setup):
-    # IPPO with guidance: each velocity is sampling.guide's combination of three velocities (by hand below), and the
-    # rollout's deterministic prefix is exactly what denoise samples with the same guidance
+    # IPPO with guidance: each velocity is sampling.guide's combination of three velocities
+    # (by hand below), and the rollout's deterministic prefix is exactly what denoise samples with
+    # the same guidance
     flux, c0, ts = rl_setup
     cfg, ae, text = flux.cfg, EN.AutoEncoder(flux.cfg.ae), EN.ByteTextEncoder(flux.cfg)
     refs = [toy_reference(3), toy_reference(77)]
-    c = dict(SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True), scales=(3.0, 2.0))
+    c = dict(SM.sampling_inputs(cfg, ae, text, "two sprites", refs, 32, 32, seed=3, null_text=True),
+             scales=(3.0, 2.0))
     x, g, t = c["img"], torch.full((1,), 3.5), torch.full((1,), 0.6)
     base = (x, c["img_ids"])
     v_c = flux(*base, c["txt"], c["txt_ids"], t, c["y"], g, c["ref_img"], c["ref_img_ids"])
     v_n = flux(*base, c["txt"], c["txt_ids"], t, c["y"], g)
-    v_t = flux(*base, c["txt_null"], c["txt_ids"], t, c["y_null"], g, c["ref_img"], c["ref_img_ids"])
-    torch.testing.assert_close(TR.velocity(flux, x, c, 0.6, 3.5), v_c + 2 * (v_c - v_n) + (v_c - v_t))
+    v_t = flux(*base, c["txt_null"], c["txt_ids"], t, c["y_null"], g, c["ref_img"],
+               c["ref_img_ids"])
+    torch.testing.assert_close(TR.velocity(flux, x, c, 0.6, 3.5),
+                               v_c + 2 * (v_c - v_n) + (v_c - v_t))
     rows = []
     hook = flux.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     _, tr, n = TR.rollout(flux, c, 2, ts, range(5, 6), 0.7, 3.5, torch.Generator().manual_seed(1))
     hook.remove()
-    # per step two forwards (the prompt's and the empty prompt's rows batched, then no references), three rows a sample
+    # per step two forwards (the prompt's and the empty prompt's rows batched, then no references),
+    # three rows a sample
     assert len(rows) == 2 * 6 and n == sum(rows) == 3 * (5 + 2) == 3 * 7
-    want = denoise(flux, **{k: v for k, v in c.items() if k != "scales"}, timesteps=ts[:6], guidance=3.5,
-                   progress=False, ref_guidance=3.0, text_guidance=2.0)
+    want = denoise(flux, **{k: v for k, v in c.items() if k != "scales"}, timesteps=ts[:6],
+                   guidance=3.5, progress=False, ref_guidance=3.0, text_guidance=2.0)
     torch.testing.assert_close(tr["x"][:, 0], want.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
     assert TR.forwards_per_velocity(c) == 3 and TR.forwards_per_velocity(c0) == 1
 
 def test_policy_gradient_through_the_model_equals_the_reinforce_form(rl_setup):
-    # with theta = theta_old, grad GSPO = -(1/G) sum_i A_i (1/w) sum_t grad log N(x_t+1; mu_theta(x_t), std^2),
-    # the log-density written independently with torch.distributions
+    # with theta = theta_old, grad GSPO = -(1/G) sum_i A_i (1/w) sum_t grad log N(x_t+1;
+    # mu_theta(x_t), std^2), the log-density written independently with torch.distributions
     flux, c, ts = rl_setup
     G, window = 4, range(2, 4)
     steps = [(ts[i], ts[i + 1]) for i in window]
@@ -4284,7 +4797,8 @@ def test_policy_gradient_through_the_model_equals_the_reinforce_form(rl_setup):
     for j, (t, t_next) in enumerate(steps):
         v = TR.velocity(flux, tr["x"][:, j], c, t, 3.5)
         _, _, mean, std = sde_step(tr["x"][:, j], v, t, t_next, 0.7, prev=tr["x_next"][:, j])
-        lp.append(torch.distributions.Normal(mean, std).log_prob(tr["x_next"][:, j]).flatten(1).mean(1))
+        lp.append(
+            torch.distributions.Normal(mean, std).log_prob(tr["x_next"][:, j]).flatten(1).mean(1))
     ref = torch.autograd.grad(-(adv * torch.stack(lp, 1).mean(1)).mean(), params)
     assert sum(g.abs().sum() for g in ref) > 0
     for a, b in zip(ours, ref):
@@ -4310,11 +4824,14 @@ def test_kl_to_the_base_model_matches_torch_distributions(rl_setup):
     f = M.Flux(M.get_config("toy"))
     ML.inject(f, rank=4)                                        # fresh adapters are the base: KL 0
     _, mean0, std0 = TR.WindowPolicy(f)(c, tr["x"], tr["x_next"], steps, 0.7, 3.5)
-    assert torch.equal(TR.kl_to_base(f, c, tr["x"], tr["x_next"], mean0, std0, steps, 0.7, 3.5), torch.zeros(3))
+    assert torch.equal(TR.kl_to_base(f, c, tr["x"], tr["x_next"], mean0, std0, steps, 0.7, 3.5),
+                       torch.zeros(3))
 
-def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(
+        toy_run, tmp_path, monkeypatch):
     root, manifest = toy_run
-    common = ["--stage", "multi", "--init", str(root / "base"), "--lambda-attn", "0", "--ckpt-every", "1"]
+    common = ["--stage", "multi", "--init", str(root / "base"), "--lambda-attn", "0",
+              "--ckpt-every", "1"]
     real_fm, real_gspo, n = LS.flow_matching_loss, LS.gspo_loss, [0]
     def fm_nan_on_call_2(*a, **k):
         n[0] += 1
@@ -4322,11 +4839,13 @@ def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, t
     monkeypatch.setattr(LS, "flow_matching_loss", fm_nan_on_call_2)
     sft(tmp_path / "sft", manifest, *common, "--steps", "3")
     assert [r["skipped"] for r in read_log(tmp_path / "sft")] == [0, 1, 1]
-    # every step non-finite from here: the run stops after --max-bad-steps in a row; the checkpoint is intact
+    # every step non-finite from here: the run stops after --max-bad-steps in a row; the checkpoint
+    # is intact
     before = load_file(str(tmp_path / "sft" / "latest" / "adapter.safetensors"))
     monkeypatch.setattr(LS, "flow_matching_loss", lambda *a, **k: real_fm(*a, **k) * float("inf"))
     with pytest.raises(TR.TrainingError, match="3 non-finite gradients in a row"):
-        sft(tmp_path / "sft", manifest, *common, "--steps", "20", "--max-bad-steps", "3", "--resume")
+        sft(tmp_path / "sft", manifest, *common, "--steps", "20", "--max-bad-steps", "3",
+            "--resume")
     after = load_file(str(tmp_path / "sft" / "latest" / "adapter.safetensors"))
     assert all(torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all() for k in before)
     # the RL trainer: one poisoned minibatch is skipped and counted
@@ -4337,14 +4856,16 @@ def test_non_finite_steps_are_skipped_counted_and_stop_a_diverged_run(toy_run, t
         loss, s, cut = real_gspo(*a, **k)
         return loss * (float("nan") if calls[0] == 3 else 1.0), s, cut
     monkeypatch.setattr(LS, "gspo_loss", gspo_nan_on_call_3)
-    rl(tmp_path / "rl", manifest, root / "base", "--iters", "2", "--minibatches", "2", "--micro-batch", "2")
+    rl(tmp_path / "rl", manifest, root / "base", "--iters", "2", "--minibatches", "2",
+       "--micro-batch", "2")
     assert [r["skipped"] for r in read_log(tmp_path / "rl")] == [0, 1]
 
 @pytest.mark.parametrize("trainer", ["sft", "rl"])
-def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(toy_run, tmp_path, capsys, monkeypatch,
-                                                                             trainer):
+def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(
+        toy_run, tmp_path, capsys, monkeypatch, trainer):
     root, manifest = toy_run
-    go = (lambda out, base: sft_cli(out, manifest, *multi(root, "--steps", "2"), "--init", str(base))) \
+    go = (lambda out, base: sft_cli(out, manifest, *multi(root, "--steps", "2"), "--init",
+                                    str(base))) \
         if trainer == "sft" else (lambda out, base: rl_cli(out, manifest, base, "--iters", "2"))
     base = tmp_path / "nan-base"
     shutil.copytree(root / "base", base)
@@ -4353,31 +4874,40 @@ def test_a_base_holding_a_nan_is_refused_and_a_run_that_trained_nothing_fails(to
     save_file(sd, str(base / "flux.safetensors"))
     capsys.readouterr()
     assert go(tmp_path / "a", base) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {base}: weight final_layer.linear.weight is not "
-                                                            f"finite: this base cannot be trained on"]
-    assert not (tmp_path / "a").exists()                  # refused before its first step: no run folder left
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {base}: weight "
+                                                            f"final_layer.linear.weight is "
+                                                            f"not finite: this base cannot "
+                                                            f"be trained on"]
+    assert not (tmp_path / "a").exists()         # refused before its first step: no run folder left
     # every update skipped (non-finite gradients, fewer than --max-bad-steps): not a success
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda *a, **k: torch.tensor(float("nan")))
     assert go(tmp_path / "b", root / "base") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: all \d updates of this run were skipped \(non-finite gradients\): nothing was "
-                        r"trained; checkpoint 2 intact \(.*\) holds the weights it started from .*", err), err
+    assert re.fullmatch(r"error: all \d updates of this run were skipped \(non-finite gradients\): "
+                        r"nothing was trained; checkpoint 2 intact \(.*\) holds the "
+                        r"weights it started from .*", err), err
 
 @pytest.mark.parametrize("script, bad", [("sft", b) for b in SFT_BAD] + [("rl", b) for b in RL_BAD])
-def test_trainer_flags_out_of_range_are_one_line_errors_before_any_work(toy_run, tmp_path, capsys, script, bad):
+def test_trainer_flags_out_of_range_are_one_line_errors_before_any_work(
+        toy_run, tmp_path, capsys, script, bad):
     root, manifest = toy_run
     out = tmp_path / "run"
     main_ = TS.main if script == "sft" else RL.main
+    # if it ran: briefly
     short = ["--steps", "1", "--batch-size", "2"] if script == "sft" else \
-        ["--iters", "1", "--steps", "2", "--window", "1", "--group", "2", "--minibatches", "1"]   # if it ran: briefly
+        ["--iters", "1", "--steps", "2", "--window", "1", "--group", "2", "--minibatches", "1"]
     with pytest.raises(SystemExit) as e:
-        main_(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--rank", "4", *short, *bad])
+        main_(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--rank", "4",
+               *short, *bad])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and f"argument {bad[0]}: " in err[0] and not out.exists(), err
+    assert (e.value.code == 2 and len(err) == 1
+            and f"argument {bad[0]}: " in err[0] and not out.exists()), err
 
-def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(toy_run, tmp_path, monkeypatch, capsys):
-    # --wandb through a stand-in module: each log.jsonl record reaches wandb.log at its step, the run is finished;
-    # without the package the run stops before any work, in one line
+def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(
+        toy_run, tmp_path, monkeypatch, capsys):
+    # --wandb through a stand-in module: each log.jsonl record reaches wandb.log at its step, the
+    # run is finished; without the package the run stops before any work, in one line
     root, manifest = toy_run
     calls = []
     class FakeRun:
@@ -4385,18 +4915,21 @@ def test_wandb_gets_every_logged_record_and_its_absence_is_one_line(toy_run, tmp
             calls.append((step, values))
         def finish(self):
             calls.append("finish")
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["project"])) or FakeRun())
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["project"]))
+                                 or FakeRun())
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    sft(tmp_path / "w", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--wandb", "proj")
+    sft(tmp_path / "w", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2",
+        "--wandb", "proj")
     logged = [r for r in read_log(tmp_path / "w")]
     assert calls[0] == ("init", "proj") and calls[-1] == "finish"
     assert [(s, v["diff"]) for s, v in calls[1:-1]] == [(r["step"], r["diff"]) for r in logged]
-    monkeypatch.setitem(sys.modules, "wandb", None)                    # `import wandb` now raises ImportError
+    monkeypatch.setitem(sys.modules, "wandb", None)          # `import wandb` now raises ImportError
     assert TS.cli(["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--out",
                    str(tmp_path / "x"), "--wandb", "proj"]) == 2
     assert "pip install wandb" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
-def test_under_torchrun_an_error_is_printed_once_and_left_in_the_error_file(tmp_path, monkeypatch, capsys):
+def test_under_torchrun_an_error_is_printed_once_and_left_in_the_error_file(
+        tmp_path, monkeypatch, capsys):
     def bad(argv):
         raise D.InputError("--data x: no such file")
     for rank in ("0", "1"):
@@ -4405,13 +4938,14 @@ def test_under_torchrun_an_error_is_printed_once_and_left_in_the_error_file(tmp_
         assert TR.cli(bad) == 2
         assert capsys.readouterr().err == ("error: --data x: no such file\n" if rank == "0" else "")
         said = json.loads((tmp_path / f"error{rank}.json").read_text())["message"]
-        assert said["message"] == "error: --data x: no such file"          # what torchrun's summary shows
+        assert said["message"] == "error: --data x: no such file"    # what torchrun's summary shows
 
 # ---- train_sft.py: stages, exact resume, caches, dropout, torchrun and FSDP ----
 
 def torchrun(out, *args):
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train_sft.py", "--out", str(out), *args], env=dict(os.environ, OMP_NUM_THREADS="1"),
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "train_sft.py", "--out", str(out), *args],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
@@ -4419,14 +4953,18 @@ def test_base_stage_writes_a_toy_checkpoint_sample_reads(toy_run, tmp_path):
     sft(tmp_path / "base", manifest, "--stage", "base", "--steps", "2", "--ckpt-every", "1")
     log = read_log(tmp_path / "base")
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["diff"]) for r in log)
-    assert sorted(os.listdir(tmp_path / "base")) == [".lock", "ckpt-0000001", "ckpt-0000002", "latest", "log.jsonl"]
-    main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs", "assets/orange_circle.png",
-          "--prompt", "a red disc", "--steps", "2", "--seed", "0", "--out", str(tmp_path / "s.png")])
-    assert json.loads((tmp_path / "s.json").read_text())["weights"] == str(tmp_path / "base" / "latest")
+    assert sorted(os.listdir(tmp_path / "base")) == [".lock", "ckpt-0000001", "ckpt-0000002",
+                                                     "latest", "log.jsonl"]
+    main(["--model", str(tmp_path / "base" / "latest"), "--arch", "toy", "--refs",
+          "assets/orange_circle.png", "--prompt", "a red disc", "--steps", "2", "--seed", "0",
+          "--out", str(tmp_path / "s.png")])
+    assert (json.loads((tmp_path / "s.json").read_text())["weights"]
+            == str(tmp_path / "base" / "latest"))
 
 def test_base_stage_resume_keeps_training_the_whole_model(toy_run, tmp_path):
-    # a resumed base stage must update the weights it loaded: 2 steps + resume 2 == 4 uninterrupted, bit for bit
-    # (loading by assignment gave the model new parameters the optimizer never saw: every resumed step a no-op)
+    # a resumed base stage must update the weights it loaded: 2 steps + resume 2 == 4 uninterrupted,
+    # bit for bit (loading by assignment gave the model new parameters the optimizer never saw:
+    # every resumed step a no-op)
     root, manifest = toy_run
     common = ["--stage", "base", "--ckpt-every", "2", "--warmup", "1"]
     sft(tmp_path / "full", manifest, *common, "--steps", "4")
@@ -4434,21 +4972,25 @@ def test_base_stage_resume_keeps_training_the_whole_model(toy_run, tmp_path):
     sft(tmp_path / "cut", manifest, *common, "--steps", "4", "--resume")
     for f in ("flux.safetensors", "text_encoder.safetensors"):
         full, cut = (load_file(str(tmp_path / r / "latest" / f)) for r in ("full", "cut"))
-        two = load_file(str(tmp_path / "cut" / "ckpt-0000002" / f)) if (tmp_path / "cut" / "ckpt-0000002").is_dir() \
-            else None
+        two = (load_file(str(tmp_path / "cut" / "ckpt-0000002" / f))
+               if (tmp_path / "cut" / "ckpt-0000002").is_dir() else None)
         assert all(torch.equal(full[k], cut[k]) for k in full), f
-        assert two is None or any(not torch.equal(two[k], cut[k]) for k in cut), f      # the resumed steps did train
-    assert [r["grad_norm"] > 0 for r in read_log(tmp_path / "cut")] == [True] * len(read_log(tmp_path / "cut"))
+        # the resumed steps did train
+        assert two is None or any(not torch.equal(two[k], cut[k]) for k in cut), f
+    assert [r["grad_norm"] > 0 for r in read_log(tmp_path / "cut")] == [True] * len(read_log(
+        tmp_path / "cut"))
 
 def test_base_stage_can_read_references(tmp_path):
     manifest = toy.write_world(str(tmp_path / "w"), 4, seed=0, subjects=(1,))
-    args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base", "--base-refs"])
+    args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base",
+                                         "--base-refs"])
     args.pe = "d"
     flux, ae, text, _, _ = TR.build_models("toy", "base", "cpu", seed=0)
     ds = DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)
     batch = DS.collate([ds[i] for i in range(4)])
     seen = []
-    flux.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw.get("ref_img") or [])), with_kwargs=True)
+    flux.register_forward_pre_hook(lambda m, a, kw: seen.append(len(kw.get("ref_img") or [])),
+                                   with_kwargs=True)
     for base_refs in (False, True):
         args.base_refs = base_refs
         TS.step_losses(args, TR.Denoiser(flux, text), TR.Denoiser(flux, text), ae, batch, 0,
@@ -4456,16 +4998,19 @@ def test_base_stage_can_read_references(tmp_path):
     assert seen == [0, 1]
 
 def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_path, capsys):
-    # --drop-prompt p: each sample's prompt is "" with probability p; --drop-refs p: a step has no references with
-    # probability p; with both 0 the batch's generator stream (t, noise) is untouched
+    # --drop-prompt p: each sample's prompt is "" with probability p; --drop-refs p: a step has no
+    # references with probability p; with both 0 the batch's generator stream (t, noise) is
+    # untouched
     manifest = toy.write_world(str(tmp_path / "w"), 8, seed=0, subjects=(1,))
-    args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base", "--base-refs"])
+    args = TS.build_parser().parse_args(["--out", str(tmp_path / "r"), "--stage", "base",
+                                         "--base-refs"])
     args.pe = "d"
     flux, ae, text, _, _ = TR.build_models("toy", "base", "cpu", seed=0)
-    batch = DS.collate([DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[i] for i in range(8)])
+    batch = DS.collate([DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4)[i]
+                        for i in range(8)])
     refs, prompts, ts = [], [], []
-    flux.register_forward_pre_hook(lambda m, a, kw: refs.append(bool(kw.get("ref_img"))) or ts.append(kw["timesteps"]),
-                                   with_kwargs=True)
+    flux.register_forward_pre_hook(lambda m, a, kw: refs.append(bool(kw.get("ref_img")))
+                                   or ts.append(kw["timesteps"]), with_kwargs=True)
     text.register_forward_pre_hook(lambda m, a: prompts.extend(a[0]))
     def steps(n, drop_prompt, drop_refs):
         refs.clear(), prompts.clear(), ts.clear()
@@ -4482,21 +5027,26 @@ def test_condition_dropout_drops_prompts_per_sample_and_references_per_step(tmp_
     assert 4 <= r1.count(False) <= 20 and 70 <= p1.count("") <= 122
     assert all(q in ("", p) for q, p in zip(p1, batch["prompts"] * 24))
     # without dropout t is the generator's first draw, as before the option existed
-    first = [LS.sample_timesteps(8, 64, True, generator=torch.Generator().manual_seed(s)) for s in range(24)]
+    first = [LS.sample_timesteps(8, 64, True, generator=torch.Generator().manual_seed(s))
+             for s in range(24)]
     assert all(torch.equal(a, b) for a, b in zip(t0, first)) and not torch.equal(t1[0], t0[0])
-    assert TS.cli(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"]) == 2
+    assert (TS.cli(["--cache", str(tmp_path), "--out", str(tmp_path / "x"), "--drop-prompt", "0.1"])
+            == 2)
     assert "--drop-prompt: a cache holds" in capsys.readouterr().err
     # stage multi's attention losses need every step's references
-    assert TS.cli(["--data", manifest, "--out", str(tmp_path / "y"), "--stage", "multi", "--drop-refs", "0.1"]) == 2
+    assert TS.cli(["--data", manifest, "--out", str(tmp_path / "y"), "--stage", "multi",
+                   "--drop-refs", "0.1"]) == 2
     assert "--drop-refs: not with --stage multi" in capsys.readouterr().err
 
 def test_multi_stage_logs_every_loss_term_and_saves_an_adapter(toy_run, tmp_path):
     root, manifest = toy_run
     sft(tmp_path / "m", manifest, "--stage", "multi", "--init", str(root / "base"), "--steps", "2",
-        "--scal", "0.1", "--mdl", "1", "--balance", "1e-3", "--val-data", manifest, "--eval-every", "2")
+        "--scal", "0.1", "--mdl", "1", "--balance", "1e-3", "--val-data", manifest, "--eval-every",
+        "2")
     log = read_log(tmp_path / "m")
     train = [r for r in log if "diff" in r]
-    assert all(math.isfinite(r[k]) for r in train for k in ("diff", "dice", "scal", "mdl", "balance"))
+    assert all(math.isfinite(r[k]) for r in train for k in ("diff", "dice", "scal", "mdl",
+                                                            "balance"))
     assert abs(sum(train[-1]["expert_load"]) - 1) < 1e-6 and len(train[-1]["expert_load"]) == 4
     val = [r for r in log if "val_dice" in r][0]
     assert 0 <= val["val_share_own"] <= 1 and 0 <= val["val_dice"] <= 3
@@ -4506,73 +5056,86 @@ def test_multi_stage_logs_every_loss_term_and_saves_an_adapter(toy_run, tmp_path
 
 def test_resume_is_exact(toy_run, tmp_path):
     root, manifest = toy_run
-    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "4", "--scal", "0.1", "--ckpt-every", "2"]
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "4", "--scal", "0.1",
+              "--ckpt-every", "2"]
     sft(tmp_path / "full", manifest, *common)
-    sft(tmp_path / "cut", manifest, *common[:-4], "--steps", "2", "--scal", "0.1", "--ckpt-every", "2")
+    sft(tmp_path / "cut", manifest, *common[:-4], "--steps", "2", "--scal", "0.1", "--ckpt-every",
+        "2")
     sft(tmp_path / "cut", manifest, *common, "--resume")
     a = load_file(str(tmp_path / "full" / "latest" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cut" / "latest" / "adapter.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)          # bitwise on CPU
-    assert [r["diff"] for r in read_log(tmp_path / "full")] == [r["diff"] for r in read_log(tmp_path / "cut")]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)         # bitwise on CPU
+    assert [r["diff"] for r in read_log(tmp_path / "full")] == [r["diff"] for r in read_log(
+        tmp_path / "cut")]
 
 def test_training_from_a_cache_equals_training_from_the_manifest(toy_run, tmp_path):
     # cache.py precomputes text embeddings and latents; training on them must see the same numbers
     root, manifest = toy_run
-    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(root / "base"), device="cpu")
-    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1", "--lr", "1e-2"]
+    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(root / "base"),
+                      device="cpu")
+    common = ["--stage", "multi", "--init", str(root / "base"), "--steps", "2", "--scal", "0.1",
+              "--lr", "1e-2"]
     sft(tmp_path / "pix", manifest, *common)
-    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size", "2",
-             "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
+    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size",
+             "2", "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
     for a, b in zip(read_log(tmp_path / "pix"), read_log(tmp_path / "lat")):
         assert abs(a["diff"] - b["diff"]) < 1e-5 and abs(a["dice"] - b["dice"]) < 1e-5
     with pytest.raises(ValueError, match="cannot read precomputed"):
-        TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "x"), "--stage", "base"])
+        TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "x"), "--stage",
+                 "base"])
 
-def test_a_cache_of_prompts_padded_to_the_longest_batches_and_trains_as_the_manifest(toy_run, tmp_path):
-    # a toy base whose encoder pads to the batch's longest prompt: each cached prompt is stored whole, and a batch
-    # takes its longest prompt's positions, pads included, as --data's encoder does
+def test_a_cache_of_prompts_padded_to_the_longest_batches_and_trains_as_the_manifest(
+        toy_run, tmp_path):
+    # a toy base whose encoder pads to the batch's longest prompt: each cached prompt is stored
+    # whole, and a batch takes its longest prompt's positions, pads included, as --data's encoder
+    # does
     root, manifest = toy_run
     base = tmp_path / "base"
     base.mkdir()
     shutil.copy(root / "base" / "flux.safetensors", base)
-    save_file(load_file(str(root / "base" / "text_encoder.safetensors")), str(base / "text_encoder.safetensors"),
-              metadata={"txt_pad": "longest"})
-    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(base), device="cpu")
+    save_file(load_file(str(root / "base" / "text_encoder.safetensors")),
+              str(base / "text_encoder.safetensors"), metadata={"txt_pad": "longest"})
+    cache.write_cache(manifest, str(tmp_path / "cache"), model="toy", checkpoint=str(base),
+                      device="cpu")
     common = ["--stage", "multi", "--init", str(base), "--steps", "2", "--lr", "1e-2"]
     sft(tmp_path / "pix", manifest, *common)
-    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size", "2",
-             "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
+    TS.main(["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lat"), "--batch-size",
+             "2", "--log-every", "1", "--warmup", "1", "--rank", "4", *common])
     for a, b in zip(read_log(tmp_path / "pix"), read_log(tmp_path / "lat"), strict=True):
         assert abs(a["diff"] - b["diff"]) < 1e-5 and abs(a["dice"] - b["dice"]) < 1e-5
 
 def test_a_finished_run_says_what_it_made_and_the_command_samples_it(toy_run, tmp_path, capsys):
     root, manifest = toy_run
     out = tmp_path / "multi"
-    assert TS.cli(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--steps", "2",
-                   "--batch-size", "2", "--rank", "4", "--warmup", "1"]) == 0
+    assert TS.cli(["--data", manifest, "--init", str(root / "base"), "--out", str(out), "--steps",
+                   "2", "--batch-size", "2", "--rank", "4", "--warmup", "1"]) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     adapter = out / "ckpt-0000002" / "adapter.safetensors"
-    assert last.startswith(f"done, step 2: the adapter at {adapter}; sample it with: python sample.py "), last
+    assert (last.startswith(
+        f"done, step 2: the adapter at {adapter}; sample it with: python sample.py ")), last
     argv = shlex.split(last.split("sample it with: ")[1])[2:]
     argv[argv.index("--out") + 1] = str(tmp_path / "s.png")           # as printed, written here
     S.main(argv + ["--steps", "2"])
     assert json.loads((tmp_path / "s.json").read_text())["lora"] == str(adapter)
 
-def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(toy_run, tmp_path, capsys, monkeypatch):
-    # one process accumulating 2 micro-batches is the reference; 2 ranks equal it: DDP, --zero, and --fsdp with
-    # --grad-checkpoint (and its evaluation on every rank). Resumed from another run's step-2 checkpoint (its step-4
-    # one removed): --zero from --zero bit for bit (its sharded optimizer states consolidated on save, re-sharded on
-    # resume); one process from the FSDP run's and FSDP on 2 ranks from the one process's, as the reference does:
-    # FSDP saves whole tensors, the format one process saves
+def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(
+        toy_run, tmp_path, capsys, monkeypatch):
+    # one process accumulating 2 micro-batches is the reference; 2 ranks equal it: DDP, --zero, and
+    # --fsdp with --grad-checkpoint (and its evaluation on every rank). Resumed from another run's
+    # step-2 checkpoint (its step-4 one removed): --zero from --zero bit for bit (its sharded
+    # optimizer states consolidated on save, re-sharded on resume); one process from the FSDP run's
+    # and FSDP on 2 ranks from the one process's, as the reference does: FSDP saves whole tensors,
+    # the format one process saves
     root, manifest = toy_run
-    common = ["train_sft.py", "--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
-              "--batch-size", "2", "--log-every", "1", "--warmup", "1", "--lambda-attn", "0.3", "--lr", "1e-2",
-              "--ckpt-every", "2", "--steps", "4"]
+    common = ["train_sft.py", "--data", manifest, "--stage", "multi", "--init", str(root / "base"),
+              "--rank", "4", "--batch-size", "2", "--log-every", "1", "--warmup", "1",
+              "--lambda-attn", "0.3", "--lr", "1e-2", "--ckpt-every", "2", "--steps", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     def run(out, *a, ranks=2):
-        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if ranks == 2 else []
-        r = subprocess.run([sys.executable, *launch, *common, "--out", str(tmp_path / out), *a], env=env,
-                           capture_output=True, text=True, timeout=300)
+        launch = (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                  if ranks == 2 else [])
+        r = subprocess.run([sys.executable, *launch, *common, "--out", str(tmp_path / out), *a],
+                           env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
     def cut(src, dst):                       # a copy of a run as its step-2 checkpoint left it
         shutil.copytree(tmp_path / src, tmp_path / dst, symlinks=True)
@@ -4581,7 +5144,8 @@ def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(toy_r
     run("two")
     run("zero", "--zero")
     run("fsdp", "--fsdp", "--grad-checkpoint", "--val-data", manifest, "--eval-every", "4")
-    for src, dst, flags, ranks in (("zero", "zero_cut", ["--zero"], 2), ("fsdp", "from_fsdp", ["--grad-accum", "2"], 1),
+    for src, dst, flags, ranks in (("zero", "zero_cut", ["--zero"], 2),
+                                   ("fsdp", "from_fsdp", ["--grad-accum", "2"], 1),
                                    ("one", "to_fsdp", ["--fsdp"], 2)):
         cut(src, dst)
         run(dst, *flags, "--resume", ranks=ranks)
@@ -4591,20 +5155,23 @@ def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(toy_r
         log, got = [r for r in read_log(tmp_path / other) if "diff" in r], adapter(other)
         assert len(log) == 4, other
         for r1, r2 in zip(read_log(tmp_path / "one"), log):
-            assert abs(r1["diff"] - r2["diff"]) < 1e-5 and abs(r1["dice"] - r2["dice"]) < 1e-5, other
+            assert (abs(r1["diff"] - r2["diff"]) < 1e-5
+                    and abs(r1["dice"] - r2["dice"]) < 1e-5), other
         assert got.keys() == want.keys(), other
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
     full, resumed = adapter("zero"), adapter("zero_cut")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     # the FSDP run's optimizer states are whole too: AdamW's moments as one process holds them
-    state = lambda run: torch.load(tmp_path / run / "latest" / "train_state.pt", weights_only=True)["optimizer"]
+    state = lambda run: torch.load(tmp_path / run / "latest" / "train_state.pt",
+                                   weights_only=True)["optimizer"]
     one, fsdp = state("one"), state("fsdp")
     assert one["state"].keys() == fsdp["state"].keys()
     for i, s in one["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(fsdp["state"][i][k], s[k], atol=1e-6, rtol=1e-3)
-    assert any("val_dice" in r for r in read_log(tmp_path / "fsdp"))            # evaluated on every rank, logged once
+    # evaluated on every rank, logged once
+    assert any("val_dice" in r for r in read_log(tmp_path / "fsdp"))
     # --fsdp needs the ranks torchrun starts; --zero is part of it
     with pytest.raises(SystemExit):
         TS.main(common[1:] + ["--out", str(tmp_path / "bad"), "--fsdp"])
@@ -4615,11 +5182,12 @@ def test_torchrun_ranks_equal_one_process_and_resume_across_ranks_and_fsdp(toy_r
     assert "--fsdp already shards the optimizer states" in capsys.readouterr().err
 
 def test_torchrun_dead_rank_ends_the_job_and_resume_may_change_the_rank_count(toy_run, tmp_path):
-    # save on 2 ranks, resume on 1, and the reverse: the same global batch (ranks x --grad-accum) continues the
-    # same global order of micro-batches, so both equal one uninterrupted run
+    # save on 2 ranks, resume on 1, and the reverse: the same global batch (ranks x --grad-accum)
+    # continues the same global order of micro-batches, so both equal one uninterrupted run
     root, manifest = toy_run
-    common = ["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4", "--batch-size", "2",
-              "--warmup", "1", "--lr", "1e-2", "--ckpt-every", "1", "--keep", "9", "--steps", "5", "--lambda-attn", "0"]
+    common = ["--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
+              "--batch-size", "2", "--warmup", "1", "--lr", "1e-2", "--ckpt-every", "1", "--keep",
+              "9", "--steps", "5", "--lambda-attn", "0"]
     sft(tmp_path / "one", manifest, *common, "--grad-accum", "2")
     p = torchrun(tmp_path / "killed", *common)
     RO.wait_for(lambda: (tmp_path / "killed" / "ckpt-0000002").is_dir(), timeout=120)
@@ -4631,12 +5199,14 @@ def test_torchrun_dead_rank_ends_the_job_and_resume_may_change_the_rank_count(to
     sft(tmp_path / "killed", manifest, *common, "--grad-accum", "2", "--resume")
     # a 1-rank run stopped after step 2, resumed on 2 ranks
     grown = tmp_path / "grown"
-    shutil.copytree(tmp_path / "one", grown, symlinks=True, ignore=shutil.ignore_patterns("ckpt-000000[3-5]"))
+    shutil.copytree(tmp_path / "one", grown, symlinks=True,
+                    ignore=shutil.ignore_patterns("ckpt-000000[3-5]"))
     (grown / "latest").unlink()
     (grown / "latest").symlink_to("ckpt-0000002")
     p = torchrun(grown, *common, "--resume")
     assert p.wait(timeout=300) == 0, p.stderr.read()[-6000:]
-    assert "resumed from step 2 at global micro-batch 4 (saved by 1 rank(s), now 2)" in p.stderr.read()
+    assert ("resumed from step 2 at global micro-batch 4 "
+            "(saved by 1 rank(s), now 2)" in p.stderr.read())
     want = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
     for run in ("killed", "grown"):
         got = load_file(str(tmp_path / run / "latest" / "adapter.safetensors"))
@@ -4645,87 +5215,96 @@ def test_torchrun_dead_rank_ends_the_job_and_resume_may_change_the_rank_count(to
 
 def test_torchrun_hung_rank_times_out(toy_run, tmp_path):
     root, manifest = toy_run
-    p = torchrun(tmp_path / "hung", "--data", manifest, "--stage", "multi", "--init", str(root / "base"), "--rank", "4",
+    p = torchrun(tmp_path / "hung", "--data", manifest, "--stage", "multi", "--init",
+                 str(root / "base"), "--rank", "4",
                  "--batch-size", "2", "--steps", "500", "--ckpt-every", "1", "--lambda-attn", "0",
                  "--dist-timeout", "3")
     RO.wait_for(lambda: (tmp_path / "hung" / "ckpt-0000001").is_dir(), timeout=120)
     pids = RO.worker_pids(p)
-    os.kill(pids[1], signal.SIGSTOP)                            # rank 1 stops answering; rank 0 waits in a collective
+    os.kill(pids[1], signal.SIGSTOP)          # rank 1 stops answering; rank 0 waits in a collective
     took = RO.wait_for(lambda: not RO.alive(pids[0]), timeout=120)
-    os.kill(pids[1], signal.SIGCONT)                            # so torchrun's SIGTERM reaches it
+    os.kill(pids[1], signal.SIGCONT)          # so torchrun's SIGTERM reaches it
     assert p.wait(timeout=60) != 0 and took < 3 + 15 and "Timed out" in p.stderr.read()
     assert not any(RO.alive(pid) for pid in pids.values())
 
 # ---- train_rl.py: IPPO end to end: the window, exact resume, ranks, learning ----
 
-@pytest.mark.parametrize("T,w,tau,s", [(16, 2, 50, 1), (8, 3, 2, 2), (5, 5, 1, 1), (10, 1, 3, 0), (6, 2, 1, 4)])
+@pytest.mark.parametrize("T,w,tau,s", [(16, 2, 50, 1), (8, 3, 2, 2), (5, 5, 1, 1), (10, 1, 3, 0),
+                                       (6, 2, 1, 4)])
 def test_window_schedule_matches_algorithm_1(T, w, tau, s):
-    l, seen = 0, []                                       # Algorithm 1, lines 1-2 and 21-23, literally
+    l, seen = 0, []                                    # Algorithm 1, lines 1-2 and 21-23, literally
     for m in range(1, 40):
         seen.append(l)
         if m % tau == 0:
             l = min(l + s, T - w)
     assert [RL.window_start(m, T, w, tau, s) for m in range(1, 40)] == seen
-    assert all(0 <= l and l + w <= T for l in seen)       # the window never runs past the last step
+    assert all(0 <= l and l + w <= T for l in seen)    # the window never runs past the last step
     with pytest.raises(ValueError):
         RL.window_start(1, T, T + 1, tau, s)
 
 def test_train_rl_end_to_end_logs_moves_the_window_and_resumes_exactly(toy_run, tmp_path):
     root, manifest = toy_run
-    f = M.Flux(M.get_config("toy"))                               # a stage-2 adapter to start from
+    f = M.Flux(M.get_config("toy"))                            # a stage-2 adapter to start from
     acfg = ML.inject(f, rank=4)
     for _, m in ML.adapters(f):
         torch.nn.init.normal_(m.up.weight, std=0.05)
     ML.save_adapter(f, str(tmp_path / "stage2.safetensors"), acfg)
-    common = ["--adapter", str(tmp_path / "stage2.safetensors"), "--kl", "0.01", "--ckpt-every", "2"]
-    rl(tmp_path / "full", manifest, root / "base", *common, "--iters", "4", "--val-data", manifest, "--val-n", "2",
-       "--val-seeds", "1", "--eval-every", "2")
+    common = ["--adapter", str(tmp_path / "stage2.safetensors"), "--kl", "0.01", "--ckpt-every",
+              "2"]
+    rl(tmp_path / "full", manifest, root / "base", *common, "--iters", "4", "--val-data", manifest,
+       "--val-n", "2", "--val-seeds", "1", "--eval-every", "2")
     rl(tmp_path / "cut", manifest, root / "base", *common, "--iters", "2")
     rl(tmp_path / "cut", manifest, root / "base", *common, "--iters", "4", "--resume")
     log = read_log(tmp_path / "full")
     train = [r for r in log if "r_total" in r]
-    assert [r["window"] for r in train] == [0, 1, 2, 2]           # tau 1, stride 1, stops at T - w = 2
+    assert [r["window"] for r in train] == [0, 1, 2, 2]        # tau 1, stride 1, stops at T - w = 2
     for r in train:
-        assert all(math.isfinite(r[k]) for k in ("r_text", "r_aes", "r_id", "r_total", "ratio_mean", "clip_frac",
-                                                 "loss", "kl", "grad_norm"))
+        assert all(math.isfinite(r[k]) for k in ("r_text", "r_aes", "r_id", "r_total", "ratio_mean",
+                                                 "clip_frac", "loss", "kl", "grad_norm"))
         assert r["dit_rollout"] == r["window"] + 4 * (4 - r["window"]) and r["dit_update"] == 4 * 2
         assert r["ratio_min"] <= 1 <= r["ratio_max"] or r["ratio_min"] == r["ratio_max"] == 1
     val = [r for r in log if "val_total" in r]
     assert [r["iter"] for r in val] == [0, 2, 4]
-    with safe_open(str(tmp_path / "full" / "best.safetensors"), framework="pt") as f:    # the best held-out adapter
+    # the best held-out adapter
+    with safe_open(str(tmp_path / "full" / "best.safetensors"), framework="pt") as f:
         best = max(val, key=lambda r: r["val_total"])
-        assert int(f.metadata()["iter"]) == best["iter"] and float(f.metadata()["val_total"]) == best["val_total"]
+        assert (int(f.metadata()["iter"]) == best["iter"]
+                and float(f.metadata()["val_total"]) == best["val_total"])
     a = load_file(str(tmp_path / "full" / "latest" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "cut" / "latest" / "adapter.safetensors"))
     start = load_file(str(tmp_path / "stage2.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)                # resume: bitwise on CPU
-    assert any(not torch.equal(a[k], start[k]) for k in a)        # and the adapter did learn
+    assert all(torch.equal(a[k], b[k]) for k in a)             # resume: bitwise on CPU
+    assert any(not torch.equal(a[k], start[k]) for k in a)     # and the adapter did learn
     assert [r["r_total"] for r in read_log(tmp_path / "full") if "r_total" in r] == \
            [r["r_total"] for r in read_log(tmp_path / "cut") if "r_total" in r]
 
 def test_train_rl_torchrun_two_ranks_equals_one_process(toy_run, tmp_path):
     root, manifest = toy_run
-    common = ["train_rl.py", "--data", manifest, "--init", str(root / "base"), "--rank", "4", "--steps", "4",
-              "--group", "4", "--iters", "2", "--lr", "1e-2", "--minibatches", "1"]
+    common = ["train_rl.py", "--data", manifest, "--init", str(root / "base"), "--rank", "4",
+              "--steps", "4", "--group", "4", "--iters", "2", "--lr", "1e-2", "--minibatches", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run([sys.executable, *a], env=env, capture_output=True, text=True,
+                                    timeout=300)
     one = run(*common, "--prompts", "2", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common]
     two = run(*torchrun, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-2000:]
-    # FSDP: rollouts, updates and the held-out evaluation on every rank (each forward gathers the shards)
-    fsdp = run(*torchrun, "--fsdp", "--val-data", manifest, "--val-n", "1", "--val-seeds", "1", "--eval-every", "2",
-               "--out", str(tmp_path / "fsdp"))
+    # FSDP: rollouts, updates and the held-out evaluation on every rank (each forward gathers the
+    # shards)
+    fsdp = run(*torchrun, "--fsdp", "--val-data", manifest, "--val-n", "1", "--val-seeds", "1",
+               "--eval-every", "2", "--out", str(tmp_path / "fsdp"))
     assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     a = load_file(str(tmp_path / "one" / "latest" / "adapter.safetensors"))
     for other in ("two", "fsdp"):
-        for r1, r2 in zip(read_log(tmp_path / "one"), [r for r in read_log(tmp_path / other) if "r_total" in r]):
-            assert r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6) and r1["dit_rollout"] == r2["dit_rollout"]
+        for r1, r2 in zip(read_log(tmp_path / "one"), [r for r in read_log(tmp_path / other)
+                                                       if "r_total" in r]):
+            assert (r1["r_total"] == pytest.approx(r2["r_total"], abs=1e-6)
+                    and r1["dit_rollout"] == r2["dit_rollout"])
         b = load_file(str(tmp_path / other / "latest" / "adapter.safetensors"))
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-    best = load_file(str(tmp_path / "fsdp" / "best.safetensors"))          # gathered whole from the shards
+    best = load_file(str(tmp_path / "fsdp" / "best.safetensors"))   # gathered whole from the shards
     assert {k: v.shape for k, v in best.items()} == {k: v.shape for k, v in a.items()}
 
 def test_ippo_learns_an_easy_reward(toy_run, tmp_path, monkeypatch):
@@ -4737,8 +5316,8 @@ def test_ippo_learns_an_easy_reward(toy_run, tmp_path, monkeypatch):
             return {"text": b, "aes": b, "id": b, "total": b}
         return reward
     monkeypatch.setattr(toy, "reward_for", brightness)             # in place of the world's reward
-    rl(tmp_path / "rl", manifest, root / "base", "--iters", "12", "--prompts", "2", "--group", "8", "--tau", "1000",
-       "--minibatches", "1", "--lr", "3e-2")
+    rl(tmp_path / "rl", manifest, root / "base", "--iters", "12", "--prompts", "2", "--group", "8",
+       "--tau", "1000", "--minibatches", "1", "--lr", "3e-2")
     r = [x["r_total"] for x in read_log(tmp_path / "rl")]
     assert np.mean(r[-3:]) > np.mean(r[:3]) + 0.08, r            # measured: 0.50 -> 0.65
 
@@ -4749,7 +5328,8 @@ def refs(tmp_path):
     d = tmp_path / "refs"
     d.mkdir()
     Image.new("RGBA", (40, 30), (255, 0, 0, 128)).save(d / "rgba.png")
-    Image.fromarray((np.arange(60000).reshape(200, 300) % 65536).astype(np.uint16)).save(d / "big16.png")
+    Image.fromarray((np.arange(60000).reshape(200, 300) % 65536).astype(np.uint16)).save(
+        d / "big16.png")
     Image.new("L", (1, 2), 7).save(d / "tiny.png")
     p = Image.new("P", (20, 50), 3)
     p.putpalette(list(range(256)) * 3)
@@ -4757,19 +5337,20 @@ def refs(tmp_path):
     return [str(d / n) for n in ("rgba.png", "big16.png", "tiny.png", "pal.png")]
 
 def run_toy(out, refs, *extra):
-    main(["--model", "toy", "--refs", *refs, "--prompt", "a red ball", "--steps", "3", "--seed", "7",
-          "--out", str(out), *extra])
+    main(["--model", "toy", "--refs", *refs, "--prompt", "a red ball", "--steps", "3", "--seed",
+          "7", "--out", str(out), *extra])
 
 def toy_base(folder):
-    """The shipped toy base without its adapter (the frozen model an adapter's strength 0 must give back)."""
+    """The shipped toy base without its adapter (the frozen model an adapter's strength 0 must give
+    back)."""
     os.makedirs(folder, exist_ok=True)
     for f in ("flux.safetensors", "text_encoder.safetensors"):
         shutil.copy(os.path.join(WT.TOY_DIR, f), os.path.join(folder, f))
     return str(folder)
 
 def sample_fails(capsys, *argv):
-    """sample.py argv -> its error line; it must be its one error, its last line, with exit status 2 and no traceback
-    (a progress bar may come before it)."""
+    """sample.py argv -> its error line; it must be its one error, its last line, with exit status 2
+    and no traceback (a progress bar may come before it)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(list(argv))
@@ -4780,12 +5361,12 @@ def sample_fails(capsys, *argv):
     return lines[-1]
 
 def toy_adapter(path, alpha=None, up_times=1.0, fill=None):
-    """A rank-4 LoRA + MoE-LoRA adapter for the toy, with a chosen header alpha and its up weights scaled (a
-    diverged one) or filled (NaN)."""
+    """A rank-4 LoRA + MoE-LoRA adapter for the toy, with a chosen header alpha and its up weights
+    scaled (a diverged one) or filled (NaN)."""
     f = M.Flux(M.get_config("toy"))
     finite = alpha is None or math.isfinite(alpha)
     acfg = ML.inject(f, rank=4, alpha=alpha if finite else None)
-    acfg["alpha"] = alpha                                     # a header inject itself refuses (NaN) is written as is
+    acfg["alpha"] = alpha                    # a header inject itself refuses (NaN) is written as is
     torch.manual_seed(0)
     for _, m in ML.adapters(f):
         torch.nn.init.normal_(m.up.weight, std=0.05)
@@ -4801,27 +5382,30 @@ def test_cli_end_to_end(tmp_path, refs):
     run_toy(out, refs, "--save-attn")
     assert Image.open(out).size == (32, 32)
     meta = json.loads((tmp_path / "o" / "img.json").read_text())
-    assert meta["prompt"] == "a red ball" and meta["refs"] == refs and meta["seed"] == 7 and meta["steps"] == 3
+    assert (meta["prompt"] == "a red ball" and meta["refs"] == refs and meta["seed"] == 7
+            and meta["steps"] == 3)
     assert (meta["width"], meta["height"], meta["model"], meta["pe"]) == (32, 32, "toy", "d")
-    assert meta["guidance"] == 1.0                     # the toy trains with guidance 1 (as UNO): it samples with 1
+    assert meta["guidance"] == 1.0      # the toy trains with guidance 1 (as UNO): it samples with 1
     attn = sorted(f for f in os.listdir(tmp_path / "o") if "_attn" in f)
     assert attn == [f"img_attn{i}.png" for i in range(4)]
     assert all(Image.open(tmp_path / "o" / f).size == (32, 32) for f in attn)
     assert not [f for f in os.listdir(tmp_path / "o") if f.startswith(".tmp")]
 
 def test_save_attn_reads_the_blocks_asked_for(tmp_path, refs, capsys):
-    # --attn-blocks picks the blocks the overlays average (the leakage of the toy runs through the single blocks);
-    # the probe only reads: the sample itself is the same whichever blocks it reads
+    # --attn-blocks picks the blocks the overlays average (the leakage of the toy runs through the
+    # single blocks); the probe only reads: the sample itself is the same whichever blocks it reads
     run_toy(tmp_path / "a.png", refs, "--save-attn")
     run_toy(tmp_path / "b.png", refs, "--save-attn", "--attn-blocks", "d0", "d1")
     run_toy(tmp_path / "c.png", refs, "--save-attn", "--attn-blocks", "single")
-    read = lambda stem: [(tmp_path / f"{stem}{x}.png").read_bytes() for x in ["", "_attn0", "_attn1"]]
+    read = lambda stem: [(tmp_path / f"{stem}{x}.png").read_bytes()
+                         for x in ["", "_attn0", "_attn1"]]
     a, b, c = read("a"), read("b"), read("c")
-    assert a == b                                         # the default is every double block (Eq. 4)
+    assert a == b                                        # the default is every double block (Eq. 4)
     assert c[0] == a[0] and c[1] != a[1] and c[2] != a[2]
     assert json.loads((tmp_path / "c.json").read_text())["attn_blocks"] == ["s0", "s1", "s2", "s3"]
     capsys.readouterr()
-    for extra, said in ((["--save-attn", "--attn-blocks", "s9"], "this model's blocks are d0, d1, s0"),
+    for extra, said in ((["--save-attn", "--attn-blocks", "s9"],
+                         "this model's blocks are d0, d1, s0"),
                         (["--attn-blocks", "single"], "pass --save-attn")):
         with pytest.raises(SystemExit) as e:
             run_toy(tmp_path / "x.png", refs, *extra)
@@ -4852,36 +5436,42 @@ def test_cli_bad_model_and_sizes(tmp_path, refs, capsys):
     for extra in (["--model", str(tmp_path / "nope.safetensors")], ["--width", "2"],
                   ["--out", str(tmp_path / "x.jpg")], ["--device", "nonsense"]):
         with pytest.raises(SystemExit) as e:
-            main(["--refs", refs[0], "--prompt", "x", "--model", "toy", "--out", str(tmp_path / "x.png"), *extra])
+            main(["--refs", refs[0], "--prompt", "x", "--model", "toy", "--out",
+                  str(tmp_path / "x.png"), *extra])
         assert e.value.code == 2 and capsys.readouterr().err.startswith("error:")
     assert sorted(os.listdir(tmp_path)) == ["refs"]
 
-@pytest.mark.parametrize("flag,value", [("--guidance", "nan"), ("--guidance", "inf"), ("--guidance", "-1"),
-                                        ("--lora-scale", "nan"), ("--lora-scale", "1e39"), ("--seed", str(2 ** 64)),
-                                        ("--seed", "-1"), ("--seeds", str(2 ** 64)), ("--steps", "0"),
-                                        ("--steps", "1000000"), ("--width", "0"), ("--ref-size", "1e3")])
+@pytest.mark.parametrize("flag,value", [
+    ("--guidance", "nan"), ("--guidance", "inf"), ("--guidance", "-1"),
+    ("--lora-scale", "nan"), ("--lora-scale", "1e39"), ("--seed", str(2 ** 64)),
+    ("--seed", "-1"), ("--seeds", str(2 ** 64)), ("--steps", "0"),
+    ("--steps", "1000000"), ("--width", "0"), ("--ref-size", "1e3")])
 def test_sample_flags_out_of_range_are_usage_errors(tmp_path, capsys, monkeypatch, flag, value):
     monkeypatch.setattr(S, "load_models", None)                      # refused before any work
     err = sample_fails(capsys, "--refs", DEMO[0], flag, value, "--out", str(tmp_path / "x.png"))
     assert f"argument {flag}: " in err and os.listdir(tmp_path) == []
 
-@pytest.mark.parametrize("flags", [["--width", "100000"], ["--height", "100000"], ["--ref-size", "100000"],
-                                   ["--width", "2048", "--height", "2048", "--model", "flux-dev", "--prompt", "x"],
-                                   ["--ref-size", "1024", "--model", "flux-schnell", "--prompt", "x"]])
+@pytest.mark.parametrize("flags",
+                         [["--width", "100000"], ["--height", "100000"], ["--ref-size", "100000"],
+                          ["--width", "2048", "--height", "2048", "--model", "flux-dev", "--prompt",
+                           "x"],
+                          ["--ref-size", "1024", "--model", "flux-schnell", "--prompt", "x"]])
 def test_sample_sizes_are_bounded_before_allocating(tmp_path, capsys, monkeypatch, flags):
     def allocated(*a, **k):
         raise AssertionError("allocated before the size was checked")
     for mod, name in ((D, "preprocess_ref"), (SM, "get_noise"), (S, "load_models")):
         monkeypatch.setattr(mod, name, allocated)
-    extra = [DEMO[0]] * (8 if "1024" in flags else 1)                 # 8 references of 1024 px: 32768 tokens
+    extra = [DEMO[0]] * (8 if "1024" in flags else 1)        # 8 references of 1024 px: 32768 tokens
     err = sample_fails(capsys, "--refs", *extra, *flags, "--out", str(tmp_path / "x.png"))
     assert f"more than {S.MAX_TOKENS}" in err and os.listdir(tmp_path) == []
 
 def test_sample_refuses_too_many_references_and_a_prompt_that_is_not_text(tmp_path, capsys):
     Image.new("RGB", (16, 16), RED).save(tmp_path / "r.png")
     for refs, prompt, why in (([str(tmp_path / "r.png")] * 9, "x", "9 references, more than 8"),
-                              ([str(tmp_path / "r.png")], b"a \xff b".decode("utf-8", "surrogateescape"),
-                               "--prompt: not valid UTF-8")):   # what Python makes of argv bytes that are not UTF-8
+                              ([str(tmp_path / "r.png")],
+                               b"a \xff b".decode("utf-8", "surrogateescape"),
+                               # what Python makes of argv bytes that are not UTF-8
+                               "--prompt: not valid UTF-8")):
         with pytest.raises(SystemExit) as e:
             main(["--refs", *refs, "--prompt", prompt, "--out", str(tmp_path / "o.png")])
         assert e.value.code == 2 and why in capsys.readouterr().err
@@ -4890,33 +5480,41 @@ def test_sample_refuses_too_many_references_and_a_prompt_that_is_not_text(tmp_pa
 def test_sample_checks_out_first_and_writes_a_sample_as_one_set(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("not a folder")
     with monkeypatch.context() as mp:
-        mp.setattr(S, "load_models", None)                            # the check comes before any work
-        assert "cannot write" in sample_fails(capsys, "--refs", DEMO[0], "--out", str(tmp_path / "file" / "x.png"))
+        mp.setattr(S, "load_models", None)         # the check comes before any work
+        assert "cannot write" in sample_fails(capsys, "--refs", DEMO[0], "--out",
+                                              str(tmp_path / "file" / "x.png"))
     three = ["assets/orange_circle.png", "assets/pink_circle.png", "assets/blue_square.png"]
     out = tmp_path / "o" / "x.png"
-    run = lambda refs, *extra: main(["--refs", *refs, "--steps", "2", "--seed", "0", "--out", str(out), *extra])
+    run = lambda refs, *extra: main(["--refs", *refs, "--steps", "2", "--seed", "0", "--out",
+                                     str(out), *extra])
     listing = lambda: sorted(os.listdir(out.parent))
     run(three, "--save-attn")
     assert listing() == ["x.json", "x.png", "x_attn0.png", "x_attn1.png", "x_attn2.png"]
-    run(DEMO[:1], "--save-attn")                                      # an earlier sample's maps are not left beside it
+    run(DEMO[:1], "--save-attn")                   # an earlier sample's maps are not left beside it
     assert listing() == ["x.json", "x.png", "x_attn0.png"]
-    assert json.loads((tmp_path / "o" / "x.json").read_text())["files"] == [str(out), str(out.parent / "x_attn0.png")]
+    assert json.loads((tmp_path / "o" / "x.json").read_text())["files"] == [str(out), str(
+        out.parent / "x_attn0.png")]
     before = {f: (out.parent / f).read_bytes() for f in listing()}
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(S.json, "dumps", full)                        # the disk fills while the set is written
-    err = sample_fails(capsys, "--refs", *three, "--steps", "2", "--seed", "1", "--save-attn", "--out", str(out))
+    monkeypatch.setattr(S.json, "dumps", full)     # the disk fills while the set is written
+    err = sample_fails(capsys, "--refs", *three, "--steps", "2", "--seed", "1", "--save-attn",
+                       "--out", str(out))
     assert "No space left on device" in err
-    assert {f: (out.parent / f).read_bytes() for f in listing()} == before      # the earlier set whole, no temporary
+    # the earlier set whole, no temporary
+    assert {f: (out.parent / f).read_bytes() for f in listing()} == before
 
 def test_toy_names_its_references_or_asks_for_a_prompt(tmp_path, capsys):
     three = ["assets/orange_circle.png", "assets/pink_circle.png", "assets/blue_square.png"]
-    for size in ("8", "16", "32"):        # read at the toy's 16 px, whatever --ref-size; named as its prompts are
+    # read at the toy's 16 px, whatever --ref-size; named as its prompts are
+    for size in ("8", "16", "32"):
         main(["--refs", *three, "--ref-size", size, "--steps", "1", "--seed", "0",
               "--out", str(tmp_path / f"{size}.png")])
-        assert json.loads((tmp_path / f"{size}.json").read_text())["prompt"] == "two circles and a square"
+        assert (json.loads((tmp_path / f"{size}.json").read_text())["prompt"]
+                == "two circles and a square")
     Image.new("RGB", (16, 16), "white").save(tmp_path / "blank.png")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "noise.png")
     for bad in ("blank.png", "noise.png"):
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
@@ -4925,26 +5523,28 @@ def test_toy_names_its_references_or_asks_for_a_prompt(tmp_path, capsys):
         assert e.value.code == 2 and bad in err and "--prompt" in err and err.count("\n") == 1
     assert not (tmp_path / "x.png").exists()
 
-def test_sample_reads_a_toy_checkpoint_folder_and_notes_what_the_toy_never_saw(tmp_path, refs, capsys):
+def test_sample_reads_a_toy_checkpoint_folder_and_notes_what_the_toy_never_saw(
+        tmp_path, refs, capsys):
     # a folder of toy weights through --model, its kind told (--arch) or found from its files;
     # a wrong checkpoint is one error and writes nothing, a folder holding an adapter is one error
     cfg, ckpt = M.get_config("toy"), tmp_path / "ckpt"
     ckpt.mkdir()
-    torch.manual_seed(1)                                       # weights unlike the seed-0 random fallback
+    torch.manual_seed(1)                                 # weights unlike the seed-0 random fallback
     save_file(M.Flux(cfg).state_dict(), ckpt / "flux.safetensors")
     save_file(EN.ByteTextEncoder(cfg).state_dict(), ckpt / "text_encoder.safetensors")
     run_toy(tmp_path / "ck.png", refs, "--model", str(ckpt), "--arch", "toy")
     run_toy(tmp_path / "rnd.png", refs)
     assert json.loads((tmp_path / "ck.json").read_text())["weights"] == str(ckpt)
     assert (tmp_path / "ck.png").read_bytes() != (tmp_path / "rnd.png").read_bytes()
-    save_file({"img_in.weight": torch.zeros(3, 3)}, ckpt / "flux.safetensors")   # a wrong checkpoint
+    save_file({"img_in.weight": torch.zeros(3, 3)}, ckpt / "flux.safetensors")  # a wrong checkpoint
     with pytest.raises(SystemExit) as e:
         run_toy(tmp_path / "bad.png", refs, "--model", str(ckpt), "--arch", "toy")
     assert e.value.code == 2 and "does not match" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad.json").exists()
     base = toy_base(tmp_path / "base")
     common = ["--refs", *DEMO, "--steps", "2", "--seed", "0"]
-    main(common + ["--model", base, "--out", str(tmp_path / "found.png")])             # no --arch: its kind from its files
+    # no --arch: its kind from its files
+    main(common + ["--model", base, "--out", str(tmp_path / "found.png")])
     main(common + ["--model", base, "--arch", "toy", "--out", str(tmp_path / "told.png")])
     assert (tmp_path / "found.png").read_bytes() == (tmp_path / "told.png").read_bytes()
     assert json.loads((tmp_path / "found.json").read_text())["arch"] == "toy"
@@ -4952,25 +5552,35 @@ def test_sample_reads_a_toy_checkpoint_folder_and_notes_what_the_toy_never_saw(t
     shutil.copy(os.path.join(WT.TOY_DIR, "adapter.safetensors"), tmp_path / "run")
     assert "holds an adapter" in sample_fails(capsys, *common, "--model", str(tmp_path / "run"),
                                               "--out", str(tmp_path / "x.png"))
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
-    for extra, said in (([], None), (["--width", "64"], "64x32 images"), (["--ref-size", "32"], "32 px references"),
-                        (["--refs", str(tmp_path / "photo.jpg"), "--prompt", "a cat"], "photo.jpg (not a sprite)")):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "photo.jpg")
+    for extra, said in (([], None), (["--width", "64"], "64x32 images"),
+                        (["--ref-size", "32"], "32 px references"),
+                        (["--refs", str(tmp_path / "photo.jpg"), "--prompt", "a cat"],
+                         "photo.jpg (not a sprite)")):
         capsys.readouterr()
         main(common + extra + ["--out", str(tmp_path / "n.png")])
         notes = [l for l in capsys.readouterr().err.splitlines() if l.startswith("note:")]
-        assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0]), notes
+        assert (notes == ([] if said is None else [notes[0]])
+                and (said is None or said in notes[0])), notes
 
-def test_text_guidance_defaults_to_the_presets_only_for_an_encoder_trained_on_the_empty_prompt(toy_run, tmp_path,
-                                                                                               capsys):
-    # a base trained with --drop-prompt says so in its text encoder's header; sample.py then guides on the prompt at
-    # the preset's scale, and a base trained without it gets none unless asked (and then a note)
+def test_text_guidance_defaults_to_the_presets_only_for_an_encoder_trained_on_the_empty_prompt(
+        toy_run, tmp_path, capsys):
+    # a base trained with --drop-prompt says so in its text encoder's header; sample.py then guides
+    # on the prompt at the preset's scale, and a base trained without it gets none unless asked
+    # (and then a note)
     root, manifest = toy_run
     for drop in ("0", "0.5"):
-        sft(tmp_path / drop, manifest, "--stage", "base", "--steps", "1", "--ckpt-every", "1", "--drop-prompt", drop)
-    resolve = lambda *argv: S.resolve_run(S.build_parser().parse_args(["--refs", "x.png", *argv]))[1]["text_guidance"]
+        sft(tmp_path / drop, manifest, "--stage", "base", "--steps", "1", "--ckpt-every", "1",
+            "--drop-prompt", drop)
+    resolve = (
+        lambda *argv: S.resolve_run(S.build_parser().parse_args(["--refs", "x.png", *argv]))[1][
+            "text_guidance"])
     trained, untrained = (str(tmp_path / d / "ckpt-0000001") for d in ("0.5", "0"))
-    assert WT.byte_encoder_header(os.path.join(trained, "text_encoder.safetensors")) == ("max", True)
-    assert WT.byte_encoder_header(os.path.join(untrained, "text_encoder.safetensors")) == ("max", False)
+    assert (WT.byte_encoder_header(os.path.join(trained, "text_encoder.safetensors"))
+            == ("max", True))
+    assert (WT.byte_encoder_header(os.path.join(untrained, "text_encoder.safetensors"))
+            == ("max", False))
     assert M.get_config("toy").text_guidance != 1
     capsys.readouterr()
     assert resolve("--model", trained) == M.get_config("toy").text_guidance
@@ -4985,10 +5595,12 @@ def test_sample_lora_and_its_scale_zero_is_the_base_and_one_is_the_default(toy_r
     common = ["--refs", *DEMO, "--steps", "2", "--seed", "3"]
     main(common + ["--model", base, "--out", str(tmp_path / "base.png")])
     for scale in ("0", "1", "0.5"):
-        main(common + ["--model", WT.TOY_DIR, "--lora-scale", scale, "--out", str(tmp_path / f"s{scale}.png")])
+        main(common + ["--model", WT.TOY_DIR, "--lora-scale", scale, "--out",
+                       str(tmp_path / f"s{scale}.png")])
     main(common + ["--out", str(tmp_path / "default.png")])
     png = lambda n: (tmp_path / f"{n}.png").read_bytes()
-    assert png("s0") == png("base") and png("s1") == png("default") and png("s0.5") not in (png("s0"), png("s1"))
+    assert (png("s0") == png("base") and png("s1") == png("default")
+            and png("s0.5") not in (png("s0"), png("s1")))
     assert json.loads((tmp_path / "s0.5.json").read_text())["lora_scale"] == 0.5
     assert "no adapter" in sample_fails(capsys, *common, "--model", base, "--lora-scale", "0.5",
                                         "--out", str(tmp_path / "x.png"))
@@ -5000,23 +5612,25 @@ def test_sample_lora_and_its_scale_zero_is_the_base_and_one_is_the_default(toy_r
     for _, m in ML.adapters(f):
         torch.nn.init.normal_(m.up.weight, std=0.5)
     ML.save_adapter(f, str(tmp_path / "a.safetensors"), acfg)
-    args = ["--model", str(root / "base"), "--arch", "toy", "--refs", "assets/orange_circle.png", "--prompt", "x",
-            "--steps", "2", "--seed", "0"]
+    args = ["--model", str(root / "base"), "--arch", "toy", "--refs", "assets/orange_circle.png",
+            "--prompt", "x", "--steps", "2", "--seed", "0"]
     main(args + ["--out", str(tmp_path / "plain.png")])
     main(args + ["--out", str(tmp_path / "lora.png"), "--lora", str(tmp_path / "a.safetensors")])
     assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "lora.png").read_bytes()
     (tmp_path / "bad.safetensors").write_text("nope")
     with pytest.raises(SystemExit):
-        main(args + ["--out", str(tmp_path / "bad.png"), "--lora", str(tmp_path / "bad.safetensors")])
+        main(args + ["--out", str(tmp_path / "bad.png"), "--lora",
+                     str(tmp_path / "bad.safetensors")])
     assert not (tmp_path / "bad.png").exists()
 
-@pytest.mark.parametrize("case,why", [("alpha nan", "alpha"), ("alpha 1e30", "alpha"), ("diverged", "overflowed"),
-                                      ("nan weights", "nan")])
+@pytest.mark.parametrize("case,why", [("alpha nan", "alpha"), ("alpha 1e30", "alpha"),
+                                      ("diverged", "overflowed"), ("nan weights", "nan")])
 def test_sample_refuses_a_sample_that_is_not_finite(tmp_path, capsys, case, why):
-    kw = {"alpha nan": dict(alpha=float("nan")), "alpha 1e30": dict(alpha=1e30), "diverged": dict(up_times=1e20),
-          "nan weights": dict(fill=float("nan"))}[case]
+    kw = {"alpha nan": dict(alpha=float("nan")), "alpha 1e30": dict(alpha=1e30),
+          "diverged": dict(up_times=1e20), "nan weights": dict(fill=float("nan"))}[case]
     lora, out = toy_adapter(tmp_path / "a.safetensors", **kw), tmp_path / "out"
-    err = sample_fails(capsys, "--model", toy_base(tmp_path / "base"), "--lora", lora, "--refs", DEMO[0],
+    err = sample_fails(capsys, "--model", toy_base(tmp_path / "base"), "--lora", lora, "--refs",
+                       DEMO[0],
                        "--prompt", "x", "--steps", "2", "--seed", "0", "--out", str(out / "x.png"))
     assert why in err.lower(), err
     assert not out.exists() or os.listdir(out) == []                 # no black PNG, no JSON
@@ -5032,22 +5646,23 @@ def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_pat
     out, root = tmp_path / "set", os.path.dirname(manifest)
     batch = ["--manifest", manifest, "--out-dir", str(out), "--seeds", "0", "4", "--steps", "2"]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:                              # a bad record: exit 1, the others sampled
+    with pytest.raises(SystemExit) as e:                # a bad record: exit 1, the others sampled
         main(batch)
     err = capsys.readouterr().err
     assert e.value.code == 1 and [l for l in err.splitlines() if l.startswith(manifest)] == \
         [f"{manifest}:3: refs: missing or not a non-empty list of paths"]
-    names = [recs[0]["id"], recs[1]["id"], "000003"]                  # an id, else the position among the records
+    names = [recs[0]["id"], recs[1]["id"], "000003"]    # an id, else the position among the records
     assert sorted(os.listdir(out)) == ["0", "4"] and all(
-        sorted(f for f in os.listdir(out / s) if f.endswith(".png")) == sorted(f"{n}.png" for n in names) for s in "04")
+        sorted(f for f in os.listdir(out / s) if f.endswith(".png")) == sorted(
+            f"{n}.png" for n in names) for s in "04")
     for rec, name in zip([recs[0], recs[1], plain], names):
-        for seed in ("0", "4"):                                       # the single-sample command, byte for byte
+        for seed in ("0", "4"):                         # the single-sample command, byte for byte
             one = tmp_path / f"one_{name}_{seed}.png"
-            main(["--refs", *[os.path.join(root, r) for r in rec["refs"]], "--prompt", rec["prompt"], "--seed", seed,
-                  "--steps", "2", "--out", str(one)])
+            main(["--refs", *[os.path.join(root, r) for r in rec["refs"]], "--prompt",
+                  rec["prompt"], "--seed", seed, "--steps", "2", "--out", str(one)])
             assert one.read_bytes() == (out / seed / f"{name}.png").read_bytes()
     stamps = {p: os.stat(p).st_mtime_ns for p in out.glob("*/*")}
-    os.unlink(out / "4" / "000003.png")                               # as if killed before that sample's PNG
+    os.unlink(out / "4" / "000003.png")                 # as if killed before that sample's PNG
     with pytest.raises(SystemExit):
         main(batch)
     err = capsys.readouterr().err
@@ -5055,36 +5670,44 @@ def test_batch_sampling_equals_single_sample_seed_for_seed_and_continues(tmp_pat
     redone = {out / "4" / "000003.png", out / "4" / "000003.json"}
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if p not in redone)
     assert (out / "4" / "000003.png").read_bytes() == (tmp_path / "one_000003_4.png").read_bytes()
-    assert toy.main(["eval", "--manifest", manifest, "--images", str(out / "4")]) == 0     # generate, then score
+    # generate, then score
+    assert toy.main(["eval", "--manifest", manifest, "--images", str(out / "4")]) == 0
     metrics = json.loads((out / "4" / "metrics.json").read_text())
     # every sample scored; the bad record (line 3, position 2) has none
     assert metrics["rows"]["images"]["n_records"] == 3 and len(metrics["missing"]) == 1
     assert metrics["missing"][0].endswith("000002.png: no such file")
-    with pytest.raises(SystemExit) as e:                              # never mixed with another run's samples
+    with pytest.raises(SystemExit) as e:                # never mixed with another run's samples
         main(batch[:-1] + ["3"])
-    assert e.value.code == 2 and "other settings (steps differ)" in capsys.readouterr().err.splitlines()[-1]
+    assert (e.value.code == 2
+            and "other settings (steps differ)" in capsys.readouterr().err.splitlines()[-1])
     (tmp_path / "p.txt").write_bytes(b"a red ball\n\n\xff bad\na blue box\n")
     with pytest.raises(SystemExit) as e:
-        main(["--prompts", str(tmp_path / "p.txt"), "--refs", DEMO[0], "--out-dir", str(tmp_path / "pp"),
-              "--seeds", "1", "--steps", "2"])
+        main(["--prompts", str(tmp_path / "p.txt"), "--refs", DEMO[0], "--out-dir",
+              str(tmp_path / "pp"), "--seeds", "1", "--steps", "2"])
     assert e.value.code == 1 and "p.txt:3: not UTF-8" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000002.json", "000002.png"]
-    main(["--refs", DEMO[0], "--prompt", "a blue box", "--seed", "1", "--steps", "2", "--out", str(tmp_path / "b.png")])
+    assert sorted(os.listdir(tmp_path / "pp" / "1")) == ["000000.json", "000000.png", "000002.json",
+                                                         "000002.png"]
+    main(["--refs", DEMO[0], "--prompt", "a blue box", "--seed", "1", "--steps", "2", "--out",
+          str(tmp_path / "b.png")])
     assert (tmp_path / "b.png").read_bytes() == (tmp_path / "pp" / "1" / "000002.png").read_bytes()
 
-def test_batched_seeds_equal_one_at_a_time_and_a_non_finite_one_loses_only_itself(tmp_path, capsys, monkeypatch):
+def test_batched_seeds_equal_one_at_a_time_and_a_non_finite_one_loses_only_itself(
+        tmp_path, capsys, monkeypatch):
     manifest = toy.write_world(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
     names = [json.loads(l)["id"] for l in open(manifest)]
     common = ["--manifest", manifest, "--seeds", "0", "4", "7", "--steps", "3"]
     main(common + ["--out-dir", str(tmp_path / "one")])
-    main(common + ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"])          # batches of 2 and 1 per record
+    # batches of 2 and 1 per record
+    main(common + ["--out-dir", str(tmp_path / "two"), "--batch-size", "2"])
     for seed in ("0", "4", "7"):
         for n in names:
-            a, b = (np.asarray(Image.open(tmp_path / d / seed / f"{n}.png"), np.int16) for d in ("one", "two"))
-            assert np.abs(a - b).max() <= 1                                           # float rounding, at most
+            a, b = (np.asarray(Image.open(tmp_path / d / seed / f"{n}.png"), np.int16)
+                    for d in ("one", "two"))
+            assert np.abs(a - b).max() <= 1                                # float rounding, at most
             meta = json.loads((tmp_path / "two" / seed / f"{n}.json").read_text())
             assert meta["seed"] == int(seed) and meta["id"] == n and meta["batch_size"] == 2
-    main(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "3"])          # the same samples: all skipped
+    # the same samples: all skipped
+    main(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "3"])
     assert "wrote 0 samples" in capsys.readouterr().err
     real = SM.denoise
     def second_is_nan(*a, **k):
@@ -5094,20 +5717,22 @@ def test_batched_seeds_equal_one_at_a_time_and_a_non_finite_one_loses_only_itsel
     err = sample_fails(capsys, *common, "--out-dir", str(tmp_path / "nan"), "--batch-size", "3")
     assert f"{tmp_path / 'nan' / '4' / names[0]}.png: not written: the sample is not finite" in err
     assert sorted(os.listdir(tmp_path / "nan" / "0")) == [f"{names[0]}.json", f"{names[0]}.png"]
-    assert not (tmp_path / "nan" / "4").exists() and (tmp_path / "nan" / "7" / f"{names[0]}.png").is_file()
-    assert "--batch-size: batches a test set" in sample_fails(capsys, "--refs", DEMO[0], "--batch-size", "2",
-                                                               "--out", str(tmp_path / "x.png"))
+    assert (not (tmp_path / "nan" / "4").exists()
+            and (tmp_path / "nan" / "7" / f"{names[0]}.png").is_file())
+    assert "--batch-size: batches a test set" in sample_fails(
+        capsys, "--refs", DEMO[0], "--batch-size", "2", "--out", str(tmp_path / "x.png"))
 
-def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_is_written(tmp_path, capsys, monkeypatch):
+def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_is_written(
+        tmp_path, capsys, monkeypatch):
     ref = os.path.abspath(DEMO[0])
     shutil.copy(ref, tmp_path / "r.png")
     rec = lambda **kw: json.dumps(dict(prompt="a red solid circle", refs=["r.png"], **kw))
-    manifest = tmp_path / "m.jsonl"                          # line 2: no id, position 1 -> "000001", as line 3's id
-    manifest.write_text("\n".join([rec(id=7), rec(), rec(id="000001"), rec(id="7"), rec(id=10 ** 300),
-                                   rec(id="ok")]) + "\n")
+    manifest = tmp_path / "m.jsonl"          # line 2: no id, position 1 -> "000001", as line 3's id
+    manifest.write_text("\n".join([rec(id=7), rec(), rec(id="000001"), rec(id="7"),
+                                   rec(id=10 ** 300), rec(id="ok")]) + "\n")
     batch = ["--manifest", str(manifest), "--out-dir", str(tmp_path / "s"), "--steps", "1"]
     calls = []
-    def interrupted(*a, **k):                                # Ctrl-C during the second sample
+    def interrupted(*a, **k):                # Ctrl-C during the second sample
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -5120,21 +5745,22 @@ def test_batch_ids_that_cannot_name_a_sample_are_findings_and_ctrl_c_keeps_what_
     err = capsys.readouterr().err
     assert e.value.code == 130 and "interrupted" in err.splitlines()[-1] and "Traceback" not in err
     assert [l.split(": ", 1)[0] for l in err.splitlines() if l.startswith(str(manifest))] == \
-        [f"{manifest}:{n}" for n in (3, 4, 5)]                   # each a finding; none overwrites another's sample
+        [f"{manifest}:{n}" for n in (3, 4, 5)]    # each a finding; none overwrites another's sample
     assert sorted(os.listdir(tmp_path / "s" / "0")) == ["7.json", "7.png"]
     monkeypatch.setattr(SM, "denoise", real)
     with pytest.raises(SystemExit) as e:
         main(batch)
     assert e.value.code == 1 and "wrote 2 samples" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "s" / "0")) == ["000001.json", "000001.png", "7.json", "7.png", "ok.json",
-                                                         "ok.png"]
+    assert sorted(os.listdir(tmp_path / "s" / "0")) == ["000001.json", "000001.png", "7.json",
+                                                        "7.png", "ok.json", "ok.png"]
 
 def test_two_samplers_on_one_set_are_refused_never_mixed(tmp_path, capsys, monkeypatch):
     manifest = toy.write_world(str(tmp_path / "toy"), 2, seed=5, subjects=(2,))
     out = tmp_path / "set"
     common = ["--manifest", manifest, "--out-dir", str(out), "--seeds", "0", "1"]
     real, second = S.write_set, []
-    def meanwhile(files):                 # another sampler, other settings, starts as the first writes its first sample
+    # another sampler, other settings, starts as the first writes its first sample
+    def meanwhile(files):
         if not second:
             second.append("started")
             try:
@@ -5146,22 +5772,25 @@ def test_two_samplers_on_one_set_are_refused_never_mixed(tmp_path, capsys, monke
     monkeypatch.setattr(S, "write_set", meanwhile)
     assert main(common + ["--steps", "2"]) == 0
     _, status, err = second
-    assert status == 2 and err.strip().endswith(f"error: {out}: another sample.py is writing this set: refused, "
-                                                f"their samples would mix (wait for it to end, or pass another "
-                                                f"--out-dir)"), err
+    assert (status == 2 and err.strip().endswith(f"error: {out}: another sample.py is writing this "
+                                                 f"set: refused, their samples would mix (wait for "
+                                                 f"it to end, or pass another --out-dir)")), err
     assert sorted({json.loads(p.read_text())["steps"] for p in out.glob("*/*.json")}) == [2]
-    assert len(list(out.glob("*/*.png"))) == 4 and sorted(os.listdir(out)) == ["0", "1"]     # nothing else in the set
+    # nothing else in the set
+    assert len(list(out.glob("*/*.png"))) == 4 and sorted(os.listdir(out)) == ["0", "1"]
 
 def test_sample_offload_is_bit_identical_and_fp8_is_close(tmp_path):
-    # the low-VRAM options through the command line, on the shipped toy: --offload moves weights, never changes them
-    run = lambda name, *flags: main(["--refs", *DEMO, "--seed", "3", "--steps", "3", "--out", str(tmp_path / name),
-                                     *flags])
+    # the low-VRAM options through the command line, on the shipped toy: --offload moves weights,
+    # never changes them
+    run = lambda name, *flags: main(["--refs", *DEMO, "--seed", "3", "--steps", "3", "--out",
+                                     str(tmp_path / name), *flags])
     run("plain.png")
     run("offload.png", "--offload")
     run("fp8.png", "--fp8")
-    plain, fp8 = (np.asarray(Image.open(tmp_path / n), np.float64) for n in ("plain.png", "fp8.png"))
+    plain, fp8 = (np.asarray(Image.open(tmp_path / n), np.float64)
+                  for n in ("plain.png", "fp8.png"))
     assert (tmp_path / "plain.png").read_bytes() == (tmp_path / "offload.png").read_bytes()
-    assert 0 < np.abs(plain - fp8).mean() < 4.0                      # fp8 rounding: a few levels of 255, no more
+    assert 0 < np.abs(plain - fp8).mean() < 4.0         # fp8 rounding: a few levels of 255, no more
     assert json.loads((tmp_path / "fp8.json").read_text())["fp8"] is True
 
 # ---- export_lora.py: the diffusers export command ----
@@ -5176,14 +5805,17 @@ def test_export_lora_cli_rebuilds_the_adapter_without_base_weights(tmp_path, cap
     out = tmp_path / "out" / "lora.safetensors"
     assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 6 MoE-LoRA layers have no diffusers equivalent") and not out.exists()
-    assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe", "skip"]) == 0
+    assert (err.startswith("error: 6 MoE-LoRA layers have no diffusers equivalent")
+            and not out.exists())
+    assert export_lora.main([str(
+        tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe", "skip"]) == 0
     assert "6 MoE-LoRA layers left out" in capsys.readouterr().err
-    want, _ = ML.export_diffusers(flux, moe="skip")                  # the same adapter, exported from memory
+    want, _ = ML.export_diffusers(flux, moe="skip")         # the same adapter, exported from memory
     got = load_file(str(out))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # the uniform-routing approximation: every MoE-LoRA as one LoRA of rank E * r
-    assert export_lora.main([str(tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe", "mean"]) == 0
+    assert export_lora.main([str(
+        tmp_path / "adapter.safetensors"), str(out), "--arch", "toy", "--moe", "mean"]) == 0
     got = load_file(str(out))
     assert got["transformer.transformer_blocks.0.ff.net.2.lora_A.weight"].shape == (8, 512)
     assert export_lora.main([str(tmp_path / "nope.safetensors"), str(out)]) == 2
@@ -5193,12 +5825,16 @@ def test_export_lora_cli_rebuilds_the_adapter_without_base_weights(tmp_path, cap
 def test_plot_log_draws_each_run_and_rejects_bad_lines(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    # a falls from 1 to 0 over steps 0..10; b rises; an eval record and a list are not curves of their own
-    (a / "log.jsonl").write_text("".join(json.dumps({"step": s, "diff": 1 - s / 10, "expert_load": [0.5, 0.5]}) + "\n"
-                                         for s in range(11)) + json.dumps({"step": 10, "dice": float("nan")}) + "\n")
-    (b / "log.jsonl").write_text("".join(json.dumps({"step": s, "diff": s / 10}) + "\n" for s in range(11))
-                                 + '{"step": 11, "di')                   # a run still writing: its torn last line
-    assert plot_log.main([str(a), str(b / "log.jsonl"), "--out", str(tmp_path / "c.png"), "--panel", "300", "200"]) == 0
+    # a falls from 1 to 0 over steps 0..10; b rises; an eval record and a list are not curves of
+    # their own
+    (a / "log.jsonl").write_text("".join(json.dumps({
+        "step": s, "diff": 1 - s / 10, "expert_load": [0.5, 0.5]}) + "\n"
+        for s in range(11)) + json.dumps({"step": 10, "dice": float("nan")}) + "\n")
+    (b / "log.jsonl").write_text("".join(json.dumps({"step": s, "diff": s / 10}) + "\n"
+                                         for s in range(11))
+                                 + '{"step": 11, "di')     # a run still writing: its torn last line
+    assert plot_log.main([str(a), str(b / "log.jsonl"), "--out", str(tmp_path / "c.png"), "--panel",
+                          "300", "200"]) == 0
     img = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
     legend = 18 * 2 + 8
     assert img.shape == (legend + 200, 300, 3)                         # one panel: "diff" only
@@ -5209,23 +5845,27 @@ def test_plot_log_draws_each_run_and_rejects_bad_lines(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "diff": 0.5}\n[1, 2]\n{"step": 2}\n')
     assert plot_log.main([str(bad), "--out", str(tmp_path / "d.png")]) == 2
-    assert f"{bad}:2: not a JSON object" in capsys.readouterr().err and not (tmp_path / "d.png").exists()
+    assert (f"{bad}:2: not a JSON object" in capsys.readouterr().err
+            and not (tmp_path / "d.png").exists())
     assert plot_log.main([str(tmp_path / "nope")]) == 2
 
 # ---- bench.py + benchmarks/: measured peaks, the memory budget, the GPU rows ----
 
 def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
-    cfg = tiny_cfg(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=2, depth_single_blocks=3)
+    cfg = tiny_cfg(hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=2,
+                   depth_single_blocks=3)
     flux = randomize(M.Flux(cfg).eval())
     with torch.device("meta"):
         meta = M.Flux(cfg).eval()
     def forward(f, device):
         G, R, L = 16, 8, 20
         with torch.no_grad():
-            f(torch.randn(1, G * G, cfg.in_channels, device=device), M.grid_ids(G, G, device=device),
-              torch.randn(1, L, cfg.context_in_dim, device=device), torch.zeros(1, L, 3, device=device),
-              torch.rand(1, device=device), torch.randn(1, cfg.vec_in_dim, device=device), torch.ones(1, device=device),
-              [torch.randn(1, R * R, cfg.in_channels, device=device)] * 2, M.ref_ids((G, G), [(R, R)] * 2, device=device))
+            f(torch.randn(1, G * G, cfg.in_channels, device=device),
+              M.grid_ids(G, G, device=device), torch.randn(1, L, cfg.context_in_dim, device=device),
+              torch.zeros(1, L, 3, device=device), torch.rand(1, device=device),
+              torch.randn(1, cfg.vec_in_dim, device=device), torch.ones(1, device=device),
+              [torch.randn(1, R * R, cfg.in_channels, device=device)] * 2,
+              M.ref_ids((G, G), [(R, R)] * 2, device=device))
     profiler = BME.peak_memory(lambda: forward(flux, "cpu"))["tensors"]       # the profiler's count
     assert BME.live_peak(lambda: forward(flux, "cpu")) == profiler
     attention = M.attention
@@ -5234,7 +5874,8 @@ def test_meta_device_inference_peak_equals_the_profilers_count_on_cpu():
         assert BME.live_peak(lambda: forward(meta, "meta")) == profiler
     finally:
         M.attention = attention
-    # the streamed DiT's peak counts the one block copied in: its weights more than the resident model's
+    # the streamed DiT's peak counts the one block copied in: its weights more than the resident
+    # model's
     streamed = M.Flux(cfg).eval()
     WT.stream_blocks(streamed, "cpu")
     largest = max(BME.nbytes(b) for b in (*streamed.double_blocks, *streamed.single_blocks))
@@ -5244,16 +5885,18 @@ def test_bench_measurements_print_no_profiler_noise():
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
     code = ("from benchmarks import measure; import torch; "
             "print(measure.peak_memory(lambda: torch.ones(1000) * 2)['tensors'])")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert p.returncode == 0 and int(p.stdout) >= 8000                # the two 4000-byte tensors, live at once
-    assert "STAGE" not in p.stderr and "USDT" not in p.stderr and "profiler" not in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 0 and int(p.stdout) >= 8000     # the two 4000-byte tensors, live at once
+    assert ("STAGE" not in p.stderr and "USDT" not in p.stderr
+            and "profiler" not in p.stderr), p.stderr
 
 @pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
 def test_bench_memory_fsdp_column_shards_what_fsdp_shards(family):
-    # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards AdamW's states, FSDP
-    # the weights, gradients and states, and each rank then holds the units that compute (the root, two blocks and
-    # one block's gradients). The same accounting for both families
+    # the budget from module shapes on the meta device: DDP replicates everything, ZeRO shards
+    # AdamW's states, FSDP the weights, gradients and states, and each rank then holds the units
+    # that compute (the root, two blocks and one block's gradients). The same accounting for both
+    # families
     cfg = tiny_cfg(max_txt_len=16) if family == "FLUX.1" else tiny_flux2(max_txt_len=16)
     b = BMEM.training_budget(cfg, 8, 4, 64, 32, 2, 1)
     flux = F2.dit(cfg)
@@ -5269,8 +5912,10 @@ def test_bench_memory_fsdp_column_shards_what_fsdp_shards(family):
     for row in ("AdamW states (fp32 x 2)", "AdamW step temporary (fp32)"):
         assert zero[row] == fsdp[row] == one[row] / 8
     gathered = fsdp["FSDP units gathered"]
-    assert gathered == b["root"] + 2 * b["block"] + b["block_grads"] > 0 == one["FSDP units gathered"]
-    as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())   # bf16 base
+    assert (gathered == b["root"] + 2 * b["block"] + b["block_grads"] > 0
+            == one["FSDP units gathered"])
+    # bf16 base
+    as_trained = lambda m: sum(p.numel() * (4 if p.requires_grad else 2) for p in m.parameters())
     block = max((*flux.double_blocks, *flux.single_blocks), key=as_trained)
     assert b["block_grads"] == 4 * sum(p.numel() for p in block.parameters() if p.requires_grad)
 
@@ -5298,21 +5943,22 @@ def test_bench_memory_flux2_table_has_the_fsdp_columns(capsys):
     assert "8 GPUs, --fsdp" in out and out.count(cache) == 2
 
 def test_bench_gpu_tiny_runs_every_gpu_check_on_the_cpu(tmp_path, capsys):
-    # `bench.py gpu` is what a GPU session runs in one call; --tiny is the same code at tiny shapes on the CPU
+    # `bench.py gpu` is what a GPU session runs in one call; --tiny is the same code at tiny shapes
+    # on the CPU
     args = bench.build_parser().parse_args(["gpu", "--tiny", "--json", str(tmp_path / "gpu.json")])
     res = BG.gpu(args)
     assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(res))
     cases = res["dit"]["cases"]
     assert list(cases) == ["64px + 1 ref", "64px + 4 ref", "128px + 1 ref"]
-    for r in cases.values():                     # our DiT against diffusers' in bf16, forward and input gradients
+    for r in cases.values():       # our DiT against diffusers' in bf16, forward and input gradients
         assert r["rel_diff_out"] < 2e-2 and r["rel_diff_grad"] < 4e-2
         for m in (r["ours"], r["diffusers"]):
             assert 0 < m["fwd_flops"] < m["train_flops"] and m["train_peak_bytes"] > 0
-    att = res["attention"]                       # the CPU has SDPA's flash and math kernels, not CUDA's
+    att = res["attention"]         # the CPU has SDPA's flash and math kernels, not CUDA's
     assert att["flash_attn_installed"] is False
     assert att["FLASH_ATTENTION"]["rel_err"] < 1e-2 and att["MATH"]["rel_err"] < 1e-2
     assert "unavailable" in att["EFFICIENT_ATTENTION"] and "unavailable" in att["CUDNN_ATTENTION"]
-    sft = res["sft"]                             # the measured peak of paper-like steps against the estimate
+    sft = res["sft"]               # the measured peak of paper-like steps against the estimate
     assert 0.85 < sft["peak_bytes"] / sft["estimate_bytes"] < 1.2
     assert all(res["sampling"][k] > 0 for k in ("resident_s", "fp8_s", "offload_s"))
     # the same rows at klein Base 4B's roles: FLUX.2's DiT against diffusers'
@@ -5337,7 +5983,8 @@ def test_bench_gpu_tiny_runs_every_gpu_check_on_the_cpu(tmp_path, capsys):
     assert table.count("\ns per 128px image") == 3 and table.count("\nklein s per 128px image") == 2
 
 def test_bench_gpu_rows_say_what_was_skipped_or_ran_out_of_memory(monkeypatch):
-    # without diffusers the DiT rows time ours alone and say why; a section out of device memory is one row
+    # without diffusers the DiT rows time ours alone and say why; a section out of device memory is
+    # one row
     def no_diffusers(cfg, state):
         raise ImportError("No module named 'diffusers'")
     monkeypatch.setattr(BG, "diffusers_flux", no_diffusers)
@@ -5370,41 +6017,47 @@ def test_world_sanity_rows_separate(tmp_path):
         assert rows["targets"]["texture_acc"] == rows["targets"]["shape_acc"] == 1
     rows = EW.sanity_rows(single, "t")
     assert rows["targets"]["following"] == 1 and rows["targets"]["colour_err"] < 0.01
-    assert 0.3 <= rows["text-only"]["following"] <= 0.7 and rows["text-only"]["n_swaps"] == 80   # chance
+    # chance
+    assert 0.3 <= rows["text-only"]["following"] <= 0.7 and rows["text-only"]["n_swaps"] == 80
     assert rows["text-only"]["colour_err"] > 0.15 and rows["text-only"]["texture_acc"] < 0.25
 
 def test_ablation_pools_each_metric_by_what_it_counts():
-    sets = [dict(alpha=0.2, n_alpha=1, following=float("nan"), n_swaps=0, colour_err=0.1, n_subjects=2),
+    sets = [dict(alpha=0.2, n_alpha=1, following=float("nan"), n_swaps=0, colour_err=0.1,
+                 n_subjects=2),
             dict(alpha=0.5, n_alpha=3, following=0.75, n_swaps=4, colour_err=0.4, n_subjects=6)]
     assert EA.pool(sets, "alpha") == pytest.approx((0.2 + 1.5) / 4)
     assert EA.pool(sets, "following") == 0.75                  # a set with no swap does not count
     assert EA.pool(sets, "colour_err") == pytest.approx((0.2 + 2.4) / 8)
     b = EA.binned([(0.01, 0.2), (0.02, 0.4), (0.12, 0.1), (0.45, 1.0)])
-    assert b[0] == (pytest.approx(0.3), 2) and b[2] == (0.1, 1) and b[1] == (None, 0) and b[-1] == (1.0, 1)
+    assert (b[0] == (pytest.approx(0.3), 2) and b[2] == (0.1, 1) and b[1] == (None, 0)
+            and b[-1] == (1.0, 1))
 
 def test_ablation_refuses_a_work_folder_made_under_other_settings(tmp_path):
-    # a folder of an earlier experiment (no guidance, no prompt dropout: its settings carry neither key) is never
-    # mixed into one trained with dropout or sampled with guidance; refused before anything is written (were it
-    # taken, the tiny run would fail fast on its missing base)
-    base, work, small = tmp_path / "nobase", tmp_path / "work", dict(n=1, steps=1, batch_size=1, ippo_iters=1,
-                                                                     test_n=1, eval_steps=1)
-    made = dict(base=str(base), sprite=[7, 11], ref_size=16, n=1, steps=1, batch_size=1, lr=1e-3, ippo_iters=1,
-                test_n=1, eval_steps=1)
+    # a folder of an earlier experiment (no guidance, no prompt dropout: its settings carry neither
+    # key) is never mixed into one trained with dropout or sampled with guidance; refused before
+    # anything is written (were it taken, the tiny run would fail fast on its missing base)
+    base, work, small = (tmp_path / "nobase", tmp_path / "work",
+                         dict(n=1, steps=1, batch_size=1, ippo_iters=1,
+                              test_n=1, eval_steps=1))
+    made = dict(base=str(base), sprite=[7, 11], ref_size=16, n=1, steps=1, batch_size=1, lr=1e-3,
+                ippo_iters=1, test_n=1, eval_steps=1)
     work.mkdir()
     (work / "settings.json").write_text(json.dumps(made))
     flags = [a for k, v in small.items() for a in ("--" + k.replace("_", "-"), str(v))]
     for extra in (["--drop-prompt", "0.1"], ["--ref-guidance", "4"], ["--text-guidance", "2"]):
         with pytest.raises(SystemExit, match="holds runs made with .* pass another --work"):
-            EA.ablation(EA.build_parser().parse_args(["--base", str(base), "--work", str(work), *flags, *extra]))
-    assert json.loads((work / "settings.json").read_text()) == made and os.listdir(work) == ["settings.json"]
+            EA.ablation(EA.build_parser().parse_args(["--base", str(base), "--work", str(work),
+                                                      *flags, *extra]))
+    assert (json.loads((work / "settings.json").read_text()) == made
+            and os.listdir(work) == ["settings.json"])
 
 # ---- the project as a whole: layout rule, no pickles, flags in messages, docs, shipped toy ----
 
 def follows_own_colour(tmp_path, model_args, distance=toy.HARD["far"], pairs=6, seeds=4):
-    """Single references that differ only in colour, by `distance` (mean abs RGB; toy.hard_pair's colours, one
-    shape, code, size, place and tint), prompt "a circle", seeds fixed, sampled by sample.py's batch mode -> the
-    share of samples whose subject is closer in colour to its own reference than to the pair's other one (chance
-    0.5)."""
+    """Single references that differ only in colour, by `distance` (mean abs RGB; toy.hard_pair's
+    colours, one shape, code, size, place and tint), prompt "a circle", seeds fixed, sampled by
+    sample.py's batch mode -> the share of samples whose subject is closer in colour to its own
+    reference than to the pair's other one (chance 0.5)."""
     records, colours = [], {}
     for k in range(pairs):
         a, b = (toy.Identity("circle", x.rgb, toy.draw_identity("test", k).code)
@@ -5426,28 +6079,29 @@ def follows_own_colour(tmp_path, model_args, distance=toy.HARD["far"], pairs=6, 
     return float(np.mean(hits))
 
 def option_strings(parser):
-    subs = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values()]
+    subs = [p for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+            for p in a.choices.values()]
     return set(parser._option_string_actions).union(*map(option_strings, subs))
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
 def flags_said(text, script):
-    """(script, --flag) for every flag a message names, each for the script named before it on its line (else
-    `script`): "use train_sft.py --drop-prompt" is train_sft.py's flag."""
+    """(script, --flag) for every flag a message names, each for the script named before it on its
+    line (else `script`): "use train_sft.py --drop-prompt" is train_sft.py's flag."""
     out = []
     for line in text.splitlines():
         current = script
         for m in re.finditer(r"\b(\w+\.py|torchrun|hf|pip)\b|" + FLAG.pattern, line):
-            if m.group(1):                                     # torchrun's, hf's and pip's own flags are theirs
-                current = m.group(1) if m.group(1) in SCRIPTS else None if m.group(1) in ("torchrun", "hf", "pip") \
-                    else current
+            if m.group(1):                         # torchrun's, hf's and pip's own flags are theirs
+                current = (m.group(1) if m.group(1) in SCRIPTS else None
+                           if m.group(1) in ("torchrun", "hf", "pip") else current)
             elif current:
                 out.append((current, m.group(0)))
     return out
 
 def sh_commands(text, docstring=False):
-    """The commands of a text's ```sh blocks (a docstring's: its indented example lines), continuation lines joined,
-    comments dropped, split at && -> [argv]."""
+    """The commands of a text's ```sh blocks (a docstring's: its indented example lines),
+    continuation lines joined, comments dropped, split at && -> [argv]."""
     if docstring:
         lines, more = [], False
         for line in text.splitlines():
@@ -5459,9 +6113,11 @@ def sh_commands(text, docstring=False):
         blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
     out = []
     for block in blocks:
-        block = re.sub(r'python -c "(?:[^"\\]|\\.)*"', "python -c CODE", block)     # a program, not a command
+        # a program, not a command
+        block = re.sub(r'python -c "(?:[^"\\]|\\.)*"', "python -c CODE", block)
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            cmd, line = [], re.sub(r"(?<=\s)\.\.\.(?=\s|$)", " ABRIDGED ", line)   # an example's unquoted " ..."
+            # an example's unquoted " ..."
+            cmd, line = [], re.sub(r"(?<=\s)\.\.\.(?=\s|$)", " ABRIDGED ", line)
             for token in shlex.split(line, comments=True) + ["&&"]:
                 if token != "&&":
                     cmd.append(token)
@@ -5485,12 +6141,13 @@ def script_argv(argv):
 DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir("docs"))
 
 def test_layout_rule_imports_go_down_and_no_script_is_a_library():
-    # the layout rule, read from the code: each library file imports only library files below it (the order
-    # below), no file imports a command-line script, and no own module is imported inside a
-    # function; benchmarks/ is bench.py's library: its modules import the libraries, never a script
+    # the layout rule, read from the code: each library file imports only library files below it
+    # (the order below), no file imports a command-line script, and no own module is imported inside
+    # a function; benchmarks/ is bench.py's library: its modules import the libraries, never a
+    # script
     here = os.path.dirname(os.path.abspath(__file__))
-    order = ["cli", "model", "encoders", "weights", "sampling", "flux2", "moe_lora", "losses", "data", "dataset", "cache",
-             "rewards", "toy", "curate", "runs", "training"]
+    order = ["cli", "model", "encoders", "weights", "sampling", "flux2", "moe_lora", "losses",
+             "data", "dataset", "cache", "rewards", "toy", "curate", "runs", "training"]
     scripts = {"sample", "train_sft", "train_rl", "bench", "plot_log", "export_lora"}
     own = set(order) | scripts | {"benchmarks"}
     files = [os.path.join(here, f"{n}.py") for n in order + sorted(scripts)] + \
@@ -5500,8 +6157,9 @@ def test_layout_rule_imports_go_down_and_no_script_is_a_library():
     for path in files:
         name, tree = os.path.splitext(os.path.basename(path))[0], ast.parse(open(path).read())
         for node in ast.walk(tree):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module
+                    and node.level == 0 else [])
             for mod in (m.split(".")[0] for m in mods):
                 if mod not in own:
                     continue
@@ -5520,15 +6178,19 @@ def test_no_pickle_is_unpickled_and_no_remote_code_is_trusted():
     for f, src in sources.items():
         for call in re.findall(r"torch\.load\((.*)", src):
             assert "weights_only=True" in call, (f, call)
-        assert not re.search(r"pickle\.loads?\(|trust_remote_code\s*=\s*True|weights_only\s*=\s*False", src), f
+        assert (not re.search(
+            r"pickle\.loads?\(|trust_remote_code\s*=\s*True|weights_only\s*=\s*False", src)), f
 
 def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, monkeypatch, capsys):
     known = {s: option_strings(script_parser(s)) for s in SCRIPTS}
-    known["toy.py"] |= option_strings(script_parser("toy.py", "eval"))       # toy.py eval: rewards.py eval's
-    # libraries with a command line of their own (and bench.py, which reports on the trainers) speak to every
-    # script that uses them: any script's flag will do for their strings (the run below checks what each says)
+    # toy.py eval: rewards.py eval's
+    known["toy.py"] |= option_strings(script_parser("toy.py", "eval"))
+    # libraries with a command line of their own (and bench.py, which reports on the trainers) speak
+    # to every script that uses them: any script's flag will do for their strings (the run below
+    # checks what each says)
     anyone = set().union(*known.values())
-    speaks = {s: anyone if s in ("rewards.py", "toy.py", "data.py", "bench.py") else known[s] for s in SCRIPTS}
+    speaks = {s: anyone if s in ("rewards.py", "toy.py", "data.py", "bench.py") else known[s]
+              for s in SCRIPTS}
     # every string of every script: its messages, help texts and examples
     bad = []
     benchmarks = [("bench.py", f) for f in sorted(glob.glob("benchmarks/*.py"))]   # bench.py's
@@ -5537,10 +6199,12 @@ def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, mo
         tree = ast.parse(open(path).read())
         parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
         for node in ast.walk(tree):
-            if isinstance(node, ast.JoinedStr):        # an f-string: its text, each {expression} as written
-                text = "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
-                               for v in node.values)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in parts:
+            # an f-string: its text, each {expression} as written
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant)
+                               else "{" + ast.unparse(v.value) + "}" for v in node.values)
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in parts):
                 text = node.value
             else:
                 continue
@@ -5548,19 +6212,22 @@ def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, mo
                     for where, flag in flags_said(text, script)
                     if flag not in (speaks[script] if where == script else known[where])]
     assert not bad, "\n".join(bad)
-    # what each command says on an offline machine without weights (the messages the libraries compose for it)
+    # what each command says on an offline machine without weights (the messages the libraries
+    # compose for it)
     tmp, manifest = no_weights, no_weights / "m.jsonl"
     manifest.write_text("{}\n")
     said = {}
     for script, run in [("sample.py", lambda: S.main(["--model", "flux-dev", "--refs", DEMO[0]])),
-                        ("train_sft.py", lambda: TS.cli(["--preset", "flux-dev", "--data", str(manifest),
-                                                         "--out", str(tmp / "o")])),
-                        ("train_rl.py", lambda: RL.cli(["--preset", "flux-dev", "--reward", "object", "--data",
+                        ("train_sft.py", lambda: TS.cli(["--preset", "flux-dev", "--data",
+                                                         str(manifest), "--out", str(tmp / "o")])),
+                        ("train_rl.py", lambda: RL.cli(["--preset", "flux-dev", "--reward",
+                                                        "object", "--data",
                                                         str(manifest), "--out", str(tmp / "o")])),
-                        ("cache.py", lambda: cache.main(["--manifest", str(manifest), "--out", str(tmp / "c"),
-                                                      "--model", "flux-dev"])),
-                        ("rewards.py", lambda: R.main(["eval", "--manifest", str(manifest), "--images", str(tmp),
-                                                       "--reward", "human", "--face-root", str(tmp)]))]:
+                        ("cache.py", lambda: cache.main(["--manifest", str(manifest), "--out",
+                                                         str(tmp / "c"), "--model", "flux-dev"])),
+                        ("rewards.py", lambda: R.main(["eval", "--manifest", str(manifest),
+                                                       "--images", str(tmp), "--reward", "human",
+                                                       "--face-root", str(tmp)]))]:
         try:
             run()
         except SystemExit:
@@ -5568,22 +6235,29 @@ def test_every_flag_a_message_suggests_is_one_its_command_accepts(no_weights, mo
         said[script] = capsys.readouterr().err
         assert "error:" in said[script], script
         for where, flag in flags_said(said[script], script):
-            assert flag in known[where], f"{script} says {flag}, which {where} does not accept: {said[script]}"
+            assert flag in known[where], (
+                f"{script} says {flag}, which {where} does not accept: {said[script]}")
     assert "--ae" in said["cache.py"] and "--t5" in said["train_sft.py"]
     # a resume refused for the global batch says which flag restores it
     with pytest.raises(runs.RunFolderError) as e:
-        runs.compare_args({"grad_accum": 1, "lr": 1}, {"grad_accum": 1, "lr": 1}, set(), "grad_accum", 2, 1, "ckpt")
+        runs.compare_args({"grad_accum": 1, "lr": 1}, {"grad_accum": 1, "lr": 1}, set(),
+                          "grad_accum", 2, 1, "ckpt")
     assert "pass --grad-accum 2" in str(e.value) and ": ," not in str(e.value)
-    # a flag added since the checkpoint was saved is the same run while it is off, and refused once it is on
-    assert runs.compare_args({"lr": 1, "grad_accum": 1}, {"lr": 1, "grad_accum": 1, "ae": None, "fp8": False},
+    # a flag added since the checkpoint was saved is the same run while it is off, and refused once
+    # it is on
+    assert runs.compare_args({"lr": 1, "grad_accum": 1},
+                             {"lr": 1, "grad_accum": 1, "ae": None, "fp8": False},
                              set(), "grad_accum", 1, 1, "ckpt") is None
     with pytest.raises(runs.RunFolderError, match=r"--ae \(unset\) -> x\.safetensors"):
-        runs.compare_args({"lr": 1, "grad_accum": 1}, {"lr": 1, "grad_accum": 1, "ae": "x.safetensors"},
+        runs.compare_args({"lr": 1, "grad_accum": 1}, {"lr": 1, "grad_accum": 1,
+                                                       "ae": "x.safetensors"},
                           set(), "grad_accum", 1, 1, "ckpt")
     # the README's export of a toy adapter: its architecture is read from its tensors
     flux = M.Flux(M.get_config("toy"))
-    ML.save_adapter(flux, str(tmp / "a.safetensors"), ML.inject(flux, rank=4, n_experts=1, moe_targets=[]))
-    assert export_lora.main([str(tmp / "a.safetensors"), str(tmp / "lora.safetensors")]) == 0, capsys.readouterr().err
+    ML.save_adapter(flux, str(tmp / "a.safetensors"),
+                    ML.inject(flux, rank=4, n_experts=1, moe_targets=[]))
+    assert export_lora.main([str(tmp / "a.safetensors"), str(
+        tmp / "lora.safetensors")]) == 0, (capsys.readouterr().err)
 
 def test_every_command_of_the_readme_and_docs_parses_as_written():
     n = 0
@@ -5595,11 +6269,14 @@ def test_every_command_of_the_readme_and_docs_parses_as_written():
             if found is None:
                 continue
             script, args = found
-            parser = script_parser(script, args[0] if args and not args[0].startswith("-") else None)
-            if script == "toy.py" and args[:1] == ["eval"]:       # toy.py eval hands the rest to its own parser
+            parser = script_parser(script, args[0] if args and not args[0].startswith("-")
+                                   else None)
+            # toy.py eval hands the rest to its own parser
+            if script == "toy.py" and args[:1] == ["eval"]:
                 args = args[1:]
-            if "ABRIDGED" in args:                                # "...": its flags exist, the rest is elided
-                assert set(a.split("=")[0] for a in args if a.startswith("--")) <= option_strings(parser), argv
+            if "ABRIDGED" in args:                      # "...": its flags exist, the rest is elided
+                assert (set(a.split("=")[0] for a in args if a.startswith("--"))
+                        <= option_strings(parser)), argv
             else:
                 try:
                     parser.parse_args(args)
@@ -5622,48 +6299,58 @@ def test_the_readmes_recipes_hold_out_their_sets_and_name_what_eval_prints():
             opt = lambda k: args[args.index(k) + 1] if k in args else None
             name = os.path.basename(os.path.normpath(opt("--out") or ""))
             if script == "toy.py" and args[:1] != ["eval"] and re.search(r"val|test", name):
-                assert opt("--split") in ("val", "test"), f"{f}: {shlex.join(argv)} draws training identities"
+                assert opt("--split") in ("val", "test"), (
+                    f"{f}: {shlex.join(argv)} draws training identities")
             if script == "sample.py" and opt("--out-dir"):
                 outs[f] = outs.get(f, set()) | {opt("--out-dir")}
-            if script in ("toy.py", "rewards.py") and args[:1] == ["eval"]:     # a seed folder of a test set
+            # a seed folder of a test set
+            if script in ("toy.py", "rewards.py") and args[:1] == ["eval"]:
                 images = opt("--images")
-                assert re.fullmatch(r".+/\d+", images) and os.path.dirname(images) in outs.get(f, {""}), \
+                assert (re.fullmatch(r".+/\d+", images)
+                        and os.path.dirname(images) in outs.get(f, {""})), \
                     f"{f}: {shlex.join(argv)}"
     # the README names the columns and rows `toy.py eval` prints, and no others
     paragraph = text[text.index("`toy.py eval` prints"):].split("\n\n")[0]
     names = {w for w in re.findall(r"`([a-z_-]+)`", paragraph)}
-    assert names == set(toy.METRICS) | {"images", *toy.SANITY}, names ^ (set(toy.METRICS) | {"images", *toy.SANITY})
+    assert names == set(toy.METRICS) | {"images", *toy.SANITY}, names ^ (set(toy.METRICS) | {
+        "images", *toy.SANITY})
 
 def test_shipped_toy_checkpoint_draws_the_demo_subjects(tmp_path):
-    """The README's main job: assets/toy through the real loader, the prompt named from the references as this
-    world's prompts are (shapes and count only); the same seed gives the same bytes, and the world's Multi-ID
-    (rewards.py's Hungarian path) of its samples is far above that of the same architecture with random weights."""
+    """The README's main job: assets/toy through the real loader, the prompt named from the
+    references as this world's prompts are (shapes and count only); the same seed gives the same
+    bytes, and the world's Multi-ID (rewards.py's Hungarian path) of its samples is far above that
+    of the same architecture with random weights."""
     flux, _, _, weights = S.load_models("toy", "toy", torch.device("cpu"))
     assert weights == f"{WT.TOY_DIR} + {os.path.join(WT.TOY_DIR, 'adapter.safetensors')}"
-    assert any(isinstance(m, ML.MoELoRALinear) for m in flux.modules())           # stage 1's adapter is on
-    assert all(p.dtype == torch.float32 for p in flux.parameters())                 # stored fp16, runs fp32 on CPU
+    assert any(isinstance(m, ML.MoELoRALinear) for m in flux.modules())    # stage 1's adapter is on
+    assert all(p.dtype == torch.float32 for p in flux.parameters())  # stored fp16, runs fp32 on CPU
     rnd = random_toy(tmp_path / "random")
-    refs, multi_id, scores = [D.load_image(p) for p in DEMO], R.MultiIDReward(toy.WorldSubjects()), {}
+    refs, multi_id, scores = ([D.load_image(p) for p in DEMO], R.MultiIDReward(toy.WorldSubjects()),
+                              {})
     # random weights read nothing: sampled in 4 steps without guidance, they only set the floor
-    for name, model in (("shipped", []), ("random", ["--model", str(rnd), "--arch", "toy", "--steps", "4",
-                                                     "--ref-guidance", "1"])):
+    for name, model in (("shipped", []), ("random", ["--model", str(rnd), "--arch", "toy",
+                                                     "--steps", "4", "--ref-guidance", "1"])):
         for seed in range(6):
-            main(["--refs", *DEMO, "--seed", str(seed), "--out", str(tmp_path / f"{name}{seed}.png"), *model])
-        scores[name] = multi_id([Image.open(tmp_path / f"{name}{k}.png") for k in range(6)], refs)["score"]
+            main(["--refs", *DEMO, "--seed", str(seed), "--out",
+                  str(tmp_path / f"{name}{seed}.png"), *model])
+        scores[name] = multi_id([Image.open(tmp_path
+                                            / f"{name}{k}.png") for k in range(6)], refs)["score"]
     assert json.loads((tmp_path / "shipped0.json").read_text())["prompt"] == "a circle and a square"
     main(["--refs", *DEMO, "--seed", "0", "--out", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "shipped0.png").read_bytes()
     print(scores)
-    assert scores["shipped"].mean() > scores["random"].mean() + 0.4         # measured: 0.85 against 0.23
+    assert scores["shipped"].mean() > scores["random"].mean() + 0.4    # measured: 0.85 against 0.23
 
 def test_shipped_checkpoint_follows_references_that_differ_only_in_colour(tmp_path):
-    """Prompt and seed fixed, single references that differ only in colour (far pairs: 0.30 mean abs RGB), 6 pairs x
-    3 seeds x 2, at the shipped checkpoint's defaults: the drawn subject takes its own reference's colour. Measured
-    (near / medium / far pairs, 4 seeds): 0.98 / 1.00 / 1.00 for the shipped checkpoint; 0.46 / 0.52 / 0.50 for the
-    first world's (its prompts named every identity), i.e. chance, which random weights also score (asserted below;
-    sampled in 4 steps without guidance, which a generator that reads nothing does not need)."""
+    """Prompt and seed fixed, single references that differ only in colour (far pairs: 0.30 mean abs
+    RGB), 6 pairs x 3 seeds x 2, at the shipped checkpoint's defaults: the drawn subject takes its
+    own reference's colour. Measured (near / medium / far pairs, 4 seeds): 0.98 / 1.00 / 1.00 for
+    the shipped checkpoint; 0.46 / 0.52 / 0.50 for the first world's (its prompts named every
+    identity), i.e. chance, which random weights also score (asserted below; sampled in 4 steps
+    without guidance, which a generator that reads nothing does not need)."""
     (tmp_path / "shipped").mkdir()
     assert follows_own_colour(tmp_path / "shipped", ["--batch-size", "3"], seeds=3) >= 0.9
     (tmp_path / "rnd").mkdir()
-    rnd = ["--model", str(random_toy(tmp_path / "random")), "--arch", "toy", "--steps", "4", "--ref-guidance", "1"]
+    rnd = ["--model", str(random_toy(tmp_path / "random")), "--arch", "toy", "--steps", "4",
+           "--ref-guidance", "1"]
     assert 0.3 <= follows_own_colour(tmp_path / "rnd", [*rnd, "--batch-size", "4"]) <= 0.7

@@ -26,68 +26,79 @@ import encoders as EN
 import model as M
 
 class CheckpointError(ValueError):
-    """Weights that cannot be loaded (absent, corrupt, another architecture): the message names the file
-    and what is wrong, and says how to get the right one."""
+    """Weights that cannot be loaded (absent, corrupt, another architecture): the message names the
+    file and what is wrong, and says how to get the right one."""
 
 # -----------------------------------------------------------------------------
-# where every weight comes from: a flag's value, else an environment variable, else the preset's Hugging Face repo.
-# Nothing here touches the network: a repo id is looked up in the local Hugging Face cache only, so an offline
-# machine fails at once (no retries), and every missing weight of a command is listed in one message.
+# where every weight comes from: a flag's value, else an environment variable, else the preset's
+# Hugging Face repo. Nothing here touches the network: a repo id is looked up in the local Hugging
+# Face cache only, so an offline machine fails at once (no retries), and every missing weight of a
+# command is listed in one message.
 
 WEIGHT_ENV = {"dit": "MULTICRAFTER_DIT", "ae": "MULTICRAFTER_AE", "t5": "MULTICRAFTER_T5",
               "clip": "MULTICRAFTER_CLIP"}
 T5_REPO, CLIP_TEXT_REPO = "google/t5-v1_1-xxl", "openai/clip-vit-large-patch14"
 # licence to accept first; FLUX.1-schnell and FLUX.2 [klein] 4B (Apache-2.0) are not gated
-GATED = {"black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev", "black-forest-labs/FLUX.2-klein-9B",
+GATED = {"black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-dev",
+         "black-forest-labs/FLUX.2-klein-9B",
          "black-forest-labs/FLUX.2-klein-base-9B", "black-forest-labs/FLUX.2-klein-9B-kv"}
 
 @dataclass(frozen=True)
 class Weight:
-    """One weight a command needs. source: a local file or folder, or a Hugging Face repo id; file: the file inside
-    the folder/repo (None for a transformers model folder: config.json plus its weights); flag/env: what sets it."""
+    """One weight a command needs. source: a local file or folder, or a Hugging Face repo id; file:
+    the file inside the folder/repo (None for a transformers model folder: config.json plus its
+    weights); flag/env: what sets it."""
     what: str
     source: str
     file: str = None
     flag: str = ""
     env: str = ""
 
-WEIGHT_FLAGS = {"dit": "--model", "ae": "--ae", "t5": "--t5", "clip": "--clip-text"}   # --clip is the reward's CLIP
+# --clip is the reward's CLIP
+WEIGHT_FLAGS = {"dit": "--model", "ae": "--ae", "t5": "--t5", "clip": "--clip-text"}
 
 def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=None, clip=None,
                  dit_flag="--model"):
-    """The weights a FLUX command needs, each from its flag's value (the keyword), else its environment variable,
-    else the preset's default. dit_flag: the command's DiT flag, for the message (the trainers' is --init).
-    -> [Weight] in the order of parts."""
+    """The weights a FLUX command needs, each from its flag's value (the keyword), else its
+    environment variable, else the preset's default. dit_flag: the command's DiT flag, for the
+    message (the trainers' is --init). -> [Weight] in the order of parts."""
     cfg = M.get_config(cfg) if isinstance(cfg, str) else cfg
     given = dict(dit=dit, ae=ae, t5=t5, clip=clip)
-    default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"), ae=(cfg.repo_id, cfg.ae_file, "the AutoEncoder"),
+    default = dict(dit=(cfg.repo_id, cfg.flow_file, "the DiT"),
+                   ae=(cfg.repo_id, cfg.ae_file, "the AutoEncoder"),
                    t5=(T5_REPO, None, "T5-XXL"), clip=(CLIP_TEXT_REPO, None, "CLIP-L"))
     out = []
     for part in parts:
         repo, file, what = default[part]
         source = given[part] or os.environ.get(WEIGHT_ENV[part]) or repo
-        out.append(Weight(what, source, file, dit_flag if part == "dit" else WEIGHT_FLAGS[part], WEIGHT_ENV[part]))
+        out.append(Weight(what, source, file, dit_flag if part == "dit" else WEIGHT_FLAGS[part],
+                          WEIGHT_ENV[part]))
     return out
 
 def looks_local(source):
-    # a repo id is exactly "owner/name"; anything else (or a path whose first part exists here) is a local path
-    return source.startswith((".", "/", "~")) or source.endswith(".safetensors") or source.count("/") != 1 or \
-        os.path.isdir(source.split("/")[0])
+    # a repo id is exactly "owner/name"; anything else (or a path whose first part exists here) is a
+    # local path
+    return (source.startswith((".", "/", "~")) or source.endswith(".safetensors")
+            or source.count("/") != 1 or os.path.isdir(source.split("/")[0]))
 
 def _model_folder(folder):
-    # a transformers model folder: its config plus weights in any of the layouts from_pretrained reads
+    # a transformers model folder: its config plus weights in any of the layouts from_pretrained
+    # reads
     return os.path.isfile(os.path.join(folder, "config.json")) and \
-        any(glob.glob(os.path.join(folder, p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
+        any(glob.glob(os.path.join(folder, p)) for p in ("*.safetensors", "*.bin",
+                                                         "*.safetensors.index.json"))
 
 def locate(w):
-    """-> (local path, None) or (None, why not): a file, a folder, or a repo id found in the local Hugging Face cache."""
+    """-> (local path, None) or (None, why not): a file, a folder, or a repo id found in the local
+    Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
     src = os.path.expanduser(w.source)
     if os.path.isfile(src):
         return (src, None) if w.file is not None else (None, f"{src}: a file, not a model folder")
     if os.path.isdir(src):
         if w.file is None:
-            return (src, None) if _model_folder(src) else (None, f"{src}: no config.json and weights in the folder")
+            return ((src, None) if _model_folder(src)
+                    else (None, f"{src}: no config.json and weights in the folder"))
         p = os.path.join(src, w.file)
         return (p, None) if os.path.isfile(p) else (None, f"{src}: folder has no {w.file}")
     if looks_local(src):
@@ -97,7 +108,7 @@ def locate(w):
         return None, f"{src}: not in the Hugging Face cache"
     if w.file is not None:
         return hit, None
-    folder = os.path.dirname(hit)                                       # the cached snapshot of the repo
+    folder = os.path.dirname(hit)                                  # the cached snapshot of the repo
     return (folder, None) if _model_folder(folder) else (None, f"{src}: cached without its weights")
 
 def how_to_get(w):
@@ -106,13 +117,14 @@ def how_to_get(w):
     set_it = f"or set {w.flag} / {w.env} to a local copy" if w.env else f"or pass {w.flag} DIR"
     if repo is None:
         return set_it
-    gated = f"gated: accept the licence on https://huggingface.co/{repo}, `hf auth login`, then " if repo in GATED \
-        else ("not gated: " if repo.startswith("black-forest-labs/") else "")
+    gated = (f"gated: accept the licence on https://huggingface.co/{repo}, `hf auth login`, then "
+             if repo in GATED else ("not gated: " if repo.startswith("black-forest-labs/") else ""))
     return f"{gated}`hf download {repo}{' ' + w.file if w.file else ''}`, {set_it}"
 
 def check_weights(weights):
-    """Every weight on this machine -> their local paths (in order); else one CheckpointError listing every missing
-    one with how to get it. Instant and offline: nothing is downloaded here or later."""
+    """Every weight on this machine -> their local paths (in order); else one CheckpointError
+    listing every missing one with how to get it. Instant and offline: nothing is downloaded here or
+    later."""
     found, missing = [], []
     for w in weights:
         path, why = locate(w)
@@ -120,26 +132,29 @@ def check_weights(weights):
         if path is None:
             missing.append(f"{w.what}{' ' + w.file if w.file else ''} ({why}; {how_to_get(w)})")
     if missing:
-        raise CheckpointError(f"{len(missing)} of {len(weights)} weights missing: " + " | ".join(missing))
+        raise CheckpointError(f"{len(missing)} of {len(weights)} weights missing: "
+                              + " | ".join(missing))
     return found
 
 def resolve_file(path_or_repo, filename):
-    """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id from the local cache
-    -> its local path."""
+    """A local .safetensors file, a folder holding `filename`, or a Hugging Face repo id from the
+    local cache -> its local path."""
     return check_weights([Weight(filename, path_or_repo, filename, "--model")])[0]
 
 # -----------------------------------------------------------------------------
 # safetensors files
 
 def save_safetensors(tensors, path, metadata=None):
-    """tensors -> path as safetensors, atomically (a temporary name, then rename), readable like any file the user
-    creates: safetensors >= 0.7 writes mode 0600, which hides checkpoints from the user's group."""
+    """tensors -> path as safetensors, atomically (a temporary name, then rename), readable like any
+    file the user creates: safetensors >= 0.7 writes mode 0600, which hides checkpoints from the
+    user's group."""
     from safetensors.torch import save_file
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata=metadata)
         umask = os.umask(0)
-        os.umask(umask)                                  # reading the umask means setting it: put it straight back
+        os.umask(umask)                   # reading the umask means setting it: put it straight back
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
@@ -148,23 +163,27 @@ def save_safetensors(tensors, path, metadata=None):
         raise
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+          "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 def unreadable(path, e):
-    """The CheckpointError for a file safetensors cannot read: what it is instead, when that is plain."""
+    """The CheckpointError for a file safetensors cannot read: what it is instead, when that is
+    plain."""
     if not os.path.isfile(path):
         return CheckpointError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK" or head[:1] == b"\x80":     # a zip (torch.save) or a raw pickle
-        return CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors: refused unread, as pickles can "
-                               f"run code (convert it once with safetensors.torch.save_file where you trust it)")
+        return CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors: refused "
+                               f"unread, as pickles can run code (convert it once with "
+                               f"safetensors.torch.save_file where you trust it)")
     return CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})")
 
 def read_header(path, metadata=False):
-    """{key: (shape, dtype)} from a safetensors header, without reading the tensors (and its metadata dict when
-    asked). Only safetensors: a pickle (.pt/.bin/.ckpt) given instead is refused here, never unpickled."""
+    """{key: (shape, dtype)} from a safetensors header, without reading the tensors
+    (and its metadata dict when asked). Only safetensors: a pickle (.pt/.bin/.ckpt) given instead is
+    refused here, never unpickled."""
     from safetensors import safe_open
     try:
         with safe_open(path, framework="pt") as f:
@@ -177,7 +196,8 @@ def read_header(path, metadata=False):
         raise unreadable(path, e) from None
 
 # -----------------------------------------------------------------------------
-# tensors FSDP shards (training.shard): each rank holds one piece of a DTensor; files hold whole tensors
+# tensors FSDP shards (training.shard): each rank holds one piece of a DTensor; files hold whole
+# tensors
 
 def sharded(module):
     # whether FSDP shards this module's parameters (its weights are then DTensors)
@@ -185,19 +205,20 @@ def sharded(module):
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 def whole(t):
-    """A tensor in one piece: an FSDP-sharded DTensor gathered from every rank (a collective: every rank calls it for
-    the same tensors in the same order), any other tensor as it is."""
+    """A tensor in one piece: an FSDP-sharded DTensor gathered from every rank (a collective: every
+    rank calls it for the same tensors in the same order), any other tensor as it is."""
     from torch.distributed.tensor import DTensor
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 def placed_like(param, value):
-    """A whole tensor (a file's) laid out as `param` is: this rank's piece where FSDP shards param and value has its
-    shape (every rank holds the whole value, so no communication), else value itself."""
+    """A whole tensor (a file's) laid out as `param` is: this rank's piece where FSDP shards param
+    and value has its shape (every rank holds the whole value, so no communication), else value
+    itself."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     if not isinstance(param, DTensor) or not torch.is_tensor(value) or value.shape != param.shape:
         return value
-    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                             src_data_rank=None)
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh,
+                             param.placements, src_data_rank=None)
 
 # -----------------------------------------------------------------------------
 # strict loading
@@ -211,10 +232,11 @@ def _is_float(dtype):
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 def match_state(path, have, want, what="the model"):
-    """A file's tensors have {key: (shape, dtype)} against a module's want {key: tensor} (meta is fine): every key,
-    shape and kind (floating or not) must match, or one CheckpointError lists what differs. A floating dtype that
-    differs is not an error (the loader casts it): -> the stored dtypes whose cast loses precision, for a note
-    (fp16/bf16 -> fp32 is exact and silent: the shipped toy checkpoint is fp16, run in fp32)."""
+    """A file's tensors have {key: (shape, dtype)} against a module's want {key: tensor}
+    (meta is fine): every key, shape and kind (floating or not) must match, or one CheckpointError
+    lists what differs. A floating dtype that differs is not an error (the loader casts it): -> the
+    stored dtypes whose cast loses precision, for a note (fp16/bf16 -> fp32 is exact and silent: the
+    shipped toy checkpoint is fp16, run in fp32)."""
     common = set(want) & set(have)
     missing, unexpected = set(want) - set(have), set(have) - set(want)
     shapes = [f"{k} {have[k][0]} != expected {tuple(want[k].shape)}" for k in common
@@ -228,20 +250,23 @@ def match_state(path, have, want, what="the model"):
                ([f"wrong dtypes: {_some(kinds, 2, '; ')}"] if kinds else [])
     if problems:
         raise CheckpointError(f"{path}: does not match {what} ({' | '.join(problems)})")
-    lossy = lambda a, b: a != b and torch.finfo(b).bits <= torch.finfo(a).bits      # bf16 <-> fp16 is lossy too
-    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1]) and lossy(have[k][1], want[k].dtype)})
+    # bf16 <-> fp16 is lossy too
+    lossy = lambda a, b: a != b and torch.finfo(b).bits <= torch.finfo(a).bits
+    return sorted({name(have[k][1]) for k in common if _is_float(have[k][1])
+                   and lossy(have[k][1], want[k].dtype)})
 
 def note_cast(path, stored, dtype):
     if stored:
-        print(f"note: {path} stores {', '.join(stored)} tensors: cast to {str(dtype).removeprefix('torch.')}",
-              file=sys.stderr)
+        print(f"note: {path} stores {', '.join(stored)} tensors: cast to "
+              f"{str(dtype).removeprefix('torch.')}", file=sys.stderr)
 
-def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=("model.diffusion_model.",),
-                           assign=True):
-    """Check `path`'s keys, shapes and dtypes against `model` (which may live on the meta device), then load it
-    with assign=True: tensors go straight from the file to `device`, never a second copy of the model. Floating
-    tensors become `dtype` (default: the model's own), with a note when that loses precision. assign=False copies
-    into the model's own parameters instead, which an optimizer built on them must keep seeing (resume)."""
+def load_state_dict_strict(model, path, device="cpu", dtype=None,
+                           prefix_strip=("model.diffusion_model.",), assign=True):
+    """Check `path`'s keys, shapes and dtypes against `model` (which may live on the meta device),
+    then load it with assign=True: tensors go straight from the file to `device`, never a second
+    copy of the model. Floating tensors become `dtype` (default: the model's own), with a note when
+    that loses precision. assign=False copies into the model's own parameters instead, which an
+    optimizer built on them must keep seeing (resume)."""
     from safetensors.torch import load_file
     strip = lambda k: next((k[len(p):] for p in prefix_strip if k.startswith(p)), k)
     have = {strip(k): v for k, v in read_header(path).items()}
@@ -252,9 +277,12 @@ def load_state_dict_strict(model, path, device="cpu", dtype=None, prefix_strip=(
     try:
         sd = load_file(path, device=str(device))
     except Exception as e:
-        raise CheckpointError(f"{path}: could not read tensors ({str(e).splitlines()[0]})") from None
-    sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict({k: placed_like(want[k], v) for k, v in sd.items()}, strict=True, assign=assign)
+        raise CheckpointError(f"{path}: could not read tensors "
+                              f"({str(e).splitlines()[0]})") from None
+    sd = {strip(k): v.to(want[strip(k)].dtype) if v.is_floating_point() else v
+          for k, v in sd.items()}
+    model.load_state_dict({k: placed_like(want[k], v) for k, v in sd.items()}, strict=True,
+                          assign=assign)
     return model
 
 # -----------------------------------------------------------------------------
@@ -271,8 +299,8 @@ def load_flux(cfg, path=None, device="cpu", dtype=torch.bfloat16):
     return load_state_dict_strict(model, path, device, dtype).eval()
 
 def load_ae(cfg, path=None, device="cpu", dtype=torch.float32):
-    """The AutoEncoder from `path` (default: $MULTICRAFTER_AE, else the preset's repo; the toy's pixel-unshuffle AE
-    has no weights and needs no file)."""
+    """The AutoEncoder from `path` (default: $MULTICRAFTER_AE, else the preset's repo; the toy's
+    pixel-unshuffle AE has no weights and needs no file)."""
     cfg = M.get_config(cfg) if isinstance(cfg, str) else cfg
     if not cfg.ae.ch_mult:
         return EN.AutoEncoder(cfg.ae).to(device)
@@ -289,7 +317,8 @@ def load_t5_clip(cfg, t5=None, clip=None, device="cpu", dtype=torch.bfloat16):
         t5, clip = check_weights(flux_weights(cfg, ("t5", "clip"), t5=t5, clip=clip))
         return EN.T5CLIPEncoder(cfg.max_txt_len, t5, clip, dtype).to(device)
     except (OSError, CheckpointError) as e:
-        raise CheckpointError(f"could not load the text encoders: {str(e).splitlines()[0]}") from None
+        raise CheckpointError("could not load the text encoders: "
+                              f"{str(e).splitlines()[0]}") from None
 
 def load_models(cfg, dit=None, ae=None, t5=None, clip=None, device="cpu", dtype=torch.bfloat16,
                 parts=("dit", "ae", "t5", "clip"), dit_flag="--model"):
@@ -310,23 +339,27 @@ TOY_DIT, TOY_TEXT = "flux.safetensors", "text_encoder.safetensors"
 TOY_ADAPTER = "adapter.safetensors"
 
 def byte_encoder_header(path):
-    """A toy text encoder file's header -> (txt_pad, null_prompt): the padding it was trained with (a file without
-    one was trained padded to max_len, the first toy world's) and whether it was trained on the empty prompt
-    (train_sft.py --drop-prompt), the baseline text guidance subtracts."""
+    """A toy text encoder file's header -> (txt_pad, null_prompt): the padding it was trained with
+    (a file without one was trained padded to max_len, the first toy world's) and whether it was
+    trained on the empty prompt (train_sft.py --drop-prompt), the baseline text guidance
+    subtracts."""
     meta = read_header(path, metadata=True)[1]
     pad = meta.get("txt_pad", "max")
     if pad not in ("max", "longest"):
-        raise CheckpointError(f"{path}: its header's txt_pad {pad[:40]!r} is neither 'max' nor 'longest'")
+        raise CheckpointError(
+            f"{path}: its header's txt_pad {pad[:40]!r} is neither 'max' nor 'longest'")
     return pad, meta.get("null_prompt") == "trained"
 
 def load_byte_encoder(text, path, **kw):
-    """The toy's text encoder from `path` (load_state_dict_strict's keywords), with what its header says."""
+    """The toy's text encoder from `path` (load_state_dict_strict's keywords), with what its header
+    says."""
     load_state_dict_strict(text, path, **kw)
     text.txt_pad, text.null_prompt = byte_encoder_header(path)
     return text
 
 def learned_empty_prompt(preset, toy_folder):
-    # text guidance needs a text encoder that learned "": T5 + CLIP did; a toy one says so in its file's header
+    # text guidance needs a text encoder that learned "": T5 + CLIP did; a toy one says so in its
+    # file's header
     encoder = os.path.join(toy_folder or "", TOY_TEXT)
     return preset != "toy" or (toy_folder is not None and os.path.isfile(encoder) and
                                byte_encoder_header(encoder)[1])
@@ -353,12 +386,14 @@ def load_toy(folder, cfg=None, into=None):
     return flux, text, adapter if os.path.isfile(adapter) else None
 
 # -----------------------------------------------------------------------------
-# low-VRAM inference: a model on the GPU only while it runs, the DiT's blocks streamed one at a time, fp8 weights
+# low-VRAM inference: a model on the GPU only while it runs, the DiT's blocks streamed one at a
+# time, fp8 weights
 
 @contextmanager
 def resident(module, device, home="cpu"):
-    """`module` on `device` inside the block, back on `home` after: the text encoders and the AE each occupy the GPU
-    only while they run (T5-XXL alone is 9.5 GB in bf16), not during the denoising loop."""
+    """`module` on `device` inside the block, back on `home` after: the text encoders and the AE
+    each occupy the GPU only while they run (T5-XXL alone is 9.5 GB in bf16), not during the
+    denoising loop."""
     module.to(device)
     try:
         yield module
@@ -366,11 +401,12 @@ def resident(module, device, home="cpu"):
         module.to(home)
 
 def stream_blocks(flux, device):
-    """Keep the DiT's double and single blocks in CPU memory (pinned when CUDA is there) and give each block its
-    weights on `device` only while it runs: the GPU holds one block's weights (flux-dev: 0.36 GB of bf16 for a double
-    block) instead of all 57 (23 GB). Everything else (embedders, final layer, buffers) moves to `device` for good.
-    Outputs are bit-identical: the same weights, copied. For sampling; an optimizer would see the CPU tensors.
-    -> the hook handles (remove() them, and the blocks keep their CPU weights)."""
+    """Keep the DiT's double and single blocks in CPU memory (pinned when CUDA is there) and give
+    each block its weights on `device` only while it runs: the GPU holds one block's weights
+    (flux-dev: 0.36 GB of bf16 for a double block) instead of all 57 (23 GB). Everything else
+    (embedders, final layer, buffers) moves to `device` for good. Outputs are bit-identical: the
+    same weights, copied. For sampling; an optimizer would see the CPU tensors. -> the hook handles
+    (remove() them, and the blocks keep their CPU weights)."""
     blocks = list(flux.double_blocks) + list(flux.single_blocks)
     for name, child in flux.named_children():
         if name not in ("double_blocks", "single_blocks"):
@@ -379,14 +415,15 @@ def stream_blocks(flux, device):
     handles = []
     for block in blocks:
         block.to("cpu")
-        for m in block.modules():                       # buffers (a MoE-LoRA's routing counts) are small: resident
+        for m in block.modules():        # buffers (a MoE-LoRA's routing counts) are small: resident
             for k, b in m._buffers.items():
                 if b is not None:
                     m._buffers[k] = b.to(device)
         params = list(block.parameters())
         stored = [p.data.pin_memory() if pin else p.data for p in params]
         def load(mod, args, params=params, stored=stored):
-            for p, s in zip(params, stored):          # copy=True: a fresh tensor even when device is the CPU
+            # copy=True: a fresh tensor even when device is the CPU
+            for p, s in zip(params, stored):
                 p.data = s.to(device, non_blocking=True, copy=True)
         def unload(mod, args, out, params=params, stored=stored):
             for p, s in zip(params, stored):          # the device copy is freed here
@@ -399,10 +436,10 @@ def stream_blocks(flux, device):
 FP8_MAX = 448.0        # the largest float8_e4m3fn value
 
 class Fp8Linear(nn.Linear):
-    """An nn.Linear whose weight is stored in float8_e4m3fn (1 byte a weight, half of bf16) with one fp32 scale per
-    output row, so each row's largest |w| maps to FP8_MAX and small rows keep their 3 mantissa bits. Computed in the
-    input's dtype, or autocast's (bf16 on GPU): y = (x W8^T) * s + b, the scale applied to the output, so no
-    dequantized copy of W exists beyond one cast of W8."""
+    """An nn.Linear whose weight is stored in float8_e4m3fn (1 byte a weight, half of bf16) with one
+    fp32 scale per output row, so each row's largest |w| maps to FP8_MAX and small rows keep their 3
+    mantissa bits. Computed in the input's dtype, or autocast's (bf16 on GPU): y = (x W8^T) * s + b,
+    the scale applied to the output, so no dequantized copy of W exists beyond one cast of W8."""
     @classmethod
     def from_linear(cls, lin):
         with torch.device("meta"):
@@ -415,20 +452,23 @@ class Fp8Linear(nn.Linear):
         return new
 
     def forward(self, x):
-        on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)   # meta has no autocast
+        # meta has no autocast
+        on = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
         dt = torch.get_autocast_dtype(x.device.type) if on else x.dtype
         y = F.linear(x.to(dt), self.weight.to(dt)) * self.weight_scale.to(dt)
         return y if self.bias is None else y + self.bias.to(dt)
 
 def store_fp8(flux):
-    """Every nn.Linear of the DiT's blocks (98% of its weights) -> Fp8Linear, in place; an adapter's own small layers
-    (LoRA down/up, router) stay as they are, the frozen layer it wraps is converted. Convert where the weights are
-    (load on the CPU, convert, then move: the bf16 model never has to fit the GPU). -> flux."""
+    """Every nn.Linear of the DiT's blocks (98% of its weights) -> Fp8Linear, in place; an adapter's
+    own small layers (LoRA down/up, router) stay as they are, the frozen layer it wraps is
+    converted. Convert where the weights are (load on the CPU, convert, then move: the bf16 model
+    never has to fit the GPU). -> flux."""
     for blocks in (flux.double_blocks, flux.single_blocks):
         for name, mod in list(blocks.named_modules()):
             parent_name, _, child = name.rpartition(".")
             parent = blocks.get_submodule(parent_name) if parent_name else blocks
-            if type(mod) is nn.Linear and (child == "base" or not isinstance(getattr(parent, "base", None), nn.Linear)):
+            if (type(mod) is nn.Linear
+                and (child == "base" or not isinstance(getattr(parent, "base", None), nn.Linear))):
                 setattr(parent, child, Fp8Linear.from_linear(mod))
     return flux
 

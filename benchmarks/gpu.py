@@ -30,12 +30,14 @@ from benchmarks.versus_diffusers import bfl_to_diffusers_converter
 # sampling): random weights at flux-dev's and klein Base 4B's shapes, nothing downloaded. --tiny
 # runs the same code on the CPU at tiny shapes (as the suite does)
 
-GPU_SHAPES = dict(small=512, large=1024, ref=320, refs=(1, 4), steps=28, rank=512, reps=5, train_reps=3,
-                  matmul=8192)
-TINY_SHAPES = dict(small=64, large=128, ref=32, refs=(1, 4), steps=2, rank=8, reps=1, train_reps=1, matmul=256)
+GPU_SHAPES = dict(small=512, large=1024, ref=320, refs=(1, 4), steps=28, rank=512, reps=5,
+                  train_reps=3, matmul=8192)
+TINY_SHAPES = dict(small=64, large=128, ref=32, refs=(1, 4), steps=2, rank=8, reps=1, train_reps=1,
+                   matmul=256)
 
 def tiny_config():
-    # flux-dev's roles at a width a CPU runs in milliseconds (its text, pooled and latent widths kept)
+    # flux-dev's roles at a width a CPU runs in milliseconds (its text, pooled and latent widths
+    # kept)
     return M.get_config("flux-dev", hidden_size=128, num_heads=2, axes_dim=(16, 24, 24), depth=1,
                         depth_single_blocks=2, max_txt_len=16, ae=M.AutoEncoderConfig(ch=32))
 
@@ -51,8 +53,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 def device_times(fn, reps, device, warmup=None):
-    """Seconds of each of `reps` calls of fn after one warm-up call (warmup, or fn itself), the device synchronized
-    around each (GPU kernels run asynchronously)."""
+    """Seconds of each of `reps` calls of fn after one warm-up call (warmup, or fn itself), the
+    device synchronized around each (GPU kernels run asynchronously)."""
     (warmup or fn)()
     out = []
     for _ in range(reps):
@@ -64,12 +66,14 @@ def device_times(fn, reps, device, warmup=None):
     return out
 
 def allocated(device, *modules):
-    # bytes alive now: the CUDA allocator's count; on the CPU torch keeps none, so the given modules' tensors
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else sum(map(nbytes, modules))
+    # bytes alive now: the CUDA allocator's count; on the CPU torch keeps none, so the given
+    # modules' tensors
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else sum(map(
+        nbytes, modules))
 
 def peak_above(fn, device):
-    """Peak bytes one call of fn allocates above what was alive before it: the CUDA allocator's high-water mark, or
-    on the CPU the profiler's count (peak_memory)."""
+    """Peak bytes one call of fn allocates above what was alive before it: the CUDA allocator's
+    high-water mark, or on the CPU the profiler's count (peak_memory)."""
     if device.type != "cuda":
         return peak_memory(fn)["tensors"]
     gc.collect()
@@ -85,20 +89,24 @@ def release(device):
         torch.cuda.empty_cache()
 
 def matmul_peak(device, dtype, n, reps=10):
-    """The device's measured matmul FLOP/s in dtype: the best of `reps` square n x n products (2 n^3 FLOPs each)."""
+    """The device's measured matmul FLOP/s in dtype: the best of `reps` square n x n products
+    (2 n^3 FLOPs each)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / min(device_times(lambda: a @ b, reps, device))
 
 def diffusers_flux(cfg, state):
-    """diffusers' FluxTransformer2DModel holding our state dict (diffusers' own converter), made on the meta device
-    and given the converted tensors themselves (assign): no second copy of the weights."""
+    """diffusers' FluxTransformer2DModel holding our state dict (diffusers' own converter), made on
+    the meta device and given the converted tensors themselves (assign): no second copy of the
+    weights."""
     from diffusers import FluxTransformer2DModel          # optional, as in `dit`
     with torch.device("meta"):
         theirs = FluxTransformer2DModel(
-            patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+            num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+            attention_head_dim=cfg.hidden_size // cfg.num_heads,
             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim)
+            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed,
+            axes_dims_rope=cfg.axes_dim)
     theirs.load_state_dict(bfl_to_diffusers_converter()(state), strict=True, assign=True)
     assert not state, f"keys diffusers did not consume: {list(state)[:4]}"
     return theirs.eval().requires_grad_(False)
@@ -112,7 +120,8 @@ def diffusers_flux2(cfg, state):
     with torch.device("meta"):
         theirs = Flux2Transformer2DModel(
             in_channels=cfg.in_channels, num_layers=cfg.depth,
-            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size
+            // cfg.num_heads,
             num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
             axes_dims_rope=tuple(cfg.axes_dim), guidance_embeds=cfg.guidance_embed)
     converted = sfu.convert_flux2_transformer_checkpoint_to_diffusers(state)
@@ -121,21 +130,24 @@ def diffusers_flux2(cfg, state):
     return theirs.eval().requires_grad_(False)
 
 def through_diffusers(theirs, cfg):
-    # UNO's sequence through diffusers: the references appended to the image tokens, the output sliced to the target
+    # UNO's sequence through diffusers: the references appended to the image tokens, the output
+    # sliced to the target
     def call(i):
         L = i["img"].shape[1]
         # FLUX.1 takes the pooled text vector; FLUX.2 has none, and klein no guidance input
         extra = {} if F2.is_flux2(cfg) else {"pooled_projections": i["y"]}
         guidance = i["guidance"] if cfg.guidance_embed else None
-        return theirs(hidden_states=torch.cat([i["img"], *i["ref_img"]], 1), encoder_hidden_states=i["txt"],
+        return theirs(hidden_states=torch.cat([i["img"], *i["ref_img"]], 1),
+                      encoder_hidden_states=i["txt"],
                       timestep=i["timesteps"], guidance=guidance, txt_ids=i["txt_ids"][0],
                       img_ids=torch.cat([i["img_ids"], *i["ref_img_ids"]], 1)[0],
                       return_dict=False, **extra)[0][:, :L]
     return call
 
 def time_dit(call, inp, S, device):
-    """Forward (no grad) and forward+backward of one model on one input: the backward reaches the inputs only (frozen
-    weights: what adapter training's backward through the base costs). -> measurements, output and input gradients."""
+    """Forward (no grad) and forward+backward of one model on one input: the backward reaches the
+    inputs only (frozen weights: what adapter training's backward through the base costs). ->
+    measurements, output and input gradients."""
     leaves = [inp["img"], *inp["ref_img"], inp["txt"]]
     for x in leaves:
         x.requires_grad_(True)
@@ -146,7 +158,8 @@ def time_dit(call, inp, S, device):
         for x in leaves:
             x.grad = None
         call(inp).float().square().mean().backward()
-    r = {"fwd_s": device_times(fwd, S["reps"], device), "train_s": device_times(train, S["train_reps"], device),
+    r = {"fwd_s": device_times(fwd, S["reps"], device),
+         "train_s": device_times(train, S["train_reps"], device),
          "fwd_flops": count_flops(fwd), "train_flops": count_flops(train)}
     r["train_peak_bytes"] = peak_above(train, device)
     return r, fwd().float(), [x.grad.float() for x in leaves]
@@ -180,8 +193,8 @@ def dit_section(cfg, S, device, seed):
 
 @contextmanager
 def attention_kernel(name):
-    """model.attention through one kernel: "flash-attn" (the package, which model.attention prefers where it is
-    installed), or one of SDPA's backends with flash-attn set aside."""
+    """model.attention through one kernel: "flash-attn" (the package, which model.attention prefers
+    where it is installed), or one of SDPA's backends with flash-attn set aside."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if name == "flash-attn":
         yield
@@ -194,19 +207,21 @@ def attention_kernel(name):
         M.flash_attn_func = flash
 
 def attention_section(cfg, S, device, seed):
-    """Every attention kernel through model.attention on the joint sequence of the large case: each output against
-    SDPA's math kernel in fp32, the time of forward and of forward+backward. A kernel this device or build lacks
-    says why."""
+    """Every attention kernel through model.attention on the joint sequence of the large case: each
+    output against SDPA's math kernel in fp32, the time of forward and of forward+backward. A kernel
+    this device or build lacks says why."""
     tok = lambda px: (px // cfg.token_px) ** 2
     L, H = cfg.max_txt_len + tok(S["large"]) + tok(S["ref"]), cfg.num_heads
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, L, H, cfg.hidden_size // H, generator=g).to(device, torch.bfloat16).requires_grad_()
+    q, k, v = (torch.randn(1, L, H, cfg.hidden_size // H,
+                           generator=g).to(device, torch.bfloat16).requires_grad_()
                for _ in range(3))
     with torch.no_grad(), attention_kernel("MATH"):
         want = M.attention(q.float(), k.float(), v.float())
     names = (["flash-attn"] if M.flash_attn_func is not None else []) + \
         ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
-    out = {"shape": [1, L, H, cfg.hidden_size // H], "flash_attn_installed": M.flash_attn_func is not None}
+    out = {"shape": [1, L, H, cfg.hidden_size // H],
+           "flash_attn_installed": M.flash_attn_func is not None}
     for name in names:
         def fwd():
             with torch.no_grad():
@@ -224,9 +239,10 @@ def attention_section(cfg, S, device, seed):
     return out
 
 def sft_section(cfg, S, device, seed):
-    """The real peak memory of paper-scale SFT steps (LoRA rank S["rank"], MoE-LoRA of 4 experts, gradient
-    checkpointing, the attention probe with Dice, AdamW as the trainers build it) against training_budget's estimate
-    at the same settings. Two steps: the second holds AdamW's states while its activations live."""
+    """The real peak memory of paper-scale SFT steps (LoRA rank S["rank"], MoE-LoRA of 4 experts,
+    gradient checkpointing, the attention probe with Dice, AdamW as the trainers build it) against
+    training_budget's estimate at the same settings. Two steps: the second holds AdamW's states
+    while its activations live."""
     size, ref, refs = S["small"], S["ref"], 2
     dtype = M.weight_dtype(device)
     flux = random_dit(cfg, device, dtype, seed)
@@ -240,12 +256,14 @@ def sft_section(cfg, S, device, seed):
     inp = dit_inputs(cfg, size, ref, refs, 1, device, torch.float32, seed)
     x0, g = inp.pop("img"), torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g).to(device)
-    masks = (torch.rand(1, refs, x0.shape[1], generator=g) > 0.7).float().to(device)        # (B, N, L_img)
+    # (B, N, L_img)
+    masks = (torch.rand(1, refs, x0.shape[1], generator=g) > 0.7).float().to(device)
     def step():
         probe = M.AttentionProbe()
         with M.autocast(device):
-            loss = LS.flow_matching_loss(lambda x_t, t: flux(img=x_t, **dict(inp, timesteps=t), probe=probe), x0,
-                                         inp["timesteps"], noise)
+            loss = LS.flow_matching_loss(lambda x_t, t: flux(
+                img=x_t, **dict(inp, timesteps=t), probe=probe), x0,
+                inp["timesteps"], noise)
         (loss + 0.3 * LS.dice_loss(probe.mean_map(), masks)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -254,9 +272,9 @@ def sft_section(cfg, S, device, seed):
     peak = resident + peak_above(lambda: times.extend(device_times(step, 1, device)), device)
     b = training_budget(cfg, S["rank"], 4, size, ref, refs, 1, dtype, foreach=device.type == "cuda")
     est = budget_columns(b)["1 GPU"]["total, --grad-checkpoint"]
-    return {"settings": dict(size=size, ref_size=ref, refs=refs, rank=S["rank"], experts=4, grad_checkpoint=True,
-                             dtype=str(dtype)), "step_s": times[0], "peak_bytes": peak, "estimate_bytes": est,
-            "budget": b}
+    return {"settings": dict(size=size, ref_size=ref, refs=refs, rank=S["rank"], experts=4,
+                             grad_checkpoint=True, dtype=str(dtype)), "step_s": times[0],
+            "peak_bytes": peak, "estimate_bytes": est, "budget": b}
 
 def image_seconds(flux, ae, cfg, c, steps, size, device, **guidance):
     """Seconds of one size px image from c (dit_inputs' without t and guidance): `steps` Euler steps
@@ -269,9 +287,10 @@ def image_seconds(flux, ae, cfg, c, steps, size, device, **guidance):
     return device_times(image(ts), 1, device, warmup=image(ts[:2]))[0]
 
 def sampling_section(cfg, S, device, seed):
-    """Seconds per image at the large size with one reference, S["steps"] Euler steps of distilled guidance (one DiT
-    forward each) and the AE's decoding: every block resident, then streamed (--offload's stream_blocks), then
-    stored in fp8 (--fp8's store_fp8). The prompt's embeddings are random (T5/CLIP are not run)."""
+    """Seconds per image at the large size with one reference, S["steps"] Euler steps of distilled
+    guidance (one DiT forward each) and the AE's decoding: every block resident, then streamed
+    (--offload's stream_blocks), then stored in fp8 (--fp8's store_fp8). The prompt's embeddings are
+    random (T5/CLIP are not run)."""
     dtype = M.weight_dtype(device)
     flux = random_dit(cfg, device, dtype, seed)
     torch.manual_seed(seed)
@@ -342,13 +361,14 @@ def dit_rows(dit, peak, prefix=""):
 def attention_rows(att):
     rows, base = [], att.get("MATH", {}).get("train_s")
     if att.get("flash_attn_installed") is False:
-        rows.append(("attention flash-attn", "not installed", "", "", "SDPA's own kernels compared instead"))
+        rows.append(("attention flash-attn", "not installed", "", "",
+                     "SDPA's own kernels compared instead"))
     for name, r in att.items():
         if isinstance(r, dict) and "unavailable" in r:
             rows.append((f"attention {name}", "unavailable", "", "", r["unavailable"]))
         elif isinstance(r, dict):
-            rows.append((f"attention {name}, fwd+bwd", ms(r["train_s"]), f"math {ms(base)}" if base else "",
-                         f"{median(r['train_s']) / median(base):.3f}" if base else "",
+            rows.append((f"attention {name}, fwd+bwd", ms(r["train_s"]), f"math {ms(base)}" if base
+                         else "", f"{median(r['train_s']) / median(base):.3f}" if base else "",
                          f"fwd {ms(r['fwd_s'])}; rel. err {r['rel_err']:.1e} against fp32 math"))
     return rows
 
@@ -396,7 +416,8 @@ def gpu_rows(res):
 
 def print_gpu_table(res):
     print(f"\nbench.py gpu: {res['device']}, torch {res['torch']}, bf16 matmul "
-          f"{res['matmul_bf16_flops_per_s'] / 1e12:.1f} TFLOP/s ({res['shapes']['matmul']}^3), {res['wall_s']:.0f} s")
+          f"{res['matmul_bf16_flops_per_s'] / 1e12:.1f} TFLOP/s "
+          f"({res['shapes']['matmul']}^3), {res['wall_s']:.0f} s")
     print(f"{'':48s}{'value':>14s}  {'against':>22s}{'ratio':>8s}  note")
     for what, value, against, ratio, note in gpu_rows(res):
         print(f"{what:48s}{value:>14s}  {against:>22s}{ratio:>8s}  {note}")
@@ -404,15 +425,16 @@ def print_gpu_table(res):
 def gpu(args):
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA GPU (--tiny runs the same code on the CPU at tiny shapes)")
+        raise SystemExit(
+            "bench.py gpu needs a CUDA GPU (--tiny runs the same code on the CPU at tiny shapes)")
     cfg, S = (tiny_config(), TINY_SHAPES) if args.tiny else (M.get_config("flux-dev"), GPU_SHAPES)
     klein = tiny_klein() if args.tiny else F2.get_config(KLEIN)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--tiny)"
     t0 = time.perf_counter()
     res = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "shapes": S,
            "matmul_bf16_flops_per_s": matmul_peak(device, torch.bfloat16, S["matmul"])}
-    for key, section in (("dit", dit_section), ("attention", attention_section), ("sft", sft_section),
-                         ("sampling", sampling_section)):
+    for key, section in (("dit", dit_section), ("attention", attention_section),
+                         ("sft", sft_section), ("sampling", sampling_section)):
         print(f"{key} ...", flush=True)
         res[key] = guarded(section, cfg, S, device, args.seed)
     res["klein"] = {"preset": KLEIN}

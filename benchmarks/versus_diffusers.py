@@ -22,8 +22,9 @@ def import_path(path, name="bench_model"):
     return module
 
 def bfl_to_diffusers_converter():
-    """diffusers' own BFL->diffusers state-dict converter, with its hard-coded hidden size (3072) replaced by the
-    one read from the checkpoint (img_in.weight's rows). It pops what it converts from its input."""
+    """diffusers' own BFL->diffusers state-dict converter, with its hard-coded hidden size (3072)
+    replaced by the one read from the checkpoint (img_in.weight's rows). It pops what it converts
+    from its input."""
     import diffusers.loaders.single_file_utils as sfu     # optional: only the comparisons need it
     src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
     if "inner_dim = 3072" not in src:
@@ -43,12 +44,15 @@ def dit(args):
     cfg = M.FluxConfig(hidden_size=args.hidden, num_heads=args.heads, depth=args.depth,
                        depth_single_blocks=args.depth_single, axes_dim=axes, guidance_embed=True)
     ours = M.Flux(cfg)
-    with torch.no_grad():   # random weights, RMSNorm scales and biases away from their init values too
+    # random weights, RMSNorm scales and biases away from their init values too
+    with torch.no_grad():
         for n, w in ours.named_parameters():
-            w.copy_(torch.randn_like(w) * (0.02 if w.ndim > 1 else 0.1) + (1.0 if n.endswith(".scale") else 0.0))
+            w.copy_(torch.randn_like(w) * (0.02 if w.ndim > 1 else 0.1)
+                    + (1.0 if n.endswith(".scale") else 0.0))
     theirs = FluxTransformer2DModel(
-        patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-        num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        patch_size=1, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
+        attention_head_dim=cfg.hidden_size // cfg.num_heads,
         num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
         pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=True, axes_dims_rope=axes)
     convert = bfl_to_diffusers_converter()
@@ -69,12 +73,14 @@ def dit(args):
     all_img, all_ids = torch.cat([img] + refs, dim=1), torch.cat([img_ids] + refs_ids, dim=1)[0]
 
     def run_ours():
-        return ours(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=g,
-                    ref_img=refs, ref_img_ids=refs_ids)
+        return ours(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y,
+                    guidance=g, ref_img=refs, ref_img_ids=refs_ids)
 
-    def run_theirs():    # references in the image sequence, output sliced to the target: what UNO computes
-        return theirs(hidden_states=all_img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                      img_ids=all_ids, txt_ids=txt_ids[0], guidance=g, return_dict=False)[0][:, :L_img]
+    # references in the image sequence, output sliced to the target: what UNO computes
+    def run_theirs():
+        return theirs(hidden_states=all_img, encoder_hidden_states=txt, pooled_projections=y,
+                      timestep=t, img_ids=all_ids, txt_ids=txt_ids[0],
+                      guidance=g, return_dict=False)[0][:, :L_img]
 
     def forward(run):
         def step():
@@ -84,7 +90,8 @@ def dit(args):
 
     def train(run, model):
         def step():
-            model.zero_grad(set_to_none=True)   # each step builds fresh gradients, like an optimizer step would
+            # each step builds fresh gradients, like an optimizer step would
+            model.zero_grad(set_to_none=True)
             run().square().mean().backward()
         return step
 
@@ -92,12 +99,12 @@ def dit(args):
     models = (ours, theirs)
     fwd = [forward(run_ours), forward(run_theirs)]
     trn = [train(run_ours, ours), train(run_theirs, theirs)]
-    res = {"config": {**{k: v for k, v in vars(args).items() if k not in ("cmd", "json")}, "axes": axes,
-                      "tokens": {"img": L_img, "refs": n_refs * R * R, "txt": L_txt}},
+    res = {"config": {**{k: v for k, v in vars(args).items() if k not in ("cmd", "json")},
+                      "axes": axes, "tokens": {"img": L_img, "refs": n_refs * R * R, "txt": L_txt}},
            "threads": torch.get_num_threads(), "torch": torch.__version__}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; hidden {args.hidden}, "
-          f"{args.heads} heads, {args.depth}+{args.depth_single} blocks, tokens txt {L_txt} + img {L_img} + "
-          f"refs {n_refs}x{R * R}, batch {B}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; hidden "
+          f"{args.hidden}, {args.heads} heads, {args.depth}+{args.depth_single} blocks, tokens txt "
+          f"{L_txt} + img {L_img} + refs {n_refs}x{R * R}, batch {B}", flush=True)
 
     # agreement: forward outputs, then every parameter gradient (ours mapped by the same converter)
     with torch.no_grad():
@@ -108,13 +115,16 @@ def dit(args):
         step()
     grads = convert({n: w.grad for n, w in ours.named_parameters()})
     theirs_grads = dict(theirs.named_parameters())
-    res["max_abs_diff_grad"] = max((grads[n] - w.grad).abs().max().item() for n, w in theirs_grads.items())
+    res["max_abs_diff_grad"] = max((grads[n] - w.grad).abs().max().item()
+                                   for n, w in theirs_grads.items())
     res["max_abs_grad"] = max(w.grad.abs().max().item() for w in theirs_grads.values())
-    print(f"agreement: output max|diff| {res['max_abs_diff_out']:.2e} (max|out| {res['max_abs_out']:.2f}), "
-          f"gradients max|diff| {res['max_abs_diff_grad']:.2e} (max|grad| {res['max_abs_grad']:.2e})", flush=True)
+    print(f"agreement: output max|diff| {res['max_abs_diff_out']:.2e} (max|out| "
+          f"{res['max_abs_out']:.2f}), gradients max|diff| {res['max_abs_diff_grad']:.2e} "
+          f"(max|grad| {res['max_abs_grad']:.2e})", flush=True)
 
     # FLOPs (these passes double as warm-up)
-    flops = {n: {"fwd": count_flops(f), "train": count_flops(s)} for n, f, s in zip(names, fwd, trn)}
+    flops = {n: {"fwd": count_flops(f), "train": count_flops(s)}
+             for n, f, s in zip(names, fwd, trn)}
     mm0 = matmul_flops_per_s()
     for step in fwd + trn:                     # one more plain warm-up each
         step()
@@ -125,7 +135,8 @@ def dit(args):
     print("memory ...", flush=True)
     mem = {}
     for n, model, f, s in zip(names, models, fwd, trn):
-        model.zero_grad(set_to_none=True)     # no gradients alive before: they count in the step's peak
+        # no gradients alive before: they count in the step's peak
+        model.zero_grad(set_to_none=True)
         mem[n] = {"fwd": peak_memory(f), "train": peak_memory(s)}
         model.zero_grad(set_to_none=True)
 
@@ -134,15 +145,17 @@ def dit(args):
         r = res[n] = {}
         for mode, ts, ss in (("fwd", t_fwd[i], s_fwd[i]), ("train", t_trn[i], s_trn[i])):
             m = median(ts)
-            r[mode] = {"median_s": m, "times_s": ts, "spread": (max(ts) - min(ts)) / m, "flops": flops[n][mode],
+            r[mode] = {"median_s": m, "times_s": ts, "spread": (max(ts) - min(ts)) / m,
+                       "flops": flops[n][mode],
                        "min_s": min(ts), "cpu_stall": None if None in ss else statistics.mean(ss),
                        "mfu": flops[n][mode] / m / mm, "peak_tensor_bytes": mem[n][mode]["tensors"],
                        "peak_rss_bytes": mem[n][mode]["rss"]}
-    res["ratio"] = {mode: {"time": res["ours"][mode]["median_s"] / res["diffusers"][mode]["median_s"],
-                           "time_pairwise": median([x / y for x, y in zip(*(t_fwd if mode == "fwd" else t_trn))]),
-                           "peak_tensor_bytes": res["ours"][mode]["peak_tensor_bytes"]
+    res["ratio"] = {mode: {
+        "time": res["ours"][mode]["median_s"] / res["diffusers"][mode]["median_s"],
+        "time_pairwise": median([x / y for x, y in zip(*(t_fwd if mode == "fwd" else t_trn))]),
+        "peak_tensor_bytes": res["ours"][mode]["peak_tensor_bytes"]
                                                 / res["diffusers"][mode]["peak_tensor_bytes"]}
-                    for mode in ("fwd", "train")}
+        for mode in ("fwd", "train")}
 
     # the table
     MiB = 2 ** 20
@@ -156,8 +169,8 @@ def dit(args):
         ("MFU (GFLOP/s / matmul's)", lambda r: r["mfu"], "{:.1%}", True),
         ("peak tensors (MiB)", lambda r: r["peak_tensor_bytes"] / MiB, "{:.0f}", True),
         ("peak RSS growth (MiB)", lambda r: (r["peak_rss_bytes"] or 0) / MiB, "{:.0f}", True)]
-    print(f"\nfp32 matmul {2048}^2: {mm / 1e9:.1f} GFLOP/s; timings: {args.reps} forward, {args.train_reps} "
-          f"forward+backward repetitions per model, interleaved")
+    print(f"\nfp32 matmul {2048}^2: {mm / 1e9:.1f} GFLOP/s; timings: {args.reps} forward, "
+          f"{args.train_reps} forward+backward repetitions per model, interleaved")
     print(f"{'':34s}{'ours':>10s}{'diffusers':>11s}{'ours/diff':>11s}")
     for mode, title in (("fwd", "forward"), ("train", "forward+backward")):
         print(title)

@@ -1,6 +1,7 @@
 """
-MultiCrafter's Table 2 in miniature, on the toy world that tests customization (toy.py: identities the prompt
-cannot name, references that are other views, held-out test identities). Run from the repository root:
+MultiCrafter's Table 2 in miniature, on the toy world that tests customization (toy.py: identities
+the prompt cannot name, references that are other views, held-out test identities). Run from the
+repository root:
 
     python -m experiments.ablation --base runs/base/latest    # the defaults: 3 seeds
     python -m experiments.ablation --base runs/base/latest --seeds 0 &     # seeds in parallel processes on one
@@ -8,25 +9,30 @@ cannot name, references that are other views, held-out test identities). Run fro
     python -m experiments.ablation --base assets/toy --work runs/ablation-quick --seeds 0 --n 64 --steps 4 \\
         --batch-size 4 --ippo-iters 1 --test-n 4 --eval-steps 2   # every stage once, a few minutes
 
-Every row is trained by the project's own scripts (train_sft.py, train_rl.py, run as subprocesses) from the
-same toy base, on the same data (1-4 subjects per record: the singles keep single-subject following, which the
-shipped checkpoint is tested on), for the same steps, learning rate and seeds:
+Every row is trained by the project's own scripts (train_sft.py, train_rl.py, run as subprocesses)
+from the same toy base, on the same data (1-4 subjects per record: the singles keep single-subject
+following, which the shipped checkpoint is tested on), for the same steps, learning rate and seeds:
 
     L_diff (LoRA)         stage multi, plain LoRA (the FFNs get LoRA too), lambda_attn = 0
-    + L_attn              the same with lambda_attn = 0.3 (the Dice attention loss, Eq. 5; reference -> image)
+    + L_attn              the same with lambda_attn = 0.3 (the Dice attention loss, Eq. 5; reference
+                          -> image)
     + MoE-LoRA            LoRA + MoE-LoRA (4 experts, top-1) on the FFNs, lambda_attn = 0.3
-    + IPPO                train_rl.py from the + MoE-LoRA adapter, rewarded by toy.world_reward (Eq. 9)
-    + L_attn (img->ref)   as + L_attn with the probe's other direction (image queries over reference keys)
-    + SCAL/MDL            as L_diff with MOSAIC's two losses on the toy's exact correspondences (0.1, 1)
+    + IPPO                train_rl.py from the + MoE-LoRA adapter, rewarded by toy.world_reward
+                          (Eq. 9)
+    + L_attn (img->ref)   as + L_attn with the probe's other direction (image queries over reference
+                          keys)
+    + SCAL/MDL            as L_diff with MOSAIC's two losses on the toy's exact correspondences
+                          (0.1, 1)
 
-then scored on held-out identities: test sets of 2, 3 and 4 subjects, and hard pairs (one shape, colours at
-toy.HARD's near / medium / far distance). Per test set: the attention share inside each subject's own mask
-(training.attention_metrics, teacher-forced at t = 0.5), and over one deterministic sample per record:
-toy.world_metrics (drawn; on the matched subjects colour error, code and shape accuracy, blend alpha, leakage;
-count accuracy) and toy.following (the record sampled again with reference 0 swapped). Beside them, the sanity
-rows scored by the same code (the targets, an averaging generator, a text-only one), and a PNG of blend alpha
-against the colour distance to the nearest other reference. The work folder keeps the data, runs, samples and
-scores: a rerun reuses what is finished (under the same settings only); processes with disjoint --seeds may
+then scored on held-out identities: test sets of 2, 3 and 4 subjects, and hard pairs
+(one shape, colours at toy.HARD's near / medium / far distance). Per test set: the attention share
+inside each subject's own mask (training.attention_metrics, teacher-forced at t = 0.5), and over one
+deterministic sample per record: toy.world_metrics (drawn; on the matched subjects colour error,
+code and shape accuracy, blend alpha, leakage; count accuracy) and toy.following (the record sampled
+again with reference 0 swapped). Beside them, the sanity rows scored by the same code
+(the targets, an averaging generator, a text-only one), and a PNG of blend alpha against the colour
+distance to the nearest other reference. The work folder keeps the data, runs, samples and scores: a
+rerun reuses what is finished (under the same settings only); processes with disjoint --seeds may
 share it.
 """
 import argparse
@@ -51,42 +57,54 @@ def build_parser():
                                 description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("the base and the world (as the base was trained)")
-    g.add_argument("--base", required=True, help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
+    g.add_argument("--base", required=True,
+                   help="a toy base checkpoint folder (`train_sft.py --stage base` output)")
     g.add_argument("--sprite", type=int, nargs=2, default=list(toy.TARGET_PX), metavar=("LO", "HI"),
                    help="target sprite side (toy.py --sprite)")
-    g.add_argument("--ref-size", type=int, default=16, help="reference side (toy.py / train_sft.py --ref-size)")
+    g.add_argument("--ref-size", type=int, default=16,
+                   help="reference side (toy.py / train_sft.py --ref-size)")
     g = p.add_argument_group("the runs")
-    g.add_argument("--work", default="runs/ablation", help="data, runs and scores (a rerun reuses what is finished)")
+    g.add_argument("--work", default="runs/ablation",
+                   help="data, runs and scores (a rerun reuses what is finished)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     g.add_argument("--n", type=int, default=3000, help="training records, 1 to 4 subjects each")
     g.add_argument("--steps", type=int, default=300, help="stage-multi steps of every row")
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate of every stage-multi row")
+    g.add_argument("--lr", type=float, default=1e-3,
+                   help="adapter learning rate of every stage-multi row")
     g.add_argument("--ippo-iters", type=int, default=30, help="IPPO iterations of the + IPPO row")
-    g.add_argument("--drop-prompt", type=CL.float_in(0.0, 1.0), default=0.0, help="train_sft.py --drop-prompt of "
-                   "every stage-multi row (keeps the empty prompt's velocity for --text-guidance; reference dropout is "
-                   "refused in stage multi)")
+    g.add_argument("--drop-prompt", type=CL.float_in(0.0, 1.0), default=0.0,
+                   help="train_sft.py --drop-prompt of every stage-multi row (keeps the empty "
+                   "prompt's velocity for --text-guidance; reference dropout "
+                   "is refused in stage multi)")
     g = p.add_argument_group("scoring")
     g.add_argument("--test-n", type=int, default=48, help="test records per test set")
-    g.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the test generations")
-    g.add_argument("--ref-guidance", type=float, default=1.0, help="guidance on the references when sampling (default 1, "
-                   "none: the tables in experiments/README.md were sampled so)")
-    g.add_argument("--text-guidance", type=float, default=1.0, help="guidance on the prompt when sampling (default 1)")
+    g.add_argument("--eval-steps", type=int, default=20,
+                   help="sampling steps of the test generations")
+    g.add_argument("--ref-guidance", type=float, default=1.0, help="guidance on the references "
+                   "when sampling (default 1, none: the tables in "
+                   "experiments/README.md were sampled so)")
+    g.add_argument("--text-guidance", type=float, default=1.0,
+                   help="guidance on the prompt when sampling (default 1)")
     g.add_argument("--table", default=None, help="also write the markdown tables to this file")
-    g.add_argument("--figure", default=None, help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
+    g.add_argument("--figure", default=None,
+                   help="blend alpha against colour distance, PNG (default WORK/alpha.png)")
     return p
 
 
-ROWS = [  # (row, how it is trained): stage multi from the base; IPPO from the + MoE-LoRA row's adapter
+# (row, how it is trained): stage multi from the base; IPPO from the + MoE-LoRA row's adapter
+ROWS = [
     ("L_diff (LoRA)", ["--experts", "0", "--lambda-attn", "0"]),
     ("+ L_attn", ["--experts", "0", "--lambda-attn", "0.3"]),
     ("+ MoE-LoRA", ["--experts", "4", "--lambda-attn", "0.3"]),
     ("+ IPPO", None),
-    ("+ L_attn (img→ref)", ["--experts", "0", "--lambda-attn", "0.3", "--attn-direction", "img2ref"]),
+    ("+ L_attn (img→ref)", ["--experts", "0", "--lambda-attn", "0.3", "--attn-direction",
+                            "img2ref"]),
     ("+ SCAL/MDL", ["--experts", "0", "--lambda-attn", "0", "--scal", "0.1", "--mdl", "1"]),
 ]
 IPPO_FROM = 2
-TESTS = {"2": dict(subjects=(2,), seed=102), "3": dict(subjects=(3,), seed=103), "4": dict(subjects=(4,), seed=104),
+TESTS = {"2": dict(subjects=(2,), seed=102), "3": dict(subjects=(3,), seed=103),
+         "4": dict(subjects=(4,), seed=104),
          **{h: dict(subjects=(2,), seed=110 + i, hard=h) for i, h in enumerate(toy.HARD)}}
 MULTI = ("2", "3", "4")                          # the sets pooled in the main table
 
@@ -94,8 +112,8 @@ MULTI = ("2", "3", "4")                          # the sets pooled in the main t
 # scoring: the world's metrics on one set of images, and their pooling
 
 def score_images(images, records, after=None, swapped=None):
-    """-> world_metrics (+ following when the swaps are given) and, per multi-subject record's subject, (colour
-    distance to the nearest other reference, blend alpha) for the figure."""
+    """-> world_metrics (+ following when the swaps are given) and, per multi-subject record's
+    subject, (colour distance to the nearest other reference, blend alpha) for the figure."""
     m = toy.world_metrics(images, records)
     if after is not None:
         m["following"], m["n_swaps"] = toy.following(after, records, swapped)
@@ -104,21 +122,25 @@ def score_images(images, records, after=None, swapped=None):
         idents = [toy.identity_of(a, f"record {rec['id']}") for a in rec["attrs"]]
         for i, s in enumerate(toy.score_image(im, idents)["subjects"]):
             if s is not None and s["alpha"] is not None:
-                d = min(toy.colour_distance(o.rgb, idents[i].rgb) for k, o in enumerate(idents) if k != i)
+                d = min(toy.colour_distance(o.rgb, idents[i].rgb) for k, o in enumerate(idents)
+                        if k != i)
                 pairs.append([d, s["alpha"]])
     return dict(m, pairs=pairs)
 
-WEIGHT = dict(drawn="n_refs", colour_err="n_subjects", texture_acc="n_subjects", shape_acc="n_subjects",
-              alpha="n_alpha", leakage="n_alpha", following="n_swaps", count_acc="n_records", share="n_records")
+WEIGHT = dict(drawn="n_refs", colour_err="n_subjects", texture_acc="n_subjects",
+              shape_acc="n_subjects", alpha="n_alpha", leakage="n_alpha", following="n_swaps",
+              count_acc="n_records", share="n_records")
 
 def pool(per_set, key):
-    """One metric over several test sets, each weighted by what it counts (subjects, alphas, swaps, records)."""
-    got = [(m[key], m[WEIGHT[key]]) for m in per_set if key in m and m[WEIGHT[key]] and not np.isnan(m[key])]
+    """One metric over several test sets, each weighted by what it counts (subjects, alphas, swaps,
+    records)."""
+    got = [(m[key], m[WEIGHT[key]]) for m in per_set
+           if key in m and m[WEIGHT[key]] and not np.isnan(m[key])]
     return sum(v * w for v, w in got) / sum(w for _, w in got) if got else float("nan")
 
 def score_adapter(args, adapter, tests, samples):
-    """Every test set sampled (seed = record index) with its references and with reference 0 swapped, scored;
-    the samples saved under `samples`/<set>/ -> {set: metrics}."""
+    """Every test set sampled (seed = record index) with its references and with reference 0
+    swapped, scored; the samples saved under `samples`/<set>/ -> {set: metrics}."""
     cfg, flux, text, ae = EW.load_toy(args.base, adapter, args.ref_size)
     guide, out = (args.ref_guidance, args.text_guidance), {}
     for name, manifest in tests.items():
@@ -131,19 +153,22 @@ def score_adapter(args, adapter, tests, samples):
         images, after, swapped = [], [], []
         for i, rec in enumerate(records):
             refs = [D.load_image(os.path.join(root, p)) for p in rec["refs"]]
-            images.append(EW.sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.eval_steps, *guide))
+            images.append(EW.sample(cfg, flux, text, ae, rec["prompt"], refs, i, args.eval_steps,
+                                    *guide))
             images[-1].save(os.path.join(here, f"{rec['id']}.png"))
-            if "hard" not in rec:                # a hard pair's shapes are equal: toy.following counts no swap there
+            # a hard pair's shapes are equal: toy.following counts no swap there
+            if "hard" not in rec:
                 new, ref, _ = toy.swap_record(rec)
                 swapped.append(new)
-                after.append(EW.sample(cfg, flux, text, ae, rec["prompt"], [Image.fromarray(ref)] + refs[1:], i,
-                                       args.eval_steps, *guide))
+                after.append(EW.sample(cfg, flux, text, ae, rec["prompt"], [Image.fromarray(ref)]
+                                       + refs[1:], i, args.eval_steps, *guide))
         m = score_images(images, records, *((after, swapped) if after else ()))
         out[name] = dict(m, share=share, n_records=len(records))
     return out
 
 def score_sanity(tests):
-    """The sanity rows (experiments.world.sanity_rows: the same metrics, swaps included) per test set."""
+    """The sanity rows (experiments.world.sanity_rows: the same metrics, swaps included) per test
+    set."""
     out = {}
     for name, manifest in tests.items():
         records = [r for _, r in D.read_manifest(manifest)[0]]
@@ -158,8 +183,8 @@ def score_sanity(tests):
 # the figure: blend alpha against the colour distance to the nearest other reference
 
 BINS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
-COLOURS = {"L_diff (LoRA)": (200, 60, 40), "+ L_attn": (40, 90, 200), "+ L_attn (img→ref)": (40, 160, 80),
-           "averaging": (150, 150, 150), "targets": (0, 0, 0)}
+COLOURS = {"L_diff (LoRA)": (200, 60, 40), "+ L_attn": (40, 90, 200),
+           "+ L_attn (img→ref)": (40, 160, 80), "averaging": (150, 150, 150), "targets": (0, 0, 0)}
 
 def binned(pairs):
     # [(distance, alpha)] -> per bin of BINS (mean alpha or None, count)

@@ -1,29 +1,33 @@
 """
-Bad images, weights, manifests and ranks through every entry point, and what each one does. Run from the
-repository root:
+Bad images, weights, manifests and ranks through every entry point, and what each one does. Run from
+the repository root:
 
     python -m reliability.badinput --table t.md            # every family (about a minute on 2 CPU cores)
     python -m reliability.badinput --no-dist --table t.md  # without the torchrun rows (seconds)
 
 One markdown table per family, printed (--table also writes them):
-  Images     each BAD_IMAGES file through data.load_image, `sample.py --refs`, `data.py check` and training's
+  Images     each BAD_IMAGES file through data.load_image, `sample.py --refs`, `data.py check` and
+             training's ManifestDataset
+  Weights    each BAD_WEIGHTS fault in each kind of weights file a user hands over: the DiT and text
+             encoder (`sample.py --model`), the AE (weights.load_ae), an adapter
+             (`sample.py --lora`), and a checkpoint to resume (`train_sft.py --resume`: its
+             adapter.safetensors, its train_state.pt); and each ADAPTER_FAULTS adapter whose header
+             (or tensors' shapes) claims what it does not hold
+  Manifests  each manifest fault, in a record after a good one, through `data.py check` and
              ManifestDataset
-  Weights    each BAD_WEIGHTS fault in each kind of weights file a user hands over: the DiT and text encoder
-             (`sample.py --model`), the AE (weights.load_ae), an adapter (`sample.py --lora`), and a checkpoint
-             to resume (`train_sft.py --resume`: its adapter.safetensors, its train_state.pt); and each
-             ADAPTER_FAULTS adapter whose header (or tensors' shapes) claims what it does not hold
-  Manifests  each manifest fault, in a record after a good one, through `data.py check` and ManifestDataset
-  Masks      each kind of mask file (gray, cut-outs whose alpha is the subject) through `data.py check` and training
-  Eval       records and generated images that `rewards.py eval` must not score silently (ids naming one image,
-             an image of another size)
-  Outputs    commands whose output is one of their inputs or a run's checkpoint (data.check_output), two
-             samplers on one set, caches and bases checked before training's first step, a run that trained
-             nothing, a full disk, a reward model whose weights are a pickle that runs code
-  Ranks      torchrun with 2 CPU ranks: a rank killed, a rank hung, a checkpoint resumed on another number
-             of ranks
-The command lines (sample.py, train_sft.py, data.py) run in this process, each with its arguments as a user
-passes them (a traceback in a cell would be a bug); torchrun runs as a subprocess. test_all.py reuses the fault
-tables and writers here.
+  Masks      each kind of mask file (gray, cut-outs whose alpha is the subject) through
+             `data.py check` and training
+  Eval       records and generated images that `rewards.py eval` must not score silently
+             (ids naming one image, an image of another size)
+  Outputs    commands whose output is one of their inputs or a run's checkpoint (data.check_output),
+             two samplers on one set, caches and bases checked before training's first step, a run
+             that trained nothing, a full disk, a reward model whose weights are a pickle that runs
+             code
+  Ranks      torchrun with 2 CPU ranks: a rank killed, a rank hung, a checkpoint resumed on another
+             number of ranks
+The command lines (sample.py, train_sft.py, data.py) run in this process, each with its arguments as
+a user passes them (a traceback in a cell would be a bug); torchrun runs as a subprocess.
+test_all.py reuses the fault tables and writers here.
 """
 import argparse
 import io
@@ -54,12 +58,12 @@ from reliability.outputs import dist_rows, output_rows
 # images
 
 def png_claiming(path, w, h):
-    """An 8x8 PNG whose header claims w x h pixels: a few bytes that would decode to gigapixels (a decompression
-    bomb). The header's checksum is fixed up, so only the size is a lie."""
+    """An 8x8 PNG whose header claims w x h pixels: a few bytes that would decode to gigapixels
+    (a decompression bomb). The header's checksum is fixed up, so only the size is a lie."""
     buf = io.BytesIO()
     Image.new("L", (8, 8)).save(buf, "PNG")
     b = bytearray(buf.getvalue())
-    b[16:24] = struct.pack(">II", w, h)                                   # IHDR: length, "IHDR", width, height ...
+    b[16:24] = struct.pack(">II", w, h)                    # IHDR: length, "IHDR", width, height ...
     b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))             # ... and the chunk's CRC
     open(path, "wb").write(bytes(b))
 
@@ -72,7 +76,8 @@ def cut_in_half(write):
     return half
 
 def noise(path, fmt):
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, fmt)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3),
+                                                      dtype=np.uint8)).save(path, fmt)
 
 def animated(path, fmt):
     red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
@@ -80,12 +85,12 @@ def animated(path, fmt):
 
 def exif_rotated(path):
     exif = Image.Exif()
-    exif[0x0112] = 6                                           # "rotate 90 degrees clockwise to view"
+    exif[0x0112] = 6                                         # "rotate 90 degrees clockwise to view"
     Image.new("RGB", (40, 20), (255, 0, 0)).save(path, format="JPEG", exif=exif.tobytes())
 
 def palette_with_transparency(path):
     p = Image.new("P", (8, 8), 1)
-    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)             # index 0 black (transparent), 1 green
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)            # index 0 black (transparent), 1 green
     p.putpixel((0, 0), 0)
     p.save(path, transparency=0)
 
@@ -97,15 +102,20 @@ BAD_IMAGES = {
     "not an image (text)": ("text.png", lambda p: open(p, "w").write("hello")),
     "truncated PNG": ("cut.png", cut_in_half(lambda p: noise(p, "PNG"))),
     "truncated JPEG": ("cut.jpg", cut_in_half(lambda p: noise(p, "JPEG"))),
-    "JPEG named .png": ("jpeg.png", lambda p: Image.new("RGB", (8, 8), (255, 0, 0)).save(p, "JPEG")),
-    "decompression bomb (30000x30000 header)": ("bomb.png", lambda p: png_claiming(p, 30000, 30000)),
+    "JPEG named .png": ("jpeg.png",
+                        lambda p: Image.new("RGB", (8, 8), (255, 0, 0)).save(p, "JPEG")),
+    "decompression bomb (30000x30000 header)": ("bomb.png",
+                                                lambda p: png_claiming(p, 30000, 30000)),
     "10000x10000 (over MAX_PIXELS)": ("huge.png", lambda p: png_claiming(p, 10000, 10000)),
     "1x1": ("one.png", lambda p: Image.new("RGB", (1, 1), (255, 0, 0)).save(p)),
     "1x4000 strip": ("strip.png", lambda p: Image.new("RGB", (1, 4000), (255, 0, 0)).save(p)),
-    "CMYK JPEG": ("cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, quality=100)),
-    "16-bit grayscale": ("g16.png", lambda p: Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(p)),
+    "CMYK JPEG": ("cmyk.jpg",
+                  lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, quality=100)),
+    "16-bit grayscale": ("g16.png",
+                         lambda p: Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(p)),
     "palette + transparent index": ("pal.png", palette_with_transparency),
-    "RGBA, fully transparent red": ("rgba.png", lambda p: Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(p)),
+    "RGBA, fully transparent red": ("rgba.png",
+                                    lambda p: Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(p)),
     "animated GIF (red, blue)": ("anim.gif", lambda p: animated(p, "GIF")),
     "animated WebP (red, blue)": ("anim.webp", lambda p: animated(p, "WEBP")),
     "EXIF-rotated JPEG (40x20, rotate 90)": ("rot.jpg", exif_rotated),
@@ -126,17 +136,21 @@ def write_bad_images(folder):
 def first_float(sd):
     return next(k for k in sorted(sd) if sd[k].is_floating_point())
 
-# fault -> writer(path, state dict, header metadata, another architecture's state dict); no writer: no file
+# fault -> writer(path, state dict, header metadata, another architecture's state dict); no writer:
+# no file
 BAD_WEIGHTS = {
     "missing file": None,
     "empty file": lambda p, sd, meta, other: open(p, "wb").close(),
     "text file": lambda p, sd, meta, other: open(p, "w").write("not weights"),
     "pickle (torch.save) instead": lambda p, sd, meta, other: torch.save(sd, p),
     "pickle that runs code": lambda p, sd, meta, other: torch.save({"x": Opens(p + ".ran")}, p),
-    "malformed header": lambda p, sd, meta, other: open(p, "wb").write(struct.pack("<Q", 10 ** 9) + b"{"),
+    "malformed header": lambda p, sd, meta, other: open(p, "wb").write(
+        struct.pack("<Q", 10 ** 9) + b"{"),
     "truncated": cut_in_half(lambda p, sd, meta, other: save_st(sd, p, meta)),
-    "missing key": lambda p, sd, meta, other: save_st({k: v for k, v in sd.items() if k != min(sd)}, p, meta),
-    "extra key": lambda p, sd, meta, other: save_st({**sd, "extra.weight": torch.zeros(2)}, p, meta),
+    "missing key": lambda p, sd, meta, other: save_st({k: v for k, v in sd.items() if k != min(sd)},
+                                                      p, meta),
+    "extra key": lambda p, sd, meta, other: save_st({**sd, "extra.weight": torch.zeros(2)}, p,
+                                                    meta),
     "wrong shape": lambda p, sd, meta, other: save_st(
         {**sd, first_float(sd): torch.zeros(sd[first_float(sd)].shape[0] + 1)}, p, meta),
     "another architecture": lambda p, sd, meta, other: save_st(other, p, meta),
@@ -152,12 +166,13 @@ def with_header(**fields):
         dict(json.loads(meta["multicrafter_adapter"]), **fields))))
 
 def claims_rank(rank):
-    # a tiny file whose header and (zero-size) tensors claim one LoRA of rank `rank`: 2^24 would be 8 GB at FLUX
+    # a tiny file whose header and (zero-size) tensors claim one LoRA of rank `rank`: 2^24 would be
+    # 8 GB at FLUX
     return lambda p, sd, meta, other: save_st(
         {"double_blocks.0.img_attn.qkv.down.weight": torch.zeros(rank, 0),
          "double_blocks.0.img_attn.qkv.up.weight": torch.zeros(0, rank)}, p,
-        {"multicrafter_adapter": json.dumps(dict(lora_targets=["double_blocks.0.img_attn.qkv"], moe_targets=[],
-                                                  rank=rank))})
+        {"multicrafter_adapter": json.dumps(dict(lora_targets=["double_blocks.0.img_attn.qkv"],
+                                                 moe_targets=[], rank=rank))})
 
 def uno_claiming(rank):
     # UNO's layout (no header), one LoRA whose zero-size down.weight claims rank `rank`
@@ -165,7 +180,8 @@ def uno_claiming(rank):
         {"double_blocks.0.processor.qkv_lora1.down.weight": torch.zeros(rank, 0),
          "double_blocks.0.processor.qkv_lora1.up.weight": torch.zeros(0, rank)}, p)
 
-# adapter fault -> writer(path, state dict, header metadata, another architecture's state dict): a header that lies
+# adapter fault -> writer(path, state dict, header metadata, another architecture's state dict): a
+# header that lies
 ADAPTER_FAULTS = {
     "header: rank 2^24": with_header(rank=2 ** 24),
     "header: n_experts 2^20": with_header(n_experts=2 ** 20),
@@ -179,11 +195,12 @@ ADAPTER_FAULTS = {
 }
 
 def sample_cell(argv, out):
-    """sample.py with argv -> its exit status, the first error or note it printed, and any file it left behind."""
+    """sample.py with argv -> its exit status, the first error or note it printed, and any file it
+    left behind."""
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    _, text, status = attempt(lambda: run_script("sample.py", argv + ["--prompt", "x", "--steps", "1", "--seed", "0",
-                                                                      "--out", os.path.join(out, "x.png")]))
+    _, text, status = attempt(lambda: run_script("sample.py", argv + [
+        "--prompt", "x", "--steps", "1", "--seed", "0", "--out", os.path.join(out, "x.png")]))
     line = said(text, "error:", "TRACEBACK", "note:")
     left = sorted(os.listdir(out))
     if status == 0:
@@ -196,8 +213,10 @@ def check_cell(manifest, line):
         f"good (exit {status})"
 
 def dataset_cell(manifest, line):
-    """ManifestDataset on a manifest whose other records are good -> what happens to record `line`."""
-    ds, text, status = attempt(lambda: DS.ManifestDataset(manifest, size=32, ref_size=16, token_px=4), D.DataError)
+    """ManifestDataset on a manifest whose other records are good -> what happens to record
+    `line`."""
+    ds, text, status = attempt(lambda: DS.ManifestDataset(manifest, size=32,
+                                                          ref_size=16, token_px=4), D.DataError)
     if ds is None:
         return f"exit {status}: {said(text, 'error:', 'TRACEBACK')}"
     skipped = [f"{field}: {why}" for l, field, why in ds.skipped if l == line]
@@ -208,8 +227,10 @@ def dataset_cell(manifest, line):
     if status:
         return said(text, "TRACEBACK")
     if ds.n_failed:
-        return "replaced at load by another record (warning): " + said(text, "warning").split(": ", 2)[-1]
-    _, text, _ = attempt(lambda: EN.ByteTextEncoder(M.get_config("toy"))([item["prompt"]]))   # what training encodes
+        return ("replaced at load by another record (warning): "
+                + said(text, "warning").split(": ", 2)[-1])
+    # what training encodes
+    _, text, _ = attempt(lambda: EN.ByteTextEncoder(M.get_config("toy"))([item["prompt"]]))
     return "used" + (f"; {said(text, 'warning')}" if text else "")
 
 # -----------------------------------------------------------------------------
@@ -226,8 +247,8 @@ def image_rows(work):
             for ref in (name, "t.png"):
                 f.write(json.dumps(dict(target="t.png", prompt="a thing", refs=[ref])) + "\n")
         img, text, _ = attempt(lambda: D.load_image(path), D.InputError)
-        loaded = f"{img.mode} {img.width}x{img.height}, pixel (0, 0) = {img.getpixel((0, 0))}" if img else \
-            said(text, "error:", "TRACEBACK")
+        loaded = (f"{img.mode} {img.width}x{img.height}, pixel (0, 0) = {img.getpixel((0, 0))}"
+                  if img else said(text, "error:", "TRACEBACK"))
         rows.append([fault, loaded, sample_cell(["--refs", path], os.path.join(work, "out")),
                      check_cell(manifest, 1), dataset_cell(manifest, 1)])
     return [[cell(c, folder + os.sep) for c in r] for r in rows]
@@ -241,15 +262,17 @@ def another_optimizer_state(path):
     opt.step()
     torch.save({"step": 1, "consumed": 2, "world": 1, "optimizer": opt.state_dict()}, path)
 
-STATE_FAULTS = {   # what a train_state.pt (a weights_only pickle, not safetensors) can suffer of BAD_WEIGHTS's faults
-    "missing file": None, "empty file": BAD_WEIGHTS["empty file"], "text file": BAD_WEIGHTS["text file"],
+# what a train_state.pt (a weights_only pickle, not safetensors) can suffer of BAD_WEIGHTS's faults
+STATE_FAULTS = {
+    "missing file": None, "empty file": BAD_WEIGHTS["empty file"],
+    "text file": BAD_WEIGHTS["text file"],
     "pickle that runs code": BAD_WEIGHTS["pickle that runs code"],
-    "truncated": cut_in_half(lambda *_: None),                                   # the file as saved, cut
+    "truncated": cut_in_half(lambda *_: None),                              # the file as saved, cut
     "another architecture": lambda p, *_: another_optimizer_state(p)}
 
 def broken_copy(folder, src, name, write, *tensors):
-    """A copy of folder src (or an empty folder) whose file `name` is (over)written by write(path, *tensors) (None:
-    removed) -> (folder, the file's path)."""
+    """A copy of folder src (or an empty folder) whose file `name` is (over)written by write(path,
+    *tensors) (None: removed) -> (folder, the file's path)."""
     if src:
         shutil.copytree(src, folder, symlinks=True)
     os.makedirs(folder, exist_ok=True)
@@ -261,11 +284,13 @@ def broken_copy(folder, src, name, write, *tensors):
     return folder, path
 
 def weight_rows(work):
-    """One row per BAD_WEIGHTS fault in each kind of weights file a user hands over -> (header, rows)."""
+    """One row per BAD_WEIGHTS fault in each kind of weights file a user hands over ->
+    (header, rows)."""
     cfg = M.get_config("toy")
     base, flux, text = toy_base(os.path.join(work, "base"))
-    small = replace(cfg, hidden_size=64, axes_dim=(4, 6, 6))                     # another architecture
-    ae_cfg = replace(cfg, ae=M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, factor=2))
+    small = replace(cfg, hidden_size=64, axes_dim=(4, 6, 6))                  # another architecture
+    ae_cfg = replace(cfg, ae=M.AutoEncoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                                 z_channels=4, factor=2))
     ae_other = replace(ae_cfg.ae, z_channels=8)
     adapted, other = M.Flux(cfg), M.Flux(small)
     acfg, _ = ML.inject(adapted, rank=4), ML.inject(other, rank=4)
@@ -274,12 +299,14 @@ def weight_rows(work):
     # a run to resume: one step of stage multi on four toy records
     manifest = toy.write_world(os.path.join(work, "data"), 4, seed=0)
     train = lambda out, *more: attempt(lambda: run_script("train_sft.py", [
-        "--data", manifest, "--init", base, "--stage", "multi", "--rank", "4", "--batch-size", "2", "--out", out, *more]))
+        "--data", manifest, "--init", base, "--stage", "multi", "--rank", "4", "--batch-size", "2",
+        "--out", out, *more]))
     run_dir = os.path.join(work, "run")
     train(run_dir, "--steps", "1")
 
     def sample(folder, *argv):
-        return sample_cell(["--refs", os.path.join(ROOT, "assets", "orange_circle.png"), *argv], folder + "-out")
+        return sample_cell(["--refs", os.path.join(ROOT, "assets", "orange_circle.png"), *argv],
+                           folder + "-out")
 
     def resume(folder):
         _, text, status = train(folder, "--steps", "2", "--resume")
@@ -287,40 +314,51 @@ def weight_rows(work):
         return ("resumed" if status == 0 else f"exit {status}") + (f"; {line}" if line else "")
 
     def load_ae(folder):
-        ae, text, status = attempt(lambda: WT.load_ae(ae_cfg, os.path.join(folder, "ae.safetensors")),
+        ae, text, status = attempt(lambda: WT.load_ae(ae_cfg,
+                                                      os.path.join(folder, "ae.safetensors")),
                                    WT.CheckpointError)
         line = said(text, "error:", "TRACEBACK", "note:")
         return f"loaded{'; ' + line if line else ''}" if status == 0 else line
 
-    # kind -> (file, where a good copy lives, how a user hands it over, its tensors, header, another architecture's)
+    # kind -> (file, where a good copy lives, how a user hands it over, its tensors, header, another
+    # architecture's)
     kinds = {
-        "DiT (sample.py --model)": ("flux.safetensors", base, lambda d: sample(d, "--model", d, "--arch", "toy"),
+        "DiT (sample.py --model)": ("flux.safetensors", base,
+                                    lambda d: sample(d, "--model", d, "--arch", "toy"),
                                     flux.state_dict(), None, M.Flux(small).state_dict()),
         "text encoder (sample.py --model)": ("text_encoder.safetensors", base,
-                                             lambda d: sample(d, "--model", d, "--arch", "toy"), text.state_dict(),
+                                             lambda d: sample(d, "--model", d, "--arch", "toy"),
+                                             text.state_dict(),
                                              None, EN.ByteTextEncoder(cfg, dim=32).state_dict()),
-        "AE (weights.load_ae)": ("ae.safetensors", None, load_ae, EN.AutoEncoder(ae_cfg.ae).state_dict(), None,
+        "AE (weights.load_ae)": ("ae.safetensors", None, load_ae,
+                                 EN.AutoEncoder(ae_cfg.ae).state_dict(), None,
                                EN.AutoEncoder(ae_other).state_dict()),
         "adapter (sample.py --lora, train --adapter)": (
             "adapter.safetensors", None,
-            lambda d: sample(d, "--model", base, "--arch", "toy", "--lora", os.path.join(d, "adapter.safetensors")),
+            lambda d: sample(d, "--model", base, "--arch", "toy", "--lora",
+                             os.path.join(d, "adapter.safetensors")),
             adapter, meta, ML.adapter_state_dict(other)),
-        "resume: adapter.safetensors": ("ckpt-0000001/adapter.safetensors", run_dir, resume, adapter, meta,
-                                        ML.adapter_state_dict(other)),
-        "resume: train_state.pt": ("ckpt-0000001/train_state.pt", run_dir, resume, None, None, None),
+        "resume: adapter.safetensors": ("ckpt-0000001/adapter.safetensors", run_dir, resume,
+                                        adapter, meta, ML.adapter_state_dict(other)),
+        "resume: train_state.pt": ("ckpt-0000001/train_state.pt", run_dir, resume, None, None,
+                                   None),
     }
     rows = []
     for fault, write in {**BAD_WEIGHTS, **ADAPTER_FAULTS}.items():
         row = [fault]
         for k, (kind, (name, src, use, *tensors)) in enumerate(kinds.items()):
-            how = STATE_FAULTS.get(fault, "-") if name.endswith(".pt") else write   # a weights_only pickle
-            if fault in ADAPTER_FAULTS and not kind.startswith("adapter"):          # a header only an adapter has
-                how = "-"                                                          # (resume reads no header)
+            # a weights_only pickle
+            how = STATE_FAULTS.get(fault, "-") if name.endswith(".pt") else write
+            # a header only an adapter has
+            if fault in ADAPTER_FAULTS and not kind.startswith("adapter"):
+                how = "-"                                                 # (resume reads no header)
             if how == "-":
                 row.append(how)
                 continue
-            folder, path = broken_copy(os.path.join(work, "w", f"{len(rows)}-{k}"), src, name, how, *tensors)
-            row.append(use(folder) + ("; RAN CODE FROM THE PICKLE" if os.path.exists(path + ".ran") else ""))
+            folder, path = broken_copy(os.path.join(work, "w", f"{len(rows)}-{k}"), src, name, how,
+                                       *tensors)
+            row.append(use(folder) + ("; RAN CODE FROM THE PICKLE" if os.path.exists(path + ".ran")
+                                      else ""))
         rows.append([cell(c, work + os.sep) for c in row])
     return ["fault", *kinds], rows
 
@@ -328,7 +366,8 @@ def weight_rows(work):
 # manifests: the faults and the Manifests table
 
 def manifest_faults(root):
-    """fault -> the manifest line (bytes) of a record with it, to follow a good record whose id is "a"."""
+    """fault -> the manifest line (bytes) of a record with it, to follow a good record whose id is
+    "a"."""
     good = dict(id="b", target="t.png", prompt="a thing", refs=["r.png"])
     line = lambda **kw: json.dumps(dict(good, **kw)).encode()
     return {
@@ -353,8 +392,9 @@ def manifest_faults(root):
     }
 
 def write_bad_manifests(work):
-    """work/manifests/m{k}.jsonl: a good record with id "a" (line 1), then one with a fault (line 2); the images
-    they name, and work/outside.png linked from inside -> {fault: manifest path}."""
+    """work/manifests/m{k}.jsonl: a good record with id "a" (line 1), then one with a fault
+    (line 2); the images they name, and work/outside.png linked from inside -> {fault: manifest
+    path}."""
     root = os.path.join(work, "manifests")
     os.makedirs(root, exist_ok=True)
     Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(root, "t.png"))
@@ -369,16 +409,19 @@ def write_bad_manifests(work):
     return out
 
 def manifest_rows(work):
-    """One row per manifest fault: data.py check and training, on [a good record, the bad one]; and a manifest
-    that is an endless stream (/dev/zero: the read must be bounded)."""
-    rows = [[fault, check_cell(m, 2), dataset_cell(m, 2)] for fault, m in write_bad_manifests(work).items()]
-    rows.append(["the manifest is /dev/zero", check_cell("/dev/zero", 1), dataset_cell("/dev/zero", 1)])
+    """One row per manifest fault: data.py check and training, on [a good record, the bad one]; and
+    a manifest that is an endless stream (/dev/zero: the read must be bounded)."""
+    rows = [[fault, check_cell(m, 2), dataset_cell(m, 2)]
+            for fault, m in write_bad_manifests(work).items()]
+    rows.append(["the manifest is /dev/zero", check_cell("/dev/zero", 1),
+                 dataset_cell("/dev/zero", 1)])
     return [[cell(c, work + os.sep) for c in r] for r in rows]
 
 # -----------------------------------------------------------------------------
 # masks: the Masks table (a cut-out's alpha channel is its mask)
 
-SUBJECT = (slice(8, 16), slice(4, 12))        # rows, columns of the subject in a 32 x 32 mask: 4 of 64 toy tokens
+# rows, columns of the subject in a 32 x 32 mask: 4 of 64 toy tokens
+SUBJECT = (slice(8, 16), slice(4, 12))
 
 def mask_array(inside, outside, channels):
     a = np.empty((32, 32, len(inside)) if channels else (32, 32), np.uint8)
@@ -413,8 +456,8 @@ MASK_FAULTS = {
 }
 
 def write_mask_manifests(work):
-    """work/masks/m{k}.jsonl: one record (a 32 x 32 target, one reference) with each MASK_FAULTS mask ->
-    {fault: manifest path}."""
+    """work/masks/m{k}.jsonl: one record (a 32 x 32 target, one reference) with each MASK_FAULTS
+    mask -> {fault: manifest path}."""
     root = os.path.join(work, "masks")
     os.makedirs(root, exist_ok=True)
     Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(root, "t.png"))
@@ -424,17 +467,20 @@ def write_mask_manifests(work):
         write(os.path.join(root, f"mask{k}.png"))
         out[fault] = os.path.join(root, f"m{k}.jsonl")
         with open(out[fault], "w") as f:
-            f.write(json.dumps(dict(target="t.png", prompt="a thing", refs=["r.png"], masks=[f"mask{k}.png"])) + "\n")
+            f.write(json.dumps(dict(target="t.png", prompt="a thing", refs=["r.png"], masks=[
+                f"mask{k}.png"])) + "\n")
     return out
 
 def mask_rows(work):
-    """One row per MASK_FAULTS mask: data.py check, and the tokens training counts inside (of 64; the subject is 4)."""
+    """One row per MASK_FAULTS mask: data.py check, and the tokens training counts inside
+    (of 64; the subject is 4)."""
     rows = []
     for fault, m in write_mask_manifests(work).items():
-        ds, text, status = attempt(lambda: DS.ManifestDataset(m, size=32, ref_size=16, token_px=4), D.DataError)
+        ds, text, status = attempt(lambda: DS.ManifestDataset(m, size=32, ref_size=16, token_px=4),
+                                   D.DataError)
         item, text, status = attempt(lambda: ds[0]) if ds else (None, text, status)
-        tokens = f"{int((item['masks'][0] > 0.5).sum())} of {item['masks'].shape[1]} tokens inside" if item else \
-            said(text, "error:", "TRACEBACK")
+        tokens = (f"{int((item['masks'][0] > 0.5).sum())} of {item['masks'].shape[1]} tokens inside"
+                  if item else said(text, "error:", "TRACEBACK"))
         rows.append([fault, check_cell(m, 1), tokens])
     return [[cell(c, work + os.sep) for c in r] for r in rows]
 
@@ -442,18 +488,22 @@ def mask_rows(work):
 # evaluation: the Eval table (toy.py eval reads what rewards.py eval reads)
 
 def eval_faults():
-    """fault -> (records, {image name: size}) of a manifest for `toy.py eval` and the generated images."""
-    rec = lambda **kw: dict(dict(target="t.png", prompt="a red circle", refs=["r.png"], captions=["red circle"]), **kw)
+    """fault -> (records, {image name: size}) of a manifest for `toy.py eval` and the generated
+    images."""
+    rec = lambda **kw: dict(dict(target="t.png", prompt="a red circle", refs=["r.png"],
+                                 captions=["red circle"]), **kw)
     return {
         "id given twice": ([rec(id="a"), rec(id="a")], {"a.png": 32}),
         'ids 1 and "1" (one file)': ([rec(id=1), rec(id="1")], {"1.png": 32}),
-        "id 000001 beside the record at position 1 without an id": ([rec(id="000001"), rec()], {"000001.png": 32}),
-        "an image of another size": ([rec(id="a"), rec(id="b"), rec(id="c")], {"a.png": 32, "b.png": 32, "c.png": 16}),
+        "id 000001 beside the record at position 1 without an id": (
+            [rec(id="000001"), rec()], {"000001.png": 32}),
+        "an image of another size": ([rec(id="a"), rec(id="b"), rec(id="c")],
+                                     {"a.png": 32, "b.png": 32, "c.png": 16}),
     }
 
 def write_eval_case(root, records, images):
-    """root/m.jsonl of `records` (with the t.png and r.png they name) and root/gen/ holding `images` ({name: side},
-    white squares) -> the eval arguments --manifest M --images DIR."""
+    """root/m.jsonl of `records` (with the t.png and r.png they name) and root/gen/ holding `images`
+    ({name: side}, white squares) -> the eval arguments --manifest M --images DIR."""
     os.makedirs(os.path.join(root, "gen"))
     Image.new("RGB", (32, 32), (0, 128, 255)).save(os.path.join(root, "t.png"))
     Image.new("RGB", (16, 16), (255, 0, 0)).save(os.path.join(root, "r.png"))
@@ -469,7 +519,8 @@ def eval_rows(work):
     for k, (fault, case) in enumerate(eval_faults().items()):
         root = os.path.join(work, "eval", str(k))
         _, text, status = attempt(lambda: toy.main(["eval", *write_eval_case(root, *case)]))
-        report = json.load(open(os.path.join(root, "gen", "metrics.json"))) if status in (0, 1) else None
+        report = (json.load(open(os.path.join(root, "gen", "metrics.json"))) if status in (0, 1)
+                  else None)
         got = f"exit {status}: {said(text, 'scored', 'error:', 'TRACEBACK')}"
         if report and report["bad"]:
             got += f"; bad: line {report['bad'][0]['line']}: {report['bad'][0]['why']}"
@@ -496,16 +547,21 @@ def build_parser():
     return parser
 
 def badinput(args):
-    """Every fault above through every entry point: one markdown table per family (printed; --table writes it)."""
+    """Every fault above through every entry point: one markdown table per family (printed; --table
+    writes it)."""
     work = args.work or tempfile.mkdtemp(prefix="badinput-")
-    tables = [("Images", ["fault", "load_image", "sample.py --refs", "data.py check", "training (ManifestDataset)"],
+    tables = [("Images", ["fault", "load_image", "sample.py --refs", "data.py check",
+                          "training (ManifestDataset)"],
                image_rows(work)),
               ("Weights", *weight_rows(work)),
-              ("Manifests", ["fault", "data.py check", "training (ManifestDataset)"], manifest_rows(work)),
-              ("Masks (the subject: 4 of 64 toy tokens)", ["mask", "data.py check", "training (ManifestDataset)"],
-               mask_rows(work)),
-              ("Eval (toy.py eval = rewards.py eval with the toy's scorers)", ["fault", "observed"], eval_rows(work)),
-              ("Outputs, concurrent writers, pre-flight, one error path", ["fault", "observed"], output_rows(work))]
+              ("Manifests", ["fault", "data.py check", "training (ManifestDataset)"],
+               manifest_rows(work)),
+              ("Masks (the subject: 4 of 64 toy tokens)",
+               ["mask", "data.py check", "training (ManifestDataset)"], mask_rows(work)),
+              ("Eval (toy.py eval = rewards.py eval with the toy's scorers)", ["fault", "observed"],
+               eval_rows(work)),
+              ("Outputs, concurrent writers, pre-flight, one error path", ["fault", "observed"],
+               output_rows(work))]
     if not args.no_dist:
         tables.append(("Ranks (torchrun, 2 CPU ranks)", ["fault", "observed"], dist_rows(work)))
     text = "\n\n".join(f"{title}:\n\n{markdown(header, rows)}" for title, header, rows in tables)

@@ -1,6 +1,7 @@
 """
-The harness the reliability drills share: an entry point run as a user meets it, in this process (run_script,
-attempt), and one table cell of what it printed (said, cell); Opens, a pickle that would run code.
+The harness the reliability drills share: an entry point run as a user meets it, in this process
+(run_script, attempt), and one table cell of what it printed (said, cell); Opens, a pickle that
+would run code.
 """
 import contextlib
 import io
@@ -15,9 +16,10 @@ from reliability.faults import ROOT
 # running an entry point as a user meets it, and one table cell of what happened
 
 def run_script(script, argv):
-    """`python SCRIPT ARGV` inside this process: the repository's file run as __main__ with sys.argv set, which is
-    what its command line runs (a script is no library to import; in-process it takes milliseconds where a
-    subprocess takes seconds). Its sys.exit raises SystemExit: attempt() reads the exit status from it."""
+    """`python SCRIPT ARGV` inside this process: the repository's file run as __main__ with sys.argv
+    set, which is what its command line runs (a script is no library to import; in-process it takes
+    milliseconds where a subprocess takes seconds). Its sys.exit raises SystemExit: attempt() reads
+    the exit status from it."""
     saved = sys.argv
     sys.argv = [script, *argv]
     try:
@@ -26,9 +28,9 @@ def run_script(script, argv):
         sys.argv = saved
 
 def attempt(fn, errors=()):
-    """fn() as a user meets it -> (value or None, what it printed, status). status: 0, the SystemExit status,
-    2 for an exception of `errors` (what the command lines print as one `error:` line), or "traceback" for any
-    other exception: that would be a bug, and the table says so."""
+    """fn() as a user meets it -> (value or None, what it printed, status). status: 0, the
+    SystemExit status, 2 for an exception of `errors` (what the command lines print as one `error:`
+    line), or "traceback" for any other exception: that would be a bug, and the table says so."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
@@ -46,12 +48,13 @@ def said(text, *starts):
 
 def cell(text, strip, width=120):
     # one table cell: no work folder names, no pipes, not too long
-    text = re.sub(r"w/\d+-\d+/", "", text.replace(strip, "")).replace("error: ", "").replace("|", "/")
+    text = (
+        re.sub(r"w/\d+-\d+/", "", text.replace(strip, "")).replace("error: ", "").replace("|", "/"))
     return text if len(text) <= width else text[:width - 3] + "..."
 
 class Opens:
-    """Pickled, this object's recipe is `open(path, "w")`: unpickling it would create the file. A stand-in for a
-    pickle that runs code: the file's absence proves no loader unpickled it."""
+    """Pickled, this object's recipe is `open(path, "w")`: unpickling it would create the file. A
+    stand-in for a pickle that runs code: the file's absence proves no loader unpickled it."""
     def __init__(self, path):
         self.path = path
 
