@@ -18,7 +18,7 @@ target) for MOSAIC's SCAL. RL records have no target and may give "kinds" ("face
 Optional "id". UNO's JSON list of {"prompt", "image_paths", "image_tgt_path"} is read too.
 
 """
-import json, os, pickle, re, stat, sys, tempfile, warnings
+import fcntl, json, os, pickle, re, stat, sys, tempfile, warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -313,6 +313,44 @@ def alive(pid):
     except PermissionError:                                  # another user's process
         pass
     return True
+
+def check_writable(folder):
+    """Fail before any work where `folder` cannot be written, creating nothing: a temporary file in
+    it, or in its nearest existing ancestor (the rest is made when the first sample is written)."""
+    top = os.path.abspath(folder)
+    while not os.path.exists(top):
+        top = os.path.dirname(top)
+    try:
+        if not os.path.isdir(top):
+            raise NotADirectoryError(f"{top} is a file")
+        fd, tmp = tempfile.mkstemp(dir=top, prefix=".tmp-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot write there ({e.strerror or e})") from None
+
+@contextmanager
+def only_writer(folder):
+    """The test set `folder` (made if missing) for this process alone while the block runs: flock on
+    the folder itself (nothing is written into the set; the kernel lets go however the process
+    ends). Held: one InputError. The temporaries a killed sampler left in its seed folders are
+    removed."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"{folder}: another sample.py is writing this set: refused, their "
+                           f"samples would mix (wait for it to end, or "
+                           f"pass another --out-dir)") from None
+    for seed in os.scandir(folder):
+        if seed.is_dir():
+            clean_temporaries(seed.path)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 # -----------------------------------------------------------------------------
 # reading manifests and validating records

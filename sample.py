@@ -29,8 +29,8 @@ A sample's files are written as one set: all under temporary names, then renamed
 black-forest-labs/flux keeps them in src/flux/sampling.py), the joint sequence in model.py, where
 the weights come from in weights.py; reading and preprocessing the reference images in data.py.
 """
-import fcntl, json, math, os, re, secrets, sys, tempfile
-from contextlib import contextmanager, nullcontext
+import json, math, os, re, secrets, sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -260,44 +260,6 @@ def attention_overlays(image, maps, h_tok, w_tok):
     # (H, W, 3) each
     heat = [np.stack([np.interp(m, stops, JET[:, c]) for c in range(3)], -1) for m in a]
     return [Image.fromarray((0.5 * base + 0.5 * h).round().astype(np.uint8)) for h in heat]
-
-def check_writable(folder):
-    """Fail before any work where `folder` cannot be written, creating nothing: a temporary file in
-    it, or in its nearest existing ancestor (the rest is made when the first sample is written)."""
-    top = os.path.abspath(folder)
-    while not os.path.exists(top):
-        top = os.path.dirname(top)
-    try:
-        if not os.path.isdir(top):
-            raise NotADirectoryError(f"{top} is a file")
-        fd, tmp = tempfile.mkstemp(dir=top, prefix=".tmp-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise D.InputError(f"{folder}: cannot write there ({e.strerror or e})") from None
-
-@contextmanager
-def only_writer(folder):
-    """The test set `folder` (made if missing) for this process alone while the block runs: flock on
-    the folder itself (nothing is written into the set; the kernel lets go however the process
-    ends). Held: one InputError. The temporaries a killed sampler left in its seed folders are
-    removed."""
-    os.makedirs(folder, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise D.InputError(f"{folder}: another sample.py is writing this set: refused, their "
-                           f"samples would mix (wait for it to end, or "
-                           f"pass another --out-dir)") from None
-    for seed in os.scandir(folder):
-        if seed.is_dir():
-            D.clean_temporaries(seed.path)
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 def write_set(files):
     """files {path: write(fh)}, the PNG first: every file written under a temporary name, then
@@ -651,8 +613,8 @@ def generate_set(args):
 
     # one sample.py at a time writes the set, from its check of what is there to its last sample:
     # two runs with other settings are refused, never mixed
-    check_writable(args.out_dir)
-    with only_writer(args.out_dir):
+    D.check_writable(args.out_dir)
+    with D.only_writer(args.out_dir):
         todo = pending(jobs, seeds, args.out_dir, settings(args, run))
         total = sum(len(samples) for _, samples in todo)
         skipped = len(jobs) * len(seeds) - total
@@ -726,7 +688,7 @@ def generate(args):
     D.check_output([out, stem + ".json", *(f"{stem}_attn{i}.png"
                                            for i in range(len(refs) * args.save_attn))],
                    read_paths(args, args.refs), args.force)
-    check_writable(os.path.dirname(os.path.abspath(out)))
+    D.check_writable(os.path.dirname(os.path.abspath(out)))
 
     # 2. the models, the sample, its files
     (flux, ae, text), weights = ready_models(args, preset, run)
