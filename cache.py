@@ -26,17 +26,16 @@ import flux2 as F2
 import model as M
 import weights as WT
 
-def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
+def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None, text_model=None):
     """(text encoder, autoencoder, config) of a preset. The toy's text encoder comes from a
     checkpoint folder (default assets/toy) holding text_encoder.safetensors; for FLUX, checkpoint is
     the AE (file, folder or repo id) and t5, clip the text encoders (weights.flux_weights: else the
-    environment, else the official repos); FLUX.2's text model comes from $MULTICRAFTER_TEXT or the
-    preset's repo."""
+    environment, else the official repos); FLUX.2's text model is text_model (flux2.weights)."""
     cfg, device = F2.get_config(model), torch.device(device)
     dtype = M.weight_dtype(device)
     if F2.is_flux2(cfg):
-        _, ae, text = F2.load_models(cfg, ae=checkpoint, device=device, dtype=dtype,
-                                     parts=("ae", "text"))
+        _, ae, text = F2.load_models(cfg, ae=checkpoint, text=text_model, device=device,
+                                     dtype=dtype, parts=("ae", "text"))
         return text, ae, cfg
     if model == "toy":
         text = EN.ByteTextEncoder(cfg)
@@ -48,7 +47,7 @@ def load_encoders(model, checkpoint=None, device="cpu", t5=None, clip=None):
 
 @torch.no_grad()
 def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size=None, buckets=None,
-                shard_size=256, device=None, t5=None, clip=None, force=False):
+                shard_size=256, device=None, t5=None, clip=None, force=False, text_model=None):
     """`python cache.py`: per record txt (L, C), y (C_vec,), latent (z, h, w), ref_latents
     (N, z, r, r), masks, mask_valid and points, in safetensors shards of shard_size records, then
     index.json (settings, and per record its shard, prompt, bucket). Every file is written to a
@@ -56,7 +55,7 @@ def write_cache(manifest, out, model="toy", checkpoint=None, size=None, ref_size
     --force)."""
     device = torch.device(device) if device else M.default_device()
     # bad weights fail before any work
-    text, ae, cfg = load_encoders(model, checkpoint, device, t5, clip)
+    text, ae, cfg = load_encoders(model, checkpoint, device, t5, clip, text_model)
     size, ref_size = size or cfg.image_size, ref_size or cfg.ref_size
     ds = DS.ManifestDataset(manifest, size, ref_size, cfg.token_px, buckets)
     reads = [p for r in ds.records for p in [r["target"], *r["refs"], *(r["masks"] or [])]]
@@ -221,12 +220,7 @@ def main(argv=None):
     p.add_argument("--model", default="toy", choices=F2.presets())
     p.add_argument("--checkpoint", default=None, help="toy: the folder with "
                    "text_encoder.safetensors (default assets/toy)")
-    p.add_argument("--ae", default=None,
-                   help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
-    p.add_argument("--t5", default=None,
-                   help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
-    p.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo "
-                   "id (env MULTICRAFTER_CLIP)")
+    WT.add_weight_flags(p)
     p.add_argument("--size", type=int, default=None,
                    help="square target side (default: the preset's, 32 toy, 512 flux)")
     p.add_argument("--buckets", nargs="+", default=None,
@@ -244,19 +238,22 @@ def main(argv=None):
         pf.file("--manifest", args.manifest)
         pf.need(not args.buckets or all(re.fullmatch(r"\d+x\d+", b) for b in args.buckets),
                 f"--buckets {' '.join(args.buckets or [])}: write each as HxW, e.g. 384x640")
+        cfg = F2.get_config(args.model)
         if args.model == "toy":
-            pf.need(not (args.ae or args.t5 or args.clip_text), "--ae, --t5, --clip-text: FLUX's "
-                    "weights; the toy's text encoder is --checkpoint")
+            pf.need(not (args.ae or args.t5 or args.clip_text or args.text_model), "--ae, --t5, "
+                    "--clip-text, --text-model: FLUX's weights; the toy's text encoder is --checkpoint")
             pf.folder("--checkpoint", args.checkpoint, [WT.TOY_TEXT])
         else:
             pf.need(not args.checkpoint, "--checkpoint: the toy's; FLUX's AE is --ae")
-            pf.weights(WT.flux_weights(args.model, ("ae", "t5", "clip"), ae=args.ae, t5=args.t5,
+            pf.weights(F2.weights(cfg, ("ae", "text"), ae=args.ae, text=args.text_model)
+                       if F2.is_flux2(cfg) else
+                       WT.flux_weights(cfg, ("ae", "t5", "clip"), ae=args.ae, t5=args.t5,
                                        clip=args.clip_text))
         pf.check()
         buckets = [tuple(map(int, b.split("x"))) for b in args.buckets] if args.buckets else None
         write_cache(args.manifest, args.out, args.model, args.checkpoint if args.model == "toy"
                     else args.ae, args.size, args.ref_size, buckets, max(1, args.shard_size),
-                    args.device, args.t5, args.clip_text, args.force)
+                    args.device, args.t5, args.clip_text, args.force, args.text_model)
     except (D.DataError, D.InputError, WT.CheckpointError, *D.FILE_ERRORS) as e:
         # user mistakes: one line
         print(f"error: {e}", file=sys.stderr)

@@ -81,14 +81,7 @@ def build_parser():
                    "dit_lora.safetensors (replaces a toy folder's own adapter.safetensors)")
     g.add_argument("--lora-scale", type=CL.float_in(), default=1.0, help="the adapter's strength: "
                    "0 the base model exactly, 1 as trained (default)")
-    g.add_argument("--ae", default=None,
-                   help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
-    g.add_argument("--t5", default=None,
-                   help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
-    g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo "
-                   "id (env MULTICRAFTER_CLIP)")
-    g.add_argument("--text-model", default=None, help="FLUX.2: the text model's folder or repo id "
-                   "(Qwen3 for klein; env MULTICRAFTER_TEXT)")
+    WT.add_weight_flags(g)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT's blocks (the "
                    "first step compiles; pays off over many steps and samples)")

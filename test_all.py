@@ -3031,12 +3031,19 @@ def test_cache_round_trip(toy_manifest, tmp_path, capsys):
     assert (torch.equal(with_pixels["target"], ds[3]["target"])
             and torch.equal(with_pixels["refs"], ds[3]["refs"]))
 
-def test_cache_without_weights_is_a_one_line_error(toy_manifest, tmp_path, capsys):
+def test_cache_without_weights_is_a_one_line_error(toy_manifest, no_weights, tmp_path, capsys):
     code = cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", "toy",
                    "--checkpoint", str(tmp_path / "nothing"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "nothing" in err
     assert not (tmp_path / "c").exists()
+    # each family's encoders are the weights listed: FLUX.2's AE and text model, not T5 and CLIP
+    for model, named, never in (("klein-base-4b", ["Qwen3-4B", "--text-model", "FLUX.2-dev"], "T5"),
+                                ("flux-dev", ["T5-XXL", "CLIP-L", "--clip-text"], "Qwen")):
+        code = cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", model])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and all(n in err for n in named), err
+        assert never not in err and "Traceback" not in err and not (tmp_path / "c").exists()
 
 def test_broken_cache_is_one_line_before_training(toy_manifest, tmp_path, capsys):
     cfg, ckpt, out = M.get_config("toy"), tmp_path / "ckpt", tmp_path / "cache"

@@ -41,14 +41,7 @@ def add_model_args(p):
                    "the preset's official repo)")
     g.add_argument("--adapter", default=None,
                    help="start from this adapter (e.g. stage single's, for multi)")
-    g.add_argument("--ae", default=None,
-                   help="FLUX: ae.safetensors, a file, folder or repo id (env MULTICRAFTER_AE)")
-    g.add_argument("--t5", default=None,
-                   help="FLUX: the T5-XXL folder or repo id (env MULTICRAFTER_T5)")
-    g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo "
-                   "id (env MULTICRAFTER_CLIP)")
-    g.add_argument("--text-model", default=None, help="FLUX.2: the text model's folder or repo id "
-                   "(Qwen3 for klein; env MULTICRAFTER_TEXT)")
+    WT.add_weight_flags(g)
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block in backward")
     g.add_argument("--fsdp", action="store_true", help="torchrun: shard the base, the adapters, "

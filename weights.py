@@ -57,6 +57,18 @@ class Weight:
 # --clip is the reward's CLIP
 WEIGHT_FLAGS = {"dit": "--model", "ae": "--ae", "t5": "--t5", "clip": "--clip-text"}
 
+def add_weight_flags(g):
+    """The flags naming where the encoders' weights are, as sample.py, cache.py and the trainers
+    take them (each also read from its environment variable; flux2.py's text model likewise)."""
+    g.add_argument("--ae", default=None, help="FLUX: ae.safetensors, a file, folder or repo id "
+                   "(env MULTICRAFTER_AE)")
+    g.add_argument("--t5", default=None, help="FLUX: the T5-XXL folder or repo id (env "
+                   "MULTICRAFTER_T5)")
+    g.add_argument("--clip-text", default=None, help="FLUX: the CLIP-L text encoder folder or repo "
+                   "id (env MULTICRAFTER_CLIP)")
+    g.add_argument("--text-model", default=None, help="FLUX.2: the text model's folder or repo id "
+                   "(Qwen3 for klein; env MULTICRAFTER_TEXT)")
+
 def flux_weights(cfg, parts=("dit", "ae", "t5", "clip"), dit=None, ae=None, t5=None, clip=None,
                  dit_flag="--model"):
     """The weights a FLUX command needs, each from its flag's value (the keyword), else its
