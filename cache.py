@@ -241,7 +241,8 @@ def main(argv=None):
         cfg = F2.get_config(args.model)
         if args.model == "toy":
             pf.need(not (args.ae or args.t5 or args.clip_text or args.text_model), "--ae, --t5, "
-                    "--clip-text, --text-model: FLUX's weights; the toy's text encoder is --checkpoint")
+                    "--clip-text, --text-model: FLUX's weights; the toy's "
+                    "text encoder is --checkpoint")
             pf.folder("--checkpoint", args.checkpoint, [WT.TOY_TEXT])
         else:
             pf.need(not args.checkpoint, "--checkpoint: the toy's; FLUX's AE is --ae")

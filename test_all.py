@@ -3040,7 +3040,8 @@ def test_cache_without_weights_is_a_one_line_error(toy_manifest, no_weights, tmp
     # each family's encoders are the weights listed: FLUX.2's AE and text model, not T5 and CLIP
     for model, named, never in (("klein-base-4b", ["Qwen3-4B", "--text-model", "FLUX.2-dev"], "T5"),
                                 ("flux-dev", ["T5-XXL", "CLIP-L", "--clip-text"], "Qwen")):
-        code = cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model", model])
+        code = cache.main(["--manifest", toy_manifest, "--out", str(tmp_path / "c"), "--model",
+                           model])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and all(n in err for n in named), err
         assert never not in err and "Traceback" not in err and not (tmp_path / "c").exists()
