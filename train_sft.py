@@ -148,14 +148,14 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     # keeps only the per-reference attention maps over the target tokens that L_attn, SCAL and MDL
     # need
     use_probe = args.stage == "multi" and (args.lambda_attn > 0 or args.scal > 0 or args.mdl > 0)
-    probe = (M.AttentionProbe(args.attn_blocks, rows=[p[:, :2] for p in batch["points"]]
-                              if args.scal > 0 else None,
-                              direction=args.attn_direction) if use_probe else None)
+    probe = None
+    if use_probe:
+        rows = [p[:, :2] for p in batch["points"]] if args.scal > 0 else None
+        probe = M.AttentionProbe(args.attn_blocks, rows=rows, direction=args.attn_direction)
     cond, g = TR.conditioning(batch, denoiser, device), TR.guidance_for(flux, B, device)
+    predict = lambda x_t, tt: model(cond, dict(inp, img=x_t), tt, g, probe)
     with M.autocast(device):
-        terms = {"diff": LS.flow_matching_loss(lambda x_t, tt: model(
-            cond, dict(inp, img=x_t), tt, g, probe),
-            x0, t, noise)}
+        terms = {"diff": LS.flow_matching_loss(predict, x0, t, noise)}
     loss = terms["diff"]
     if probe is not None:
         # each subject's attention map, averaged over the probed blocks, against its mask on the
@@ -175,8 +175,8 @@ def step_losses(args, model, denoiser, ae, batch, step, gen, device):
     # averaged over layers
     moes = [m for _, m in ML.adapters(flux) if isinstance(m, ML.MoELoRALinear)]
     if args.balance > 0 and moes:
-        terms["balance"] = sum(LS.balance_loss(m.last_probs, m.last_idx,
-                                               m.E) for m in moes) / len(moes)
+        terms["balance"] = sum(LS.balance_loss(m.last_probs, m.last_idx, m.E)
+                               for m in moes) / len(moes)
         loss = loss + args.balance * terms["balance"]
     return loss, terms
 
